@@ -1,0 +1,3 @@
+from seqmesh.launch.cli import main
+
+raise SystemExit(main())

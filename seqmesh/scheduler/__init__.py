@@ -1,0 +1,1 @@
+"""seqmesh.scheduler"""
