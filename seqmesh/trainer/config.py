@@ -1,0 +1,288 @@
+"""Typed schema of a seqmesh run, and its validation.
+
+Hydra composes YAML (conf/) into a dict once, in the driver; this module turns that dict into
+frozen dataclasses and checks every value *before any worker starts*, so a typo fails in a second
+with the key's name and the allowed values instead of minutes later inside a Ray worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key and what is allowed."""
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+
+
+def _positive(key: str, value: Any, zero_ok: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if zero_ok else value > 0)
+    if not ok:
+        raise ConfigError(f"{key}={value!r} must be a {'non-negative' if zero_ok else 'positive'} number")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A Llama-family model; either built from these sizes or read from an HF directory (``hf_path``)."""
+
+    name: str = "tiny"
+    arch: str = "llama"
+    hidden_size: int = 256
+    intermediate_size: int = 704
+    num_layers: int = 6
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    head_dim: int | None = None
+    vocab_size: int | None = None
+    max_position_embeddings: int = 131072
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    hf_path: str | None = None
+    dtype: str = "fp32"
+    activation_checkpointing: bool = False
+
+    def validate(self) -> None:
+        _choice("model.arch", self.arch, ("llama", "qwen2"))
+        _choice("model.dtype", self.dtype, ("fp32", "bf16"))
+        for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            _positive(f"model.{k}", getattr(self, k))
+        if self.hf_path is None and self.hidden_size % self.num_heads and self.head_dim is None:
+            raise ConfigError(f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads="
+                              f"{self.num_heads}; change one, or set model.head_dim explicitly")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads="
+                              f"{self.num_kv_heads} (grouped-query attention)")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the model and attention are split; the mesh is PP x HDP x TP (shared/DESIGN.md)."""
+
+    tp: int = 1
+    pp: int = 1
+    sp_mode: str = "ulysses"
+    ulysses_degree: int | None = None
+    attn_backend: str = "auto"
+
+    def validate(self) -> None:
+        _positive("parallel.tp", self.tp)
+        _positive("parallel.pp", self.pp)
+        _choice("parallel.sp_mode", self.sp_mode, ("ulysses", "ring", "hybrid"))
+        _choice("parallel.attn_backend", self.attn_backend, ("auto", "flash_attn", "torch_flash", "cpu_flash", "math"))
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Per-step grouping: ``static`` (fixed SP degree ``sp``) or ``adaptive`` (re-planned every step)."""
+
+    policy: str = "static"
+    sp: int = 1
+    group_sizes: tuple[int, ...] | None = None
+    time_limit_s: float = 0.2
+    cost_model: str | None = None
+    lookahead: int = 1
+
+    def validate(self) -> None:
+        _choice("scheduler.policy", self.policy, ("static", "adaptive"))
+        _positive("scheduler.sp", self.sp)
+        _positive("scheduler.time_limit_s", self.time_limit_s)
+        if self.lookahead < 0:
+            raise ConfigError(f"scheduler.lookahead={self.lookahead} must be >= 0")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    state_dtype: str = "fp32"
+
+    def validate(self) -> None:
+        _choice("optim.name", self.name, ("adamw",))
+        _choice("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
+        _choice("optim.state_dtype", self.state_dtype, ("fp32", "bf16", "int8", "fp8"))
+        _positive("optim.lr", self.lr)
+        _positive("optim.warmup_steps", self.warmup_steps, zero_ok=True)
+        _positive("optim.grad_clip", self.grad_clip, zero_ok=True)
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError(f"optim.beta1={self.beta1}, optim.beta2={self.beta2}: both must lie in [0, 1)")
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    target: str = "none"
+    ratio: str = "auto"
+    path: str = "/tmp/seqmesh-offload"
+
+    def validate(self) -> None:
+        _choice("offload.target", self.target, ("none", "cpu", "nvme"))
+        if self.ratio != "auto":
+            try:
+                r = float(self.ratio)
+            except ValueError:
+                raise ConfigError(f"offload.ratio={self.ratio!r} must be 'auto' or a number in [0, 1]") from None
+            if not 0 <= r <= 1:
+                raise ConfigError(f"offload.ratio={self.ratio!r} must be 'auto' or a number in [0, 1]")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "stdlib"
+    tokenizer: str = "bpe"
+    vocab_size: int = 4096
+    max_seq_len: int = 1024
+    long_doc_policy: str = "split"
+    global_batch: int = 16
+    max_bytes: int | None = None
+    cache_dir: str = "~/.cache/seqmesh"
+
+    def validate(self) -> None:
+        _choice("data.tokenizer", self.tokenizer, ("bpe", "byte"))
+        _choice("data.long_doc_policy", self.long_doc_policy, ("split", "reject"))
+        _positive("data.vocab_size", self.vocab_size)
+        _positive("data.max_seq_len", self.max_seq_len)
+        _positive("data.global_batch", self.global_batch)
+        if self.max_seq_len < 2:
+            raise ConfigError(f"data.max_seq_len={self.max_seq_len} must be >= 2 (one input and one target token)")
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Where the job runs: a local Ray cluster by default, or ``address`` of an existing one."""
+
+    num_workers: int = 4
+    device: str = "auto"
+    address: str | None = None
+    object_store_mb: int = 256
+    dashboard: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0
+
+    def validate(self) -> None:
+        _positive("launch.num_workers", self.num_workers)
+        _choice("launch.device", self.device, ("auto", "cpu", "cuda"))
+        _positive("launch.object_store_mb", self.object_store_mb)
+        _positive("launch.cpus_per_worker", self.cpus_per_worker)
+        _positive("launch.max_failures", self.max_failures, zero_ok=True)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    steps: int = 300
+    seed: int = 0
+    run_dir: str = "runs/default"
+    resume: bool = False
+    overwrite: bool = False
+    ckpt_every: int = 100
+    ckpt_keep: int = 2
+    log_every: int = 1
+    eval_every: int = 0
+    peak_tflops: float | None = None
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.validate()
+        _positive("steps", self.steps)
+        _positive("ckpt_every", self.ckpt_every, zero_ok=True)
+        _positive("ckpt_keep", self.ckpt_keep)
+        world = self.launch.num_workers
+        if world % (self.parallel.tp * self.parallel.pp):
+            raise ConfigError(f"launch.num_workers={world} is not divisible by parallel.tp x parallel.pp = "
+                              f"{self.parallel.tp} x {self.parallel.pp}; change the worker count or the layout")
+        hdp = world // (self.parallel.tp * self.parallel.pp)
+        if self.scheduler.policy == "static" and hdp % self.scheduler.sp:
+            raise ConfigError(f"scheduler.sp={self.scheduler.sp} does not divide the {hdp} HDP ranks "
+                              f"(num_workers / (tp x pp)); pick a divisor of {hdp}")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume=true and overwrite=true contradict each other; pick one")
+
+    @property
+    def hdp(self) -> int:
+        return self.launch.num_workers // (self.parallel.tp * self.parallel.pp)
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"unknown config key {key!r}; known keys here: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, key)
+        else:
+            kwargs[name] = _coerce(key, hint, value)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    """Check ``value`` against a simple type hint (int, float, str, bool, Optional, tuple[int, ...])."""
+    args = typing.get_args(hint)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{key} may not be null")
+    base = [a for a in args if a is not type(None)] if args and typing.get_origin(hint) is not tuple else [hint]
+    target = base[0]
+    if typing.get_origin(target) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list of integers")
+        return tuple(_coerce(f"{key}[{i}]", int, v) for i, v in enumerate(value))
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if target is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    if target is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if target is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r} must be a string")
+    return value
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig from a plain (resolved) dict; raises ConfigError on the first bad key."""
+    cfg = _build(RunConfig, data, "")
+    cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
