@@ -1,0 +1,95 @@
+"""The process mesh ``world = PP x HDP x TP`` (TP innermost) and its cached sequence-parallel groups.
+
+HDP is the data x sequence plane: all its ranks hold the same model shard, so gradients are
+always reduced over the whole HDP group, while the scheduler regroups HDP ranks into SP groups
+every micro-batch. SP groups are contiguous HDP index ranges, created on first use and cached.
+``torch.distributed.new_group`` is collective over the *world*, so creation happens in
+``ensure_sp_groups`` where every rank walks the same plan in the same order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch.distributed as dist
+
+
+@dataclass
+class Mesh:
+    world: int
+    rank: int
+    tp: int = 1
+    pp: int = 1
+    _sp_groups: dict[tuple[int, int], "dist.ProcessGroup"] = field(default_factory=dict, repr=False)
+    _hdp_group: "dist.ProcessGroup | None" = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.world % (self.tp * self.pp):
+            raise ValueError(f"world size {self.world} is not divisible by tp x pp = {self.tp} x {self.pp}")
+
+    @property
+    def hdp(self) -> int:
+        return self.world // (self.tp * self.pp)
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def hdp_rank(self) -> int:
+        return (self.rank // self.tp) % self.hdp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.tp * self.hdp)
+
+    def global_rank(self, pp_rank: int, hdp_rank: int, tp_rank: int) -> int:
+        return (pp_rank * self.hdp + hdp_rank) * self.tp + tp_rank
+
+    def hdp_ranks(self, pp_rank: int | None = None, tp_rank: int | None = None) -> list[int]:
+        """Global ranks of one HDP plane (this rank's by default)."""
+        p = self.pp_rank if pp_rank is None else pp_rank
+        t = self.tp_rank if tp_rank is None else tp_rank
+        return [self.global_rank(p, h, t) for h in range(self.hdp)]
+
+    @property
+    def hdp_group(self) -> "dist.ProcessGroup | None":
+        """Gradient-reduction group; None means the default (world) group when the world is one plane."""
+        if self.tp == 1 and self.pp == 1:
+            return None
+        if self._hdp_group is None:
+            for p in range(self.pp):
+                for t in range(self.tp):
+                    g = dist.new_group(self.hdp_ranks(p, t))
+                    if p == self.pp_rank and t == self.tp_rank:
+                        self._hdp_group = g
+        return self._hdp_group
+
+    def ensure_sp_groups(self, ranges: Iterable[tuple[int, int]]) -> None:
+        """Create (collectively, on every rank) the SP groups for HDP ranges ``(first, count)`` not yet cached."""
+        for first, count in sorted(set(ranges)):
+            if count == 1 or (first, count) in self._sp_groups:
+                continue
+            if first < 0 or first + count > self.hdp:
+                raise ValueError(f"SP group [{first}, {first + count}) lies outside the {self.hdp} HDP ranks")
+            for p in range(self.pp):
+                for t in range(self.tp):
+                    ranks = self.hdp_ranks(p, t)[first:first + count]
+                    g = dist.new_group(ranks)
+                    if p == self.pp_rank and t == self.tp_rank:
+                        self._sp_groups[(first, count)] = g
+
+    def sp_group(self, first: int, count: int) -> "dist.ProcessGroup | None":
+        """The cached group for HDP ranks ``[first, first + count)``; None for a single rank."""
+        if count == 1:
+            return None
+        try:
+            return self._sp_groups[(first, count)]
+        except KeyError:
+            raise RuntimeError(f"SP group ({first}, {count}) was not created; call ensure_sp_groups with the "
+                               f"step's plan on every rank first") from None
+
+    @property
+    def num_sp_groups(self) -> int:
+        return len(self._sp_groups)
