@@ -1,0 +1,78 @@
+"""Plans arrive one step ahead, off the critical path, identical on every rank.
+
+Rank 0 asks the scheduler for step t+1's plan in a side process while step t computes (the
+data sampler's lookahead gives the lengths); at step t+1 the plan is broadcast from rank 0 and
+every rank checks it: the plan must cover the batch exactly, and all ranks must hold the same
+digest. Acting on different plans would hang a collective; here it raises instead.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Callable, Sequence
+
+import torch.distributed as dist
+
+from seqmesh.scheduler.plan import Plan
+
+PlanFn = Callable[[Sequence[int]], Plan]
+
+
+class PlanMismatchError(RuntimeError):
+    """Ranks disagree on the step's plan."""
+
+
+def _timed(plan_fn: PlanFn, lengths: list[int]) -> tuple[str, float]:
+    t0 = time.perf_counter()
+    plan = plan_fn(lengths)
+    return plan.to_json(), (time.perf_counter() - t0) * 1e3
+
+
+class PlanAhead:
+    """Owns the side process (rank 0 only) and the per-step broadcast + check."""
+
+    def __init__(self, plan_fn: PlanFn, rank: int, background: bool = True) -> None:
+        self.plan_fn, self.rank = plan_fn, rank
+        self._pending: dict[int, tuple[tuple[int, ...], Future]] = {}
+        self._pool = None
+        if rank == 0 and background:
+            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        self.last_solve_ms = 0.0
+        self.last_wait_ms = 0.0
+
+    def prefetch(self, step: int, lengths: Sequence[int]) -> None:
+        """Start planning ``step`` (rank 0; a no-op elsewhere or without a side process)."""
+        if self._pool is None or step in self._pending:
+            return
+        key = tuple(int(n) for n in lengths)
+        self._pending[step] = (key, self._pool.submit(_timed, self.plan_fn, list(key)))
+
+    def get(self, step: int, lengths: Sequence[int], group: "dist.ProcessGroup | None" = None) -> Plan:
+        """The plan of ``step``: computed (or awaited) on rank 0, broadcast, validated, digest-checked."""
+        payload: list[object] = [None]
+        if self.rank == 0:
+            key = tuple(int(n) for n in lengths)
+            t0 = time.perf_counter()
+            pending = self._pending.pop(step, None)
+            if pending is not None and pending[0] == key:
+                text, self.last_solve_ms = pending[1].result()
+            else:
+                text, self.last_solve_ms = _timed(self.plan_fn, list(key))
+            self.last_wait_ms = (time.perf_counter() - t0) * 1e3
+            payload[0] = text
+        src = 0 if group is None else dist.get_global_rank(group, 0)
+        dist.broadcast_object_list(payload, src=src, group=group)
+        plan = Plan.from_json(payload[0])
+        plan.validate(len(lengths))
+        digests: list[object] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(digests, plan.digest(), group=group)
+        if len(set(digests)) != 1:
+            raise PlanMismatchError(f"step {step}: ranks hold different plans (digests {digests})")
+        return plan
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
