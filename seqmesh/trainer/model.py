@@ -1,0 +1,375 @@
+"""A plain Llama-family decoder over packed variable-length token streams.
+
+There is no batch dimension: a micro-batch is one stream of `T` tokens holding several documents
+back to back, and the `SPBatch` that travels with it says where each document starts
+(`seqlens`), which position each token has inside its own document (`position_ids`) and how the
+tokens are spread over a sequence-parallel group. Attention is the only place documents or ranks
+interact, so every layer hands it to `sp_attention`; everything else is per token.
+
+The modules are plain `nn.Linear` / `nn.Embedding` / `nn.RMSNorm` named exactly as in
+transformers' `LlamaForCausalLM` (`model.layers.N.self_attn.q_proj`, ...), so HF weights map
+one to one (see `hf_io.py`) and tensor/pipeline/data parallelism can be applied afterwards as
+transforms on this model (torchtitan style) without touching it.
+
+Metrics read `Transformer.dims` (layer shapes) and `num_params(exclude_embeddings=True)` (the
+weights every token multiplies through) to count FLOPs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from seqmesh.parallel.sequence import sp_attention
+
+if TYPE_CHECKING:
+    from seqmesh.parallel.sequence import SPBatch
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+# RoPE variants whose frequencies are fixed at construction. "dynamic" and "longrope" change the
+# frequencies with the current sequence length, which has no single meaning for a packed stream.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Validated shapes of the model, read once from the HF config.
+
+    Metrics derive FLOPs from these; parallel transforms derive shard sizes from them.
+    """
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    tie_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    rms_norm_eps: float
+    rope_type: str
+
+
+def _rope_parameters(config: transformers.PretrainedConfig) -> dict[str, Any]:
+    """RoPE settings under either transformers' v5 name (`rope_parameters`) or v4's (`rope_scaling` + `rope_theta`)."""
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    params.setdefault("rope_type", params.get("type", "default"))
+    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return params
+
+
+def model_dims(config: transformers.PretrainedConfig) -> ModelDims:
+    """Check that `config` describes a model this module implements exactly, and return its shapes.
+
+    Everything HF would silently compute differently from us is an error here, with the fix.
+    """
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"seqmesh implements the decoders of model_type {SUPPORTED_MODEL_TYPES}, got {model_type!r} "
+            f"(architectures={getattr(config, 'architectures', None)}); use a transformers LlamaConfig or Qwen2Config"
+        )
+    hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    if kv_heads is None:
+        kv_heads = heads
+    for name, value in (("hidden_size", hidden), ("num_attention_heads", heads), ("num_key_value_heads", kv_heads),
+                        ("num_hidden_layers", config.num_hidden_layers), ("vocab_size", config.vocab_size),
+                        ("intermediate_size", config.intermediate_size)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"model config: {name} must be a positive integer, got {value!r}")
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim is None:
+        if hidden % heads:
+            raise ValueError(
+                f"model config: hidden_size={hidden} is not divisible by num_attention_heads={heads}; "
+                "choose a head count that divides hidden_size, or set head_dim explicitly"
+            )
+        head_dim = hidden // heads
+    if head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"model config: head_dim must be a positive even number (RoPE rotates pairs), got {head_dim}")
+    if heads % kv_heads:
+        raise ValueError(
+            f"model config: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}; "
+            "grouped-query attention needs each key/value head shared by the same number of query heads"
+        )
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"model config: hidden_act must be 'silu' (SwiGLU MLP), got {act!r}")
+    if getattr(config, "attention_dropout", 0.0):
+        raise ValueError(
+            f"model config: attention_dropout={config.attention_dropout} is not supported by the sequence-parallel "
+            "attention kernels; set it to 0.0"
+        )
+    if model_type == "qwen2":
+        layer_types = getattr(config, "layer_types", None) or []
+        if getattr(config, "use_sliding_window", False) or any(t != "full_attention" for t in layer_types):
+            raise ValueError("model config: Qwen2 sliding-window attention is not supported; set use_sliding_window=False")
+    rope = _rope_parameters(config)
+    if rope["rope_type"] not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"model config: rope type {rope['rope_type']!r} is not supported; use one of {SUPPORTED_ROPE_TYPES} "
+            "(length-dependent RoPE such as 'dynamic' or 'longrope' has no single meaning in a packed batch)"
+        )
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("model config: partial_rotary_factor must be 1.0 (Llama rotates the whole head)")
+    # Llama's attention_bias covers q, k, v and o; Qwen2 has fixed biases on q, k, v only.
+    qkv_bias = model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
+    o_bias = model_type == "llama" and bool(getattr(config, "attention_bias", False))
+    return ModelDims(
+        model_type=model_type,
+        vocab_size=config.vocab_size,
+        hidden_size=hidden,
+        intermediate_size=config.intermediate_size,
+        num_layers=config.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=model_type == "llama" and bool(getattr(config, "mlp_bias", False)),
+        rms_norm_eps=float(config.rms_norm_eps),
+        rope_type=rope["rope_type"],
+    )
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE frequencies for one model; cos/sin are taken at each token's position inside its own document."""
+
+    inv_freq: torch.Tensor
+
+    def __init__(self, config: transformers.PretrainedConfig, head_dim: int) -> None:
+        super().__init__()
+        self.config = config
+        self.head_dim = head_dim
+        self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
+        self.attention_scaling = 1.0
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """(Re)compute the frequencies; scaled variants come from transformers so they match HF bit for bit."""
+        rope = _rope_parameters(self.config)
+        device = self.inv_freq.device
+        if rope["rope_type"] == "default":
+            exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim
+            inv_freq, scaling = 1.0 / (rope["rope_theta"] ** exponent), 1.0
+        else:
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope["rope_type"]](self.config, device)
+        self.inv_freq = inv_freq.to(device=device, dtype=torch.float32)
+        self.attention_scaling = float(scaling)
+
+    def _apply(self, fn, recurse=True):
+        # A model-wide cast (model.to(torch.bfloat16)) would round the frequencies, which puts the
+        # angles of far positions off by whole radians; recompute them in fp32 instead.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.reset_parameters()
+        return self
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids.float()[:, None] * self.inv_freq[None, :]
+        angles = torch.cat((freqs, freqs), dim=-1)
+        cos = angles.cos() * self.attention_scaling
+        sin = angles.sin() * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` [T, H, D] by per-token angles (cos/sin [T, D]), in HF's half-split layout."""
+    return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, dims: ModelDims) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = dims.num_heads, dims.num_kv_heads, dims.head_dim
+        self.q_proj = nn.Linear(dims.hidden_size, dims.num_heads * dims.head_dim, bias=dims.qkv_bias)
+        self.k_proj = nn.Linear(dims.hidden_size, dims.num_kv_heads * dims.head_dim, bias=dims.qkv_bias)
+        self.v_proj = nn.Linear(dims.hidden_size, dims.num_kv_heads * dims.head_dim, bias=dims.qkv_bias)
+        self.o_proj = nn.Linear(dims.num_heads * dims.head_dim, dims.hidden_size, bias=dims.o_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: SPBatch) -> torch.Tensor:
+        tokens = x.shape[0]
+        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = sp_attention(q, k, v, meta, meta.group, meta.mode, causal=True, softmax_scale=self.head_dim**-0.5)
+        return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dims: ModelDims) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dims.hidden_size, dims.intermediate_size, bias=dims.mlp_bias)
+        self.up_proj = nn.Linear(dims.hidden_size, dims.intermediate_size, bias=dims.mlp_bias)
+        self.down_proj = nn.Linear(dims.intermediate_size, dims.hidden_size, bias=dims.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, dims: ModelDims) -> None:
+        super().__init__()
+        self.self_attn = Attention(dims)
+        self.mlp = MLP(dims)
+        self.input_layernorm = nn.RMSNorm(dims.hidden_size, eps=dims.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(dims.hidden_size, eps=dims.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: SPBatch) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """The `model.` prefix of HF's parameter names: embeddings, layers, final norm."""
+
+    def __init__(self, config: transformers.PretrainedConfig, dims: ModelDims) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(dims.vocab_size, dims.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(dims) for _ in range(dims.num_layers))
+        self.norm = nn.RMSNorm(dims.hidden_size, eps=dims.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config, dims.head_dim)
+
+
+class Transformer(nn.Module):
+    """Llama / Qwen2 causal LM over one packed token stream (see the module docstring)."""
+
+    def __init__(self, config: transformers.PretrainedConfig) -> None:
+        super().__init__()
+        self.dims = model_dims(config)
+        self.config = config
+        self.model = Backbone(config, self.dims)
+        self.lm_head = nn.Linear(self.dims.hidden_size, self.dims.vocab_size, bias=False)
+        self.tie_weights()
+        self.init_weights()
+
+    @classmethod
+    def from_config_dict(cls, values: dict[str, Any]) -> Transformer:
+        """Build from a plain dict (e.g. a Hydra `model:` group) holding `model_type` and HF config fields."""
+        values = dict(values)
+        model_type = values.pop("model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model.model_type must be one of {SUPPORTED_MODEL_TYPES}, got {model_type!r}")
+        return cls(transformers.AutoConfig.for_model(model_type, **values))
+
+    def tie_weights(self) -> None:
+        """Share one matrix between input embedding and output projection when the config ties them.
+
+        Call again after anything that replaces parameters (`to_empty`, `load_state_dict(assign=True)`).
+        """
+        if self.dims.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """HF's initialisation (normal(0, initializer_range), zero biases, unit norms), so fresh models train alike.
+
+        Separate from construction so a model built on the meta device can be materialised
+        (`to_empty`) and initialised afterwards.
+        """
+        std = getattr(self.config, "initializer_range", 0.02)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, RotaryEmbedding):
+                module.reset_parameters()
+
+    def forward(self, input_ids: torch.Tensor, meta: SPBatch) -> torch.Tensor:
+        """Final-normed hidden states [T, hidden] for the local tokens `input_ids` [T] described by `meta`."""
+        if input_ids.dim() != 1:
+            raise ValueError(
+                f"input_ids must be one packed stream of shape [T], got shape {tuple(input_ids.shape)}; "
+                "concatenate the documents and describe their lengths in the SPBatch"
+            )
+        if meta.position_ids.shape != input_ids.shape:
+            raise ValueError(
+                f"meta.position_ids has shape {tuple(meta.position_ids.shape)} but input_ids has "
+                f"{tuple(input_ids.shape)}; build both from the same SPBatch (shard_tokens)"
+            )
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary_emb(meta.position_ids, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, meta)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count, each shared tensor once.
+
+        `exclude_embeddings` drops the input-embedding table, which is a lookup and costs no FLOPs;
+        with tied embeddings the same matrix is also the output projection, a matmul every token
+        pays for, so it stays counted. The result is then "weights every token multiplies through",
+        the figure for FLOPs = 6 * N per trained token (plus attention).
+        """
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings and not self.dims.tie_embeddings:
+            total -= self.model.embed_tokens.weight.numel()
+        return total
+
+
+_TINY_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=8192,
+    hidden_size=256,
+    intermediate_size=704,
+    num_hidden_layers=6,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
+    initializer_range=0.02,
+)
+
+
+def tiny_config(**overrides: Any) -> transformers.LlamaConfig:
+    """A ~5M-parameter Llama (GQA 8/4 heads, tied embeddings) for tests and the default CPU job.
+
+    Pass `vocab_size` from the tokenizer; any other LlamaConfig field may be overridden.
+    """
+    known = set(transformers.LlamaConfig().to_dict()) | {"rope_theta", "rope_scaling"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"tiny_config: unknown LlamaConfig field(s) {unknown}; valid fields include {sorted(known)}")
+    values = {**_TINY_DEFAULTS, **overrides}
+    if ("rope_parameters" in overrides or "rope_scaling" in overrides) and "rope_theta" not in overrides:
+        values.pop("rope_theta")
+    config = transformers.LlamaConfig(**values)
+    model_dims(config)
+    return config
+
+
+__all__ = [
+    "ModelDims",
+    "Transformer",
+    "apply_rotary",
+    "model_dims",
+    "tiny_config",
+    "SUPPORTED_MODEL_TYPES",
+    "SUPPORTED_ROPE_TYPES",
+]
