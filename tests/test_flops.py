@@ -109,3 +109,9 @@ def test_mfu_and_device_name():
     assert device_name("cpu") == "cpu"
     if not torch.cuda.is_available():
         assert device_name() == "cpu"
+
+
+@pytest.mark.gpu
+def test_the_machines_gpu_is_in_the_table():
+    name = device_name()
+    assert name != "cpu" and peak_flops(name) is not None, f"add {name!r} to the peak table"
