@@ -87,7 +87,11 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         files = [name]
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(huggingface_hub.load_state_dict_from_file(path / file, map_location="cpu", weights_only=True))
+        # Pickled .bin files go through torch's weights-only unpickler, which runs no code from the file.
+        safe = file.endswith(".safetensors")
+        state.update(
+            huggingface_hub.load_state_dict_from_file(path / file, map_location="cpu", weights_only=True, safe=safe)
+        )
     return state
 
 
