@@ -176,12 +176,11 @@ class RotaryEmbedding(nn.Module):
             self.reset_parameters()
         return self
 
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, head_dim] in fp32, computed once per forward and shared by all layers."""
         freqs = position_ids.float()[:, None] * self.inv_freq[None, :]
         angles = torch.cat((freqs, freqs), dim=-1)
-        cos = angles.cos() * self.attention_scaling
-        sin = angles.sin() * self.attention_scaling
-        return cos.to(dtype), sin.to(dtype)
+        return angles.cos() * self.attention_scaling, angles.sin() * self.attention_scaling
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -190,8 +189,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` [T, H, D] by per-token angles (cos/sin [T, D]), in HF's half-split layout."""
-    return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
+    """Rotate `x` [T, H, D] by per-token angles (cos/sin [T, D]), in HF's half-split layout.
+
+    The angles are cast to x's dtype so that under autocast q and k stay in the same dtype as v
+    (the attention kernels want one dtype), exactly as HF does for bf16 models.
+    """
+    cos, sin = cos.to(x.dtype)[:, None, :], sin.to(x.dtype)[:, None, :]
+    return x * cos + _rotate_half(x) * sin
 
 
 class Attention(nn.Module):
@@ -310,7 +314,7 @@ class Transformer(nn.Module):
                 f"{tuple(input_ids.shape)}; build both from the same SPBatch (shard_tokens)"
             )
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.model.rotary_emb(meta.position_ids, x.dtype)
+        cos, sin = self.model.rotary_emb(meta.position_ids)
         for layer in self.model.layers:
             x = layer(x, cos, sin, meta)
         return self.model.norm(x)
