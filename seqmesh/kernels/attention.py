@@ -1,0 +1,300 @@
+"""Attention over packed variable-length documents, with one interface for every backend.
+
+Every sequence-parallel variant is built from two primitives, ``attention_forward`` (returns the
+output *and* the log-sum-exp, so partial results over different key blocks can be merged exactly)
+and ``attention_backward`` (takes an external output and LSE, so a block's gradients can be computed
+against the *merged* softmax, which is what ring attention needs). ``varlen_attention`` wraps the
+two in autograd for the single-group case.
+
+Layout: q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA); documents are the
+ranges of int32 ``cu_q`` / ``cu_k`` (``[n+1]``, the same ``n``); the LSE is ``[Hq, Tq]`` fp32.
+``causal`` requires every document's query and key ranges to have the same length (diagonal
+blocks); off-diagonal blocks are non-causal. A query row whose document has no keys in the block
+gets output 0 and LSE ``-inf`` on every backend, so such a block contributes nothing to a merge.
+
+Backends, in the order ``auto`` tries them (shared/DESIGN.md, "Attention backend order"):
+``flash_attn`` (Dao's varlen kernels, CUDA fp16/bf16, when importable), ``torch_flash`` (PyTorch's
+own varlen flash kernel, CUDA fp16/bf16), ``cpu_flash`` (PyTorch's CPU flash op, one call per
+document) and ``math`` (plain fp32 matmuls per document: any device and dtype, slow, exact).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+import math
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("auto", "flash_attn", "torch_flash", "cpu_flash", "math")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class _Backend(NamedTuple):
+    forward: Callable[..., tuple[Tensor, Tensor]]
+    backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
+    supports: Callable[[Tensor], bool]
+
+
+# --------------------------------------------------------------------------- per-document loops
+
+
+def _doc_ranges(cu_q: Tensor, cu_k: Tensor, causal: bool) -> list[tuple[int, int, int, int]]:
+    """Document boundaries as Python ints (the CPU backends loop over documents)."""
+    oq, ok = cu_q.tolist(), cu_k.tolist()
+    if len(oq) != len(ok):
+        raise ValueError(f"cu_q has {len(oq) - 1} documents but cu_k has {len(ok) - 1}; they must match")
+    ranges = []
+    for i in range(len(oq) - 1):
+        qs, qe, ks, ke = oq[i], oq[i + 1], ok[i], ok[i + 1]
+        if causal and qe - qs != ke - ks:
+            raise ValueError(f"causal attention needs equal query and key lengths per document; document {i} "
+                             f"has {qe - qs} queries and {ke - ks} keys (split it into a causal diagonal block "
+                             "and non-causal off-diagonal blocks)")
+        ranges.append((qs, qe, ks, ke))
+    return ranges
+
+
+def _bhsd(x: Tensor) -> Tensor:
+    """[T, H, D] -> [1, H, T, D] view, the layout of PyTorch's SDPA ops."""
+    return x.transpose(0, 1).unsqueeze(0)
+
+
+def _cpu_flash_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    out = q.new_zeros(q.shape)
+    lse = torch.full((q.shape[1], q.shape[0]), -math.inf, dtype=torch.float32, device=q.device)
+    for qs, qe, ks, ke in _doc_ranges(cu_q, cu_k, causal):
+        if qe == qs or ke == ks:  # the op divides by zero on empty keys: such rows keep 0 / -inf
+            continue
+        o, l = op(_bhsd(q[qs:qe]), _bhsd(k[ks:ke]), _bhsd(v[ks:ke]), 0.0, causal, scale=scale)
+        out[qs:qe] = o[0].transpose(0, 1)
+        lse[:, qs:qe] = l[0]
+    return out, lse
+
+
+def _cpu_flash_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)  # the op's own LSE dtype
+    for qs, qe, ks, ke in _doc_ranges(cu_q, cu_k, causal):
+        if qe == qs or ke == ks:
+            continue
+        g = op(_bhsd(dout[qs:qe]), _bhsd(q[qs:qe]), _bhsd(k[ks:ke]), _bhsd(v[ks:ke]), _bhsd(out[qs:qe]),
+               lse[:, qs:qe].unsqueeze(0).contiguous(), 0.0, causal, scale=scale)
+        dq[qs:qe], dk[ks:ke], dv[ks:ke] = (x[0].transpose(0, 1) for x in g)
+    return dq, dk, dv
+
+
+def _math_scores(q, k, causal, scale):
+    """fp32 scores [H, Lq, Lk] of one document, GQA expanded, causal mask applied."""
+    group = q.shape[1] // k.shape[1]
+    s = torch.einsum("qhd,khd->hqk", q.float(), k.float().repeat_interleave(group, dim=1)) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[1:], dtype=torch.bool, device=s.device).triu(1), -math.inf)
+    return s
+
+
+def _math_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    out = q.new_zeros(q.shape)
+    lse = torch.full((q.shape[1], q.shape[0]), -math.inf, dtype=torch.float32, device=q.device)
+    group = q.shape[1] // k.shape[1]
+    for qs, qe, ks, ke in _doc_ranges(cu_q, cu_k, causal):
+        if qe == qs or ke == ks:
+            continue
+        s = _math_scores(q[qs:qe], k[ks:ke], causal, scale)
+        l = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - l.unsqueeze(-1))
+        out[qs:qe] = torch.einsum("hqk,khd->qhd", p, v[ks:ke].float().repeat_interleave(group, dim=1)).to(q.dtype)
+        lse[:, qs:qe] = l
+    return out, lse
+
+
+def _math_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    hkv, group = k.shape[1], q.shape[1] // k.shape[1]
+    for qs, qe, ks, ke in _doc_ranges(cu_q, cu_k, causal):
+        if qe == qs or ke == ks:
+            continue
+        p = torch.exp(_math_scores(q[qs:qe], k[ks:ke], causal, scale) - lse[:, qs:qe].unsqueeze(-1))
+        do, o = dout[qs:qe].float(), out[qs:qe].float()
+        ve = v[ks:ke].float().repeat_interleave(group, dim=1)
+        ke_ = k[ks:ke].float().repeat_interleave(group, dim=1)
+        dvh = torch.einsum("hqk,qhd->khd", p, do)
+        dp = torch.einsum("qhd,khd->hqk", do, ve)
+        ds = p * (dp - (do * o).sum(-1).transpose(0, 1).unsqueeze(-1)) * scale
+        dq[qs:qe] = torch.einsum("hqk,khd->qhd", ds, ke_).to(q.dtype)
+        dkh = torch.einsum("hqk,qhd->khd", ds, q[qs:qe].float())
+        n = ke - ks
+        dk[ks:ke] = dkh.view(n, hkv, group, -1).sum(2).to(k.dtype)
+        dv[ks:ke] = dvh.view(n, hkv, group, -1).sum(2).to(v.dtype)
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------- CUDA kernels
+
+
+def _fix_empty_rows(lse: Tensor) -> Tensor:
+    """Flash kernels mark rows without keys with LSE +inf (so their backward sees exp(-inf));
+    seqmesh's contract is -inf, the neutral element of the LSE merge."""
+    return lse.masked_fill_(torch.isposinf(lse), -math.inf)
+
+
+def _max_q(max_q: int) -> int:
+    # With max_q == 1 and GQA, FlashAttention-2 swaps query rows into the head dimension, which
+    # reshapes q by the number of documents and changes the LSE layout; max_q is only a grid-size
+    # hint, so a value of 2 keeps the regular varlen path without changing the result.
+    return max(max_q, 2)
+
+
+@functools.cache
+def _rng_placeholder(device: torch.device) -> tuple[Tensor, Tensor]:
+    """The philox state the flash backward reads only when dropout > 0 (seqmesh never drops)."""
+    return (torch.zeros(2, dtype=torch.uint64, device=device), torch.zeros((), dtype=torch.uint64, device=device))
+
+
+def _torch_flash_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    out, lse = torch.ops.aten._flash_attention_forward(
+        q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, _max_q(max_q), max_k, 0.0, causal, False,
+        scale=scale)[:2]
+    return out, _fix_empty_rows(lse)
+
+
+def _torch_flash_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
+    rng, unused = _rng_placeholder(q.device)
+    dq, dk, dv = torch.ops.aten._flash_attention_backward(
+        dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), lse.contiguous(),
+        cu_q, cu_k, _max_q(max_q), max_k, 0.0, causal, rng, unused, scale=scale)
+    return dq, dk, dv
+
+
+@functools.cache
+def _flash_attn_interface():
+    from flash_attn import flash_attn_interface
+
+    return flash_attn_interface
+
+
+def _call_with_known_kwargs(fn: Callable, **kwargs):
+    """flash-attn renamed and added arguments across 2.x releases (window_size -> left/right,
+    softcap, optional dq/dk/dv); pass each release exactly the names it declares."""
+    params = inspect.signature(fn).parameters
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, -1)
+    return fn(**{name: value for name, value in kwargs.items() if name in params})
+
+
+def _flash_attn_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    fa = _flash_attn_interface()
+    res = _call_with_known_kwargs(
+        fa._flash_attn_varlen_forward, q=q.contiguous(), k=k.contiguous(), v=v.contiguous(), cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k, dropout_p=0.0, softmax_scale=scale,
+        causal=causal, window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None,
+        return_softmax=False)
+    # 2.6+ returns (out, lse, S_dmask, rng_state); earlier 2.x (out, q, k, v, out_padded, lse, ...)
+    out, lse = res[0], res[1] if len(res) == 4 else res[5]
+    return out, _fix_empty_rows(lse)
+
+
+def _flash_attn_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
+    fa = _flash_attn_interface()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _call_with_known_kwargs(
+        fa._flash_attn_varlen_backward, dout=dout.contiguous(), q=q.contiguous(), k=k.contiguous(),
+        v=v.contiguous(), out=out.contiguous(), softmax_lse=lse.contiguous(), dq=dq, dk=dk, dv=dv,
+        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k, dropout_p=0.0,
+        softmax_scale=scale, causal=causal, window_size_left=-1, window_size_right=-1, softcap=0.0,
+        alibi_slopes=None, deterministic=False, rng_state=None)
+    return dq, dk, dv
+
+
+def _cuda_half(q: Tensor) -> bool:
+    return q.is_cuda and q.dtype in _HALF and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
+
+
+_REGISTRY: dict[str, _Backend] = {
+    "flash_attn": _Backend(_flash_attn_forward, _flash_attn_backward,
+                           lambda q: _cuda_half(q) and importlib.util.find_spec("flash_attn") is not None),
+    "torch_flash": _Backend(_torch_flash_forward, _torch_flash_backward, _cuda_half),
+    "cpu_flash": _Backend(_cpu_flash_forward, _cpu_flash_backward, lambda q: q.device.type == "cpu"),
+    "math": _Backend(_math_forward, _math_backward, lambda q: True),
+}
+
+
+def resolve_backend(backend: str, q: Tensor) -> str:
+    """The concrete backend for ``q``'s device and dtype: ``auto`` picks the fastest that supports
+    them; an explicit name is checked, so a misconfiguration fails here and not inside a kernel."""
+    if backend == "auto":
+        return next(name for name, b in _REGISTRY.items() if b.supports(q))
+    if backend not in _REGISTRY:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    if not _REGISTRY[backend].supports(q):
+        raise ValueError(f"attention backend {backend!r} does not support {q.dtype} tensors on {q.device} with head "
+                         f"dim {q.shape[-1]} (flash backends need CUDA fp16/bf16, head dim a multiple of 8 up to "
+                         f"256, and flash_attn installed for 'flash_attn'); use backend='auto'")
+    return backend
+
+
+def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
+        raise ValueError(f"expected q [T, Hq, D] and k, v [T, Hkv, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if q.shape[1] % k.shape[1] != 0 or q.shape[2] != k.shape[2]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}) and the "
+                         f"head dims must match ({q.shape[2]} vs {k.shape[2]})")
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, *,
+                      causal: bool, scale: float, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """One block of attention without autograd: ``(out [Tq, Hq, D], lse [Hq, Tq] fp32)``."""
+    _check_shapes(q, k, v)
+    if q.shape[0] == 0 or k.shape[0] == 0:
+        return q.new_zeros(q.shape), torch.full((q.shape[1], q.shape[0]), -math.inf, device=q.device)
+    return _REGISTRY[resolve_backend(backend, q)].forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
+
+
+def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_q: Tensor,
+                       cu_k: Tensor, max_q: int, max_k: int, *, causal: bool, scale: float,
+                       backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of one block given the *final* ``out`` and ``lse`` of its query rows, which may
+    include other key blocks: the block's share of dq, and its dk, dv (``Hkv`` heads)."""
+    if q.shape[0] == 0 or k.shape[0] == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    return _REGISTRY[resolve_backend(backend, q)].backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
+                                                           causal, scale)
+
+
+class _VarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, scale, backend):
+        out, lse = attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal,
+                                     scale=scale, backend=backend)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.args = (max_seqlen, causal, scale, backend)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, cu = ctx.saved_tensors
+        max_seqlen, causal, scale, backend = ctx.args
+        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, cu, cu, max_seqlen, max_seqlen, causal=causal,
+                                        scale=scale, backend=backend)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool = True,
+                     softmax_scale: float | None = None, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Differentiable attention within each packed document: ``(out [T, Hq, D], lse [Hq, T])``.
+
+    No token attends across a boundary of ``cu_seqlens`` (int32 ``[n+1]``, on q's device).
+    """
+    _check_shapes(q, k, v)
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens must be int32 (the flash kernels read it as int*), got {cu_seqlens.dtype}")
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    resolve_backend(backend, q)
+    return _VarlenAttention.apply(q, k, v, cu_seqlens, int(max_seqlen), causal, scale, backend)

@@ -1,0 +1,131 @@
+"""Sequence-parallel attention over a packed micro-batch of variable-length documents.
+
+The model sees only this interface: ``make_sp_batch`` describes how the group's packed documents
+are laid out on this rank, ``shard_tokens`` moves any per-token tensor into that layout, and
+``sp_attention`` is the one attention call of every layer. Everything else in the model is
+token-wise, so any layout works; the layout is chosen for the attention's load balance.
+
+Modes (``ulysses x ring`` degrees on the group): ``local`` (1 x 1, no communication), ``ulysses``
+(W x 1: all-to-all from sequence shards to head shards and back), ``ring`` (1 x W: zigzag ring
+attention) and ``hybrid`` (U x W/U: Ulysses among neighbouring ranks, ring across). All work on
+any process group, using group-local ranks for the layout and global ranks for point-to-point.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from seqmesh.kernels.attention import BACKENDS, varlen_attention
+from seqmesh.parallel.sequence.layout import Layout
+
+SP_MODES = ("local", "ulysses", "ring", "hybrid")
+
+__all__ = ["SP_MODES", "SPBatch", "make_sp_batch", "shard_tokens", "sp_attention"]
+
+
+@dataclass
+class SPBatch:
+    """How one group's packed micro-batch is laid out on this rank (the issue's ``batch_meta``)."""
+
+    mode: str
+    group: "dist.ProcessGroup | None"
+    seqlens: tuple[int, ...]
+    local_index: Tensor  # [T_local] packed index of each local token; -1 would mark padding (never used)
+    position_ids: Tensor  # [T_local] position of each local token inside its document
+    layout: Layout
+    group_rank: int
+    backend: str = "auto"
+    _tables: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def ulysses_degree(self) -> int:
+        return self.layout.ulysses
+
+    @property
+    def ring_degree(self) -> int:
+        return self.layout.ring
+
+    def cu_seqlens(self, device: torch.device) -> Tensor:
+        """int32 cumulative document lengths of the whole packed batch, cached per device."""
+        key = ("cu", device)
+        if key not in self._tables:
+            lens = torch.tensor((0, *self.seqlens), dtype=torch.int64).cumsum(0)
+            self._tables[key] = lens.to(device=device, dtype=torch.int32)
+        return self._tables[key]
+
+
+def _degrees(mode: str, world: int, ulysses_degree: int | None) -> tuple[int, int]:
+    if mode == "local":
+        if world != 1:
+            raise ValueError(f"mode 'local' needs a group of one rank, got {world}; pick 'ulysses', 'ring' or 'hybrid'")
+        return 1, 1
+    if mode == "ulysses":
+        return world, 1
+    if mode == "ring":
+        return 1, world
+    if ulysses_degree is None:
+        # Ulysses inside a node's fast links, ring across: the largest proper divisor within a node.
+        node = int(os.environ.get("LOCAL_WORLD_SIZE", 8))
+        ulysses_degree = max(d for d in range(1, world) if world % d == 0 and d <= node) if world > 1 else 1
+    if ulysses_degree < 1 or world % ulysses_degree:
+        raise ValueError(f"hybrid ulysses_degree={ulysses_degree} must divide the group size {world}")
+    return ulysses_degree, world // ulysses_degree
+
+
+def make_sp_batch(seqlens: Sequence[int], mode: str, group: "dist.ProcessGroup | None", *,
+                  ulysses_degree: int | None = None, backend: str = "auto",
+                  device: torch.device | str | None = None) -> SPBatch:
+    """Lay out a group's packed documents (global lengths ``seqlens``) on this rank.
+
+    ``group`` None means a single rank (mode ``local``). ``device`` places ``local_index`` and
+    ``position_ids`` (CPU by default).
+    """
+    if mode not in SP_MODES:
+        raise ValueError(f"unknown sequence-parallel mode {mode!r}; choose one of {SP_MODES}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    if group is None and mode != "local":
+        raise ValueError(f"mode {mode!r} needs a process group; use mode 'local' for group None")
+    world = 1 if group is None else dist.get_world_size(group)
+    group_rank = 0 if group is None else dist.get_rank(group)
+    if group_rank < 0:
+        raise ValueError("this rank is not a member of the given process group")
+    u, r = _degrees(mode, world, ulysses_degree)
+    layout = Layout(tuple(int(n) for n in seqlens), u, r)
+    local_index = layout.local_index(group_rank)
+    position_ids = layout.position_ids(local_index)
+    return SPBatch(mode, group, layout.seqlens, local_index.to(device), position_ids.to(device), layout, group_rank,
+                   backend)
+
+
+def shard_tokens(meta: SPBatch, x: Tensor, pad_value) -> Tensor:
+    """Rows of ``x`` (indexed by packed position on dim 0) that this rank holds, in its layout;
+    rows the layout marks as padding (-1) are filled with ``pad_value``."""
+    if x.shape[0] != sum(meta.seqlens):
+        raise ValueError(f"x has {x.shape[0]} rows but the micro-batch packs {sum(meta.seqlens)} tokens")
+    index = meta.local_index.to(x.device)
+    rows = x.index_select(0, index.clamp(min=0))
+    pad = (index < 0).view(-1, *([1] * (x.dim() - 1)))
+    return torch.where(pad, torch.as_tensor(pad_value, dtype=x.dtype, device=x.device), rows)
+
+
+def sp_attention(q: Tensor, k: Tensor, v: Tensor, meta: SPBatch, group: "dist.ProcessGroup | None", mode: str,
+                 causal: bool = True, softmax_scale: float | None = None) -> Tensor:
+    """Attention of this rank's tokens (q ``[T_local, Hq, D]``, k/v ``[T_local, Hkv, D]``, local
+    layout) against all keys of their documents, over the group: ``[T_local, Hq, D]``."""
+    if mode != meta.mode or group is not meta.group:
+        raise ValueError(f"sp_attention called with mode {mode!r} and a different group than the SPBatch "
+                         f"(mode {meta.mode!r}) was made for; pass meta.mode and meta.group")
+    if q.shape[0] != meta.local_index.numel():
+        raise ValueError(f"q has {q.shape[0]} tokens but this rank's layout holds {meta.local_index.numel()}")
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    if meta.layout.world != 1:
+        raise ValueError(f"mode {mode!r} over {meta.layout.world} ranks is not available in this build")
+    cu = meta.cu_seqlens(q.device)
+    return varlen_attention(q, k, v, cu, max(meta.seqlens), causal, scale, meta.backend)[0]
