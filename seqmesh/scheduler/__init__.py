@@ -1,1 +1,30 @@
-"""seqmesh.scheduler"""
+"""seqmesh.scheduler: per-step placement of sequences onto sequence-parallel groups.
+
+Pure planning code (no torch.distributed): it runs on the Ray actor or side process that plans
+one step ahead. ``plan_step`` is the one entry point the trainer calls.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from seqmesh.scheduler.cost_model import CostModel, default_cost_model
+from seqmesh.scheduler.plan import Group, MicroBatch, Plan
+from seqmesh.scheduler.simulate import check_plan, lower_bound, simulate
+from seqmesh.scheduler.static import static_plan
+
+__all__ = ["CostModel", "Group", "MicroBatch", "Plan", "check_plan", "default_cost_model", "lower_bound",
+           "plan_step", "simulate", "static_plan"]
+
+
+def plan_step(lengths: Sequence[int], gpus: int, cost_model: CostModel, *, policy: str = "adaptive", sp: int = 1,
+              group_sizes: Sequence[int] | None = None, time_limit_s: float = 0.2) -> Plan:
+    """The plan of one training step: ``policy="static"`` cuts the ranks into fixed groups of ``sp``
+    (sp=1: data parallel); ``"adaptive"`` re-chooses groups and micro-batches from the lengths."""
+    if policy == "static":
+        return static_plan(lengths, gpus, sp, cost_model)
+    if policy == "adaptive":
+        from seqmesh.scheduler.adaptive import adaptive_plan
+
+        return adaptive_plan(lengths, gpus, cost_model, group_sizes=group_sizes, time_limit_s=time_limit_s)
+    raise ValueError(f"scheduler policy {policy!r} is not known; choose 'adaptive' or 'static'")

@@ -1,0 +1,112 @@
+"""The step-time simulator and the lower bound every plan is judged against.
+
+One simulator prices every plan (planner, baselines, tests, benchmark), so that "better" always
+means the same thing. Its rule mirrors the trainer: each rank walks its groups in micro-batch
+order, and a group's collectives start only when all of its ranks have arrived, so a group starts
+when the last of its ranks is free; the step ends when every rank is done and the gradients are
+reduced.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from seqmesh.scheduler.cost_model import CostModel
+from seqmesh.scheduler.plan import Plan
+
+
+def allowed_group_sizes(gpus: int, group_sizes: Sequence[int] | None = None) -> tuple[int, ...]:
+    """Group sizes a plan may use: powers of two up to ``gpus`` by default (aligned blocks nest)."""
+    if gpus < 1:
+        raise ValueError(f"gpus={gpus} must be >= 1")
+    if group_sizes is None:
+        return tuple(2 ** k for k in range(gpus.bit_length()) if 2 ** k <= gpus)
+    sizes = sorted({int(d) for d in group_sizes})
+    bad = [d for d in sizes if not 1 <= d <= gpus]
+    if bad or not sizes:
+        raise ValueError(f"group sizes {list(group_sizes)} must be non-empty and lie in 1..{gpus}")
+    return tuple(sizes)
+
+
+def smallest_holding_size(length: int, cost_model: CostModel, sizes: Sequence[int]) -> int:
+    """The smallest allowed group size whose memory holds ``length`` tokens alone.
+
+    Raises the error of issue 4 when none does: the step cannot run, and the user must either
+    shorten the sequence or allow larger groups.
+    """
+    for d in sorted(sizes):
+        if cost_model.fits(length, d):
+            return d
+    d = max(sizes)
+    raise ValueError(
+        f"a sequence of {length} tokens fits no group: the largest allowed group ({d} ranks) holds "
+        f"{cost_model.capacity(d)} tokens (mem_limit_bytes={cost_model.mem_limit_bytes:.4g}, "
+        f"mem_static_bytes={cost_model.mem_static_bytes:.4g}, mem_bytes_per_token={cost_model.mem_bytes_per_token:.4g}); "
+        "truncate or split such sequences in the data pipeline, or allow larger groups")
+
+
+def simulate(plan: Plan, lengths: Sequence[int], cost_model: CostModel) -> float:
+    """Step time of ``plan`` in ms under ``cost_model`` (makespan + gradient reduction)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    speed = cost_model.rank_speed(plan.gpus)
+    free = np.zeros(plan.gpus)
+    for mb in plan.microbatches:
+        for g in mb.groups:
+            if not g.sequences:
+                continue
+            lo, hi = g.first, g.first + g.count
+            start = free[lo:hi].max()
+            free[lo:hi] = start + cost_model.group_ms(lengths[list(g.sequences)], g.count, speed[lo:hi].min())
+    return float(free.max()) + cost_model.grad_reduce_ms
+
+
+def check_plan(plan: Plan, lengths: Sequence[int], cost_model: CostModel,
+               group_sizes: Sequence[int] | None = None) -> None:
+    """Raise ValueError unless ``plan`` covers ``lengths`` exactly once, uses allowed sizes and fits memory."""
+    plan.validate(len(lengths))
+    sizes = set(allowed_group_sizes(plan.gpus, group_sizes))
+    for i, mb in enumerate(plan.microbatches):
+        for g in mb.groups:
+            if g.count not in sizes:
+                raise ValueError(f"micro-batch {i}: group of {g.count} ranks; allowed sizes are {sorted(sizes)}")
+            tokens = int(sum(lengths[s] for s in g.sequences))
+            if not cost_model.fits(tokens, g.count):
+                raise ValueError(f"micro-batch {i}: group at ranks [{g.first}, {g.first + g.count}) holds {tokens} "
+                                 f"tokens, over its memory capacity of {cost_model.capacity(g.count)}")
+
+
+def lower_bound(lengths: Sequence[int], gpus: int, cost_model: CostModel,
+                group_sizes: Sequence[int] | None = None) -> float:
+    """Issue 4's bound on any plan's step time, in ms.
+
+    The larger of (a) the area bound: each sequence's compute plus the least communication of any
+    group size that can hold it, times that size (= rank-milliseconds), summed, plus beta times
+    (total tokens / per-rank token capacity), all over the ranks; and (b) the longest sequence
+    alone at its best group size plus beta. With speed factors, rank-milliseconds are spread over
+    the summed speeds and (b) runs at the fastest rank's pace, so the bound stays a bound; with all
+    factors 1 it is exactly the issue's. The plan-independent gradient reduction is added to both.
+    """
+    if not len(lengths):
+        return cost_model.grad_reduce_ms
+    s = np.asarray(lengths, dtype=np.float64)
+    if s.min() < 1:
+        raise ValueError(f"sequence lengths must be >= 1 token, got {int(s.min())}")
+    sizes = allowed_group_sizes(gpus, group_sizes)
+    speed = cost_model.rank_speed(gpus)
+    cm = cost_model
+    compute = cm.alpha1_ms_per_tok2 * s * s + cm.alpha2_ms_per_tok * s
+    least_comm = np.full(len(s), np.inf)
+    best_time = np.full(len(s), np.inf)
+    for d in sizes:
+        holds = cm.mem_static_bytes + cm.mem_bytes_per_token * s / d <= cm.mem_limit_bytes
+        comm_area = s * cm.comm_ms_per_token(d) * d
+        least_comm = np.where(holds, np.minimum(least_comm, comm_area), least_comm)
+        best_time = np.where(holds, np.minimum(best_time, compute / d + comm_area / d), best_time)
+    if not np.isfinite(least_comm).all():
+        smallest_holding_size(int(s[~np.isfinite(least_comm)].max()), cm, sizes)
+    area = float(compute.sum() + least_comm.sum()) + cm.beta_ms * float(s.sum()) / cm.tokens_per_rank()
+    bound_a = area / float(speed.sum())
+    bound_b = (float(best_time[np.argmax(s)]) + cm.beta_ms) / float(speed.max())
+    return max(bound_a, bound_b) + cm.grad_reduce_ms

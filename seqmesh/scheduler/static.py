@@ -1,0 +1,65 @@
+"""Static sequence parallelism: the baseline every adaptive plan must beat.
+
+The HDP ranks are cut once into ``gpus / sp`` groups of ``sp`` ranks (sp=1 is plain data
+parallelism) and every micro-batch uses all of them. The number of micro-batches is the fewest
+that best-fit-decreasing packing needs (memory is the bin); sequences then go longest-first to the
+group that would finish earliest among those with room left, into the fullest of its micro-batches
+that still holds them (best fit). So the baseline is balanced and memory-tight, not a strawman;
+it only lacks the freedom to change group sizes.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from seqmesh.scheduler.cost_model import CostModel
+from seqmesh.scheduler.packing import best_fit_decreasing
+from seqmesh.scheduler.plan import Plan, plan_from_assignment
+from seqmesh.scheduler.simulate import lower_bound, simulate
+
+
+def _deal(lengths: list[int], times: np.ndarray, group_speed: np.ndarray, rounds: int,
+          capacity: int) -> list[list[list[int]]] | None:
+    """Place sequences on ``rounds`` micro-batches of each group; None when they do not fit."""
+    n_groups = len(group_speed)
+    load = np.zeros(n_groups)
+    free = [[capacity] * rounds for _ in range(n_groups)]
+    most_free = np.full(n_groups, capacity)
+    bins: list[list[list[int]]] = [[[] for _ in range(rounds)] for _ in range(n_groups)]
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[i]
+        finish = np.where(most_free >= n, (load + times[i]) / group_speed, np.inf)
+        g = int(np.argmin(finish))
+        if not np.isfinite(finish[g]):
+            return None
+        j = min((r for r in range(rounds) if free[g][r] >= n), key=lambda r: (free[g][r], r))
+        free[g][j] -= n
+        most_free[g] = max(free[g])
+        load[g] += times[i]
+        bins[g][j].append(i)
+    return bins
+
+
+def static_plan(lengths: Sequence[int], gpus: int, sp: int, cost_model: CostModel) -> Plan:
+    if sp < 1 or gpus % sp:
+        raise ValueError(f"static sp={sp} must be a positive divisor of the {gpus} HDP ranks")
+    lengths = [int(n) for n in lengths]
+    capacity = cost_model.capacity(sp)
+    too_long = [n for n in lengths if n > capacity]
+    if too_long:
+        raise ValueError(f"a sequence of {max(too_long)} tokens does not fit a static SP group of {sp} ranks "
+                         f"(memory holds {capacity} tokens per micro-batch); raise scheduler.sp, use the adaptive "
+                         "scheduler, or truncate such sequences")
+    n_groups = gpus // sp
+    group_speed = cost_model.rank_speed(gpus).reshape(n_groups, sp).min(axis=1)
+    times = cost_model.seq_ms(np.asarray(lengths), sp) if lengths else np.zeros(0)
+    rounds = max(1, -(-len(best_fit_decreasing(range(len(lengths)), lengths, capacity)) // n_groups))
+    while (bins := _deal(lengths, times, group_speed, rounds, capacity)) is None:
+        rounds += 1
+    mbs = [[(g * sp, sp, bins[g][j]) for g in range(n_groups) if bins[g][j]] for j in range(rounds)]
+    mbs = [mb for mb in mbs if mb]
+    plan = plan_from_assignment(gpus, mbs)
+    return plan_from_assignment(gpus, mbs, simulate(plan, lengths, cost_model),
+                                lower_bound(lengths, gpus, cost_model))
