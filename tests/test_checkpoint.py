@@ -47,7 +47,9 @@ def test_round_trip_is_bit_exact(tmp_path):
     expected_params = [p.detach().clone() for p in model.parameters()]
     expected_rand = (torch.rand(4), np.random.rand(3), random.random())
 
-    torch.manual_seed(99), np.random.seed(99), random.seed(99)
+    torch.manual_seed(99)
+    np.random.seed(99)
+    random.seed(99)
     model2, opt2, sched2 = build(seed=7)  # different weights, empty optimizer
     step, state = load_latest(tmp_path)
     assert step == 3

@@ -47,6 +47,7 @@ def test_gqa_head_dim_and_qwen2_config():
     qwen = Qwen2Config(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
                        num_hidden_layers=2, vocab_size=96)
     assert train_flops(qwen, [10, 30]) == train_flops(tiny_config(), [10, 30])
+    assert train_flops(qwen.to_dict(), [10, 30]) == train_flops(qwen, [10, 30])
 
 
 def test_cu_seqlens_and_bad_input():

@@ -25,8 +25,9 @@ fixed here once and stated precisely (it is Megatron-LM's, extended to packed do
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -44,7 +45,12 @@ class _Dims:
 
 
 def _dims(config: Any) -> _Dims:
-    """Read the sizes that matter from a transformers config (``LlamaConfig``, ``Qwen2Config``...)."""
+    """Read the sizes that matter from a transformers config (``LlamaConfig``, ``Qwen2Config``...).
+
+    A plain dict with the same keys (``config.to_dict()``, as stored in run directories) works too.
+    """
+    if isinstance(config, Mapping):
+        config = SimpleNamespace(**config)
     missing = [k for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
                            "vocab_size") if getattr(config, k, None) is None]
     if missing:
