@@ -75,24 +75,24 @@ class _Progress(threading.Thread):
     def run(self) -> None:
         from tqdm import tqdm
 
+        from seqmesh.trainer.metrics import progress_postfix
+
         bar = tqdm(total=self.total, desc="train", unit="step", dynamic_ncols=True)
         pos = 0
         while not self.stop.wait(0.5):
             if not self.path.exists():
                 continue
+            if self.path.stat().st_size < pos:
+                pos = 0  # a resumed run rewrote the log up to its checkpoint
             with self.path.open() as f:
                 f.seek(pos)
                 for line in f:
                     if not line.endswith("\n"):
                         break
-                    pos += len(line)
+                    pos += len(line.encode())
                     rec = json.loads(line)
-                    if "step" not in rec:
-                        continue
                     bar.n = rec["step"]
-                    mfu = rec.get("mfu")
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec.get('tokens_per_s', 0):.0f}",
-                                    mfu="n/a" if mfu is None else f"{100 * mfu:.1f}%", refresh=False)
+                    bar.set_postfix(progress_postfix(rec), refresh=False)
                     bar.refresh()
         bar.close()
 

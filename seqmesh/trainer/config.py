@@ -12,6 +12,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from seqmesh.trainer.data.build import DataConfig
+
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the key and what is allowed."""
@@ -141,27 +143,6 @@ class OffloadConfig:
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    source: str = "stdlib"
-    tokenizer: str = "bpe"
-    vocab_size: int = 4096
-    max_seq_len: int = 1024
-    long_doc_policy: str = "split"
-    global_batch: int = 16
-    max_bytes: int | None = None
-    cache_dir: str = "~/.cache/seqmesh"
-
-    def validate(self) -> None:
-        _choice("data.tokenizer", self.tokenizer, ("bpe", "byte"))
-        _choice("data.long_doc_policy", self.long_doc_policy, ("split", "reject"))
-        _positive("data.vocab_size", self.vocab_size)
-        _positive("data.max_seq_len", self.max_seq_len)
-        _positive("data.global_batch", self.global_batch)
-        if self.max_seq_len < 2:
-            raise ConfigError(f"data.max_seq_len={self.max_seq_len} must be >= 2 (one input and one target token)")
-
-
-@dataclass(frozen=True)
 class LaunchConfig:
     """Where the job runs: a local Ray cluster by default, or ``address`` of an existing one."""
 
@@ -198,14 +179,18 @@ class RunConfig:
     ckpt_every: int = 100
     ckpt_keep: int = 2
     log_every: int = 1
-    eval_every: int = 0
     peak_tflops: float | None = None
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
-                value.validate()
+                try:
+                    value.validate()
+                except ConfigError:
+                    raise
+                except ValueError as e:
+                    raise ConfigError(str(e)) from e
         _positive("steps", self.steps)
         _positive("ckpt_every", self.ckpt_every, zero_ok=True)
         _positive("ckpt_keep", self.ckpt_keep)

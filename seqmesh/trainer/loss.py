@@ -11,14 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from seqmesh.trainer.data.packing import IGNORE_INDEX
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropy over positions whose label is not ``IGNORE_INDEX`` (fp32)."""
     return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
-
-def num_targets(lengths) -> int:
-    """Target tokens of a batch of documents: each document of length L predicts L - 1 tokens."""
-    return int(sum(max(int(n) - 1, 0) for n in lengths))

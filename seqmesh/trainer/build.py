@@ -1,0 +1,76 @@
+"""Turn the run configuration into the objects of a run: model, optimizer, lr schedule, cost model."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+from seqmesh.parallel.checkpointing import apply_activation_checkpointing
+from seqmesh.scheduler import CostModel, default_cost_model
+from seqmesh.trainer.config import ModelConfig, OptimConfig, RunConfig
+from seqmesh.trainer.hf_io import load_hf
+from seqmesh.trainer.lr_schedule import build_lr_scheduler
+from seqmesh.trainer.model import Transformer
+
+# Sustained (not peak) FLOP/s used by the default cost model when no profile exists; a CPU core
+# running fp32 GEMMs of this model's sizes sustains roughly this (measured on the CI machine).
+CPU_SUSTAINED_FLOPS = 2.0e10
+
+
+def hf_config(cfg: ModelConfig, vocab_size: int) -> transformers.PretrainedConfig:
+    """The transformers config of ``cfg`` (vocabulary from the tokenizer unless set)."""
+    values = dict(
+        hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        vocab_size=cfg.vocab_size or vocab_size, max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+    )
+    if cfg.head_dim is not None:
+        values["head_dim"] = cfg.head_dim
+    return transformers.AutoConfig.for_model(cfg.arch, **values)
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device) -> Transformer:
+    model = load_hf(cfg.hf_path) if cfg.hf_path else Transformer(hf_config(cfg, vocab_size))
+    if model.dims.vocab_size < vocab_size:
+        raise ValueError(f"the model's vocabulary ({model.dims.vocab_size}) is smaller than the tokenizer's "
+                         f"({vocab_size}); set model.vocab_size >= {vocab_size} or data.vocab_size lower")
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model.model.layers)
+    return model.to(device)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (norm gains and biases are not decayed)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if cfg.state_dtype == "fp32":
+        fused = all(p.is_cuda for p in decay)
+        return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
+    from seqmesh.trainer.optim import FP8AdamW
+
+    return FP8AdamW(groups, state_dtype=cfg.state_dtype, **kwargs)
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return build_lr_scheduler(optimizer, warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.steps,
+                              schedule=cfg.optim.schedule, min_lr_ratio=cfg.optim.min_lr_ratio)
+
+
+def build_cost_model(cfg: RunConfig, model: Transformer, device: torch.device) -> CostModel:
+    """The profiled cost model when the config names one, else one derived from FLOPs and the device."""
+    if cfg.scheduler.cost_model:
+        return CostModel.load(cfg.scheduler.cost_model)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        from seqmesh.trainer.flops import peak_flops
+
+        flops = 0.5 * (peak_flops(props.name, "bf16") or 4e14)
+        mem = 0.9 * props.total_memory
+    else:
+        flops, mem = CPU_SUSTAINED_FLOPS, 8 * 2**30
+    return default_cost_model(params=model.num_params(exclude_embeddings=True), hidden_size=model.dims.hidden_size,
+                              num_layers=model.dims.num_layers, device_flops=flops, mem_limit_bytes=mem,
+                              max_group=max(2, cfg.hdp), dp_shards=1, checkpointing=cfg.model.activation_checkpointing)

@@ -1,0 +1,156 @@
+"""The training step loop, top to bottom.
+
+Every rank runs this function (under Ray Train, or any launcher that initialised
+``torch.distributed``). One step:
+
+1. take the global batch's document ids from the sampler (its lengths are known up front);
+2. get the step's plan (planned one step ahead on rank 0, broadcast, digest-checked);
+3. for each (micro-batch, group) of this rank in the plan: pack the group's documents, lay them
+   out over the group (its SP attention mode), forward, loss / global target count, backward;
+4. sum gradients over the HDP group, clip, optimizer and lr step;
+5. metrics (rank 0), checkpoint (every rank, atomically).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from seqmesh.parallel.grad_reduce import reduce_gradients
+from seqmesh.parallel.mesh import Mesh
+from seqmesh.parallel.sequence import make_sp_batch, shard_tokens
+from seqmesh.scheduler import plan_step
+from seqmesh.scheduler.plan import Group, Plan
+from seqmesh.trainer.build import build_cost_model, build_model, build_optimizer, build_schedule
+from seqmesh.trainer.checkpoint import capture_rng_state, load_latest, restore_rng_state, save_checkpoint
+from seqmesh.trainer.config import RunConfig
+from seqmesh.trainer.data import IGNORE_INDEX, build_data, make_sampler, num_targets, pack
+from seqmesh.trainer.flops import peak_flops, train_flops
+from seqmesh.trainer.loss import token_loss_sum
+from seqmesh.trainer.metrics import MetricsLogger, aggregate_rank_timings, peak_memory
+from seqmesh.trainer.plan_ahead import PlanAhead
+
+
+def _autocast(cfg: RunConfig, device: torch.device):
+    if cfg.model.dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def run_group(model: torch.nn.Module, docs: list[torch.Tensor], group: "dist.ProcessGroup | None", cfg: RunConfig,
+              device: torch.device, denominator: int) -> torch.Tensor:
+    """Forward + backward of one group's documents on this rank; returns the (undivided) loss sum."""
+    packed = pack(docs)
+    mode = "local" if group is None else cfg.parallel.sp_mode
+    meta = make_sp_batch(packed.seqlens, mode, group, ulysses_degree=cfg.parallel.ulysses_degree,
+                         backend=cfg.parallel.attn_backend, device=device)
+    input_ids = shard_tokens(meta, packed.input_ids.to(device), 0)
+    labels = shard_tokens(meta, packed.labels.to(device), IGNORE_INDEX)
+    with _autocast(cfg, device):
+        hidden = model(input_ids, meta)
+        loss_sum = token_loss_sum(model.logits(hidden), labels)
+    (loss_sum / denominator).backward()
+    return loss_sum.detach()
+
+
+def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str, Any]:
+    """Train ``cfg`` from step 0 or the newest checkpoint in ``run_dir``; returns the run summary."""
+    if cfg.parallel.tp != 1 or cfg.parallel.pp != 1:
+        raise ValueError(f"parallel.tp={cfg.parallel.tp}, parallel.pp={cfg.parallel.pp}: this build trains with "
+                         f"tp=1 and pp=1 only (HDP with sequence parallelism); set both to 1")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = Mesh(world, rank, cfg.parallel.tp, cfg.parallel.pp)
+    torch.manual_seed(cfg.seed)
+
+    tokenizer, train_set, _ = build_data(cfg.data)
+    sampler = make_sampler(train_set, cfg.data)
+    model = build_model(cfg.model, tokenizer.vocab_size, device)
+    optimizer = build_optimizer(model, cfg.optim)
+    schedule = build_schedule(optimizer, cfg)
+    cost_model = build_cost_model(cfg, model, device)
+    planner = PlanAhead(functools.partial(plan_step, gpus=mesh.hdp, cost_model=cost_model,
+                                          policy=cfg.scheduler.policy, sp=cfg.scheduler.sp,
+                                          group_sizes=cfg.scheduler.group_sizes,
+                                          time_limit_s=cfg.scheduler.time_limit_s),
+                        rank, background=cfg.scheduler.lookahead > 0)
+
+    start = 0
+    restored = load_latest(run_dir) if cfg.resume else None
+    if restored is not None:
+        start, state = restored
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["lr_scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        restore_rng_state(state["rng"])
+
+    # MFU is always against the device's dense bf16 peak (the field's convention), whatever dtype runs.
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    metrics = MetricsLogger(run_dir, num_devices=world, enabled=rank == 0, progress=False,
+                            peak_flops_per_device=peak_flops(device_name, "bf16", override_tflops=cfg.peak_tflops),
+                            total_steps=cfg.steps, resume_step=start if restored else None, device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for step in range(start, cfg.steps):
+            t_step = time.perf_counter()
+            ids = next(sampler)
+            lengths = train_set.lengths[ids].tolist()
+            plan = planner.get(step, lengths)
+            if step + 1 < cfg.steps:
+                planner.prefetch(step + 1, train_set.lengths[sampler.peek(1)[0]].tolist())
+            mesh.ensure_sp_groups((g.first, g.count) for mb in plan.microbatches for g in mb.groups)
+            denominator = num_targets(lengths)
+
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            for _, group in plan.work_of(mesh.hdp_rank):
+                docs = [train_set[ids[s]] for s in group.sequences]
+                loss_sum += run_group(model, docs, mesh.sp_group(group.first, group.count), cfg, device, denominator)
+            t1 = time.perf_counter()
+            reduce_gradients(params, mesh.hdp_group)
+            dist.all_reduce(loss_sum, group=mesh.hdp_group)
+            t2 = time.perf_counter()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            t3 = time.perf_counter()
+
+            timings = {"compute_s": t1 - t0, "reduce_s": t2 - t1, "optimizer_s": t3 - t2,
+                       "plan_wait_s": planner.last_wait_ms / 1e3, "peak_mem_bytes": peak_memory(device)[0] or 0}
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, timings)
+            step_time = time.perf_counter() - t_step
+            metrics.log_step(step + 1, loss=float(loss_sum) / denominator, grad_norm=float(grad_norm), lr=lr,
+                             step_time_s=step_time, tokens=int(sum(lengths)), flops=train_flops(model.config, lengths),
+                             peak_mem_bytes=max(t["peak_mem_bytes"] for t in gathered),
+                             extra={**_plan_stats(plan), **_timing_stats(gathered)})
+
+            if cfg.ckpt_every and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
+                save_checkpoint(run_dir, step + 1, {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "lr_scheduler": schedule.state_dict(), "sampler": sampler.state_dict(),
+                    "rng": capture_rng_state(), "extra": {"step": step + 1, "plan_digest": plan.digest()},
+                }, keep=cfg.ckpt_keep)
+    finally:
+        planner.close()
+    return metrics.close({"resumed_from": start, "world": world})
+
+
+def _plan_stats(plan: Plan) -> dict[str, Any]:
+    sizes = plan.group_sizes()
+    return {"plan_microbatches": len(plan.microbatches), "plan_groups": len(sizes), "plan_max_group": max(sizes),
+            "plan_predicted_ms": plan.predicted_ms, "plan_lower_bound_ms": plan.lower_bound_ms,
+            "plan_group_sizes": sorted(sizes)}
+
+
+def _timing_stats(per_rank: list[dict[str, float]]) -> dict[str, Any]:
+    agg = aggregate_rank_timings([{k: v for k, v in t.items() if k != "peak_mem_bytes"} for t in per_rank])
+    return {f"ranks_{k}": v for k, v in agg.items()}
