@@ -163,6 +163,8 @@ def test_bad_settings_get_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no documents"):
         build_data(source=str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="data.max_docs=0 must be >= 1"):
+        DataConfig(max_docs=0).validate()
     with pytest.raises(ValueError, match="data.vocab_size=100 leaves no room"):
         build_data(source=str(root), vocab_size=100, cache_dir=str(tmp_path / "cache"))
 

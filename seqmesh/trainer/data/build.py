@@ -20,11 +20,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from .cache import build_once, default_cache_dir
-from .corpus import Corpus, is_validation, open_corpus, read_texts
+from .corpus import Corpus, check_limits, check_source, is_validation, open_corpus, read_texts
 from .dataset import DocumentDataset, check_doc_settings
 from .sampler import GlobalBatchSampler, check_global_batch
 from .tokenized import TokenizedCorpus, write_tokenized
-from .tokenizer import TOKENIZER_KINDS, TextTokenizer, byte_tokenizer, train_bpe
+from .tokenizer import TOKENIZER_KINDS, TextTokenizer, byte_tokenizer, check_vocab_size, train_bpe
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ CACHE_FORMAT = 1
 
 @dataclass(frozen=True)
 class DataConfig:
-    """The ``data`` settings (the Hydra ``data/`` group has exactly these keys)."""
+    """The keys of the ``data`` config group, with the defaults of the built-in job."""
 
     source: str = "stdlib"          # "stdlib", a directory, a .jsonl file ({"text": ...} per line) or a text file
     tokenizer: str = "bpe"          # "bpe" (trained on the training split) or "byte" (256 bytes + <|endoftext|>)
@@ -48,13 +48,18 @@ class DataConfig:
     cache_dir: str | None = None    # default: $SEQMESH_CACHE/data or ~/.cache/seqmesh/data
 
     def validate(self) -> None:
+        """Every check that needs no corpus read, so the driver can fail before any worker starts."""
+        check_source(self.source)
         if self.tokenizer not in TOKENIZER_KINDS:
             raise ValueError(f"data.tokenizer={self.tokenizer!r} is not one of {TOKENIZER_KINDS}")
+        if self.tokenizer == "bpe":
+            check_vocab_size(self.vocab_size)
         check_doc_settings(self.max_seq_len, self.long_doc_policy)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
         if self.global_batch < 1:
             raise ValueError(f"data.global_batch={self.global_batch} must be >= 1")
+        check_limits(self.max_docs, self.max_bytes)
 
     @classmethod
     def from_any(cls, cfg: "DataConfig | Mapping[str, Any] | None", **overrides: Any) -> "DataConfig":

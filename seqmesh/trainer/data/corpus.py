@@ -96,6 +96,20 @@ def _file_refs(files: list[Path], root: Path) -> list[DocRef]:
     return refs
 
 
+def check_source(source: str) -> None:
+    if source != STDLIB and not Path(source).expanduser().exists():
+        raise ValueError(
+            f"data.source={source!r} is neither 'stdlib' nor an existing path; set data.source=stdlib or "
+            f"to a directory of {'/'.join(TEXT_SUFFIXES + (JSONL_SUFFIX,))} files or a .jsonl file"
+        )
+
+
+def check_limits(max_docs: int | None, max_bytes: int | None) -> None:
+    for key, value in (("max_docs", max_docs), ("max_bytes", max_bytes)):
+        if value is not None and value < 1:
+            raise ValueError(f"data.{key}={value} must be >= 1 (or null for no limit)")
+
+
 def _limit(refs: list[DocRef], max_docs: int | None, max_bytes: int | None) -> list[DocRef]:
     """First documents in sorted order until a limit is reached, so a limit is a stable prefix."""
     if max_docs is not None:
@@ -114,21 +128,14 @@ def _limit(refs: list[DocRef], max_docs: int | None, max_bytes: int | None) -> l
 def open_corpus(source: str, max_docs: int | None = None, max_bytes: int | None = None) -> Corpus:
     """Enumerate ``source``: ``"stdlib"``, a directory, a ``.jsonl`` file (one ``{"text": ...}`` per
     line) or a single text file (one document)."""
-    if max_docs is not None and max_docs < 1:
-        raise ValueError(f"data.max_docs={max_docs} must be >= 1 (or null for no limit)")
-    if max_bytes is not None and max_bytes < 1:
-        raise ValueError(f"data.max_bytes={max_bytes} must be >= 1 (or null for no limit)")
+    check_source(source)
+    check_limits(max_docs, max_bytes)
     if source == STDLIB:
         root = Path(sysconfig.get_paths()["stdlib"])
         suffixes, skip, skip_top = STDLIB_SUFFIXES, _STDLIB_SKIP, _STDLIB_SKIP_TOP
     else:
         root = Path(source).expanduser()
         suffixes, skip, skip_top = TEXT_SUFFIXES + (JSONL_SUFFIX,), {"__pycache__"}, frozenset()
-        if not root.exists():
-            raise ValueError(
-                f"data.source={source!r} is neither 'stdlib' nor an existing path; set data.source=stdlib "
-                f"or to a directory of {'/'.join(suffixes)} files or a .jsonl file"
-            )
     try:
         refs = _file_refs(_walk(root, suffixes, skip, skip_top) if root.is_dir() else [root], root)
     except PermissionError as e:

@@ -76,11 +76,15 @@ def byte_tokenizer() -> TextTokenizer:
     return TextTokenizer(tok, "byte")
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int) -> TextTokenizer:
-    """Byte-level BPE; the vocabulary may come out smaller than asked on a tiny corpus (no more merges)."""
+def check_vocab_size(vocab_size: int) -> None:
     if vocab_size <= BYTE_VOCAB_SIZE:
         raise ValueError(f"data.vocab_size={vocab_size} leaves no room for merges; use a value > "
                          f"{BYTE_VOCAB_SIZE} (e.g. 8192) or data.tokenizer=byte")
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> TextTokenizer:
+    """Byte-level BPE; the vocabulary may come out smaller than asked on a tiny corpus (no more merges)."""
+    check_vocab_size(vocab_size)
     tok = _byte_level(Tokenizer(models.BPE()))
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
