@@ -22,7 +22,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from seqmesh.kernels.attention import BACKENDS, varlen_attention
+from seqmesh.parallel.sequence.comm import global_rank
 from seqmesh.parallel.sequence.layout import Layout
+from seqmesh.parallel.sequence.ring import Part, ring_attention, ring_parts
+from seqmesh.parallel.sequence.ulysses import head_split, heads_to_seq, seq_to_heads
 
 SP_MODES = ("local", "ulysses", "ring", "hybrid")
 
@@ -57,6 +60,13 @@ class SPBatch:
         if key not in self._tables:
             lens = torch.tensor((0, *self.seqlens), dtype=torch.int64).cumsum(0)
             self._tables[key] = lens.to(device=device, dtype=torch.int32)
+        return self._tables[key]
+
+    def ring_parts(self, device: torch.device) -> list[tuple[Part, Part]]:
+        """Zigzag stream parts of every ring position, cached per device."""
+        key = ("ring", device)
+        if key not in self._tables:
+            self._tables[key] = ring_parts(self.layout, device)
         return self._tables[key]
 
 
@@ -125,7 +135,21 @@ def sp_attention(q: Tensor, k: Tensor, v: Tensor, meta: SPBatch, group: "dist.Pr
     if q.shape[0] != meta.local_index.numel():
         raise ValueError(f"q has {q.shape[0]} tokens but this rank's layout holds {meta.local_index.numel()}")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    if meta.layout.world != 1:
-        raise ValueError(f"mode {mode!r} over {meta.layout.world} ranks is not available in this build")
-    cu = meta.cu_seqlens(q.device)
-    return varlen_attention(q, k, v, cu, max(meta.seqlens), causal, scale, meta.backend)[0]
+    lay = meta.layout
+    pos, u = lay.coords(meta.group_rank)
+    hq = q.shape[1]
+    if lay.ulysses > 1:
+        split = head_split(hq, k.shape[1], lay.ulysses)
+        row = [pos * lay.ulysses + j for j in range(lay.ulysses)]
+        sizes = lay.ulysses_sizes(pos)
+        q, k, v = seq_to_heads(q, k, v, split, sizes, u, row, group)
+    if lay.ring > 1:
+        peer = lambda p: global_rank(group, (p % lay.ring) * lay.ulysses + u)  # noqa: E731
+        out = ring_attention(q, k, v, meta.ring_parts(q.device), pos, peer(pos + 1), peer(pos - 1), group, causal,
+                             scale, meta.backend)
+    else:
+        out = varlen_attention(q, k, v, meta.cu_seqlens(q.device), max(meta.seqlens), causal, scale,
+                               meta.backend)[0]
+    if lay.ulysses > 1:
+        out = heads_to_seq(out, split, sizes, u, row, group, hq)
+    return out
