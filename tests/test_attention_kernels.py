@@ -1,0 +1,150 @@
+"""Varlen attention backends against a float64 per-document reference, and the two properties
+sequence parallelism builds on: block results merge exactly through the LSE, and a block's
+backward against the merged output/LSE gives exactly its share of the gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seqmesh.kernels.attention import attention_backward, attention_forward, resolve_backend, varlen_attention
+
+SEQLENS = [1, 5, 2, 9, 3]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def _cu(lens, device="cpu"):
+    return torch.tensor([0, *lens], device=device).cumsum(0).to(torch.int32)
+
+
+def _qkvd(lens, hq, hkv, dtype, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t, d = sum(lens), 16
+    return [torch.randn(t, h, d, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+            for h in (hq, hkv, hkv, hq)]
+
+
+def _reference(q, k, v, dout, lens, causal):
+    q, k, v = (x.detach().double().cpu().requires_grad_(True) for x in (q, k, v))
+    rep = q.shape[1] // k.shape[1]
+    outs, lses, start = [], [], 0
+    for n in lens:
+        qs, ks, vs = (x[start:start + n].transpose(0, 1) for x in (q, k, v))
+        ks, vs = ks.repeat_interleave(rep, 0), vs.repeat_interleave(rep, 0)
+        s = qs @ ks.transpose(1, 2) / math.sqrt(q.shape[-1])
+        if causal:
+            s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf)
+        lses.append(torch.logsumexp(s, -1))
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal).transpose(0, 1))
+        start += n
+    out = torch.cat(outs)
+    out.backward(dout.double().cpu())
+    return out.detach(), torch.cat(lses, 1).detach(), q.grad, k.grad, v.grad
+
+
+def _assert_close(got, ref, dtype, what):
+    err = (got.double().cpu() - ref).abs().max().item()
+    tol = TOL[dtype] * ref.abs().max().item()
+    assert err <= tol, f"{what}: max error {err:.3g} > {tol:.3g}"
+
+
+def _check_backend(backend, dtype, device="cpu"):
+    for causal in (True, False):
+        for hq, hkv in ((4, 4), (6, 2)):
+            q, k, v, dout = _qkvd(SEQLENS, hq, hkv, dtype, device)
+            qkv = [x.clone().requires_grad_(True) for x in (q, k, v)]
+            out, lse = varlen_attention(*qkv, _cu(SEQLENS, device), max(SEQLENS), causal, backend=backend)
+            out.backward(dout)
+            ref = _reference(q, k, v, dout, SEQLENS, causal)
+            what = f"{backend} {dtype} causal={causal} heads={hq}/{hkv}"
+            assert lse.dtype == torch.float32 and lse.shape == (hq, sum(SEQLENS))
+            _assert_close(out, ref[0], dtype, what + " out")
+            _assert_close(lse, ref[1], torch.float32 if dtype == torch.float32 else dtype, what + " lse")
+            for name, x, r in zip(("dq", "dk", "dv"), qkv, ref[2:]):
+                _assert_close(x.grad, r, dtype, f"{what} {name}")
+
+
+@pytest.mark.parametrize("backend", ["cpu_flash", "math"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_backends_match_reference(backend, dtype):
+    _check_backend(backend, dtype)
+
+
+@pytest.mark.parametrize("backend", ["cpu_flash", "math"])
+def test_blocks_merge_through_lse_and_backward_takes_the_merged_softmax(backend):
+    """Keys of every document split into two blocks (non-causal, the ring's off-diagonal case):
+    LSE-merged forward and per-block backwards against the merged out/LSE equal the whole."""
+    lens = [4, 7, 1, 6]
+    q, k, v, dout = _qkvd(lens, 4, 2, torch.float32)
+    cu, scale = _cu(lens), q.shape[-1] ** -0.5
+    # block 0: the first ceil(n/2) keys of each document, block 1: the rest (empty for length 1)
+    first = [(n + 1) // 2 for n in lens]
+    starts = _cu(lens)[:-1].tolist()
+    idx = [torch.cat([torch.arange(s, s + f) for s, f in zip(starts, first)]),
+           torch.cat([torch.arange(s + f, s + n) for s, f, n in zip(starts, first, lens)])]
+    cuk = [_cu(first), _cu([n - f for n, f in zip(lens, first)])]
+    parts = [attention_forward(q, k[i], v[i], cu, c, max(lens), max(lens), causal=False, scale=scale,
+                               backend=backend) for i, c in zip(idx, cuk)]
+    assert torch.isneginf(parts[1][1][:, _cu(lens)[2]]).all(), "a document without keys must get LSE -inf"
+    lse = torch.logaddexp(parts[0][1], parts[1][1])
+    out = sum(o * torch.exp(l - lse).t().unsqueeze(-1) for o, l in parts)
+    ref = _reference(q, k, v, dout, lens, causal=False)
+    _assert_close(out, ref[0], torch.float32, "merged out")
+    dq = torch.zeros_like(q)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    for i, c in zip(idx, cuk):
+        gq, gk, gv = attention_backward(dout, q, k[i], v[i], out, lse, cu, c, max(lens), max(lens), causal=False,
+                                        scale=scale, backend=backend)
+        dq += gq
+        dk[i], dv[i] = gk, gv
+    for name, got, r in zip(("dq", "dk", "dv"), (dq, dk, dv), ref[2:]):
+        _assert_close(got, r, torch.float32, f"blockwise {name}")
+
+
+def test_backend_choice_and_errors():
+    q = torch.zeros(3, 2, 8)
+    assert resolve_backend("auto", q) == "cpu_flash"
+    with pytest.raises(ValueError, match="does not support"):
+        resolve_backend("torch_flash", q)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        resolve_backend("flash3", q)
+    with pytest.raises(ValueError, match="equal query and key lengths"):
+        attention_forward(q, q[:2], q[:2], _cu([3]), _cu([2]), 3, 2, causal=True, scale=1.0, backend="math")
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        varlen_attention(torch.zeros(3, 3, 8), q, q, _cu([3]), 3)
+    with pytest.raises(ValueError, match="int32"):
+        varlen_attention(q, q, q, _cu([3]).long(), 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch_flash", "flash_attn"])
+def test_cuda_backends_match_reference(backend):
+    if backend == "flash_attn" and resolve_backend("auto", torch.zeros(1, 1, 8, device="cuda",
+                                                                         dtype=torch.bfloat16)) != "flash_attn":
+        pytest.skip("flash_attn is not installed")
+    _check_backend(backend, torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch_flash", "flash_attn", "math"])
+def test_cuda_empty_key_documents_and_single_query_gqa(backend):
+    """Documents without keys in a block (LSE -inf, not the kernels' +inf) and blocks whose longest
+    query is one row with GQA (FlashAttention's swapped-heads path)."""
+    if backend == "flash_attn" and resolve_backend("auto", torch.zeros(1, 1, 8, device="cuda",
+                                                                         dtype=torch.bfloat16)) != "flash_attn":
+        pytest.skip("flash_attn is not installed")
+    q, k, v, dout = _qkvd([1, 1, 1], 8, 2, torch.bfloat16, "cuda")
+    cu_k = _cu([2, 0, 1], "cuda")
+    out, lse = attention_forward(q, k[:3], v[:3], _cu([1, 1, 1], "cuda"), cu_k, 1, 2, causal=False, scale=0.25,
+                                 backend=backend)
+    ref_out, ref_lse = attention_forward(q.float(), k[:3].float(), v[:3].float(), _cu([1, 1, 1], "cuda"), cu_k, 1, 2,
+                                         causal=False, scale=0.25, backend="math")
+    assert torch.isneginf(lse[:, 1]).all() and torch.isfinite(lse[:, [0, 2]]).all()
+    torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse[:, [0, 2]], ref_lse[:, [0, 2]], atol=2e-2, rtol=2e-2)
+    grads = attention_backward(dout, q, k[:3], v[:3], out, lse, _cu([1, 1, 1], "cuda"), cu_k, 1, 2, causal=False,
+                               scale=0.25, backend=backend)
+    assert all(torch.isfinite(g).all() for g in grads)
