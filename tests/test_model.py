@@ -160,47 +160,6 @@ def test_input_must_be_one_packed_stream():
         model(torch.zeros(2, 4, dtype=torch.long), make_sp_batch([8], "local", None))
 
 
-def _sharded_run(rank: int, world: int, config_dict: dict, ids: torch.Tensor, seqlens: list[int], modes: list[str]):
-    """Each mode's local hidden states, their packed positions, and this rank's parameter gradients."""
-    import torch.distributed as dist
-
-    from seqmesh.parallel.sequence import shard_tokens
-
-    torch.manual_seed(0)
-    model = Transformer.from_config_dict(config_dict)
-    results = {}
-    for mode in modes:
-        model.zero_grad()
-        meta = make_sp_batch(seqlens, mode, dist.group.WORLD)
-        hidden = model(shard_tokens(meta, ids, 0), meta)
-        model.logits(hidden).logsumexp(-1).sum().backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        results[mode] = (hidden.detach(), meta.local_index, grads)
-    return results
-
-
-def test_sequence_parallel_forward_and_gradients_equal_single_process():
-    """The model under Ulysses and ring SP on 2 ranks: same hidden states per token, rank gradients sum to the full ones."""
-    from tests.distributed import run_distributed
-
-    config = tiny_config(**SMALL)
-    seqlens = [11, 4, 17]
-    ids = torch.randint(0, SMALL["vocab_size"], (sum(seqlens),), generator=torch.Generator().manual_seed(3))
-    torch.manual_seed(0)
-    reference = Transformer.from_config_dict(config.to_dict())
-    hidden = _hidden(reference, ids, seqlens)
-    reference.logits(hidden).logsumexp(-1).sum().backward()
-    modes = ["ulysses", "ring"]
-    ranks = run_distributed(_sharded_run, 2, config.to_dict(), ids, seqlens, modes)
-    for mode in modes:
-        for local_hidden, local_index, _ in (r[mode] for r in ranks):
-            assert (local_index >= 0).all()
-            torch.testing.assert_close(local_hidden, hidden.detach()[local_index], atol=1e-5, rtol=0)
-        for name, p in reference.named_parameters():
-            summed = sum(r[mode][2][name] for r in ranks)
-            torch.testing.assert_close(summed, p.grad, atol=1e-5, rtol=1e-5, msg=f"{mode}: {name}")
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["autocast", "bf16-weights"])
 def test_bf16_on_gpu_matches_fp32_reference(precision):
