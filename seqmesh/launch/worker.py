@@ -19,10 +19,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     from seqmesh.trainer.loop import train
 
     cfg = config_from_dict(loop_config["config"])
-    ctx = ray.train.get_context()
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, int(cfg.launch.cpus_per_worker)))
     device = ray.train.torch.get_device()
     summary = train(cfg, loop_config["run_dir"], device)
-    if ctx.get_world_rank() == 0:
-        ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    # Ray Train's report is collective: every worker calls it (rank 0's summary holds the figures).
+    ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float))})

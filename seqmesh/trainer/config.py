@@ -172,6 +172,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     steps: int = 300
+    stop_at: int | None = None
     seed: int = 0
     run_dir: str = "runs/default"
     resume: bool = False
@@ -192,6 +193,8 @@ class RunConfig:
                 except ValueError as e:
                     raise ConfigError(str(e)) from e
         _positive("steps", self.steps)
+        if self.stop_at is not None and not 0 < self.stop_at <= self.steps:
+            raise ConfigError(f"stop_at={self.stop_at} must lie in 1..steps ({self.steps}), or be null")
         _positive("ckpt_every", self.ckpt_every, zero_ok=True)
         _positive("ckpt_keep", self.ckpt_keep)
         world = self.launch.num_workers

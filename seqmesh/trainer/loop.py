@@ -97,7 +97,7 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
                             total_steps=cfg.steps, resume_step=start if restored else None, device=device)
     params = [p for p in model.parameters() if p.requires_grad]
     try:
-        for step in range(start, cfg.steps):
+        for step in range(start, cfg.stop_at or cfg.steps):
             t_step = time.perf_counter()
             ids = next(sampler)
             lengths = train_set.lengths[ids].tolist()
@@ -133,7 +133,7 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
                              peak_mem_bytes=max(t["peak_mem_bytes"] for t in gathered),
                              extra={**_plan_stats(plan), **_timing_stats(gathered)})
 
-            if cfg.ckpt_every and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
+            if cfg.ckpt_every and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == (cfg.stop_at or cfg.steps)):
                 save_checkpoint(run_dir, step + 1, {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "lr_scheduler": schedule.state_dict(), "sampler": sampler.state_dict(),
