@@ -19,9 +19,10 @@ D = 8
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
-def _case(mode, seqlens, heads=(4, 2), causal=True, dtype=torch.float32, ulysses=None, groups=None, seed=0):
+def _case(mode, seqlens, heads=(4, 2), causal=True, dtype=torch.float32, ulysses=None, groups=None, seed=0,
+          chunks=4):
     return dict(mode=mode, seqlens=tuple(seqlens), heads=heads, causal=causal, dtype=dtype, ulysses=ulysses,
-                groups=groups, seed=seed)
+                groups=groups, seed=seed, chunks=chunks)
 
 
 def _inputs(case):
@@ -44,7 +45,8 @@ def _worker(rank, world, cases):
             results.append(None)
             continue
         group = made[mine]
-        meta = make_sp_batch(case["seqlens"], case["mode"], group, ulysses_degree=case["ulysses"])
+        meta = make_sp_batch(case["seqlens"], case["mode"], group, ulysses_degree=case["ulysses"],
+                             ulysses_chunks=case["chunks"])
         q, k, v, dout = (shard_tokens(meta, x, 0) for x in _inputs(case))
         for x in (q, k, v):
             x.requires_grad_(True)
@@ -111,6 +113,10 @@ def _cases():
             add(mode, [5, 1, w2 + 1], heads=(6, 3))  # uneven head split, KV expanded locally
             add(mode, [w2 * 3 + 1, 2], heads=(4, 1))  # fewer KV heads than ranks
             add(mode, [1])  # fewer tokens than ranks
+            # whole KV groups per rank: pure Ulysses pipelines 2 (GQA) or 4 (MHA at degree 2) head chunks
+            add(mode, mixed, heads=(4 * world, 2 * world))
+            add(mode, [w2 + 5, 3], heads=(8, 8), causal=False)
+            add(mode, [w2 + 5, 3], heads=(4 * world, 2 * world), chunks=1)
             add("bf16", [w2 * 4, 3], dtype=torch.bfloat16)
     tagged.append(("subgroup", _case("ring", [13], groups=((2, 3),), seed=len(tagged))))  # ranks 0, 1 idle
     tagged.append(("subgroup", _case("hybrid", [11, 4], ulysses=2, heads=(5, 5), seed=len(tagged))))

@@ -25,7 +25,7 @@ from seqmesh.kernels.attention import BACKENDS, varlen_attention
 from seqmesh.parallel.sequence.comm import global_rank
 from seqmesh.parallel.sequence.layout import Layout
 from seqmesh.parallel.sequence.ring import Part, ring_attention, ring_parts
-from seqmesh.parallel.sequence.ulysses import head_split, heads_to_seq, seq_to_heads
+from seqmesh.parallel.sequence.ulysses import head_split, heads_to_seq, pipelined_ulysses, seq_to_heads, ulysses_row
 
 SP_MODES = ("local", "ulysses", "ring", "hybrid")
 
@@ -44,6 +44,7 @@ class SPBatch:
     layout: Layout
     group_rank: int
     backend: str = "auto"
+    ulysses_chunks: int = 4  # most head chunks pure Ulysses pipelines its all-to-alls over (1: no overlap)
     _tables: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -90,12 +91,15 @@ def _degrees(mode: str, world: int, ulysses_degree: int | None) -> tuple[int, in
 
 def make_sp_batch(seqlens: Sequence[int], mode: str, group: "dist.ProcessGroup | None", *,
                   ulysses_degree: int | None = None, backend: str = "auto",
-                  device: torch.device | str | None = None) -> SPBatch:
+                  device: torch.device | str | None = None, ulysses_chunks: int = 4) -> SPBatch:
     """Lay out a group's packed documents (global lengths ``seqlens``) on this rank.
 
     ``group`` None means a single rank (mode ``local``). ``device`` places ``local_index`` and
-    ``position_ids`` (CPU by default).
+    ``position_ids`` (CPU by default). ``ulysses_chunks`` bounds the head chunks over which pure
+    Ulysses overlaps its all-to-alls with attention (1 turns the overlap off).
     """
+    if ulysses_chunks < 1:
+        raise ValueError(f"ulysses_chunks must be >= 1, got {ulysses_chunks}")
     if mode not in SP_MODES:
         raise ValueError(f"unknown sequence-parallel mode {mode!r}; choose one of {SP_MODES}")
     if backend not in BACKENDS:
@@ -111,7 +115,7 @@ def make_sp_batch(seqlens: Sequence[int], mode: str, group: "dist.ProcessGroup |
     local_index = layout.local_index(group_rank)
     position_ids = layout.position_ids(local_index)
     return SPBatch(mode, group, layout.seqlens, local_index.to(device), position_ids.to(device), layout, group_rank,
-                   backend)
+                   backend, ulysses_chunks)
 
 
 def shard_tokens(meta: SPBatch, x: Tensor, pad_value) -> Tensor:
@@ -140,9 +144,12 @@ def sp_attention(q: Tensor, k: Tensor, v: Tensor, meta: SPBatch, group: "dist.Pr
     hq = q.shape[1]
     if lay.ulysses > 1:
         split = head_split(hq, k.shape[1], lay.ulysses)
-        row = [pos * lay.ulysses + j for j in range(lay.ulysses)]
-        sizes = lay.ulysses_sizes(pos)
-        q, k, v = seq_to_heads(q, k, v, split, sizes, u, row, group)
+        row = ulysses_row([pos * lay.ulysses + j for j in range(lay.ulysses)], u, lay.ulysses_sizes(pos), group)
+        chunks = split.chunks(meta.ulysses_chunks)
+        if lay.ring == 1 and len(chunks) > 1:
+            return pipelined_ulysses(q, k, v, chunks, row, meta.cu_seqlens(q.device), max(meta.seqlens), causal,
+                                     scale, meta.backend)
+        q, k, v = seq_to_heads(q, k, v, split, row)
     if lay.ring > 1:
         peer = lambda p: global_rank(group, (p % lay.ring) * lay.ulysses + u)  # noqa: E731
         out = ring_attention(q, k, v, meta.ring_parts(q.device), pos, peer(pos + 1), peer(pos - 1), group, causal,
@@ -151,5 +158,5 @@ def sp_attention(q: Tensor, k: Tensor, v: Tensor, meta: SPBatch, group: "dist.Pr
         out = varlen_attention(q, k, v, meta.cu_seqlens(q.device), max(meta.seqlens), causal, scale,
                                meta.backend)[0]
     if lay.ulysses > 1:
-        out = heads_to_seq(out, split, sizes, u, row, group, hq)
+        out = heads_to_seq(out, split, row, hq)
     return out

@@ -19,16 +19,30 @@ def global_rank(group: dist.ProcessGroup, group_rank: int) -> int:
     return dist.get_global_rank(group, group_rank)
 
 
-def all_to_all(sends: Sequence[Tensor], recv_numels: Sequence[int], peers: Sequence[int], me: int,
-               group: dist.ProcessGroup) -> list[Tensor]:
-    """Send flat ``sends[j]`` to group rank ``peers[j]`` and return the flat pieces received from
-    each peer (``recv_numels[i]`` elements from ``peers[i]``); ``peers[me]`` is this rank."""
+class Pending:
+    """An all-to-all in flight; ``wait()`` returns the received pieces."""
+
+    def __init__(self, recvs: list[Tensor], works: list, keep: list[Tensor]) -> None:
+        self._recvs, self._works, self._keep = recvs, works, keep
+
+    def wait(self) -> list[Tensor]:
+        for work in self._works:
+            work.wait()
+        self._works, self._keep = [], []
+        return self._recvs
+
+
+def start_all_to_all(sends: Sequence[Tensor], recv_numels: Sequence[int], peers: Sequence[int], me: int,
+                     group: dist.ProcessGroup) -> Pending:
+    """Send flat ``sends[j]`` to group rank ``peers[j]`` and receive ``recv_numels[i]`` elements
+    from ``peers[i]`` (``peers[me]`` is this rank), asynchronously."""
     dtype, device = sends[me].dtype, sends[me].device
     if list(peers) == list(range(dist.get_world_size(group))):
         out = torch.empty(sum(recv_numels), dtype=dtype, device=device)
-        dist.all_to_all_single(out, torch.cat(list(sends)), output_split_sizes=list(recv_numels),
-                               input_split_sizes=[s.numel() for s in sends], group=group)
-        return list(out.split(list(recv_numels)))
+        send = torch.cat(list(sends))
+        work = dist.all_to_all_single(out, send, output_split_sizes=list(recv_numels),
+                                      input_split_sizes=[s.numel() for s in sends], group=group, async_op=True)
+        return Pending(list(out.split(list(recv_numels))), [work], [send])
     recvs = [sends[me] if i == me else torch.empty(n, dtype=dtype, device=device)
              for i, n in enumerate(recv_numels)]
     ops = []
@@ -37,9 +51,13 @@ def all_to_all(sends: Sequence[Tensor], recv_numels: Sequence[int], peers: Seque
             ops.append(dist.P2POp(dist.isend, sends[j].contiguous(), global_rank(group, peer), group))
         if j != me and recv_numels[j]:
             ops.append(dist.P2POp(dist.irecv, recvs[j], global_rank(group, peer), group))
-    for req in dist.batch_isend_irecv(ops) if ops else []:
-        req.wait()
-    return recvs
+    return Pending(recvs, dist.batch_isend_irecv(ops) if ops else [], [op.tensor for op in ops])
+
+
+def all_to_all(sends: Sequence[Tensor], recv_numels: Sequence[int], peers: Sequence[int], me: int,
+               group: dist.ProcessGroup) -> list[Tensor]:
+    """``start_all_to_all`` and wait for it."""
+    return start_all_to_all(sends, recv_numels, peers, me, group).wait()
 
 
 class RingExchange:
