@@ -55,7 +55,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny CPU run over gloo (checks the script, not speed)")
     a = p.parse_args()
     if a.smoke:
-        a.tokens, a.varlen_tokens, a.heads, a.head_dim, a.min_time = "32,64", 64, "8,2", 16, 0.0
+        a.tokens, a.varlen_tokens, a.heads, a.head_dim, a.min_time = "32,64", 64, "8,4", 16, 0.0
     return a
 
 
@@ -108,8 +108,8 @@ def _single_gpu(q, k, v, cu, max_len, backend):
     return fn, _leaves(q, k, v)
 
 
-def _seqmesh(mode, seqlens, q, k, v, dout, group, ulysses):
-    meta = make_sp_batch(seqlens, mode, group, ulysses_degree=ulysses, device=q.device)
+def _seqmesh(mode, seqlens, q, k, v, dout, group, ulysses, chunks):
+    meta = make_sp_batch(seqlens, mode, group, ulysses_degree=ulysses, device=q.device, ulysses_chunks=chunks)
     inputs = _leaves(*(shard_tokens(meta, x, 0) for x in (q, k, v)))
 
     def fn(q, k, v):
@@ -232,17 +232,21 @@ def main() -> None:
             if rank == 0:
                 print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
 
-        modes = [("ulysses", None), ("ring", None)] + ([("hybrid", ulysses_hybrid)] if ulysses_hybrid else [])
-        for mode, u in modes:
-            def run_mode(mode=mode, u=u):
-                fn, inputs, dl, index = _seqmesh(mode, seqlens, q, k, v, dout, group, u)
+        # (impl, mode, ulysses degree, head chunks of pure Ulysses' overlapped all-to-alls)
+        modes = [("ulysses", "ulysses", None, 4), ("ulysses_unpipelined", "ulysses", None, 1),
+                 ("ring", "ring", None, 1)]
+        if ulysses_hybrid:
+            modes.append(("hybrid", "hybrid", ulysses_hybrid, 1))
+        for impl, mode, u, chunks in modes:
+            def run_mode(mode=mode, u=u, chunks=chunks):
+                fn, inputs, dl, index = _seqmesh(mode, seqlens, q, k, v, dout, group, u, chunks)
                 t = time_fn(_fwd_bwd(fn, inputs, dl))
                 with torch.no_grad():
                     err = (fn(*inputs).float() - ref_out[index].float()).abs().max()
                 dist.all_reduce(err, op=dist.ReduceOp.MAX)
                 return t, {"mode": mode, "ulysses_degree": u or (world if mode == "ulysses" else 1),
-                           "max_abs_err_vs_single_gpu": err.item()}
-            record(f"seqmesh_{mode}", run_mode)
+                           "ulysses_chunks": chunks, "max_abs_err_vs_single_gpu": err.item()}
+            record(f"seqmesh_{impl}", run_mode)
 
         def run_ds():
             fn, inputs, dl = _deepspeed(seqlens, q, k, v, dout, group, backend)
