@@ -211,13 +211,26 @@ def _flash_attn_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, caus
     return dq, dk, dv
 
 
+@functools.cache
+def _has_flash_attn() -> bool:
+    """flash-attn 2's varlen kernels are importable (other packages under the same top-level name,
+    such as the CuTe-DSL FlashAttention-4, lack them and are not used here)."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:
+        fa = _flash_attn_interface()
+    except ImportError:
+        return False
+    return hasattr(fa, "_flash_attn_varlen_forward") and hasattr(fa, "_flash_attn_varlen_backward")
+
+
 def _cuda_half(q: Tensor) -> bool:
     return q.is_cuda and q.dtype in _HALF and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
 
 
 _REGISTRY: dict[str, _Backend] = {
     "flash_attn": _Backend(_flash_attn_forward, _flash_attn_backward,
-                           lambda q: _cuda_half(q) and importlib.util.find_spec("flash_attn") is not None),
+                           lambda q: _cuda_half(q) and _has_flash_attn()),
     "torch_flash": _Backend(_torch_flash_forward, _torch_flash_backward, _cuda_half),
     "cpu_flash": _Backend(_cpu_flash_forward, _cpu_flash_backward, lambda q: q.device.type == "cpu"),
     "math": _Backend(_math_forward, _math_backward, lambda q: True),
