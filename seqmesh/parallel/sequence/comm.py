@@ -67,6 +67,7 @@ class RingExchange:
     def __init__(self, next_rank: int, prev_rank: int, group: dist.ProcessGroup, tag: int) -> None:
         self.next_rank, self.prev_rank, self.group, self.tag = next_rank, prev_rank, group, tag
         self._reqs: list = []
+        self._keep: list[Tensor] = []
 
     def start(self, send: Tensor, recv: Tensor) -> None:
         # Every rank knows every block's size, so an empty block is skipped by both of its ends.
@@ -74,8 +75,9 @@ class RingExchange:
                for op, t, peer in ((dist.isend, send, self.next_rank), (dist.irecv, recv, self.prev_rank))
                if t.numel()]
         self._reqs = dist.batch_isend_irecv(ops) if ops else []
+        self._keep = [send, recv]  # alive until the transfer is done, even if the caller drops them
 
     def wait(self) -> None:
         for req in self._reqs:
             req.wait()
-        self._reqs = []
+        self._reqs, self._keep = [], []

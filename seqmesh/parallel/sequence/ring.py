@@ -12,7 +12,8 @@ so every step costs the same on every rank (the zigzag balance), and each block 
 call on contiguous parts. Partial outputs are merged in fp32 through their LSE (bf16 merging
 drifts with ring size). K/V travel with double-buffered ``batch_isend_irecv`` that overlaps the
 next transfer with the current block. The backward sends K/V around again and, one step behind,
-the fp32 dK/dV accumulator of each block, which arrives at its owner after a full turn.
+the fp32 dK/dV accumulator of each block, which arrives at its owner after a full turn (the last
+hop in the input dtype: it carries finished sums).
 """
 
 from __future__ import annotations
@@ -161,8 +162,12 @@ class _ZigzagRingAttention(torch.autograd.Function):
             if received is not None:
                 dkv_comm.wait()
                 dkv += received
-            received = dkv_bufs[t % 2][:prev_numel]
-            dkv_comm.start(dkv, received)
+            if t + 1 < world:
+                received = dkv_bufs[t % 2][:prev_numel]
+                dkv_comm.start(dkv, received)
+            else:  # the last hop carries finished sums, which the owner rounds to k's dtype anyway
+                received = kv.new_empty(prev_numel)
+                dkv_comm.start(dkv.to(kv.dtype), received)
             if t + 1 < world:
                 kv_comm.wait()
                 cur = nxt
