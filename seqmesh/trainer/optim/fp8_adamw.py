@@ -1,0 +1,333 @@
+"""AdamW with block-quantized moments: about 2 bytes of state per parameter, one fused launch per step.
+
+Formats (``state_dtype``; bytes/param from the state tensors, block_size 128 with fp32 scales):
+
+========  ==========================  ==========================================  ===========
+name      m (first moment)            v (second moment)                           bytes/param
+========  ==========================  ==========================================  ===========
+fp8       E4M3, block absmax scale    E4M3 of v, block absmax scale, floor code   2.0625
+int8      int8, block absmax scale    uint8 of sqrt(v), block absmax scale, floor 2.0625
+bf16      bf16                        bf16                                        4
+fp32      fp32                        fp32                                        8
+========  ==========================  ==========================================  ===========
+
+Why these choices (measured with ``bench/optim.py --quant-error``: a small Llama trained with fp32
+AdamW on real text, every step's gradient also fed to a shadow optimizer whose moments are
+quantized; the figure is the relative L2 error of the shadow's update m^/(sqrt(v^)+eps) against the
+fp32 one over the last 50 of 150 steps, beta2 = 0.999, block 128):
+
+* m in E4M3 with round-to-nearest: 5.3% (E5M2: ~8%). Stochastic rounding of m made it *worse*
+  (7.5%): with beta1 = 0.9 each step moves m by 10%, more than half an E4M3 step, so nearest
+  rounding does not stall, and random rounding only adds noise.
+* v with round-to-nearest stalls: beta2 = 0.999 moves v by 0.1% a step, far below half an E4M3 step
+  (3-6%), so v freezes relative to its block maximum and the update error grows with training (E4M3
+  of sqrt(v), nearest: 11% -> 17% over 150 steps). Stochastic rounding makes every step's rounding
+  unbiased, so v tracks its EMA in expectation: E4M3 of v with stochastic rounding 8.4%, of sqrt(v)
+  12%. Storing v itself keeps more precision where it matters (the relative error of sqrt(v) is half
+  that of v) than the square-root transform (which widens the range but halves the precision).
+* A zero code for v is never written: a block's small entries are floored at the smallest code.
+  Without the floor an element whose v rounds to 0 while its m does not gets an update of m/eps,
+  which showed up as 73% update-error spikes; with it such elements get a slightly damped update.
+* int8: 7-bit linear codes are more precise than E4M3 for the large entries that dominate the
+  update (m int8 4.7%, int8 + uint8 sqrt(v) with stochastic rounding 7.3% overall) but have less
+  range, hence sqrt(v) there (uint8 of v itself would flush everything under 1/255 of the block max).
+* COAT's per-group dynamic range expansion (|x|^k) needs a transcendental pow per element, which no
+  two backends round alike (it would break the CPU/GPU bit equality below) and one more number per
+  block; stochastic rounding of v gave the accuracy it targets at no storage cost.
+
+Updates: decoupled weight decay (p *= 1 - lr*wd, then the Adam step, as ``torch.optim.AdamW``);
+m and v are updated in fp32 from their dequantized values, the update uses the fresh fp32 values,
+and only then are they re-quantized. Parameters are fp32 (master weights; compute in bf16 through
+autocast) or bf16 updated in place with stochastic rounding, so no fp32 copy exists at all.
+Random bits come from a counter-based hash of (seed, param group, step, element index): nothing to
+carry, and a resumed run is bitwise identical to an uninterrupted one.
+
+Backends: ``torch`` (any device; flattened multi-tensor ops, ``update.torch_step``) and ``triton``
+(CUDA; one launch per group and dtype, ``seqmesh/kernels/adam_triton.py``). They compute the same
+operations in the same order with IEEE rounding and produce identical bits.
+
+Sharding (ZeRO-1): a parameter may be any tensor, including a 1-D slice of a flat buffer. A rank
+that owns ``flat[lo:hi]`` of a flat fp32 parameter buffer (and the matching slice of the reduced
+gradient, set as that slice's ``.grad``) builds ``FP8AdamW([{"params": [shard], "index_offset": lo}])``
+and steps only its shard; ``sharding.zero1_shard`` gives block-aligned ``lo, hi``, with which the
+sharded states and parameters equal an unsharded run's bit for bit.
+
+Checkpoints: ``state_dict`` holds per-parameter ``step`` (int), ``exp_avg``/``exp_avg_sq`` codes
+(1-D, the parameter's length) and, for fp8/int8, their fp32 block scales; ``load_state_dict`` keeps
+them bit-exact (torch's own would cast them to the parameter dtype) and works on a fresh optimizer.
+``dequantized_state_dict`` exports plain fp32 moments in ``torch.optim.AdamW``'s format.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from collections.abc import Iterable
+from copy import deepcopy
+from typing import Any, Callable
+
+import torch
+from torch.optim import Optimizer
+
+from seqmesh.trainer.optim.quantize import FORMATS, GOLDEN, MASK32, StateFormat, dequantize_flat
+from seqmesh.trainer.optim.update import Bucket, Hyper, padded_numel, torch_step
+
+STATE_DTYPES = tuple(FORMATS)
+BACKENDS = ("auto", "torch", "triton")
+PARAM_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    """Reject settings the update cannot honour, naming the setting and the fix."""
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor) or not isinstance(lr, (int, float)) or lr < 0:
+        raise ValueError(f"lr must be a non-negative Python float, got {lr!r}")
+    betas = group["betas"]
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"betas must be two floats in [0, 1), got {betas!r}")
+    if not isinstance(group["eps"], (int, float)) or group["eps"] < 0:
+        raise ValueError(f"eps must be a non-negative float, got {group['eps']!r}")
+    if not isinstance(group["weight_decay"], (int, float)) or group["weight_decay"] < 0:
+        raise ValueError(f"weight_decay must be a non-negative float, got {group['weight_decay']!r}")
+    if group["state_dtype"] not in FORMATS:
+        raise ValueError(f"state_dtype must be one of {STATE_DTYPES}, got {group['state_dtype']!r}")
+    block = group["block_size"]
+    if not isinstance(block, int) or block < 16 or block > 4096 or block & (block - 1):
+        raise ValueError(f"block_size must be a power of two in [16, 4096], got {block!r}")
+    if not isinstance(group["stochastic_rounding"], bool):
+        raise ValueError(f"stochastic_rounding must be True or False, got {group['stochastic_rounding']!r}")
+    for key in ("seed", "index_offset"):
+        if not isinstance(group[key], int) or group[key] < 0:
+            raise ValueError(f"{key} must be a non-negative int, got {group[key]!r}")
+    for p in group["params"]:
+        if p.dtype not in PARAM_DTYPES:
+            raise ValueError(f"FP8AdamW updates fp32 or bf16 parameters, got one of dtype {p.dtype}; keep fp32 "
+                             "master weights (compute in low precision with autocast) or convert the model to bf16")
+
+
+class FP8AdamW(Optimizer):
+    """AdamW keeping m and v in ``state_dtype`` (fp8 | int8 | bf16 | fp32); see the module docstring.
+
+    Every constructor setting after ``*`` except ``backend`` is a param-group default, stored in
+    each group (and so in checkpoints); a group may override any of them.
+
+    Args:
+        state_dtype: storage format of both moments.
+        block_size: elements per quantization block (one fp32 scale per block and moment).
+        stochastic_rounding: round v (and bf16 parameters) stochastically; m is always rounded to
+            nearest.
+        seed: seed of the rounding's random bits.
+        index_offset: position of the group's first element in a larger flat parameter space, for
+            a ZeRO shard to draw the same random bits as an unsharded run.
+        backend: ``auto`` (Triton on CUDA when importable, else torch), ``torch`` or ``triton``.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, *,
+                 state_dtype: str = "fp8", block_size: int = 128, stochastic_rounding: bool = True, seed: int = 0,
+                 index_offset: int = 0, backend: str = "auto") -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, state_dtype=state_dtype,
+                        block_size=block_size, stochastic_rounding=stochastic_rounding, seed=seed,
+                        index_offset=index_offset)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        try:
+            _check_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            self._step_group(index, group)
+        return loss
+
+    def _step_group(self, index: int, group: dict[str, Any]) -> None:
+        fmt: StateFormat = FORMATS[group["state_dtype"]]
+        block = group["block_size"]
+        beta1, beta2 = group["betas"]
+        hp = Hyper(fmt=fmt, block_size=block, lr=float(group["lr"]), weight_decay=float(group["weight_decay"]),
+                   beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                   seed=(group["seed"] + index * GOLDEN) & MASK32, stochastic=group["stochastic_rounding"])
+        buckets: dict[tuple, Bucket] = {}
+        key = group["index_offset"]
+        for p in group["params"]:
+            key_base, key = key, key + padded_numel(p.numel(), block)
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError("FP8AdamW does not support sparse gradients; use dense embeddings")
+            if grad.shape != p.shape:
+                raise RuntimeError(f"a gradient of shape {tuple(grad.shape)} was set on a parameter of shape "
+                                   f"{tuple(p.shape)}; they must match")
+            state = self.state[p]
+            if not state:
+                _init_state(state, p, fmt, block)
+            state["step"] += 1
+            bucket = buckets.setdefault((p.device, p.dtype, grad.dtype), Bucket())
+            bucket.params.append(p)
+            bucket.grads.append(grad)
+            bucket.exp_avg.append(state["exp_avg"])
+            bucket.exp_avg_sq.append(state["exp_avg_sq"])
+            if fmt.scaled:
+                bucket.exp_avg_scale.append(state["exp_avg_scale"])
+                bucket.exp_avg_sq_scale.append(state["exp_avg_sq_scale"])
+            bucket.key_base.append(key_base)
+            bucket.step.append(state["step"])
+        for (device, _, _), bucket in buckets.items():
+            self._run(bucket, hp, device)
+
+    def _run(self, bucket: Bucket, hp: Hyper, device: torch.device) -> None:
+        if self.backend == "triton" and device.type != "cuda":
+            raise RuntimeError(f"backend='triton' needs CUDA parameters, got some on {device}; use backend='auto'")
+        if self.backend == "triton" or (self.backend == "auto" and device.type == "cuda" and triton_available()):
+            from seqmesh.kernels.adam_triton import fused_step
+
+            fused_step(bucket, hp)
+        else:
+            torch_step(bucket, hp)
+
+    def state_bytes_per_param(self) -> float:
+        """Bytes of optimizer state per parameter, summed over the actual state tensors (scales included)."""
+        nbytes = numel = 0
+        for p, state in self.state.items():
+            numel += p.numel()
+            nbytes += sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
+        if numel == 0:
+            raise RuntimeError("the optimizer has no state yet: call step() or load_state_dict() first")
+        return nbytes / numel
+
+    def dequantized_state_dict(self) -> dict[str, Any]:
+        """The moments as fp32 tensors shaped like their parameters, in ``torch.optim.AdamW``'s state-dict format.
+
+        For inspection, conversion, or continuing with ``torch.optim.AdamW`` (``v`` is v itself, not a code).
+        """
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        groups = []
+        index = 0
+        for group in self.param_groups:
+            fmt, block = FORMATS[group["state_dtype"]], group["block_size"]
+            ids = []
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st:
+                    if fmt.scaled:
+                        m = dequantize_flat(st["exp_avg"], st["exp_avg_scale"], fmt.m, block)
+                        v = dequantize_flat(st["exp_avg_sq"], st["exp_avg_sq_scale"], fmt.v, block)
+                    else:
+                        m, v = st["exp_avg"].float(), st["exp_avg_sq"].float()
+                    state[index] = {"step": torch.tensor(float(st["step"])), "exp_avg": m.view(p.shape),
+                                    "exp_avg_sq": v.view(p.shape)}
+                ids.append(index)
+                index += 1
+            groups.append({"lr": group["lr"], "betas": group["betas"], "eps": group["eps"],
+                           "weight_decay": group["weight_decay"], "amsgrad": False, "maximize": False,
+                           "foreach": None, "capturable": False, "differentiable": False, "fused": None,
+                           "params": ids})
+        return {"state": state, "param_groups": groups}
+
+    @torch._disable_dynamo
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``state_dict()`` of an FP8AdamW with the same groups, keeping every state tensor's bits.
+
+        Unlike ``Optimizer.load_state_dict`` nothing is cast to the parameter dtype (that would turn
+        fp8 codes into fp32 numbers); tensors only move to their parameter's device. Group settings
+        (lr, betas, ...) are taken from the checkpoint, as torch does; the storage format must match.
+        """
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        groups = self.param_groups
+        saved_groups = deepcopy(state_dict["param_groups"])
+        if len(groups) != len(saved_groups):
+            raise ValueError(f"the checkpoint has {len(saved_groups)} parameter groups, this optimizer {len(groups)}")
+        for i, (group, saved) in enumerate(zip(groups, saved_groups)):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(f"parameter group {i} has {len(group['params'])} parameters here but "
+                                 f"{len(saved['params'])} in the checkpoint")
+            for key in ("state_dtype", "block_size"):
+                if saved.get(key) != group[key]:
+                    raise ValueError(f"parameter group {i}: the checkpoint was written with {key}={saved.get(key)!r} "
+                                     f"but this optimizer uses {group[key]!r}; construct it with {key}="
+                                     f"{saved.get(key)!r} (or convert through dequantized_state_dict())")
+        id_map = {saved_id: p for group, saved in zip(groups, saved_groups)
+                  for saved_id, p in zip(saved["params"], group["params"])}
+        format_of = {id(p): (FORMATS[g["state_dtype"]], g["block_size"]) for g in groups for p in g["params"]}
+        state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
+        for saved_id, saved_state in state_dict["state"].items():
+            if saved_id not in id_map:
+                raise ValueError(f"the checkpoint has state for parameter index {saved_id}, which no group holds")
+            p = id_map[saved_id]
+            fmt, block = format_of[id(p)]
+            state[p] = _restore_state(saved_state, p, fmt, block, saved_id)
+        for group, saved in zip(groups, saved_groups):
+            saved["params"] = group["params"]
+            if "param_names" in group and "param_names" not in saved:
+                saved["param_names"] = group["param_names"]
+        self.__setstate__({"state": state, "param_groups": saved_groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+
+def _expected_state(p: torch.Tensor, fmt: StateFormat, block: int) -> dict[str, tuple[torch.dtype, int]]:
+    n = p.numel()
+    expected = {"exp_avg": (fmt.m.dtype, n), "exp_avg_sq": (fmt.v.dtype, n)}
+    if fmt.scaled:
+        blocks = padded_numel(n, block) // block
+        expected.update(exp_avg_scale=(torch.float32, blocks), exp_avg_sq_scale=(torch.float32, blocks))
+    return expected
+
+
+def _init_state(state: dict[str, Any], p: torch.Tensor, fmt: StateFormat, block: int) -> None:
+    state["step"] = 0
+    for key, (dtype, n) in _expected_state(p, fmt, block).items():
+        state[key] = torch.zeros(n, dtype=dtype, device=p.device)
+
+
+def _restore_state(saved: dict[str, Any], p: torch.Tensor, fmt: StateFormat, block: int, saved_id: int) -> dict[str, Any]:
+    expected = _expected_state(p, fmt, block)
+    missing = sorted((set(expected) | {"step"}) - set(saved))
+    if missing:
+        raise ValueError(f"the checkpoint's state of parameter {saved_id} lacks {missing} (has {sorted(saved)}); "
+                         f"was it written by torch.optim.AdamW or another state_dtype than {fmt.name!r}?")
+    restored: dict[str, Any] = {"step": int(saved["step"])}
+    for key, (dtype, n) in expected.items():
+        value = saved[key]
+        if value.dtype != dtype or value.shape != (n,):
+            raise ValueError(f"the checkpoint's {key} of parameter {saved_id} is {value.dtype} {tuple(value.shape)}, "
+                             f"state_dtype {fmt.name!r} needs {dtype} ({n},)")
+        restored[key] = value.to(device=p.device, copy=True)
+    return restored
+
+
+def build_optimizer(params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], *, state_dtype: str = "fp32",
+                    lr: float = 1e-3, weight_decay: float = 0.0, beta1: float = 0.9, beta2: float = 0.999,
+                    eps: float = 1e-8, **options: Any) -> FP8AdamW:
+    """FP8AdamW from the flat keys of the ``optim`` config group (``beta1``/``beta2`` rather than ``betas``).
+
+    ``options`` are FP8AdamW's keyword settings (block_size, stochastic_rounding, seed, backend).
+    """
+    return FP8AdamW(params, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
+                    state_dtype=state_dtype, **options)
