@@ -71,19 +71,24 @@ class SPBatch:
         return self._tables[key]
 
 
-def _degrees(mode: str, world: int, ulysses_degree: int | None) -> tuple[int, int]:
+def _degrees(mode: str, world: int, ulysses_degree: int | None, num_heads: int | None) -> tuple[int, int]:
+    heads = num_heads or world
     if mode == "local":
         if world != 1:
             raise ValueError(f"mode 'local' needs a group of one rank, got {world}; pick 'ulysses', 'ring' or 'hybrid'")
         return 1, 1
     if mode == "ulysses":
+        if world > heads:
+            raise ValueError(f"Ulysses over {world} ranks needs at least {world} attention heads, the model has "
+                             f"{heads}; use mode 'hybrid' (Ulysses within at most {heads} ranks) or 'ring'")
         return world, 1
     if mode == "ring":
         return 1, world
     if ulysses_degree is None:
-        # Ulysses inside a node's fast links, ring across: the largest proper divisor within a node.
-        node = int(os.environ.get("LOCAL_WORLD_SIZE", 8))
-        ulysses_degree = max(d for d in range(1, world) if world % d == 0 and d <= node) if world > 1 else 1
+        # Ulysses inside a node's fast links, ring across: the largest proper divisor of the group
+        # within a node and within the head count.
+        node = int(os.environ.get("LOCAL_WORLD_SIZE") or 8)
+        ulysses_degree = max(d for d in range(1, max(world, 2)) if world % d == 0 and d <= min(node, heads))
     if ulysses_degree < 1 or world % ulysses_degree:
         raise ValueError(f"hybrid ulysses_degree={ulysses_degree} must divide the group size {world}")
     return ulysses_degree, world // ulysses_degree
@@ -91,12 +96,15 @@ def _degrees(mode: str, world: int, ulysses_degree: int | None) -> tuple[int, in
 
 def make_sp_batch(seqlens: Sequence[int], mode: str, group: "dist.ProcessGroup | None", *,
                   ulysses_degree: int | None = None, backend: str = "auto",
-                  device: torch.device | str | None = None, ulysses_chunks: int = 4) -> SPBatch:
+                  device: torch.device | str | None = None, ulysses_chunks: int = 4,
+                  num_heads: int | None = None) -> SPBatch:
     """Lay out a group's packed documents (global lengths ``seqlens``) on this rank.
 
     ``group`` None means a single rank (mode ``local``). ``device`` places ``local_index`` and
     ``position_ids`` (CPU by default). ``ulysses_chunks`` bounds the head chunks over which pure
-    Ulysses overlaps its all-to-alls with attention (1 turns the overlap off).
+    Ulysses overlaps its all-to-alls with attention (1 turns the overlap off). ``num_heads`` (the
+    model's query heads), when given, bounds the default hybrid Ulysses degree and lets a Ulysses
+    group larger than the head count fail here rather than in the first layer.
     """
     if ulysses_chunks < 1:
         raise ValueError(f"ulysses_chunks must be >= 1, got {ulysses_chunks}")
@@ -110,7 +118,7 @@ def make_sp_batch(seqlens: Sequence[int], mode: str, group: "dist.ProcessGroup |
     group_rank = 0 if group is None else dist.get_rank(group)
     if group_rank < 0:
         raise ValueError("this rank is not a member of the given process group")
-    u, r = _degrees(mode, world, ulysses_degree)
+    u, r = _degrees(mode, world, ulysses_degree, num_heads)
     layout = Layout(tuple(int(n) for n in seqlens), u, r)
     local_index = layout.local_index(group_rank)
     position_ids = layout.position_ids(local_index)
