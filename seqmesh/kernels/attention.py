@@ -181,7 +181,8 @@ def _flash_attn_interface():
 def _call_with_known_kwargs(fn: Callable, **kwargs):
     """flash-attn renamed and added arguments across 2.x releases (window_size -> left/right,
     softcap, optional dq/dk/dv); pass each release exactly the names it declares."""
-    params = inspect.signature(fn).parameters
+    # flash-attn >= 2.7 wraps them in torch.library custom ops, whose own signature is (*args, **kwargs)
+    params = inspect.signature(getattr(fn, "_init_fn", fn)).parameters
     if "window_size" in params:
         kwargs["window_size"] = (-1, -1)
     return fn(**{name: value for name, value in kwargs.items() if name in params})
