@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,9 @@ def device_tag() -> str:
 
 
 def _commit() -> str:
+    """HEAD of the checkout, or ``$SEQMESH_COMMIT`` where the tree travelled without its .git (GPU runs)."""
+    if os.environ.get("SEQMESH_COMMIT"):
+        return os.environ["SEQMESH_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=RESULTS.parent, check=True).stdout.strip()
