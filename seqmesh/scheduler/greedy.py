@@ -1,0 +1,387 @@
+"""The fast planner: choose SP degrees, place longest-first, then repair the busiest rank.
+
+1. **Degrees.** For a target step time ``T``, each sequence takes the smallest allowed group that
+   holds it and runs it within ``T`` (the fastest group when none does): short sequences stay on
+   one rank (no communication at all), long ones spread only as far as the target forces. The
+   target is the balance point where the resulting work just fits ``T`` on every rank; a few
+   targets around it are tried and the best placement wins.
+2. **Placement** (LPT, Graham 1969), level by level from the largest group size down: each
+   sequence goes to the block of its size that would finish it earliest, into its fullest
+   micro-batch with room (best fit), opening a micro-batch (one more beta) only when that still
+   finishes first.
+3. **Repair** (local search on the single-rank level, where nearly all sequences live): move a
+   sequence off the rank that finishes last, or swap it for a shorter one elsewhere, while that
+   lowers the step time; memory is checked for every move.
+
+Everything is a deterministic function of the input (stable orders, index tie-breaks).
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import numpy as np
+
+from seqmesh.scheduler.instance import Instance, Schedule
+
+def degrees_for(inst: Instance, target_ms: float) -> np.ndarray:
+    """Per sequence, the smallest allowed size >= its memory minimum whose time fits ``target_ms``."""
+    n = inst.lengths.size
+    deg = np.zeros(n, dtype=np.int64)
+    best_t = np.full(n, np.inf)
+    fastest = np.zeros(n, dtype=np.int64)
+    for d in inst.sizes:
+        ok = inst.dmin <= d
+        t = inst.times[d] + inst.beta
+        deg = np.where((deg == 0) & ok & (t <= target_ms), d, deg)
+        better = ok & (t < best_t)
+        best_t = np.where(better, t, best_t)
+        fastest = np.where(better, d, fastest)
+    return np.where(deg == 0, fastest, deg)
+
+
+class _Level:
+    """The blocks of one size: their micro-batches (bins) as sequences are dealt to them."""
+
+    def __init__(self, inst: Instance, d: int) -> None:
+        nb = inst.gpus // d
+        self.d, self.cap, self.nb = d, inst.capacity[d], nb
+        self.speed = inst.block_speed[d]
+        self.most_free = np.zeros(nb, dtype=np.int64)
+        self.bins: list[list[list]] = [[] for _ in range(nb)]  # per block: [free tokens, ids]
+
+    def best(self, fin: np.ndarray, n: int, t: float, beta: float) -> tuple[int, float]:
+        """The block that would finish a sequence (n tokens, t ms) earliest, and that finish time."""
+        start = fin[: self.nb * self.d].reshape(self.nb, self.d).max(axis=1)
+        finish = start + (t + beta * (self.most_free < n)) / self.speed
+        b = int(np.argmin(finish))
+        return b, float(finish[b])
+
+    def best_open(self, fin: np.ndarray, n: int, t: float) -> tuple[int, float]:
+        """Like ``best``, but only among blocks with a micro-batch that has room (no new beta)."""
+        room = self.most_free >= n
+        if not room.any():
+            return -1, np.inf
+        start = fin[: self.nb * self.d].reshape(self.nb, self.d).max(axis=1)
+        finish = np.where(room, start + t / self.speed, np.inf)
+        b = int(np.argmin(finish))
+        return b, float(finish[b])
+
+    def add(self, b: int, i: int, n: int, t: float, beta: float, fin: np.ndarray) -> None:
+        """Put sequence ``i`` in block ``b``'s fullest micro-batch with room (or a new one)."""
+        fitting = [k for k, (free, _) in enumerate(self.bins[b]) if free >= n]
+        if fitting:
+            k = min(fitting, key=lambda k: (self.bins[b][k][0], k))
+        else:
+            self.bins[b].append([self.cap, []])
+            k = len(self.bins[b]) - 1
+            t += beta
+        self.bins[b][k][0] -= n
+        self.bins[b][k][1].append(i)
+        self.most_free[b] = max(free for free, _ in self.bins[b])
+        lo = b * self.d
+        fin[lo:lo + self.d] = fin[lo:lo + self.d].max() + t / self.speed[b]
+
+
+_SCAN = 16
+_LONG = 0.25
+_REPAIR_STEPS = 256  # local-search moves; past a few hundred they gain < 0.1% at 1024 ranks
+
+
+class _RankHeap:
+    """Single-rank placement in O(log ranks) when all ranks run at one pace.
+
+    A rank's key is its finish time plus beta if it has no micro-batch yet (what taking any
+    sequence costs it). Entries are (key, rank); a rank whose key changes gets a fresh entry and
+    the old one is dropped when it surfaces. The rank with the lowest key wins unless it has
+    micro-batches but none with room; then a rank with room less than beta behind it wins
+    instead (the earliest among the next _SCAN).
+    """
+
+    def __init__(self, level: _Level, fin: np.ndarray, beta: float) -> None:
+        self.level, self.beta = level, beta
+        self.heap = [(self.key(fin, r), r) for r in range(fin.size)]
+        heapq.heapify(self.heap)
+
+    def key(self, fin: np.ndarray, r: int) -> float:
+        return float(fin[r]) + (0.0 if self.level.bins[r] else self.beta)
+
+    def _room(self, r: int, n: int) -> bool:
+        return not self.level.bins[r] or self.level.most_free[r] >= n
+
+    def _pop(self, fin: np.ndarray, seen: list[int]) -> tuple[float, int] | None:
+        while self.heap:
+            k, r = heapq.heappop(self.heap)
+            if k == self.key(fin, r) and r not in seen:
+                seen.append(r)
+                return k, r
+        return None
+
+    def best(self, fin: np.ndarray, n: int, t: float) -> tuple[int, float]:
+        seen: list[int] = []
+        popped = [p for p in [self._pop(fin, seen)] if p is not None]
+        top_key, top = popped[0]
+        if not self._room(top, n):
+            while self.heap and len(popped) <= _SCAN and self.heap[0][0] < top_key + self.beta:
+                nxt = self._pop(fin, seen)
+                if nxt is None:
+                    break
+                popped.append(nxt)
+                if self._room(nxt[1], n):
+                    break
+        for p in popped:
+            heapq.heappush(self.heap, p)
+        fitting = [p for p in popped if self._room(p[1], n) and p[0] < top_key + self.beta]
+        if fitting:
+            k, r = min(fitting)
+            return r, k + t
+        return top, top_key + t + self.beta
+
+    def touch(self, fin: np.ndarray, ranks: range) -> None:
+        for r in ranks:
+            heapq.heappush(self.heap, (self.key(fin, r), r))
+
+
+def _opens_bin(level: _Level, b: int, n: int) -> bool:
+    return not level.bins[b] or level.most_free[b] < n
+
+
+def place(inst: Instance, deg: np.ndarray, target_ms: float = np.inf,
+          ride_along: bool = False) -> tuple[Schedule, np.ndarray, np.ndarray]:
+    """LPT placement, largest degree first; returns (schedule, per-rank finish, finish before size 1).
+
+    Because blocks nest and run largest-first, a rank's finish is the sum of the loads of its
+    blocks whatever order they were filled in; so a sequence that would end past ``target_ms``
+    at its degree may still move up to a wider block, the narrowest that ends in time (if any):
+    this catches the long sequence that would land on ranks already busy with a wide group. With
+    ``ride_along``, a sequence that would open a micro-batch (one more beta) joins a wider block's
+    open micro-batch instead when that finishes sooner: it wins when few sequences share many
+    ranks, and loses (more communication) when many short ones do, so both are tried.
+    """
+    fin = np.zeros(inst.gpus)
+    levels = {d: _Level(inst, d) for d in inst.sizes}
+    uniform = bool(np.ptp(inst.speed) == 0)
+    beta, lengths = inst.beta, inst.lengths
+    fastest = np.min([inst.times[w] for w in inst.sizes], axis=0) / inst.speed.max()
+    for d in sorted({int(x) for x in deg}, reverse=True):
+        ids = np.flatnonzero(deg == d)
+        ids = ids[np.lexsort((ids, -inst.times[d][ids]))].tolist()
+        heap = _RankHeap(levels[1], fin, beta) if d == 1 and uniform else None
+        for i in ids:
+            n = int(lengths[i])
+            t = float(inst.times[d][i])
+            b, finish = heap.best(fin, n, t) if heap else levels[d].best(fin, n, t, beta)
+            chosen = d
+            # only a long sequence is worth widening: a short one overflows from packing, not length
+            if finish > target_ms and t + beta > _LONG * target_ms and fin.min() + fastest[i] <= target_ms:
+                for w in (w for w in inst.sizes if w > d):
+                    bw, fw = levels[w].best(fin, n, float(inst.times[w][i]), beta)
+                    if fw <= target_ms:
+                        chosen, b = w, bw
+                        break
+            elif ride_along and beta > 0 and _opens_bin(levels[d], b, n):
+                # riding along in a wider group's open micro-batch may beat paying a new beta
+                for w in (w for w in inst.sizes if w > d):
+                    bw, fw = levels[w].best_open(fin, n, float(inst.times[w][i]))
+                    if fw < finish:
+                        chosen, b, finish = w, bw, fw
+            levels[chosen].add(b, i, n, float(inst.times[chosen][i]), beta, fin)
+            if heap:
+                heap.touch(fin, range(b * chosen, (b + 1) * chosen))
+    sched: Schedule = {}
+    for w, level in levels.items():
+        for b, bins in enumerate(level.bins):
+            if bins:
+                sched[(b * w, w)] = [ids_ for _, ids_ in bins]
+    above = fin.copy()
+    if 1 in levels:
+        for r, bins in enumerate(levels[1].bins):
+            if bins:
+                load = sum(float(inst.times[1][ids_].sum()) for _, ids_ in bins) + beta * len(bins)
+                above[r] -= load / inst.speed[r]
+    return sched, fin, above
+
+
+class _Repair:
+    """Single-rank level state for local search: per rank its micro-batches and load."""
+
+    def __init__(self, inst: Instance, sched: Schedule, fin: np.ndarray, above: np.ndarray) -> None:
+        self.inst, self.fin, self.above = inst, fin.copy(), above
+        self.cap = inst.capacity[1]
+        self.speed = inst.block_speed[1]
+        n = inst.lengths.size
+        self.t = inst.times[1]
+        self.rank = np.full(n, -1, dtype=np.int64)     # rank of each single-rank sequence (-1: other level)
+        self.bin_free = np.zeros(n, dtype=np.int64)    # free tokens of the micro-batch holding it
+        self.bins: list[list[list]] = [[] for _ in range(inst.gpus)]
+        for r in range(inst.gpus):
+            for ids in sched.get((r, 1), []):
+                free = self.cap - int(inst.lengths[ids].sum())
+                self.bins[r].append([free, list(ids)])
+                self.rank[ids] = r
+                self.bin_free[ids] = free
+        self.most_free = np.array([max((f for f, _ in bs), default=-1) for bs in self.bins], dtype=np.int64)
+
+    def _bin_of(self, r: int, i: int) -> int:
+        return next(k for k, (_, ids) in enumerate(self.bins[r]) if i in ids)
+
+    def _refresh(self, r: int) -> None:
+        self.bins[r] = [b for b in self.bins[r] if b[1]]
+        for free, ids in self.bins[r]:
+            self.bin_free[ids] = free
+        self.most_free[r] = max((f for f, _ in self.bins[r]), default=-1)
+        load = sum(float(self.t[ids].sum()) for _, ids in self.bins[r]) + self.inst.beta * len(self.bins[r])
+        self.fin[r] = self.above[r] + load / self.speed[r]
+
+    def _insert(self, q: int, i: int) -> None:
+        n = int(self.inst.lengths[i])
+        fitting = [k for k, (free, _) in enumerate(self.bins[q]) if free >= n]
+        if fitting:
+            k = min(fitting, key=lambda k: (self.bins[q][k][0], k))
+        else:
+            self.bins[q].append([self.cap, []])
+            k = len(self.bins[q]) - 1
+        self.bins[q][k][0] -= n
+        self.bins[q][k][1].append(i)
+        self.rank[i] = q
+
+    def _remove(self, r: int, i: int) -> int:
+        k = self._bin_of(r, i)
+        self.bins[r][k][1].remove(i)
+        self.bins[r][k][0] += int(self.inst.lengths[i])
+        return k
+
+    def try_move(self, r: int, i: int) -> bool:
+        beta, n, t = self.inst.beta, int(self.inst.lengths[i]), float(self.t[i])
+        k = self._bin_of(r, i)
+        alone = len(self.bins[r][k][1]) == 1
+        new_r = self.fin[r] - (t + (beta if alone else 0.0)) / self.speed[r]
+        cost = self.fin + (t + beta * (self.most_free < n)) / self.speed
+        cost[r] = np.inf
+        q = int(np.argmin(cost))
+        if max(cost[q], new_r) >= self.fin[r] * (1 - 1e-12):
+            return False
+        self._remove(r, i)
+        self._insert(q, i)
+        self._refresh(r)
+        self._refresh(q)
+        return True
+
+    def try_swap(self, r: int, a: int) -> bool:
+        n_a, t_a = int(self.inst.lengths[a]), float(self.t[a])
+        lengths = self.inst.lengths
+        cand = (self.rank >= 0) & (self.rank != r) & (self.t < t_a) & (self.bin_free + lengths >= n_a)
+        if not cand.any():
+            return False
+        b_ids = np.flatnonzero(cand)
+        delta = t_a - self.t[b_ids]
+        q_of = self.rank[b_ids]
+        worst = np.maximum(self.fin[r] - delta / self.speed[r], self.fin[q_of] + delta / self.speed[q_of])
+        j = int(np.argmin(worst))
+        if worst[j] >= self.fin[r] * (1 - 1e-12):
+            return False
+        b, q = int(b_ids[j]), int(q_of[j])
+        ka, kb = self._remove(r, a), self._remove(q, b)
+        for rank, k, i in ((r, ka, b), (q, kb, a)):
+            self.bins[rank][k][0] -= int(lengths[i])
+            self.bins[rank][k][1].append(i)
+            self.rank[i] = rank
+        self._refresh(r)
+        self._refresh(q)
+        return True
+
+    def run(self, max_steps: int) -> None:
+        for _ in range(max_steps):
+            r = int(np.argmax(self.fin))
+            mine = [i for _, ids in self.bins[r] for i in ids]
+            if not mine:
+                return
+            mine.sort(key=lambda i: (-self.t[i], i))
+            if not any(self.try_move(r, i) for i in mine) and not any(self.try_swap(r, i) for i in mine):
+                return
+
+    def schedule(self, sched: Schedule) -> Schedule:
+        out = {b: bins for b, bins in sched.items() if b[1] != 1}
+        for r in range(self.inst.gpus):
+            if self.bins[r]:
+                out[(r, 1)] = [list(ids) for _, ids in self.bins[r]]
+        return out
+
+
+def finish_times(inst: Instance, sched: Schedule) -> tuple[np.ndarray, np.ndarray]:
+    """Per-rank finish, and finish before the single-rank level, of nested blocks run largest-first."""
+    fin = np.zeros(inst.gpus)
+    leaf = np.zeros(inst.gpus)
+    for (first, d), bins in sorted(sched.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
+        load = sum(float(inst.times[d][ids].sum()) for ids in bins if ids) + inst.beta * sum(1 for ids in bins if ids)
+        pace = float(inst.speed[first:first + d].min())
+        fin[first:first + d] = fin[first:first + d].max() + load / pace
+        if d == 1:
+            leaf[first] = load / pace
+    return fin, fin - leaf
+
+
+def repair(inst: Instance, sched: Schedule, fin: np.ndarray, above: np.ndarray,
+           max_steps: int | None = None) -> tuple[Schedule, float]:
+    if 1 not in inst.sizes or inst.lengths.size == 0:
+        return sched, float(fin.max(initial=0.0))
+    state = _Repair(inst, sched, fin, above)
+    state.run(max_steps if max_steps is not None else min(2 * inst.lengths.size + 10, _REPAIR_STEPS))
+    return state.schedule(sched), float(state.fin.max())
+
+
+def balanced_target(inst: Instance, lower_bound_ms: float) -> float:
+    """The smallest step time ``T`` whose degrees (``degrees_for(T)``) leave work that fits ``T``.
+
+    Spreading a sequence wider shortens it but adds communication; ``T`` balances the two: below
+    it the extra communication of the forced degrees overflows the ranks, above it sequences run
+    narrower than they need to. Found by bisection (work only falls as ``T`` grows).
+    """
+    beta, total_speed = inst.beta, float(inst.speed.sum())
+
+    def work_per_rank(target: float) -> float:
+        deg = degrees_for(inst, target)
+        area = sum(float(inst.times[d][deg == d].sum()) * d for d in inst.sizes)
+        slots = max(float(inst.gpus), float(deg[deg > 1].sum()) + float(inst.gpus))
+        return (area + beta * slots) / total_speed
+
+    deg_inf = degrees_for(inst, np.inf)
+    longest = max(float(inst.times[d][deg_inf == d].max(initial=0.0)) for d in inst.sizes) + beta
+    lo, hi = lower_bound_ms, max(lower_bound_ms, work_per_rank(np.inf), longest)
+    for _ in range(30):
+        if hi - lo <= 1e-4 * hi:
+            break
+        mid = 0.5 * (lo + hi)
+        if work_per_rank(mid) <= mid:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+_TARGETS = (1.0, 0.95, 1.05)
+_WIDE_TARGETS = (1.0, 0.95, 1.05, 0.9, 1.1, 0.8, 1.25, 0.7, 1.5, 0.6, 2.0, 0.5, 3.0, 0.4, np.inf)
+_WIDE_BELOW = 2048  # sequences x ranks under which every wide target is tried (cheap there)
+_RIDE_BELOW = 2     # sequences per rank up to which riding along is tried (measured: never wins above)
+
+
+def heuristic(inst: Instance, lower_bound_ms: float, repair_top: int = 1) -> tuple[Schedule, float]:
+    """Best schedule over a few degree targets; returns it and its step time (without grad reduce)."""
+    if inst.lengths.size == 0:
+        return {}, 0.0
+    target = balanced_target(inst, lower_bound_ms)
+    seen: set[bytes] = set()
+    placed: list[tuple[float, int, Schedule, np.ndarray, np.ndarray]] = []
+    targets = _WIDE_TARGETS if inst.lengths.size * inst.gpus <= _WIDE_BELOW else _TARGETS
+    for k, f in enumerate(targets):
+        deg = degrees_for(inst, target * f)
+        key = deg.tobytes()
+        if key in seen:
+            continue
+        seen.add(key)
+        for ride in (False, True) if inst.lengths.size <= _RIDE_BELOW * inst.gpus else (False,):
+            sched, fin, above = place(inst, deg, target * f, ride)
+            placed.append((float(fin.max()), 2 * k + ride, sched, fin, above))
+    placed.sort(key=lambda p: (p[0], p[1]))
+    repaired = [repair(inst, sched, fin, above) for _, _, sched, fin, above in placed[:repair_top]]
+    return min(repaired, key=lambda r: r[1])

@@ -1,0 +1,89 @@
+"""One planning problem, precomputed once and shared by the heuristic and the MILP.
+
+Both planners place every sequence in a *block*: an aligned range of ``d`` ranks
+``[k*d, (k+1)*d)`` for an allowed size ``d``. A block runs its sequences as one or more
+micro-batches (memory bounds each), all of its ranks together. With power-of-two sizes the blocks
+nest (a buddy tree), and running the blocks largest-first means that every rank of a block is
+free at the same moment, so no rank ever waits for another: a rank's finish time is just the sum
+of the loads of the blocks that contain it. That is what makes the problem small enough to solve
+exactly, and it keeps ByteScale's freedom (ranks run different numbers of micro-batches, a
+micro-batch need not use every rank) and FlexSP's form (all blocks of one level) as special cases.
+With arbitrary sizes the blocks may overlap without nesting; the simulator then charges the waits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from seqmesh.scheduler.cost_model import CostModel
+from seqmesh.scheduler.plan import Plan, plan_from_assignment
+from seqmesh.scheduler.simulate import allowed_group_sizes, smallest_holding_size
+
+# A schedule: block (first rank, size) -> micro-batches (lists of sequence ids), run in order.
+Schedule = dict[tuple[int, int], list[list[int]]]
+
+
+@dataclass
+class Instance:
+    lengths: np.ndarray          # int64 [n]
+    gpus: int
+    cost_model: CostModel
+    sizes: tuple[int, ...]       # allowed group sizes, ascending
+    speed: np.ndarray            # per-rank speed factors [gpus]
+    dmin: np.ndarray             # smallest allowed size holding each sequence alone [n]
+    times: dict[int, np.ndarray]  # size -> per-sequence ms at that size, speed 1, without beta
+    capacity: dict[int, int]     # size -> tokens a group of that size holds per micro-batch
+    block_speed: dict[int, np.ndarray]  # size -> pace of each aligned block (its slowest rank)
+
+    @property
+    def beta(self) -> float:
+        return self.cost_model.beta_ms
+
+    @classmethod
+    def build(cls, lengths: Sequence[int], gpus: int, cost_model: CostModel,
+              group_sizes: Sequence[int] | None = None) -> "Instance":
+        arr = np.asarray([int(n) for n in lengths], dtype=np.int64)
+        if arr.size and arr.min() < 1:
+            raise ValueError(f"sequence lengths must be >= 1 token, got {int(arr.min())}")
+        sizes = allowed_group_sizes(gpus, group_sizes)
+        speed = cost_model.rank_speed(gpus)
+        capacity = {d: cost_model.capacity(d) for d in sizes}
+        dmin = np.zeros(arr.size, dtype=np.int64)
+        for d in reversed(sizes):
+            dmin[arr <= capacity[d]] = d
+        if arr.size and (dmin == 0).any():
+            smallest_holding_size(int(arr[dmin == 0].max()), cost_model, sizes)
+        times = {d: np.asarray(cost_model.seq_ms(arr, d), dtype=np.float64) for d in sizes}
+        block_speed = {d: speed[: (gpus // d) * d].reshape(gpus // d, d).min(axis=1) for d in sizes}
+        return cls(arr, gpus, cost_model, sizes, speed, dmin, times, capacity, block_speed)
+
+    def to_plan(self, schedule: Schedule) -> Plan:
+        """Order blocks largest-first and number micro-batches so every rank keeps that order.
+
+        A group's micro-batch index is one more than the latest index any of its ranks has used,
+        so groups sharing a rank never share an index, and each rank meets its groups in exactly
+        the order the planners priced.
+        """
+        last = np.full(self.gpus, -1, dtype=np.int64)
+        slots: list[list[tuple[int, int, list[int]]]] = []
+        for (first, d) in sorted(schedule, key=lambda b: (-b[1], b[0])):
+            for ids in schedule[(first, d)]:
+                if not ids:
+                    continue
+                j = int(last[first:first + d].max()) + 1
+                last[first:first + d] = j
+                while len(slots) <= j:
+                    slots.append([])
+                slots[j].append((first, d, sorted(ids)))
+        return plan_from_assignment(self.gpus, [sorted(mb) for mb in slots])
+
+    def schedule_of(self, plan: Plan) -> Schedule:
+        """The block view of a plan whose groups are all aligned blocks (inverse of ``to_plan``)."""
+        sched: Schedule = {}
+        for mb in plan.microbatches:
+            for g in mb.groups:
+                sched.setdefault((g.first, g.count), []).append(list(g.sequences))
+        return sched
