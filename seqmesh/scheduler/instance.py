@@ -20,7 +20,7 @@ import numpy as np
 
 from seqmesh.scheduler.cost_model import CostModel
 from seqmesh.scheduler.plan import Plan, plan_from_assignment
-from seqmesh.scheduler.simulate import allowed_group_sizes, smallest_holding_size
+from seqmesh.scheduler.simulate import plannable_sizes, smallest_holding_size
 
 # A schedule: block (first rank, size) -> micro-batches (lists of sequence ids), run in order.
 Schedule = dict[tuple[int, int], list[list[int]]]
@@ -48,7 +48,7 @@ class Instance:
         arr = np.asarray([int(n) for n in lengths], dtype=np.int64)
         if arr.size and arr.min() < 1:
             raise ValueError(f"sequence lengths must be >= 1 token, got {int(arr.min())}")
-        sizes = allowed_group_sizes(gpus, group_sizes)
+        sizes = plannable_sizes(gpus, cost_model, group_sizes)
         speed = cost_model.rank_speed(gpus)
         capacity = {d: cost_model.capacity(d) for d in sizes}
         dmin = np.zeros(arr.size, dtype=np.int64)

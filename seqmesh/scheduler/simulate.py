@@ -30,6 +30,18 @@ def allowed_group_sizes(gpus: int, group_sizes: Sequence[int] | None = None) -> 
     return tuple(sizes)
 
 
+def plannable_sizes(gpus: int, cost_model: CostModel, group_sizes: Sequence[int] | None = None) -> tuple[int, ...]:
+    """Allowed sizes the cost model can price: without any all-to-all bandwidth (a profile taken
+    on one device) only single-rank groups have a known time."""
+    sizes = allowed_group_sizes(gpus, group_sizes)
+    if cost_model.a2a_GBps:
+        return sizes
+    if 1 not in sizes:
+        raise ValueError(f"group sizes {list(sizes)} need a2a_GBps in the cost model (none given); profile "
+                         "all-to-all with `torchrun --nproc-per-node N -m seqmesh profile` or allow size 1")
+    return (1,)
+
+
 def smallest_holding_size(length: int, cost_model: CostModel, sizes: Sequence[int]) -> int:
     """The smallest allowed group size whose memory holds ``length`` tokens alone.
 
@@ -66,7 +78,7 @@ def check_plan(plan: Plan, lengths: Sequence[int], cost_model: CostModel,
                group_sizes: Sequence[int] | None = None) -> None:
     """Raise ValueError unless ``plan`` covers ``lengths`` exactly once, uses allowed sizes and fits memory."""
     plan.validate(len(lengths))
-    sizes = set(allowed_group_sizes(plan.gpus, group_sizes))
+    sizes = set(plannable_sizes(plan.gpus, cost_model, group_sizes))
     for i, mb in enumerate(plan.microbatches):
         for g in mb.groups:
             if g.count not in sizes:
@@ -93,7 +105,7 @@ def lower_bound(lengths: Sequence[int], gpus: int, cost_model: CostModel,
     s = np.asarray(lengths, dtype=np.float64)
     if s.min() < 1:
         raise ValueError(f"sequence lengths must be >= 1 token, got {int(s.min())}")
-    sizes = allowed_group_sizes(gpus, group_sizes)
+    sizes = plannable_sizes(gpus, cost_model, group_sizes)
     speed = cost_model.rank_speed(gpus)
     cm = cost_model
     compute = cm.alpha1_ms_per_tok2 * s * s + cm.alpha2_ms_per_tok * s

@@ -17,7 +17,7 @@ import numpy as np
 from seqmesh.scheduler.cost_model import CostModel
 from seqmesh.scheduler.packing import best_fit_decreasing
 from seqmesh.scheduler.plan import Plan, plan_from_assignment
-from seqmesh.scheduler.simulate import lower_bound, simulate
+from seqmesh.scheduler.simulate import lower_bound, plannable_sizes, simulate
 
 
 def _deal(lengths: list[int], times: np.ndarray, group_speed: np.ndarray, rounds: int,
@@ -63,3 +63,30 @@ def static_plan(lengths: Sequence[int], gpus: int, sp: int, cost_model: CostMode
     plan = plan_from_assignment(gpus, mbs)
     return plan_from_assignment(gpus, mbs, simulate(plan, lengths, cost_model),
                                 lower_bound(lengths, gpus, cost_model))
+
+
+def best_static(lengths: Sequence[int], gpus: int, cost_model: CostModel) -> Plan:
+    """The fastest static plan over every power-of-two SP degree that holds the batch's longest sequence."""
+    plans = []
+    for sp in plannable_sizes(gpus, cost_model):
+        if gpus % sp == 0 and max(lengths) <= cost_model.capacity(sp):
+            plan = static_plan(lengths, gpus, sp, cost_model)
+            plan.meta["baseline"] = f"static-sp={sp}"
+            plans.append(plan)
+    if not plans:
+        raise ValueError(f"no static SP degree up to {gpus} holds the longest sequence ({max(lengths)} tokens)")
+    return min(plans, key=lambda p: p.predicted_ms)
+
+
+def baseline_plan(spec: str, lengths: Sequence[int], gpus: int, cost_model: CostModel) -> Plan:
+    if spec == "best-static":
+        return best_static(lengths, gpus, cost_model)
+    if spec.startswith("static-sp="):
+        try:
+            sp = int(spec.split("=", 1)[1])
+        except ValueError:
+            raise ValueError(f"--baseline {spec!r}: K in static-sp=K must be an integer") from None
+        plan = static_plan(lengths, gpus, sp, cost_model)
+        plan.meta["baseline"] = spec
+        return plan
+    raise ValueError(f"--baseline {spec!r}: use static-sp=K (K divides --gpus) or best-static")
