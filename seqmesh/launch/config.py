@@ -7,7 +7,9 @@ workers a plain resolved dict.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import typing
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,11 +30,41 @@ def conf_dir() -> Path:
     return path
 
 
+def _schema_leaf(path: str) -> bool:
+    """Whether ``path`` (e.g. ``model.vocab_size``) names a value in the RunConfig schema."""
+    cls: Any = RunConfig
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part not in fields:
+            return False
+        hint = typing.get_type_hints(cls)[part]
+        if dataclasses.is_dataclass(hint):
+            cls = hint
+        else:
+            return i == len(parts) - 1
+    return False
+
+
+def _with_schema_keys(overrides: Sequence[str]) -> list[str]:
+    """Let ``key=value`` set any schema key, also one a YAML file leaves at its default.
+
+    Hydra refuses to override a key missing from the composed YAML (it wants ``+key=``); the
+    schema, not the YAML, is what defines the keys, so such overrides become ``++key=value``.
+    Unknown keys are left alone: Hydra and then the schema reject them with their names.
+    """
+    out = []
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        out.append(f"++{o}" if "=" in o and key[:1] not in "+~" and _schema_leaf(key) else o)
+    return out
+
+
 def compose_dict(overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Resolved plain dict of ``conf/config.yaml`` with Hydra ``overrides`` applied."""
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=list(overrides))
+            cfg = compose(config_name="config", overrides=_with_schema_keys(overrides))
         return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(f"bad override or config: {e}\n(overrides given: {' '.join(overrides) or 'none'}; "
