@@ -235,7 +235,8 @@ class FP8AdamW(Optimizer):
                         m = dequantize_flat(st["exp_avg"], st["exp_avg_scale"], fmt.m, block)
                         v = dequantize_flat(st["exp_avg_sq"], st["exp_avg_sq_scale"], fmt.v, block)
                     else:
-                        m, v = st["exp_avg"].float(), st["exp_avg_sq"].float()
+                        m = st["exp_avg"].to(torch.float32, copy=True)
+                        v = st["exp_avg_sq"].to(torch.float32, copy=True)
                     state[index] = {"step": torch.tensor(float(st["step"])), "exp_avg": m.view(p.shape),
                                     "exp_avg_sq": v.view(p.shape)}
                 ids.append(index)
@@ -267,6 +268,9 @@ class FP8AdamW(Optimizer):
             if len(group["params"]) != len(saved["params"]):
                 raise ValueError(f"parameter group {i} has {len(group['params'])} parameters here but "
                                  f"{len(saved['params'])} in the checkpoint")
+            if "state_dtype" not in saved:
+                raise ValueError(f"parameter group {i} of the checkpoint has no state_dtype: it was not written by "
+                                 "FP8AdamW (torch.optim.AdamW?), whose moments cannot be loaded as FP8AdamW codes")
             for key in ("state_dtype", "block_size"):
                 if saved.get(key) != group[key]:
                     raise ValueError(f"parameter group {i}: the checkpoint was written with {key}={saved.get(key)!r} "

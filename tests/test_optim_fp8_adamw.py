@@ -1,0 +1,298 @@
+"""FP8AdamW on CPU: reference math, state size, checkpoints, bf16 weights, ZeRO-1 shards, bad input."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from seqmesh.trainer.optim import STATE_DTYPES, FP8AdamW, build_optimizer, zero1_shard
+from tests.distributed import run_distributed
+
+BLOCK = 128
+
+
+def _model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(96, 160), nn.LayerNorm(160), nn.GELU(), nn.Linear(160, 40)).to(dtype)
+
+
+def _groups(model: nn.Module) -> list[dict]:
+    """Matrices decayed at one lr, vectors undecayed at another (as the trainer builds them)."""
+    return [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0, "lr": 5e-3}]
+
+
+def _backward(model: nn.Module, step: int) -> None:
+    g = torch.Generator().manual_seed(1000 + step)
+    first = model[0]
+    x = torch.randn(32, 96, generator=g, dtype=first.weight.dtype)
+    target = torch.randn(32, 40, generator=g, dtype=first.weight.dtype)
+    (model(x) - target).pow(2).mean().backward()
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: range, sched=None) -> None:
+    for step in steps:
+        opt.zero_grad(set_to_none=True)
+        _backward(model, step)
+        if step == 1:
+            model[1].bias.grad = None  # a parameter that skips a step: its own step count lags
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        opt.step()
+        if sched is not None:
+            sched.step()
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def _assert_state_bitwise(a: FP8AdamW, b: FP8AdamW) -> None:
+    sa, sb = a.state_dict()["state"], b.state_dict()["state"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k]["step"] == sb[k]["step"]
+        for key, value in sa[k].items():
+            if isinstance(value, torch.Tensor):
+                assert value.dtype == sb[k][key].dtype
+                assert torch.equal(_bits(value), _bits(sb[k][key])), key
+
+
+# Largest |stored - exact| of one quantization, per format and moment: (relative part, part of the
+# block's largest magnitude). v is rounded stochastically (a whole code step), m to nearest (half).
+STATE_BOUNDS = {
+    "fp8": {"exp_avg": (2.0**-4, 2.0**-10 / 448), "exp_avg_sq": (2.0**-3, 2.0**-9 / 448)},
+    "int8": {"exp_avg": (0.0, 0.5 / 127), "exp_avg_sq_root": (0.0, 1.0 / 255)},
+    "bf16": {"exp_avg": (2.0**-8, 0.0), "exp_avg_sq": (2.0**-7, 0.0)},
+    "fp32": {"exp_avg": (1e-6, 1e-6), "exp_avg_sq": (1e-6, 1e-6)},  # torch rounds m = lerp(m, g) differently
+}
+
+
+def _check_bound(got: torch.Tensor, ref: torch.Tensor, rel: float, of_max: float) -> None:
+    n = ref.numel()
+    pad = -n % BLOCK
+    blocks = torch.cat([ref.reshape(-1), ref.new_zeros(pad)]).view(-1, BLOCK)
+    block_max = blocks.abs().amax(dim=1, keepdim=True).expand_as(blocks).reshape(-1)[:n]
+    bound = rel * ref.reshape(-1).abs() + of_max * block_max
+    err = (got.reshape(-1) - ref.reshape(-1)).abs()
+    assert torch.all(err <= bound * 1.001 + 1e-12), f"worst excess {(err - bound).max().item():.3g}"
+
+
+@pytest.mark.parametrize("state_dtype", STATE_DTYPES)
+def test_one_step_matches_reference_adamw_within_quantization_bound(state_dtype):
+    """From the same (dequantized) moments, one step equals torch's AdamW; the new moments it stores
+    are torch's within one quantization of each format. Clipping, param groups, an lr schedule and a
+    parameter whose step count lags are all in play."""
+    model = _model()
+    opt = FP8AdamW(_groups(model), lr=1e-2, betas=(0.9, 0.95), state_dtype=state_dtype)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    _train(model, opt, range(4), sched)
+
+    ref_model = copy.deepcopy(model)
+    ref = torch.optim.AdamW(_groups(ref_model), foreach=False)
+    ref.load_state_dict(opt.dequantized_state_dict())
+    assert [g["lr"] for g in ref.param_groups] == [g["lr"] for g in opt.param_groups]
+    _train(model, opt, range(4, 5))
+    _train(ref_model, ref, range(4, 5))
+
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=2e-6, atol=1e-7)
+    exported = opt.dequantized_state_dict()["state"]
+    bounds = STATE_BOUNDS[state_dtype]
+    ordered = [p for group in ref.param_groups for p in group["params"]]
+    for index, p in enumerate(ordered):
+        mine, theirs = exported[index], ref.state[p]
+        assert float(mine["step"]) == float(theirs["step"])
+        _check_bound(mine["exp_avg"], theirs["exp_avg"], *bounds["exp_avg"])
+        if "exp_avg_sq_root" in bounds:
+            _check_bound(mine["exp_avg_sq"].sqrt(), theirs["exp_avg_sq"].sqrt(), *bounds["exp_avg_sq_root"])
+        else:
+            _check_bound(mine["exp_avg_sq"], theirs["exp_avg_sq"], *bounds["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("state_dtype, limit", [("fp8", 2.1), ("int8", 2.1), ("bf16", 4.0), ("fp32", 8.0)])
+def test_state_bytes_per_param(state_dtype, limit):
+    model = nn.Sequential(nn.Embedding(1000, 256), nn.Linear(256, 704), nn.LayerNorm(704), nn.Linear(704, 256))
+    opt = FP8AdamW(model.parameters(), state_dtype=state_dtype)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    per_param = opt.state_bytes_per_param()
+    assert per_param <= limit
+    assert per_param >= {"fp8": 2.0, "int8": 2.0, "bf16": 4.0, "fp32": 8.0}[state_dtype]
+
+
+@pytest.mark.parametrize("state_dtype", STATE_DTYPES)
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_resume_from_checkpoint_is_bitwise_identical(state_dtype, param_dtype):
+    """Save after 3 steps, load into a fresh model and a fresh optimizer (before its first step), and
+    the next 3 steps are bit-identical to the uninterrupted run (stochastic rounding included)."""
+    model = _model(dtype=param_dtype)
+    opt = FP8AdamW(_groups(model), lr=1e-2, state_dtype=state_dtype, seed=5)
+    _train(model, opt, range(3))
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, buf)
+    _train(model, opt, range(3, 6))
+
+    buf.seek(0)
+    ckpt = torch.load(buf)
+    resumed = _model(seed=1, dtype=param_dtype)
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = FP8AdamW(_groups(resumed), lr=0.5, state_dtype=state_dtype, seed=5)
+    opt2.load_state_dict(ckpt["optim"])
+    for saved, loaded in zip(ckpt["optim"]["state"].values(), opt2.state_dict()["state"].values()):
+        for key, value in saved.items():
+            if isinstance(value, torch.Tensor):
+                assert loaded[key].dtype == value.dtype and torch.equal(_bits(loaded[key]), _bits(value))
+    assert opt2.param_groups[0]["lr"] == 1e-2
+    _train(resumed, opt2, range(3, 6))
+
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(_bits(p.detach()), _bits(q.detach()))
+    _assert_state_bitwise(opt, opt2)
+
+
+def test_bf16_weights_accumulate_updates_below_half_an_ulp_with_stochastic_rounding():
+    """An update of 1e-4 on a bf16 weight of 1.0 (half an ULP is 2e-3) vanishes with nearest
+    rounding; with stochastic rounding 100 of them move the weight by 1e-2 on average."""
+    results = {}
+    for stochastic in (False, True):
+        p = nn.Parameter(torch.ones(8192, dtype=torch.bfloat16))
+        opt = FP8AdamW([p], lr=1e-4, weight_decay=0.0, state_dtype="fp8", stochastic_rounding=stochastic)
+        for _ in range(100):
+            p.grad = torch.ones_like(p)
+            opt.step()
+        results[stochastic] = p.float().mean().item()
+    assert results[False] == 1.0
+    assert abs(results[True] - 0.99) < 5e-4
+
+
+def test_dequantized_export_continues_in_torch_adamw():
+    model = _model()
+    opt = FP8AdamW(model.parameters(), lr=1e-2, state_dtype="fp8")
+    _train(model, opt, range(3))
+    exported = opt.dequantized_state_dict()
+    for index, p in enumerate(model.parameters()):
+        st = exported["state"][index]
+        assert st["exp_avg"].dtype == torch.float32 and st["exp_avg"].shape == p.shape
+        assert torch.all(st["exp_avg_sq"] > 0)
+    adamw = torch.optim.AdamW(copy.deepcopy(model).parameters())
+    adamw.load_state_dict(exported)
+    assert adamw.param_groups[0]["lr"] == 1e-2
+
+
+def test_build_optimizer_maps_config_keys():
+    model = _model()
+    opt = build_optimizer(model.parameters(), state_dtype="int8", lr=2e-3, weight_decay=0.1, beta1=0.8, beta2=0.95,
+                          eps=1e-6, block_size=64)
+    group = opt.param_groups[0]
+    assert (group["state_dtype"], group["lr"], group["betas"], group["eps"], group["weight_decay"],
+            group["block_size"]) == ("int8", 2e-3, (0.8, 0.95), 1e-6, 0.1, 64)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(state_dtype="fp16"), "state_dtype"),
+    (dict(block_size=100), "block_size"),
+    (dict(block_size=8), "block_size"),
+    (dict(betas=(0.9, 1.0)), "betas"),
+    (dict(lr=-1.0), "lr"),
+    (dict(lr=torch.tensor(1e-3)), "lr"),
+    (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(eps=-1e-8), "eps"),
+    (dict(seed=-1), "seed"),
+    (dict(stochastic_rounding="yes"), "stochastic_rounding"),
+    (dict(backend="cuda"), "backend"),
+])
+def test_bad_arguments_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FP8AdamW(_model().parameters(), **kwargs)
+
+
+def test_bad_parameters_and_groups_are_rejected():
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        FP8AdamW(_model(dtype=torch.float16).parameters())
+    opt = FP8AdamW(_model().parameters())
+    with pytest.raises(ValueError, match="block_size"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))], "block_size": 3})
+    assert len(opt.param_groups) == 1
+    p = nn.Parameter(torch.zeros(4))
+    with pytest.raises(RuntimeError, match="CUDA"):
+        cpu_triton = FP8AdamW([p], backend="triton")
+        p.grad = torch.ones(4)
+        cpu_triton.step()
+
+
+def test_checkpoint_of_another_format_or_optimizer_is_rejected():
+    model = _model()
+    fp8 = FP8AdamW(model.parameters(), state_dtype="fp8")
+    _train(model, fp8, range(1))
+    with pytest.raises(ValueError, match="state_dtype='fp8'"):
+        FP8AdamW(model.parameters(), state_dtype="int8").load_state_dict(fp8.state_dict())
+    adamw = torch.optim.AdamW(model.parameters())
+    _train(model, adamw, range(1))
+    with pytest.raises(ValueError, match="not written by FP8AdamW"):
+        FP8AdamW(model.parameters(), state_dtype="fp8").load_state_dict(adamw.state_dict())
+    with pytest.raises(ValueError, match="parameter groups"):
+        FP8AdamW(_groups(model), state_dtype="fp8").load_state_dict(fp8.state_dict())
+
+
+def test_zero1_shard_bounds():
+    shards = [zero1_shard(1000, 3, r, 128) for r in range(3)]
+    assert [(s.lo, s.hi) for s in shards] == [(0, 384), (384, 768), (768, 1000)]
+    assert all(s.size == 384 and s.padded_total == 1152 for s in shards)
+    assert zero1_shard(100, 4, 3, 128)[:2] == (100, 100)
+    with pytest.raises(ValueError, match="rank"):
+        zero1_shard(100, 2, 2, 128)
+
+
+N_FLAT = 1000
+
+
+def _flat_grad(step: int, rank: int) -> torch.Tensor:
+    return torch.randn(N_FLAT, generator=torch.Generator().manual_seed(100 * step + rank))
+
+
+def _zero1_worker(rank: int, world: int, steps: int) -> tuple[torch.Tensor, dict]:
+    import torch.distributed as dist
+
+    shard = zero1_shard(N_FLAT, world, rank, BLOCK)
+    flat = torch.zeros(shard.padded_total)
+    flat[:N_FLAT] = torch.randn(N_FLAT, generator=torch.Generator().manual_seed(0))
+    piece = flat[shard.lo:shard.hi]
+    opt = FP8AdamW([{"params": [piece], "index_offset": shard.lo}], lr=1e-2, weight_decay=0.1, state_dtype="fp8")
+    for step in range(steps):
+        full = torch.zeros(shard.padded_total)
+        full[:N_FLAT] = _flat_grad(step, rank)
+        mine = torch.empty(shard.size)
+        dist.reduce_scatter_tensor(mine, full, op=dist.ReduceOp.SUM)
+        piece.grad = mine[: shard.hi - shard.lo] / world
+        opt.step()
+        dist.all_gather_into_tensor(flat, flat[rank * shard.size:(rank + 1) * shard.size].clone())
+    # fp8 tensors do not survive plain pickling (how results come back): return their bits.
+    return flat[:N_FLAT].clone(), {k: _bits(v) if isinstance(v, torch.Tensor) else v
+                                   for k, v in opt.state_dict()["state"][0].items()}
+
+
+def test_zero1_sharded_step_equals_unsharded_bitwise():
+    world, steps = 2, 3
+    results = run_distributed(_zero1_worker, world, steps)
+
+    param = torch.randn(N_FLAT, generator=torch.Generator().manual_seed(0))
+    opt = FP8AdamW([param], lr=1e-2, weight_decay=0.1, state_dtype="fp8")
+    for step in range(steps):
+        param.grad = (_flat_grad(step, 0) + _flat_grad(step, 1)) / world
+        opt.step()
+    full = opt.state_dict()["state"][0]
+    for rank, (flat, state) in enumerate(results):
+        assert torch.equal(flat, param)
+        shard = zero1_shard(N_FLAT, world, rank, BLOCK)
+        blocks = slice(shard.lo // BLOCK, -(-shard.hi // BLOCK))
+        assert state["step"] == full["step"]
+        assert torch.equal(state["exp_avg"], _bits(full["exp_avg"][shard.lo:shard.hi]))
+        assert torch.equal(state["exp_avg_sq"], _bits(full["exp_avg_sq"][shard.lo:shard.hi]))
+        assert torch.equal(state["exp_avg_scale"], _bits(full["exp_avg_scale"][blocks]))
+        assert torch.equal(state["exp_avg_sq_scale"], _bits(full["exp_avg_sq_scale"][blocks]))
+
