@@ -21,6 +21,8 @@ def reduce_gradients(params: Iterable[torch.nn.Parameter], group: "dist.ProcessG
                      bucket_bytes: int = BUCKET_BYTES) -> None:
     """Sum ``.grad`` of ``params`` over ``group``; a parameter without a gradient contributes zeros."""
     params = [p for p in params if p.requires_grad]
+    if dist.get_world_size(group) == 1:
+        return
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
