@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import transformers
 
@@ -54,15 +56,32 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     return FP8AdamW(groups, state_dtype=cfg.state_dtype, **kwargs)
 
 
+def apply_memory_limit(cfg: RunConfig, device: torch.device) -> None:
+    """Cap this process's CUDA allocations at ``scheduler.mem_limit_gb`` (a no-op otherwise)."""
+    if cfg.scheduler.mem_limit_gb is None or device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    if cfg.scheduler.mem_limit_gb * 2**30 > total:
+        raise ValueError(f"scheduler.mem_limit_gb={cfg.scheduler.mem_limit_gb} exceeds the device's "
+                         f"{total / 2**30:.1f} GiB; lower it or leave it null")
+    torch.cuda.set_per_process_memory_fraction(cfg.scheduler.mem_limit_gb * 2**30 / total, device)
+
+
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
     return build_lr_scheduler(optimizer, warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.steps,
                               schedule=cfg.optim.schedule, min_lr_ratio=cfg.optim.min_lr_ratio)
 
 
 def build_cost_model(cfg: RunConfig, model: Transformer, device: torch.device) -> CostModel:
-    """The profiled cost model when the config names one, else one derived from FLOPs and the device."""
+    """The profiled cost model when the config names one, else one derived from FLOPs and the device.
+
+    ``scheduler.mem_limit_gb`` replaces the device's memory in either (``apply_memory_limit``
+    enforces the same figure on CUDA, so plans and the allocator agree).
+    """
+    limit = None if cfg.scheduler.mem_limit_gb is None else cfg.scheduler.mem_limit_gb * 2**30
     if cfg.scheduler.cost_model:
-        return CostModel.load(cfg.scheduler.cost_model)
+        model_cm = CostModel.load(cfg.scheduler.cost_model)
+        return model_cm if limit is None else dataclasses.replace(model_cm, mem_limit_bytes=limit)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         from seqmesh.trainer.flops import peak_flops
@@ -71,6 +90,7 @@ def build_cost_model(cfg: RunConfig, model: Transformer, device: torch.device) -
         mem = 0.9 * props.total_memory
     else:
         flops, mem = CPU_SUSTAINED_FLOPS, 8 * 2**30
+    mem = limit or mem
     return default_cost_model(params=model.num_params(exclude_embeddings=True), hidden_size=model.dims.hidden_size,
                               num_layers=model.dims.num_layers, device_flops=flops, mem_limit_bytes=mem,
                               max_group=max(2, cfg.hdp), dp_shards=1, checkpointing=cfg.model.activation_checkpointing)

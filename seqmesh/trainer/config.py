@@ -90,12 +90,15 @@ class SchedulerConfig:
     group_sizes: tuple[int, ...] | None = None
     time_limit_s: float = 0.2
     cost_model: str | None = None
+    mem_limit_gb: float | None = None
     lookahead: int = 1
 
     def validate(self) -> None:
         _choice("scheduler.policy", self.policy, ("static", "adaptive"))
         _positive("scheduler.sp", self.sp)
         _positive("scheduler.time_limit_s", self.time_limit_s)
+        if self.mem_limit_gb is not None:
+            _positive("scheduler.mem_limit_gb", self.mem_limit_gb)
         if self.lookahead < 0:
             raise ConfigError(f"scheduler.lookahead={self.lookahead} must be >= 0")
 

@@ -27,7 +27,8 @@ from seqmesh.parallel.mesh import Mesh
 from seqmesh.parallel.sequence import make_sp_batch, shard_tokens
 from seqmesh.scheduler import plan_step
 from seqmesh.scheduler.plan import Group, Plan
-from seqmesh.trainer.build import build_cost_model, build_model, build_optimizer, build_schedule
+from seqmesh.trainer.build import (apply_memory_limit, build_cost_model, build_model, build_optimizer,
+                                   build_schedule)
 from seqmesh.trainer.checkpoint import capture_rng_state, load_latest, restore_rng_state, save_checkpoint
 from seqmesh.trainer.config import RunConfig
 from seqmesh.trainer.data import IGNORE_INDEX, build_data, make_sampler, num_targets, pack
@@ -67,6 +68,7 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = Mesh(world, rank, cfg.parallel.tp, cfg.parallel.pp)
     torch.manual_seed(cfg.seed)
+    apply_memory_limit(cfg, device)
 
     tokenizer, train_set, _ = build_data(cfg.data)
     sampler = make_sampler(train_set, cfg.data)
