@@ -1,0 +1,337 @@
+"""Optimizer step time, state memory and convergence of FP8AdamW against torch's fused AdamW.
+
+    python bench/optim.py --out DIR                 # GPU: Llama-3.2-1B shapes, 1000-step convergence
+    python bench/optim.py --smoke --out DIR         # CPU: tiny sizes, checks that the script runs
+    python bench/optim.py --quant-error --out DIR   # the quantization study behind fp8_adamw.py's formats
+
+Step time: every parameter tensor of a Llama-3.2-1B-shaped model (hidden 2048, 16 layers, GQA 32/8
+heads, intermediate 8192, tied vocab 128256: 148 tensors, 1.24B fp32 parameters) with fixed random
+gradients; the median of CUDA-event-timed ``step()`` calls after warm-up, for torch's
+``AdamW(fused=True)`` (the baseline), FP8AdamW in each state format (Triton kernel) and in fp8
+through its torch path, and torchao's ``AdamWFp8``/``AdamW8bit`` when importable. Bytes of state per
+parameter are summed over the state tensors each optimizer actually holds.
+
+Convergence: the default tiny Llama (conf/model/tiny.yaml's shape) on byte-level text of the Python
+standard library (the default corpus, without the BPE step), the project's default schedule
+(lr 3e-3, beta2 0.95, weight decay 0.1 on matrices, 20 warm-up steps, cosine to 10%, clip 1.0),
+the same batches for every optimizer; the loss gap is the mean over the last 20 steps, FP8AdamW
+against fp32 AdamW, in percent.
+
+Quantization study (``--quant-error``): the tiny model is trained with fp32 AdamW; every step's
+gradient also feeds shadow moments stored in candidate formats, and the relative L2 error of the
+shadow update m^/(sqrt(v^)+eps) against the fp32 one is recorded (same gradients, so only the
+storage differs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import write_result  # noqa: E402
+from seqmesh.parallel.sequence import make_sp_batch  # noqa: E402
+from seqmesh.trainer.data.packing import pack  # noqa: E402
+from seqmesh.trainer.loss import token_loss_sum  # noqa: E402
+from seqmesh.trainer.lr_schedule import build_lr_scheduler  # noqa: E402
+from seqmesh.trainer.model import Transformer, tiny_config  # noqa: E402
+from seqmesh.trainer.optim import FP8AdamW  # noqa: E402
+from seqmesh.trainer.optim import quantize as Q  # noqa: E402
+
+LLAMA_1B = dict(hidden=2048, intermediate=8192, layers=16, vocab=128256, kv_dim=8 * 64)
+SMOKE_SHAPES = dict(hidden=64, intermediate=176, layers=2, vocab=512, kv_dim=32)
+TINY_MODEL = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=6, num_attention_heads=8,
+                  num_key_value_heads=4)
+SMOKE_MODEL = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2)
+BETAS = (0.9, 0.95)
+LR = 3e-3
+WINDOW = 20
+
+
+def llama_shapes(hidden: int, intermediate: int, layers: int, vocab: int, kv_dim: int) -> list[tuple[int, ...]]:
+    """Parameter shapes of a tied-embedding Llama, in model order."""
+    layer = [(hidden, hidden), (kv_dim, hidden), (kv_dim, hidden), (hidden, hidden),
+             (intermediate, hidden), (intermediate, hidden), (hidden, intermediate), (hidden,), (hidden,)]
+    return [(vocab, hidden), *layer * layers, (hidden,)]
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> float:
+    """Bytes of state per parameter, over the tensors each optimizer holds (tensor subclasses unpacked)."""
+    def nbytes(t: torch.Tensor) -> int:
+        if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor:
+            names, _ = t.__tensor_flatten__()
+            return sum(nbytes(getattr(t, name)) for name in names)
+        return t.numel() * t.element_size()
+
+    total = sum(nbytes(v) for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor))
+    return total / sum(p.numel() for p in opt.state)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(opt: torch.optim.Optimizer, device: torch.device, warmup: int, steps: int) -> list[float]:
+    """Milliseconds per ``step()``: CUDA events on GPU, wall clock on CPU."""
+    for _ in range(warmup):
+        opt.step()
+    _sync(device)
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            opt.step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            opt.step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def step_time_candidates(device: torch.device) -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]]:
+    fused = device.type == "cuda"
+    kw = dict(lr=LR, betas=BETAS, weight_decay=0.1)
+    candidates: dict[str, Callable] = {
+        "torch AdamW fused (fp32)": lambda ps: torch.optim.AdamW(ps, fused=True, **kw),
+        "torch AdamW foreach (fp32)": lambda ps: torch.optim.AdamW(ps, foreach=True, **kw),
+    }
+    backend = "triton" if fused else "torch"
+    for fmt in ("fp8", "int8", "bf16", "fp32"):
+        candidates[f"FP8AdamW {fmt} ({backend})"] = functools.partial(FP8AdamW, state_dtype=fmt, backend=backend, **kw)
+    if fused:
+        candidates["FP8AdamW fp8 (torch)"] = functools.partial(FP8AdamW, state_dtype="fp8", backend="torch", **kw)
+    try:
+        from torchao.optim import AdamW8bit, AdamWFp8
+    except ImportError:
+        return candidates
+    candidates["torchao AdamWFp8"] = lambda ps: AdamWFp8(ps, **kw)
+    candidates["torchao AdamW8bit"] = lambda ps: AdamW8bit(ps, **kw)
+    return candidates
+
+
+def bench_step_time(shapes: list[tuple[int, ...]], device: torch.device, warmup: int, steps: int) -> list[dict[str, Any]]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    params = [torch.randn(s, device=device, generator=gen) * 0.02 for s in shapes]
+    grads = [torch.randn(s, device=device, generator=gen) * 1e-3 for s in shapes]
+    for p, g in zip(params, grads):
+        p.grad = g
+    rows = []
+    for name, make in step_time_candidates(device).items():
+        opt = make(params)
+        t0 = time.perf_counter()
+        opt.step()
+        _sync(device)
+        first_s = time.perf_counter() - t0
+        times = time_steps(opt, device, warmup, steps)
+        rows.append({"section": "step_time", "optimizer": name, "params": sum(p.numel() for p in params),
+                     "tensors": len(params), "step_ms_median": statistics.median(times), "step_ms_min": min(times),
+                     "first_step_s": first_s, "state_bytes_per_param": state_bytes(opt)})
+        print(rows[-1], flush=True)
+        del opt
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+@functools.cache
+def corpus_bytes(max_bytes: int = 4_000_000) -> torch.Tensor:
+    """Byte tokens of the Python standard library's sources (sorted, so every machine reads the same text)."""
+    files = sorted(Path(os.__file__).parent.glob("*.py"))
+    data = bytearray()
+    for f in files:
+        data += f.read_bytes()
+        if len(data) >= max_bytes:
+            break
+    return torch.frombuffer(data[:max_bytes], dtype=torch.uint8).long()
+
+
+def train_lm(make_optimizer: Callable[[list[dict]], torch.optim.Optimizer], *, steps: int, model: dict[str, int],
+             docs_per_step: int, doc_len: int, device: torch.device, seed: int = 0,
+             on_step: Callable[[torch.optim.Optimizer], None] | None = None) -> list[float]:
+    """Train a byte-level Llama on stdlib text; returns the per-step training losses.
+
+    Weight decay on matrices only, warm-up then cosine schedule, clipping at 1.0; batches depend
+    only on ``seed``, so every optimizer sees the same tokens. ``on_step`` runs after each backward.
+    """
+    torch.manual_seed(seed)
+    net = Transformer(tiny_config(vocab_size=256, **model)).to(device)
+    groups = [{"params": [p for p in net.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in net.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    opt = make_optimizer(groups)
+    sched = build_lr_scheduler(opt, warmup_steps=min(20, steps // 10), total_steps=steps, schedule="cosine",
+                               min_lr_ratio=0.1)
+    data = corpus_bytes()
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        starts = torch.randint(0, data.numel() - doc_len, (docs_per_step,), generator=gen).tolist()
+        batch = pack([data[s:s + doc_len] for s in starts]).to(device)
+        meta = make_sp_batch(batch.seqlens, "local", None, device=device)
+        loss = token_loss_sum(net.logits(net(batch.input_ids, meta)), batch.labels) / batch.num_targets
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        if on_step is not None:
+            on_step(opt)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+def window_mean(losses: list[float]) -> float:
+    return statistics.fmean(losses[-WINDOW:])
+
+
+def bench_convergence(steps: int, model: dict[str, int], device: torch.device, formats: tuple[str, ...],
+                      docs_per_step: int, doc_len: int) -> list[dict[str, Any]]:
+    runs = {"torch AdamW (fp32)": lambda g: torch.optim.AdamW(g, lr=LR, betas=BETAS)}
+    for fmt in formats:
+        runs[f"FP8AdamW {fmt}"] = functools.partial(FP8AdamW, lr=LR, betas=BETAS, state_dtype=fmt)
+    rows, ref = [], None
+    for name, make in runs.items():
+        t0 = time.perf_counter()
+        losses = train_lm(make, steps=steps, model=model, docs_per_step=docs_per_step, doc_len=doc_len, device=device)
+        final = window_mean(losses)
+        ref = final if ref is None else ref
+        rows.append({"section": "convergence", "optimizer": name, "steps": steps, "final_loss": final,
+                     "loss_gap_pct": 100.0 * (final - ref) / ref, "wall_s": time.perf_counter() - t0,
+                     "loss_curve_every_50": losses[::50]})
+        print({k: v for k, v in rows[-1].items() if k != "loss_curve_every_50"}, flush=True)
+    return rows
+
+
+QUANT_CANDIDATES = {
+    "m e4m3 / v e4m3 (floor), v stochastic [fp8]": (Q.E4M3, Q.E4M3_FLOOR, True),
+    "m e4m3 / v e4m3 (floor), nearest": (Q.E4M3, Q.E4M3_FLOOR, False),
+    "m e4m3 / sqrt(v) e4m3, v stochastic": (Q.E4M3, Q.E4M3_SQRT, True),
+    "m e4m3 / sqrt(v) e4m3, nearest": (Q.E4M3, Q.E4M3_SQRT, False),
+    "m e5m2 / sqrt(v) e5m2, nearest": (Q.E5M2, Q.E5M2_SQRT, False),
+    "m int8 / sqrt(v) uint8, v stochastic [int8]": (Q.INT8, Q.UINT8_SQRT, True),
+    "m bf16 / v bf16, v stochastic [bf16]": (Q.BF16, Q.BF16, True),
+}
+
+
+class ShadowStates:
+    """Moments stored in one candidate format, updated from the reference run's gradients."""
+
+    def __init__(self, m_fmt: Q.CodeFormat, v_fmt: Q.CodeFormat, stochastic: bool, numel: int, block: int) -> None:
+        self.m_fmt, self.v_fmt, self.stochastic, self.block = m_fmt, v_fmt, stochastic, block
+        self.m = torch.zeros(numel // block, block)
+        self.v = torch.zeros(numel // block, block)
+        self.index = torch.arange(numel, dtype=torch.int64).view(-1, block)
+
+    def _store(self, x: torch.Tensor, fmt: Q.CodeFormat, bits: torch.Tensor | None) -> torch.Tensor:
+        if fmt.qmax == 0:
+            return Q.round_plain(x, fmt, bits).float()
+        return Q.dequantize_blocks(*Q.quantize_blocks(x, fmt, bits), fmt)
+
+    def update(self, g: torch.Tensor, step: int, beta2: float) -> torch.Tensor:
+        """Advance the moments with ``g``; return this step's update (from the unquantized fp32 moments)."""
+        m = BETAS[0] * self.m + (1 - BETAS[0]) * g
+        v = beta2 * self.v + (1 - beta2) * g * g
+        update = (m / (1 - BETAS[0] ** step)) / ((v / (1 - beta2**step)).sqrt() + 1e-8)
+        bits = Q.random_bits(Q.tensor_salt(0, torch.tensor(step)), self.index, Q.STREAM_V) if self.stochastic else None
+        self.m, self.v = self._store(m, self.m_fmt, None), self._store(v, self.v_fmt, bits)
+        return update
+
+
+def bench_quant_error(steps: int, model: dict[str, int], block: int, betas2: tuple[float, ...]) -> list[dict[str, Any]]:
+    rows = []
+    for beta2 in betas2:
+        errors: dict[str, list[float]] = {name: [] for name in QUANT_CANDIDATES}
+        shadows: dict[str, ShadowStates] = {}
+
+        def flat_grads(opt: torch.optim.Optimizer) -> torch.Tensor:
+            pieces = []
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    g = p.grad.reshape(-1)
+                    pieces += [g, g.new_zeros(-g.numel() % block)]
+            return torch.cat(pieces).view(-1, block)
+
+        def observe(opt: torch.optim.Optimizer) -> None:
+            g = flat_grads(opt)
+            step = len(next(iter(errors.values()))) + 1
+            if not shadows:
+                shadows.update({name: ShadowStates(*spec, g.numel(), block) for name, spec in QUANT_CANDIDATES.items()})
+                shadows["fp32"] = ShadowStates(Q.FP32, Q.FP32, False, g.numel(), block)
+            ref = shadows["fp32"].update(g, step, beta2)
+            for name in QUANT_CANDIDATES:
+                update = shadows[name].update(g, step, beta2)
+                errors[name].append(((update - ref).norm() / ref.norm()).item())
+
+        train_lm(lambda gr: torch.optim.AdamW(gr, lr=LR, betas=(BETAS[0], beta2)), steps=steps, model=model,
+                 docs_per_step=8, doc_len=128, device=torch.device("cpu"), on_step=observe)
+        for name, errs in errors.items():
+            rows.append({"section": "quant_error", "format": name, "beta2": beta2, "block_size": block, "steps": steps,
+                         "update_rel_err_mean": statistics.fmean(errs),
+                         "update_rel_err_last50": statistics.fmean(errs[-50:])})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=None, help="result folder (default bench/results)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: checks the script, measures nothing")
+    parser.add_argument("--quant-error", action="store_true", help="run the quantization-format study instead")
+    parser.add_argument("--steps", type=int, default=None, help="convergence steps (default 1000; smoke 30)")
+    args = parser.parse_args()
+
+    if args.quant_error:
+        steps = args.steps or (20 if args.smoke else 150)
+        model = SMOKE_MODEL if args.smoke else dict(TINY_MODEL, num_hidden_layers=2, hidden_size=128,
+                                                     intermediate_size=352, num_attention_heads=4,
+                                                     num_key_value_heads=2)
+        rows = bench_quant_error(steps, model, block=128, betas2=(0.95, 0.999))
+        chosen = [r for r in rows if r["format"].endswith("[fp8]")]
+        summary = {f"fp8_update_rel_err_beta2_{r['beta2']}": r["update_rel_err_last50"] for r in chosen}
+        write_result("optim_quant_error", {"steps": steps, "model": model, "block_size": 128}, rows, summary,
+                     device="cpu", out_dir=args.out)
+        return
+
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    if device.type == "cpu" and not args.smoke:
+        raise SystemExit("bench/optim.py needs a CUDA GPU; use --smoke on CPU")
+    shapes = llama_shapes(**(SMOKE_SHAPES if args.smoke else LLAMA_1B))
+    steps = args.steps or (30 if args.smoke else 1000)
+    model = SMOKE_MODEL if args.smoke else TINY_MODEL
+    docs, doc_len = (4, 64) if args.smoke else (16, 512)
+    formats = ("fp8",) if args.smoke else ("fp8", "int8", "bf16")
+
+    rows = bench_step_time(shapes, device, warmup=2 if args.smoke else 5, steps=5 if args.smoke else 20)
+    rows += bench_convergence(steps, model, device, formats, docs, doc_len)
+
+    times = {r["optimizer"]: r for r in rows if r["section"] == "step_time"}
+    backend = "triton" if device.type == "cuda" else "torch"
+    fp8 = times[f"FP8AdamW fp8 ({backend})"]
+    conv = {r["optimizer"]: r for r in rows if r["section"] == "convergence"}
+    summary = {
+        "state_bytes_per_param": fp8["state_bytes_per_param"],
+        "step_time_vs_fused_adamw": fp8["step_ms_median"] / times["torch AdamW fused (fp32)"]["step_ms_median"],
+        "loss_gap_pct": conv["FP8AdamW fp8"]["loss_gap_pct"],
+    }
+    config = {"shapes": "smoke" if args.smoke else "llama-3.2-1b", "params": fp8["params"], "tensors": fp8["tensors"],
+              "convergence_steps": steps, "model": model, "docs_per_step": docs, "doc_len": doc_len,
+              "lr": LR, "betas": BETAS, "torch": torch.__version__}
+    write_result("optim", config, rows, summary, out_dir=args.out)
+
+
+if __name__ == "__main__":
+    main()
