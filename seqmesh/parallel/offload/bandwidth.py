@@ -1,0 +1,80 @@
+"""Measured transfer rates the offload policy prices transfers with (and the benchmark reports).
+
+Each figure is the best of a few timed transfers of one buffer, as the steady state of a training
+step (large, repeated copies from reused pinned buffers) sees it, not the first cold copy.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import torch
+
+from seqmesh.parallel.offload.files import FileStore
+from seqmesh.parallel.offload.pool import HostPool
+
+
+def available_host_bytes() -> int:
+    """Host memory the system can hand out now (MemAvailable)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure_h2d_GBps(device: torch.device | str, nbytes: int = 256 << 20, repeats: int = 3) -> float:
+    """Host-to-device copy rate from a pinned (page-locked) buffer, GB/s; on a CPU device, memcpy."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    pool = HostPool(nbytes * 2, pin=cuda)
+    try:
+        host = pool.acquire(nbytes)
+        assert host is not None
+        host = host[:nbytes]
+        dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        best = float("inf")
+        for _ in range(repeats + 1):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                dev.copy_(host, non_blocking=True)
+                end.record()
+                end.synchronize()
+                seconds = start.elapsed_time(end) / 1e3
+            else:
+                t0 = time.perf_counter()
+                dev.copy_(host)
+                seconds = time.perf_counter() - t0
+            best = min(best, seconds)
+        return nbytes / best / 1e9
+    finally:
+        pool.close()
+
+
+def measure_disk_GBps(path: str | os.PathLike | None = None, nbytes: int = 256 << 20, engine: str = "threads",
+                      threads: int = 4) -> tuple[float, float]:
+    """(write, read) rates of offload files under ``path``, GB/s, through the offload I/O engine."""
+    store = FileStore(path or tempfile.gettempdir(), engine=engine, threads=threads)
+    pool = HostPool(nbytes * 2, pin=False)
+    try:
+        buf = pool.acquire(nbytes)
+        assert buf is not None
+        buf = buf[:nbytes]
+        buf.fill_(7)
+        target = store.new_path()
+        t0 = time.perf_counter()
+        for f in store.write(buf, target):
+            f.result()
+        t1 = time.perf_counter()
+        for f in store.read(buf, target):
+            f.result()
+        t2 = time.perf_counter()
+        store.remove(target)
+        return nbytes / (t1 - t0) / 1e9, nbytes / (t2 - t1) / 1e9
+    finally:
+        store.close()
+        pool.close()

@@ -1,0 +1,138 @@
+"""Reusable host buffers for offloaded activations, inside a fixed byte budget.
+
+Allocating pinned memory costs milliseconds per megabyte and PyTorch's caching host allocator rounds
+every block up to a power of two (up to 2x the host memory); a training step offloads the same
+shapes every time, so buffers are kept in size classes (at most 1/8 above the request) and handed
+out again. Pinned buffers are ordinary CPU allocations page-locked with ``cudaHostRegister``, which
+locks exactly the bytes asked for. Every buffer starts on an ``align`` boundary and spans a whole
+number of ``align`` blocks, which is what ``O_DIRECT`` file I/O requires.
+
+The budget is a hard limit: when the free buffers of other sizes, once returned to the system, do
+not make room, ``acquire`` answers None and the caller decides whether to wait for buffers still
+in flight (file writes) or to raise ``HostMemoryError``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+import torch
+
+from seqmesh.parallel.offload.errors import HostMemoryError
+
+
+def size_class(nbytes: int, align: int = 4096) -> int:
+    """``nbytes`` rounded up to a multiple of max(align, 1/8 of its power of two): at most 12.5% waste."""
+    if nbytes <= 0:
+        raise ValueError(f"size_class: nbytes must be positive, got {nbytes}")
+    granule = max(align, 1 << max(0, (nbytes - 1).bit_length() - 3))
+    return -(-nbytes // granule) * granule
+
+
+class _Slab:
+    """One allocation: ``raw`` owns the memory, ``buf`` is its aligned window handed to callers."""
+
+    __slots__ = ("raw", "buf", "pinned")
+
+    def __init__(self, raw: torch.Tensor, buf: torch.Tensor, pinned: bool) -> None:
+        self.raw, self.buf, self.pinned = raw, buf, pinned
+
+    def free(self) -> None:
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.raw.data_ptr())
+        self.raw = self.buf = None  # type: ignore[assignment]
+
+
+class HostPool:
+    """Size-classed host buffers within ``limit_bytes``; thread-safe (file I/O threads return buffers)."""
+
+    def __init__(self, limit_bytes: int, pin: bool, align: int = 4096) -> None:
+        if limit_bytes <= 0:
+            raise ValueError(f"HostPool: limit_bytes must be positive, got {limit_bytes}")
+        if align <= 0 or align & (align - 1):
+            raise ValueError(f"HostPool: align must be a power of two, got {align}")
+        self.limit_bytes, self.pin, self.align = int(limit_bytes), pin, align
+        self._free: dict[int, list[_Slab]] = defaultdict(list)
+        self._used: dict[int, _Slab] = {}  # data_ptr of the handed-out buffer -> its slab
+        self._lock = threading.Lock()
+        self.allocated_bytes = 0
+        self.in_use_bytes = 0
+        self.peak_in_use_bytes = 0
+        self.allocations = 0  # fresh allocations so far: stays flat once a run reaches steady state
+
+    def acquire(self, nbytes: int) -> torch.Tensor | None:
+        """A uint8 buffer of at least ``nbytes`` (its class size), or None when the budget is spent."""
+        size = size_class(nbytes, self.align)
+        with self._lock:
+            free = self._free[size]
+            if free:
+                slab = free.pop()
+            else:
+                if not self._make_room(size):
+                    return None
+                slab = self._allocate(size)
+                self.allocated_bytes += size
+                self.allocations += 1
+            self._used[slab.buf.data_ptr()] = slab
+            self.in_use_bytes += size
+            self.peak_in_use_bytes = max(self.peak_in_use_bytes, self.in_use_bytes)
+            return slab.buf
+
+    def release(self, buf: torch.Tensor) -> None:
+        with self._lock:
+            slab = self._used.pop(buf.data_ptr(), None)
+            if slab is None:
+                raise ValueError("HostPool.release: this buffer was not handed out by this pool (or was released twice)")
+            self.in_use_bytes -= slab.buf.numel()
+            self._free[slab.buf.numel()].append(slab)
+
+    def trim(self) -> None:
+        """Return every free buffer to the system (after a step that needed unusually large ones)."""
+        with self._lock:
+            for size, slabs in self._free.items():
+                for slab in slabs:
+                    slab.free()
+                    self.allocated_bytes -= size
+            self._free.clear()
+
+    def close(self) -> None:
+        """Free everything; buffers still handed out are freed too (their users must be finished)."""
+        self.trim()
+        with self._lock:
+            for slab in self._used.values():
+                self.allocated_bytes -= slab.buf.numel()
+                slab.free()
+            self._used.clear()
+            self.in_use_bytes = 0
+
+    def _make_room(self, size: int) -> bool:
+        """Free cached buffers of other sizes, largest first, until ``size`` more fits the budget."""
+        if self.allocated_bytes + size <= self.limit_bytes:
+            return True
+        for other in sorted((s for s, slabs in self._free.items() if slabs), reverse=True):
+            slabs = self._free[other]
+            while slabs and self.allocated_bytes + size > self.limit_bytes:
+                slabs.pop().free()
+                self.allocated_bytes -= other
+        return self.allocated_bytes + size <= self.limit_bytes
+
+    def _allocate(self, size: int) -> _Slab:
+        try:
+            raw = torch.empty(size + self.align, dtype=torch.uint8)
+        except RuntimeError as e:
+            raise HostMemoryError(
+                f"offload could not allocate {size / 2**30:.2f} GiB of host memory ({e}); the machine has less "
+                f"free RAM than offload.host_mem_gb={self.limit_bytes / 2**30:.1f} GiB assumes: lower "
+                "offload.host_mem_gb, lower offload.ratio, or use offload.target=nvme") from None
+        start = -raw.data_ptr() % self.align
+        buf = raw[start:start + size]
+        if self.pin:
+            err = torch.cuda.cudart().cudaHostRegister(raw.data_ptr(), raw.numel(), 0)
+            if int(err) != 0:
+                raise HostMemoryError(
+                    f"offload could not page-lock {size / 2**30:.2f} GiB of host memory (cudaHostRegister error "
+                    f"{int(err)}); the locked-memory limit (ulimit -l) or free RAM is below what offload.host_mem_gb="
+                    f"{self.limit_bytes / 2**30:.1f} GiB assumes: lower offload.host_mem_gb or offload.ratio, or "
+                    "use offload.target=nvme")
+        return _Slab(raw, buf, self.pin)

@@ -1,0 +1,166 @@
+"""Sequence tiling for the longest contexts: the loss and the MLP computed a tile of tokens at a time.
+
+At 500K tokens the logits of a 128K vocabulary are 250 GB in fp32 and a Llama-8B MLP's
+intermediates tens of GB; both are token-wise, so computing them tile by tile (ALST's tiled loss and
+TiledMLP) makes the peak one tile's worth. Each is an autograd function that keeps only its input
+and recomputes a tile's forward inside backward (the MLP then runs twice, three times under
+checkpointing; the loss's extra cost is one more ``lm_head`` matmul).
+
+Why not DeepSpeed's ``TiledFusedLogitsLoss``/``TiledMLP``: its loss computes the weight gradient
+inside forward assuming an upstream gradient of 1, which is wrong under seqmesh's division by the
+global token count (and writes ``.grad`` during forward); here every gradient is returned from
+backward, so autograd scales and accumulates it like any other op, and parameter gradients stay
+untouched until backward. Gradients are accumulated over tiles in fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from seqmesh.trainer.loss import token_loss_sum
+
+
+def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
+    return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def _tiles(n: int, tile: int) -> list[tuple[int, int]]:
+    return [(a, min(a + tile, n)) for a in range(0, n, tile)]
+
+
+class _TiledLinearCrossEntropy(torch.autograd.Function):
+    """``token_loss_sum(hidden @ weight.T, labels)`` without the [T, vocab] logits."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, tile: int) -> Tensor:
+        ctx.save_for_backward(hidden, weight, labels)
+        ctx.tile, ctx.autocast = tile, _autocast_state(hidden.device.type)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for a, b in _tiles(hidden.shape[0], tile):
+            total += token_loss_sum(F.linear(hidden[a:b], weight), labels[a:b])
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        hidden, weight, labels = ctx.saved_tensors
+        device_type, enabled, dtype = ctx.autocast
+        dh = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        dw = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        w = weight.detach().requires_grad_(dw is not None)
+        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            for a, b in _tiles(hidden.shape[0], ctx.tile):
+                h = hidden[a:b].detach().requires_grad_(dh is not None)
+                loss = token_loss_sum(F.linear(h, w), labels[a:b])
+                wanted = [t for t in (h, w) if t.requires_grad]
+                grads = iter(torch.autograd.grad(loss, wanted, grad))
+                if dh is not None:
+                    dh[a:b] = next(grads)
+                if dw is not None:
+                    dw += next(grads)
+        return dh, None if dw is None else dw.to(weight.dtype), None, None
+
+
+def tiled_token_loss_sum(hidden: Tensor, weight: Tensor, labels: Tensor, tile_tokens: int) -> Tensor:
+    """Sum of next-token cross-entropy of ``hidden @ weight.T`` (fp32), ``tile_tokens`` rows at a time."""
+    if tile_tokens < 1:
+        raise ValueError(f"tile_tokens must be >= 1, got {tile_tokens}")
+    if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
+        raise ValueError(f"expected hidden [T, H] and labels [T], got {tuple(hidden.shape)} and {tuple(labels.shape)}")
+    return _TiledLinearCrossEntropy.apply(hidden, weight, labels, int(tile_tokens))
+
+
+def lm_loss_sum(model: nn.Module, hidden: Tensor, labels: Tensor, tile_tokens: int = 0) -> Tensor:
+    """The step loop's loss: untiled (``tile_tokens`` 0, or a stream no longer than one tile) or tiled."""
+    if not tile_tokens or hidden.shape[0] <= tile_tokens:
+        return token_loss_sum(model.logits(hidden), labels)
+    head = model.lm_head
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("the tiled loss supports an lm_head without bias; set offload.loss_tile_tokens=0")
+    return tiled_token_loss_sum(hidden, head.weight, labels, tile_tokens)
+
+
+class _TiledTokenwise(torch.autograd.Function):
+    """``fn`` applied to row tiles of ``x``; keeps only ``x``, recomputes each tile in backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, fn: Callable[[Tensor], Tensor], tile: int, *params: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.fn, ctx.tile, ctx.params = fn, tile, params
+        ctx.autocast = _autocast_state(x.device.type)
+        out = None
+        with torch.no_grad():
+            for a, b in _tiles(x.shape[0], tile):
+                y = fn(x[a:b])
+                if out is None:
+                    out = y.new_empty((x.shape[0], *y.shape[1:]))
+                out[a:b] = y
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (x,) = ctx.saved_tensors
+        params = ctx.params
+        device_type, enabled, dtype = ctx.autocast
+        need_x = ctx.needs_input_grad[0]
+        need_p = ctx.needs_input_grad[3:]
+        dx = torch.empty_like(x) if need_x else None
+        dps = [torch.zeros_like(p, dtype=torch.float32) if need else None for p, need in zip(params, need_p)]
+        wanted_params = [p for p, need in zip(params, need_p) if need]
+        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            for a, b in _tiles(x.shape[0], ctx.tile):
+                xt = x[a:b].detach().requires_grad_(need_x)
+                y = ctx.fn(xt)
+                grads = iter(torch.autograd.grad(y, ([xt] if need_x else []) + wanted_params, grad[a:b],
+                                                 allow_unused=True))
+                if dx is not None:
+                    dx[a:b] = next(grads)
+                for dp in dps:
+                    if dp is not None:
+                        g = next(grads)
+                        if g is not None:
+                            dp += g
+        return (dx, None, None, *(None if dp is None else dp.to(p.dtype) for dp, p in zip(dps, params)))
+
+
+class TiledMLP(nn.Module):
+    """A token-wise module (the SwiGLU MLP) run ``tile_tokens`` rows at a time.
+
+    It adopts the wrapped module's children under their own names, so parameter names, state
+    dicts and HF weight mapping are unchanged (``mlp.gate_proj.weight`` stays
+    ``mlp.gate_proj.weight``).
+    """
+
+    def __init__(self, module: nn.Module, tile_tokens: int) -> None:
+        super().__init__()
+        if tile_tokens < 1:
+            raise ValueError(f"TiledMLP: tile_tokens must be >= 1, got {tile_tokens}")
+        if any(True for _ in module.parameters(recurse=False)):
+            raise ValueError(f"TiledMLP: {type(module).__name__} holds parameters directly; it can wrap modules "
+                             "whose parameters live in sub-modules (as the Llama MLP's projections)")
+        for name, child in module.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "inner", module)  # not a registered child: its names are ours already
+        self.tile_tokens = int(tile_tokens)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[0] <= self.tile_tokens:
+            return self.inner(x)
+        params = [p for p in self.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
+        return _TiledTokenwise.apply(x, self.inner, self.tile_tokens, *params)
+
+    def extra_repr(self) -> str:
+        return f"tile_tokens={self.tile_tokens}"
+
+
+def apply_tiled_mlp(layers: nn.ModuleList, tile_tokens: int) -> None:
+    """Replace every layer's ``mlp`` by a ``TiledMLP`` (before or after activation checkpointing)."""
+    for layer in layers:
+        inner = getattr(layer, "_checkpoint_wrapped_module", layer)
+        if not isinstance(getattr(inner, "mlp", None), nn.Module):
+            raise ValueError(f"apply_tiled_mlp: layer {type(inner).__name__} has no 'mlp' module to tile")
+        if not isinstance(inner.mlp, TiledMLP):
+            inner.mlp = TiledMLP(inner.mlp, tile_tokens)
