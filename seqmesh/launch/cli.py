@@ -16,6 +16,11 @@ commands:
   plan  [FLAGS]          plan SP groups for batches of lengths (seqmesh plan --help)
   profile [FLAGS]        measure this device's cost model (seqmesh profile --help)
   config [OVERRIDES...]  print the resolved, validated configuration
+  submit --address ADDR [--working-dir DIR] -- [OVERRIDES...]
+                         train on a Ray cluster as a job (Ray Jobs API; seqmesh submit --help)
+  jobs list|status|logs|stop [ID]
+                         watch and control submitted jobs (seqmesh jobs --help)
+  report RUN_DIR         write report.png and report.html of a run (seqmesh report --help)
 """
 
 
@@ -50,8 +55,27 @@ def _profile(argv: list[str]) -> int:
     return profile_main(argv)
 
 
+def _submit(argv: list[str]) -> int:
+    from seqmesh.launch.submit import submit_main
+
+    return submit_main(argv)
+
+
+def _jobs(argv: list[str]) -> int:
+    from seqmesh.launch.jobs import jobs_main
+
+    return jobs_main(argv)
+
+
+def _report(argv: list[str]) -> int:
+    from seqmesh.launch.report import report_main
+
+    return report_main(argv)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": _train, "plan": _plan, "profile": _profile,
-                                                   "config": _config}
+                                                   "config": _config, "submit": _submit, "jobs": _jobs,
+                                                   "report": _report}
 
 
 def main(argv: list[str] | None = None) -> int:

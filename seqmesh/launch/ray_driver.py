@@ -53,7 +53,10 @@ def _init_ray(cfg: RunConfig) -> None:
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                                       os.environ.get("PYTHONPATH")]))}}
     if cfg.launch.address:
-        ray.init(address=cfg.launch.address, runtime_env=env, log_to_driver=True)
+        # A driver started by `seqmesh submit` inherits its job's runtime env (the uploaded
+        # working_dir on every node); this machine's source path would mean nothing on the others.
+        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+        ray.init(address=cfg.launch.address, runtime_env=None if in_job else env, log_to_driver=True)
         return
     ray.init(
         num_cpus=max(os.cpu_count() or 1, int(cfg.launch.num_workers * cfg.launch.cpus_per_worker + 0.999)),
@@ -75,25 +78,16 @@ class _Progress(threading.Thread):
     def run(self) -> None:
         from tqdm import tqdm
 
+        from seqmesh.launch.monitor import JsonlFollower
         from seqmesh.trainer.metrics import progress_postfix
 
         bar = tqdm(total=self.total, desc="train", unit="step", dynamic_ncols=True)
-        pos = 0
+        follower = JsonlFollower(self.path)
         while not self.stop.wait(0.5):
-            if not self.path.exists():
-                continue
-            if self.path.stat().st_size < pos:
-                pos = 0  # a resumed run rewrote the log up to its checkpoint
-            with self.path.open() as f:
-                f.seek(pos)
-                for line in f:
-                    if not line.endswith("\n"):
-                        break
-                    pos += len(line.encode())
-                    rec = json.loads(line)
-                    bar.n = rec["step"]
-                    bar.set_postfix(progress_postfix(rec), refresh=False)
-                    bar.refresh()
+            for rec in follower.new_records():
+                bar.n = rec["step"]
+                bar.set_postfix(progress_postfix(rec), refresh=False)
+                bar.refresh()
         bar.close()
 
 

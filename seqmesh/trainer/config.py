@@ -156,6 +156,9 @@ class LaunchConfig:
     dashboard: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 0
+    monitor_interval_s: float = 10.0
+    prometheus_host: str = "127.0.0.1"
+    prometheus_port: int | None = 0
 
     def validate(self) -> None:
         _positive("launch.num_workers", self.num_workers)
@@ -163,6 +166,13 @@ class LaunchConfig:
         _positive("launch.object_store_mb", self.object_store_mb)
         _positive("launch.cpus_per_worker", self.cpus_per_worker)
         _positive("launch.max_failures", self.max_failures, zero_ok=True)
+        _positive("launch.monitor_interval_s", self.monitor_interval_s, zero_ok=True)
+        if self.prometheus_port is not None and not 0 <= self.prometheus_port <= 65535:
+            raise ConfigError(f"launch.prometheus_port={self.prometheus_port} must be a TCP port (1..65535), 0 for a "
+                              f"free port per worker, or null for no endpoint")
+        if self.prometheus_port is not None and self.monitor_interval_s == 0:
+            raise ConfigError("launch.prometheus_port needs the monitor: set launch.monitor_interval_s > 0, or "
+                              "launch.prometheus_port=null")
 
 
 @dataclass(frozen=True)
