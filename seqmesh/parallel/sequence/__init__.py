@@ -25,7 +25,7 @@ from seqmesh.kernels.attention import BACKENDS, varlen_attention
 from seqmesh.parallel.sequence.comm import global_rank
 from seqmesh.parallel.sequence.layout import Layout
 from seqmesh.parallel.sequence.ring import Part, ring_attention, ring_parts
-from seqmesh.parallel.sequence.ulysses import head_split, heads_to_seq, pipelined_ulysses, seq_to_heads, ulysses_row
+from seqmesh.parallel.sequence.ulysses import UlyssesPlan, heads_to_seq, seq_to_heads, ulysses_attention, ulysses_plan
 
 SP_MODES = ("local", "ulysses", "ring", "hybrid")
 
@@ -44,7 +44,12 @@ class SPBatch:
     layout: Layout
     group_rank: int
     backend: str = "auto"
-    ulysses_chunks: int = 4  # most head chunks pure Ulysses pipelines its all-to-alls over (1: no overlap)
+    # Most head chunks pure Ulysses pipelines its transfers over (1: no pipelining). Off by
+    # default: on 2x H200 (Llama-8B heads, causal bf16, fwd+bwd) 4 chunks gave 71.8 / 92.8 / 97.1 /
+    # 88.4 % of single-GPU flash against 84.0 / 96.0 / 99.2 / 90.5 % unpipelined at 8K / 32K / 128K /
+    # varlen 32K tokens per GPU: at degree 2 a rank exchanges only half its q/k/v over NVLink, which
+    # costs less than what the overlap loses (smaller kernels, NCCL sharing the SMs with attention).
+    ulysses_chunks: int = 1
     _tables: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -63,11 +68,36 @@ class SPBatch:
             self._tables[key] = lens.to(device=device, dtype=torch.int32)
         return self._tables[key]
 
+    @property
+    def max_seqlen(self) -> int:
+        return max(self.seqlens)
+
     def ring_parts(self, device: torch.device) -> list[tuple[Part, Part]]:
         """Zigzag stream parts of every ring position, cached per device."""
         key = ("ring", device)
         if key not in self._tables:
             self._tables[key] = ring_parts(self.layout, device)
+        return self._tables[key]
+
+    def ring_peers(self) -> tuple[int, int]:
+        """Global ranks of the next and previous ring positions in this rank's ring column."""
+        if "ring_peers" not in self._tables:
+            lay = self.layout
+            pos, u = lay.coords(self.group_rank)
+            peer = lambda p: global_rank(self.group, (p % lay.ring) * lay.ulysses + u)  # noqa: E731
+            self._tables["ring_peers"] = (peer(pos + 1), peer(pos - 1))
+        return self._tables["ring_peers"]
+
+    def ulysses_plan(self, hq: int, hkv: int, device: torch.device) -> UlyssesPlan:
+        """Head split, row and chunks of this rank's Ulysses row, cached per head shape and device,
+        so every layer after the first does no table work on the host."""
+        key = ("ulysses", hq, hkv, device)
+        if key not in self._tables:
+            lay = self.layout
+            pos, u = lay.coords(self.group_rank)
+            peers = [global_rank(self.group, pos * lay.ulysses + j) for j in range(lay.ulysses)]
+            self._tables[key] = ulysses_plan(hq, hkv, peers, u, lay.ulysses_sizes(pos), self.group,
+                                             self.ulysses_chunks, device)
         return self._tables[key]
 
 
@@ -96,15 +126,16 @@ def _degrees(mode: str, world: int, ulysses_degree: int | None, num_heads: int |
 
 def make_sp_batch(seqlens: Sequence[int], mode: str, group: "dist.ProcessGroup | None", *,
                   ulysses_degree: int | None = None, backend: str = "auto",
-                  device: torch.device | str | None = None, ulysses_chunks: int = 4,
+                  device: torch.device | str | None = None, ulysses_chunks: int = 1,
                   num_heads: int | None = None) -> SPBatch:
     """Lay out a group's packed documents (global lengths ``seqlens``) on this rank.
 
     ``group`` None means a single rank (mode ``local``). ``device`` places ``local_index`` and
     ``position_ids`` (CPU by default). ``ulysses_chunks`` bounds the head chunks over which pure
-    Ulysses overlaps its all-to-alls with attention (1 turns the overlap off). ``num_heads`` (the
-    model's query heads), when given, bounds the default hybrid Ulysses degree and lets a Ulysses
-    group larger than the head count fail here rather than in the first layer.
+    Ulysses overlaps its transfers with attention (1, the default, turns the overlap off; see
+    ``SPBatch.ulysses_chunks`` for why). ``num_heads`` (the model's query heads), when given,
+    bounds the default hybrid Ulysses degree and lets a Ulysses group larger than the head count
+    fail here rather than in the first layer.
     """
     if ulysses_chunks < 1:
         raise ValueError(f"ulysses_chunks must be >= 1, got {ulysses_chunks}")
@@ -146,25 +177,23 @@ def sp_attention(q: Tensor, k: Tensor, v: Tensor, meta: SPBatch, group: "dist.Pr
                          f"(mode {meta.mode!r}) was made for; pass meta.mode and meta.group")
     if q.shape[0] != meta.local_index.numel():
         raise ValueError(f"q has {q.shape[0]} tokens but this rank's layout holds {meta.local_index.numel()}")
+    if not (q.dtype == k.dtype == v.dtype and q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} on "
+                         f"{q.device}/{k.device}/{v.device}")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     lay = meta.layout
-    pos, u = lay.coords(meta.group_rank)
-    hq = q.shape[1]
     if lay.ulysses > 1:
-        split = head_split(hq, k.shape[1], lay.ulysses)
-        row = ulysses_row([pos * lay.ulysses + j for j in range(lay.ulysses)], u, lay.ulysses_sizes(pos), group)
-        chunks = split.chunks(meta.ulysses_chunks)
-        if lay.ring == 1 and len(chunks) > 1:
-            return pipelined_ulysses(q, k, v, chunks, row, meta.cu_seqlens(q.device), max(meta.seqlens), causal,
-                                     scale, meta.backend)
-        q, k, v = seq_to_heads(q, k, v, split, row)
+        plan = meta.ulysses_plan(q.shape[1], k.shape[1], q.device)
+        if lay.ring == 1:
+            return ulysses_attention(q, k, v, plan, meta.cu_seqlens(q.device), meta.max_seqlen, causal, scale,
+                                     meta.backend)
+        q, k, v = seq_to_heads(q, k, v, plan)
     if lay.ring > 1:
-        peer = lambda p: global_rank(group, (p % lay.ring) * lay.ulysses + u)  # noqa: E731
-        out = ring_attention(q, k, v, meta.ring_parts(q.device), pos, peer(pos + 1), peer(pos - 1), group, causal,
-                             scale, meta.backend)
+        pos = lay.coords(meta.group_rank)[0]
+        out = ring_attention(q, k, v, meta.ring_parts(q.device), pos, *meta.ring_peers(), group, causal, scale,
+                             meta.backend)
     else:
-        out = varlen_attention(q, k, v, meta.cu_seqlens(q.device), max(meta.seqlens), causal, scale,
-                               meta.backend)[0]
+        out = varlen_attention(q, k, v, meta.cu_seqlens(q.device), meta.max_seqlen, causal, scale, meta.backend)[0]
     if lay.ulysses > 1:
-        out = heads_to_seq(out, split, row, hq)
+        out = heads_to_seq(out, plan)
     return out

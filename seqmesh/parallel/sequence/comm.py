@@ -2,15 +2,14 @@
 
 The scheduler hands attention a different group every micro-batch, and hybrid mode talks to a
 subset of that group (its Ulysses row or ring column). Creating a process group per subset would
-be a world-wide collective, so subsets talk through point-to-point ops addressed by global rank
-on the given group; a pattern that spans the whole group uses the group's native all-to-all.
+be a world-wide collective, so every pattern is a batch of point-to-point ops addressed by global
+rank on the given group; on NCCL a batch runs as one group call on the group's communicator.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -20,44 +19,35 @@ def global_rank(group: dist.ProcessGroup, group_rank: int) -> int:
 
 
 class Pending:
-    """An all-to-all in flight; ``wait()`` returns the received pieces."""
+    """Transfers in flight; ``wait()`` orders the current stream after them (NCCL) or blocks
+    until they are done (gloo). The tensors stay referenced until then."""
 
-    def __init__(self, recvs: list[Tensor], works: list, keep: list[Tensor]) -> None:
-        self._recvs, self._works, self._keep = recvs, works, keep
+    def __init__(self, works: list, keep: list[Tensor]) -> None:
+        self._works, self._keep = works, keep
 
-    def wait(self) -> list[Tensor]:
+    def wait(self) -> None:
         for work in self._works:
             work.wait()
         self._works, self._keep = [], []
-        return self._recvs
 
 
-def start_all_to_all(sends: Sequence[Tensor], recv_numels: Sequence[int], peers: Sequence[int], me: int,
-                     group: dist.ProcessGroup) -> Pending:
-    """Send flat ``sends[j]`` to group rank ``peers[j]`` and receive ``recv_numels[i]`` elements
-    from ``peers[i]`` (``peers[me]`` is this rank), asynchronously."""
-    dtype, device = sends[me].dtype, sends[me].device
-    if list(peers) == list(range(dist.get_world_size(group))):
-        out = torch.empty(sum(recv_numels), dtype=dtype, device=device)
-        send = torch.cat(list(sends))
-        work = dist.all_to_all_single(out, send, output_split_sizes=list(recv_numels),
-                                      input_split_sizes=[s.numel() for s in sends], group=group, async_op=True)
-        return Pending(list(out.split(list(recv_numels))), [work], [send])
-    recvs = [sends[me] if i == me else torch.empty(n, dtype=dtype, device=device)
-             for i, n in enumerate(recv_numels)]
+def exchange(sends: Sequence[Sequence[Tensor]], recvs: Sequence[Sequence[Tensor]], peers: Sequence[int], me: int,
+             group: dist.ProcessGroup) -> Pending:
+    """Send the contiguous tensors ``sends[j]`` to global rank ``peers[j]`` and receive into
+    ``recvs[j]`` from it, for every ``j != me``, as one batch (one NCCL group: a single launch for
+    all tensors and peers, where an all-to-all per tensor would launch once per tensor).
+
+    Receiving straight into the caller's tensors is what lets Ulysses skip the unpacking copy
+    that a single all-to-all buffer would need. Both ends know every size, so empty tensors are
+    skipped on both; the i-th tensors of a pair match by order (and by tag, for gloo).
+    """
     ops = []
-    for j, peer in enumerate(peers):  # both sides know every size, so empty pieces are skipped on both
-        if j != me and sends[j].numel():
-            ops.append(dist.P2POp(dist.isend, sends[j].contiguous(), global_rank(group, peer), group))
-        if j != me and recv_numels[j]:
-            ops.append(dist.P2POp(dist.irecv, recvs[j], global_rank(group, peer), group))
-    return Pending(recvs, dist.batch_isend_irecv(ops) if ops else [], [op.tensor for op in ops])
-
-
-def all_to_all(sends: Sequence[Tensor], recv_numels: Sequence[int], peers: Sequence[int], me: int,
-               group: dist.ProcessGroup) -> list[Tensor]:
-    """``start_all_to_all`` and wait for it."""
-    return start_all_to_all(sends, recv_numels, peers, me, group).wait()
+    for j, peer in enumerate(peers):
+        if j == me:
+            continue
+        ops += [dist.P2POp(dist.isend, t, peer, group, tag=i) for i, t in enumerate(sends[j]) if t.numel()]
+        ops += [dist.P2POp(dist.irecv, t, peer, group, tag=i) for i, t in enumerate(recvs[j]) if t.numel()]
+    return Pending(dist.batch_isend_irecv(ops) if ops else [], [op.tensor for op in ops])
 
 
 class RingExchange:

@@ -6,25 +6,37 @@ key/value heads its query heads read. With GQA and fewer KV heads than ranks, a 
 to several ranks (replication), and in the backward its gradient comes back from each of them and
 is summed. Token counts per rank may differ too (lengths not divisible by the degree).
 
-When every rank holds whole KV groups (``Hkv % U == 0``), pure Ulysses is pipelined over head
-chunks: the all-to-all of chunk ``i+1`` and the return of chunk ``i-1`` overlap the attention of
-chunk ``i`` (heads are independent), in the forward and in the backward, so only about
-``1/chunks`` of the communication is exposed.
+Each direction moves every byte once and issues one batch of transfers: q, k and v (or dq, dk
+and dv) travel together in one ``batch_isend_irecv`` (one NCCL group, one launch, where DeepSpeed
+issues an all-to-all per tensor), the sender packs each peer's heads into one contiguous piece per
+tensor (the only copy), and the receiver lands them straight in the token rows of the kernel's
+input, so the kernel reads them in place. The way back sends the kernel's rows as they are and
+copies each piece once into its heads. The own share never leaves the GPU: it is copied while the
+transfer runs.
+
+Pure Ulysses may also pipeline over head chunks (``ulysses_chunks``): the transfer of chunk
+``i+1`` and the return of chunk ``i-1`` overlap the attention of chunk ``i``. It is off by default
+because it measured slower at degree 2 on H200 (see ``SPBatch.ulysses_chunks``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from seqmesh.kernels.attention import attention_backward, attention_forward
-from seqmesh.parallel.sequence.comm import start_all_to_all
+from seqmesh.parallel.sequence.comm import exchange
 from seqmesh.parallel.sequence.layout import split_sizes
 
 Ranges = tuple[tuple[int, int], ...]  # one head range per Ulysses rank
+
+
+def _width(r: tuple[int, int]) -> int:
+    return r[1] - r[0]
 
 
 @dataclass(frozen=True)
@@ -34,6 +46,11 @@ class HeadSplit:
     q: Ranges
     kv: Ranges
     group: int  # query heads per KV head in the model
+
+    @property
+    def kv_disjoint(self) -> bool:
+        """No KV head goes to two ranks (else their gradients must be summed on the way back)."""
+        return all(a[1] <= b[0] for a, b in zip(self.kv, self.kv[1:]))
 
     def kv_expand_index(self, u: int) -> list[int] | None:
         """Local KV head of each local query head, when the local heads are not a regular GQA
@@ -49,8 +66,7 @@ class HeadSplit:
         """Head chunks for the pipelined path: (q ranges, kv ranges) per chunk, each rank's range
         cut into equal whole-KV-group pieces; a single chunk when that is impossible."""
         per_rank = {ke - ks for ks, ke in self.kv}
-        overlap = any(a[1] > b[0] for a, b in zip(self.kv, self.kv[1:]))
-        if len(per_rank) != 1 or overlap:
+        if len(per_rank) != 1 or not self.kv_disjoint:
             return [(self.q, self.kv)]
         per = per_rank.pop()
         n = max(c for c in range(1, min(per, max(max_chunks, 1)) + 1) if per % c == 0)
@@ -72,144 +88,199 @@ def head_split(hq: int, hkv: int, degree: int) -> HeadSplit:
     return HeadSplit(q, kv, group)
 
 
-def _width(r: tuple[int, int]) -> int:
-    return r[1] - r[0]
+@dataclass(frozen=True)
+class Row:
+    """One Ulysses row: its ranks (global ranks, row order), this rank's index, tokens held by
+    each rank, and where each rank's tokens start in the row's token order."""
+
+    peers: tuple[int, ...]
+    me: int
+    sizes: tuple[int, ...]
+    starts: tuple[int, ...]
+    group: dist.ProcessGroup
+
+    def rows(self, j: int) -> slice:
+        return slice(self.starts[j], self.starts[j] + self.sizes[j])
+
+    def to_heads(self, xs: Sequence[Tensor], ranges: Sequence[Ranges]) -> Callable[[], list[Tensor]]:
+        """Start sending each ``[n_me, H_t, D]`` tensor's head ranges to their ranks; the returned
+        ``finish`` waits and gives ``[sum(sizes), width_t(me), D]``: this rank's heads of every row
+        token, in row order."""
+        n_me, d = self.sizes[self.me], xs[0].shape[-1]
+        outs = [x.new_empty(sum(self.sizes), _width(r[self.me]), d) for x, r in zip(xs, ranges)]
+        sends, recvs = [], []
+        for j in range(len(self.peers)):
+            pieces = []
+            if j != self.me:
+                for x, r in zip(xs, ranges):
+                    piece = x.new_empty(n_me, _width(r[j]), d)
+                    pieces.append(piece.copy_(x[:, r[j][0]:r[j][1]]) if piece.numel() else piece)
+            sends.append(pieces)
+            recvs.append([out[self.rows(j)] for out in outs] if j != self.me else [])
+        pending = exchange(sends, recvs, self.peers, self.me, self.group)
+        for x, r, out in zip(xs, ranges, outs):  # the own share, while the transfer runs
+            out[self.rows(self.me)].copy_(x[:, r[self.me][0]:r[self.me][1]])
+
+        def finish() -> list[Tensor]:
+            pending.wait()
+            return outs
+        return finish
+
+    def to_tokens(self, xs: Sequence[Tensor], ranges: Sequence[Ranges], outs: Sequence[Tensor],
+                  accumulate: Sequence[bool]) -> Callable[[], None]:
+        """Inverse of ``to_heads``: the returned ``finish`` waits and writes each rank's pieces
+        into the heads ``ranges[t][j]`` of ``outs[t]`` (``[n_me, H_t, D]``), adding where
+        ``accumulate[t]`` (heads that several ranks held; ``outs[t]`` then starts at zero)."""
+        n_me, d = self.sizes[self.me], xs[0].shape[-1]
+        xs = [x.contiguous() for x in xs]
+        sends = [[x[self.rows(j)] for x in xs] if j != self.me else [] for j in range(len(self.peers))]
+        recvs = [[x.new_empty(n_me, _width(r[j]), d) for x, r in zip(xs, ranges)] if j != self.me else []
+                 for j in range(len(self.peers))]
+        pending = exchange(sends, recvs, self.peers, self.me, self.group)
+
+        def place(j: int, pieces: Sequence[Tensor]) -> None:
+            for out, r, piece, add in zip(outs, ranges, pieces, accumulate):
+                if piece.numel():
+                    dst = out[:, r[j][0]:r[j][1]]
+                    dst.add_(piece) if add else dst.copy_(piece)
+        place(self.me, [x[self.rows(self.me)] for x in xs])  # the own share, while the transfer runs
+
+        def finish() -> None:
+            pending.wait()
+            for j, pieces in enumerate(recvs):
+                if j != self.me:
+                    place(j, pieces)
+        return finish
 
 
 @dataclass(frozen=True)
-class _Row:
-    """One Ulysses row: its ranks (group ranks), this rank's index, tokens held by each rank."""
+class UlyssesPlan:
+    """Everything one layer's Ulysses call needs besides the tensors, built once per micro-batch
+    (``SPBatch`` caches it per head shape and device), so a call does no host-side table work."""
 
-    peers: list[int]
-    me: int
-    sizes: list[int]
-    group: dist.ProcessGroup
+    split: HeadSplit
+    row: Row
+    chunks: tuple[tuple[Ranges, Ranges], ...]
+    expand: Tensor | None  # local KV head of each local query head, when not a regular GQA grouping
+    hq: int
+    hkv: int
 
-    def start_to_heads(self, xs: list[Tensor], ranges: list[Ranges]):
-        """Start sending each ``[n_me, H_t, D]`` tensor's head ranges to their ranks; ``finish``
-        gives ``[sum(sizes), width_t(me), D]``: this rank's heads of every row token, in row order."""
-        d = xs[0].shape[-1]
-        sends = [torch.cat([x[:, r[j][0]:r[j][1]].reshape(-1) for x, r in zip(xs, ranges)])
-                 for j in range(len(self.peers))]
-        heads = [_width(r[self.me]) for r in ranges]
-        pending = start_all_to_all(sends, [n * sum(heads) * d for n in self.sizes], self.peers, self.me, self.group)
+    def kv_heads(self, kh: Tensor, vh: Tensor) -> tuple[Tensor, Tensor]:
+        if self.expand is None:
+            return kh, vh
+        return kh.index_select(1, self.expand), vh.index_select(1, self.expand)
 
-        def finish() -> list[Tensor]:
-            pieces = [recv.split([n * h * d for h in heads]) for n, recv in zip(self.sizes, pending.wait())]
-            return [torch.cat([p[t].view(n, h, d) for n, p in zip(self.sizes, pieces)]) for t, h in enumerate(heads)]
-        return finish
-
-    def start_to_tokens(self, xs: list[Tensor], ranges: list[Ranges], outs: list[Tensor]):
-        """Inverse of ``start_to_heads``: ``finish`` adds each rank's pieces into ``outs``
-        (``[n_me, H_t, D]``), so heads that several ranks held (replicated KV) are summed."""
-        d, n_me = xs[0].shape[-1], self.sizes[self.me]
-        bounds = [0]
-        for n in self.sizes:
-            bounds.append(bounds[-1] + n)
-        sends = [torch.cat([x[bounds[i]:bounds[i + 1]].reshape(-1) for x in xs]) for i in range(len(self.peers))]
-        numels = [n_me * d * sum(_width(r[j]) for r in ranges) for j in range(len(self.peers))]
-        pending = start_all_to_all(sends, numels, self.peers, self.me, self.group)
-
-        def finish() -> None:
-            for j, recv in enumerate(pending.wait()):
-                widths = [_width(r[j]) for r in ranges]
-                for out, r, piece, h in zip(outs, ranges, recv.split([n_me * h * d for h in widths]), widths):
-                    out[:, r[j][0]:r[j][1]] += piece.view(n_me, h, d)
-        return finish
+    def kv_grads(self, dk: Tensor, dv: Tensor) -> tuple[Tensor, Tensor]:
+        """Inverse of ``kv_heads`` for gradients: sum over the query heads that shared a KV head."""
+        if self.expand is None:
+            return dk, dv
+        width = _width(self.split.kv[self.row.me])
+        return tuple(g.new_zeros(g.shape[0], width, g.shape[2]).index_add_(1, self.expand, g) for g in (dk, dv))
 
 
-class _SeqToHeads(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, split, row):
-        ctx.args = (split, row, q.shape[1], k.shape[1])
-        return tuple(row.start_to_heads([q, k, v], [split.q, split.kv, split.kv])())
+def ulysses_plan(hq: int, hkv: int, peers: Sequence[int], me: int, sizes: Sequence[int], group: dist.ProcessGroup,
+                 max_chunks: int, device: torch.device) -> UlyssesPlan:
+    """``peers``: the row's global ranks; ``sizes``: tokens held by each of them."""
+    split = head_split(hq, hkv, len(peers))
+    starts = [0]
+    for n in sizes[:-1]:
+        starts.append(starts[-1] + n)
+    row = Row(tuple(peers), me, tuple(sizes), tuple(starts), group)
+    index = split.kv_expand_index(me)
+    expand = None if index is None else torch.tensor(index, dtype=torch.int64, device=device)
+    return UlyssesPlan(split, row, tuple(split.chunks(max_chunks)), expand, hq, hkv)
+
+
+class _Ulysses(torch.autograd.Function):
+    """Pure Ulysses as one node: transfer, varlen attention and transfer back, chunk by chunk over
+    heads (one chunk unless pipelining), with every chunk's transfers in flight while other chunks
+    compute. One node instead of three keeps the intermediate head-sharded tensors out of autograd."""
 
     @staticmethod
-    def backward(ctx, dq, dk, dv):
-        split, row, hq, hkv = ctx.args
-        n, d = row.sizes[row.me], dq.shape[-1]
-        outs = [dq.new_zeros(n, h, d) for h in (hq, hkv, hkv)]
-        row.start_to_tokens([dq.contiguous(), dk.contiguous(), dv.contiguous()], [split.q, split.kv, split.kv],
-                            outs)()
-        return (*outs, None, None)
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, out, split, row, hq):
-        ctx.args = (split, row)
-        result = out.new_zeros(row.sizes[row.me], hq, out.shape[-1])
-        row.start_to_tokens([out], [split.q], [result])()
-        return result
-
-    @staticmethod
-    def backward(ctx, dout):
-        split, row = ctx.args
-        return row.start_to_heads([dout.contiguous()], [split.q])()[0], None, None, None
-
-
-class _PipelinedUlysses(torch.autograd.Function):
-    """All-to-all, varlen attention and all-to-all back, chunk by chunk over heads, with every
-    chunk's transfers in flight while other chunks compute."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, chunks, row, cu, max_len, causal, scale, backend):
-        incoming = [row.start_to_heads([q, k, v], [cq, ckv, ckv]) for cq, ckv in chunks]
-        out = q.new_zeros(q.shape)
+    def forward(ctx, q, k, v, plan, cu, max_len, causal, scale, backend):
+        row = plan.row
+        incoming = [row.to_heads([q, k, v], [cq, ckv, ckv]) for cq, ckv in plan.chunks]
+        out = q.new_empty(q.shape)  # query ranges never overlap: every head is written exactly once
         returning, saved = [], []
-        for (cq, _), finish in zip(chunks, incoming):
+        for (cq, _), finish in zip(plan.chunks, incoming):
             qh, kh, vh = finish()
+            kh, vh = plan.kv_heads(kh, vh)
             oh, lse = attention_forward(qh, kh, vh, cu, cu, max_len, max_len, causal=causal, scale=scale,
                                         backend=backend)
             saved += [qh, kh, vh, oh, lse]
-            returning.append(row.start_to_tokens([oh], [cq], [out]))
+            returning.append(row.to_tokens([oh], [cq], [out], [False]))
         for finish in returning:
             finish()
         ctx.save_for_backward(*saved, cu)
-        ctx.args = (chunks, row, max_len, causal, scale, backend, k.shape)
+        ctx.args = (plan, max_len, causal, scale, backend, k.shape)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         *saved, cu = ctx.saved_tensors
-        chunks, row, max_len, causal, scale, backend, kv_shape = ctx.args
-        dout = dout.contiguous()
-        incoming = [row.start_to_heads([dout], [cq]) for cq, _ in chunks]
-        dq, dk, dv = dout.new_zeros(dout.shape), dout.new_zeros(kv_shape), dout.new_zeros(kv_shape)
+        plan, max_len, causal, scale, backend, kv_shape = ctx.args
+        row = plan.row
+        incoming = [row.to_heads([dout], [cq]) for cq, _ in plan.chunks]
+        replicated = not plan.split.kv_disjoint
+        dq = dout.new_empty(dout.shape)
+        dk, dv = ((dout.new_zeros if replicated else dout.new_empty)(kv_shape) for _ in range(2))
         returning = []
-        for i, ((cq, ckv), finish) in enumerate(zip(chunks, incoming)):
+        for i, ((cq, ckv), finish) in enumerate(zip(plan.chunks, incoming)):
             qh, kh, vh, oh, lse = saved[5 * i:5 * i + 5]
-            grads = attention_backward(finish()[0], qh, kh, vh, oh, lse, cu, cu, max_len, max_len, causal=causal,
-                                       scale=scale, backend=backend)
-            returning.append(row.start_to_tokens(list(grads), [cq, ckv, ckv], [dq, dk, dv]))
+            gq, gk, gv = attention_backward(finish()[0], qh, kh, vh, oh, lse, cu, cu, max_len, max_len,
+                                            causal=causal, scale=scale, backend=backend)
+            gk, gv = plan.kv_grads(gk, gv)
+            returning.append(row.to_tokens([gq, gk, gv], [cq, ckv, ckv], [dq, dk, dv],
+                                           [False, replicated, replicated]))
         for finish in returning:
             finish()
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
-def seq_to_heads(q: Tensor, k: Tensor, v: Tensor, split: HeadSplit, row: _Row) -> tuple[Tensor, Tensor, Tensor]:
+def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, plan: UlyssesPlan, cu: Tensor, max_len: int, causal: bool,
+                      scale: float, backend: str) -> Tensor:
+    """Pure Ulysses attention (the row is the whole group) of this rank's tokens: ``[n_me, Hq, D]``."""
+    return _Ulysses.apply(q, k, v, plan, cu, max_len, causal, scale, backend)
+
+
+class _SeqToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan):
+        ctx.plan = plan
+        split = plan.split
+        return tuple(plan.row.to_heads([q, k, v], [split.q, split.kv, split.kv])())
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        plan = ctx.plan
+        split, n, d = plan.split, plan.row.sizes[plan.row.me], dq.shape[-1]
+        replicated = not split.kv_disjoint
+        outs = [dq.new_empty(n, plan.hq, d)] + [(dq.new_zeros if replicated else dq.new_empty)(n, plan.hkv, d)
+                                                  for _ in range(2)]
+        plan.row.to_tokens([dq, dk, dv], [split.q, split.kv, split.kv], outs, [False, replicated, replicated])()
+        return (*outs, None)
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out, plan):
+        ctx.plan = plan
+        result = out.new_empty(plan.row.sizes[plan.row.me], plan.hq, out.shape[-1])
+        plan.row.to_tokens([out], [plan.split.q], [result], [False])()
+        return result
+
+    @staticmethod
+    def backward(ctx, dout):
+        return ctx.plan.row.to_heads([dout], [ctx.plan.split.q])()[0], None
+
+
+def seq_to_heads(q: Tensor, k: Tensor, v: Tensor, plan: UlyssesPlan) -> tuple[Tensor, Tensor, Tensor]:
     """Sequence-sharded q/k/v -> all tokens of the row, this rank's heads; K/V expanded to one head
-    per query head where the local heads are not a regular GQA grouping."""
-    qh, kh, vh = _SeqToHeads.apply(q, k, v, split, row)
-    index = split.kv_expand_index(row.me)
-    if index is not None:
-        idx = torch.tensor(index, device=kh.device)
-        kh, vh = kh.index_select(1, idx), vh.index_select(1, idx)
-    return qh, kh, vh
+    per query head where the local heads are not a regular GQA grouping (hybrid mode)."""
+    qh, kh, vh = _SeqToHeads.apply(q, k, v, plan)
+    return (qh, *plan.kv_heads(kh, vh))
 
 
-def heads_to_seq(out: Tensor, split: HeadSplit, row: _Row, hq: int) -> Tensor:
-    """This rank's heads of every row token -> this rank's tokens, all heads."""
-    return _HeadsToSeq.apply(out, split, row, hq)
-
-
-def pipelined_ulysses(q: Tensor, k: Tensor, v: Tensor, chunks: list[tuple[Ranges, Ranges]], row: _Row, cu: Tensor,
-                      max_len: int, causal: bool, scale: float, backend: str) -> Tensor:
-    """Pure Ulysses attention (the row is the whole group) with communication hidden behind
-    the attention of other head chunks."""
-    return _PipelinedUlysses.apply(q.contiguous(), k.contiguous(), v.contiguous(), chunks, row, cu, max_len, causal,
-                                   scale, backend)
-
-
-def ulysses_row(peers: list[int], me: int, sizes: list[int], group: dist.ProcessGroup) -> _Row:
-    return _Row(peers, me, sizes, group)
+def heads_to_seq(out: Tensor, plan: UlyssesPlan) -> Tensor:
+    """This rank's heads of every row token -> this rank's tokens, all heads (hybrid mode)."""
+    return _HeadsToSeq.apply(out, plan)
