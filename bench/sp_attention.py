@@ -127,8 +127,9 @@ def _deepspeed(seqlens, q, k, v, dout, group, backend):
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     cu = torch.tensor([0, *seqlens], device=q.device).cumsum(0).to(torch.int32)
 
-    def local(q, k, v):
-        return varlen_attention(q[:, 0], k[:, 0], v[:, 0], cu, max(seqlens), True, backend=backend)[0].unsqueeze(1)
+    def local(q, k, v):  # squeeze/unsqueeze are views both ways (indexing [:, 0] would add a zero-filled backward)
+        out = varlen_attention(q.squeeze(1), k.squeeze(1), v.squeeze(1), cu, max(seqlens), True, backend=backend)[0]
+        return out.unsqueeze(1)
     attn = DistributedAttention(local, group, scatter_idx=2, gather_idx=0)
     n = q.shape[0] // world
     shard = slice(rank * n, (rank + 1) * n)
@@ -232,9 +233,9 @@ def main() -> None:
             if rank == 0:
                 print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
 
-        # (impl, mode, ulysses degree, head chunks of pure Ulysses' overlapped all-to-alls)
-        modes = [("ulysses", "ulysses", None, 4), ("ulysses_unpipelined", "ulysses", None, 1),
-                 ("ring", "ring", None, 1)]
+        # (impl, mode, ulysses degree, head chunks of pure Ulysses' overlapped transfers; 1 is the default)
+        modes = [("ulysses", "ulysses", None, 1), ("ulysses_2chunks", "ulysses", None, 2),
+                 ("ulysses_4chunks", "ulysses", None, 4), ("ring", "ring", None, 1)]
         if ulysses_hybrid:
             modes.append(("hybrid", "hybrid", ulysses_hybrid, 1))
         for impl, mode, u, chunks in modes:
