@@ -73,10 +73,12 @@ class ParallelConfig:
     sp_mode: str = "ulysses"
     ulysses_degree: int | None = None
     attn_backend: str = "auto"
+    zero_stage: int = 0
 
     def validate(self) -> None:
         _positive("parallel.tp", self.tp)
         _positive("parallel.pp", self.pp)
+        _choice("parallel.zero_stage", self.zero_stage, (0, 1, 2))
         _choice("parallel.sp_mode", self.sp_mode, ("ulysses", "ring", "hybrid"))
         _choice("parallel.attn_backend", self.attn_backend, ("auto", "flash_attn", "torch_flash", "cpu_flash", "math"))
 
@@ -91,6 +93,7 @@ class SchedulerConfig:
     time_limit_s: float = 0.2
     cost_model: str | None = None
     mem_limit_gb: float | None = None
+    refine_every: int = 0
     lookahead: int = 1
 
     def validate(self) -> None:
@@ -99,6 +102,7 @@ class SchedulerConfig:
         _positive("scheduler.time_limit_s", self.time_limit_s)
         if self.mem_limit_gb is not None:
             _positive("scheduler.mem_limit_gb", self.mem_limit_gb)
+        _positive("scheduler.refine_every", self.refine_every, zero_ok=True)
         if self.lookahead < 0:
             raise ConfigError(f"scheduler.lookahead={self.lookahead} must be >= 0")
 
@@ -130,12 +134,31 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class OffloadConfig:
+    """Activation offload and sequence tiling (seqmesh/parallel/offload, seqmesh/trainer/tiled.py)."""
+
     target: str = "none"
     ratio: str = "auto"
     path: str = "/tmp/seqmesh-offload"
+    host_mem_gb: float | None = None
+    engine: str = "auto"
+    h2d_GBps: float | None = None
+    disk_GBps: float | None = None
+    mlp_tile_tokens: int = 0
+    loss_tile_tokens: int = 0
+
+    @property
+    def ratio_value(self) -> float | None:
+        """The fixed share of layers to offload, or None for ``auto``."""
+        return None if self.ratio == "auto" else float(self.ratio)
 
     def validate(self) -> None:
         _choice("offload.target", self.target, ("none", "cpu", "nvme"))
+        _choice("offload.engine", self.engine, ("auto", "aio", "threads"))
+        for key in ("host_mem_gb", "h2d_GBps", "disk_GBps"):
+            if getattr(self, key) is not None:
+                _positive(f"offload.{key}", getattr(self, key))
+        _positive("offload.mlp_tile_tokens", self.mlp_tile_tokens, zero_ok=True)
+        _positive("offload.loss_tile_tokens", self.loss_tile_tokens, zero_ok=True)
         if self.ratio != "auto":
             try:
                 r = float(self.ratio)
@@ -215,6 +238,13 @@ class RunConfig:
             raise ConfigError(f"launch.num_workers={world} is not divisible by parallel.tp x parallel.pp = "
                               f"{self.parallel.tp} x {self.parallel.pp}; change the worker count or the layout")
         hdp = world // (self.parallel.tp * self.parallel.pp)
+        tp, model = self.parallel.tp, self.model
+        if model.hf_path is None and (model.num_heads % tp or (model.num_kv_heads % tp and tp % model.num_kv_heads)
+                                      or model.intermediate_size % tp):
+            raise ConfigError(f"parallel.tp={tp} cannot split model.num_heads={model.num_heads}, model.num_kv_heads="
+                              f"{model.num_kv_heads} (tp must divide them or be a multiple of them) and "
+                              f"model.intermediate_size={model.intermediate_size}; choose a tp that divides the heads "
+                              f"and the MLP width")
         if self.scheduler.policy == "static" and hdp % self.scheduler.sp:
             raise ConfigError(f"scheduler.sp={self.scheduler.sp} does not divide the {hdp} HDP ranks "
                               f"(num_workers / (tp x pp)); pick a divisor of {hdp}")

@@ -24,18 +24,21 @@ import torch.distributed as dist
 
 from seqmesh.parallel.grad_reduce import reduce_gradients
 from seqmesh.parallel.mesh import Mesh
+from seqmesh.parallel.offload import offload_session
 from seqmesh.parallel.sequence import make_sp_batch, shard_tokens
 from seqmesh.scheduler import plan_step
 from seqmesh.scheduler.plan import Group, Plan
-from seqmesh.trainer.build import (apply_memory_limit, build_cost_model, build_model, build_optimizer,
+from seqmesh.trainer.build import (apply_memory_limit, apply_offload, build_cost_model, build_model, build_optimizer,
                                    build_schedule)
 from seqmesh.trainer.checkpoint import capture_rng_state, load_latest, restore_rng_state, save_checkpoint
 from seqmesh.trainer.config import RunConfig
 from seqmesh.trainer.data import IGNORE_INDEX, build_data, make_sampler, num_targets, pack
 from seqmesh.trainer.flops import peak_flops, train_flops
-from seqmesh.trainer.loss import token_loss_sum
 from seqmesh.trainer.metrics import MetricsLogger, aggregate_rank_timings, peak_memory
+from seqmesh.trainer.cost_feedback import CostFeedback
 from seqmesh.trainer.plan_ahead import PlanAhead
+from seqmesh.trainer.tiled import lm_loss_sum
+from seqmesh.trainer.timing import SpanTimer
 
 
 def _autocast(cfg: RunConfig, device: torch.device):
@@ -53,10 +56,11 @@ def run_group(model: torch.nn.Module, docs: list[torch.Tensor], group: "dist.Pro
                          backend=cfg.parallel.attn_backend, device=device)
     input_ids = shard_tokens(meta, packed.input_ids.to(device), 0)
     labels = shard_tokens(meta, packed.labels.to(device), IGNORE_INDEX)
-    with _autocast(cfg, device):
-        hidden = model(input_ids, meta)
-        loss_sum = token_loss_sum(model.logits(hidden), labels)
-    (loss_sum / denominator).backward()
+    with offload_session(model, meta):
+        with _autocast(cfg, device):
+            hidden = model(input_ids, meta)
+            loss_sum = lm_loss_sum(model, hidden, labels, cfg.offload.loss_tile_tokens)
+        (loss_sum / denominator).backward()
     return loss_sum.detach()
 
 
@@ -76,6 +80,7 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
     optimizer = build_optimizer(model, cfg.optim)
     schedule = build_schedule(optimizer, cfg)
     cost_model = build_cost_model(cfg, model, device)
+    apply_offload(model, cfg, cost_model, device)
     planner = PlanAhead(functools.partial(plan_step, gpus=mesh.hdp, cost_model=cost_model,
                                           policy=cfg.scheduler.policy, sp=cfg.scheduler.sp,
                                           group_sizes=cfg.scheduler.group_sizes,
@@ -98,6 +103,8 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
                             peak_flops_per_device=peak_flops(device_name, "bf16", override_tflops=cfg.peak_tflops),
                             total_steps=cfg.steps, resume_step=start if restored else None, device=device)
     params = [p for p in model.parameters() if p.requires_grad]
+    timer = SpanTimer(device)
+    feedback = CostFeedback(cost_model, cfg.scheduler.refine_every)
     try:
         for step in range(start, cfg.stop_at or cfg.steps):
             t_step = time.perf_counter()
@@ -109,31 +116,46 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
             mesh.ensure_sp_groups((g.first, g.count) for mb in plan.microbatches for g in mb.groups)
             denominator = num_targets(lengths)
 
-            t0 = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
+            group_spans = []
             for _, group in plan.work_of(mesh.hdp_rank):
                 docs = [train_set[ids[s]] for s in group.sequences]
+                timer.start("group")
                 loss_sum += run_group(model, docs, mesh.sp_group(group.first, group.count), cfg, device, denominator)
-            t1 = time.perf_counter()
+                timer.stop("group")
+                if group.first == mesh.hdp_rank:
+                    group_spans.append((tuple(lengths[s] for s in group.sequences), group.count))
+            timer.start("reduce")
             reduce_gradients(params, mesh.hdp_group)
             dist.all_reduce(loss_sum, group=mesh.hdp_group)
-            t2 = time.perf_counter()
+            timer.stop("reduce")
+            timer.start("optimizer")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            t3 = time.perf_counter()
+            timer.stop("optimizer")
 
-            timings = {"compute_s": t1 - t0, "reduce_s": t2 - t1, "optimizer_s": t3 - t2,
-                       "plan_wait_s": planner.last_wait_ms / 1e3, "peak_mem_bytes": peak_memory(device)[0] or 0}
+            spans = timer.elapsed_ms()
+            group_ms = [ms for name, ms in spans if name == "group"]
+            timings = {"compute_s": sum(group_ms) / 1e3, "reduce_s": dict(spans)["reduce"] / 1e3,
+                       "optimizer_s": dict(spans)["optimizer"] / 1e3, "plan_wait_s": planner.last_wait_ms / 1e3,
+                       "peak_mem_bytes": peak_memory(device)[0] or 0,
+                       "groups": [(lens, d, ms) for (lens, d), ms in zip(group_spans, group_ms)]}
             gathered: list[Any] = [None] * world
             dist.all_gather_object(gathered, timings)
             step_time = time.perf_counter() - t_step
+            feedback.observe([g for t in gathered for g in t.pop("groups")],
+                             1e3 * max(t["reduce_s"] + t["optimizer_s"] for t in gathered))
+            refined = feedback.maybe_refine(step) if rank == 0 else None
+            if refined is not None:
+                planner.plan_fn = functools.partial(planner.plan_fn, cost_model=refined)
             metrics.log_step(step + 1, loss=float(loss_sum) / denominator, grad_norm=float(grad_norm), lr=lr,
                              step_time_s=step_time, tokens=int(sum(lengths)), flops=train_flops(model.config, lengths),
                              peak_mem_bytes=max(t["peak_mem_bytes"] for t in gathered),
-                             extra={**_plan_stats(plan), **_timing_stats(gathered)})
+                             extra={**_plan_stats(plan, step_time), **_timing_stats(gathered),
+                                    "cost_model_refits": feedback.refits})
 
             if cfg.ckpt_every and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == (cfg.stop_at or cfg.steps)):
                 save_checkpoint(run_dir, step + 1, {
@@ -146,10 +168,11 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
     return metrics.close({"resumed_from": start, "world": world})
 
 
-def _plan_stats(plan: Plan) -> dict[str, Any]:
+def _plan_stats(plan: Plan, step_time_s: float) -> dict[str, Any]:
     sizes = plan.group_sizes()
     return {"plan_microbatches": len(plan.microbatches), "plan_groups": len(sizes), "plan_max_group": max(sizes),
             "plan_predicted_ms": plan.predicted_ms, "plan_lower_bound_ms": plan.lower_bound_ms,
+            "plan_error": abs(plan.predicted_ms - 1e3 * step_time_s) / (1e3 * step_time_s),
             "plan_group_sizes": sorted(sizes)}
 
 
