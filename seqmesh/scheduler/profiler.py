@@ -207,7 +207,9 @@ def _profile(args: argparse.Namespace, lengths: list[int], device: torch.device,
         per_layer = fit_quadratic(lengths, peaks)[1]
     else:
         per_layer = 34 * args.hidden * act_bytes / 2
-    mem_per_token = (act_bytes * args.hidden * args.layers + per_layer) if args.checkpointing \
+    # Checkpointed layer inputs live in the residual stream's dtype: fp32 under autocast with fp32
+    # master weights (the trainer's bf16 mode), whatever dtype the matmuls run in.
+    mem_per_token = (4 * args.hidden * args.layers + per_layer) if args.checkpointing \
         else per_layer * args.layers
     params = args.layers * (4 * args.hidden ** 2 + 3 * args.hidden * args.ffn) + 2 * args.vocab * args.hidden
     speed: list[float] = []

@@ -1,0 +1,113 @@
+"""Adaptive SP groups against the best static SP degree, end to end on real GPUs.
+
+The real step loop (``seqmesh.launch.torchrun``) trains a Llama-3.2-1B-shaped model (bf16,
+activation checkpointing; byte vocabulary, so the LM head is negligible) on a long-tail mix of
+document lengths whose longest documents do not fit one GPU under the per-GPU memory limit
+(``scheduler.mem_limit_gb``, enforced on the allocator too): static SP=1 cannot run it, static SP=2
+can, and the adaptive planner mixes single-GPU groups for short documents with SP=2 groups for
+long ones. The cost model comes from ``seqmesh profile`` on the same GPUs and is refined online
+from measured group times (``scheduler.refine_every``); ``cost_model_error`` is the mean absolute
+relative error of the plan's predicted step time against the measured one, over the steps after
+the first refit.
+
+    python bench/scheduler_gpu.py --out DIR      # on a machine with 2+ GPUs
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import write_result  # noqa: E402
+from bench.harness import ROOT, run_loop, write_corpus  # noqa: E402
+
+MODEL = ["model=llama-1b", "model.activation_checkpointing=true"]
+
+
+def long_tail(n: int, seed: int, longest: int) -> list[int]:
+    """Log-normal lengths (median 3K tokens) with one document in 12 between 0.7 and 1x ``longest``."""
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(np.log(3000), 1.0, n), 128, longest // 2).astype(int)
+    long_ids = rng.choice(n, n // 12, replace=False)
+    lengths[long_ids] = rng.integers(int(0.7 * longest), longest, len(long_ids))
+    return lengths.tolist()
+
+
+def profile(work: Path, gpus: int, mem_limit_gb: float) -> Path:
+    out = work / "cost_model.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m", "seqmesh",
+           "profile", "--out", str(out), "--hidden", "2048", "--layers", "16", "--heads", "32", "--ffn", "8192",
+           "--vocab", "257", "--checkpointing", "--mem-limit-bytes", str(mem_limit_gb * 2**30)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise SystemExit(f"seqmesh profile failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/seqmesh-bench-scheduler"))
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--global-batch", type=int, default=16)
+    ap.add_argument("--longest", type=int, default=98304)
+    ap.add_argument("--mem-limit-gb", type=float, default=36.0)
+    ap.add_argument("--refine-every", type=int, default=4)
+    args = ap.parse_args()
+    gpus = torch.cuda.device_count()
+    if gpus < 2:
+        raise SystemExit("bench/scheduler_gpu.py compares SP group sizes; it needs 2 or more GPUs")
+
+    lengths = long_tail(args.global_batch * (args.steps + 2), 0, args.longest)
+    corpus = write_corpus(args.work / "corpus.jsonl", lengths)
+    cost_model = profile(args.work, gpus, args.mem_limit_gb)
+    common = [*MODEL, f"data.source={corpus}", "data.tokenizer=byte", f"data.max_seq_len={args.longest}",
+              f"data.global_batch={args.global_batch}", "data.val_fraction=0", f"steps={args.steps}",
+              f"data.cache_dir={args.work / 'cache'}", f"scheduler.mem_limit_gb={args.mem_limit_gb}",
+              f"scheduler.cost_model={cost_model}", f"scheduler.refine_every={args.refine_every}", "scheduler.lookahead=1"]
+    policies = [("static-sp=1", ["scheduler=static", "scheduler.sp=1"]),
+                ("static-sp=2", ["scheduler=static", "scheduler.sp=2"]),
+                ("adaptive", ["scheduler=adaptive"])]
+    rows = []
+    for name, extra in policies:
+        result = run_loop([*common, *extra], gpus, args.work / f"run_{name}")
+        row = {"policy": name}
+        if "error" in result:
+            row["error"] = result["error"][-800:]
+        else:
+            recs = result["records"]
+            after = [r for r in recs if r.get("cost_model_refits", 0) >= 1] or recs[1:]
+            row.update(tokens_per_s=result["mean_tokens_per_s"], mfu=result["mean_mfu"],
+                       peak_mem_gb=result["peak_mem_bytes"] / 2**30,
+                       step_s_mean=float(np.mean([r["step_time_s"] for r in recs[1:]])),
+                       plan_error_after_refit=float(np.mean([r["plan_error"] for r in after])),
+                       plan_error_first_steps=float(np.mean([r["plan_error"] for r in recs[1:args.refine_every]]))
+                       if args.refine_every > 1 else None,
+                       group_sizes_last=recs[-1]["plan_group_sizes"], microbatches_last=recs[-1]["plan_microbatches"])
+        rows.append(row)
+        print(row, flush=True)
+    statics = [r["tokens_per_s"] for r in rows if r["policy"].startswith("static") and "tokens_per_s" in r]
+    adaptive = next((r for r in rows if r["policy"] == "adaptive" and "tokens_per_s" in r), None)
+    summary = {
+        "speedup_vs_best_static": adaptive["tokens_per_s"] / max(statics) if adaptive and statics else None,
+        "cost_model_error": adaptive["plan_error_after_refit"] if adaptive else None,
+    }
+    write_result("scheduler", {"model": "llama-3.2-1b shape, byte vocab, bf16, activation checkpointing",
+                               "gpus": gpus, "global_batch": args.global_batch, "steps": args.steps,
+                               "mem_limit_gb": args.mem_limit_gb, "longest": args.longest,
+                               "refine_every": args.refine_every,
+                               "lengths_p50_p90_max": [int(np.percentile(lengths, q)) for q in (50, 90, 100)]},
+                 rows, summary, out_dir=args.out)
+
+
+if __name__ == "__main__":
+    main()
