@@ -8,11 +8,13 @@ import torch
 import transformers
 
 from seqmesh.parallel.checkpointing import apply_activation_checkpointing
+from seqmesh.parallel.offload import attach_offload
 from seqmesh.scheduler import CostModel, default_cost_model
 from seqmesh.trainer.config import ModelConfig, OptimConfig, RunConfig
 from seqmesh.trainer.hf_io import load_hf
 from seqmesh.trainer.lr_schedule import build_lr_scheduler
 from seqmesh.trainer.model import Transformer
+from seqmesh.trainer.tiled import apply_tiled_mlp
 
 # Sustained (not peak) FLOP/s used by the default cost model when no profile exists; a CPU core
 # running fp32 GEMMs of this model's sizes sustains roughly this (measured on the CI machine).
@@ -40,6 +42,19 @@ def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device) -> Tran
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model.model.layers)
     return model.to(device)
+
+
+def apply_offload(model: Transformer, cfg: RunConfig, cost_model: CostModel, device: torch.device) -> None:
+    """Tiled MLP and activation offload (``cfg.offload``), after checkpointing; parameter names are unchanged."""
+    off = cfg.offload
+    if off.mlp_tile_tokens:
+        apply_tiled_mlp(model.model.layers, off.mlp_tile_tokens)
+    if off.target != "none":
+        attach_offload(model, model.model.layers, device=device, target=off.target, ratio=off.ratio_value,
+                       cost_model=cost_model, path=off.path, engine=off.engine,
+                       host_limit_bytes=int(off.host_mem_gb * 2**30) if off.host_mem_gb else None,
+                       h2d_GBps=off.h2d_GBps, disk_GBps=off.disk_GBps,
+                       compute_dtype=torch.bfloat16 if cfg.model.dtype == "bf16" else None)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
