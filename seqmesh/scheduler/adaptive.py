@@ -15,7 +15,7 @@ from typing import Sequence
 from seqmesh.scheduler.cost_model import CostModel
 from seqmesh.scheduler.greedy import finish_times, heuristic, repair
 from seqmesh.scheduler.instance import Instance
-from seqmesh.scheduler.milp import EXACT_MAX_GPUS, EXACT_MAX_SEQUENCES, solve_milp
+from seqmesh.scheduler.milp import exact_fits, solve_milp
 from seqmesh.scheduler.plan import Plan, plan_from_assignment
 from seqmesh.scheduler.simulate import lower_bound, simulate
 
@@ -37,8 +37,8 @@ def adaptive_plan(lengths: Sequence[int], gpus: int, cost_model: CostModel, *,
     heuristic_ms = (time.perf_counter() - t0) * 1e3
     milp_status = "skipped"
     remaining = time_limit_s - heuristic_ms / 1e3
-    small = inst.lengths.size <= EXACT_MAX_SEQUENCES and gpus <= EXACT_MAX_GPUS
-    if use_milp and (small or time_limit_s >= BUCKETED_MIN_S) and remaining > 0 and best[0] > lb * (1 + 1e-9):
+    small = exact_fits(inst.lengths.size, gpus)
+    if use_milp and (small or (time_limit_s >= BUCKETED_MIN_S and remaining > 0)) and best[0] > lb * (1 + 1e-9):
         found = solve_milp(inst, sched, remaining)
         milp_status = "no answer" if found is None else found[1]
         if found is not None:

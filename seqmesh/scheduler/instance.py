@@ -77,7 +77,7 @@ class Instance:
                 last[first:first + d] = j
                 while len(slots) <= j:
                     slots.append([])
-                slots[j].append((first, d, sorted(ids)))
+                slots[j].append((first, d, sorted(int(i) for i in ids)))
         return plan_from_assignment(self.gpus, [sorted(mb) for mb in slots])
 
     def schedule_of(self, plan: Plan) -> Schedule:
