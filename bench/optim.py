@@ -7,9 +7,10 @@
 Step time: every parameter tensor of a Llama-3.2-1B-shaped model (hidden 2048, 16 layers, GQA 32/8
 heads, intermediate 8192, tied vocab 128256: 148 tensors, 1.24B fp32 parameters) with fixed random
 gradients; the median of CUDA-event-timed ``step()`` calls after warm-up, for torch's
-``AdamW(fused=True)`` (the baseline), FP8AdamW in each state format (Triton kernel) and in fp8
-through its torch path, and torchao's ``AdamWFp8``/``AdamW8bit`` when importable. Bytes of state per
-parameter are summed over the state tensors each optimizer actually holds.
+``AdamW(fused=True)`` (the baseline) and ``foreach``, FP8AdamW in each state format (Triton kernel;
+its torch path, made for CPUs, would need tens of GB of temporaries at this size), and torchao's
+``AdamWFp8``/``AdamW8bit`` when importable. Bytes of state per parameter are summed over the state
+tensors each optimizer actually holds.
 
 Convergence: the default tiny Llama (conf/model/tiny.yaml's shape) on byte-level text of the Python
 standard library (the default corpus, without the BPE step), the project's default schedule
@@ -113,8 +114,6 @@ def step_time_candidates(device: torch.device) -> dict[str, Callable[[list[torch
     backend = "triton" if fused else "torch"
     for fmt in ("fp8", "int8", "bf16", "fp32"):
         candidates[f"FP8AdamW {fmt} ({backend})"] = functools.partial(FP8AdamW, state_dtype=fmt, backend=backend, **kw)
-    if fused:
-        candidates["FP8AdamW fp8 (torch)"] = functools.partial(FP8AdamW, state_dtype="fp8", backend="torch", **kw)
     try:
         from torchao.optim import AdamW8bit, AdamWFp8
     except ImportError:

@@ -214,6 +214,8 @@ def test_bad_arguments_are_rejected(kwargs, message):
 def test_bad_parameters_and_groups_are_rejected():
     with pytest.raises(ValueError, match="fp32 or bf16"):
         FP8AdamW(_model(dtype=torch.float16).parameters())
+    with pytest.raises(ValueError, match="contiguous"):
+        FP8AdamW([nn.Parameter(torch.zeros(4, 6).t())])
     opt = FP8AdamW(_model().parameters())
     with pytest.raises(ValueError, match="block_size"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))], "block_size": 3})

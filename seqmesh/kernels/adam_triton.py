@@ -29,7 +29,7 @@ import triton.language as tl
 from seqmesh.trainer.optim.quantize import GOLDEN, STREAM_PARAM, STREAM_V, CodeFormat
 from seqmesh.trainer.optim.update import Bucket, Hyper
 
-CHUNK = 4096
+CHUNK = 2048  # elements per program: 8 per thread at 8 warps, few enough to stay in registers
 NUM_WARPS = 8
 # Jitted code may read module globals only as constexprs.
 _GOLDEN = tl.constexpr(GOLDEN)
@@ -84,11 +84,21 @@ def _round_magnitude(y, bits, MANT: tl.constexpr, MIN_NORMAL: tl.constexpr, QMAX
 
 
 @triton.jit
-def _load_state(ptr, scale_ptr, offs, mask, blk, bmask, SCALED: tl.constexpr, SQRT: tl.constexpr):
+def _load_f32(ptrs, mask, MASKED: tl.constexpr):
     # No `other=`: a constant cannot be cast to every code type; masked lanes are zeroed instead.
-    x = tl.where(mask, tl.load(ptr + offs, mask=mask).to(tl.float32), 0.0)
+    if MASKED:
+        x = tl.where(mask, tl.load(ptrs, mask=mask).to(tl.float32), 0.0)
+    else:
+        x = tl.load(ptrs).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _load_state(ptr, scale_ptr, offs, mask, blk, bmask, SCALED: tl.constexpr, SQRT: tl.constexpr,
+                MASKED: tl.constexpr):
+    x = _load_f32(ptr + offs, mask, MASKED)
     if SCALED:
-        scale = tl.load(scale_ptr + blk, mask=bmask, other=0.0)
+        scale = _load_f32(scale_ptr + blk, bmask, MASKED)
         x = x * scale[:, None]
         if SQRT:
             x = x * x
@@ -125,45 +135,33 @@ def _store_state(x, bits, ptr, scale_ptr, offs, mask, blk, bmask,
         tl.store(ptr + offs, tl.where((x < 0) & (mag > 0), -mag, mag).to(DTYPE), mask=mask)
 
 
-@triton.jit(do_not_specialize=["num_tensors", "seed_hash"])
-def _adamw_kernel(
-    table, floats, chunk_tensor, chunk_start, num_tensors,
+@triton.jit
+def _update_chunk(
+    p_ptr, g_ptr, m_ptr, ms_ptr, v_ptr, vs_ptr, start, numel, key_base, step, step_size, inv_sqrt_bc2,
     decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, seed_hash,
-    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, P_BF16: tl.constexpr, STOCH_P: tl.constexpr, STOCH_V: tl.constexpr,
-    SCALED: tl.constexpr,
+    P_BF16: tl.constexpr, STOCH_P: tl.constexpr, STOCH_V: tl.constexpr, SCALED: tl.constexpr,
     M_DTYPE: tl.constexpr, M_QMAX: tl.constexpr, M_MANT: tl.constexpr, M_MIN_NORMAL: tl.constexpr,
     M_FLOOR: tl.constexpr, M_SIGNED: tl.constexpr, M_SQRT: tl.constexpr,
     V_DTYPE: tl.constexpr, V_QMAX: tl.constexpr, V_MANT: tl.constexpr, V_MIN_NORMAL: tl.constexpr,
     V_FLOOR: tl.constexpr, V_SIGNED: tl.constexpr, V_SQRT: tl.constexpr,
-    BLOCKS: tl.constexpr, QBLOCK: tl.constexpr,
+    BLOCKS: tl.constexpr, QBLOCK: tl.constexpr, MASKED: tl.constexpr,
 ):
-    # table rows (int64 [9, num_tensors]): param, grad, m codes, m scales, v codes, v scales
-    # addresses; numel; key base; step. floats rows (fp32 [2, num_tensors]): step size, 1/sqrt(bc2).
-    pid = tl.program_id(0)
-    t = tl.load(chunk_tensor + pid)
-    start = tl.load(chunk_start + pid)
-    p_ptr = tl.load(table + t).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(table + num_tensors + t).to(tl.pointer_type(G_DTYPE))
-    m_ptr = tl.load(table + 2 * num_tensors + t).to(tl.pointer_type(M_DTYPE))
-    ms_ptr = tl.load(table + 3 * num_tensors + t).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(table + 4 * num_tensors + t).to(tl.pointer_type(V_DTYPE))
-    vs_ptr = tl.load(table + 5 * num_tensors + t).to(tl.pointer_type(tl.float32))
-    numel = tl.load(table + 6 * num_tensors + t)
-    key_base = tl.load(table + 7 * num_tensors + t)
-    step = tl.load(table + 8 * num_tensors + t)
-    step_size = tl.load(floats + t)
-    inv_sqrt_bc2 = tl.load(floats + num_tensors + t)
-
+    """The whole update of one chunk; MASKED only for a tensor's last, partial chunk, so that the
+    full chunks (all but one per tensor) load and store in wide vectors."""
     rows = tl.arange(0, BLOCKS)
     offs = start + rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
-    mask = offs < numel
     blk = start // QBLOCK + rows
-    bmask = blk * QBLOCK < numel
+    if MASKED:
+        mask = offs < numel
+        bmask = blk * QBLOCK < numel
+    else:
+        mask = None
+        bmask = None
 
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = _load_state(m_ptr, ms_ptr, offs, mask, blk, bmask, SCALED, M_SQRT)
-    v = _load_state(v_ptr, vs_ptr, offs, mask, blk, bmask, SCALED, V_SQRT)
+    g = _load_f32(g_ptr + offs, mask, MASKED)
+    p = _load_f32(p_ptr + offs, mask, MASKED)
+    m = _load_state(m_ptr, ms_ptr, offs, mask, blk, bmask, SCALED, M_SQRT, MASKED)
+    v = _load_state(v_ptr, vs_ptr, offs, mask, blk, bmask, SCALED, V_SQRT, MASKED)
 
     p = p * decay
     m = beta1 * m + one_minus_beta1 * g
@@ -191,6 +189,57 @@ def _adamw_kernel(
                  V_MIN_NORMAL, V_FLOOR, V_SIGNED, V_SQRT, STOCH_V)
 
 
+@triton.jit(do_not_specialize=["num_tensors", "seed_hash"])
+def _adamw_kernel(
+    table, floats, chunk_tensor, chunk_start, num_tensors,
+    decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, seed_hash,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, P_BF16: tl.constexpr, STOCH_P: tl.constexpr,
+    STOCH_V: tl.constexpr, SCALED: tl.constexpr,
+    M_DTYPE: tl.constexpr, M_QMAX: tl.constexpr, M_MANT: tl.constexpr, M_MIN_NORMAL: tl.constexpr,
+    M_FLOOR: tl.constexpr, M_SIGNED: tl.constexpr, M_SQRT: tl.constexpr,
+    V_DTYPE: tl.constexpr, V_QMAX: tl.constexpr, V_MANT: tl.constexpr, V_MIN_NORMAL: tl.constexpr,
+    V_FLOOR: tl.constexpr, V_SIGNED: tl.constexpr, V_SQRT: tl.constexpr,
+    BLOCKS: tl.constexpr, QBLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    # table rows (int64 [9, num_tensors]): param, grad, m codes, m scales, v codes, v scales
+    # addresses; numel; key base; step. floats rows (fp32 [2, num_tensors]): step size, 1/sqrt(bc2).
+    pid = tl.program_id(0)
+    t = tl.load(chunk_tensor + pid)
+    start = tl.multiple_of(tl.load(chunk_start + pid), BLOCKS * QBLOCK)
+    p_ptr = tl.load(table + t).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(table + num_tensors + t).to(tl.pointer_type(G_DTYPE))
+    m_ptr = tl.load(table + 2 * num_tensors + t).to(tl.pointer_type(M_DTYPE))
+    ms_ptr = tl.load(table + 3 * num_tensors + t).to(tl.pointer_type(tl.float32))
+    v_ptr = tl.load(table + 4 * num_tensors + t).to(tl.pointer_type(V_DTYPE))
+    vs_ptr = tl.load(table + 5 * num_tensors + t).to(tl.pointer_type(tl.float32))
+    if ALIGNED:  # every address is a multiple of 16 bytes (checked on the host): vector loads
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        ms_ptr = tl.multiple_of(ms_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
+        vs_ptr = tl.multiple_of(vs_ptr, 16)
+    numel = tl.load(table + 6 * num_tensors + t)
+    key_base = tl.load(table + 7 * num_tensors + t)
+    step = tl.load(table + 8 * num_tensors + t)
+    step_size = tl.load(floats + t)
+    inv_sqrt_bc2 = tl.load(floats + num_tensors + t)
+    if start + BLOCKS * QBLOCK <= numel:
+        _update_chunk(p_ptr, g_ptr, m_ptr, ms_ptr, v_ptr, vs_ptr, start, numel, key_base, step, step_size,
+                      inv_sqrt_bc2, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, seed_hash,
+                      P_BF16, STOCH_P, STOCH_V, SCALED,
+                      M_DTYPE, M_QMAX, M_MANT, M_MIN_NORMAL, M_FLOOR, M_SIGNED, M_SQRT,
+                      V_DTYPE, V_QMAX, V_MANT, V_MIN_NORMAL, V_FLOOR, V_SIGNED, V_SQRT,
+                      BLOCKS, QBLOCK, False)
+    else:
+        _update_chunk(p_ptr, g_ptr, m_ptr, ms_ptr, v_ptr, vs_ptr, start, numel, key_base, step, step_size,
+                      inv_sqrt_bc2, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, seed_hash,
+                      P_BF16, STOCH_P, STOCH_V, SCALED,
+                      M_DTYPE, M_QMAX, M_MANT, M_MIN_NORMAL, M_FLOOR, M_SIGNED, M_SQRT,
+                      V_DTYPE, V_QMAX, V_MANT, V_MIN_NORMAL, V_FLOOR, V_SIGNED, V_SQRT,
+                      BLOCKS, QBLOCK, True)
+
+
 def _format_args(prefix: str, fmt: CodeFormat) -> dict:
     """A code format as the kernel's constexprs (MANT: -1 integer codes, 23 plain fp32)."""
     if fmt.dtype == torch.float32:
@@ -211,13 +260,13 @@ def _format_args(prefix: str, fmt: CodeFormat) -> dict:
 
 
 @functools.lru_cache(maxsize=256)
-def _chunk_table(numels: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_table(numels: tuple[int, ...], chunk: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(tensor index int32, first element int64) of every program; depends only on the shapes."""
-    counts = torch.tensor([-(-n // CHUNK) for n in numels], dtype=torch.int64)
+    counts = torch.tensor([-(-n // chunk) for n in numels], dtype=torch.int64)
     tensor_idx = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts)
     firsts = torch.cumsum(counts, 0) - counts
     local = torch.arange(int(counts.sum()), dtype=torch.int64) - torch.repeat_interleave(firsts, counts)
-    return tensor_idx.to(device), (local * CHUNK).to(device)
+    return tensor_idx.to(device), (local * chunk).to(device)
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -227,13 +276,8 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
 
 def fused_step(bucket: Bucket, hp: Hyper) -> None:
     """One launch updating every tensor of ``bucket`` (same contract as ``update.torch_step``)."""
-    params, grads = bucket.params, bucket.grads
-    for name, tensors in (("parameter", params), ("gradient", grads)):
-        if not all(t.is_contiguous() for t in tensors):
-            raise ValueError(f"the fused AdamW kernel needs contiguous {name}s; call .contiguous() on them "
-                             "or use backend='torch'")
-    if hp.block_size > CHUNK or CHUNK % hp.block_size:
-        raise ValueError(f"block_size {hp.block_size} must divide the kernel chunk of {CHUNK} elements")
+    params = bucket.params
+    grads = [g if g.is_contiguous() else g.contiguous() for g in bucket.grads]
     device = params[0].device
     fmt = hp.fmt
     m_scales = bucket.exp_avg_scale if fmt.scaled else bucket.exp_avg
@@ -243,10 +287,12 @@ def fused_step(bucket: Bucket, hp: Hyper) -> None:
     numels = [p.numel() for p in params]
     table += numels + bucket.key_base + bucket.step
     floats = [hp.step_size(s) for s in bucket.step] + [hp.inv_sqrt_bc2(s) for s in bucket.step]
-    chunk_tensor, chunk_start = _chunk_table(tuple(numels), device)
+    chunk = max(CHUNK, hp.block_size)  # both powers of two: whole blocks per chunk
+    chunk_tensor, chunk_start = _chunk_table(tuple(numels), chunk, device)
     if chunk_tensor.numel() == 0:
         return
     bf16_params = params[0].dtype == torch.bfloat16
+    aligned = all(address % 16 == 0 for address in table[: 6 * len(params)])
     _adamw_kernel[(chunk_tensor.numel(),)](
         _to_device(table, torch.int64, device), _to_device(floats, torch.float32, device),
         chunk_tensor, chunk_start, len(params),
@@ -254,6 +300,6 @@ def fused_step(bucket: Bucket, hp: Hyper) -> None:
         P_DTYPE=_TL_DTYPES[params[0].dtype], G_DTYPE=_TL_DTYPES[grads[0].dtype], P_BF16=bf16_params,
         STOCH_P=hp.stochastic and bf16_params, STOCH_V=hp.stochastic and fmt.v.dtype != torch.float32,
         SCALED=fmt.scaled, **_format_args("M", fmt.m), **_format_args("V", fmt.v),
-        BLOCKS=CHUNK // hp.block_size, QBLOCK=hp.block_size,
+        BLOCKS=chunk // hp.block_size, QBLOCK=hp.block_size, ALIGNED=aligned,
         num_warps=NUM_WARPS, enable_fp_fusion=False,
     )

@@ -109,6 +109,9 @@ def _check_group(group: dict[str, Any]) -> None:
         if not isinstance(group[key], int) or group[key] < 0:
             raise ValueError(f"{key} must be a non-negative int, got {group[key]!r}")
     for p in group["params"]:
+        if not p.is_contiguous():
+            raise ValueError(f"FP8AdamW needs contiguous parameters, got one of shape {tuple(p.shape)} with strides "
+                             f"{p.stride()}; make it contiguous before building the optimizer")
         if p.dtype not in PARAM_DTYPES:
             raise ValueError(f"FP8AdamW updates fp32 or bf16 parameters, got one of dtype {p.dtype}; keep fp32 "
                              "master weights (compute in low precision with autocast) or convert the model to bf16")
