@@ -7,10 +7,13 @@ them with a float64 per-document reference. Many cases share one spawn to keep t
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from seqmesh.parallel.sequence import make_sp_batch, shard_tokens, sp_attention
 from tests.distributed import run_distributed
@@ -141,3 +144,78 @@ def _check_tag(sp_run, tag):
 @pytest.mark.parametrize("tag", ["ulysses", "ring", "hybrid", "bf16", "subgroup"])
 def test_sp_matches_single_process(sp_run, tag):
     _check_tag(sp_run, tag)
+
+
+class _OpLog(TorchDispatchMode):
+    """Tensor ops outside the attention kernel and the bytes they write (views and bare
+    allocations write nothing)."""
+
+    ALLOC = {"empty", "new_empty", "empty_like", "empty_strided"}
+
+    def __init__(self):
+        super().__init__()
+        self.in_kernel = False
+        self.reset()
+
+    def reset(self):
+        self.ops, self.written = Counter(), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if not self.in_kernel:
+            self.ops[name] += 1
+            if not func.is_view and name not in self.ALLOC:
+                outs = out if isinstance(out, (list, tuple)) else [out]
+                self.written += sum(o.numel() * o.element_size() for o in outs if isinstance(o, torch.Tensor))
+        return out
+
+
+def _lean_worker(rank, world):
+    import seqmesh.parallel.sequence.ring as ring
+    import seqmesh.parallel.sequence.ulysses as ulysses
+
+    log, batches, results = _OpLog(), Counter(), {}
+    for module in (ulysses, ring):  # the kernels' own ops are not the wrapper's cost
+        for name in ("attention_forward", "attention_backward"):
+            def quiet(*a, _kernel=getattr(module, name), **k):
+                log.in_kernel = True
+                try:
+                    return _kernel(*a, **k)
+                finally:
+                    log.in_kernel = False
+            setattr(module, name, quiet)
+    for name in ("batch_isend_irecv", "all_to_all_single"):
+        def counted(*a, _real=getattr(dist, name), _name=name, **k):
+            batches[_name] += 1
+            return _real(*a, **k)
+        setattr(dist, name, counted)
+    for mode in ("ulysses", "ring"):
+        meta = make_sp_batch([9, 20, 3], mode, dist.group.WORLD)
+        q, k, v, dout = (shard_tokens(meta, x, 0) for x in _inputs(_case(mode, [9, 20, 3], heads=(8, 4))))
+        for x in (q, k, v):
+            x.requires_grad_(True)
+        with torch.no_grad():  # the first call builds the SPBatch's tables
+            sp_attention(q, k, v, meta, meta.group, meta.mode)
+        batches.clear()
+        log.reset()
+        with log:
+            sp_attention(q, k, v, meta, meta.group, meta.mode).backward(dout)
+        size = {name: x.numel() * x.element_size() for name, x in dict(q=q, k=k, v=v).items()}
+        results[mode] = dict(batches=dict(batches), ops=dict(log.ops), written=log.written, size=size)
+    return results
+
+
+def test_sp_calls_are_lean():
+    """Per layer, pure Ulysses moves every byte once per direction (what DeepSpeed's permute +
+    all-to-all does) in one batch of transfers per direction (DeepSpeed: one all-to-all per tensor),
+    and no mode builds tables or syncs with the host after the SPBatch's first call."""
+    for per_rank in run_distributed(_lean_worker, 2):
+        uly, ring = per_rank["ulysses"], per_rank["ring"]
+        assert uly["batches"] == {"batch_isend_irecv": 4}, uly["batches"]  # q/k/v, out, dout, dq/dk/dv
+        qkv, out = sum(uly["size"].values()), uly["size"]["q"]
+        assert uly["written"] == 2 * qkv + 2 * out, (uly["written"], qkv, out, uly["ops"])
+        for result in (uly, ring):
+            syncs = {op: n for op, n in result["ops"].items()
+                     if op in ("_local_scalar_dense", "lift_fresh", "_to_copy")}
+            assert not syncs, f"host syncs or per-call tables: {syncs}"
