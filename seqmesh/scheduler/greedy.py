@@ -172,10 +172,15 @@ def place(inst: Instance, deg: np.ndarray, target_ms: float = np.inf,
             t = float(inst.times[d][i])
             b, finish = heap.best(fin, n, t) if heap else levels[d].best(fin, n, t, beta)
             chosen = d
-            # only a long sequence is worth widening: a short one overflows from packing, not length
-            if finish > target_ms and t + beta > _LONG * target_ms and fin.min() + fastest[i] <= target_ms:
+            # widen only a sequence that is long for the room left on the emptiest rank: others
+            # overflow from packing, not from their length
+            floor = fin.min()
+            if finish > target_ms and t + beta > _LONG * (target_ms - floor) and floor + fastest[i] <= target_ms:
                 for w in (w for w in inst.sizes if w > d):
-                    bw, fw = levels[w].best(fin, n, float(inst.times[w][i]), beta)
+                    tw = float(inst.times[w][i])
+                    if floor + tw / inst.speed.max() > target_ms:
+                        continue
+                    bw, fw = levels[w].best(fin, n, tw, beta)
                     if fw <= target_ms:
                         chosen, b = w, bw
                         break
