@@ -165,7 +165,7 @@ def shard_tokens(meta: SPBatch, x: Tensor, pad_value) -> Tensor:
     index = meta.local_index.to(x.device)
     rows = x.index_select(0, index.clamp(min=0))
     pad = (index < 0).view(-1, *([1] * (x.dim() - 1)))
-    return torch.where(pad, torch.as_tensor(pad_value, dtype=x.dtype, device=x.device), rows)
+    return rows.masked_fill(pad, pad_value)  # a Python scalar: no host-to-device copy (and stream sync)
 
 
 def sp_attention(q: Tensor, k: Tensor, v: Tensor, meta: SPBatch, group: "dist.ProcessGroup | None", mode: str,
