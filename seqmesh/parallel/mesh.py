@@ -23,10 +23,14 @@ class Mesh:
     pp: int = 1
     _sp_groups: dict[tuple[int, int], "dist.ProcessGroup"] = field(default_factory=dict, repr=False)
     _hdp_group: "dist.ProcessGroup | None" = field(default=None, repr=False)
+    _tp_group: "dist.ProcessGroup | None" = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        if self.tp < 1 or self.pp < 1:
+            raise ValueError(f"tp and pp must be >= 1, got tp={self.tp}, pp={self.pp}")
         if self.world % (self.tp * self.pp):
-            raise ValueError(f"world size {self.world} is not divisible by tp x pp = {self.tp} x {self.pp}")
+            raise ValueError(f"world size {self.world} is not divisible by tp x pp = {self.tp} x {self.pp}; "
+                             f"change the number of ranks or the layout")
 
     @property
     def hdp(self) -> int:
@@ -65,6 +69,25 @@ class Mesh:
                     if p == self.pp_rank and t == self.tp_rank:
                         self._hdp_group = g
         return self._hdp_group
+
+    def tp_ranks(self, pp_rank: int | None = None, hdp_rank: int | None = None) -> list[int]:
+        """Global ranks of one TP group (this rank's by default): consecutive, so they share a node's links."""
+        p = self.pp_rank if pp_rank is None else pp_rank
+        h = self.hdp_rank if hdp_rank is None else hdp_rank
+        return [self.global_rank(p, h, t) for t in range(self.tp)]
+
+    @property
+    def tp_group(self) -> "dist.ProcessGroup | None":
+        """Tensor-parallel group (created collectively on first use, like ``hdp_group``); None when tp is 1."""
+        if self.tp == 1:
+            return None
+        if self._tp_group is None:
+            for p in range(self.pp):
+                for h in range(self.hdp):
+                    g = dist.new_group(self.tp_ranks(p, h))
+                    if p == self.pp_rank and h == self.hdp_rank:
+                        self._tp_group = g
+        return self._tp_group
 
     def ensure_sp_groups(self, ranges: Iterable[tuple[int, int]]) -> None:
         """Create (collectively, on every rank) the SP groups for HDP ranges ``(first, count)`` not yet cached."""

@@ -245,6 +245,10 @@ class RunConfig:
                               f"{model.num_kv_heads} (tp must divide them or be a multiple of them) and "
                               f"model.intermediate_size={model.intermediate_size}; choose a tp that divides the heads "
                               f"and the MLP width")
+        if tp > 1 and self.offload.loss_tile_tokens:
+            raise ConfigError(f"offload.loss_tile_tokens={self.offload.loss_tile_tokens} with parallel.tp={tp}: the "
+                              "tensor-parallel loss already splits the logits over the vocabulary and is not tiled; "
+                              "set offload.loss_tile_tokens=0")
         if self.scheduler.policy == "static" and hdp % self.scheduler.sp:
             raise ConfigError(f"scheduler.sp={self.scheduler.sp} does not divide the {hdp} HDP ranks "
                               f"(num_workers / (tp x pp)); pick a divisor of {hdp}")

@@ -1,0 +1,381 @@
+"""Tensor parallelism (Megatron-style, with sequence parallelism) as a transform on the plain model.
+
+``apply_tensor_parallel(model, group)`` rewrites a ``Transformer`` in place for the ``tp`` ranks of
+``group`` (one TP group of the mesh, TP innermost):
+
+* q/k/v and gate/up are column-parallel (each rank computes its heads / its slice of the MLP's
+  inner width), o and down are row-parallel (partial sums). Query heads are split over TP; key/value
+  heads are split too when TP divides their count, and when their count divides TP each KV head is
+  replicated on the ``tp / num_kv_heads`` ranks whose query heads read it (their gradients are then
+  summed over those ranks). Any other combination is an error.
+* Sequence parallelism between the blocks: the residual stream, the norms and the residual adds
+  hold ``1/tp`` of the rank's tokens. Column-parallel layers start with an all-gather along tokens
+  and row-parallel layers end with a reduce-scatter along tokens, which moves the same bytes as
+  Megatron's plain all-reduce but keeps activations (and norm compute) sharded. The token stream is
+  padded to a multiple of ``tp`` (at most ``tp - 1`` zero rows that never reach attention or the loss).
+* The embedding is vocabulary-parallel (each rank looks up its rows, a reduce-scatter sums and
+  shards), and so is the output head; the loss is ``vocab_parallel_cross_entropy``, which combines
+  per-rank maxima, exp-sums and target logits with all-reduces of ``T`` numbers and never gathers
+  the ``[T, vocab]`` logits. A vocabulary that TP does not divide is padded with rows that no token
+  looks up and whose logits are left out of the softmax.
+
+Parameters keep their HF names with local shapes, so a TP checkpoint resumes at the same TP.
+Parameters that stay identical on every TP rank (the norms' gains, row-parallel biases, replicated
+KV heads) see only their rank's tokens or heads, so their gradients are partial:
+``reduce_tensor_parallel_gradients`` sums them once per step, after the last micro-batch (like the
+HDP reduction, and for the same reason: ranks run different numbers of micro-batches).
+
+Attention inside a TP rank sees only its local heads, and its sequence-parallel group (``meta.group``,
+from ``Mesh.sp_group``) holds the same-TP-rank peers of the HDP plane, so TP and the per-step SP
+regrouping compose without either knowing about the other.
+
+Why own autograd functions rather than DTensor's ``parallelize_module``: the micro-batch is one
+packed stream whose length changes every micro-batch and is rarely a multiple of TP, the attention is
+``sp_attention`` with its own collectives on a different group every micro-batch, and the loss
+ignores padding labels. DTensor would need ``to_local``/``from_local`` around attention, uneven
+``Shard(0)`` redistributions on every block and its ``loss_parallel`` only for the last step, while
+the whole Megatron scheme is two differentiable collectives (all-gather / reduce-scatter along
+tokens) and one fused loss on plain tensors -- which also run unchanged on gloo for the CPU tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from seqmesh.parallel.sequence import sp_attention
+from seqmesh.trainer.model import apply_rotary
+
+if TYPE_CHECKING:
+    from seqmesh.parallel.sequence import SPBatch
+    from seqmesh.trainer.model import ModelDims, Transformer
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """What the transform did to one model: the TP group and the parameters that need care."""
+
+    group: dist.ProcessGroup
+    size: int
+    rank: int
+    vocab_size: int  # the real vocabulary (before padding to a multiple of size)
+    vocab_start: int  # first vocabulary row of this rank's shard
+    replicated: tuple[nn.Parameter, ...]  # identical on every TP rank; gradient summed over all of them
+    kv_shared: tuple[nn.Parameter, ...]  # a KV head's weights, held by kv_copies consecutive ranks
+    kv_copies: int
+
+    def norm_excluded(self) -> tuple[nn.Parameter, ...]:
+        """Parameters whose identical copy another TP rank counts in the global gradient norm."""
+        excluded = self.replicated if self.rank else ()
+        return excluded + (self.kv_shared if self.rank % self.kv_copies else ())
+
+
+def check_tensor_parallel(dims: ModelDims, tp: int) -> None:
+    """Raise a ValueError naming the model dimension that ``tp`` ranks cannot split, and the fix."""
+    if tp < 1:
+        raise ValueError(f"tensor parallel degree must be >= 1, got {tp}")
+    if dims.num_heads % tp:
+        raise ValueError(f"parallel.tp={tp} does not divide the model's {dims.num_heads} attention heads; "
+                         f"choose a tp that divides {dims.num_heads}")
+    kv = dims.num_kv_heads
+    if kv % tp and tp % kv:
+        raise ValueError(f"parallel.tp={tp} and the model's {kv} key/value heads: tp must divide the KV heads "
+                         f"(they are split) or be a multiple of them (each is replicated on tp/{kv} ranks); "
+                         f"choose tp among the divisors or multiples of {kv}")
+    if dims.intermediate_size % tp:
+        raise ValueError(f"parallel.tp={tp} does not divide the MLP width intermediate_size="
+                         f"{dims.intermediate_size}; choose a tp that divides it")
+    if (tp - 1) * -(-dims.vocab_size // tp) >= dims.vocab_size:
+        raise ValueError(f"parallel.tp={tp} is too large for a vocabulary of {dims.vocab_size}: the last rank's "
+                         f"shard would hold no real token; use a smaller tp")
+
+
+def _gather_tokens(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    out = x.new_empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+def _reduce_scatter_tokens(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    out = x.new_empty((x.shape[0] // dist.get_world_size(group), *x.shape[1:]))
+    dist.reduce_scatter_tensor(out, x.contiguous(), op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
+class _GatherTokens(torch.autograd.Function):
+    """All-gather along tokens; its gradient is the reduce-scatter (each rank's partial input grads summed)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: dist.ProcessGroup) -> Tensor:
+        ctx.group = group
+        return _gather_tokens(x, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _reduce_scatter_tokens(grad, ctx.group), None
+
+
+class _ReduceScatterTokens(torch.autograd.Function):
+    """Sum partial results over TP and keep this rank's tokens; its gradient is the all-gather."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: dist.ProcessGroup) -> Tensor:
+        ctx.group = group
+        return _reduce_scatter_tokens(x, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _gather_tokens(grad, ctx.group), None
+
+
+def gather_tokens(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """``[t, ...]`` token shards of the TP ranks -> ``[tp * t, ...]`` on every rank (differentiable)."""
+    return _GatherTokens.apply(x, group)
+
+
+def reduce_scatter_tokens(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """Partial ``[tp * t, ...]`` on every rank -> this rank's ``[t, ...]`` of their sum (differentiable)."""
+    return _ReduceScatterTokens.apply(x, group)
+
+
+def _pad_rows(x: Tensor, rows: int) -> Tensor:
+    return x if x.shape[0] == rows else F.pad(x, (0, 0) * (x.dim() - 1) + (0, rows - x.shape[0]))
+
+
+def _param(t: Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach().clone())
+
+
+def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    """An ``nn.Linear`` holding exactly these (sliced) weights, so names and init stay HF's."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    layer.weight = _param(weight)
+    if bias is not None:
+        layer.bias = _param(bias)
+    return layer
+
+
+class RowParallelLinear(nn.Module):
+    """``y = x W^T`` over this rank's input slice, summed and token-sharded by a reduce-scatter; + bias once."""
+
+    def __init__(self, linear: nn.Linear, start: int, end: int, group: dist.ProcessGroup) -> None:
+        super().__init__()
+        self.group = group
+        self.weight = _param(linear.weight[:, start:end])
+        self.bias = None if linear.bias is None else _param(linear.bias)
+
+    def forward(self, x: Tensor, rows: int) -> Tensor:
+        """``x`` [T, in/tp] for the rank's T tokens; ``rows`` the padded token count (a multiple of TP)."""
+        y = reduce_scatter_tokens(_pad_rows(F.linear(x, self.weight), rows), self.group)
+        return y if self.bias is None else y + self.bias
+
+
+class ParallelAttention(nn.Module):
+    """This rank's heads of one attention block; input and output are token shards of the residual stream."""
+
+    def __init__(self, attn: nn.Module, dims: ModelDims, tp: int, rank: int, group: dist.ProcessGroup) -> None:
+        super().__init__()
+        self.group, self.head_dim = group, dims.head_dim
+        d = dims.head_dim
+        self.num_heads = dims.num_heads // tp
+        q = slice(rank * self.num_heads * d, (rank + 1) * self.num_heads * d)
+        if dims.num_kv_heads % tp == 0:
+            self.num_kv_heads = dims.num_kv_heads // tp
+            first_kv = rank * self.num_kv_heads
+        else:  # tp is a multiple of the KV heads: this rank's query heads all read one KV head
+            self.num_kv_heads = 1
+            first_kv = rank // (tp // dims.num_kv_heads)
+        kv = slice(first_kv * d, (first_kv + self.num_kv_heads) * d)
+        for name, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+            linear = getattr(attn, name)
+            setattr(self, name, _linear(linear.weight[rows], None if linear.bias is None else linear.bias[rows]))
+        self.o_proj = RowParallelLinear(attn.o_proj, q.start, q.stop, group)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: SPBatch) -> Tensor:
+        tokens = meta.local_index.numel()
+        h = gather_tokens(x, self.group)
+        rows = h.shape[0]
+        h = h[:tokens]
+        q = self.q_proj(h).view(tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(h).view(tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(h).view(tokens, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = sp_attention(q, k, v, meta, meta.group, meta.mode, causal=True, softmax_scale=self.head_dim**-0.5)
+        return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim), rows)
+
+
+class ParallelMLP(nn.Module):
+    """SwiGLU over this rank's slice of the inner width; token shards in and out."""
+
+    def __init__(self, mlp: nn.Module, dims: ModelDims, tp: int, rank: int, group: dist.ProcessGroup) -> None:
+        super().__init__()
+        self.group = group
+        width = dims.intermediate_size // tp
+        cols = slice(rank * width, (rank + 1) * width)
+        for name in ("gate_proj", "up_proj"):
+            linear = getattr(mlp, name)
+            setattr(self, name, _linear(linear.weight[cols], None if linear.bias is None else linear.bias[cols]))
+        self.down_proj = RowParallelLinear(mlp.down_proj, cols.start, cols.stop, group)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = gather_tokens(x, self.group)
+        return self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h), h.shape[0])
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows ``[start, start + n)`` of the (padded) table; tokens -> this rank's token shard of the embeddings."""
+
+    def __init__(self, weight: nn.Parameter, start: int, tp: int, group: dist.ProcessGroup) -> None:
+        super().__init__()
+        self.weight, self.start, self.tp, self.group = weight, start, tp, group
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        local = input_ids - self.start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        x = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside[:, None], 0.0)
+        rows = -(-input_ids.shape[0] // self.tp) * self.tp
+        return reduce_scatter_tokens(_pad_rows(x, rows), self.group)
+
+
+class VocabParallelHead(nn.Module):
+    """Logits of this rank's vocabulary rows, ``[T, n_real]``: padding rows are left out of the product."""
+
+    def __init__(self, weight: nn.Parameter, real_rows: int) -> None:
+        super().__init__()
+        self.weight, self.real_rows = weight, real_rows
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return F.linear(hidden, self.weight[:self.real_rows])
+
+
+def apply_tensor_parallel(model: Transformer, group: dist.ProcessGroup) -> TensorParallel:
+    """Shard ``model`` (identical on every rank of ``group``) in place over the TP ranks of ``group``.
+
+    Afterwards ``model(input_ids, meta)`` still returns the final hidden states of all the rank's
+    tokens (gathered from the sequence shards, identical on the TP ranks), ``model.logits`` returns
+    this rank's vocabulary columns, which ``vocab_parallel_cross_entropy`` turns into the loss.
+    Apply it before activation checkpointing and before wrapping the optimizer (ZeRO).
+    """
+    if getattr(model, "tensor_parallel", None) is not None:
+        raise ValueError("the model is already tensor parallel; apply_tensor_parallel once")
+    dims = model.dims
+    tp, rank = dist.get_world_size(group), dist.get_rank(group)
+    check_tensor_parallel(dims, tp)
+    replicated: list[nn.Parameter] = []
+    kv_shared: list[nn.Parameter] = []
+    kv_copies = 1 if dims.num_kv_heads % tp == 0 else tp // dims.num_kv_heads
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = ParallelAttention(layer.self_attn, dims, tp, rank, group)
+            mlp = ParallelMLP(layer.mlp, dims, tp, rank, group)
+            layer.self_attn, layer.mlp = attn, mlp
+            replicated += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+            replicated += [b for b in (attn.o_proj.bias, mlp.down_proj.bias) if b is not None]
+            if kv_copies > 1:
+                kv_shared += [p for m in (attn.k_proj, attn.v_proj) for p in m.parameters()]
+        replicated.append(model.model.norm.weight)
+
+        shard = -(-dims.vocab_size // tp)
+        start = rank * shard
+        real = max(0, min(dims.vocab_size, start + shard) - start)
+        table = model.model.embed_tokens.weight
+        embed = _param(_pad_rows(table[start:start + real], shard))
+        model.model.embed_tokens = VocabParallelEmbedding(embed, start, tp, group)
+        head = embed if dims.tie_embeddings else _param(_pad_rows(model.lm_head.weight[start:start + real], shard))
+        model.lm_head = VocabParallelHead(head, real)
+
+    # The blocks leave the final norm's output sharded along tokens; every TP rank gets all of its
+    # tokens back (the gradient of the gather sums the ranks' partial gradients of the vocab shards).
+    def gather_output(module: nn.Module, args: tuple, kwargs: dict, out: Tensor) -> Tensor:
+        input_ids = args[0] if args else kwargs["input_ids"]
+        return gather_tokens(out, group)[:input_ids.shape[0]]
+
+    model.register_forward_hook(gather_output, with_kwargs=True)
+    info = TensorParallel(group, tp, rank, dims.vocab_size, start, tuple(replicated), tuple(kv_shared), kv_copies)
+    model.tensor_parallel = info
+    return info
+
+
+def tensor_parallel(model: nn.Module) -> TensorParallel | None:
+    """The model's TP description, or None for a model ``apply_tensor_parallel`` has not touched."""
+    return getattr(model, "tensor_parallel", None)
+
+
+@torch.no_grad()
+def reduce_tensor_parallel_gradients(model: nn.Module) -> None:
+    """Sum the partial gradients of TP-replicated parameters over their TP ranks (in place, one all-reduce).
+
+    Call once per step after the last backward, before the HDP reduction; a no-op without TP.
+    """
+    tp = tensor_parallel(model)
+    if tp is None:
+        return
+    params = tp.replicated + tp.kv_shared
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    # A replicated KV head's gradient goes to its own slot of a [kv heads, ...] layout, zeros elsewhere,
+    # so one all-reduce over the whole TP group sums it over exactly the ranks that share it.
+    slots = tp.size // tp.kv_copies
+    slot = tp.rank // tp.kv_copies
+    spread = []
+    for p in tp.kv_shared:
+        full = p.grad.new_zeros((slots, *p.shape))
+        full[slot] = p.grad
+        spread.append(full)
+    pieces = [p.grad for p in tp.replicated] + spread
+    if not pieces:
+        return
+    flat = torch.cat([t.reshape(-1) for t in pieces])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=tp.group)
+    reduced = flat.split([t.numel() for t in pieces])
+    for p, r in zip(tp.replicated, reduced):
+        p.grad.copy_(r.view_as(p))
+    for p, r in zip(tp.kv_shared, reduced[len(tp.replicated):]):
+        p.grad.copy_(r.view(slots, *p.shape)[slot])
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, labels: Tensor, start: int, group: dist.ProcessGroup,
+                ignore_index: int) -> Tensor:
+        ctx.dtype = logits.dtype
+        logits = logits.float()
+        top = logits.max(dim=-1).values
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        exp = (logits - top[:, None]).exp_()
+        local = labels - start
+        here = (local >= 0) & (local < logits.shape[1])
+        index = local.clamp(0, max(logits.shape[1] - 1, 0))[:, None]
+        target = torch.where(here, logits.gather(1, index).squeeze(1) - top, 0.0)
+        sums = torch.stack([exp.sum(dim=-1), target])
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        sum_exp, target = sums
+        valid = labels != ignore_index
+        loss = torch.where(valid, sum_exp.log() - target, 0.0).sum()
+        exp.div_(sum_exp[:, None])
+        ctx.save_for_backward(exp, index, here & valid, valid)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        softmax, index, hit, valid = ctx.saved_tensors
+        softmax.scatter_add_(1, index, -hit.to(softmax.dtype)[:, None])
+        softmax.mul_(valid.to(softmax.dtype)[:, None] * grad)
+        return softmax.to(ctx.dtype), None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: Tensor, labels: Tensor, tp: TensorParallel, ignore_index: int) -> Tensor:
+    """Sum over tokens (labels not ``ignore_index``) of the cross-entropy, from this rank's vocabulary columns.
+
+    ``logits`` [T, n] are the columns ``[tp.vocab_start, tp.vocab_start + n)``; the result (fp32) is
+    identical on every TP rank and equals ``F.cross_entropy(full_logits, labels, reduction="sum")``.
+    """
+    if logits.shape[0] != labels.shape[0]:
+        raise ValueError(f"logits have {logits.shape[0]} tokens but labels {labels.shape[0]}")
+    return _VocabParallelCrossEntropy.apply(logits, labels, tp.vocab_start, tp.group, ignore_index)
