@@ -12,7 +12,8 @@ issues an all-to-all per tensor), the sender packs each peer's heads into one co
 tensor (the only copy), and the receiver lands them straight in the token rows of the kernel's
 input, so the kernel reads them in place. The way back sends the kernel's rows as they are and
 copies each piece once into its heads. The own share never leaves the GPU: it is copied while the
-transfer runs.
+transfer runs. (One all-to-all over a packed q|k|v buffer would be one launch too, but each
+source's q, k and v would land interleaved and cost every rank an unpacking pass over them.)
 
 Pure Ulysses may also pipeline over head chunks (``ulysses_chunks``): the transfer of chunk
 ``i+1`` and the return of chunk ``i-1`` overlap the attention of chunk ``i``. It is off by default
