@@ -18,7 +18,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from seqmesh.scheduler import plan_step
 from seqmesh.scheduler.cost_model import CostModel

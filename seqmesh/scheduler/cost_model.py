@@ -148,10 +148,6 @@ class CostModel:
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(self.to_json() + "\n")
 
-    def digest_key(self) -> str:
-        """Canonical text of the coefficients (part of a plan's identity)."""
-        return json.dumps({k: v for k, v in self.to_dict().items() if k != "source"}, sort_keys=True)
-
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "cost model JSON") -> "CostModel":
         if not isinstance(raw, dict):

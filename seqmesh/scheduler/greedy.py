@@ -8,7 +8,7 @@
 2. **Placement** (LPT, Graham 1969), level by level from the largest group size down: each
    sequence goes to the block of its size that would finish it earliest, into its fullest
    micro-batch with room (best fit), opening a micro-batch (one more beta) only when that still
-   finishes first.
+   finishes first; a long sequence that would overrun the target there is widened (see ``place``).
 3. **Repair** (local search on the single-rank level, where nearly all sequences live): move a
    sequence off the rank that finishes last, or swap it for a shorter one elsewhere, while that
    lowers the step time; memory is checked for every move.
@@ -23,6 +23,7 @@ import heapq
 import numpy as np
 
 from seqmesh.scheduler.instance import Instance, Schedule
+
 
 def degrees_for(inst: Instance, target_ms: float) -> np.ndarray:
     """Per sequence, the smallest allowed size >= its memory minimum whose time fits ``target_ms``."""
@@ -119,8 +120,11 @@ class _RankHeap:
 
     def best(self, fin: np.ndarray, n: int, t: float) -> tuple[int, float]:
         seen: list[int] = []
-        popped = [p for p in [self._pop(fin, seen)] if p is not None]
-        top_key, top = popped[0]
+        first = self._pop(fin, seen)
+        if first is None:
+            raise RuntimeError("rank heap lost its entries; every rank keeps one current entry")
+        popped = [first]
+        top_key, top = first
         if not self._room(top, n):
             while self.heap and len(popped) <= _SCAN and self.heap[0][0] < top_key + self.beta:
                 nxt = self._pop(fin, seen)

@@ -79,11 +79,3 @@ class Instance:
                     slots.append([])
                 slots[j].append((first, d, sorted(int(i) for i in ids)))
         return plan_from_assignment(self.gpus, [sorted(mb) for mb in slots])
-
-    def schedule_of(self, plan: Plan) -> Schedule:
-        """The block view of a plan whose groups are all aligned blocks (inverse of ``to_plan``)."""
-        sched: Schedule = {}
-        for mb in plan.microbatches:
-            for g in mb.groups:
-                sched.setdefault((g.first, g.count), []).append(list(g.sequences))
-        return sched
