@@ -65,3 +65,15 @@ def test_all_to_all_bandwidth_is_measured_and_shared_by_every_rank():
     per_rank = run_distributed(_a2a, 2)
     assert per_rank[0] == per_rank[1]  # rank 0's figures, broadcast
     assert sorted(per_rank[0]) == [2] and per_rank[0][2] > 0
+
+
+@pytest.mark.gpu
+def test_profile_on_cuda_measures_time_and_memory_per_token(tmp_path):
+    out = tmp_path / "cost.json"
+    rc = profile_main(["--out", str(out), "--hidden", "1024", "--layers", "4", "--heads", "8", "--ffn", "2816",
+                       "--vocab", "1024", "--lengths", "1024,2048,4096,8192", "--checkpointing"])
+    assert rc == 0
+    cm = CostModel.load(out)
+    # beyond the checkpointed layer inputs, a layer's working set grows with its tokens
+    assert cm.mem_bytes_per_token > 2 * 1024 * 4
+    assert cm.alpha1_ms_per_tok2 > 0 and cm.alpha2_ms_per_tok > 0
