@@ -75,5 +75,5 @@ def test_profile_on_cuda_measures_time_and_memory_per_token(tmp_path):
     assert rc == 0
     cm = CostModel.load(out)
     # beyond the checkpointed layer inputs, a layer's working set grows with its tokens
-    assert cm.mem_bytes_per_token > 2 * 1024 * 4
+    assert cm.mem_bytes_per_token > 4 * 1024 * 4  # fp32 layer inputs x 4 layers, plus the working set
     assert cm.alpha1_ms_per_tok2 > 0 and cm.alpha2_ms_per_tok > 0
