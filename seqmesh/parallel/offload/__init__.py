@@ -78,7 +78,7 @@ def attach_offload(model: nn.Module, layers: Sequence[nn.Module], *, device: tor
     device = torch.device(device)
     scopes, checkpointed = offload_scopes(layers)
     if ratio is None:
-        h2d_GBps = h2d_GBps or measure_h2d_GBps(device)
+        h2d_GBps = h2d_GBps or measure_h2d_GBps(device, 64 << 20)
         if target == "nvme" and disk_GBps is None:
             disk_GBps = min(measure_disk_GBps(path, 64 << 20))
     policy = OffloadPolicy(num_groups=len(scopes), ratio=ratio, cost_model=cost_model, h2d_GBps=h2d_GBps or 1.0,

@@ -193,10 +193,10 @@ class Offloader:
                 return buf
             if not session.wait_one():
                 raise HostMemoryError(
-                    f"offload needs {nbytes / 2**30:.2f} GiB more host memory but offload.host_mem_gb="
-                    f"{self.pool.limit_bytes / 2**30:.1f} GiB is in use ({self.pool.in_use_bytes / 2**30:.1f} GiB "
-                    "holding activations); raise offload.host_mem_gb, lower offload.ratio, or use "
-                    "offload.target=nvme (host memory then only stages transfers)")
+                    f"offload needs {_size(nbytes)} more host memory but its budget offload.host_mem_gb="
+                    f"{_size(self.pool.limit_bytes)} is spent ({_size(self.pool.in_use_bytes)} holding activations); "
+                    "raise offload.host_mem_gb, lower offload.ratio, or use offload.target=nvme (host memory then "
+                    "only stages transfers)")
 
 
 def _unpack(handle: object) -> torch.Tensor:
@@ -228,6 +228,7 @@ class _Session:
         self.off, self.selection, self.tokens = off, selection, tokens
         self.lock = threading.RLock()
         self.blobs: dict[tuple, _Blob] = {}
+        self.all_blobs: list[_Blob] = []  # every blob made, so a failure anywhere frees them all
         self.group_blobs: dict[int, list[_Blob]] = defaultdict(list)
         self.d2h_pending: deque[_Blob] = deque()
         self.inflight_bytes = 0
@@ -273,6 +274,7 @@ class _Session:
     def _offload(self, t: torch.Tensor, group: int, nbytes: int) -> _Blob:
         off = self.off
         blob = _Blob(nbytes, group)
+        self.all_blobs.append(blob)
         blob.host = off.acquire(self, nbytes)
         src = t.detach().reshape(-1).view(torch.uint8)
         if off.cuda:
@@ -325,8 +327,12 @@ class _Session:
             self._finish_h2d(blob)
 
     def wait_one(self) -> bool:
-        """Wait for the oldest transfer that holds a host buffer; False when none does."""
+        """Return host buffers: those of finished transfers, else wait for the oldest one in flight;
+        False when no transfer holds any."""
+        before = self.off.pool.in_use_bytes
         self.poll()
+        if self.off.pool.in_use_bytes < before:
+            return True
         if self.h2d_pending:
             self._finish_h2d(self.h2d_pending[0], wait=True)
         elif self.writing:
@@ -477,10 +483,14 @@ class _Session:
     def abort(self) -> None:
         """The micro-batch failed: every blob is freed now (its saved views may outlive the error)."""
         with self.lock:
-            for blob in {id(b): b for blobs in self.group_blobs.values() for b in blobs}.values():
+            for blob in self.all_blobs:
                 blob.dead = True
                 self._free(blob)
             self.blobs.clear()
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.2f} MiB"
 
 
 def _exception(future: cf.Future, wait: bool) -> BaseException | None:

@@ -23,10 +23,10 @@ from seqmesh.parallel.offload.errors import HostMemoryError
 
 
 def size_class(nbytes: int, align: int = 4096) -> int:
-    """``nbytes`` rounded up to a multiple of max(align, 1/8 of its power of two): at most 12.5% waste."""
+    """``nbytes`` rounded up to a multiple of max(align, 1/8 of the power of two below it): at most 12.5% waste."""
     if nbytes <= 0:
         raise ValueError(f"size_class: nbytes must be positive, got {nbytes}")
-    granule = max(align, 1 << max(0, (nbytes - 1).bit_length() - 3))
+    granule = max(align, 1 << max(0, (nbytes - 1).bit_length() - 4))
     return -(-nbytes // granule) * granule
 
 
