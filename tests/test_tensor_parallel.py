@@ -27,6 +27,11 @@ CASES = {
 }
 
 
+def where(context: str):
+    """An assert_close message that keeps torch's mismatch details after ``context``."""
+    return lambda message: f"{context}: {message}"
+
+
 def make_model(case: str, seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
     model = Transformer(tiny_config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -59,7 +64,7 @@ def full_tensors(named: dict[str, torch.Tensor], reference: dict[str, torch.Tens
         shards = [g[name] for g in gathered]
         if shards[0].shape == ref.shape:
             for s in shards[1:]:
-                torch.testing.assert_close(s, shards[0], rtol=0, atol=0, msg=f"{name} differs across TP ranks")
+                torch.testing.assert_close(s, shards[0], rtol=0, atol=0, msg=where(f"{name} differs across TP ranks"))
             out[name] = shards[0]
             continue
         dim = next(d for d in range(ref.dim()) if shards[0].shape[d] != ref.shape[d])
@@ -105,11 +110,11 @@ def test_tp2_forward_backward_equals_single_process() -> None:
         ref_hidden, ref_loss, ref_grads, ref_params = _reference(case)
         for results in per_rank:
             hidden, loss, grads, params = results[case]
-            torch.testing.assert_close(hidden, ref_hidden, rtol=1e-5, atol=1e-5, msg=f"{case}: hidden")
+            torch.testing.assert_close(hidden, ref_hidden, rtol=1e-5, atol=1e-5, msg=where(f"{case}: hidden"))
             assert loss == pytest.approx(ref_loss, rel=1e-6), case
             for name, g in grads.items():
                 torch.testing.assert_close(params[name], ref_params[name].detach(), rtol=0, atol=0, msg=name)
-                torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=f"{case}: {name}")
+                torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=where(f"{case}: {name}"))
 
 
 def test_layouts_that_do_not_divide_fail_clearly() -> None:

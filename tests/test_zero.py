@@ -1,4 +1,4 @@
-"""ZeRO over HDP: stage 1/2 over 2 and 4 ranks give the parameters of unsharded AdamW; shard checkpoints resume exactly."""
+"""ZeRO over HDP: stages 1/2 over 2 and 4 ranks give unsharded AdamW's parameters; shard checkpoints resume exactly."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from seqmesh.trainer.loss import token_loss_sum
 from seqmesh.trainer.model import Transformer, tiny_config
 from seqmesh.trainer.optim import FP8AdamW
 from tests.distributed import run_distributed
+from tests.test_tensor_parallel import where
 
 VOCAB = 97
 STEPS = [[37, 5, 64, 12, 2, 29, 41], [8, 17, 50, 3, 30, 22, 9], [61, 4, 15, 26, 33, 7, 11]]
@@ -51,7 +52,8 @@ def backward(model: Transformer, docs: list[torch.Tensor], denominator: int) -> 
     return loss.item()
 
 
-def train(opt: ZeroOptimizer, model: Transformer, steps: range, rank: int, world: int) -> tuple[list[float], list[float]]:
+def train(opt: ZeroOptimizer, model: Transformer, steps: range, rank: int,
+          world: int) -> tuple[list[float], list[float]]:
     """Each rank runs every world-th document as its own micro-batch: different micro-batch counts per rank."""
     losses, norms = [], []
     for step in steps:
@@ -128,9 +130,9 @@ def test_zero_equals_unsharded_adamw(world: int) -> None:
             assert losses == pytest.approx(ref_losses, rel=rel), run
             assert norms == pytest.approx(ref_norms, rel=rel), run
             for name, p in final.items():
-                torch.testing.assert_close(p, expected[name], rtol=rel, atol=atol, msg=f"{run}: {name}")
+                torch.testing.assert_close(p, expected[name], rtol=rel, atol=atol, msg=where(f"{run}: {name}"))
         for name, p in results["resumed"].items():
-            torch.testing.assert_close(p, results[(2, "adamw")][2][name], rtol=0, atol=0, msg=f"resumed: {name}")
+            torch.testing.assert_close(p, results[(2, "adamw")][2][name], rtol=0, atol=0, msg=where(f"resumed: {name}"))
     # stage 1/2 keep 1/world of the optimizer state on each rank; stage 0 keeps all of it
     numel = sum(p.numel() for p in ref_params.values())
     assert per_rank[0][(0, "adamw")][3] == numel

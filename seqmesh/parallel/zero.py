@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from seqmesh.parallel.grad_reduce import BUCKET_BYTES, reduce_gradients
 
 STAGES = (0, 1, 2)
+MakeOptimizer = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 
 
 def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -66,11 +67,13 @@ class ZeroOptimizer:
         align: shard and group borders in elements (FP8AdamW's block size keeps blocks whole).
     """
 
-    def __init__(self, param_groups: list[dict[str, Any]], make_optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer],
-                 *, stage: int, group: dist.ProcessGroup | None = None, tp_group: dist.ProcessGroup | None = None,
-                 norm_excluded: Collection[nn.Parameter] = (), align: int = 128, bucket_bytes: int = BUCKET_BYTES) -> None:
+    def __init__(self, param_groups: list[dict[str, Any]], make_optimizer: MakeOptimizer, *, stage: int,
+                 group: dist.ProcessGroup | None = None, tp_group: dist.ProcessGroup | None = None,
+                 norm_excluded: Collection[nn.Parameter] = (), align: int = 128,
+                 bucket_bytes: int = BUCKET_BYTES) -> None:
         if stage not in STAGES:
-            raise ValueError(f"ZeRO stage must be one of {STAGES}, got {stage!r} (parameter sharding, stage 3, is not built)")
+            raise ValueError(f"ZeRO stage must be one of {STAGES}, got {stage!r} "
+                             "(parameter sharding, stage 3, is not built)")
         if align < 1 or bucket_bytes < 1:
             raise ValueError(f"align and bucket_bytes must be positive, got {align}, {bucket_bytes}")
         self.stage, self.group, self.tp_group, self.align = stage, group, tp_group, align
@@ -86,7 +89,7 @@ class ZeroOptimizer:
             return
         self._build_flat(groups, excluded, make_optimizer, bucket_bytes)
 
-    def _build_flat(self, groups: list[dict[str, Any]], excluded: set[int], make_optimizer: Callable,
+    def _build_flat(self, groups: list[dict[str, Any]], excluded: set[int], make_optimizer: MakeOptimizer,
                     bucket_bytes: int) -> None:
         kinds = {(p.dtype, p.device) for p in self.params}
         if len(kinds) != 1:

@@ -8,7 +8,10 @@ import torch
 import transformers
 
 from seqmesh.parallel.checkpointing import apply_activation_checkpointing
+from seqmesh.parallel.mesh import Mesh
 from seqmesh.parallel.offload import attach_offload
+from seqmesh.parallel.tensor import apply_tensor_parallel, tensor_parallel
+from seqmesh.parallel.zero import ZeroOptimizer
 from seqmesh.scheduler import CostModel, default_cost_model
 from seqmesh.trainer.config import ModelConfig, OptimConfig, RunConfig
 from seqmesh.trainer.hf_io import load_hf
@@ -34,11 +37,15 @@ def hf_config(cfg: ModelConfig, vocab_size: int) -> transformers.PretrainedConfi
     return transformers.AutoConfig.for_model(cfg.arch, **values)
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device) -> Transformer:
+def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device,
+                tp_group: "torch.distributed.ProcessGroup | None" = None) -> Transformer:
+    """The model, tensor parallel over ``tp_group`` when given (before checkpointing wraps the layers)."""
     model = load_hf(cfg.hf_path) if cfg.hf_path else Transformer(hf_config(cfg, vocab_size))
     if model.dims.vocab_size < vocab_size:
         raise ValueError(f"the model's vocabulary ({model.dims.vocab_size}) is smaller than the tokenizer's "
                          f"({vocab_size}); set model.vocab_size >= {vocab_size} or data.vocab_size lower")
+    if tp_group is not None:
+        apply_tensor_parallel(model, tp_group)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model.model.layers)
     return model.to(device)
@@ -57,18 +64,34 @@ def apply_offload(model: Transformer, cfg: RunConfig, cost_model: CostModel, dev
                        compute_dtype=torch.bfloat16 if cfg.model.dtype == "bf16" else None)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (norm gains and biases are not decayed)."""
+def _param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Weight decay on matrices only (norm gains and biases are not decayed)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _make_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if cfg.state_dtype == "fp32":
-        fused = all(p.is_cuda for p in decay)
+        fused = all(p.is_cuda for g in groups for p in g["params"])
         return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
     from seqmesh.trainer.optim import FP8AdamW
 
     return FP8AdamW(groups, state_dtype=cfg.state_dtype, **kwargs)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW (fp32 states, fused on GPU) or FP8AdamW (``optim.state_dtype``) over every parameter."""
+    return _make_optimizer(_param_groups(model, cfg), cfg)
+
+
+def build_sharded_optimizer(model: torch.nn.Module, cfg: RunConfig, mesh: Mesh) -> ZeroOptimizer:
+    """The step loop's optimizer: ZeRO ``parallel.zero_stage`` over the HDP group, its gradient norm global over TP."""
+    tp = tensor_parallel(model)
+    return ZeroOptimizer(_param_groups(model, cfg.optim), lambda groups: _make_optimizer(groups, cfg.optim),
+                         stage=cfg.parallel.zero_stage, group=mesh.hdp_group, tp_group=None if tp is None else tp.group,
+                         norm_excluded=() if tp is None else tp.norm_excluded())
 
 
 def apply_memory_limit(cfg: RunConfig, device: torch.device) -> None:

@@ -7,7 +7,8 @@ Every rank runs this function (under Ray Train, or any launcher that initialised
 2. get the step's plan (planned one step ahead on rank 0, broadcast, digest-checked);
 3. for each (micro-batch, group) of this rank in the plan: pack the group's documents, lay them
    out over the group (its SP attention mode), forward, loss / global target count, backward;
-4. sum gradients over the HDP group, clip, optimizer and lr step;
+4. sum gradients over the HDP group (all-reduce, or reduce-scatter into ZeRO shards) and those of
+   TP-replicated parameters over TP, clip by the global norm, optimizer and lr step;
 5. metrics (rank 0), checkpoint (every rank, atomically).
 """
 
@@ -22,15 +23,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from seqmesh.parallel.grad_reduce import reduce_gradients
 from seqmesh.parallel.mesh import Mesh
 from seqmesh.parallel.offload import offload_session
 from seqmesh.parallel.sequence import make_sp_batch, shard_tokens
+from seqmesh.parallel.tensor import reduce_tensor_parallel_gradients, tensor_parallel, vocab_parallel_cross_entropy
 from seqmesh.scheduler import plan_step
 from seqmesh.scheduler.plan import Group, Plan
-from seqmesh.trainer.build import (apply_memory_limit, apply_offload, build_cost_model, build_model, build_optimizer,
-                                   build_schedule)
-from seqmesh.trainer.checkpoint import capture_rng_state, load_latest, restore_rng_state, save_checkpoint
+from seqmesh.trainer.build import (apply_memory_limit, apply_offload, build_cost_model, build_model,
+                                   build_schedule, build_sharded_optimizer)
+from seqmesh.trainer.checkpoint import (DEFAULT_SHARED_KEYS, capture_rng_state, load_latest, restore_rng_state,
+                                        save_checkpoint)
 from seqmesh.trainer.config import RunConfig
 from seqmesh.trainer.data import IGNORE_INDEX, build_data, make_sampler, num_targets, pack
 from seqmesh.trainer.flops import peak_flops, train_flops
@@ -39,6 +41,10 @@ from seqmesh.trainer.cost_feedback import CostFeedback
 from seqmesh.trainer.plan_ahead import PlanAhead
 from seqmesh.trainer.tiled import lm_loss_sum
 from seqmesh.trainer.timing import SpanTimer
+
+
+# With TP every rank holds its own model shard, so the model goes to the rank's own checkpoint file.
+SHARED_KEYS_TP = ("lr_scheduler", "extra")
 
 
 def _autocast(cfg: RunConfig, device: torch.device):
@@ -59,16 +65,17 @@ def run_group(model: torch.nn.Module, docs: list[torch.Tensor], group: "dist.Pro
     with offload_session(model, meta):
         with _autocast(cfg, device):
             hidden = model(input_ids, meta)
-            loss_sum = lm_loss_sum(model, hidden, labels, cfg.offload.loss_tile_tokens)
+            tp = tensor_parallel(model)
+            loss_sum = (lm_loss_sum(model, hidden, labels, cfg.offload.loss_tile_tokens) if tp is None else
+                        vocab_parallel_cross_entropy(model.logits(hidden), labels, tp, IGNORE_INDEX))
         (loss_sum / denominator).backward()
     return loss_sum.detach()
 
 
 def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str, Any]:
     """Train ``cfg`` from step 0 or the newest checkpoint in ``run_dir``; returns the run summary."""
-    if cfg.parallel.tp != 1 or cfg.parallel.pp != 1:
-        raise ValueError(f"parallel.tp={cfg.parallel.tp}, parallel.pp={cfg.parallel.pp}: this build trains with "
-                         f"tp=1 and pp=1 only (HDP with sequence parallelism); set both to 1")
+    if cfg.parallel.pp != 1:
+        raise ValueError(f"parallel.pp={cfg.parallel.pp}: pipeline parallelism is not built yet; set parallel.pp=1")
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = Mesh(world, rank, cfg.parallel.tp, cfg.parallel.pp)
     torch.manual_seed(cfg.seed)
@@ -76,9 +83,9 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
 
     tokenizer, train_set, _ = build_data(cfg.data)
     sampler = make_sampler(train_set, cfg.data)
-    model = build_model(cfg.model, tokenizer.vocab_size, device)
-    optimizer = build_optimizer(model, cfg.optim)
-    schedule = build_schedule(optimizer, cfg)
+    model = build_model(cfg.model, tokenizer.vocab_size, device, mesh.tp_group)
+    optimizer = build_sharded_optimizer(model, cfg, mesh)
+    schedule = build_schedule(optimizer.optimizer, cfg)
     cost_model = build_cost_model(cfg, model, device)
     apply_offload(model, cfg, cost_model, device)
     planner = PlanAhead(functools.partial(plan_step, gpus=mesh.hdp, cost_model=cost_model,
@@ -102,7 +109,6 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
     metrics = MetricsLogger(run_dir, num_devices=world, enabled=rank == 0, progress=False,
                             peak_flops_per_device=peak_flops(device_name, "bf16", override_tflops=cfg.peak_tflops),
                             total_steps=cfg.steps, resume_step=start if restored else None, device=device)
-    params = [p for p in model.parameters() if p.requires_grad]
     timer = SpanTimer(device)
     feedback = CostFeedback(cost_model, cfg.scheduler.refine_every)
     try:
@@ -126,15 +132,16 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
                 if group.first == mesh.hdp_rank:
                     group_spans.append((tuple(lengths[s] for s in group.sequences), group.count))
             timer.start("reduce")
-            reduce_gradients(params, mesh.hdp_group)
+            reduce_tensor_parallel_gradients(model)
+            optimizer.reduce_gradients()
             dist.all_reduce(loss_sum, group=mesh.hdp_group)
             timer.stop("reduce")
             timer.start("optimizer")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
+            grad_norm = optimizer.clip_grad_norm_(cfg.optim.grad_clip or float("inf"))
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             schedule.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             timer.stop("optimizer")
 
             spans = timer.elapsed_ms()
@@ -162,7 +169,7 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "lr_scheduler": schedule.state_dict(), "sampler": sampler.state_dict(),
                     "rng": capture_rng_state(), "extra": {"step": step + 1, "plan_digest": plan.digest()},
-                }, keep=cfg.ckpt_keep)
+                }, keep=cfg.ckpt_keep, shared_keys=SHARED_KEYS_TP if mesh.tp > 1 else DEFAULT_SHARED_KEYS)
     finally:
         planner.close()
     return metrics.close({"resumed_from": start, "world": world})
