@@ -15,8 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from tqdm import tqdm
 
+# Imported here, not in the progress thread: an import in a thread racing the main thread's imports
+# failed with ModuleNotFoundError inside Ray jobs.
+from seqmesh.launch.monitor import JsonlFollower
 from seqmesh.trainer.config import ConfigError, RunConfig, config_to_dict
+from seqmesh.trainer.metrics import progress_postfix
 
 
 def prepare_run_dir(cfg: RunConfig) -> Path:
@@ -76,11 +81,6 @@ class _Progress(threading.Thread):
         self.path, self.total, self.stop = path, total, threading.Event()
 
     def run(self) -> None:
-        from tqdm import tqdm
-
-        from seqmesh.launch.monitor import JsonlFollower
-        from seqmesh.trainer.metrics import progress_postfix
-
         bar = tqdm(total=self.total, desc="train", unit="step", dynamic_ncols=True)
         follower = JsonlFollower(self.path)
         while not self.stop.wait(0.5):
