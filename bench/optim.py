@@ -123,7 +123,8 @@ def step_time_candidates(device: torch.device) -> dict[str, Callable[[list[torch
     return candidates
 
 
-def bench_step_time(shapes: list[tuple[int, ...]], device: torch.device, warmup: int, steps: int) -> list[dict[str, Any]]:
+def bench_step_time(shapes: list[tuple[int, ...]], device: torch.device, warmup: int,
+                    steps: int) -> list[dict[str, Any]]:
     gen = torch.Generator(device=device).manual_seed(0)
     params = [torch.randn(s, device=device, generator=gen) * 0.02 for s in shapes]
     grads = [torch.randn(s, device=device, generator=gen) * 1e-3 for s in shapes]
@@ -215,21 +216,27 @@ def bench_convergence(steps: int, model: dict[str, int], device: torch.device, f
     return rows
 
 
+# name: (m format, v format, rounded stochastically: "" | "v" | "mv")
 QUANT_CANDIDATES = {
-    "m e4m3 / v e4m3 (floor), v stochastic [fp8]": (Q.E4M3, Q.E4M3_FLOOR, True),
-    "m e4m3 / v e4m3 (floor), nearest": (Q.E4M3, Q.E4M3_FLOOR, False),
-    "m e4m3 / sqrt(v) e4m3, v stochastic": (Q.E4M3, Q.E4M3_SQRT, True),
-    "m e4m3 / sqrt(v) e4m3, nearest": (Q.E4M3, Q.E4M3_SQRT, False),
-    "m e5m2 / sqrt(v) e5m2, nearest": (Q.E5M2, Q.E5M2_SQRT, False),
-    "m int8 / sqrt(v) uint8, v stochastic [int8]": (Q.INT8, Q.UINT8_SQRT, True),
-    "m bf16 / v bf16, v stochastic [bf16]": (Q.BF16, Q.BF16, True),
+    "m e4m3 only, nearest": (Q.E4M3, Q.FP32, ""),
+    "m e4m3 only, stochastic": (Q.E4M3, Q.FP32, "mv"),
+    "m e5m2 only, nearest": (Q.E5M2, Q.FP32, ""),
+    "m int8 only, nearest": (Q.INT8, Q.FP32, ""),
+    "m e4m3 / v e4m3 (floor), v stochastic [fp8]": (Q.E4M3, Q.E4M3_FLOOR, "v"),
+    "m e4m3 / v e4m3 (floor), nearest": (Q.E4M3, Q.E4M3_FLOOR, ""),
+    "m e4m3 / v e4m3 (no floor), nearest": (Q.E4M3, Q.E4M3, ""),
+    "m e4m3 / sqrt(v) e4m3, v stochastic": (Q.E4M3, Q.E4M3_SQRT, "v"),
+    "m e4m3 / sqrt(v) e4m3, nearest": (Q.E4M3, Q.E4M3_SQRT, ""),
+    "m e5m2 / sqrt(v) e5m2, nearest": (Q.E5M2, Q.E5M2_SQRT, ""),
+    "m int8 / sqrt(v) uint8, v stochastic [int8]": (Q.INT8, Q.UINT8_SQRT, "v"),
+    "m bf16 / v bf16, v stochastic [bf16]": (Q.BF16, Q.BF16, "v"),
 }
 
 
 class ShadowStates:
     """Moments stored in one candidate format, updated from the reference run's gradients."""
 
-    def __init__(self, m_fmt: Q.CodeFormat, v_fmt: Q.CodeFormat, stochastic: bool, numel: int, block: int) -> None:
+    def __init__(self, m_fmt: Q.CodeFormat, v_fmt: Q.CodeFormat, stochastic: str, numel: int, block: int) -> None:
         self.m_fmt, self.v_fmt, self.stochastic, self.block = m_fmt, v_fmt, stochastic, block
         self.m = torch.zeros(numel // block, block)
         self.v = torch.zeros(numel // block, block)
@@ -245,8 +252,10 @@ class ShadowStates:
         m = BETAS[0] * self.m + (1 - BETAS[0]) * g
         v = beta2 * self.v + (1 - beta2) * g * g
         update = (m / (1 - BETAS[0] ** step)) / ((v / (1 - beta2**step)).sqrt() + 1e-8)
-        bits = Q.random_bits(Q.tensor_salt(0, torch.tensor(step)), self.index, Q.STREAM_V) if self.stochastic else None
-        self.m, self.v = self._store(m, self.m_fmt, None), self._store(v, self.v_fmt, bits)
+        salt = Q.tensor_salt(0, torch.tensor(step))
+        bits_m = Q.random_bits(salt, self.index, Q.STREAM_PARAM) if "m" in self.stochastic else None
+        bits_v = Q.random_bits(salt, self.index, Q.STREAM_V) if "v" in self.stochastic else None
+        self.m, self.v = self._store(m, self.m_fmt, bits_m), self._store(v, self.v_fmt, bits_v)
         return update
 
 
@@ -269,7 +278,7 @@ def bench_quant_error(steps: int, model: dict[str, int], block: int, betas2: tup
             step = len(next(iter(errors.values()))) + 1
             if not shadows:
                 shadows.update({name: ShadowStates(*spec, g.numel(), block) for name, spec in QUANT_CANDIDATES.items()})
-                shadows["fp32"] = ShadowStates(Q.FP32, Q.FP32, False, g.numel(), block)
+                shadows["fp32"] = ShadowStates(Q.FP32, Q.FP32, "", g.numel(), block)
             ref = shadows["fp32"].update(g, step, beta2)
             for name in QUANT_CANDIDATES:
                 update = shadows[name].update(g, step, beta2)

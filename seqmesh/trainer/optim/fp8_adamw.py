@@ -39,8 +39,10 @@ Updates: decoupled weight decay (p *= 1 - lr*wd, then the Adam step, as ``torch.
 m and v are updated in fp32 from their dequantized values, the update uses the fresh fp32 values,
 and only then are they re-quantized. Parameters are fp32 (master weights; compute in bf16 through
 autocast) or bf16 updated in place with stochastic rounding, so no fp32 copy exists at all.
-Random bits come from a counter-based hash of (seed, param group, step, element index): nothing to
-carry, and a resumed run is bitwise identical to an uninterrupted one.
+Random bits come from a counter-based hash of (seed, step, element index): nothing to carry, and a
+resumed run is bitwise identical to an uninterrupted one. An element's index is its position in its
+group's flat space (``index_offset`` plus the block-padded lengths of the group's earlier
+parameters), so a ZeRO shard placed by ``index_offset`` draws the bits the unsharded run would.
 
 Backends: ``torch`` (any device; flattened multi-tensor ops, ``update.torch_step``) and ``triton``
 (CUDA; one launch per group and dtype, ``seqmesh/kernels/adam_triton.py``). They compute the same
@@ -69,7 +71,7 @@ from typing import Any, Callable
 import torch
 from torch.optim import Optimizer
 
-from seqmesh.trainer.optim.quantize import FORMATS, GOLDEN, MASK32, StateFormat, dequantize_flat
+from seqmesh.trainer.optim.quantize import FORMATS, MASK32, StateFormat, dequantize_flat
 from seqmesh.trainer.optim.update import Bucket, Hyper, padded_numel, torch_step
 
 STATE_DTYPES = tuple(FORMATS)
@@ -160,17 +162,17 @@ class FP8AdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for index, group in enumerate(self.param_groups):
-            self._step_group(index, group)
+        for group in self.param_groups:
+            self._step_group(group)
         return loss
 
-    def _step_group(self, index: int, group: dict[str, Any]) -> None:
+    def _step_group(self, group: dict[str, Any]) -> None:
         fmt: StateFormat = FORMATS[group["state_dtype"]]
         block = group["block_size"]
         beta1, beta2 = group["betas"]
         hp = Hyper(fmt=fmt, block_size=block, lr=float(group["lr"]), weight_decay=float(group["weight_decay"]),
                    beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
-                   seed=(group["seed"] + index * GOLDEN) & MASK32, stochastic=group["stochastic_rounding"])
+                   seed=group["seed"] & MASK32, stochastic=group["stochastic_rounding"])
         buckets: dict[tuple, Bucket] = {}
         key = group["index_offset"]
         for p in group["params"]:
@@ -313,7 +315,8 @@ def _init_state(state: dict[str, Any], p: torch.Tensor, fmt: StateFormat, block:
         state[key] = torch.zeros(n, dtype=dtype, device=p.device)
 
 
-def _restore_state(saved: dict[str, Any], p: torch.Tensor, fmt: StateFormat, block: int, saved_id: int) -> dict[str, Any]:
+def _restore_state(saved: dict[str, Any], p: torch.Tensor, fmt: StateFormat, block: int,
+                   saved_id: int) -> dict[str, Any]:
     expected = _expected_state(p, fmt, block)
     missing = sorted((set(expected) | {"step"}) - set(saved))
     if missing:

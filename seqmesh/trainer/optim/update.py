@@ -95,7 +95,8 @@ def _flat(tensors: list[torch.Tensor], numels: list[int], padded: list[int]) -> 
     return torch.cat(pieces)
 
 
-def _per_element(values: list, padded: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor | float | int:
+def _per_element(values: list, padded: list[int], dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor | float | int:
     """A per-tensor value broadcast to every element (a plain scalar when all tensors share it)."""
     if len(set(values)) == 1:
         return values[0]
@@ -119,8 +120,10 @@ def torch_step(bucket: Bucket, hp: Hyper) -> None:
     g = _flat(bucket.grads, numels, padded).to(f32).view(-1, block)
     p = _flat(bucket.params, numels, padded).to(f32).view(-1, block)
     if fmt.scaled:
-        m = dequantize_blocks(_flat(bucket.exp_avg, numels, padded).view(-1, block), torch.cat(bucket.exp_avg_scale), fmt.m)
-        v = dequantize_blocks(_flat(bucket.exp_avg_sq, numels, padded).view(-1, block), torch.cat(bucket.exp_avg_sq_scale), fmt.v)
+        m = dequantize_blocks(_flat(bucket.exp_avg, numels, padded).view(-1, block),
+                              torch.cat(bucket.exp_avg_scale), fmt.m)
+        v = dequantize_blocks(_flat(bucket.exp_avg_sq, numels, padded).view(-1, block),
+                              torch.cat(bucket.exp_avg_sq_scale), fmt.v)
     else:
         m = _flat(bucket.exp_avg, numels, padded).to(f32).view(-1, block)
         v = _flat(bucket.exp_avg_sq, numels, padded).to(f32).view(-1, block)
