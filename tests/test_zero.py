@@ -52,16 +52,17 @@ def backward(model: Transformer, docs: list[torch.Tensor], denominator: int) -> 
     return loss.item()
 
 
-def train(opt: ZeroOptimizer, model: Transformer, steps: range, rank: int,
-          world: int) -> tuple[list[float], list[float]]:
-    """Each rank runs every world-th document as its own micro-batch: different micro-batch counts per rank."""
+def train(opt: ZeroOptimizer, model: Transformer, steps: range,
+          group: dist.ProcessGroup | None = None) -> tuple[list[float], list[float]]:
+    """Each rank of ``group`` runs every size-th document as its own micro-batch: different counts per rank."""
+    rank, size = (dist.get_rank(group), dist.get_world_size(group)) if dist.is_initialized() else (0, 1)
     losses, norms = [], []
     for step in steps:
         docs, denominator = step_docs(step), num_targets(STEPS[step])
-        loss = torch.tensor(sum(backward(model, [d], denominator) for d in docs[rank::world]) / denominator)
+        loss = torch.tensor(sum(backward(model, [d], denominator) for d in docs[rank::size]) / denominator)
         opt.reduce_gradients()
-        if dist.is_initialized():
-            dist.all_reduce(loss)
+        if size > 1:
+            dist.all_reduce(loss, group=group)
         norms.append(opt.clip_grad_norm_(MAX_NORM).item())
         losses.append(loss.item())
         opt.step()
@@ -85,60 +86,63 @@ def _reference() -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
 def _flat_reference(optimizer: str) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
     """One process stepping the whole flat buffer (what a sharded FP8AdamW must reproduce)."""
     model = make_model()
-    opt = ZeroOptimizer(param_groups(model), make_optimizer(optimizer), stage=1)
-    losses, norms = train(opt, model, range(len(STEPS)), 0, 1)
+    losses, norms = train(ZeroOptimizer(param_groups(model), make_optimizer(optimizer), stage=1), model,
+                          range(len(STEPS)))
     return losses, norms, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _zero_runs(rank: int, world: int, runs: list[tuple[int, str]]) -> dict:
+def _sharded(optimizer: str, stage: int, group: dist.ProcessGroup | None) -> tuple[Transformer, ZeroOptimizer]:
+    model = make_model()
+    return model, ZeroOptimizer(param_groups(model), make_optimizer(optimizer), stage=stage, group=group,
+                                bucket_bytes=SMALL_BUCKET)
+
+
+def _zero_runs(rank: int, world: int) -> dict:
+    """Four ranks: HDP=2 on each pair of ranks at once, then HDP=4 over all of them."""
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     out = {}
-    for stage, optimizer in runs:
-        model = make_model()
-        opt = ZeroOptimizer(param_groups(model), make_optimizer(optimizer), stage=stage, bucket_bytes=SMALL_BUCKET)
-        losses, norms = train(opt, model, range(len(STEPS)), rank, world)
-        final = {n: p.detach().clone() for n, p in model.named_parameters()}
-        held = sum(s["exp_avg"].numel() for s in opt.optimizer.state.values())
-        out[(stage, optimizer)] = (losses, norms, final, held)
-    # resume: two steps, save (model + this rank's optimizer shard), a fresh model and optimizer load, one more step
-    model = make_model()
-    opt = ZeroOptimizer(param_groups(model), make_optimizer("adamw"), stage=2, bucket_bytes=SMALL_BUCKET)
-    train(opt, model, range(2), rank, world)
-    saved_model, saved_opt = model.state_dict(), opt.state_dict()
-    model = make_model()
-    opt = ZeroOptimizer(param_groups(model), make_optimizer("adamw"), stage=2, bucket_bytes=SMALL_BUCKET)
-    model.load_state_dict(saved_model)
-    opt.load_state_dict(saved_opt)
-    train(opt, model, range(2, 3), rank, world)
-    out["resumed"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for hdp, group in ((2, pairs[rank // 2]), (4, None)):
+        for stage, optimizer in RUNS:
+            model, opt = _sharded(optimizer, stage, group)
+            losses, norms = train(opt, model, range(len(STEPS)), group)
+            held = sum(s["exp_avg"].numel() for s in opt.optimizer.state.values())
+            out[(hdp, stage, optimizer)] = (losses, norms, {n: p.detach().clone() for n, p in model.named_parameters()},
+                                            held)
+        # resume: two steps, save model and this rank's optimizer shard, load both into fresh ones, one more step
+        model, opt = _sharded("adamw", 2, group)
+        train(opt, model, range(2), group)
+        saved_model, saved_opt = model.state_dict(), opt.state_dict()
+        model, opt = _sharded("adamw", 2, group)
+        model.load_state_dict(saved_model)
+        opt.load_state_dict(saved_opt)
+        train(opt, model, range(2, 3), group)
+        out[(hdp, "resumed")] = {n: p.detach().clone() for n, p in model.named_parameters()}
     return out
 
 
-RUNS = [(0, "adamw"), (1, "adamw"), (2, "adamw"), (2, "fp8")]
+RUNS = [(1, "adamw"), (2, "adamw"), (2, "fp8")]
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_zero_equals_unsharded_adamw(world: int) -> None:
+def test_zero_over_2_and_4_ranks_equals_unsharded_adamw() -> None:
     references = {"adamw": _reference(), "fp8": _flat_reference("fp8")}
-    ref_params = references["adamw"][2]
-    per_rank = run_distributed(_zero_runs, world, RUNS)
-    for results in per_rank:
-        for run in RUNS:
-            losses, norms, final, _ = results[run]
-            ref_losses, ref_norms, expected = references[run[1]]
-            # fp8 states turn the last-bit differences of a sharded gradient sum into whole quantization steps
-            rel, atol = (1e-5, 2e-5) if run[1] == "adamw" else (1e-3, 5e-4)
-            assert losses == pytest.approx(ref_losses, rel=rel), run
-            assert norms == pytest.approx(ref_norms, rel=rel), run
-            for name, p in final.items():
-                torch.testing.assert_close(p, expected[name], rtol=rel, atol=atol, msg=where(f"{run}: {name}"))
-        for name, p in results["resumed"].items():
-            torch.testing.assert_close(p, results[(2, "adamw")][2][name], rtol=0, atol=0, msg=where(f"resumed: {name}"))
-    # stage 1/2 keep 1/world of the optimizer state on each rank; stage 0 keeps all of it
-    numel = sum(p.numel() for p in ref_params.values())
-    assert per_rank[0][(0, "adamw")][3] == numel
-    for results in per_rank:
-        assert sum(r[(1, "adamw")][3] for r in per_rank) >= numel
-        assert results[(1, "adamw")][3] <= -(-numel // world) + 2 * 128
+    numel = sum(p.numel() for p in references["adamw"][2].values())
+    for results in run_distributed(_zero_runs, 4):
+        for hdp in (2, 4):
+            for stage, optimizer in RUNS:
+                losses, norms, final, held = results[(hdp, stage, optimizer)]
+                ref_losses, ref_norms, expected = references[optimizer]
+                # fp8 states turn last-bit differences of a sharded gradient sum into whole quantization steps
+                rel, atol = (1e-5, 2e-5) if optimizer == "adamw" else (1e-3, 5e-4)
+                assert losses == pytest.approx(ref_losses, rel=rel), (hdp, stage, optimizer)
+                assert norms == pytest.approx(ref_norms, rel=rel), (hdp, stage, optimizer)
+                for name, p in final.items():
+                    torch.testing.assert_close(p, expected[name], rtol=rel, atol=atol,
+                                               msg=where(f"hdp={hdp} stage={stage} {optimizer}: {name}"))
+                # each rank keeps 1/hdp of the optimizer state (shards are whole 128-element blocks)
+                assert held <= -(-numel // hdp) + 2 * 128
+            for name, p in results[(hdp, "resumed")].items():
+                torch.testing.assert_close(p, results[(hdp, 2, "adamw")][2][name], rtol=0, atol=0,
+                                           msg=where(f"hdp={hdp} resumed: {name}"))
 
 
 def test_bad_input_fails_clearly() -> None:
