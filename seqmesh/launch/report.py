@@ -15,6 +15,7 @@ import io
 import json
 import math
 import statistics
+import textwrap
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,8 @@ def _speed(records: list[dict[str, Any]]) -> list[float] | None:
 
 
 def _note(ax: Any, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, fontsize=9, color="#555", transform=ax.transAxes)
+    ax.text(0.5, 0.5, textwrap.fill(text, 44), ha="center", va="center", fontsize=9, color="#555",
+            transform=ax.transAxes)
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -100,8 +102,13 @@ def _breakdown(ax: Any, parts: dict[str, list[float]]) -> None:
         bottom = [b + v for b, v in zip(bottom, ms)]
     ax.set_xlabel("rank")
     ax.set_ylabel("ms")
-    ax.set_xticks(ranks if len(ranks) <= 16 else ranks[:: max(1, len(ranks) // 16)])
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_xticks(_rank_ticks(len(ranks)))
+    ax.set_ylim(0, 1.3 * max(bottom))  # headroom for the legend
+    ax.legend(fontsize=7, ncol=3, loc="upper center")
+
+
+def _rank_ticks(world: int) -> list[int]:
+    return list(range(0, world, max(1, world // 16)))
 
 
 def _group_sizes(ax: Any, records: list[dict[str, Any]]) -> None:
@@ -117,18 +124,20 @@ def _group_sizes(ax: Any, records: list[dict[str, Any]]) -> None:
 
 
 def _predicted(ax: Any, records: list[dict[str, Any]]) -> None:
-    pairs = [(r["plan_predicted_ms"], 1e3 * r["step_time_s"], r.get("warmup")) for r in records
-             if isinstance(r.get("plan_predicted_ms"), (int, float)) and r["plan_predicted_ms"] > 0]
+    """Warmup steps (compilation, allocator growth) are left out: no cost model predicts them."""
+    pairs = [(r["plan_predicted_ms"], 1e3 * r["step_time_s"]) for r in records
+             if isinstance(r.get("plan_predicted_ms"), (int, float)) and r["plan_predicted_ms"] > 0
+             and not r.get("warmup")]
     ax.set_title("plan's predicted vs measured step time")
     if not pairs:
-        _note(ax, "no plan_predicted_ms in metrics")
+        _note(ax, "no plan_predicted_ms in metrics after warmup")
         return
-    xs, ys, warm = zip(*pairs)
-    ax.scatter(xs, ys, c=["#999" if w else "#4c72b0" for w in warm], s=14)
+    xs, ys = zip(*pairs)
+    ax.scatter(xs, ys, color="#4c72b0", s=14)
     hi = max(max(xs), max(ys)) * 1.05
     ax.plot([0, hi], [0, hi], ls="--", color="#555", lw=1, label="measured = predicted")
-    err = statistics.fmean(abs(p - m) / m for p, m, w in pairs if not w) if any(not w for *_, w in pairs) else None
-    ax.legend(fontsize=8, title=None if err is None else f"mean |error| {100 * err:.0f}%", title_fontsize=8)
+    err = statistics.fmean(abs(p - m) / m for p, m in pairs)
+    ax.legend(fontsize=8, title=f"{len(pairs)} steps after warmup, mean |error| {100 * err:.0f}%", title_fontsize=8)
     ax.set_xlabel("predicted ms")
     ax.set_ylabel("measured ms")
     ax.set_xlim(0, hi)
@@ -145,6 +154,7 @@ def _speed_panel(ax: Any, factors: list[float] | None) -> None:
     ax.bar(range(len(factors)), factors, color=["#c44e52" if r in slow else "#55a868" for r in range(len(factors))])
     ax.axhline(STRAGGLER_THRESHOLD, ls="--", color="#c44e52", lw=1, label=f"straggler < {STRAGGLER_THRESHOLD}")
     ax.set_xlabel("rank")
+    ax.set_xticks(_rank_ticks(len(factors)))
     ax.legend(fontsize=8)
 
 
