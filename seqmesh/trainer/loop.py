@@ -27,7 +27,7 @@ from seqmesh.parallel.mesh import Mesh
 from seqmesh.parallel.offload import offload_session
 from seqmesh.parallel.sequence import make_sp_batch, shard_tokens
 from seqmesh.parallel.tensor import reduce_tensor_parallel_gradients, tensor_parallel, vocab_parallel_cross_entropy
-from seqmesh.scheduler import plan_step
+from seqmesh.scheduler import CostModel, plan_step
 from seqmesh.scheduler.plan import Group, Plan
 from seqmesh.trainer.build import (apply_memory_limit, apply_offload, build_cost_model, build_model,
                                    build_schedule, build_sharded_optimizer)
@@ -162,6 +162,7 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
                              step_time_s=step_time, tokens=int(sum(lengths)), flops=train_flops(model.config, lengths),
                              peak_mem_bytes=max(t["peak_mem_bytes"] for t in gathered),
                              extra={**_plan_stats(plan, step_time), **_timing_stats(gathered),
+                                    "rank_predicted_ms": _rank_work_ms(plan, lengths, feedback.cost_model, mesh),
                                     "cost_model_refits": feedback.refits})
 
             if cfg.ckpt_every and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == (cfg.stop_at or cfg.steps)):
@@ -183,6 +184,21 @@ def _plan_stats(plan: Plan, step_time_s: float) -> dict[str, Any]:
             "plan_group_sizes": sorted(sizes)}
 
 
+def _rank_work_ms(plan: Plan, lengths: list[int], cost_model: CostModel, mesh: Mesh) -> list[float]:
+    """The cost model's time of each rank's share of the plan at nominal speed, in world rank order:
+    the yardstick of the per-rank speed factors (seqmesh.launch.stragglers)."""
+    per_hdp = [0.0] * plan.gpus
+    for mb in plan.microbatches:
+        for g in mb.groups:
+            ms = cost_model.group_ms([lengths[s] for s in g.sequences], g.count)
+            for r in g.ranks:
+                per_hdp[r] += ms
+    return [round(per_hdp[Mesh(mesh.world, r, mesh.tp, mesh.pp).hdp_rank], 3) for r in range(mesh.world)]
+
+
 def _timing_stats(per_rank: list[dict[str, float]]) -> dict[str, Any]:
     agg = aggregate_rank_timings([{k: v for k, v in t.items() if k != "peak_mem_bytes"} for t in per_rank])
-    return {f"ranks_{k}": v for k, v in agg.items()}
+    # The per-rank values too (rank order), for the straggler breakdown and speed factors.
+    return {**{f"ranks_{k}": v for k, v in agg.items()},
+            "rank_timings": {k: [round(t[k], 6) for t in per_rank]
+                             for k in ("compute_s", "reduce_s", "optimizer_s", "plan_wait_s")}}
