@@ -42,8 +42,8 @@ HOST_SHARE = {"cpu": 0.8, "nvme": 0.25}
 
 __all__ = ["HostMemoryError", "OffloadError", "OffloadPathError", "OffloadPolicy", "OffloadSpaceError",
            "OffloadStats", "Offloader", "Selection", "TARGETS", "aio_available", "attach_offload",
-           "available_host_bytes", "estimate_bytes_per_token", "get_offloader", "measure_disk_GBps",
-           "measure_h2d_GBps", "offload_session"]
+           "available_host_bytes", "detach_offload", "estimate_bytes_per_token", "get_offloader",
+           "measure_disk_GBps", "measure_h2d_GBps", "offload_session"]
 
 
 def offload_scopes(layers: Sequence[nn.Module]) -> tuple[list[nn.Module], bool]:
@@ -109,3 +109,11 @@ def offload_session(model: nn.Module, meta: "SPBatch") -> ContextManager:
     if off is None:
         return nullcontext()
     return off.session(meta.seqlens, meta.layout.ulysses * meta.layout.ring, int(meta.local_index.numel()))
+
+
+def detach_offload(model: nn.Module) -> None:
+    """Remove the model's offloader (hooks, host buffers, files), e.g. to compare settings in one process."""
+    off = getattr(model, _ATTR, None)
+    if off is not None:
+        off.close()
+        delattr(model, _ATTR)

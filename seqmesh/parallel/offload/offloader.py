@@ -8,12 +8,12 @@ stay on the device anyway). Several saved views of the same bytes (the attention
 reshape for ``o_proj``; RoPE's cos/sin saved by every layer) travel once.
 
 How, on CUDA: the device-to-host copy runs on a side stream as soon as the tensor is saved, and the
-device tensor is kept alive only until that copy's event fires (at most ``max_inflight_bytes`` of
-them at once, beyond the newest). File offload then writes the pinned buffer from an I/O thread and
-hands the buffer back. In backward, the first saved tensor a layer unpacks starts the loads of the
-offloaded layers up to ``lookahead`` layers below it (file reads on I/O threads, then host-to-device
-copies on a second side stream), so they arrive while this layer computes; the compute stream
-waits on the copy's event only when it needs the tensor. On a CPU device the same code runs with
+device tensor is kept alive only until that copy's event fires (beyond the current layer's own
+copies, at most ``max_inflight_bytes`` of them at once). File offload then writes the pinned
+buffer from an I/O thread and hands the buffer back. In backward, the first saved tensor a layer
+unpacks starts the loads of the offloaded layers up to ``lookahead`` layers below it (file reads on
+I/O threads, then host-to-device copies on a second side stream), so they arrive while this layer
+computes; the compute stream waits on the copy's event only when it needs the tensor. On a CPU device the same code runs with
 plain synchronous copies (file I/O still goes through the I/O threads), which is what tests exercise.
 
 State is per micro-batch (``Offloader.session``): a failure inside it releases every buffer and
@@ -159,7 +159,8 @@ class Offloader:
         """Offload during the forward of one micro-batch (``tokens`` local tokens of documents
         ``seqlens`` over ``group_size`` ranks); wrap its backward too, so a failure there is cleaned up."""
         if self._session is not None:
-            raise RuntimeError("offload sessions do not nest: finish one micro-batch's backward before the next forward")
+            raise RuntimeError("offload sessions do not nest: finish one micro-batch's backward before the next "
+                               "forward")
         bpt = self.bytes_per_token or 0.0
         selection = self.policy.select(list(seqlens), group_size, bpt)
         session = _Session(self, selection, tokens)
@@ -287,7 +288,9 @@ class _Session:
             blob.src = t
             self.d2h_pending.append(blob)
             self.inflight_bytes += nbytes
-            while self.inflight_bytes > off.max_inflight_bytes and len(self.d2h_pending) > 1:
+            # earlier layers' copies have had a layer of compute to finish; wait for them only
+            # beyond the bound (a layer's own copies, saved at the same point, all run)
+            while self.inflight_bytes > off.max_inflight_bytes and self.d2h_pending[0].group != group:
                 self._finish_d2h(self.d2h_pending[0], wait=True)
         else:
             blob.host[:nbytes].copy_(src)

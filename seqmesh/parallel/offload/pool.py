@@ -83,7 +83,8 @@ class HostPool:
         with self._lock:
             slab = self._used.pop(buf.data_ptr(), None)
             if slab is None:
-                raise ValueError("HostPool.release: this buffer was not handed out by this pool (or was released twice)")
+                raise ValueError("HostPool.release: this buffer was not handed out by this pool (or was released "
+                                 "twice)")
             self.in_use_bytes -= slab.buf.numel()
             self._free[slab.buf.numel()].append(slab)
 
