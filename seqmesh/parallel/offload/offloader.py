@@ -13,8 +13,9 @@ copies, at most ``max_inflight_bytes`` of them at once). File offload then write
 buffer from an I/O thread and hands the buffer back. In backward, the first saved tensor a layer
 unpacks starts the loads of the offloaded layers up to ``lookahead`` layers below it (file reads on
 I/O threads, then host-to-device copies on a second side stream), so they arrive while this layer
-computes; the compute stream waits on the copy's event only when it needs the tensor. On a CPU device the same code runs with
-plain synchronous copies (file I/O still goes through the I/O threads), which is what tests exercise.
+computes; the compute stream waits on the copy's event only when it needs the tensor. On a CPU
+device the same code runs with plain synchronous copies (file I/O still goes through the I/O
+threads), which is what tests exercise.
 
 State is per micro-batch (``Offloader.session``): a failure inside it releases every buffer and
 file of that micro-batch before the exception propagates.
