@@ -32,16 +32,18 @@ def write_corpus(path: Path, lengths: Sequence[int], seed: int = 0) -> Path:
     return path
 
 
-def run_loop(overrides: Sequence[str], nproc: int, run_dir: Path, timeout_s: float = 900) -> dict[str, Any]:
+def run_loop(overrides: Sequence[str], nproc: int, run_dir: Path, timeout_s: float = 900,
+             device: str = "cuda") -> dict[str, Any]:
     """Train with the real step loop on ``nproc`` local GPUs; returns summary.json plus the step records."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "seqmesh.launch.torchrun", *overrides, f"launch.num_workers={nproc}", f"run_dir={run_dir}",
-           "overwrite=true", "ckpt_every=0", "launch.device=cuda"]
+           "overwrite=true", "ckpt_every=0", f"launch.device={device}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr)[-3000:]
-        return {"error": f"exit {proc.returncode}: {tail}"}
+        out = proc.stdout + proc.stderr
+        errors = [line for line in out.splitlines() if "Error" in line and "ChildFailedError" not in line]
+        return {"error": f"exit {proc.returncode}: " + (" | ".join(errors[-3:]) or out[-1500:])}
     summary = json.loads((run_dir / "summary.json").read_text())
     summary["records"] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return summary

@@ -30,22 +30,25 @@ from bench.common import write_result  # noqa: E402
 from bench.harness import ROOT, run_loop, write_corpus  # noqa: E402
 
 MODEL = ["model=llama-1b", "model.activation_checkpointing=true"]
+PROFILE = ["--hidden", "2048", "--layers", "16", "--heads", "32", "--ffn", "8192", "--vocab", "257", "--checkpointing"]
+# --smoke: the same pipeline on CPU with gloo and the tiny model, to check the script without GPUs.
+SMOKE_MODEL = ["model=tiny", "model.activation_checkpointing=true"]
+SMOKE_PROFILE = ["--hidden", "256", "--layers", "6", "--heads", "8", "--ffn", "704", "--vocab", "257", "--checkpointing"]
 
 
 def long_tail(n: int, seed: int, longest: int) -> list[int]:
-    """Log-normal lengths (median 3K tokens) with one document in 12 between 0.7 and 1x ``longest``."""
+    """Log-normal lengths (median ``longest / 32``) with one document in 12 between 0.7 and 1x ``longest``."""
     rng = np.random.default_rng(seed)
-    lengths = np.clip(rng.lognormal(np.log(3000), 1.0, n), 128, longest // 2).astype(int)
+    lengths = np.clip(rng.lognormal(np.log(longest / 32), 1.0, n), 128, longest // 2).astype(int)
     long_ids = rng.choice(n, n // 12, replace=False)
     lengths[long_ids] = rng.integers(int(0.7 * longest), longest, len(long_ids))
     return lengths.tolist()
 
 
-def profile(work: Path, gpus: int, mem_limit_gb: float) -> Path:
+def profile(work: Path, gpus: int, mem_limit_gb: float, shape: list[str]) -> Path:
     out = work / "cost_model.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m", "seqmesh",
-           "profile", "--out", str(out), "--hidden", "2048", "--layers", "16", "--heads", "32", "--ffn", "8192",
-           "--vocab", "257", "--checkpointing", "--mem-limit-bytes", str(mem_limit_gb * 2**30)]
+           "profile", "--out", str(out), *shape, "--mem-limit-bytes", str(mem_limit_gb * 2**30)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
@@ -62,15 +65,19 @@ def main() -> None:
     ap.add_argument("--longest", type=int, default=98304)
     ap.add_argument("--mem-limit-gb", type=float, default=36.0)
     ap.add_argument("--refine-every", type=int, default=4)
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU run over gloo (checks the script, not speed)")
     args = ap.parse_args()
-    gpus = torch.cuda.device_count()
+    model, shape, device, gpus = MODEL, PROFILE, "cuda", torch.cuda.device_count()
+    if args.smoke:
+        model, shape, device, gpus = SMOKE_MODEL, SMOKE_PROFILE, "cpu", 2
+        args.steps, args.global_batch, args.longest, args.mem_limit_gb, args.refine_every = 4, 8, 8192, 0.2, 2
     if gpus < 2:
         raise SystemExit("bench/scheduler_gpu.py compares SP group sizes; it needs 2 or more GPUs")
 
     lengths = long_tail(args.global_batch * (args.steps + 2), 0, args.longest)
     corpus = write_corpus(args.work / "corpus.jsonl", lengths)
-    cost_model = profile(args.work, gpus, args.mem_limit_gb)
-    common = [*MODEL, f"data.source={corpus}", "data.tokenizer=byte", f"data.max_seq_len={args.longest}",
+    cost_model = profile(args.work, gpus, args.mem_limit_gb, shape)
+    common = [*model, f"data.source={corpus}", "data.tokenizer=byte", f"data.max_seq_len={args.longest}",
               f"data.global_batch={args.global_batch}", "data.val_fraction=0", f"steps={args.steps}",
               f"data.cache_dir={args.work / 'cache'}", f"scheduler.mem_limit_gb={args.mem_limit_gb}",
               f"scheduler.cost_model={cost_model}", f"scheduler.refine_every={args.refine_every}", "scheduler.lookahead=1"]
@@ -79,10 +86,10 @@ def main() -> None:
                 ("adaptive", ["scheduler=adaptive"])]
     rows = []
     for name, extra in policies:
-        result = run_loop([*common, *extra], gpus, args.work / f"run_{name}")
+        result = run_loop([*common, *extra], gpus, args.work / f"run_{name.replace('=', '')}", device=device)
         row = {"policy": name}
         if "error" in result:
-            row["error"] = result["error"][-800:]
+            row["error"] = result["error"][-1500:]
         else:
             recs = result["records"]
             after = [r for r in recs if r.get("cost_model_refits", 0) >= 1] or recs[1:]
@@ -106,7 +113,7 @@ def main() -> None:
                                "mem_limit_gb": args.mem_limit_gb, "longest": args.longest,
                                "refine_every": args.refine_every,
                                "lengths_p50_p90_max": [int(np.percentile(lengths, q)) for q in (50, 90, 100)]},
-                 rows, summary, out_dir=args.out)
+                 rows, summary, out_dir=args.out, device="cpu-smoke" if args.smoke else None)
 
 
 if __name__ == "__main__":

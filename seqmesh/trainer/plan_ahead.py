@@ -24,6 +24,10 @@ class PlanMismatchError(RuntimeError):
     """Ranks disagree on the step's plan."""
 
 
+class PlanningError(ValueError):
+    """The scheduler could not plan a step (raised on every rank, not only the planning one)."""
+
+
 def _timed(plan_fn: PlanFn, lengths: list[int]) -> tuple[str, float]:
     t0 = time.perf_counter()
     plan = plan_fn(lengths)
@@ -56,14 +60,19 @@ class PlanAhead:
             key = tuple(int(n) for n in lengths)
             t0 = time.perf_counter()
             pending = self._pending.pop(step, None)
-            if pending is not None and pending[0] == key:
-                text, self.last_solve_ms = pending[1].result()
-            else:
-                text, self.last_solve_ms = _timed(self.plan_fn, list(key))
+            try:
+                if pending is not None and pending[0] == key:
+                    text, self.last_solve_ms = pending[1].result()
+                else:
+                    text, self.last_solve_ms = _timed(self.plan_fn, list(key))
+                payload[0] = text
+            except ValueError as e:  # e.g. a sequence no group can hold: every rank must hear it
+                payload[0] = PlanningError(f"step {step}: no plan for lengths {sorted(key)[-3:]} (longest): {e}")
             self.last_wait_ms = (time.perf_counter() - t0) * 1e3
-            payload[0] = text
         src = 0 if group is None else dist.get_global_rank(group, 0)
         dist.broadcast_object_list(payload, src=src, group=group)
+        if isinstance(payload[0], PlanningError):
+            raise payload[0]
         plan = Plan.from_json(payload[0])
         plan.validate(len(lengths))
         digests: list[object] = [None] * dist.get_world_size(group)
