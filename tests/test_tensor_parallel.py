@@ -51,7 +51,8 @@ def make_docs(lengths: list[int], seed: int = 1) -> list[torch.Tensor]:
 
 def full_tensors(named: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], group: dist.ProcessGroup | None,
                  kv_copies: int = 1) -> dict[str, torch.Tensor]:
-    """The unsharded tensors of a TP model's named shards, gathered over ``group``, in the reference's shapes.
+    """The unsharded tensors of a TP model's named shards, gathered over ``group``, in the shapes of ``reference``
+    (the unsharded model's tensors of the same names).
 
     Shards are concatenated along the dimension where their shape differs from the reference
     (vocabulary padding is cut off; a replicated KV head is taken once); tensors with the reference
@@ -96,9 +97,9 @@ def _tp_step(rank: int, world: int, cases: list[str]) -> dict[str, tuple]:
         loss = vocab_parallel_cross_entropy(model.logits(hidden), packed.labels, tp, IGNORE_INDEX) / packed.num_targets
         loss.backward()
         reduce_tensor_parallel_gradients(model)
-        _, _, ref_grads, ref_params = _reference(case)
-        grads = full_tensors({n: p.grad for n, p in model.named_parameters()}, ref_grads, mesh.tp_group, tp.kv_copies)
-        params = full_tensors({n: p.detach() for n, p in model.named_parameters()}, ref_params, mesh.tp_group,
+        shapes = dict(make_model(case).named_parameters())  # full_tensors needs only the unsharded shapes
+        grads = full_tensors({n: p.grad for n, p in model.named_parameters()}, shapes, mesh.tp_group, tp.kv_copies)
+        params = full_tensors({n: p.detach() for n, p in model.named_parameters()}, shapes, mesh.tp_group,
                               tp.kv_copies)
         results[case] = (hidden.detach(), loss.item(), grads, params)
     return results
