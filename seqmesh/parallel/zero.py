@@ -23,7 +23,8 @@ collectives over the HDP group (``mesh.hdp_group``) and composes with whatever t
 shards (the global gradient norm then also sums over TP, counting TP-replicated parameters once),
 and any optimizer that takes 1-D tensors -- ``torch.optim.AdamW`` (fused on GPU) and ``FP8AdamW``,
 whose shard borders fall on whole quantization blocks and whose ``index_offset`` places the shard in
-the flat space, so a sharded FP8AdamW run equals an unsharded one over the same flat buffer bit for bit.
+the flat space, so from the same gradients a sharded FP8AdamW step equals an unsharded one over the
+same flat buffer bit for bit.
 
 Checkpoints: ``state_dict`` holds this rank's optimizer shard and the layout it belongs to
 (``checkpoint.py`` writes it to the rank's own file); it loads into the same layout only.
@@ -136,7 +137,6 @@ class ZeroOptimizer:
             piece = self.flat[a:b]
             piece.grad = self.shard_grad[a - self.lo:b - self.lo]
             pieces.append({**g, "params": [piece], "index_offset": a})
-        self._pieces = [g["params"][0] for g in pieces]
         self.optimizer = make_optimizer(pieces)
         # stage 2: bucket ``i`` reduces elements [i*chunk, (i+1)*chunk) of every rank's shard at once
         self._chunk = max(self.align, _round_up(bucket_bytes // (self.world * self.flat.element_size()), self.align))
