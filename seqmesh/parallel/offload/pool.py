@@ -4,7 +4,7 @@ Allocating pinned memory costs milliseconds per megabyte and PyTorch's caching h
 every block up to a power of two (up to 2x the host memory); a training step offloads the same
 shapes every time, so buffers are kept in size classes (at most 1/8 above the request) and handed
 out again. Pinned buffers are ordinary CPU allocations page-locked with ``cudaHostRegister``, which
-locks exactly the bytes asked for. Every buffer starts on an ``align`` boundary and spans a whole
+locks exactly the bytes asked for (CUDA's pinned allocator is the fallback where registering fails). Every buffer starts on an ``align`` boundary and spans a whole
 number of ``align`` blocks, which is what ``O_DIRECT`` file I/O requires.
 
 The budget is a hard limit: when the free buffers of other sizes, once returned to the system, do
@@ -33,13 +33,13 @@ def size_class(nbytes: int, align: int = 4096) -> int:
 class _Slab:
     """One allocation: ``raw`` owns the memory, ``buf`` is its aligned window handed to callers."""
 
-    __slots__ = ("raw", "buf", "pinned")
+    __slots__ = ("raw", "buf", "registered")
 
-    def __init__(self, raw: torch.Tensor, buf: torch.Tensor, pinned: bool) -> None:
-        self.raw, self.buf, self.pinned = raw, buf, pinned
+    def __init__(self, raw: torch.Tensor, buf: torch.Tensor, registered: bool) -> None:
+        self.raw, self.buf, self.registered = raw, buf, registered
 
     def free(self) -> None:
-        if self.pinned:
+        if self.registered:
             torch.cuda.cudart().cudaHostUnregister(self.raw.data_ptr())
         self.raw = self.buf = None  # type: ignore[assignment]
 
@@ -127,13 +127,17 @@ class HostPool:
                 f"free RAM than offload.host_mem_gb={self.limit_bytes / 2**30:.1f} GiB assumes: lower "
                 "offload.host_mem_gb, lower offload.ratio, or use offload.target=nvme") from None
         start = -raw.data_ptr() % self.align
-        buf = raw[start:start + size]
-        if self.pin:
-            err = torch.cuda.cudart().cudaHostRegister(raw.data_ptr(), raw.numel(), 0)
-            if int(err) != 0:
+        registered = self.pin and int(torch.cuda.cudart().cudaHostRegister(raw.data_ptr(), raw.numel(), 0)) == 0
+        if self.pin and not registered:
+            # Some drivers or containers refuse to register; CUDA's own pinned allocator (page-aligned
+            # blocks, rounded up to a power of two) is the fallback before giving up.
+            del raw
+            try:
+                raw = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+            except RuntimeError as e:
                 raise HostMemoryError(
-                    f"offload could not page-lock {size / 2**30:.2f} GiB of host memory (cudaHostRegister error "
-                    f"{int(err)}); the locked-memory limit (ulimit -l) or free RAM is below what offload.host_mem_gb="
-                    f"{self.limit_bytes / 2**30:.1f} GiB assumes: lower offload.host_mem_gb or offload.ratio, or "
-                    "use offload.target=nvme")
-        return _Slab(raw, buf, self.pin)
+                    f"offload could not page-lock {size / 2**30:.2f} GiB of host memory ({e}); free RAM is below "
+                    f"what offload.host_mem_gb={self.limit_bytes / 2**30:.1f} GiB assumes: lower "
+                    "offload.host_mem_gb or offload.ratio, or use offload.target=nvme") from None
+            start = 0
+        return _Slab(raw, raw[start:start + size], registered)
