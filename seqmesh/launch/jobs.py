@@ -39,7 +39,9 @@ def _explain(address: str, exc: Exception) -> str:
     text = f"{type(exc).__name__}: {exc}".strip()
     hint = ("the head must run the dashboard (ray start --head --include-dashboard=true --dashboard-port 8265); "
             "check the address and that this machine can reach it (e.g. through an SSH tunnel)")
-    if "uthenticat" in text or "token" in text.lower():
+    if "ray[default]" in text:
+        hint = "this machine's Ray lacks the Jobs API client: pip install 'ray[default]'"
+    elif "uthenticat" in text or "token" in text.lower():
         hint = ("the cluster uses token authentication: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or the file "
                 "~/.ray/auth_token) to the cluster's token in this shell")
     return f"cannot use the Ray Jobs API at {address} ({text.splitlines()[0]}); {hint}"
@@ -56,7 +58,7 @@ def _call(address: str | None, fn: str, *args: Any) -> Any:
 def status(address: str | None, job_id: str) -> dict[str, Any]:
     """The job's status, message, timing and seqmesh metadata as a plain dict."""
     info = _call(address, "get_job_info", job_id)
-    return {"job_id": job_id, "status": str(info.status.value if hasattr(info.status, "value") else info.status),
+    return {"job_id": job_id, "status": str(info.status),
             "message": info.message, "entrypoint": info.entrypoint, "metadata": dict(info.metadata or {}),
             "start_time": info.start_time, "end_time": info.end_time}
 

@@ -243,6 +243,10 @@ def render_html(run: dict[str, Any], png: bytes) -> str:
                       f"<code>seqmesh report RUN_DIR --cost-model IN.json --speed-out OUT.json</code> writes them into a "
                       f"cost model for the scheduler.</p>")
     notes = sorted({s["note"] for samples in run["monitor"].values() for s in samples if s.get("note")})
+    if not run["monitor"]:
+        notes = ["no monitor samples (launch.monitor_interval_s=0?)"]
+    elif not notes:
+        notes = [f"NVML samples of {len(run['monitor'])} workers' GPUs in monitor/rank*.jsonl"]
     monitor = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
     image = base64.b64encode(png).decode()
     title = html.escape(f"seqmesh report: {run['run_dir']}")
@@ -256,8 +260,8 @@ img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style>
 <img alt="loss, throughput, MFU, per-rank breakdown, group sizes, predicted vs measured, speed factors, utilisation"
  src="data:image/png;base64,{image}">
 {rank_table}
-<h2>Monitor</h2><ul>{monitor or '<li>GPU samples from NVML on every worker</li>' if run['monitor'] else '<li>no samples</li>'}</ul>
-<h2>Configuration</h2><pre>{html.escape(run['config'])}</pre>
+<h2>Monitor</h2><ul>{monitor}</ul>
+<h2>Configuration</h2><pre>{html.escape(run["config"] or "(no config.yaml in the run directory)")}</pre>
 </body></html>
 """
 
