@@ -266,9 +266,10 @@ img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style>
 """
 
 
-def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> tuple[Path, Path]:
-    """Write ``report.png`` and ``report.html`` (into the run directory unless ``out_dir``)."""
-    run = load_run(run_dir)
+def write_report(run_dir: str | Path | dict[str, Any], out_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """Write ``report.png`` and ``report.html`` (into the run directory unless ``out_dir``) of a run
+    directory or of what ``load_run`` read from one."""
+    run = run_dir if isinstance(run_dir, dict) else load_run(run_dir)
     out = Path(out_dir) if out_dir is not None else run["run_dir"]
     out.mkdir(parents=True, exist_ok=True)
     png = render_png(run)
@@ -287,9 +288,10 @@ def report_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if bool(args.cost_model) != bool(args.speed_out):
         parser.error("--cost-model and --speed-out go together: the cost model to update and where to write it")
-    png, page = write_report(args.run_dir, args.out)
+    run = load_run(args.run_dir)
+    png, page = write_report(run, args.out)
     print(f"wrote {png} and {page}")
-    records = load_run(args.run_dir)["records"]
+    records = run["records"]
     factors = _speed(records)
     if factors is not None:
         slow = stragglers(factors, STRAGGLER_THRESHOLD)
