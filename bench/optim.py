@@ -167,6 +167,8 @@ def train_lm(make_optimizer: Callable[[list[dict]], torch.optim.Optimizer], *, s
 
     Weight decay on matrices only, warm-up then cosine schedule, clipping at 1.0; batches depend
     only on ``seed``, so every optimizer sees the same tokens. ``on_step`` runs after each backward.
+    On CUDA the forward runs under bf16 autocast over fp32 weights (the project's default, and what
+    the flash attention kernels need); on CPU in fp32.
     """
     torch.manual_seed(seed)
     net = Transformer(tiny_config(vocab_size=256, **model)).to(device)
@@ -182,7 +184,9 @@ def train_lm(make_optimizer: Callable[[list[dict]], torch.optim.Optimizer], *, s
         starts = torch.randint(0, data.numel() - doc_len, (docs_per_step,), generator=gen).tolist()
         batch = pack([data[s:s + doc_len] for s in starts]).to(device)
         meta = make_sp_batch(batch.seqlens, "local", None, device=device)
-        loss = token_loss_sum(net.logits(net(batch.input_ids, meta)), batch.labels) / batch.num_targets
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = net.logits(net(batch.input_ids, meta))
+        loss = token_loss_sum(logits, batch.labels) / batch.num_targets
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
