@@ -142,8 +142,10 @@ def torch_step(bucket: Bucket, hp: Hyper) -> None:
     p = p - step_size * (m / denom)
 
     bf16_params = bucket.params[0].dtype == torch.bfloat16
+    stochastic_p = hp.stochastic and bf16_params
+    stochastic_v = hp.stochastic and fmt.v.dtype != f32
     bits_p = bits_v = None
-    if hp.stochastic:
+    if stochastic_p or stochastic_v:
         steps = torch.tensor(bucket.step, dtype=torch.int64, device=device)
         salt = torch.repeat_interleave(tensor_salt(hp.seed, steps), torch.tensor(padded, device=device))
         starts = torch.tensor([0] + padded[:-1], device=device).cumsum(0)
@@ -151,8 +153,8 @@ def torch_step(bucket: Bucket, hp: Hyper) -> None:
         index = torch.arange(sum(padded), dtype=torch.int64, device=device)
         index = index + torch.repeat_interleave(shift, torch.tensor(padded, device=device))
         salt, index = salt.view(-1, block), index.view(-1, block)
-        bits_p = random_bits(salt, index, STREAM_PARAM) if bf16_params else None
-        bits_v = random_bits(salt, index, STREAM_V)
+        bits_p = random_bits(salt, index, STREAM_PARAM) if stochastic_p else None
+        bits_v = random_bits(salt, index, STREAM_V) if stochastic_v else None
 
     if bf16_params:
         p = round_plain(p, BF16, bits_p)
