@@ -21,20 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from seqmesh.launch.stragglers import mean_breakdown, speed_factors, stragglers, with_measured_speed
+from seqmesh.trainer.metrics import read_jsonl
 
 STRAGGLER_THRESHOLD = 0.9
 _COLORS = {"plan_wait": "#b0b0b0", "compute": "#4c72b0", "sp_comm": "#64b5cd", "offload_wait": "#8172b2",
            "grad_reduce": "#dd8452", "optimizer": "#55a868", "idle": "#c44e52"}
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line cut short by a crash ends the usable log
-    return records
 
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
@@ -44,13 +35,13 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     if not metrics_path.is_file():
         raise FileNotFoundError(f"{metrics_path} not found: {run_dir} is not a seqmesh run directory, or its "
                                 f"run has not logged a step yet")
-    records = _read_jsonl(metrics_path)
+    records = read_jsonl(metrics_path)
     if not records:
         raise ValueError(f"{metrics_path} holds no complete step record yet; make the report after the first step")
     summary_path = run_dir / "summary.json"
     monitor = {}
     for path in sorted((run_dir / "monitor").glob("rank*.jsonl")):
-        samples = _read_jsonl(path)
+        samples = read_jsonl(path)
         if samples:
             monitor[int(path.stem.removeprefix("rank"))] = samples
     return {"run_dir": run_dir, "records": records,

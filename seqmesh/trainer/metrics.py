@@ -62,6 +62,17 @@ def _plain(key: str, value: Any) -> Any:
     return value
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL log, up to the first line a crash cut short."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
 def progress_postfix(record: Mapping[str, Any]) -> dict[str, str]:
     """The progress bar's postfix for one step record: loss, tokens/s, MFU ("n/a" when unknown)."""
     mfu = record.get("mfu")
@@ -101,7 +112,7 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / "metrics.jsonl"
         if resume_step is not None and path.exists():
-            self.records = [r for r in self._read(path) if r.get("step", math.inf) <= resume_step]
+            self.records = [r for r in read_jsonl(path) if r.get("step", math.inf) <= resume_step]
             tmp = path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
             os.replace(tmp, path)
@@ -116,16 +127,6 @@ class MetricsLogger:
 
             self.progress_bar = tqdm(total=total_steps, initial=resume_step or 0, desc="train", unit="step",
                                      dynamic_ncols=True)
-
-    @staticmethod
-    def _read(path: Path) -> list[dict[str, Any]]:
-        records = []
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut short by a crash ends the usable log
-        return records
 
     def log_step(self, step: int, *, loss: float, grad_norm: float | None, lr: float, step_time_s: float,
                  tokens: int, flops: float, peak_mem_bytes: int | None = None,
