@@ -5,7 +5,7 @@ scale (its absolute maximum over the format's largest code) and one code per ele
 done *before* the final cast, by adding an offset to the fp32 bit pattern and clearing the bits the
 format does not keep: half an ULP for round-to-nearest (ties away from zero), or uniform random bits
 for stochastic rounding. The cast that follows is then exact, so the result does not depend on how
-a backend rounds its own fp32 -> fp8 conversion (the Triton interpreter, for one, truncates), and
+a backend rounds its own fp32 -> fp8 conversion (the Triton interpreter and torch disagree), and
 the Triton kernel in ``seqmesh/kernels/adam_triton.py`` reproduces these functions bit for bit.
 
 Random bits come from a counter-based hash of (seed, step, element index, stream): no generator
