@@ -68,7 +68,8 @@ def compose_dict(overrides: Sequence[str] = ()) -> dict[str, Any]:
         return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(f"bad override or config: {e}\n(overrides given: {' '.join(overrides) or 'none'}; "
-                          f"groups live in {conf_dir()}: model/, parallel/, scheduler/, optim/, offload/, data/, launch/)") from e
+                          f"groups live in {conf_dir()}: model/, parallel/, scheduler/, optim/, offload/, data/, "
+                          f"launch/)") from e
 
 
 def load_config(overrides: Sequence[str] = ()) -> RunConfig:

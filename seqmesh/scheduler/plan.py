@@ -68,7 +68,8 @@ class Plan:
             )
             return cls(int(d["gpus"]), mbs, float(d.get("predicted_ms", 0.0)), float(d.get("lower_bound_ms", 0.0)))
         except (KeyError, TypeError, IndexError, ValueError) as e:
-            raise ValueError(f"malformed plan JSON ({e!r}); expected keys gpus, microbatches[].groups[].ranks/sequences") from e
+            raise ValueError(f"malformed plan JSON ({e!r}); expected keys gpus, "
+                             f"microbatches[].groups[].ranks/sequences") from e
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
@@ -97,7 +98,8 @@ class Plan:
             used = [False] * self.gpus
             for g in mb.groups:
                 if g.count < 1 or g.first < 0 or g.first + g.count > self.gpus:
-                    raise ValueError(f"micro-batch {i}: group ranks [{g.first}, {g.first + g.count}) outside 0..{self.gpus - 1}")
+                    raise ValueError(f"micro-batch {i}: group ranks [{g.first}, {g.first + g.count}) "
+                                     f"outside 0..{self.gpus - 1}")
                 for r in g.ranks:
                     if used[r]:
                         raise ValueError(f"micro-batch {i}: rank {r} is in two groups")

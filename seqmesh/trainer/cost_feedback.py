@@ -4,8 +4,9 @@ Every group a rank runs is timed (``SpanTimer``); the group's first rank reports
 ``(lengths, group size, ms)``. Rank 0 keeps a window of these observations and, every
 ``refine_every`` steps, refits the cost model (``seqmesh.scheduler.profiler.refine``: alpha1,
 alpha2, beta and per-size all-to-all bandwidth by non-negative least squares) together with the
-measured rest of the step (data, plan broadcast, gradient reduction, optimizer) — so the planner's predictions track
-the real machine even when the profile came from micro-benchmarks or from no profile at all.
+measured rest of the step (data, plan broadcast, gradient reduction, optimizer), so the planner's
+predictions track the real machine even when the profile came from micro-benchmarks or from no
+profile at all.
 """
 
 from __future__ import annotations
