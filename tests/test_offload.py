@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 import errno
-import glob
-import os
 import shutil
 from pathlib import Path
 
@@ -33,11 +31,9 @@ TOKENS = sum(SEQLENS)
 
 
 def _aio_built() -> bool:
-    """DeepSpeed's async I/O op is compatible and already built (a first JIT build takes minutes)."""
-    from seqmesh.parallel.offload import aio_available
+    from seqmesh.parallel.offload.files import aio_built
 
-    root = os.environ.get("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
-    return bool(glob.glob(os.path.join(root, "**", "async_io", "async_io.so"), recursive=True)) and aio_available()
+    return aio_built()
 
 
 def _base() -> Transformer:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import errno
+import glob
 import os
 import shutil
 import uuid
@@ -43,6 +44,23 @@ def aio_available() -> bool:
         return bool(AsyncIOBuilder().is_compatible(verbose=False))
     except Exception:  # the builder probes compilers and libraries; any failure means "not here"
         return False
+
+
+def aio_built() -> bool:
+    """Whether the async I/O op is compatible *and* already compiled (installed with DS_BUILD_AIO=1, or
+    in the torch-extensions JIT cache). ``engine=auto`` uses aio only then: a first JIT build takes
+    many minutes, which must never happen silently inside a training step."""
+    if not aio_available():
+        return False
+    try:
+        from deepspeed.git_version_info import installed_ops
+
+        if installed_ops.get("async_io"):
+            return True
+    except ImportError:
+        pass
+    root = os.environ.get("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
+    return bool(glob.glob(os.path.join(root, "**", "async_io", "async_io.so"), recursive=True))
 
 
 def _bytes_view(buf: torch.Tensor) -> memoryview:
@@ -184,7 +202,7 @@ class FileStore:
         if engine == "aio" and not aio_available():
             raise OffloadError("offload I/O engine 'aio' needs DeepSpeed's async I/O op, which is not compatible "
                                "here (it needs libaio: apt install libaio-dev); use the 'threads' or 'auto' engine")
-        use_aio = engine == "aio" or (engine == "auto" and aio_available())
+        use_aio = engine == "aio" or (engine == "auto" and aio_built())
         self.engine = _AioEngine(threads, chunk_bytes) if use_aio else _ThreadEngine(threads, chunk_bytes, self.direct)
         self._serial = 0
 
