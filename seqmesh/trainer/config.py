@@ -176,7 +176,7 @@ class LaunchConfig:
     device: str = "auto"
     address: str | None = None
     object_store_mb: int = 256
-    dashboard: bool = False
+    dashboard: bool = True
     cpus_per_worker: float = 1.0
     max_failures: int = 0
     monitor_interval_s: float = 10.0
