@@ -129,6 +129,10 @@ def build_cost_model(cfg: RunConfig, model: Transformer, device: torch.device) -
     else:
         flops, mem = CPU_SUSTAINED_FLOPS, 8 * 2**30
     mem = limit or mem
-    return default_cost_model(params=model.num_params(exclude_embeddings=True), hidden_size=model.dims.hidden_size,
+    # Under TP a rank computes 1/tp of every head and holds 1/tp of the (sequence-parallel) residual
+    # stream, so per-token compute, memory and Ulysses traffic scale like a model of width hidden/tp;
+    # num_params already counts this rank's shard.
+    return default_cost_model(params=model.num_params(exclude_embeddings=True),
+                              hidden_size=model.dims.hidden_size // cfg.parallel.tp,
                               num_layers=model.dims.num_layers, device_flops=flops, mem_limit_bytes=mem,
                               max_group=max(2, cfg.hdp), dp_shards=1, checkpointing=cfg.model.activation_checkpointing)
