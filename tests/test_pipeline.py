@@ -9,8 +9,9 @@ import torch
 import torch.distributed as dist
 
 from seqmesh.parallel.mesh import Mesh
-from seqmesh.parallel.pipeline import PipelineStage, StageMicroBatch, run_1f1b
-from seqmesh.parallel.pipeline_schedule import module_costs, one_f_one_b, partition_layers, stage_layers
+from seqmesh.parallel.pipeline import PipelineStage, StageMicroBatch, run_pipeline
+from seqmesh.parallel.pipeline_schedule import (interleaved_1f1b, module_costs, one_f_one_b, partition_layers,
+                                                stage_layers)
 from seqmesh.parallel.sequence import make_sp_batch, shard_tokens
 from seqmesh.scheduler.plan import plan_from_assignment
 from seqmesh.trainer.data import IGNORE_INDEX, num_targets, pack
@@ -20,8 +21,8 @@ from tests.distributed import run_distributed
 
 VOCAB = 97
 LENGTHS = [37, 5, 64, 12, 2, 29, 41, 8, 17]
-# Micro-batches of different total lengths (51, 48, 110, 8+17): shapes every stage derives itself.
-GROUPS = [[0, 1], [3, 5], [2, 6], [7, 8], [4]]
+# Micro-batches of different total lengths (42, 41, 105, 27): shapes every stage derives itself.
+GROUPS = [[0, 1], [3, 5], [2, 6], [7, 8, 4]]
 
 
 def _model() -> Transformer:
@@ -59,28 +60,32 @@ def _layout(docs: list[torch.Tensor], group: "dist.ProcessGroup | None", mode: s
                            meta)
 
 
-def _stage(model: Transformer, mesh: Mesh) -> PipelineStage:
-    bounds = stage_layers(model.dims, mesh.pp, seq_len=64)
-    return PipelineStage(model, mesh.pp_rank, mesh.pp, bounds[mesh.pp_rank])
+def _chunks(model: Transformer, mesh: Mesh, virtual: int = 1) -> list[PipelineStage]:
+    bounds = stage_layers(model.dims, mesh.pp * virtual, seq_len=64)
+    return [PipelineStage(model, c * mesh.pp + mesh.pp_rank, mesh.pp * virtual, bounds[c * mesh.pp + mesh.pp_rank])
+            for c in range(virtual)]
 
 
-def _neighbours(mesh: Mesh) -> tuple[int | None, int | None]:
-    p, h, t = mesh.pp_rank, mesh.hdp_rank, mesh.tp_rank
-    return (None if p == 0 else mesh.global_rank(p - 1, h, t),
-            None if p == mesh.pp - 1 else mesh.global_rank(p + 1, h, t))
+def _grads(chunks: list[PipelineStage]) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for chunk in chunks for n, p in chunk.named_parameters()}
 
 
-def _pp_step(rank: int, world: int) -> tuple[float, dict[str, torch.Tensor]]:
+def _line(mesh: Mesh) -> list[int]:
+    return [mesh.global_rank(p, mesh.hdp_rank, mesh.tp_rank) for p in range(mesh.pp)]
+
+
+def _pp_step(rank: int, world: int, virtual: int) -> tuple[float, dict[str, torch.Tensor]]:
     mesh = Mesh(world, rank, pp=world)
-    stage, docs = _stage(_model(), mesh), _docs()
+    chunks, docs = _chunks(_model(), mesh, virtual), _docs()
     mbs = [_layout([docs[s] for s in group], None, "local") for group in GROUPS]
-    loss_sum = run_1f1b(stage, mbs, _loss, num_targets(LENGTHS), *_neighbours(mesh), torch.float32)
-    return loss_sum.item() / num_targets(LENGTHS), {n: p.grad.clone() for n, p in stage.named_parameters()}
+    loss_sum = run_pipeline(chunks, mbs, _loss, num_targets(LENGTHS), _line(mesh), torch.float32)
+    return loss_sum.item() / num_targets(LENGTHS), _grads(chunks)
 
 
-def test_pp2_1f1b_equals_single_process() -> None:
+@pytest.mark.parametrize("virtual", [1, 2], ids=["1f1b", "interleaved"])
+def test_pp2_equals_single_process(virtual: int) -> None:
     ref_loss, ref_grads = _reference()
-    results = run_distributed(_pp_step, 2)
+    results = run_distributed(_pp_step, 2, virtual)
     assert results[0][0] == 0.0
     assert results[1][0] == pytest.approx(ref_loss, rel=1e-6)
     names = [n for _, grads in results for n in grads]
@@ -103,16 +108,16 @@ PLAN = plan_from_assignment(2, [
 def _pp_hdp_step(rank: int, world: int) -> tuple[float, dict[str, torch.Tensor]]:
     mesh = Mesh(world, rank, pp=2)
     mesh.ensure_sp_groups((g.first, g.count) for mb in PLAN.microbatches for g in mb.groups)
-    stage, docs = _stage(_model(), mesh), _docs()
+    chunks, docs = _chunks(_model(), mesh), _docs()
     mbs = [_layout([docs[s] for s in g.sequences], mesh.sp_group(g.first, g.count), "ulysses")
            for _, g in PLAN.work_of(mesh.hdp_rank)]
-    loss_sum = run_1f1b(stage, mbs, _loss, num_targets(LENGTHS), *_neighbours(mesh), torch.float32)
-    for p in stage.parameters():
+    loss_sum = run_pipeline(chunks, mbs, _loss, num_targets(LENGTHS), _line(mesh), torch.float32)
+    for p in chunks[0].parameters():
         dist.all_reduce(p.grad, group=mesh.hdp_group)
     if mesh.pp_rank == mesh.pp - 1:
         # A group's loss is summed over its SP ranks' token shares; the plan's groups cover every document once.
         dist.all_reduce(loss_sum, group=mesh.hdp_group)
-    return loss_sum.item() / num_targets(LENGTHS), {n: p.grad.clone() for n, p in stage.named_parameters()}
+    return loss_sum.item() / num_targets(LENGTHS), _grads(chunks)
 
 
 def test_pp2_hdp2_with_sequence_parallel_equals_single_process() -> None:
@@ -166,16 +171,23 @@ def test_tied_embeddings_are_rejected_across_stages() -> None:
         PipelineStage(model, 0, 2, range(0, 1))
 
 
-@pytest.mark.parametrize("stages,microbatches", [(2, 5), (4, 3), (4, 8), (3, 1)])
-def test_1f1b_runs_to_completion_with_bounded_activations(stages: int, microbatches: int) -> None:
-    """Simulate blocking receives: F i on stage s waits for F i on s-1, B i for B i on s+1 (and the loss)."""
-    orders = [one_f_one_b(microbatches, stages, s) for s in range(stages)]
-    for s, ops in enumerate(orders):
-        assert sorted(ops) == sorted([("F", i) for i in range(microbatches)] + [("B", i) for i in range(microbatches)])
-        live = 0
-        for op, _ in ops:
-            live += 1 if op == "F" else -1
-            assert 0 <= live <= stages - s
+def test_1f1b_keeps_at_most_the_stages_ahead_alive() -> None:
+    for stages, microbatches in [(2, 5), (4, 3), (4, 8)]:
+        for s in range(stages):
+            live = 0
+            for op, _ in one_f_one_b(microbatches, stages, s):
+                live += 1 if op == "F" else -1
+                assert 0 <= live <= stages - s
+
+
+@pytest.mark.parametrize("stages,microbatches,chunks", [(2, 5, 1), (4, 3, 1), (3, 1, 1), (2, 4, 2), (4, 8, 2),
+                                                        (3, 6, 3)])
+def test_schedule_runs_to_completion(stages: int, microbatches: int, chunks: int) -> None:
+    """Simulate blocking receives: F i of virtual stage v waits for F i of v-1, B i for B i of v+1."""
+    orders = [interleaved_1f1b(microbatches, stages, s, chunks) for s in range(stages)]
+    every = sorted((op, c, i) for op in "FB" for c in range(chunks) for i in range(microbatches))
+    assert all(sorted(ops) == every for ops in orders)
+    last = stages * chunks - 1
     done: set[tuple[int, str, int]] = set()
     cursor = [0] * stages
     while any(c < len(o) for c, o in zip(cursor, orders)):
@@ -183,11 +195,17 @@ def test_1f1b_runs_to_completion_with_bounded_activations(stages: int, microbatc
         for s in range(stages):
             if cursor[s] == len(orders[s]):
                 continue
-            op, i = orders[s][cursor[s]]
-            ready = ((s == 0 or (s - 1, "F", i) in done) if op == "F" else
-                     (s, "F", i) in done and (s == stages - 1 or (s + 1, "B", i) in done))
+            op, c, i = orders[s][cursor[s]]
+            v = c * stages + s
+            ready = ((v == 0 or (v - 1, "F", i) in done) if op == "F" else
+                     (v, "F", i) in done and (v == last or (v + 1, "B", i) in done))
             if ready:
-                done.add((s, op, i))
+                done.add((v, op, i))
                 cursor[s] += 1
                 progressed = True
         assert progressed, f"deadlock at cursors {cursor}"
+
+
+def test_interleaving_needs_whole_rounds_of_microbatches() -> None:
+    with pytest.raises(ValueError, match="divisible"):
+        interleaved_1f1b(5, 2, 0, 2)

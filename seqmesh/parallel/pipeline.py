@@ -1,11 +1,11 @@
-"""Pipeline parallelism: one stage of a ``Transformer`` and the 1F1B executor over its micro-batches.
+"""Pipeline parallelism: stages of a ``Transformer`` and the (interleaved) 1F1B executor over micro-batches.
 
 Micro-batches have different lengths (the plan packs different documents into each group), so
 activation shapes vary. Every stage of an HDP rank walks the same plan, lays out the same group
 with ``make_sp_batch`` and therefore knows ``meta.local_index.numel()`` tokens for each
 micro-batch on its own: the receive buffers are sized from the plan, no shape is exchanged.
-Activations flow from stage p to p + 1 and gradients back, each direction in micro-batch order,
-so point-to-point messages between one pair of ranks match up without tags.
+Each message is tagged with its (virtual stage, micro-batch, direction): with virtual stages the
+last stage also sends activations round to the first, so one pair of ranks carries both kinds.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from seqmesh.parallel.pipeline_schedule import one_f_one_b
+from seqmesh.parallel.pipeline_schedule import interleaved_1f1b
 from seqmesh.parallel.sequence import SPBatch
 from seqmesh.trainer.model import Transformer
 
@@ -85,53 +85,64 @@ class StageMicroBatch:
 LossFn = Callable[[PipelineStage, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def run_1f1b(stage: PipelineStage, microbatches: list[StageMicroBatch], loss_fn: LossFn, denominator: int,
-             prev_rank: int | None, next_rank: int | None, activation_dtype: torch.dtype,
-             group: "dist.ProcessGroup | None" = None) -> torch.Tensor:
-    """Forward and backward of ``microbatches`` through this stage in 1F1B order; gradients accumulate.
+def _tag(virtual_stage: int, microbatch: int, num_microbatches: int, gradient: bool) -> int:
+    """Message tag: with virtual stages one pair of ranks carries activations and gradients both ways."""
+    return 2 * (virtual_stage * num_microbatches + microbatch) + int(gradient)
 
-    ``loss_fn(stage, hidden, labels)`` gives a micro-batch's loss sum on the last stage; each is
-    backpropagated divided by ``denominator`` (the step's global target count), as without PP.
-    ``prev_rank`` / ``next_rank`` are the global ranks of the neighbouring stages (None at the ends).
-    Returns the summed (undivided) loss on the last stage, zero elsewhere.
+
+def run_pipeline(chunks: list[PipelineStage], microbatches: list[StageMicroBatch], loss_fn: LossFn,
+                 denominator: int, stage_ranks: list[int], activation_dtype: torch.dtype,
+                 group: "dist.ProcessGroup | None" = None) -> torch.Tensor:
+    """Forward and backward of ``microbatches`` through this rank's model chunks; gradients accumulate.
+
+    ``chunks[c]`` is virtual stage ``c * pp + pp_rank`` (one chunk: plain 1F1B, several: interleaved
+    1F1B); ``stage_ranks[p]`` is the global rank of pipeline stage p on this rank's (HDP, TP) line.
+    ``loss_fn(stage, hidden, labels)`` gives a micro-batch's loss sum on the last virtual stage; each
+    is backpropagated divided by ``denominator`` (the step's global target count), as without PP.
+    Returns the summed (undivided) loss on the rank holding the last virtual stage, zero elsewhere.
     """
-    if stage.is_first != (prev_rank is None) or stage.is_last != (next_rank is None):
-        raise ValueError(f"stage {stage.stage}/{stage.num_stages}: prev_rank={prev_rank} and next_rank={next_rank} "
-                         "must be None exactly at the first and last stage")
-    device = stage.model.rotary_emb.inv_freq.device
-    hidden = stage.dims.hidden_size
-    inputs: dict[int, torch.Tensor] = {}
-    outputs: dict[int, torch.Tensor] = {}
+    pp, m = len(stage_ranks), len(microbatches)
+    p = chunks[0].stage % pp
+    for c, chunk in enumerate(chunks):
+        if chunk.num_stages != pp * len(chunks) or chunk.stage != c * pp + p:
+            raise ValueError(f"chunk {c} is virtual stage {chunk.stage} of {chunk.num_stages}; with {pp} stage ranks "
+                             f"and {len(chunks)} chunks it must be {c * pp + p} of {pp * len(chunks)}")
+    device = chunks[0].model.rotary_emb.inv_freq.device
+    hidden = chunks[0].dims.hidden_size
+    inputs: dict[tuple[int, int], torch.Tensor] = {}
+    outputs: dict[tuple[int, int], torch.Tensor] = {}
     sends: list[dist.Work] = []
     loss_sum = torch.zeros((), device=device)
-    for op, i in one_f_one_b(len(microbatches), stage.num_stages, stage.stage):
-        mb = microbatches[i]
+    for op, c, i in interleaved_1f1b(m, pp, p, len(chunks)):
+        stage, mb, vs = chunks[c], microbatches[i], chunks[c].stage
+        prev_rank, next_rank = stage_ranks[(vs - 1) % pp], stage_ranks[(vs + 1) % pp]
         if op == "F":
             if stage.is_first:
                 x = mb.input_ids
             else:
                 x = torch.empty(mb.tokens, hidden, dtype=activation_dtype, device=device)
-                dist.recv(x, prev_rank, group=group)
+                dist.recv(x, prev_rank, group=group, tag=_tag(vs, i, m, False))
                 x.requires_grad_()
             y = stage(x, mb.meta)
             if stage.is_last:
                 loss = loss_fn(stage, y, mb.labels)
                 loss_sum += loss.detach()
-                outputs[i] = loss / denominator
+                outputs[c, i] = loss / denominator
             else:
-                sends.append(dist.isend(y.detach().to(activation_dtype).contiguous(), next_rank, group=group))
-                outputs[i] = y
-            inputs[i] = x
+                sends.append(dist.isend(y.detach().to(activation_dtype).contiguous(), next_rank, group=group,
+                                        tag=_tag(vs + 1, i, m, False)))
+                outputs[c, i] = y
+            inputs[c, i] = x
         else:
-            out, x = outputs.pop(i), inputs.pop(i)
+            out, x = outputs.pop((c, i)), inputs.pop((c, i))
             if stage.is_last:
                 out.backward()
             else:
                 grad = torch.empty(mb.tokens, hidden, dtype=activation_dtype, device=device)
-                dist.recv(grad, next_rank, group=group)
+                dist.recv(grad, next_rank, group=group, tag=_tag(vs, i, m, True))
                 out.backward(grad.to(out.dtype))
             if not stage.is_first:
-                sends.append(dist.isend(x.grad.contiguous(), prev_rank, group=group))
+                sends.append(dist.isend(x.grad.contiguous(), prev_rank, group=group, tag=_tag(vs - 1, i, m, True)))
     for work in sends:
         work.wait()
     return loss_sum

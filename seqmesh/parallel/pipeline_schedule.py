@@ -92,3 +92,35 @@ def one_f_one_b(num_microbatches: int, num_stages: int, stage: int) -> list[Op]:
         ops += [("F", i), ("B", i - warmup)]
     ops += [("B", i) for i in range(num_microbatches - warmup, num_microbatches)]
     return ops
+
+
+def interleaved_1f1b(num_microbatches: int, num_stages: int, stage: int, chunks: int) -> list[tuple[str, int, int]]:
+    """Interleaved 1F1B (Megatron's virtual stages): (op, chunk, micro-batch) on ``stage``.
+
+    The rank holds ``chunks`` model chunks, virtual stages ``chunk * num_stages + stage``; it runs
+    forwards in rounds of ``num_stages`` micro-batches per chunk, backwards with the chunks in
+    reverse, which shrinks the bubble by ``chunks`` at the price of more point-to-point messages.
+    With one chunk this is plain ``one_f_one_b``.
+    """
+    if chunks < 1:
+        raise ValueError(f"chunks (virtual stages per rank) must be >= 1, got {chunks}")
+    if chunks == 1:
+        return [(op, 0, i) for op, i in one_f_one_b(num_microbatches, num_stages, stage)]
+    if num_stages < 2 or num_microbatches % num_stages:
+        raise ValueError(f"interleaved 1F1B needs >= 2 stages and a micro-batch count divisible by them, got "
+                         f"{num_microbatches} micro-batches over {num_stages} stages; use chunks=1 or pad the plan")
+    if not 0 <= stage < num_stages:
+        raise ValueError(f"stage {stage} outside 0..{num_stages - 1}")
+    total = num_microbatches * chunks
+
+    def unit(k: int, forward: bool) -> tuple[int, int]:
+        rnd, pos = divmod(k, num_stages * chunks)
+        chunk = pos // num_stages
+        return (chunk if forward else chunks - 1 - chunk), rnd * num_stages + pos % num_stages
+
+    warmup = min((num_stages - stage - 1) * 2 + (chunks - 1) * num_stages, total)
+    ops = [("F", *unit(k, True)) for k in range(warmup)]
+    for k in range(warmup, total):
+        ops += [("F", *unit(k, True)), ("B", *unit(k - warmup, False))]
+    ops += [("B", *unit(k, False)) for k in range(total - warmup, total)]
+    return ops
