@@ -37,9 +37,18 @@ def test_resume_and_overwrite_together_are_refused(tmp_path: Path) -> None:
         _cfg(tmp_path, "resume=true", "overwrite=true")
 
 
-def test_endpoints_default_to_loopback() -> None:
+def test_endpoints_default_to_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
     launch = load_config([]).launch
-    assert launch.prometheus_host == "127.0.0.1" and not launch.dashboard
+    assert launch.prometheus_host == "127.0.0.1"
+    import ray
+
+    from seqmesh.launch import ray_driver
+
+    seen: dict = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
+    ray_driver._init_ray(load_config([]))
+    assert seen["include_dashboard"] is True and seen["dashboard_host"] == "127.0.0.1"
     exporter = PrometheusExporter(launch.prometheus_host, 0, rank=0, hostname="test")
     try:
         assert exporter._server.server_address[0] == "127.0.0.1"
