@@ -24,7 +24,6 @@ from seqmesh.trainer.data import (
     num_targets,
     open_corpus,
     pack,
-    pack_by_token_budget,
     split_pieces,
     train_bpe,
 )
@@ -86,22 +85,6 @@ def test_pack_rejects_empty_input():
         pack([])
     with pytest.raises(ValueError, match="empty document"):
         pack([torch.tensor([1, 2]), torch.tensor([], dtype=torch.long)])
-
-
-def test_pack_by_token_budget_first_fit_decreasing():
-    lengths = [5, 9, 2, 7, 4, 3, 12]
-    bins = pack_by_token_budget(lengths, 10)
-    # decreasing: 12 (alone, over budget), 9, 7, 5, 4, 3, 2 -> first fit
-    assert bins == [[6], [1], [3, 5], [0, 4], [2]]
-    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
-    assert all(sum(lengths[i] for i in b) <= 10 or len(b) == 1 for b in bins)
-    assert pack_by_token_budget(lengths, 10) == bins
-    assert pack_by_token_budget([3, 3, 3], 100) == [[0, 1, 2]]  # ties keep input order
-    with pytest.raises(ValueError, match="budget"):
-        pack_by_token_budget(lengths, 0)
-
-
-# ------------------------------------------------------------------------------ long documents
 
 
 def test_split_pieces_bounds_and_coverage():

@@ -11,12 +11,12 @@ Typical use (what the trainer does)::
 from .build import DataConfig, build_data, make_sampler
 from .corpus import Corpus, DocRef, is_validation, open_corpus
 from .dataset import DocumentDataset, split_pieces
-from .packing import IGNORE_INDEX, PackedBatch, num_targets, pack, pack_by_token_budget
+from .packing import IGNORE_INDEX, PackedBatch, num_targets, pack
 from .sampler import GlobalBatchSampler
 from .tokenizer import EOS_TOKEN, TextTokenizer, byte_tokenizer, train_bpe
 
 __all__ = [
     "DataConfig", "build_data", "make_sampler", "Corpus", "DocRef", "is_validation", "open_corpus",
     "DocumentDataset", "split_pieces", "IGNORE_INDEX", "PackedBatch", "num_targets", "pack",
-    "pack_by_token_budget", "GlobalBatchSampler", "EOS_TOKEN", "TextTokenizer", "byte_tokenizer", "train_bpe",
+    "GlobalBatchSampler", "EOS_TOKEN", "TextTokenizer", "byte_tokenizer", "train_bpe",
 ]

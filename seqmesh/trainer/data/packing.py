@@ -64,25 +64,3 @@ def pack(docs: Sequence[torch.Tensor]) -> PackedBatch:
     position_ids = torch.arange(input_ids.numel()) - torch.repeat_interleave(cu[:-1], lens)
     return PackedBatch(input_ids, labels, position_ids, cu.to(torch.int32), seqlens)
 
-
-def pack_by_token_budget(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """First-fit decreasing of documents into micro-batches of at most ``budget`` tokens.
-
-    Returns positions into ``lengths``; ties keep the input order, so the result is deterministic.
-    A document longer than the budget cannot fit anywhere and gets a micro-batch of its own.
-    """
-    if budget < 1:
-        raise ValueError(f"token budget must be >= 1, got {budget}")
-    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for i in order:
-        n = int(lengths[i])
-        slot = next((b for b, r in enumerate(room) if r >= n), None)
-        if slot is None:
-            bins.append([i])
-            room.append(budget - n)
-        else:
-            bins[slot].append(i)
-            room[slot] -= n
-    return bins
