@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from seqmesh.trainer.optim import STATE_DTYPES, FP8AdamW, build_optimizer, zero1_shard
+from seqmesh.trainer.optim import STATE_DTYPES, FP8AdamW, zero1_shard
 from tests.distributed import run_distributed
 
 BLOCK = 128
@@ -184,13 +184,17 @@ def test_dequantized_export_continues_in_torch_adamw():
     assert adamw.param_groups[0]["lr"] == 1e-2
 
 
-def test_build_optimizer_maps_config_keys():
+def test_optim_config_maps_to_fp8adamw():
+    from seqmesh.trainer.build import build_optimizer
+    from seqmesh.trainer.config import OptimConfig
+
     model = _model()
-    opt = build_optimizer(model.parameters(), state_dtype="int8", lr=2e-3, weight_decay=0.1, beta1=0.8, beta2=0.95,
-                          eps=1e-6, block_size=64)
+    opt = build_optimizer(model, OptimConfig(state_dtype="int8", lr=2e-3, weight_decay=0.1, beta1=0.8, beta2=0.95,
+                                             eps=1e-6))
+    assert isinstance(opt, FP8AdamW)
     group = opt.param_groups[0]
-    assert (group["state_dtype"], group["lr"], group["betas"], group["eps"], group["weight_decay"],
-            group["block_size"]) == ("int8", 2e-3, (0.8, 0.95), 1e-6, 0.1, 64)
+    assert (group["state_dtype"], group["lr"], group["betas"], group["eps"], group["weight_decay"]) == \
+        ("int8", 2e-3, (0.8, 0.95), 1e-6, 0.1)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -112,7 +112,3 @@ class Mesh:
         except KeyError:
             raise RuntimeError(f"SP group ({first}, {count}) was not created; call ensure_sp_groups with the "
                                f"step's plan on every rank first") from None
-
-    @property
-    def num_sp_groups(self) -> int:
-        return len(self._sp_groups)

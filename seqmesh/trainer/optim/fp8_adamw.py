@@ -335,14 +335,3 @@ def _restore_state(saved: dict[str, Any], p: torch.Tensor, fmt: StateFormat, blo
                              f"state_dtype {fmt.name!r} needs {dtype} ({n},)")
         restored[key] = value.to(device=p.device, copy=True)
     return restored
-
-
-def build_optimizer(params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], *, state_dtype: str = "fp32",
-                    lr: float = 1e-3, weight_decay: float = 0.0, beta1: float = 0.9, beta2: float = 0.999,
-                    eps: float = 1e-8, **options: Any) -> FP8AdamW:
-    """FP8AdamW from the flat keys of the ``optim`` config group (``beta1``/``beta2`` rather than ``betas``).
-
-    ``options`` are FP8AdamW's keyword settings (block_size, stochastic_rounding, seed, backend).
-    """
-    return FP8AdamW(params, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
-                    state_dtype=state_dtype, **options)
