@@ -145,6 +145,35 @@ def bench_step_time(shapes: list[tuple[int, ...]], device: torch.device, warmup:
         del opt
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if device.type == "cuda":
+        rows += bench_kernel_variants(params, device, warmup, steps)
+    return rows
+
+
+# (state format, stochastic rounding of v, elements per program, warps): the launch shapes and
+# rounding modes around the kernel's defaults, so a slow format shows where its time goes.
+KERNEL_VARIANTS = [(fmt, stoch, chunk, warps) for fmt in ("fp8", "int8") for stoch, chunk, warps in
+                   [(False, 1024, 8), (True, 1024, 4), (True, 2048, 8), (True, 512, 4), (True, 4096, 16)]]
+
+
+def bench_kernel_variants(params: list[torch.Tensor], device: torch.device, warmup: int,
+                          steps: int) -> list[dict[str, Any]]:
+    from seqmesh.kernels import adam_triton
+
+    rows, defaults = [], (adam_triton.CHUNK, adam_triton.NUM_WARPS)
+    try:
+        for fmt, stoch, chunk, warps in KERNEL_VARIANTS:
+            adam_triton.CHUNK, adam_triton.NUM_WARPS = chunk, warps
+            opt = FP8AdamW(params, lr=LR, betas=BETAS, weight_decay=0.1, state_dtype=fmt, backend="triton",
+                           stochastic_rounding=stoch)
+            times = time_steps(opt, device, warmup, steps)
+            rows.append({"section": "kernel_variant", "optimizer": f"FP8AdamW {fmt}", "stochastic": stoch,
+                         "chunk": chunk, "num_warps": warps, "step_ms_median": statistics.median(times)})
+            print(rows[-1], flush=True)
+            del opt
+            torch.cuda.empty_cache()
+    finally:
+        adam_triton.CHUNK, adam_triton.NUM_WARPS = defaults
     return rows
 
 

@@ -84,36 +84,42 @@ def main() -> None:
     policies = [("static-sp=1", ["scheduler=static", "scheduler.sp=1"]),
                 ("static-sp=2", ["scheduler=static", "scheduler.sp=2"]),
                 ("adaptive", ["scheduler=adaptive"])]
+    config = {"model": "llama-3.2-1b shape, byte vocab, bf16, activation checkpointing", "gpus": gpus,
+              "global_batch": args.global_batch, "steps": args.steps, "mem_limit_gb": args.mem_limit_gb,
+              "longest": args.longest, "refine_every": args.refine_every,
+              "lengths_p50_p90_max": [int(np.percentile(lengths, q)) for q in (50, 90, 100)]}
     rows = []
     for name, extra in policies:
         result = run_loop([*common, *extra], gpus, args.work / f"run_{name.replace('=', '')}", device=device)
-        row = {"policy": name}
-        if "error" in result:
-            row["error"] = result["error"][-1500:]
-        else:
-            recs = result["records"]
-            after = [r for r in recs if r.get("cost_model_refits", 0) >= 1] or recs[1:]
-            row.update(tokens_per_s=result["mean_tokens_per_s"], mfu=result["mean_mfu"],
-                       peak_mem_gb=result["peak_mem_bytes"] / 2**30,
-                       step_s_mean=float(np.mean([r["step_time_s"] for r in recs[1:]])),
-                       plan_error_after_refit=float(np.mean([r["plan_error"] for r in after])),
-                       plan_error_first_steps=float(np.mean([r["plan_error"] for r in recs[1:args.refine_every]]))
-                       if args.refine_every > 1 else None,
-                       group_sizes_last=recs[-1]["plan_group_sizes"], microbatches_last=recs[-1]["plan_microbatches"])
-        rows.append(row)
-        print(row, flush=True)
+        rows.append(policy_row(name, result, args.refine_every))
+        print(rows[-1], flush=True)
+        # Written after every policy, so a run cut short still leaves the policies it finished.
+        write_result("scheduler", config, rows, summarize(rows), out_dir=args.out,
+                     device="cpu-smoke" if args.smoke else None)
+
+
+def policy_row(name: str, result: dict, refine_every: int) -> dict:
+    row = {"policy": name}
+    if "error" in result:
+        row["error"] = result["error"][-1500:]
+        return row
+    recs = result["records"]
+    after = [r for r in recs if r.get("cost_model_refits", 0) >= 1] or recs[1:]
+    row.update(tokens_per_s=result["mean_tokens_per_s"], mfu=result["mean_mfu"],
+               peak_mem_gb=result["peak_mem_bytes"] / 2**30,
+               step_s_mean=float(np.mean([r["step_time_s"] for r in recs[1:]])),
+               plan_error_after_refit=float(np.mean([r["plan_error"] for r in after])),
+               plan_error_first_steps=float(np.mean([r["plan_error"] for r in recs[1:refine_every]]))
+               if refine_every > 1 else None,
+               group_sizes_last=recs[-1]["plan_group_sizes"], microbatches_last=recs[-1]["plan_microbatches"])
+    return row
+
+
+def summarize(rows: list[dict]) -> dict:
     statics = [r["tokens_per_s"] for r in rows if r["policy"].startswith("static") and "tokens_per_s" in r]
     adaptive = next((r for r in rows if r["policy"] == "adaptive" and "tokens_per_s" in r), None)
-    summary = {
-        "speedup_vs_best_static": adaptive["tokens_per_s"] / max(statics) if adaptive and statics else None,
-        "cost_model_error": adaptive["plan_error_after_refit"] if adaptive else None,
-    }
-    write_result("scheduler", {"model": "llama-3.2-1b shape, byte vocab, bf16, activation checkpointing",
-                               "gpus": gpus, "global_batch": args.global_batch, "steps": args.steps,
-                               "mem_limit_gb": args.mem_limit_gb, "longest": args.longest,
-                               "refine_every": args.refine_every,
-                               "lengths_p50_p90_max": [int(np.percentile(lengths, q)) for q in (50, 90, 100)]},
-                 rows, summary, out_dir=args.out, device="cpu-smoke" if args.smoke else None)
+    return {"speedup_vs_best_static": adaptive["tokens_per_s"] / max(statics) if adaptive and statics else None,
+            "cost_model_error": adaptive["plan_error_after_refit"] if adaptive else None}
 
 
 if __name__ == "__main__":
