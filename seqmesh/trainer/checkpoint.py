@@ -6,7 +6,8 @@ Layout (``run_dir`` must be on storage every rank sees, as for any distributed c
         step_00000200/
             shared.pt        rank 0: the keys every rank holds alike (default: model, lr_scheduler, extra)
             rank0.pt ...     rank r: every other key (optimizer shard, RNG states, data sampler position)
-            manifest.json    step, world size, SHA-256 and size of every file, ``extra`` as JSON
+            manifest.json    step, world size, SHA-256 and size of every file, ``extra`` as JSON,
+                             and each rank's ``index`` (what its file holds, for loaders at another layout)
         step_00000300/
         .tmp-step_00000400/  a save in progress (or one that crashed): never loaded
 
@@ -18,11 +19,15 @@ step with one ``os.replace`` of the directory: a crash at any point leaves eithe
 checkpoints or the new one, never a half-written step that looks complete. A save then deletes
 all but the newest ``keep`` steps, and any step above the one saved (see ``_prune``).
 
-``load_latest`` walks the steps newest first and takes the newest one whose manifest parses and
+``load_latest`` (same world size) walks the steps newest first and takes the newest one whose manifest parses and
 whose files match their checksums *on every rank* (ranks agree through a collective, so they never
 resume from different steps); a damaged one is warned about by name and skipped. Payloads load
 with ``torch.load(weights_only=True)``, which refuses pickled code, so only tensors, numbers,
 strings and containers of them may be saved -- ``save_checkpoint`` checks that up front.
+
+``load_latest_files`` is the same walk for a loader that picks the files it needs from the manifest
+(``seqmesh.trainer.reshard`` resumes at another TP/PP/HDP layout through it): each rank verifies and
+reads only the files it chose, memory-mapped when asked, so a rank touches only the bytes it uses.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import shutil
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -153,14 +158,23 @@ def _prune(root: Path, step: int, keep: int) -> None:
         shutil.rmtree(path)
 
 
+def _json(value: Any, what: str, fix: str) -> Any:
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{what} must be JSON-serialisable (it is copied into {MANIFEST}): {exc}; {fix}") from exc
+
+
 def save_checkpoint(run_dir: str | os.PathLike, step: int, state: Mapping[str, Any], keep: int = 2, *,
-                    shared_keys: Collection[str] = DEFAULT_SHARED_KEYS,
+                    shared_keys: Collection[str] = DEFAULT_SHARED_KEYS, index: Any = None,
                     group: dist.ProcessGroup | None = None) -> Path:
     """Save ``state`` as step ``step`` from every rank of ``group``; keep the newest ``keep`` steps.
 
     Collective: every rank of ``group`` (default: the world, or a single process) must call it with
     the same ``step``. ``state["extra"]``, when present, must be JSON-able; it is also copied into
-    the manifest so a person can read it without torch. Returns the published directory.
+    the manifest so a person can read it without torch. ``index`` (JSON-able, optional) describes
+    this rank's file for loaders that choose files by content; the manifest keeps it under
+    ``index["rank<r>.pt"]``. Returns the published directory.
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be an int >= 0, got {step!r}")
@@ -176,11 +190,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: Mapping[str, A
         if bad_keys:
             raise TypeError(f"checkpoint state keys must be strings, got {bad_keys}")
         if "extra" in state:
-            try:
-                extra = json.loads(json.dumps(state["extra"]))
-            except (TypeError, ValueError) as exc:
-                raise TypeError(f"state['extra'] must be JSON-serialisable (it is copied into {MANIFEST}): "
-                                f"{exc}; put tensors in another key") from exc
+            extra = _json(state["extra"], "state['extra']", "put tensors in another key")
+        index = _json(index, "index", "describe the file with numbers, strings, lists and dicts")
         for key, value in state.items():
             (shared if key in shared_keys else own)[key] = _storable(value, key)
     except (TypeError, ValueError) as exc:
@@ -201,13 +212,14 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: Mapping[str, A
         files[f"rank{rank}.pt"] = _write(own, tmp / f"rank{rank}.pt")
     except OSError as exc:
         error = f"writing {tmp}: {exc}"
-    gathered = _gather((error, files), group)
-    _raise_if_any([e for e, _ in gathered], f"save_checkpoint(step={step})")
+    gathered = _gather((error, files, index), group)
+    _raise_if_any([e for e, _, _ in gathered], f"save_checkpoint(step={step})")
 
     if rank == 0:
         manifest = {"format": FORMAT, "step": step, "world_size": world, "shared_keys": sorted(shared),
                     "time": time.time(), "extra": extra,
-                    "files": {name: meta for _, rank_files in gathered for name, meta in rank_files.items()}}
+                    "files": {name: meta for _, rank_files, _ in gathered for name, meta in rank_files.items()},
+                    "index": {f"rank{r}.pt": i for r, (_, _, i) in enumerate(gathered) if i is not None}}
         with (tmp / MANIFEST).open("w") as f:
             json.dump(manifest, f, indent=1)
             f.flush()
@@ -219,37 +231,39 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: Mapping[str, A
     return final
 
 
-def _check(step_dir: Path, rank: int, world: int) -> tuple[str | None, dict[str, Any] | None]:
-    """(None, manifest) when this rank's files of ``step_dir`` are intact, else (reason, None)."""
+def _read_manifest(step_dir: Path) -> tuple[str | None, dict[str, Any] | None]:
+    """(None, manifest) when ``step_dir``'s manifest parses and is of this format, else (reason, None)."""
     manifest_path = step_dir / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
+        if not isinstance(manifest["files"], dict):
+            raise TypeError(f"'files' is a {type(manifest['files']).__name__}, not a dict")
         if manifest.get("format") != FORMAT:
             return f"{manifest_path}: format {manifest.get('format')!r}, this seqmesh reads {FORMAT}", None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"{manifest_path} is missing or unreadable ({exc})", None
-    if manifest.get("world_size") != world:
-        raise ValueError(f"{step_dir} was written by {manifest.get('world_size')} ranks, this run has {world}; "
-                         f"per-rank optimizer and RNG shards cannot be remapped: resume with the same "
-                         f"number of workers, or start a fresh run_dir")
-    for name in (SHARED_FILE, f"rank{rank}.pt"):
-        path, meta = step_dir / name, files.get(name)
-        if meta is None:
-            return f"{manifest_path} lists no {name}", None
-        if not path.is_file():
-            return f"{path} is missing", None
-        if path.stat().st_size != meta["bytes"]:
-            return f"{path} has {path.stat().st_size} bytes, the manifest says {meta['bytes']} (truncated?)", None
-        if _sha256(path) != meta["sha256"]:
-            return f"{path} does not match its SHA-256 in {manifest_path} (corrupt)", None
     return None, manifest
 
 
-def _load(path: Path, map_location: Any) -> dict[str, Any]:
+def _verify(step_dir: Path, manifest: Mapping[str, Any], names: Collection[str]) -> str | None:
+    """None when the files ``names`` of ``step_dir`` match the manifest's sizes and checksums, else the reason."""
+    for name in names:
+        path, meta = step_dir / name, manifest["files"].get(name)
+        if meta is None:
+            return f"{step_dir / MANIFEST} lists no {name}"
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != meta["bytes"]:
+            return f"{path} has {path.stat().st_size} bytes, the manifest says {meta['bytes']} (truncated?)"
+        if _sha256(path) != meta["sha256"]:
+            return f"{path} does not match its SHA-256 in {step_dir / MANIFEST} (corrupt)"
+    return None
+
+
+def _load(path: Path, map_location: Any, mmap: bool = False) -> dict[str, Any]:
     """``torch.load(weights_only=True)``: an intact file holding pickled objects is an error, not damage."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # the unpickler's refusal comes in several exception types
         # torch's message suggests weights_only=False; keep only the line that names the culprit.
         detail = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), str(exc))
@@ -257,30 +271,76 @@ def _load(path: Path, map_location: Any) -> dict[str, Any]:
                            f"something other than tensors and plain containers ({detail})") from exc
 
 
+Select = Callable[[dict[str, Any]], Collection[str]]
+
+
+def load_latest_files(run_dir: str | os.PathLike, select: Select, *, group: dist.ProcessGroup | None = None,
+                      map_location: Any = "cpu", mmap: bool = False
+                      ) -> tuple[int, dict[str, Any], dict[str, dict[str, Any]]] | None:
+    """``(step, manifest, {file name: payload})`` of the newest checkpoint whose chosen files are intact.
+
+    Collective. ``select(manifest)`` names the files this rank needs (ranks may choose differently);
+    a ``ValueError`` it raises on any rank (the checkpoint cannot serve this run) is raised on every
+    rank. A step whose manifest or chosen files are damaged on any rank is skipped on all of them,
+    with a warning naming the damage. ``mmap=True`` maps the files instead of reading them whole.
+    """
+    rank, _ = _dist(group)
+    for step, step_dir in reversed(_steps(Path(run_dir) / "checkpoints")):
+        reason, manifest = _read_manifest(step_dir)
+        names: Collection[str] = ()
+        error = None
+        if manifest is not None:
+            try:
+                names = select(manifest)
+            except ValueError as exc:
+                error = str(exc)
+        errors = _gather(error, group)
+        if any(errors):
+            raise ValueError("; ".join(dict.fromkeys(e for e in errors if e)))
+        if manifest is not None:
+            reason = _verify(step_dir, manifest, names)
+        reasons = [r for r in _gather(reason, group) if r]
+        if reasons:
+            if rank == 0:
+                warnings.warn(f"skipping checkpoint step {step}: " + "; ".join(reasons), stacklevel=3)
+            continue
+        payloads, error = {}, None
+        try:
+            payloads = {name: _load(step_dir / name, map_location, mmap) for name in names}
+        except RuntimeError as exc:
+            error = str(exc)
+        _raise_if_any(_gather(error, group), f"loading checkpoint step {step}")
+        return step, manifest, payloads
+    return None
+
+
 def load_latest(run_dir: str | os.PathLike, *, group: dist.ProcessGroup | None = None,
                 map_location: Any = "cpu") -> tuple[int, dict[str, Any]] | None:
     """``(step, state)`` of the newest intact checkpoint under ``run_dir``, or None when there is none.
 
     Collective like ``save_checkpoint``. ``state`` is the shared part merged with this rank's part,
-    i.e. the dict this rank passed to ``save_checkpoint``, with tensors on ``map_location``.
+    i.e. the dict this rank passed to ``save_checkpoint``, with tensors on ``map_location``. The
+    checkpoint must come from as many ranks as this run has (``reshard.load_resharded`` reads one
+    written at another layout).
     """
     rank, world = _dist(group)
-    for step, step_dir in reversed(_steps(Path(run_dir) / "checkpoints")):
-        reason, manifest = _check(step_dir, rank, world)
-        reasons = [r for r in _gather(reason, group) if r]
-        if reasons:
-            if rank == 0:
-                warnings.warn(f"skipping checkpoint step {step}: " + "; ".join(reasons), stacklevel=2)
-            continue
-        state, error = {}, None
-        try:
-            state = _load(step_dir / SHARED_FILE, map_location)
-            state.update(_load(step_dir / f"rank{rank}.pt", map_location))
-        except RuntimeError as exc:
-            error = str(exc)
-        _raise_if_any(_gather(error, group), f"load_latest(step={step})")
-        return step, state
-    return None
+
+    def own_files(manifest: dict[str, Any]) -> list[str]:
+        if manifest.get("world_size") != world:
+            raise ValueError(f"the checkpoint of step {manifest.get('step')} under {run_dir} was written by "
+                             f"{manifest.get('world_size')} ranks, this run has {world}; per-rank shards are not "
+                             f"remapped by load_latest: resume with the same number of workers, load with "
+                             f"seqmesh.trainer.reshard.load_resharded (layout-free checkpoints), or start a "
+                             f"fresh run_dir")
+        return [SHARED_FILE, f"rank{rank}.pt"]
+
+    found = load_latest_files(run_dir, own_files, group=group, map_location=map_location)
+    if found is None:
+        return None
+    step, _, payloads = found
+    state = payloads[SHARED_FILE]
+    state.update(payloads[f"rank{rank}.pt"])
+    return step, state
 
 
 def capture_rng_state() -> dict[str, Any]:
