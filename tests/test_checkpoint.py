@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from seqmesh.trainer.checkpoint import _sha256, capture_rng_state, load_latest, restore_rng_state, save_checkpoint
+from seqmesh.trainer.checkpoint import (_sha256, capture_rng_state, load_latest, load_latest_files, restore_rng_state,
+                                        save_checkpoint)
 from tests.distributed import run_distributed
 
 
@@ -158,6 +159,34 @@ def test_fp8_tensors_and_views_store_compactly(tmp_path):
     assert loaded["optimizer"]["exp_avg"].dtype == torch.float8_e4m3fn
     assert torch.equal(loaded["optimizer"]["exp_avg"].float(), state["optimizer"]["exp_avg"].float())
     assert torch.equal(loaded["optimizer"]["shard"], flat[:4])
+
+
+def test_index_goes_into_the_manifest_and_only_chosen_files_are_read(tmp_path):
+    step_dir = save_checkpoint(tmp_path, 3, tiny_state(3.0), index={"holds": ["w"]})
+    assert json.loads((step_dir / "manifest.json").read_text())["index"] == {"rank0.pt": {"holds": ["w"]}}
+    (step_dir / "rank0.pt").write_bytes(b"damaged")  # not chosen below: neither verified nor read
+    step, manifest, payloads = load_latest_files(tmp_path, lambda manifest: ["shared.pt"], mmap=True)
+    assert step == 3 and manifest["step"] == 3 and list(payloads) == ["shared.pt"]
+    assert torch.equal(payloads["shared.pt"]["model"]["w"], torch.full((4,), 3.0))
+    with pytest.warns(UserWarning, match=r"step_00000003/rank0\.pt has 7 bytes"):
+        assert load_latest(tmp_path) is None
+
+    def refuse(manifest):
+        raise ValueError(f"step {manifest['step']} cannot serve this run")
+
+    with pytest.raises(ValueError, match="step 3 cannot serve this run"):
+        load_latest_files(tmp_path, refuse)
+    with pytest.raises(RuntimeError, match="index must be JSON-serialisable"):
+        save_checkpoint(tmp_path, 4, tiny_state(4.0), index={"t": torch.zeros(1)})
+
+
+def test_another_world_size_is_refused_with_the_way_out(tmp_path):
+    step_dir = save_checkpoint(tmp_path, 1, tiny_state(1.0))
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    manifest["world_size"] = 2
+    (step_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="written by 2 ranks, this run has 1.*load_resharded"):
+        load_latest(tmp_path)
 
 
 def test_bad_arguments(tmp_path):

@@ -33,6 +33,11 @@ MAX_NORM = 1.0
 GLOBAL = {"extra": {"note": "global"}, "sampler": {"epoch": 0, "step": SAVE_AT}}
 
 
+def _schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr / (1 + step): a resume that lost the optimizer's current lr would step 3x too far."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+
+
 def _config(stage: int, state_dtype: str):
     return config_from_dict({"parallel": {"zero_stage": stage}, "optim": {"lr": 1e-2, "state_dtype": state_dtype}})
 
@@ -41,10 +46,11 @@ def _build(case: str, mesh: Mesh, stage: int, state_dtype: str, seed: int = 0):
     model = make_model(case, seed)
     if mesh.tp > 1:
         apply_tensor_parallel(model, mesh.tp_group)
-    return model, build_sharded_optimizer(model, _config(stage, state_dtype), mesh)
+    opt = build_sharded_optimizer(model, _config(stage, state_dtype), mesh)
+    return model, opt, _schedule(opt.optimizer)
 
 
-def _step(model, opt, mesh: Mesh, step: int, max_norm: float = MAX_NORM) -> float:
+def _step(model, opt, mesh: Mesh, step: int, schedules: list) -> float:
     """One optimizer step over STEPS[step]; each HDP rank runs every hdp-th document. Returns the global loss."""
     lengths = STEPS[step]
     packed = pack(make_docs(lengths, seed=100 + step)[mesh.hdp_rank::mesh.hdp])
@@ -58,8 +64,10 @@ def _step(model, opt, mesh: Mesh, step: int, max_norm: float = MAX_NORM) -> floa
     loss_sum = loss_sum.detach()
     if mesh.hdp > 1:
         dist.all_reduce(loss_sum, group=mesh.hdp_group)
-    opt.clip_grad_norm_(max_norm)
+    opt.clip_grad_norm_(MAX_NORM)
     opt.step()
+    for schedule in schedules:
+        schedule.step()
     opt.zero_grad()
     return loss_sum.item() / num_targets(lengths)
 
@@ -82,12 +90,12 @@ def _bytes(state: dict) -> dict:
 
 
 def _run_and_save(case: str, mesh: Mesh, stage: int, state_dtype: str, run_dir: str) -> dict:
-    model, opt = _build(case, mesh, stage, state_dtype)
+    model, opt, schedule = _build(case, mesh, stage, state_dtype)
     for step in range(SAVE_AT):
-        _step(model, opt, mesh, step)
-    save_resharded(run_dir, SAVE_AT, model, opt, mesh, GLOBAL)
+        _step(model, opt, mesh, step, [schedule])
+    save_resharded(run_dir, SAVE_AT, model, opt, mesh, {**GLOBAL, "lr_scheduler": schedule.state_dict()})
     out = {"params": _full(model, mesh, case), "state": _bytes(opt.optimizer.state_dict()["state"])}
-    out["next"] = [_step(model, opt, mesh, step) for step in range(SAVE_AT, len(STEPS))]
+    out["next"] = [_step(model, opt, mesh, step, [schedule]) for step in range(SAVE_AT, len(STEPS))]
     out["after"] = _full(model, mesh, case)
     return out
 
@@ -119,12 +127,14 @@ def _run_pipeline_stages_and_save(rank: int, run_dir: str) -> dict:
     model = make_model(UNTIED)
     stages = [PipelineStage(model, s, 2, range(s, s + 1)) for s in range(2)]
     opt = _TwoStages(model, stages)
+    schedules = [_schedule(o) for o in opt.opts]
     for step in range(SAVE_AT):
-        _step(model, opt, single, step)
-    save_resharded(run_dir, SAVE_AT, stages[rank], opt.opts[rank], Mesh(2, rank, pp=2), GLOBAL)
+        _step(model, opt, single, step, schedules)
+    save_resharded(run_dir, SAVE_AT, stages[rank], opt.opts[rank], Mesh(2, rank, pp=2),
+                   {**GLOBAL, "lr_scheduler": schedules[rank].state_dict()})
     params = _full(model, single, UNTIED)
     return {"params": params, "stage_names": sorted(named_parameters(stages[rank])),
-            "next": [_step(model, opt, single, step) for step in range(SAVE_AT, len(STEPS))]}
+            "next": [_step(model, opt, single, step, schedules) for step in range(SAVE_AT, len(STEPS))]}
 
 
 def _save_layouts(rank: int, world: int, root: str) -> dict:
@@ -134,10 +144,13 @@ def _save_layouts(rank: int, world: int, root: str) -> dict:
 
 
 def _load_and_continue(case: str, mesh: Mesh, stage: int, state_dtype: str, run_dir: str) -> dict:
-    model, opt = _build(case, mesh, stage, state_dtype, seed=7)  # other weights: all must come from the checkpoint
+    model, opt, schedule = _build(case, mesh, stage, state_dtype, seed=7)  # all weights must come from the checkpoint
     step, state = load_resharded(run_dir, model, opt, mesh, seed=0)
-    out = {"step": step, "state": state, "rand": torch.rand(3), "params": _full(model, mesh, case)}
-    out["next"] = [_step(model, opt, mesh, s) for s in range(step, len(STEPS))]
+    out = {"step": step, "rand": torch.rand(3), "params": _full(model, mesh, case),
+           "global": {k: state.pop(k) for k in GLOBAL}, "lr": [g["lr"] for g in opt.param_groups]}
+    schedule.load_state_dict(state.pop("lr_scheduler"))
+    assert not state, f"unexpected global keys {sorted(state)}"
+    out["next"] = [_step(model, opt, mesh, s, [schedule]) for s in range(step, len(STEPS))]
     out["after"] = _full(model, mesh, case)
     return out
 
@@ -165,7 +178,8 @@ def _assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Ten
 def _assert_resumed(resumed: dict, reference: dict, what: str, rel_after: float) -> None:
     """Same weights, the next step's loss within 1e-6, and the steps after close to the uninterrupted run's."""
     _assert_same_weights(resumed["params"], reference["params"], what)
-    assert resumed["step"] == SAVE_AT and resumed["state"] == GLOBAL
+    assert resumed["step"] == SAVE_AT and resumed["global"] == GLOBAL
+    assert resumed["lr"] == [pytest.approx(1e-2 / (1 + SAVE_AT))] * 2  # the param groups' lr came back
     assert resumed["next"][0] == pytest.approx(reference["next"][0], rel=1e-6, abs=0), what
     assert resumed["next"][1:] == pytest.approx(reference["next"][1:], rel=rel_after), what
 
@@ -207,7 +221,7 @@ def test_hdp2_zero1_resumes_on_one_rank(runs) -> None:
     reference = saved[0]["zero1"]
     exact = _load_and_continue(UNTIED, Mesh(1, 0), 1, "fp8", str(runs["root"] / "zero1"))
     _assert_resumed(exact, reference, "ZeRO-1 -> ZeRO-1", rel_after=1e-5)
-    model, opt = _build(UNTIED, Mesh(1, 0), 1, "fp8")
+    model, opt, _ = _build(UNTIED, Mesh(1, 0), 1, "fp8")
     load_resharded(runs["root"] / "zero1", model, opt, Mesh(1, 0))
     state = _bytes(opt.optimizer.state_dict()["state"])
     for group in state:
@@ -230,16 +244,17 @@ def test_pipeline_stages_resume_unsplit(runs) -> None:
 
 def test_same_layout_resume_is_bit_exact_and_restores_rng(tmp_path) -> None:
     mesh = Mesh(1, 0)
-    model, opt = _build(UNTIED, mesh, 1, "fp8")
-    _step(model, opt, mesh, 0)
-    save_resharded(tmp_path, 1, model, opt, mesh, GLOBAL)
+    model, opt, schedule = _build(UNTIED, mesh, 1, "fp8")
+    _step(model, opt, mesh, 0, [schedule])
+    save_resharded(tmp_path, 1, model, opt, mesh, {"lr_scheduler": schedule.state_dict()})
     rand = torch.rand(4)
-    losses = [_step(model, opt, mesh, s) for s in (1, 2)]
-    model2, opt2 = _build(UNTIED, mesh, 1, "fp8", seed=3)
+    losses = [_step(model, opt, mesh, s, [schedule]) for s in (1, 2)]
+    model2, opt2, schedule2 = _build(UNTIED, mesh, 1, "fp8", seed=3)
     torch.manual_seed(123)
-    assert load_resharded(tmp_path, model2, opt2, mesh)[0] == 1
-    assert torch.equal(torch.rand(4), rand)
-    assert [_step(model2, opt2, mesh, s) for s in (1, 2)] == losses
+    step, state = load_resharded(tmp_path, model2, opt2, mesh)
+    schedule2.load_state_dict(state["lr_scheduler"])
+    assert step == 1 and torch.equal(torch.rand(4), rand)
+    assert [_step(model2, opt2, mesh, s, [schedule2]) for s in (1, 2)] == losses
     want = _bytes(opt.optimizer.state_dict()["state"])
     for group, state in _bytes(opt2.optimizer.state_dict()["state"]).items():
         for key, value in state.items():
@@ -255,7 +270,7 @@ def _tiny(**overrides) -> Transformer:
 
 def test_missing_parameters_and_shape_mismatches_are_named(tmp_path) -> None:
     mesh = Mesh(1, 0)
-    model, opt = _build(UNTIED, mesh, 0, "fp32")
+    model, opt, _ = _build(UNTIED, mesh, 0, "fp32")
     save_resharded(tmp_path, 1, model, opt, mesh, GLOBAL)
 
     deeper = _tiny(num_hidden_layers=3)
@@ -274,7 +289,7 @@ def test_missing_parameters_and_shape_mismatches_are_named(tmp_path) -> None:
 
 def test_checkpoint_without_layout_index_is_refused(tmp_path) -> None:
     mesh = Mesh(1, 0)
-    model, opt = _build(UNTIED, mesh, 0, "fp32")
+    model, opt, _ = _build(UNTIED, mesh, 0, "fp32")
     save_checkpoint(tmp_path, 1, {"model": model.state_dict()})
     with pytest.raises(ValueError, match="no layout-free index.*load_latest"):
         load_resharded(tmp_path, model, opt, mesh)
