@@ -4,7 +4,9 @@ The heuristic (seqmesh.scheduler.greedy) takes milliseconds and stays within a f
 bound when many sequences share the ranks; where few do (a handful of sequences per step), the
 discrete choices matter and the exact MILP (seqmesh.scheduler.milp), warm-started from the
 heuristic, finds the optimum in well under a second. The winner is chosen by the one simulator,
-so a MILP answer that looks better only under its bucketed approximation is never taken.
+so a MILP answer that looks better only under its bucketed approximation is never taken. Under
+PP the MILP's answer is also re-split into micro-batches for the pipeline (the bucketed model does
+not see the fill and drain), and the simulator picks among the answers as given and as re-split.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 from typing import Sequence
 
 from seqmesh.scheduler.cost_model import CostModel
-from seqmesh.scheduler.greedy import finish_times, heuristic, repair
+from seqmesh.scheduler.greedy import finish_times, heuristic, pipeline_repack, repair
 from seqmesh.scheduler.instance import Instance
 from seqmesh.scheduler.milp import exact_fits, solve_milp
 from seqmesh.scheduler.plan import Plan, plan_from_assignment
@@ -37,17 +39,22 @@ def adaptive_plan(lengths: Sequence[int], gpus: int, cost_model: CostModel, *,
     heuristic_ms = (time.perf_counter() - t0) * 1e3
     milp_status = "skipped"
     remaining = time_limit_s - heuristic_ms / 1e3
-    small = exact_fits(inst.lengths.size, gpus)
-    if use_milp and (small or (time_limit_s >= BUCKETED_MIN_S and remaining > 0)) and best[0] > lb * (1 + 1e-9):
+    # the exact model runs under its node limit alone, except under PP (slower: the time limit bounds it)
+    quick = exact_fits(inst.lengths.size, gpus) and inst.pp == 1
+    if use_milp and (quick or (time_limit_s >= BUCKETED_MIN_S and remaining > 0)) and best[0] > lb * (1 + 1e-9):
         found = solve_milp(inst, sched, remaining)
         milp_status = "no answer" if found is None else found[1]
         if found is not None:
             fin, above = finish_times(inst, found[0])
             milp_sched, _ = repair(inst, found[0], fin, above)
-            milp_plan = inst.to_plan(milp_sched)
-            ms = simulate(milp_plan, inst.lengths, cost_model)
-            if ms < best[0] * (1 - 1e-9):
-                best = (ms, milp_plan, "milp")
+            answers = [milp_sched]
+            if inst.pp > 1:
+                answers = [found[0], pipeline_repack(inst, found[0])[0], pipeline_repack(inst, milp_sched)[0]]
+            for answer in answers:
+                milp_plan = inst.to_plan(answer)
+                ms = simulate(milp_plan, inst.lengths, cost_model)
+                if ms < best[0] * (1 - 1e-9):
+                    best = (ms, milp_plan, "milp")
     ms, plan, solver = best
     out = plan_from_assignment(gpus, [[(g.first, g.count, g.sequences) for g in mb.groups]
                                       for mb in plan.microbatches], ms, lb)

@@ -2,12 +2,14 @@
 
     seqmesh plan --lengths FILE --gpus N --global-batch B [--batches K] --cost-model FILE.json
                  --out plans.jsonl [--baseline static-sp=K|best-static] [--group-sizes 1,2,4]
-                 [--time-limit S]
+                 [--time-limit S] [--tp T] [--pp P]
 
 FILE holds one length per line; batch k is lines k*B .. (k+1)*B-1 and sequence ids are indices
 within the batch. Each batch's plan goes to ``--out`` (one Plan JSON per line) and one summary line
 goes to stdout: predicted and lower-bound ms, their ratio, solve ms, micro-batches and the group
 sizes used, and, with ``--baseline``, the static plan's time and the speedup over it.
+``--tp``/``--pp`` price the plans for that layout (``--gpus`` stays the HDP ranks); the cost model
+must describe one device's whole model (a profile) or already that layout.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default=None, help="static-sp=K or best-static: also plan this and compare")
     p.add_argument("--group-sizes", default=None, help="comma-separated allowed SP group sizes (default: powers of two)")
     p.add_argument("--time-limit", type=float, default=0.2, help="seconds for the MILP per batch (default 0.2)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of each HDP rank (default 1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages of each HDP rank (default 1)")
     return p
 
 
@@ -72,7 +76,9 @@ def plan_main(argv: list[str]) -> int:
     try:
         if args.gpus < 1 or args.global_batch < 1:
             raise ValueError("--gpus and --global-batch must be >= 1")
-        cost_model = CostModel.load(args.cost_model)
+        if args.tp < 1 or args.pp < 1:
+            raise ValueError(f"--tp {args.tp} and --pp {args.pp} must be >= 1")
+        cost_model = CostModel.load(args.cost_model).for_layout(args.tp, args.pp)
         lengths = read_lengths(args.lengths)
         available = len(lengths) // args.global_batch
         batches = available if args.batches is None else args.batches

@@ -17,12 +17,34 @@ Two extensions, both optional in the JSON, neither changing the formula above:
   so its time is divided by the smallest factor among its ranks; a straggling node gets less work.
 * ``grad_reduce_ms``: the gradient reduction at the end of the step (plan-independent).
 
-seqmesh's own JSON is the external form plus ``"format": "seqmesh-cost-model/1"``, those two
+**Layout** (``tp``, ``pp``, ``tp_GBps``; optional, 1, 1, 0). The planner plans the HDP plane of
+the ``PP x HDP x TP`` mesh; every coefficient above describes the *whole* model on one HDP rank (what
+``seqmesh profile`` measures on one device), and the layout turns it into what one device of that
+rank does, so one profile prices every layout:
+
+* TP splits every head and the MLP width (and, with Megatron sequence parallelism, the residual
+  stream) over ``tp`` devices: compute, activation memory and Ulysses traffic (local heads only)
+  per token are divided by ``tp``. TP's own all-gathers and reduce-scatters move the same tensors
+  per layer and pass as Ulysses' all-to-all of q, k, v and the output (four hidden-sized ones), so
+  they cost ``comm_bytes_per_token * (tp - 1) / tp`` bytes per token of the rank's share at
+  ``tp_GBps``; ``tp_GBps = 0`` leaves them unpriced, i.e. part of alpha (``refine`` folds them
+  in, exactly: at a fixed ``tp`` they are the same linear term).
+* PP splits the layers over ``pp`` stages: every time above (beta included) is a stage's time,
+  ``1/pp`` of the whole. A stage holds ``1/pp`` of each micro-batch's activations, but 1F1B keeps
+  up to ``pp`` micro-batches in flight on the first stage, so a micro-batch's memory capacity is
+  unchanged. The step of a rank is the 1F1B makespan of its items (see ``simulate``).
+* Model states (weights, gradients, optimizer) are divided by ``tp * pp``.
+
+With ``tp = pp = 1`` every figure is the formula above, bit for bit. ``group_ms`` and ``seq_ms``
+therefore always return one device's (one stage's) time.
+
+seqmesh's own JSON is the external form plus ``"format": "seqmesh-cost-model/1"``, those
 extensions and a free-form ``"source"`` (where the coefficients came from).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -49,19 +71,28 @@ class CostModel:
     mem_limit_bytes: float
     speed: tuple[float, ...] = ()
     grad_reduce_ms: float = 0.0
+    tp: int = 1
+    pp: int = 1
+    tp_GBps: float = 0.0
     source: str = ""
     _bw_sizes: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for key in ("alpha1_ms_per_tok2", "alpha2_ms_per_tok", "beta_ms", "comm_bytes_per_token",
-                    "mem_bytes_per_token", "mem_static_bytes", "mem_limit_bytes", "grad_reduce_ms"):
+                    "mem_bytes_per_token", "mem_static_bytes", "mem_limit_bytes", "grad_reduce_ms", "tp_GBps"):
             v = getattr(self, key)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"cost model: {key}={v!r} must be a finite non-negative number")
         if self.mem_bytes_per_token <= 0:
             raise ValueError("cost model: mem_bytes_per_token must be > 0 (every token holds activations)")
-        if self.mem_static_bytes >= self.mem_limit_bytes:
-            raise ValueError(f"cost model: mem_static_bytes={self.mem_static_bytes:.4g} leaves no room under "
+        for key in ("tp", "pp"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"cost model: {key}={v!r} must be an integer >= 1")
+        if self.static_bytes >= self.mem_limit_bytes:
+            shared = f" ({self.static_bytes:.4g} per device over tp x pp = {self.tp} x {self.pp})" \
+                if self.tp * self.pp > 1 else ""
+            raise ValueError(f"cost model: mem_static_bytes={self.mem_static_bytes:.4g}{shared} leaves no room under "
                              f"mem_limit_bytes={self.mem_limit_bytes:.4g}; shard model states further or raise the limit")
         for d, bw in self.a2a_GBps.items():
             if not isinstance(d, int) or d < 2 or not (isinstance(bw, (int, float)) and bw > 0):
@@ -69,6 +100,45 @@ class CostModel:
         if any(not (isinstance(s, (int, float)) and s > 0) for s in self.speed):
             raise ValueError(f"cost model: speed factors must all be > 0, got {list(self.speed)}")
         object.__setattr__(self, "_bw_sizes", tuple(sorted(self.a2a_GBps)))
+
+    # ---- layout -----------------------------------------------------------------------------------
+    @property
+    def static_bytes(self) -> float:
+        """Model states one device holds: ``mem_static_bytes`` shared by its TP and PP peers."""
+        return self.mem_static_bytes / (self.tp * self.pp)
+
+    @property
+    def act_bytes_per_token(self) -> float:
+        """Activation bytes per token of a micro-batch on one device (see the module docstring for PP)."""
+        return self.mem_bytes_per_token / self.tp
+
+    @property
+    def microbatch_ms(self) -> float:
+        """Fixed cost of one micro-batch on one stage (beta, split over the stages like the layers)."""
+        return self.beta_ms / self.pp
+
+    def with_layout(self, tp: int = 1, pp: int = 1, tp_GBps: float | None = None) -> "CostModel":
+        """This model (coefficients of the whole model on one HDP rank) priced for a TP x PP layout.
+
+        ``tp_GBps`` None keeps the model's own, or else estimates it from the all-to-all table at
+        ``tp`` ranks: profiles time it on the first ``tp`` ranks, which are a TP group (TP is
+        innermost), so it is the same links' measured bandwidth; without a table TP's collectives
+        stay unpriced (part of alpha).
+        """
+        if tp_GBps is None:
+            tp_GBps = self.tp_GBps or (self.bandwidth_GBps(tp) if tp > 1 and self.a2a_GBps else 0.0)
+        return dataclasses.replace(self, tp=tp, pp=pp, tp_GBps=float(tp_GBps))
+
+    def for_layout(self, tp: int, pp: int) -> "CostModel":
+        """The model a run of layout ``tp x pp`` plans with: this one when it was made for that layout,
+        the layout applied when it was made for one device (a profile), an error otherwise."""
+        if (self.tp, self.pp) == (tp, pp):
+            return self
+        if (self.tp, self.pp) == (1, 1):
+            return self.with_layout(tp, pp)
+        raise ValueError(f"the cost model was made for tp={self.tp}, pp={self.pp} (its coefficients may be refit for "
+                         f"that layout) but this run uses tp={tp}, pp={pp}; profile again (`seqmesh profile`) or use "
+                         "the layout it was made for")
 
     # ---- time -------------------------------------------------------------------------------------
     def bandwidth_GBps(self, d: int) -> float:
@@ -87,21 +157,28 @@ class CostModel:
         return self.a2a_GBps[below[-1] if below else self._bw_sizes[0]]
 
     def comm_ms_per_token(self, d: int) -> float:
-        """Communication per token of a group of ``d``, already divided by ``d`` (per rank)."""
+        """Communication per token of a group of ``d``, already divided by ``d`` (per rank; whole model, TP 1)."""
         if d == 1:
             return 0.0
         return self.comm_bytes_per_token / d / (self.bandwidth_GBps(d) * 1e6)
 
+    def tp_comm_ms_per_token(self, d: int) -> float:
+        """TP's all-gathers and reduce-scatters per token of a group of ``d`` (per rank; whole model)."""
+        if self.tp == 1 or not self.tp_GBps:
+            return 0.0
+        return self.comm_bytes_per_token * (self.tp - 1) / self.tp / d / (self.tp_GBps * 1e6)
+
     def seq_ms(self, s: Any, d: int) -> Any:
-        """A sequence's (or an array of sequences') share of a group's time, without beta."""
+        """A sequence's (or an array of sequences') share of a group's time on one device, without beta."""
         s = np.asarray(s, dtype=np.float64) if not isinstance(s, (int, float)) else float(s)
-        return (self.alpha1_ms_per_tok2 * s * s + self.alpha2_ms_per_tok * s) / d + s * self.comm_ms_per_token(d)
+        comm = self.comm_ms_per_token(d) / self.tp + self.tp_comm_ms_per_token(d)
+        return ((self.alpha1_ms_per_tok2 * s * s + self.alpha2_ms_per_tok * s) / (d * self.tp) + s * comm) / self.pp
 
     def group_ms(self, lengths: Sequence[int], d: int, speed: float = 1.0) -> float:
-        """Time of one group running ``lengths`` in one micro-batch at the pace ``speed``."""
+        """Time of one group running ``lengths`` in one micro-batch at the pace ``speed`` (one stage's)."""
         if not len(lengths):
             return 0.0
-        return (float(np.sum(self.seq_ms(np.asarray(lengths), d))) + self.beta_ms) / speed
+        return (float(np.sum(self.seq_ms(np.asarray(lengths), d))) + self.microbatch_ms) / speed
 
     def rank_speed(self, gpus: int) -> np.ndarray:
         """Per-rank speed factors for an HDP group of ``gpus`` ranks (all 1.0 unless given)."""
@@ -115,10 +192,11 @@ class CostModel:
     # ---- memory -----------------------------------------------------------------------------------
     def tokens_per_rank(self) -> float:
         """Activation tokens one rank holds in one micro-batch."""
-        return (self.mem_limit_bytes - self.mem_static_bytes) / self.mem_bytes_per_token
+        return (self.mem_limit_bytes - self.static_bytes) / self.act_bytes_per_token
 
-    def fits(self, total_tokens: float, d: int) -> bool:
-        return self.mem_static_bytes + self.mem_bytes_per_token * total_tokens / d <= self.mem_limit_bytes
+    def fits(self, total_tokens: Any, d: int) -> Any:
+        """Whether a group of ``d`` holds ``total_tokens`` in one micro-batch (elementwise on arrays)."""
+        return self.static_bytes + self.act_bytes_per_token * total_tokens / d <= self.mem_limit_bytes
 
     def capacity(self, d: int) -> int:
         """Most tokens a group of ``d`` ranks holds in one micro-batch (largest ``t`` with ``fits(t, d)``)."""
@@ -138,6 +216,9 @@ class CostModel:
         if self.speed:
             d["speed"] = list(self.speed)
         d["grad_reduce_ms"] = self.grad_reduce_ms
+        for key, default in (("tp", 1), ("pp", 1), ("tp_GBps", 0.0)):
+            if getattr(self, key) != default:
+                d[key] = getattr(self, key)
         if self.source:
             d["source"] = self.source
         return d
@@ -160,7 +241,8 @@ class CostModel:
         if missing:
             raise ValueError(f"{where}: missing key{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} "
                              f"(a cost model needs {', '.join(_REQUIRED)}; `seqmesh profile` writes one)")
-        unknown = sorted(set(raw) - set(_REQUIRED) - {"format", "speed", "grad_reduce_ms", "source"})
+        unknown = sorted(set(raw) - set(_REQUIRED) - {"format", "speed", "grad_reduce_ms", "source", "tp", "pp",
+                                                      "tp_GBps"})
         if unknown:
             raise ValueError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}")
 
@@ -183,10 +265,18 @@ class CostModel:
         speed = raw.get("speed", [])
         if not isinstance(speed, list):
             raise ValueError(f"{where}: key 'speed' must be a list with one factor per HDP rank, got {speed!r}")
+
+        def degree(key: str) -> int:
+            value = raw.get(key, 1)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{where}: key {key!r} must be an integer >= 1, got {value!r}")
+            return value
+
         try:
             return cls(**{k: number(k, raw[k]) for k in _REQUIRED if k != "a2a_GBps"}, a2a_GBps=bw,
                        speed=tuple(number("speed", s) for s in speed),
                        grad_reduce_ms=number("grad_reduce_ms", raw.get("grad_reduce_ms", 0.0)),
+                       tp=degree("tp"), pp=degree("pp"), tp_GBps=number("tp_GBps", raw.get("tp_GBps", 0.0)),
                        source=str(raw.get("source", "")))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
@@ -214,7 +304,8 @@ class CostModel:
 
 def default_cost_model(*, params: float, hidden_size: int, num_layers: int, device_flops: float,
                        mem_limit_bytes: float, link_GBps: float = 10.0, max_group: int = 1024,
-                       dp_shards: int = 1, act_bytes: int = 2, checkpointing: bool = True) -> CostModel:
+                       dp_shards: int = 1, act_bytes: int = 2, checkpointing: bool = True,
+                       zero_stage: int | None = None, optim_state_bytes: float = 8.0) -> CostModel:
     """A cost model from first principles, for workers that have no profile yet.
 
     Every coefficient is a count divided by a rate the caller states, none is tuned:
@@ -232,14 +323,26 @@ def default_cost_model(*, params: float, hidden_size: int, num_layers: int, devi
     * Memory: with checkpointing a token keeps each layer's input (``2 * hidden * layers`` bytes
       at bf16) plus one layer's working set (~34 hidden-sized values, Korthikanti et al. 2022, with
       a fused attention kernel); without it, the working set of every layer. Model states are
-      16 bytes per parameter (bf16 weights and grads, fp32 master weights and two Adam moments)
-      divided over ``dp_shards`` ZeRO shards.
+      fp32 weights and gradients (4 + 4 bytes per parameter) and the optimizer's moments
+      (``optim_state_bytes``: 8 for two fp32 Adam moments, ~2 for FP8 ones). ``zero_stage`` None
+      divides all of it over ``dp_shards`` (fully sharded states); ZeRO stage 1 shards only the
+      optimizer moments over ``dp_shards`` HDP ranks, stage 2 the gradients too, stage 0 nothing.
+
+    The result describes the whole model on one device; ``CostModel.with_layout`` applies TP and PP.
     """
     for key, v in (("params", params), ("hidden_size", hidden_size), ("num_layers", num_layers),
                    ("device_flops", device_flops), ("mem_limit_bytes", mem_limit_bytes), ("link_GBps", link_GBps),
                    ("dp_shards", dp_shards), ("max_group", max_group)):
         if not v > 0:
             raise ValueError(f"default_cost_model: {key}={v!r} must be > 0")
+    if zero_stage not in (None, 0, 1, 2):
+        raise ValueError(f"default_cost_model: zero_stage={zero_stage!r} must be None, 0, 1 or 2")
+    if zero_stage is None:
+        mem_static = (8.0 + optim_state_bytes) * params / dp_shards
+    else:
+        grads = 4.0 / (dp_shards if zero_stage >= 2 else 1)
+        moments = optim_state_bytes / (dp_shards if zero_stage >= 1 else 1)
+        mem_static = (4.0 + grads + moments) * params
     recompute = 4 / 3 if checkpointing else 1.0
     passes = 3 if checkpointing else 2
     per_layer_work = 34 * hidden_size * act_bytes // 2
@@ -253,8 +356,10 @@ def default_cost_model(*, params: float, hidden_size: int, num_layers: int, devi
         a2a_GBps={d: float(link_GBps) for d in sizes},
         comm_bytes_per_token=float(4 * hidden_size * act_bytes * passes * num_layers),
         mem_bytes_per_token=float(mem_per_token),
-        mem_static_bytes=16.0 * params / dp_shards,
+        mem_static_bytes=mem_static,
         mem_limit_bytes=float(mem_limit_bytes),
         source=f"default_cost_model(params={params:.4g}, hidden={hidden_size}, layers={num_layers}, "
-               f"device_flops={device_flops:.4g}, link_GBps={link_GBps}, dp_shards={dp_shards})",
+               f"device_flops={device_flops:.4g}, link_GBps={link_GBps}, dp_shards={dp_shards}"
+               + (f", zero_stage={zero_stage}" if zero_stage is not None else "")
+               + (f", optim_state_bytes={optim_state_bytes}" if optim_state_bytes != 8.0 else "") + ")",
     )

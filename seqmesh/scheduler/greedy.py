@@ -13,12 +13,19 @@
    sequence off the rank that finishes last, or swap it for a shorter one elsewhere, while that
    lowers the step time; memory is checked for every move.
 
+With pipeline stages (``pp > 1``) a rank's step also pays the fill and drain of its largest
+micro-batch (seqmesh.scheduler.simulate), so a sequence's degree is chosen for ``pp`` times its
+stage time (what it costs alone), candidates are compared by that pipelined makespan, and the
+winner's micro-batches are re-split per block (``pipeline_repack``): more, smaller micro-batches
+shrink the fill and drain, each one more costs a beta.
+
 Everything is a deterministic function of the input (stable orders, index tie-breaks).
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 
 import numpy as np
 
@@ -26,7 +33,8 @@ from seqmesh.scheduler.instance import Instance, Schedule
 
 
 def degrees_for(inst: Instance, target_ms: float) -> np.ndarray:
-    """Per sequence, the smallest allowed size >= its memory minimum whose time fits ``target_ms``."""
+    """Per sequence, the smallest allowed size >= its memory minimum whose time fits ``target_ms``
+    (alone, through all ``pp`` stages)."""
     n = inst.lengths.size
     deg = np.zeros(n, dtype=np.int64)
     best_t = np.full(n, np.inf)
@@ -34,7 +42,7 @@ def degrees_for(inst: Instance, target_ms: float) -> np.ndarray:
     for d in inst.sizes:
         ok = inst.dmin <= d
         t = inst.times[d] + inst.beta
-        deg = np.where((deg == 0) & ok & (t <= target_ms), d, deg)
+        deg = np.where((deg == 0) & ok & (t * inst.pp <= target_ms), d, deg)
         better = ok & (t < best_t)
         best_t = np.where(better, t, best_t)
         fastest = np.where(better, d, fastest)
@@ -51,20 +59,31 @@ class _Level:
         self.most_free = np.zeros(nb, dtype=np.int64)
         self.bins: list[list[list]] = [[] for _ in range(nb)]  # per block: [free tokens, ids]
 
-    def best(self, fin: np.ndarray, n: int, t: float, beta: float) -> tuple[int, float]:
+    def starts(self, per_rank: np.ndarray) -> np.ndarray:
+        """Per block, the largest of ``per_rank`` over its ranks (when all of them are free)."""
+        if self.d == 1:
+            return per_rank[: self.nb]
+        return per_rank[: self.nb * self.d].reshape(self.nb, self.d).max(axis=1)
+
+    def best(self, fin: np.ndarray, n: int, t: float, beta: float,
+             drain: _Drain | None = None) -> tuple[int, float]:
         """The block that would finish a sequence (n tokens, t ms) earliest, and that finish time."""
-        start = fin[: self.nb * self.d].reshape(self.nb, self.d).max(axis=1)
+        start = self.starts(fin)
         finish = start + (t + beta * (self.most_free < n)) / self.speed
+        if drain is not None:
+            finish = finish + drain.cost(self, t + beta)
         b = int(np.argmin(finish))
         return b, float(finish[b])
 
-    def best_open(self, fin: np.ndarray, n: int, t: float) -> tuple[int, float]:
+    def best_open(self, fin: np.ndarray, n: int, t: float, drain: _Drain | None = None) -> tuple[int, float]:
         """Like ``best``, but only among blocks with a micro-batch that has room (no new beta)."""
         room = self.most_free >= n
         if not room.any():
             return -1, np.inf
-        start = fin[: self.nb * self.d].reshape(self.nb, self.d).max(axis=1)
-        finish = np.where(room, start + t / self.speed, np.inf)
+        finish = self.starts(fin) + t / self.speed
+        if drain is not None:
+            finish = finish + drain.cost(self, t + drain.beta)
+        finish = np.where(room, finish, np.inf)
         b = int(np.argmin(finish))
         return b, float(finish[b])
 
@@ -82,6 +101,24 @@ class _Level:
         self.most_free[b] = max(free for free, _ in self.bins[b])
         lo = b * self.d
         fin[lo:lo + self.d] = fin[lo:lo + self.d].max() + t / self.speed[b]
+
+
+class _Drain:
+    """Under PP, each rank's pipeline fill and drain as sequences are placed: ``pp - 1`` times the
+    stage time of its largest sequence (alone in its micro-batch, the least its largest micro-batch
+    can be once ``pipeline_repack`` splits the rest to that size)."""
+
+    def __init__(self, inst: Instance) -> None:
+        self.factor, self.beta = inst.pp - 1, inst.beta
+        self.peak = np.zeros(inst.gpus)
+
+    def cost(self, level: _Level, item_ms: float) -> np.ndarray:
+        """Each block's fill and drain if it took a sequence whose micro-batch alone takes ``item_ms``."""
+        return self.factor * np.maximum(level.starts(self.peak), item_ms / level.speed)
+
+    def add(self, level: _Level, b: int, item_ms: float) -> None:
+        ranks = slice(b * level.d, (b + 1) * level.d)
+        self.peak[ranks] = np.maximum(self.peak[ranks], item_ms / level.speed[b])
 
 
 _SCAN = 16
@@ -166,15 +203,16 @@ def place(inst: Instance, deg: np.ndarray, target_ms: float = np.inf,
     levels = {d: _Level(inst, d) for d in inst.sizes}
     uniform = bool(np.ptp(inst.speed) == 0)
     beta, lengths = inst.beta, inst.lengths
+    drain = _Drain(inst) if inst.pp > 1 else None
     fastest = np.min([inst.times[w] for w in inst.sizes], axis=0) / inst.speed.max()
     for d in sorted({int(x) for x in deg}, reverse=True):
         ids = np.flatnonzero(deg == d)
         ids = ids[np.lexsort((ids, -inst.times[d][ids]))].tolist()
-        heap = _RankHeap(levels[1], fin, beta) if d == 1 and uniform else None
+        heap = _RankHeap(levels[1], fin, beta) if d == 1 and uniform and drain is None else None
         for i in ids:
             n = int(lengths[i])
             t = float(inst.times[d][i])
-            b, finish = heap.best(fin, n, t) if heap else levels[d].best(fin, n, t, beta)
+            b, finish = heap.best(fin, n, t) if heap else levels[d].best(fin, n, t, beta, drain)
             chosen = d
             # widen only a sequence that is long for the room left on the emptiest rank: others
             # overflow from packing, not from their length
@@ -184,17 +222,19 @@ def place(inst: Instance, deg: np.ndarray, target_ms: float = np.inf,
                     tw = float(inst.times[w][i])
                     if floor + tw / inst.speed.max() > target_ms:
                         continue
-                    bw, fw = levels[w].best(fin, n, tw, beta)
+                    bw, fw = levels[w].best(fin, n, tw, beta, drain)
                     if fw <= target_ms:
                         chosen, b = w, bw
                         break
             elif ride_along and beta > 0 and _opens_bin(levels[d], b, n):
                 # riding along in a wider group's open micro-batch may beat paying a new beta
                 for w in (w for w in inst.sizes if w > d):
-                    bw, fw = levels[w].best_open(fin, n, float(inst.times[w][i]))
+                    bw, fw = levels[w].best_open(fin, n, float(inst.times[w][i]), drain)
                     if fw < finish:
                         chosen, b, finish = w, bw, fw
             levels[chosen].add(b, i, n, float(inst.times[chosen][i]), beta, fin)
+            if drain is not None:
+                drain.add(levels[chosen], b, float(inst.times[chosen][i]) + beta)
             if heap:
                 heap.touch(fin, range(b * chosen, (b + 1) * chosen))
     sched: Schedule = {}
@@ -330,6 +370,89 @@ def finish_times(inst: Instance, sched: Schedule) -> tuple[np.ndarray, np.ndarra
     return fin, fin - leaf
 
 
+def pipeline_finish(inst: Instance, sched: Schedule) -> np.ndarray:
+    """Per-rank finish under PP: stage loads of the nested blocks (largest first) plus the fill and
+    drain of ``pp - 1`` stage times of the rank's largest micro-batch (the simulator's rule)."""
+    fin = np.zeros(inst.gpus)
+    peak = np.zeros(inst.gpus)
+    for (first, d), bins in sorted(sched.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
+        items = [float(inst.times[d][ids].sum()) + inst.beta for ids in bins if ids]
+        if not items:
+            continue
+        pace = float(inst.speed[first:first + d].min())
+        fin[first:first + d] = fin[first:first + d].max() + sum(items) / pace
+        peak[first:first + d] = np.maximum(peak[first:first + d], max(items) / pace)
+    return fin + (inst.pp - 1) * peak
+
+
+def _split_block(inst: Instance, d: int, ids: list[int], cap_ms: float) -> list[list[int]]:
+    """One block's sequences as micro-batches of at most ``cap_ms`` (stage time with beta; a longer
+    sequence alone), balanced (longest first into the least loaded micro-batch with room) and within
+    the block's memory."""
+    t, lengths, capacity = inst.times[d], inst.lengths, inst.capacity[d]
+    order = sorted(ids, key=lambda i: (-t[i], i))
+    budget = cap_ms - inst.beta
+    count = min(len(order), max(1, math.ceil(float(t[order].sum()) / max(budget, 1e-12))))
+    bins: list[list[int]] = [[] for _ in range(count)]
+    free = [capacity] * count
+    heap = [(0.0, k) for k in range(count)]  # (load, micro-batch), least loaded first
+    for i in order:
+        n = int(lengths[i])
+        full = []
+        # the least loaded micro-batch with room for the tokens, unless the time would pass the cap
+        while heap and free[heap[0][1]] < n:
+            full.append(heapq.heappop(heap))
+        if heap and heap[0][0] and heap[0][0] + t[i] > budget:
+            full.extend(heap)
+            heap = []
+        if heap:
+            load, k = heapq.heappop(heap)
+        else:
+            load, k = 0.0, len(bins)
+            bins.append([])
+            free.append(capacity)
+        bins[k].append(i)
+        free[k] -= n
+        heapq.heappush(heap, (load + float(t[i]), k))
+        for entry in full:
+            heapq.heappush(heap, entry)
+    return [b for b in bins if b]
+
+
+_REPACK_STEPS = 16  # caps tried, each 1/sqrt(2) of the one before
+
+
+def pipeline_repack(inst: Instance, sched: Schedule) -> tuple[Schedule, float]:
+    """The best re-split of every block's micro-batches under a common cap on a micro-batch's stage
+    time (the schedule as given included), by pipelined makespan; returns it and that makespan.
+
+    Sequences stay on their blocks, so loads move only by the betas of the micro-batches added or
+    removed; a lower cap trades those betas against a smaller fill and drain on every rank. A
+    block's cap never goes below the largest sequence that every one of its ranks holds anyway
+    (splitting further shrinks no rank's fill and drain).
+    """
+    best = (sched, float(pipeline_finish(inst, sched).max(initial=0.0)))
+    if inst.pp == 1 or not sched:
+        return best
+    blocks = {(first, d): [i for ids in bins for i in ids] for (first, d), bins in sched.items() if any(bins)}
+    largest = np.zeros(inst.gpus)  # stage time of each rank's largest sequence alone
+    for (first, d), ids in blocks.items():
+        item = (float(inst.times[d][ids].max()) + inst.beta) / float(inst.speed[first:first + d].min())
+        largest[first:first + d] = np.maximum(largest[first:first + d], item)
+    floor = {(first, d): float(largest[first:first + d].min()) * float(inst.speed[first:first + d].min())
+             for first, d in blocks}
+    cap = max(float(inst.times[d][ids].sum()) + inst.beta for (_, d), bins in sched.items() for ids in bins if ids)
+    for _ in range(_REPACK_STEPS):
+        candidate = {blk: _split_block(inst, blk[1], ids, max(cap, floor[blk])) for blk, ids in blocks.items()}
+        ms = float(pipeline_finish(inst, candidate).max(initial=0.0))
+        if ms < best[1] * (1 - 1e-12):
+            best = (candidate, ms)
+        if cap <= min(floor.values()):
+            break  # every block is at its floor: a lower cap changes nothing
+        cap /= math.sqrt(2)
+    return best
+
+
 def repair(inst: Instance, sched: Schedule, fin: np.ndarray, above: np.ndarray,
            max_steps: int | None = None) -> tuple[Schedule, float]:
     if 1 not in inst.sizes or inst.lengths.size == 0:
@@ -355,7 +478,7 @@ def balanced_target(inst: Instance, lower_bound_ms: float) -> float:
         return (area + beta * slots) / total_speed
 
     deg_inf = degrees_for(inst, np.inf)
-    longest = max(float(inst.times[d][deg_inf == d].max(initial=0.0)) for d in inst.sizes) + beta
+    longest = (max(float(inst.times[d][deg_inf == d].max(initial=0.0)) for d in inst.sizes) + beta) * inst.pp
     lo, hi = lower_bound_ms, max(lower_bound_ms, work_per_rank(np.inf), longest)
     for _ in range(30):
         if hi - lo <= 1e-4 * hi:
@@ -391,6 +514,28 @@ def heuristic(inst: Instance, lower_bound_ms: float, repair_top: int = 1) -> tup
         for ride in (False, True) if inst.lengths.size <= _RIDE_BELOW * inst.gpus else (False,):
             sched, fin, above = place(inst, deg, target * f, ride)
             placed.append((float(fin.max()), 2 * k + ride, sched, fin, above))
+    if inst.pp > 1:
+        # One wide group running many small micro-batches keeps every pipeline full, a layout no
+        # degree target above leads to: so every uniform degree is a candidate too.
+        for j, d in enumerate(inst.sizes):
+            deg = np.maximum(inst.dmin, d)
+            if deg.tobytes() not in seen:
+                seen.add(deg.tobytes())
+                sched, fin, above = place(inst, deg)
+                placed.append((float(fin.max()), 2 * (len(targets) + j), sched, fin, above))
     placed.sort(key=lambda p: (p[0], p[1]))
+    if inst.pp > 1:
+        return _pipelined_best(inst, placed, repair_top)
     repaired = [repair(inst, sched, fin, above) for _, _, sched, fin, above in placed[:repair_top]]
     return min(repaired, key=lambda r: r[1])
+
+
+def _pipelined_best(inst: Instance, placed: list, repair_top: int) -> tuple[Schedule, float]:
+    """Under PP: candidates ranked by their re-split pipelined makespan; the best ``repair_top`` are
+    also repaired (the repair balances loads) and re-split again, and the fastest of all wins."""
+    scored = sorted(((*pipeline_repack(inst, sched), k, sched, fin, above) for _, k, sched, fin, above in placed),
+                    key=lambda c: (c[1], c[2]))
+    out = [(c[0], c[1]) for c in scored[:repair_top]]
+    for _, _, _, sched, fin, above in scored[:repair_top]:
+        out.append(pipeline_repack(inst, repair(inst, sched, fin, above)[0]))
+    return min(out, key=lambda r: r[1])

@@ -9,6 +9,9 @@ of the loads of the blocks that contain it. That is what makes the problem small
 exactly, and it keeps ByteScale's freedom (ranks run different numbers of micro-batches, a
 micro-batch need not use every rank) and FlexSP's form (all blocks of one level) as special cases.
 With arbitrary sizes the blocks may overlap without nesting; the simulator then charges the waits.
+Under PP (``cost_model.pp > 1``) times are stage times and every rank also pays the pipeline's fill
+and drain, ``pp - 1`` times its largest micro-batch (``pipeline_finish``); nested blocks keep each
+rank's micro-batches at consecutive positions, as the pipelined trainer needs.
 """
 
 from __future__ import annotations
@@ -40,7 +43,12 @@ class Instance:
 
     @property
     def beta(self) -> float:
-        return self.cost_model.beta_ms
+        """Fixed cost of a micro-batch on one device (one stage's share under PP)."""
+        return self.cost_model.microbatch_ms
+
+    @property
+    def pp(self) -> int:
+        return self.cost_model.pp
 
     @classmethod
     def build(cls, lengths: Sequence[int], gpus: int, cost_model: CostModel,

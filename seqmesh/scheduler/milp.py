@@ -15,6 +15,15 @@ Two resolutions of the same model:
   micro-batches; the answer is turned back into sequences and re-packed best-fit, and only the
   simulator's verdict on the result counts.
 
+Under PP (``pp > 1``) the exact model also has ``u[r]``, rank ``r``'s largest micro-batch (at
+least the stage time of every slot containing it), and a rank's finish gains ``(pp - 1) u[r]``,
+the pipeline's fill and drain: the simulator's pipelined makespan, exactly. A block may then need
+a micro-batch per sequence (splitting shrinks ``u``), so it gets that many slots; that model
+takes seconds rather than milliseconds, so it runs under the wall-clock limit like the bucketed
+one (measured within ~1.5% of the heuristic at 2 ranks x 12 sequences, in 1-4 s). The bucketed
+model leaves the fill and drain out (its slots are aggregates); the adaptive planner re-splits its
+answer and lets the simulator judge.
+
 The heuristic's schedule is passed in as the starting incumbent, so HiGHS only ever reports
 something at least as good under the model. Determinism: HiGHS runs single-threaded with a node
 limit; an answer cut short by the wall-clock limit instead (only the bucketed mode has one: a
@@ -83,7 +92,7 @@ def _build(inst: Instance, exact: bool, max_buckets: int) -> _Model:
         # (merging two such saves a beta and changes nothing else), hence this many slots.
         tokens = sum(int(inst.lengths[buckets[j]].sum()) for j in eligible)
         n_items = sum(len(buckets[j]) for j in eligible)
-        n_slots = min(n_items, 2 * tokens // inst.capacity[d] + 1) if exact else 1
+        n_slots = (n_items if inst.pp > 1 else min(n_items, 2 * tokens // inst.capacity[d] + 1)) if exact else 1
         for k in range(n_slots):
             slots.append((bi, k))
             for j in eligible:
@@ -91,10 +100,18 @@ def _build(inst: Instance, exact: bool, max_buckets: int) -> _Model:
     return _Model(blocks, buckets, slots, xcols, exact)
 
 
+def _bubble(inst: Instance, model: _Model) -> int:
+    """Coefficient of ``u[r]`` in rank ``r``'s finish: ``pp - 1`` in the exact model, else 0 (no ``u``)."""
+    return inst.pp - 1 if model.exact else 0
+
+
 def _matrices(inst: Instance, model: _Model):
-    """Column bounds, costs and the constraint matrix (rows: buckets, slot capacity, ranks, order)."""
+    """Column bounds, costs and the constraint matrix (rows: buckets, slot capacity, ranks, order;
+    under PP also slot time <= u). Columns: y, x, u (PP only), M."""
     n_y, n_x = len(model.slots), len(model.xcols)
-    n_col = n_y + n_x + 1
+    bubble = _bubble(inst, model)
+    n_u = inst.gpus if bubble else 0
+    n_col = n_y + n_x + n_u + 1
     m_col = n_col - 1
     rows, cols, vals, lo, hi = [], [], [], [], []
     r = 0
@@ -130,8 +147,23 @@ def _matrices(inst: Instance, model: _Model):
                 rows.append(rank_rows + rank), cols.append(col), vals.append(v)
     for rank in range(inst.gpus):
         rows.append(rank_rows + rank), cols.append(m_col), vals.append(-1.0)
+        if bubble:
+            rows.append(rank_rows + rank), cols.append(n_y + n_x + rank), vals.append(float(bubble))
         lo.append(-np.inf), hi.append(0.0)
     r = rank_rows + inst.gpus
+    if bubble:                                               # a slot's stage time <= u of each of its ranks
+        for y, (bi, _) in enumerate(model.slots):
+            first, d = model.blocks[bi]
+            pace = float(inst.block_speed[d][first // d])
+            terms = [(y, inst.beta / pace)] + [
+                (n_y + c, float(inst.times[d][model.buckets[model.xcols[c][1]]].mean()) / pace)
+                for c in by_slot.get(y, [])]
+            for rank in range(first, first + d):
+                for col, v in terms:
+                    rows.append(r), cols.append(col), vals.append(v)
+                rows.append(r), cols.append(n_y + n_x + rank), vals.append(-1.0)
+                lo.append(-np.inf), hi.append(0.0)
+                r += 1
     if np.ptp(inst.speed) == 0:
         # Sibling blocks (the two halves of a block) with everything nested in them can be swapped
         # without changing any finish time; keep only the order whose left sibling is busier.
@@ -161,10 +193,21 @@ def _matrices(inst: Instance, model: _Model):
                 vals += [1.0, -1.0]
                 lo.append(0.0), hi.append(np.inf)
                 r += 1
+                if bubble:
+                    # ... and, under PP, longest first: any order of a block's micro-batches prices
+                    # the same, so only this one is searched
+                    for yy, sign in ((y - 1, 1.0), (y, -1.0)):
+                        first, d = model.blocks[model.slots[yy][0]]
+                        rows.append(r), cols.append(yy), vals.append(sign * inst.beta)
+                        for c in by_slot.get(yy, []):
+                            rows.append(r), cols.append(n_y + c)
+                            vals.append(sign * float(inst.times[d][model.buckets[model.xcols[c][1]]].mean()))
+                    lo.append(0.0), hi.append(np.inf)
+                    r += 1
     a = sparse.csc_matrix((vals, (rows, cols)), shape=(r, n_col))
     col_lo = np.zeros(n_col)
     col_hi = np.concatenate([np.full(n_y, 1.0 if model.exact else np.inf),
-                             np.array([u for _, _, u in model.xcols], dtype=float), [np.inf]])
+                             np.array([u for _, _, u in model.xcols], dtype=float), np.full(n_u + 1, np.inf)])
     cost = np.zeros(n_col)
     cost[m_col] = 1.0
     return a, np.array(lo, float), np.array(hi, float), col_lo, col_hi, cost
@@ -173,13 +216,14 @@ def _matrices(inst: Instance, model: _Model):
 def _warm_values(inst: Instance, model: _Model, sched: Schedule, a: sparse.csc_matrix) -> np.ndarray | None:
     """Column values of ``sched`` in ``model`` (None when the schedule does not map onto it)."""
     n_y, n_x = len(model.slots), len(model.xcols)
+    bubble = _bubble(inst, model)
     bucket_of = np.empty(inst.lengths.size, dtype=np.int64)
     for j, m in enumerate(model.buckets):
         bucket_of[m] = j
     block_index = {b: i for i, b in enumerate(model.blocks)}
     slot_index = {s: y for y, s in enumerate(model.slots)}
     xcol_index = {(y, j): c for c, (y, j, _) in enumerate(model.xcols)}
-    v = np.zeros(n_y + n_x + 1)
+    v = np.zeros(a.shape[1])
     for blk, bins in sched.items():
         if blk not in block_index:
             return None
@@ -194,6 +238,11 @@ def _warm_values(inst: Instance, model: _Model, sched: Schedule, a: sparse.csc_m
                 if c is None:
                     return None
                 v[n_y + c] += 1.0
+            if bubble and ids:
+                first, d = blk
+                item = (float(inst.times[d][ids].sum()) + inst.beta) / float(inst.block_speed[d][first // d])
+                u = v[n_y + n_x + first:n_y + n_x + first + d]
+                np.maximum(u, item, out=u)
     if not model.exact:  # aggregate slots: enough micro-batches for the mean-length token count
         mean_len = np.array([float(inst.lengths[m].mean()) for m in model.buckets])
         ycol = np.array([y for y, _, _ in model.xcols], dtype=np.int64)
@@ -228,7 +277,8 @@ def solve_milp(inst: Instance, warm: Schedule | None, time_limit_s: float, *, ex
     """Solve the block MILP; returns (schedule, HiGHS status) or None when it has no usable answer."""
     if exact is None:
         exact = exact_fits(inst.lengths.size, inst.gpus)
-    if inst.lengths.size == 0 or (time_limit_s <= 0 and not exact):
+    unlimited = exact and inst.pp == 1  # only its node limit bounds it (see the module docstring)
+    if inst.lengths.size == 0 or (time_limit_s <= 0 and not unlimited):
         return None
     model = _build(inst, exact, max_buckets)
     a, row_lo, row_hi, col_lo, col_hi, cost = _matrices(inst, model)
@@ -238,10 +288,12 @@ def solve_milp(inst: Instance, warm: Schedule | None, time_limit_s: float, *, ex
     lp.row_lower_, lp.row_upper_ = row_lo, row_hi
     lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
     lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = a.indptr, a.indices, a.data
-    lp.integrality_ = [highspy.HighsVarType.kInteger] * (a.shape[1] - 1) + [highspy.HighsVarType.kContinuous]
+    n_int = len(model.slots) + len(model.xcols)
+    lp.integrality_ = ([highspy.HighsVarType.kInteger] * n_int
+                       + [highspy.HighsVarType.kContinuous] * (a.shape[1] - n_int))
     h = highspy.Highs()
     for key, value in (("output_flag", False), ("threads", 1), ("random_seed", 0), ("mip_rel_gap", 1e-6),
-                       ("time_limit", np.inf if exact else float(time_limit_s)), ("mip_max_nodes", int(node_limit))):
+                       ("time_limit", np.inf if unlimited else float(time_limit_s)), ("mip_max_nodes", int(node_limit))):
         h.setOptionValue(key, value)
     h.passModel(lp)
     if warm is not None:

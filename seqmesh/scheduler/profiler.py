@@ -253,6 +253,11 @@ def refine(cost_model: CostModel, observations: Sequence[tuple[Sequence[int], in
     the trainer's per-micro-batch timers. The issue-4 formula is linear in alpha1, alpha2, beta and
     c_d = comm_bytes_per_token / (a2a_GBps[d] * 1e6), so one non-negative least-squares solve fits
     them all (relative errors weigh equally); sizes never observed keep their bandwidth.
+
+    Under a TP x PP layout an observation is one device's time (one TP rank of one stage), as
+    ``group_ms`` predicts it, and the coefficients stay those of the whole model. TP's own
+    collectives grow with the tokens exactly like ``alpha2``'s term at this ``tp``, so the fit
+    folds them into ``alpha2`` and the result prices them no more (``tp_GBps = 0``).
     """
     sizes = sorted({int(d) for _, d, _ in observations if int(d) > 1})
     unknowns = 3 + len(sizes)
@@ -264,7 +269,9 @@ def refine(cost_model: CostModel, observations: Sequence[tuple[Sequence[int], in
         s = np.asarray(lengths, dtype=np.float64)
         if d < 1 or ms <= 0 or s.size == 0:
             raise ValueError(f"refine: bad observation (d={d}, ms={ms}, {s.size} sequences)")
-        row = [float((s * s).sum()) / d, float(s.sum()) / d, 1.0] + [float(s.sum()) / d if d == k else 0.0 for k in sizes]
+        shard = d * cost_model.tp * cost_model.pp  # compute and all-to-all are split over d ranks, TP and stages
+        row = [float((s * s).sum()) / shard, float(s.sum()) / shard, 1.0 / cost_model.pp] + \
+              [float(s.sum()) / shard if d == k else 0.0 for k in sizes]
         rows.append(row)
         y.append(float(ms))
     a = np.asarray(rows)
@@ -278,7 +285,7 @@ def refine(cost_model: CostModel, observations: Sequence[tuple[Sequence[int], in
             bw[k] = cost_model.comm_bytes_per_token / (c * 1e6)
     d = cost_model.to_dict()
     d.update(alpha1_ms_per_tok2=float(coef[0]), alpha2_ms_per_tok=float(coef[1]), beta_ms=float(coef[2]),
-             a2a_GBps={str(k): v for k, v in bw.items()},
+             a2a_GBps={str(k): v for k, v in bw.items()}, tp_GBps=0.0,
              source=(cost_model.source + "; " if cost_model.source else "") + f"refined on {len(y)} timings")
     return CostModel.from_dict(d)
 

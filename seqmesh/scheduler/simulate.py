@@ -5,6 +5,16 @@ means the same thing. Its rule mirrors the trainer: each rank walks its groups i
 order, and a group's collectives start only when all of its ranks have arrived, so a group starts
 when the last of its ranks is free; the step ends when every rank is done and the gradients are
 reduced.
+
+With pipeline stages (``cost_model.pp > 1``) an HDP rank is a pipeline, and the trainer runs every
+pipeline over the same item positions: plan micro-batch ``k`` is item ``k`` of every rank's 1F1B
+schedule, and a rank with no group in it skips it. A group's time is then one stage's time, and a
+run of consecutive items costs its stage times plus the fill and drain of ``pp - 1`` stage times
+of its largest item: ``(m + pp - 1) t`` for ``m`` equal items, and for unequal ones the makespan
+of a flow shop whose machines take the same time per job (``sum t + (pp - 1) max t``, whatever
+the order). An idle position between two busy ones empties the pipeline (the next item's forward
+waits behind the previous backward in 1F1B: exact for two stages, an upper bound for more), so
+the run ends there and pays its drain. Planners keep every rank's items at consecutive positions.
 """
 
 from __future__ import annotations
@@ -64,13 +74,26 @@ def simulate(plan: Plan, lengths: Sequence[int], cost_model: CostModel) -> float
     lengths = np.asarray(lengths, dtype=np.int64)
     speed = cost_model.rank_speed(plan.gpus)
     free = np.zeros(plan.gpus)
-    for mb in plan.microbatches:
+    bubble = cost_model.pp - 1
+    last = np.full(plan.gpus, -1)     # position of each rank's latest item (-1: none yet)
+    peak = np.zeros(plan.gpus)        # largest stage time of each rank's current run of items
+    for k, mb in enumerate(plan.microbatches):
         for g in mb.groups:
             if not g.sequences:
                 continue
             lo, hi = g.first, g.first + g.count
+            if bubble:
+                drained = (last[lo:hi] >= 0) & (last[lo:hi] < k - 1)
+                free[lo:hi] += np.where(drained, bubble * peak[lo:hi], 0.0)
+                peak[lo:hi] = np.where(drained, 0.0, peak[lo:hi])
             start = free[lo:hi].max()
-            free[lo:hi] = start + cost_model.group_ms(lengths[list(g.sequences)], g.count, speed[lo:hi].min())
+            t = cost_model.group_ms(lengths[list(g.sequences)], g.count, speed[lo:hi].min())
+            free[lo:hi] = start + t
+            if bubble:
+                peak[lo:hi] = np.maximum(peak[lo:hi], t)
+                last[lo:hi] = k
+    if bubble:
+        free += bubble * peak
     return float(free.max()) + cost_model.grad_reduce_ms
 
 
@@ -99,6 +122,8 @@ def lower_bound(lengths: Sequence[int], gpus: int, cost_model: CostModel,
     alone at its best group size plus beta. With speed factors, rank-milliseconds are spread over
     the summed speeds and (b) runs at the fastest rank's pace, so the bound stays a bound; with all
     factors 1 it is exactly the issue's. The plan-independent gradient reduction is added to both.
+    With ``pp`` stages times are stage times, and (b) runs the longest sequence's item through all
+    ``pp`` stages (fill and drain), so the bound holds for the pipelined makespan too.
     """
     if not len(lengths):
         return cost_model.grad_reduce_ms
@@ -111,14 +136,15 @@ def lower_bound(lengths: Sequence[int], gpus: int, cost_model: CostModel,
     compute = cm.alpha1_ms_per_tok2 * s * s + cm.alpha2_ms_per_tok * s
     least_comm = np.full(len(s), np.inf)
     best_time = np.full(len(s), np.inf)
+    compute = compute / (cm.tp * cm.pp)
     for d in sizes:
-        holds = cm.mem_static_bytes + cm.mem_bytes_per_token * s / d <= cm.mem_limit_bytes
-        comm_area = s * cm.comm_ms_per_token(d) * d
+        holds = cm.fits(s, d)
+        comm_area = s * (cm.comm_ms_per_token(d) / cm.tp + cm.tp_comm_ms_per_token(d)) / cm.pp * d
         least_comm = np.where(holds, np.minimum(least_comm, comm_area), least_comm)
         best_time = np.where(holds, np.minimum(best_time, compute / d + comm_area / d), best_time)
     if not np.isfinite(least_comm).all():
         smallest_holding_size(int(s[~np.isfinite(least_comm)].max()), cm, sizes)
-    area = float(compute.sum() + least_comm.sum()) + cm.beta_ms * float(s.sum()) / cm.tokens_per_rank()
+    area = float(compute.sum() + least_comm.sum()) + cm.microbatch_ms * float(s.sum()) / cm.tokens_per_rank()
     bound_a = area / float(speed.sum())
-    bound_b = (float(best_time[np.argmax(s)]) + cm.beta_ms) / float(speed.max())
+    bound_b = cm.pp * (float(best_time[np.argmax(s)]) + cm.microbatch_ms) / float(speed.max())
     return max(bound_a, bound_b) + cm.grad_reduce_ms

@@ -6,6 +6,11 @@ that best-fit-decreasing packing needs (memory is the bin); sequences then go lo
 group that would finish earliest among those with room left, into the fullest of its micro-batches
 that still holds them (best fit). So the baseline is balanced and memory-tight, not a strawman;
 it only lacks the freedom to change group sizes.
+
+Under PP (``cost_model.pp > 1``) the fewest micro-batches are not the fastest: every rank pays
+its pipeline's fill and drain, ``pp - 1`` stage times of its largest micro-batch. So the static
+plan also tries 1, 2, 4... times as many micro-batches, each group's sequences dealt longest-first
+to its least loaded micro-batch with room (balanced rather than full), and keeps the fastest.
 """
 
 from __future__ import annotations
@@ -21,10 +26,15 @@ from seqmesh.scheduler.simulate import lower_bound, plannable_sizes, simulate
 
 
 def _deal(lengths: list[int], times: np.ndarray, group_speed: np.ndarray, rounds: int,
-          capacity: int) -> list[list[list[int]]] | None:
-    """Place sequences on ``rounds`` micro-batches of each group; None when they do not fit."""
+          capacity: int, balance: bool = False) -> list[list[list[int]]] | None:
+    """Place sequences on ``rounds`` micro-batches of each group; None when they do not fit.
+
+    Within a group a sequence goes to the fullest micro-batch with room (best fit), or with
+    ``balance`` to the least loaded one with room.
+    """
     n_groups = len(group_speed)
     load = np.zeros(n_groups)
+    round_load = np.zeros((n_groups, rounds))
     free = [[capacity] * rounds for _ in range(n_groups)]
     most_free = np.full(n_groups, capacity)
     bins: list[list[list[int]]] = [[[] for _ in range(rounds)] for _ in range(n_groups)]
@@ -34,10 +44,12 @@ def _deal(lengths: list[int], times: np.ndarray, group_speed: np.ndarray, rounds
         g = int(np.argmin(finish))
         if not np.isfinite(finish[g]):
             return None
-        j = min((r for r in range(rounds) if free[g][r] >= n), key=lambda r: (free[g][r], r))
+        fitting = (r for r in range(rounds) if free[g][r] >= n)
+        j = min(fitting, key=(lambda r: (round_load[g][r], r)) if balance else (lambda r: (free[g][r], r)))
         free[g][j] -= n
         most_free[g] = max(free[g])
         load[g] += times[i]
+        round_load[g][j] += times[i]
         bins[g][j].append(i)
     return bins
 
@@ -58,11 +70,27 @@ def static_plan(lengths: Sequence[int], gpus: int, sp: int, cost_model: CostMode
     rounds = max(1, -(-len(best_fit_decreasing(range(len(lengths)), lengths, capacity)) // n_groups))
     while (bins := _deal(lengths, times, group_speed, rounds, capacity)) is None:
         rounds += 1
-    mbs = [[(g * sp, sp, bins[g][j]) for g in range(n_groups) if bins[g][j]] for j in range(rounds)]
+    best = _priced(bins, gpus, sp, lengths, cost_model)
+    if cost_model.pp > 1:
+        most = max(rounds, -(-len(lengths) // n_groups))
+        count = rounds
+        while True:
+            balanced = _deal(lengths, times, group_speed, count, capacity, balance=True)
+            if balanced is not None:
+                best = min(best, _priced(balanced, gpus, sp, lengths, cost_model), key=lambda p: p[0])
+            if count >= most:
+                break
+            count = min(2 * count, most)
+    ms, mbs = best
+    return plan_from_assignment(gpus, mbs, ms, lower_bound(lengths, gpus, cost_model))
+
+
+def _priced(bins: list[list[list[int]]], gpus: int, sp: int, lengths: list[int],
+            cost_model: CostModel) -> tuple[float, list]:
+    """(simulated ms, micro-batches) of a dealing: micro-batch j holds every group's j-th one."""
+    mbs = [[(g * sp, sp, bins[g][j]) for g in range(len(bins)) if bins[g][j]] for j in range(len(bins[0]))]
     mbs = [mb for mb in mbs if mb]
-    plan = plan_from_assignment(gpus, mbs)
-    return plan_from_assignment(gpus, mbs, simulate(plan, lengths, cost_model),
-                                lower_bound(lengths, gpus, cost_model))
+    return simulate(plan_from_assignment(gpus, mbs), lengths, cost_model), mbs
 
 
 def best_static(lengths: Sequence[int], gpus: int, cost_model: CostModel) -> Plan:

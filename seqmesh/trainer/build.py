@@ -111,14 +111,17 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> torch.op
 
 
 def build_cost_model(cfg: RunConfig, model: Transformer, device: torch.device) -> CostModel:
-    """The profiled cost model when the config names one, else one derived from FLOPs and the device.
+    """The profiled cost model when the config names one, else one derived from FLOPs and the device,
+    priced for the run's TP x PP layout (``CostModel.with_layout``).
 
     ``scheduler.mem_limit_gb`` replaces the device's memory in either (``apply_memory_limit``
-    enforces the same figure on CUDA, so plans and the allocator agree).
+    enforces the same figure on CUDA, so plans and the allocator agree). ``model`` is what this
+    rank holds: its TP shard, and under PP its stages (``PipelineModel``).
     """
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
     limit = None if cfg.scheduler.mem_limit_gb is None else cfg.scheduler.mem_limit_gb * 2**30
     if cfg.scheduler.cost_model:
-        model_cm = CostModel.load(cfg.scheduler.cost_model)
+        model_cm = CostModel.load(cfg.scheduler.cost_model).for_layout(tp, pp)
         return model_cm if limit is None else dataclasses.replace(model_cm, mem_limit_bytes=limit)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -129,10 +132,14 @@ def build_cost_model(cfg: RunConfig, model: Transformer, device: torch.device) -
     else:
         flops, mem = CPU_SUSTAINED_FLOPS, 8 * 2**30
     mem = limit or mem
-    # Under TP a rank computes 1/tp of every head and holds 1/tp of the (sequence-parallel) residual
-    # stream, so per-token compute, memory and Ulysses traffic scale like a model of width hidden/tp;
-    # num_params already counts this rank's shard.
-    return default_cost_model(params=model.num_params(exclude_embeddings=True),
-                              hidden_size=model.dims.hidden_size // cfg.parallel.tp,
-                              num_layers=model.dims.num_layers, device_flops=flops, mem_limit_bytes=mem,
-                              max_group=max(2, cfg.hdp), dp_shards=1, checkpointing=cfg.model.activation_checkpointing)
+    # The cost model takes the whole model and divides by the layout itself: a TP shard multiplies
+    # through 1/tp of the weights (each rank its heads and MLP slice) and a stage through ~1/pp of
+    # the layers (stages are balanced by FLOPs), so tp x pp times this rank's count stands for the
+    # whole model. Optimizer moments: 8 bytes per parameter in fp32, 4 in bf16, ~2 in FP8/int8.
+    # TP's collectives have no measured bandwidth here, so they stay part of alpha (tp_GBps=0).
+    return default_cost_model(params=model.num_params(exclude_embeddings=True) * tp * pp,
+                              hidden_size=model.dims.hidden_size, num_layers=model.dims.num_layers,
+                              device_flops=flops, mem_limit_bytes=mem, max_group=max(2, cfg.hdp),
+                              dp_shards=cfg.hdp, zero_stage=cfg.parallel.zero_stage,
+                              optim_state_bytes={"fp32": 8.0, "bf16": 4.0}.get(cfg.optim.state_dtype, 2.0),
+                              checkpointing=cfg.model.activation_checkpointing).with_layout(tp, pp, tp_GBps=0.0)
