@@ -21,7 +21,7 @@ from seqmesh.trainer.config import config_from_dict
 from seqmesh.trainer.data import IGNORE_INDEX, num_targets, pack
 from seqmesh.trainer.loss import token_loss_sum
 from seqmesh.trainer.model import Transformer, tiny_config
-from seqmesh.trainer.reshard import _reseed, load_resharded, named_parameters, save_resharded
+from seqmesh.trainer.reshard import _reseed, load_resharded, named_parameters, needed_files, save_resharded
 from tests.distributed import run_distributed
 from tests.test_tensor_parallel import VOCAB, full_tensors, make_docs, make_model
 
@@ -229,6 +229,8 @@ def test_hdp2_zero1_resumes_on_one_rank(runs) -> None:
             assert torch.equal(state[group][key], _concat_shards(saved, group, key)), (group, key)
             assert torch.equal(state[group][f"{key}_scale"], _concat_shards(saved, group, f"{key}_scale")), (group, key)
 
+    stage2 = _load_and_continue(UNTIED, Mesh(1, 0), 2, "fp8", str(runs["root"] / "zero1"))
+    _assert_resumed(stage2, reference, "ZeRO-1 -> ZeRO-2", rel_after=1e-5)
     requantized = _load_and_continue(UNTIED, Mesh(1, 0), 0, "fp8", str(runs["root"] / "zero1"))
     _assert_resumed(requantized, reference, "ZeRO-1 -> ZeRO-0", rel_after=1e-4)
 
@@ -240,6 +242,13 @@ def test_pipeline_stages_resume_unsplit(runs) -> None:
     assert "lm_head.weight" in saved[1]["pp2"]["stage_names"] and len(set(names)) == len(names)
     resumed = _load_and_continue(UNTIED, Mesh(1, 0), 0, "fp8", str(runs["root"] / "pp2"))
     _assert_resumed(resumed, saved[0]["pp2"], "PP=2 -> PP=1", rel_after=1e-4)
+    # At PP=2 each stage reads only its own file (and the shared state); unsplit, one rank reads both.
+    manifest = json.loads((runs["root"] / "pp2/checkpoints/step_00000002/manifest.json").read_text())
+    model = make_model(UNTIED)
+    for stage in range(2):
+        held = PipelineStage(model, stage, 2, range(stage, stage + 1))
+        assert needed_files(manifest, held, Mesh(2, stage, pp=2)) == [f"rank{stage}.pt", "shared.pt"]
+    assert needed_files(manifest, model, Mesh(1, 0)) == ["rank0.pt", "rank1.pt", "shared.pt"]
 
 
 def test_same_layout_resume_is_bit_exact_and_restores_rng(tmp_path) -> None:

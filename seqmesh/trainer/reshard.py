@@ -160,9 +160,8 @@ def placements(model: Model, mesh: Mesh) -> dict[str, Placement]:
                 n = module.weight.shape[1]
                 cut(module.weight, 1, n * tp, r * n, n)
             elif isinstance(module, VocabParallelEmbedding):
-                vocab = chunk.dims.vocab_size
-                cut(module.weight, 0, vocab, module.start, max(0, min(vocab, module.start + module.weight.shape[0])
-                                                                 - module.start))
+                vocab, start = chunk.dims.vocab_size, module.start
+                cut(module.weight, 0, vocab, start, max(0, min(vocab, start + module.weight.shape[0]) - start))
             elif isinstance(module, VocabParallelHead):
                 rows = module.weight.shape[0]
                 cut(module.weight, 0, chunk.dims.vocab_size, r * rows, module.real_rows)
@@ -358,6 +357,17 @@ def _index_sources(manifest: Mapping[str, Any]) -> tuple[dict[str, list[_Source]
         for name, meta in entry["params"].items():
             sources.setdefault(name, []).append(_Source(file, meta))
     return sources, index
+
+
+def _needed(sources: Mapping[str, list[_Source]], where: Mapping[str, Placement]) -> list[str]:
+    return sorted({s.file for name, place in where.items() for s in sources.get(name, ())
+                   if _intersects(s.placement(), place)} | {SHARED_FILE})
+
+
+def needed_files(manifest: Mapping[str, Any], model: Model, mesh: Mesh) -> list[str]:
+    """The files of a checkpoint (given its manifest) that this rank reads at the layout of ``model`` and ``mesh``:
+    the shared state and every file with a piece that intersects a slice this rank holds."""
+    return _needed(_index_sources(manifest)[0], placements(model, mesh))
 
 
 def _check_names(sources: Mapping[str, list[_Source]], where: Mapping[str, Placement],
@@ -577,7 +587,7 @@ def load_resharded(run_dir: str | os.PathLike, model: Model, optimizer: ZeroOpti
     def select(manifest: dict[str, Any]) -> list[str]:
         sources, index = _index_sources(manifest)
         _check_names(sources, where, everyone)
-        files = {s.file for name, place in where.items() for s in sources[name] if _intersects(s.placement(), place)}
+        files = set(_needed(sources, where))
         own = f"rank{rank}.pt"
         layout = index.get(own, {}).get("layout", {})
         chosen.update(sources=sources, index=index, same=manifest["world_size"] == world and
@@ -593,8 +603,8 @@ def load_resharded(run_dir: str | os.PathLike, model: Model, optimizer: ZeroOpti
     error = None
     try:
         _restore(payloads, chosen["sources"], chosen["index"], where, params, inner, slots)
-    except ValueError as exc:
-        error = str(exc)
+    except (ValueError, RuntimeError) as exc:  # raised on every rank below, so none waits in a collective
+        error = f"{type(exc).__name__}: {exc}"
     _raise_if_any(_gather(error, None), f"load_resharded(step={step})")
     if chosen["same"]:
         restore_rng_state(payloads[f"rank{rank}.pt"][RNG])
@@ -606,6 +616,10 @@ def load_resharded(run_dir: str | os.PathLike, model: Model, optimizer: ZeroOpti
 def _restore(payloads: Mapping[str, Any], sources: Mapping[str, list[_Source]], index: Mapping[str, Any],
              where: Mapping[str, Placement], params: Mapping[str, nn.Parameter], inner: torch.optim.Optimizer,
              slots: list[_Slot]) -> None:
+    saved_groups = next(iter(index.values()))["groups"]
+    if len(saved_groups) != len(inner.param_groups):
+        raise ValueError(f"the checkpoint's optimizer has {len(saved_groups)} parameter groups, this one "
+                         f"{len(inner.param_groups)}; build the optimizer as the checkpointed run did")
     asm = _Assembler(payloads, sources)
     for name, place in where.items():
         p = params[name]
@@ -620,10 +634,6 @@ def _restore(payloads: Mapping[str, Any], sources: Mapping[str, list[_Source]], 
     fp8_optimizer = isinstance(inner, FP8AdamW)
     copy_codes = any(_format(g)[1] is not None for g in inner.param_groups)
     names = {name: _name_state(asm, name, place, copy_codes) for name, place in where.items()}
-    saved_groups = next(iter(index.values()))["groups"]
-    if len(saved_groups) != len(inner.param_groups):
-        raise ValueError(f"the checkpoint's optimizer has {len(saved_groups)} parameter groups, this one "
-                         f"{len(inner.param_groups)}; build the optimizer as the checkpointed run did")
     state_dict = inner.state_dict()
     state_dict["state"] = {}
     for i, slot in enumerate(slots):
