@@ -36,6 +36,14 @@ DCP's planner cannot express. A (TP slice, flat range) pair describes each of th
 integers, and ``checkpoint.py``'s machinery (atomic publish, checksums, weights-only loading,
 fallback to an older intact step) carries the pieces unchanged.
 
+Use. Every rank calls ``save_resharded(run_dir, step, model, optimizer, mesh, {"lr_scheduler": ...,
+"sampler": ..., "extra": ...})``. To resume, build the model (TP applied, pipeline stage cut), the
+ZeRO optimizer and the lr schedule at the new layout, then ``load_resharded(run_dir, model,
+optimizer, mesh, seed=...)`` restores model, optimizer and RNG and returns the step and the global
+keys. ``model`` is whatever module (or list of pipeline chunks) registers exactly this rank's own
+parameters under the full model's names; a tied embedding's copy on the last pipeline stage is not
+among them (its owner, the first stage, writes and reads it; the pipeline re-syncs the copy).
+
 Global and per-rank state. The lr schedule, the data sampler (one global position, identical on
 every rank) and ``extra`` are written once and restored at any layout; the optimizer's lr and
 other hyper-parameters come back per param group. RNG states are per rank: at the same (world,
@@ -77,7 +85,8 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 HYPER = ("lr", "initial_lr", "betas", "eps", "weight_decay")  # restored per param group
 PLAIN = "plain"  # a torch optimizer's moments: tensors in the parameter's dtype
 _WRAPPED = "_checkpoint_wrapped_module."
-Model = nn.Module | Sequence[nn.Module]
+Model = nn.Module | Sequence[nn.Module]  # a model, a pipeline stage, or a rank's pipeline chunks
+Optim = ZeroOptimizer | torch.optim.Optimizer
 
 
 @dataclass(frozen=True)
@@ -192,13 +201,13 @@ class _Slot:
     members: list[tuple[str, int, int, int]] = field(default_factory=list)
 
 
-def _inner(optimizer: ZeroOptimizer | torch.optim.Optimizer) -> tuple[torch.optim.Optimizer, ZeroOptimizer | None]:
+def _inner(optimizer: Optim) -> tuple[torch.optim.Optimizer, ZeroOptimizer | None]:
     if isinstance(optimizer, ZeroOptimizer):
         return optimizer.optimizer, optimizer if optimizer.stage else None
     return optimizer, None
 
 
-def _slots(optimizer: ZeroOptimizer | torch.optim.Optimizer, params: dict[str, nn.Parameter],
+def _slots(optimizer: Optim, params: dict[str, nn.Parameter],
            where: dict[str, Placement]) -> tuple[torch.optim.Optimizer, ZeroOptimizer | None, list[_Slot]]:
     """The inner optimizer's slots in ``state_dict`` order (index i is slot i)."""
     inner, zero = _inner(optimizer)
@@ -248,7 +257,7 @@ class LayoutFreeState:
 
 
 @torch.no_grad()
-def layout_free_state(model: Model, optimizer: ZeroOptimizer | torch.optim.Optimizer, mesh: Mesh) -> LayoutFreeState:
+def layout_free_state(model: Model, optimizer: Optim, mesh: Mesh) -> LayoutFreeState:
     """This rank's share of the model and optimizer, stored by full parameter name (see the module docstring).
 
     ``optimizer``: the loop's ``ZeroOptimizer`` (any stage), or a plain torch optimizer over the
@@ -273,8 +282,8 @@ def layout_free_state(model: Model, optimizer: ZeroOptimizer | torch.optim.Optim
         if hi <= lo:
             continue
         piece = {"param": params[name].detach().reshape(-1)[lo:hi]}
-        meta: dict[str, Any] = {"shape": list(place.full_shape), "region": [place.dim, place.start, place.length, lo, hi],
-                                "state": None}
+        region = [place.dim, place.start, place.length, lo, hi]
+        meta: dict[str, Any] = {"shape": list(place.full_shape), "region": region, "state": None}
         state = None if slot is None else inner.state.get(slot.tensor)
         if state:
             group = inner.param_groups[slot.group]
@@ -300,7 +309,7 @@ def layout_free_state(model: Model, optimizer: ZeroOptimizer | torch.optim.Optim
     return LayoutFreeState(tensors, {"layout": layout, "groups": groups, "params": metas})
 
 
-def save_resharded(run_dir: str | os.PathLike, step: int, model: Model, optimizer: ZeroOptimizer | torch.optim.Optimizer,
+def save_resharded(run_dir: str | os.PathLike, step: int, model: Model, optimizer: Optim,
                    mesh: Mesh, state: Mapping[str, Any], keep: int = 2) -> Path:
     """Save a checkpoint that ``load_resharded`` resumes at any layout; collective over the world.
 
@@ -484,7 +493,8 @@ def _name_state(asm: _Assembler, name: str, want: Placement, copy_codes: bool) -
         return None
     kinds = {(st["format"], st["step"]) if st else None for st in states}
     if len(kinds) != 1:
-        raise ValueError(f"the checkpoint's optimizer states of {name} disagree between ranks ({sorted(map(str, kinds))})")
+        raise ValueError(f"the checkpoint's optimizer states of {name} disagree between ranks "
+                         f"({sorted(map(str, kinds))})")
     st = states[0]
     out = _NameState(st["step"], st["format"], {}, {}, {})
     for key in MOMENTS:
@@ -566,7 +576,7 @@ def _reseed(seed: int, step: int, rank: int) -> None:
 
 
 @torch.no_grad()
-def load_resharded(run_dir: str | os.PathLike, model: Model, optimizer: ZeroOptimizer | torch.optim.Optimizer,
+def load_resharded(run_dir: str | os.PathLike, model: Model, optimizer: Optim,
                    mesh: Mesh, *, seed: int = 0) -> tuple[int, dict[str, Any]] | None:
     """Restore model, optimizer and RNG from the newest intact ``save_resharded`` checkpoint, whatever its layout.
 
