@@ -96,6 +96,14 @@ def test_aligned_positions_an_idle_position_drains_the_pipeline():
     assert aligned(packed) and not aligned(plan)
 
 
+def test_per_device_speed_factors_become_per_hdp_rank():
+    # world of 8 = pp 2 x hdp 2 x tp 2; HDP rank 1 holds devices 2, 3, 6, 7
+    cm = model().with_speed([1.0, 0.9, 1.0, 1.0, 0.8, 1.0, 1.0, 0.7])
+    assert cm.with_layout(tp=2, pp=2).speed == (0.8, 0.7)
+    assert cm.with_layout(tp=4).speed == (0.9, 0.7)
+    assert model().with_speed([1.0, 0.5]).with_layout(tp=1).speed == (1.0, 0.5)
+
+
 def test_layout_in_json_and_for_layout():
     cm = model().with_layout(tp=2, pp=4, tp_GBps=3.0)
     raw = cm.to_dict()

@@ -123,11 +123,18 @@ class CostModel:
         ``tp_GBps`` None keeps the model's own, or else estimates it from the all-to-all table at
         ``tp`` ranks: profiles time it on the first ``tp`` ranks, which are a TP group (TP is
         innermost), so it is the same links' measured bandwidth; without a table TP's collectives
-        stay unpriced (part of alpha).
+        stay unpriced (part of alpha). Speed factors of a one-device model are per device, in world
+        rank order (as ``seqmesh profile`` and the straggler report give them); when there is one
+        per device of the layout's world they become one per HDP rank, the slowest of its
+        ``tp x pp`` devices (world rank = stage x HDP x TP + HDP rank x TP + TP rank).
         """
         if tp_GBps is None:
             tp_GBps = self.tp_GBps or (self.bandwidth_GBps(tp) if tp > 1 and self.a2a_GBps else 0.0)
-        return dataclasses.replace(self, tp=tp, pp=pp, tp_GBps=float(tp_GBps))
+        speed = self.speed
+        if speed and tp * pp > 1 and len(speed) % (tp * pp) == 0 and (self.tp, self.pp) == (1, 1):
+            per_device = np.asarray(speed, dtype=np.float64).reshape(pp, len(speed) // (tp * pp), tp)
+            speed = tuple(float(x) for x in per_device.min(axis=(0, 2)))
+        return dataclasses.replace(self, tp=tp, pp=pp, tp_GBps=float(tp_GBps), speed=speed)
 
     def for_layout(self, tp: int, pp: int) -> "CostModel":
         """The model a run of layout ``tp x pp`` plans with: this one when it was made for that layout,
