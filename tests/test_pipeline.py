@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from seqmesh.parallel.mesh import Mesh
-from seqmesh.parallel.pipeline import PipelineStage, StageMicroBatch, run_pipeline
+from seqmesh.parallel.pipeline import PipelineStage, StageMicroBatch, run_pipeline, split_model
 from seqmesh.parallel.pipeline_schedule import (interleaved_1f1b, module_costs, one_f_one_b, partition_layers,
                                                 stage_layers)
 from seqmesh.parallel.sequence import make_sp_batch, shard_tokens
@@ -164,11 +164,26 @@ def test_partition_rejects_more_stages_than_layers() -> None:
         partition_layers(0.0, [1.0, 1.0], 0.0, 3)
 
 
-def test_tied_embeddings_are_rejected_across_stages() -> None:
-    model = Transformer(tiny_config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2))
-    with pytest.raises(ValueError, match="tie_word_embeddings=False"):
-        PipelineStage(model, 0, 2, range(0, 1))
+def test_split_model_owns_each_parameter_once_under_full_names() -> None:
+    """Stages' state dicts together are the unsplit model's; a tied head is the last stage's unowned copy."""
+    for tied in (False, True):
+        config = tiny_config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+        torch.manual_seed(0)
+        full = Transformer(config)
+        # Splitting communicates nothing; the tied pair's group is only kept for the step.
+        ranks = [split_model(Transformer(config), r, 2, 2, 64, torch.device("cpu"), tied_group=object())
+                 for r in range(2)]
+        owned = [n for rank in ranks for n in rank.state_dict()]
+        expected = [n for n in full.state_dict() if not (tied and n == "lm_head.weight")]
+        assert sorted(owned) == sorted(expected)
+        assert [c.stage for c in ranks[0].chunks] == [0, 2] and [c.stage for c in ranks[1].chunks] == [1, 3]
+        first, last = ranks
+        assert (first.tied_weight is first.model.embed_tokens.weight) == tied
+        assert (last.tied_copy is last.chunks[-1].lm_head.weight) == tied
+        assert all(p is not last.chunks[-1].lm_head.weight for p in last.parameters()) == tied
+    with pytest.raises(ValueError, match="Mesh.embedding_group"):
+        split_model(Transformer(config), 0, 2, 1, 64, torch.device("cpu"))
 
 
 def test_1f1b_keeps_at_most_the_stages_ahead_alive() -> None:

@@ -24,6 +24,9 @@ class Mesh:
     _sp_groups: dict[tuple[int, int], "dist.ProcessGroup"] = field(default_factory=dict, repr=False)
     _hdp_group: "dist.ProcessGroup | None" = field(default=None, repr=False)
     _tp_group: "dist.ProcessGroup | None" = field(default=None, repr=False)
+    _mp_group: "dist.ProcessGroup | None" = field(default=None, repr=False)
+    _embedding_group: "dist.ProcessGroup | None" = field(default=None, repr=False)
+    _embedding_made: bool = field(default=False, repr=False)  # middle stages hold no embedding group
 
     def __post_init__(self) -> None:
         if self.tp < 1 or self.pp < 1:
@@ -88,6 +91,40 @@ class Mesh:
                     if p == self.pp_rank and h == self.hdp_rank:
                         self._tp_group = g
         return self._tp_group
+
+    def pp_ranks(self, hdp_rank: int | None = None, tp_rank: int | None = None) -> list[int]:
+        """Global ranks of one pipeline line (this rank's by default), stage p at index p."""
+        h = self.hdp_rank if hdp_rank is None else hdp_rank
+        t = self.tp_rank if tp_rank is None else tp_rank
+        return [self.global_rank(p, h, t) for p in range(self.pp)]
+
+    @property
+    def model_parallel_group(self) -> "dist.ProcessGroup | None":
+        """The PP x TP ranks of this rank's HDP index: together they hold the whole model once, so the
+        global gradient norm sums over them (and over HDP shards). None when pp and tp are 1."""
+        if self.tp == 1 and self.pp == 1:
+            return None
+        if self._mp_group is None:
+            for h in range(self.hdp):
+                g = dist.new_group([r for p in range(self.pp) for r in self.tp_ranks(p, h)])
+                if h == self.hdp_rank:
+                    self._mp_group = g
+        return self._mp_group
+
+    @property
+    def embedding_group(self) -> "dist.ProcessGroup | None":
+        """The first and last stage of this rank's pipeline line (a tied embedding's owner and copy);
+        None on middle stages and without PP. Every rank must ask for it once (creation is collective)."""
+        if self.pp == 1:
+            return None
+        if not self._embedding_made:
+            for h in range(self.hdp):
+                for t in range(self.tp):
+                    g = dist.new_group([self.global_rank(0, h, t), self.global_rank(self.pp - 1, h, t)])
+                    if (h, t) == (self.hdp_rank, self.tp_rank) and self.pp_rank in (0, self.pp - 1):
+                        self._embedding_group = g
+            self._embedding_made = True
+        return self._embedding_group
 
     def ensure_sp_groups(self, ranges: Iterable[tuple[int, int]]) -> None:
         """Create (collectively, on every rank) the SP groups for HDP ranges ``(first, count)`` not yet cached."""

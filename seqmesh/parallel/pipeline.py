@@ -6,20 +6,43 @@ with ``make_sp_batch`` and therefore knows ``meta.local_index.numel()`` tokens f
 micro-batch on its own: the receive buffers are sized from the plan, no shape is exchanged.
 Each message is tagged with its (virtual stage, micro-batch, direction): with virtual stages the
 last stage also sends activations round to the first, so one pair of ranks carries both kinds.
+
+With tensor parallelism inside each stage, stage p of a pipeline line talks only to stage p+1 of
+the same TP rank, and what travels is that rank's token shard of the residual stream (the
+``1/tp`` rows TP keeps between blocks), so PP adds no TP collective.
+
+Tied input/output embeddings (Megatron's scheme, with one owner): the first stage holds the
+embedding, the last stage a copy of it as its output head. After backward the copy's gradient is
+summed into the owner's (``reduce_tied_gradient``), only the owner is in the optimizer (and in the
+gradient norm and the checkpoint), and after the step the owner's updated weight is sent to the
+copy (``sync_tied_weight``): the copies are equal bit for bit whatever the optimizer, and the
+last stage keeps no optimizer state for a weight it does not own.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ContextManager, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from seqmesh.parallel.pipeline_schedule import interleaved_1f1b
+from seqmesh.parallel.pipeline_schedule import interleaved_1f1b, stage_layers
 from seqmesh.parallel.sequence import SPBatch
+from seqmesh.parallel.tensor import TensorParallel, gather_tokens, tensor_parallel
 from seqmesh.trainer.model import Transformer
+
+
+def _held(tp: TensorParallel | None, module: nn.Module) -> TensorParallel | None:
+    """``tp`` narrowed to the parameters ``module`` holds (TP gradient sums and norm exclusions of one stage)."""
+    if tp is None:
+        return None
+    held = {id(p) for p in module.parameters()}
+    return dataclasses.replace(tp, replicated=tuple(p for p in tp.replicated if id(p) in held),
+                               kv_shared=tuple(p for p in tp.kv_shared if id(p) in held))
 
 
 class PipelineStage(nn.Module):
@@ -27,13 +50,12 @@ class PipelineStage(nn.Module):
 
     Submodules keep the full model's names (``model.layers.5.mlp...``), so parameter names, state
     dicts and gradients line up with the unsplit model; modules of other stages are not held.
+    ``model`` may be tensor parallel (``apply_tensor_parallel``): activations are then the TP rank's
+    token shard, and the last stage gathers the final hidden states as the unsplit model does.
     """
 
     def __init__(self, model: Transformer, stage: int, num_stages: int, layers: range) -> None:
         super().__init__()
-        if model.dims.tie_embeddings and num_stages > 1:
-            raise ValueError("pipeline parallelism with tied input/output embeddings would split one weight over "
-                             "the first and last stage; set tie_word_embeddings=False or parallel.pp=1")
         if not 0 <= stage < num_stages:
             raise ValueError(f"stage {stage} outside 0..{num_stages - 1}")
         if not layers or layers.start < 0 or layers.stop > model.dims.num_layers:
@@ -47,6 +69,7 @@ class PipelineStage(nn.Module):
         if self.is_last:
             self.model.norm = model.model.norm
             self.lm_head = model.lm_head
+        self.tensor_parallel = _held(tensor_parallel(model), self)
 
     @property
     def is_first(self) -> bool:
@@ -56,17 +79,140 @@ class PipelineStage(nn.Module):
     def is_last(self) -> bool:
         return self.stage == self.num_stages - 1
 
+    def activation_rows(self, meta: SPBatch) -> int:
+        """Rows of the hidden states entering this stage: the rank's tokens, or its 1/tp shard of them under TP."""
+        tokens = meta.local_index.numel()
+        return tokens if self.tensor_parallel is None else -(-tokens // self.tensor_parallel.size)
+
     def forward(self, x: torch.Tensor, meta: SPBatch) -> torch.Tensor:
-        """Token ids [T] on the first stage, hidden states [T, hidden] elsewhere; final-normed on the last."""
+        """Token ids [T] on the first stage, hidden states [rows, hidden] elsewhere; final-normed [T, hidden] on the last."""
         if self.is_first:
             x = self.model.embed_tokens(x)
         cos, sin = self.model.rotary_emb(meta.position_ids)
         for layer in self.model.layers.values():
             x = layer(x, cos, sin, meta)
-        return self.model.norm(x) if self.is_last else x
+        if not self.is_last:
+            return x
+        x = self.model.norm(x)
+        if self.tensor_parallel is not None:
+            x = gather_tokens(x, self.tensor_parallel.group)[:meta.local_index.numel()]
+        return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+
+class PipelineModel(nn.Module):
+    """One rank's pipeline chunks as one module under the full model's names (optimizer, checkpoints, metrics).
+
+    ``chunks[c]`` is virtual stage ``c * pp + pp_rank``; this module registers every module they
+    hold except a tied embedding's copy on the last stage (see the module docstring), so its
+    ``parameters()`` and ``state_dict()`` are exactly what this rank owns. ``dims``, ``config``,
+    ``num_params`` and ``tensor_parallel`` answer as ``Transformer``'s do, for this rank's share.
+    """
+
+    def __init__(self, model: Transformer, chunks: list[PipelineStage],
+                 tied_group: "dist.ProcessGroup | None" = None) -> None:
+        super().__init__()
+        self.dims, self.config = model.dims, model.config
+        self.chunks = list(chunks)  # a plain list: the modules are registered below under their full names
+        self.tied_group = tied_group
+        first, last = self.chunks[0], self.chunks[-1]
+        self.model = nn.Module()
+        self.model.rotary_emb = model.model.rotary_emb
+        self.model.layers = nn.ModuleDict({k: v for c in self.chunks for k, v in c.model.layers.items()})
+        if first.is_first:
+            self.model.embed_tokens = first.model.embed_tokens
+        if last.is_last:
+            self.model.norm = last.model.norm
+            if self.tied_copy is None:
+                self.lm_head = last.lm_head
+        self.tensor_parallel = _held(tensor_parallel(model), self)
+
+    @property
+    def _split_tied(self) -> bool:
+        return self.dims.tie_embeddings and self.chunks[0].num_stages > 1
+
+    @property
+    def tied_copy(self) -> nn.Parameter | None:
+        """The last stage's copy of the tied embedding (not owned: no optimizer state, not checkpointed)."""
+        last = self.chunks[-1]
+        return last.lm_head.weight if self._split_tied and last.is_last else None
+
+    @property
+    def tied_weight(self) -> nn.Parameter | None:
+        """This rank's side of a tied embedding split over stages: the owner (first stage) or the copy (last)."""
+        if not self._split_tied:
+            return None
+        return self.model.embed_tokens.weight if self.chunks[0].is_first else self.tied_copy
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        # The chunks hold every module of the rank, the tied copy too, so conversions go through them.
+        for chunk in self.chunks:
+            chunk._apply(fn, recurse)
+        return self
+
+    def forward(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise TypeError("a PipelineModel runs through run_pipeline(model.chunks, ...), not as one module")
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameters this rank computes with (the tied copy included); the embedding table, a lookup, excluded on request."""
+        held = {id(p): p for c in self.chunks for p in c.parameters()}
+        total = sum(p.numel() for p in held.values())
+        first, last = self.chunks[0], self.chunks[-1]
+        if exclude_embeddings and first.is_first:
+            embed = first.model.embed_tokens.weight
+            if not (last.is_last and last.lm_head.weight is embed):
+                total -= embed.numel()
+        return total
+
+    @torch.no_grad()
+    def reduce_tied_gradient(self) -> None:
+        """Sum the copy's gradient into the owner's (call after backward, before the HDP reduction); no-op elsewhere."""
+        weight = self.tied_weight
+        if weight is None:
+            return
+        if weight.grad is None:  # a rank idle all step still takes part
+            weight.grad = torch.zeros_like(weight)
+        dist.reduce(weight.grad, op=dist.ReduceOp.SUM, group=self.tied_group, group_dst=0)
+        if weight is self.tied_copy:
+            weight.grad = None
+
+    @torch.no_grad()
+    def sync_tied_weight(self) -> None:
+        """Copy the owner's weight onto the last stage's copy (after every optimizer step and after loading)."""
+        weight = self.tied_weight
+        if weight is not None:
+            dist.broadcast(weight.data, group=self.tied_group, group_src=0)
+
+
+def split_model(model: Transformer, pp_rank: int, pp: int, virtual: int, seq_len: int, device: torch.device,
+                tied_group: "dist.ProcessGroup | None" = None) -> PipelineModel:
+    """This rank's chunks of ``model`` (moved to ``device``), layers split by ``stage_layers`` over ``pp * virtual``.
+
+    ``model`` must be identical on every rank (same seed, or the same weights loaded); the split is
+    a pure function of its shapes, so all ranks agree on it without exchanging anything.
+    ``tied_group``: the two-rank group of this rank's first and last stage (``Mesh.embedding_group``),
+    needed when the model ties its embeddings.
+    """
+    if virtual < 1:
+        raise ValueError(f"virtual stages per rank must be >= 1, got {virtual}")
+    if not 0 <= pp_rank < pp:
+        raise ValueError(f"pipeline rank {pp_rank} outside 0..{pp - 1}")
+    stages = pp * virtual
+    if model.dims.num_layers < stages:
+        raise ValueError(f"the model's {model.dims.num_layers} decoder layers cannot fill {pp} pipeline ranks x "
+                         f"{virtual} virtual stages (each stage needs one layer); lower parallel.pp or "
+                         f"parallel.pp_virtual so that pp x pp_virtual <= {model.dims.num_layers}")
+    bounds = stage_layers(model.dims, stages, seq_len)
+    chunks = [PipelineStage(model, c * pp + pp_rank, stages, bounds[c * pp + pp_rank]) for c in range(virtual)]
+    for chunk in chunks:
+        chunk.to(device)
+    split = PipelineModel(model, chunks, tied_group)
+    if split.tied_weight is not None and tied_group is None:
+        raise ValueError("the model ties its input and output embeddings across pipeline stages; pass the first and "
+                         "last stage's group (Mesh.embedding_group) as tied_group")
+    return split
 
 
 @dataclass
@@ -90,18 +236,30 @@ def _tag(virtual_stage: int, microbatch: int, num_microbatches: int, gradient: b
     return 2 * (virtual_stage * num_microbatches + microbatch) + int(gradient)
 
 
-def run_pipeline(chunks: list[PipelineStage], microbatches: list[StageMicroBatch], loss_fn: LossFn,
+def _ops(num_items: int, pp: int, p: int, chunks: int) -> Iterator[tuple[str, int, int, int]]:
+    """(op, chunk, item, items in the schedule): interleaving needs whole rounds of ``pp`` items, so the list
+    is padded with placeholders (which every stage of the line skips alike)."""
+    m = num_items if chunks == 1 else -(-num_items // pp) * pp
+    for op, c, i in interleaved_1f1b(m, pp, p, chunks):
+        yield op, c, i, m
+
+
+def run_pipeline(chunks: list[PipelineStage], microbatches: list[StageMicroBatch | None], loss_fn: LossFn,
                  denominator: int, stage_ranks: list[int], activation_dtype: torch.dtype,
-                 group: "dist.ProcessGroup | None" = None) -> torch.Tensor:
+                 group: "dist.ProcessGroup | None" = None,
+                 forward_context: Callable[[], ContextManager] = nullcontext) -> torch.Tensor:
     """Forward and backward of ``microbatches`` through this rank's model chunks; gradients accumulate.
 
     ``chunks[c]`` is virtual stage ``c * pp + pp_rank`` (one chunk: plain 1F1B, several: interleaved
     1F1B); ``stage_ranks[p]`` is the global rank of pipeline stage p on this rank's (HDP, TP) line.
     ``loss_fn(stage, hidden, labels)`` gives a micro-batch's loss sum on the last virtual stage; each
     is backpropagated divided by ``denominator`` (the step's global target count), as without PP.
+    A ``None`` item is a placeholder: every stage of the line must have it at the same position,
+    and all of them skip it (no compute, no message). ``forward_context`` wraps each forward and
+    loss (autocast), never a backward.
     Returns the summed (undivided) loss on the rank holding the last virtual stage, zero elsewhere.
     """
-    pp, m = len(stage_ranks), len(microbatches)
+    pp = len(stage_ranks)
     p = chunks[0].stage % pp
     for c, chunk in enumerate(chunks):
         if chunk.num_stages != pp * len(chunks) or chunk.stage != c * pp + p:
@@ -113,19 +271,23 @@ def run_pipeline(chunks: list[PipelineStage], microbatches: list[StageMicroBatch
     outputs: dict[tuple[int, int], torch.Tensor] = {}
     sends: list[dist.Work] = []
     loss_sum = torch.zeros((), device=device)
-    for op, c, i in interleaved_1f1b(m, pp, p, len(chunks)):
-        stage, mb, vs = chunks[c], microbatches[i], chunks[c].stage
+    for op, c, i, m in _ops(len(microbatches), pp, p, len(chunks)):
+        mb = microbatches[i] if i < len(microbatches) else None
+        if mb is None:
+            continue
+        stage, vs = chunks[c], chunks[c].stage
         prev_rank, next_rank = stage_ranks[(vs - 1) % pp], stage_ranks[(vs + 1) % pp]
         if op == "F":
             if stage.is_first:
                 x = mb.input_ids
             else:
-                x = torch.empty(mb.tokens, hidden, dtype=activation_dtype, device=device)
+                x = torch.empty(stage.activation_rows(mb.meta), hidden, dtype=activation_dtype, device=device)
                 dist.recv(x, prev_rank, group=group, tag=_tag(vs, i, m, False))
                 x.requires_grad_()
-            y = stage(x, mb.meta)
-            if stage.is_last:
-                loss = loss_fn(stage, y, mb.labels)
+            with forward_context():
+                y = stage(x, mb.meta)
+                loss = loss_fn(stage, y, mb.labels) if stage.is_last else None
+            if loss is not None:
                 loss_sum += loss.detach()
                 outputs[c, i] = loss / denominator
             else:
@@ -138,7 +300,7 @@ def run_pipeline(chunks: list[PipelineStage], microbatches: list[StageMicroBatch
             if stage.is_last:
                 out.backward()
             else:
-                grad = torch.empty(mb.tokens, hidden, dtype=activation_dtype, device=device)
+                grad = torch.empty(out.shape, dtype=activation_dtype, device=device)
                 dist.recv(grad, next_rank, group=group, tag=_tag(vs, i, m, True))
                 out.backward(grad.to(out.dtype))
             if not stage.is_first:

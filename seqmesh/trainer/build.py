@@ -10,6 +10,7 @@ import transformers
 from seqmesh.parallel.checkpointing import apply_activation_checkpointing
 from seqmesh.parallel.mesh import Mesh
 from seqmesh.parallel.offload import attach_offload
+from seqmesh.parallel.pipeline import PipelineModel, split_model
 from seqmesh.parallel.tensor import apply_tensor_parallel, tensor_parallel
 from seqmesh.parallel.zero import ZeroOptimizer
 from seqmesh.scheduler import CostModel, default_cost_model
@@ -51,13 +52,33 @@ def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device,
     return model.to(device)
 
 
+def build_pipeline_model(cfg: RunConfig, vocab_size: int, device: torch.device, mesh: Mesh) -> PipelineModel:
+    """This rank's pipeline chunks (``parallel.pp`` x ``parallel.pp_virtual`` stages), tensor parallel within.
+
+    Every rank builds the whole model on the host (identical everywhere: same seed or same HF
+    weights, as without PP), shards it over TP, then keeps and moves to ``device`` only its own
+    stages, so device memory holds one stage. Layers are split by ``stage_layers`` (balanced by
+    FLOPs at documents of ``data.max_seq_len`` tokens).
+    """
+    model = build_model(cfg.model, vocab_size, torch.device("cpu"), mesh.tp_group)
+    tied_group = mesh.embedding_group if model.dims.tie_embeddings else None
+    return split_model(model, mesh.pp_rank, mesh.pp, cfg.parallel.pp_virtual, cfg.data.max_seq_len, device,
+                       tied_group)
+
+
+def _layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers a model (or a pipeline rank, whose ``model.layers`` is keyed by layer index) holds."""
+    layers = model.model.layers
+    return list(layers.values()) if isinstance(layers, torch.nn.ModuleDict) else list(layers)
+
+
 def apply_offload(model: Transformer, cfg: RunConfig, cost_model: CostModel, device: torch.device) -> None:
     """Tiled MLP and activation offload (``cfg.offload``), after checkpointing; parameter names are unchanged."""
     off = cfg.offload
     if off.mlp_tile_tokens:
-        apply_tiled_mlp(model.model.layers, off.mlp_tile_tokens)
+        apply_tiled_mlp(_layers(model), off.mlp_tile_tokens)
     if off.target != "none":
-        attach_offload(model, model.model.layers, device=device, target=off.target, ratio=off.ratio_value,
+        attach_offload(model, _layers(model), device=device, target=off.target, ratio=off.ratio_value,
                        cost_model=cost_model, path=off.path, engine=off.engine,
                        host_limit_bytes=int(off.host_mem_gb * 2**30) if off.host_mem_gb else None,
                        h2d_GBps=off.h2d_GBps, disk_GBps=off.disk_GBps,
@@ -87,10 +108,12 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
 
 
 def build_sharded_optimizer(model: torch.nn.Module, cfg: RunConfig, mesh: Mesh) -> ZeroOptimizer:
-    """The step loop's optimizer: ZeRO ``parallel.zero_stage`` over the HDP group, its gradient norm global over TP."""
+    """The step loop's optimizer: ZeRO ``parallel.zero_stage`` over the HDP group, its gradient norm global
+    over TP and PP (a pipeline rank's ``parameters()`` are the ones it owns, so stages count each once)."""
     tp = tensor_parallel(model)
+    norm_group = mesh.model_parallel_group if mesh.pp > 1 else None if tp is None else tp.group
     return ZeroOptimizer(_param_groups(model, cfg.optim), lambda groups: _make_optimizer(groups, cfg.optim),
-                         stage=cfg.parallel.zero_stage, group=mesh.hdp_group, tp_group=None if tp is None else tp.group,
+                         stage=cfg.parallel.zero_stage, group=mesh.hdp_group, tp_group=norm_group,
                          norm_excluded=() if tp is None else tp.norm_excluded())
 
 

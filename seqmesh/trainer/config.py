@@ -70,6 +70,7 @@ class ParallelConfig:
 
     tp: int = 1
     pp: int = 1
+    pp_virtual: int = 1
     sp_mode: str = "ulysses"
     ulysses_degree: int | None = None
     attn_backend: str = "auto"
@@ -78,6 +79,10 @@ class ParallelConfig:
     def validate(self) -> None:
         _positive("parallel.tp", self.tp)
         _positive("parallel.pp", self.pp)
+        _positive("parallel.pp_virtual", self.pp_virtual)
+        if self.pp_virtual > 1 and self.pp == 1:
+            raise ConfigError(f"parallel.pp_virtual={self.pp_virtual} interleaves pipeline stages, which needs "
+                              "parallel.pp > 1; set parallel.pp_virtual=1 or raise parallel.pp")
         _choice("parallel.zero_stage", self.zero_stage, (0, 1, 2))
         _choice("parallel.sp_mode", self.sp_mode, ("ulysses", "ring", "hybrid"))
         _choice("parallel.attn_backend", self.attn_backend, ("auto", "flash_attn", "torch_flash", "cpu_flash", "math"))
@@ -249,6 +254,19 @@ class RunConfig:
             raise ConfigError(f"offload.loss_tile_tokens={self.offload.loss_tile_tokens} with parallel.tp={tp}: the "
                               "tensor-parallel loss already splits the logits over the vocabulary and is not tiled; "
                               "set offload.loss_tile_tokens=0")
+        stages = self.parallel.pp * self.parallel.pp_virtual
+        if model.hf_path is None and stages > model.num_layers:
+            raise ConfigError(f"parallel.pp={self.parallel.pp} x parallel.pp_virtual={self.parallel.pp_virtual} = "
+                              f"{stages} pipeline stages but model.num_layers={model.num_layers}; each stage needs a "
+                              f"layer: lower them so that pp x pp_virtual <= {model.num_layers}")
+        if self.parallel.pp > 1 and self.offload.target != "none":
+            raise ConfigError(f"offload.target={self.offload.target} with parallel.pp={self.parallel.pp}: activation "
+                              "offload scopes one micro-batch's forward and backward, which 1F1B interleaves with "
+                              "other micro-batches'; set offload.target=none or parallel.pp=1")
+        if self.parallel.pp > 1 and self.scheduler.refine_every:
+            raise ConfigError(f"scheduler.refine_every={self.scheduler.refine_every} with parallel.pp="
+                              f"{self.parallel.pp}: the cost model is refitted from each group's measured time, "
+                              "which 1F1B interleaves with other groups'; set scheduler.refine_every=0")
         if self.scheduler.policy == "static" and hdp % self.scheduler.sp:
             raise ConfigError(f"scheduler.sp={self.scheduler.sp} does not divide the {hdp} HDP ranks "
                               f"(num_workers / (tp x pp)); pick a divisor of {hdp}")

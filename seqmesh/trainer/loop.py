@@ -6,7 +6,8 @@ Every rank runs this function (under Ray Train, or any launcher that initialised
 1. take the global batch's document ids from the sampler (its lengths are known up front);
 2. get the step's plan (planned one step ahead on rank 0, broadcast, digest-checked);
 3. for each (micro-batch, group) of this rank in the plan: pack the group's documents, lay them
-   out over the group (its SP attention mode), forward, loss / global target count, backward;
+   out over the group (its SP attention mode), forward, loss / global target count, backward
+   (with ``parallel.pp > 1``: the same items through this rank's pipeline stages, 1F1B);
 4. sum gradients over the HDP group (all-reduce, or reduce-scatter into ZeRO shards) and those of
    TP-replicated parameters over TP, clip by the global norm, optimizer and lr step;
 5. metrics (rank 0), checkpoint (every rank, atomically).
@@ -18,19 +19,20 @@ import functools
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from seqmesh.parallel.mesh import Mesh
 from seqmesh.parallel.offload import offload_session
+from seqmesh.parallel.pipeline import PipelineModel, StageMicroBatch, run_pipeline
 from seqmesh.parallel.sequence import make_sp_batch, shard_tokens
 from seqmesh.parallel.tensor import reduce_tensor_parallel_gradients, tensor_parallel, vocab_parallel_cross_entropy
 from seqmesh.scheduler import CostModel, plan_step
 from seqmesh.scheduler.plan import Group, Plan
 from seqmesh.trainer.build import (apply_memory_limit, apply_offload, build_cost_model, build_model,
-                                   build_schedule, build_sharded_optimizer)
+                                   build_pipeline_model, build_schedule, build_sharded_optimizer)
 from seqmesh.trainer.checkpoint import (DEFAULT_SHARED_KEYS, capture_rng_state, load_latest, restore_rng_state,
                                         save_checkpoint)
 from seqmesh.trainer.config import RunConfig
@@ -43,7 +45,7 @@ from seqmesh.trainer.tiled import lm_loss_sum
 from seqmesh.trainer.timing import SpanTimer
 
 
-# With TP every rank holds its own model shard, so the model goes to the rank's own checkpoint file.
+# With TP or PP every rank holds its own model shard, so the model goes to the rank's own checkpoint file.
 SHARED_KEYS_TP = ("lr_scheduler", "extra")
 
 
@@ -53,29 +55,60 @@ def _autocast(cfg: RunConfig, device: torch.device):
     return nullcontext()
 
 
-def run_group(model: torch.nn.Module, docs: list[torch.Tensor], group: "dist.ProcessGroup | None", cfg: RunConfig,
-              device: torch.device, denominator: int) -> torch.Tensor:
-    """Forward + backward of one group's documents on this rank; returns the (undivided) loss sum."""
+def layout_group(docs: list[torch.Tensor], group: "dist.ProcessGroup | None", cfg: RunConfig,
+                 device: torch.device) -> StageMicroBatch:
+    """Pack one group's documents and lay them out over the group (its SP mode): this rank's ids and labels."""
     packed = pack(docs)
     mode = "local" if group is None else cfg.parallel.sp_mode
     meta = make_sp_batch(packed.seqlens, mode, group, ulysses_degree=cfg.parallel.ulysses_degree,
                          backend=cfg.parallel.attn_backend, device=device)
-    input_ids = shard_tokens(meta, packed.input_ids.to(device), 0)
-    labels = shard_tokens(meta, packed.labels.to(device), IGNORE_INDEX)
-    with offload_session(model, meta):
+    return StageMicroBatch(shard_tokens(meta, packed.input_ids.to(device), 0),
+                           shard_tokens(meta, packed.labels.to(device), IGNORE_INDEX), meta)
+
+
+def loss_sum_of(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+    """Token loss sum of final hidden states (vocabulary parallel under TP, tiled on request)."""
+    tp = tensor_parallel(model)
+    if tp is None:
+        return lm_loss_sum(model, hidden, labels, cfg.offload.loss_tile_tokens)
+    return vocab_parallel_cross_entropy(model.logits(hidden), labels, tp, IGNORE_INDEX)
+
+
+def run_group(model: torch.nn.Module, docs: list[torch.Tensor], group: "dist.ProcessGroup | None", cfg: RunConfig,
+              device: torch.device, denominator: int) -> torch.Tensor:
+    """Forward + backward of one group's documents on this rank; returns the (undivided) loss sum."""
+    mb = layout_group(docs, group, cfg, device)
+    with offload_session(model, mb.meta):
         with _autocast(cfg, device):
-            hidden = model(input_ids, meta)
-            tp = tensor_parallel(model)
-            loss_sum = (lm_loss_sum(model, hidden, labels, cfg.offload.loss_tile_tokens) if tp is None else
-                        vocab_parallel_cross_entropy(model.logits(hidden), labels, tp, IGNORE_INDEX))
+            loss_sum = loss_sum_of(model, model(mb.input_ids, mb.meta), mb.labels, cfg)
         (loss_sum / denominator).backward()
     return loss_sum.detach()
 
 
+def run_pipeline_step(model: PipelineModel, plan: Plan, docs_of: Callable[[Group], list[torch.Tensor]],
+                      mesh: Mesh, cfg: RunConfig, device: torch.device, denominator: int) -> torch.Tensor:
+    """Forward + backward of the step's plan through this rank's pipeline stages (1F1B); the loss sum on the last.
+
+    Work item k is the group of plan micro-batch k that holds this rank's HDP index, or a
+    placeholder when the rank sits micro-batch k out -- never the k-th group the rank takes part
+    in. 1F1B orders forwards and backwards by item position, and the ranks of one SP group must
+    issue the group's collectives in the same order: with positions taken from the plan, a
+    group's members meet it at the same position of the same schedule, whichever other groups
+    each ran before. A placeholder is skipped by every stage of the pipeline line (all of them
+    hold the same HDP index and walk the same plan, so they agree): no compute, no message.
+    """
+    items = []
+    for mb in plan.microbatches:
+        group = next((g for g in mb.groups if mesh.hdp_rank in g.ranks), None)
+        items.append(None if group is None else
+                     layout_group(docs_of(group), mesh.sp_group(group.first, group.count), cfg, device))
+    return run_pipeline(model.chunks, items, functools.partial(loss_sum_of, cfg=cfg), denominator, mesh.pp_ranks(),
+                        activation_dtype=next(model.parameters()).dtype,
+                        forward_context=functools.partial(_autocast, cfg, device))
+
+
 def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str, Any]:
     """Train ``cfg`` from step 0 or the newest checkpoint in ``run_dir``; returns the run summary."""
-    if cfg.parallel.pp != 1:
-        raise ValueError(f"parallel.pp={cfg.parallel.pp}: pipeline parallelism is not built yet; set parallel.pp=1")
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = Mesh(world, rank, cfg.parallel.tp, cfg.parallel.pp)
     torch.manual_seed(cfg.seed)
@@ -83,7 +116,10 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
 
     tokenizer, train_set, _ = build_data(cfg.data)
     sampler = make_sampler(train_set, cfg.data)
-    model = build_model(cfg.model, tokenizer.vocab_size, device, mesh.tp_group)
+    if mesh.pp > 1:
+        model = build_pipeline_model(cfg, tokenizer.vocab_size, device, mesh)
+    else:
+        model = build_model(cfg.model, tokenizer.vocab_size, device, mesh.tp_group)
     optimizer = build_sharded_optimizer(model, cfg, mesh)
     schedule = build_schedule(optimizer.optimizer, cfg)
     cost_model = build_cost_model(cfg, model, device)
@@ -103,6 +139,8 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
         schedule.load_state_dict(state["lr_scheduler"])
         sampler.load_state_dict(state["sampler"])
         restore_rng_state(state["rng"])
+    if mesh.pp > 1:
+        model.sync_tied_weight()  # the last stage's copy of a tied embedding is not checkpointed
 
     # MFU is always against the device's dense bf16 peak (the field's convention), whatever dtype runs.
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -124,22 +162,40 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
 
             loss_sum = torch.zeros((), device=device)
             group_spans = []
-            for _, group in plan.work_of(mesh.hdp_rank):
-                docs = [train_set[ids[s]] for s in group.sequences]
+            if mesh.pp > 1:
+                # One span for the whole pipeline (groups interleave in 1F1B, so none is timed alone).
                 timer.start("group")
-                loss_sum += run_group(model, docs, mesh.sp_group(group.first, group.count), cfg, device, denominator)
+                loss_sum += run_pipeline_step(model, plan, lambda g: [train_set[ids[s]] for s in g.sequences], mesh,
+                                              cfg, device, denominator)
                 timer.stop("group")
-                if group.first == mesh.hdp_rank:
-                    group_spans.append((tuple(lengths[s] for s in group.sequences), group.count))
+            else:
+                for _, group in plan.work_of(mesh.hdp_rank):
+                    docs = [train_set[ids[s]] for s in group.sequences]
+                    timer.start("group")
+                    loss_sum += run_group(model, docs, mesh.sp_group(group.first, group.count), cfg, device,
+                                          denominator)
+                    timer.stop("group")
+                    if group.first == mesh.hdp_rank:
+                        group_spans.append((tuple(lengths[s] for s in group.sequences), group.count))
             timer.start("reduce")
             reduce_tensor_parallel_gradients(model)
+            if mesh.pp > 1:
+                model.reduce_tied_gradient()
             optimizer.reduce_gradients()
-            dist.all_reduce(loss_sum, group=mesh.hdp_group)
+            if mesh.pp > 1:
+                # The last stage holds the loss, once per TP group; everyone gets it (rank 0 logs).
+                if mesh.pp_rank != mesh.pp - 1 or mesh.tp_rank:
+                    loss_sum.zero_()
+                dist.all_reduce(loss_sum)
+            else:
+                dist.all_reduce(loss_sum, group=mesh.hdp_group)
             timer.stop("reduce")
             timer.start("optimizer")
             grad_norm = optimizer.clip_grad_norm_(cfg.optim.grad_clip or float("inf"))
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
+            if mesh.pp > 1:
+                model.sync_tied_weight()
             schedule.step()
             optimizer.zero_grad()
             timer.stop("optimizer")
@@ -172,7 +228,7 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "lr_scheduler": schedule.state_dict(), "sampler": sampler.state_dict(),
                     "rng": capture_rng_state(), "extra": {"step": step + 1, "plan_digest": plan.digest()},
-                }, keep=cfg.ckpt_keep, shared_keys=SHARED_KEYS_TP if mesh.tp > 1 else DEFAULT_SHARED_KEYS)
+                }, keep=cfg.ckpt_keep, shared_keys=SHARED_KEYS_TP if mesh.tp * mesh.pp > 1 else DEFAULT_SHARED_KEYS)
     finally:
         planner.close()
     return metrics.close({"resumed_from": start, "world": world})
