@@ -5,7 +5,10 @@ every block up to a power of two (up to 2x the host memory); a training step off
 shapes every time, so buffers are kept in size classes (at most 1/8 above the request) and handed
 out again. Pinned buffers are ordinary CPU allocations page-locked with ``cudaHostRegister``, which
 locks exactly the bytes asked for (CUDA's pinned allocator is the fallback where registering fails). Every buffer starts on an ``align`` boundary and spans a whole
-number of ``align`` blocks, which is what ``O_DIRECT`` file I/O requires.
+number of ``align`` blocks, which is what ``O_DIRECT`` file I/O requires. Only that aligned window
+is registered: it covers whole pages of its own allocation, so two buffers never share a locked
+page (registering a page twice fails with ``cudaErrorHostMemoryAlreadyRegistered``, and the failed
+call's error would then surface at the next kernel launch).
 
 The budget is a hard limit: when the free buffers of other sizes, once returned to the system, do
 not make room, ``acquire`` answers None and the caller decides whether to wait for buffers still
@@ -14,6 +17,7 @@ in flight (file writes) or to raise ``HostMemoryError``.
 
 from __future__ import annotations
 
+import mmap
 import threading
 from collections import defaultdict
 
@@ -40,7 +44,7 @@ class _Slab:
 
     def free(self) -> None:
         if self.registered:
-            torch.cuda.cudart().cudaHostUnregister(self.raw.data_ptr())
+            torch.cuda.cudart().cudaHostUnregister(self.buf.data_ptr())
         self.raw = self.buf = None  # type: ignore[assignment]
 
 
@@ -52,7 +56,9 @@ class HostPool:
             raise ValueError(f"HostPool: limit_bytes must be positive, got {limit_bytes}")
         if align <= 0 or align & (align - 1):
             raise ValueError(f"HostPool: align must be a power of two, got {align}")
-        self.limit_bytes, self.pin, self.align = int(limit_bytes), pin, align
+        # Pinned buffers start and end on page boundaries, so none shares a locked page with another.
+        self.limit_bytes, self.pin = int(limit_bytes), pin
+        self.align = max(align, mmap.PAGESIZE) if pin else align
         self._free: dict[int, list[_Slab]] = defaultdict(list)
         self._used: dict[int, _Slab] = {}  # data_ptr of the handed-out buffer -> its slab
         self._lock = threading.Lock()
@@ -127,7 +133,7 @@ class HostPool:
                 f"free RAM than offload.host_mem_gb={self.limit_bytes / 2**30:.1f} GiB assumes: lower "
                 "offload.host_mem_gb, lower offload.ratio, or use offload.target=nvme") from None
         start = -raw.data_ptr() % self.align
-        registered = self.pin and int(torch.cuda.cudart().cudaHostRegister(raw.data_ptr(), raw.numel(), 0)) == 0
+        registered = self.pin and int(torch.cuda.cudart().cudaHostRegister(raw.data_ptr() + start, size, 0)) == 0
         if self.pin and not registered:
             # Some drivers or containers refuse to register; CUDA's own pinned allocator (page-aligned
             # blocks, rounded up to a power of two) is the fallback before giving up.
