@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -39,9 +40,16 @@ def run_loop(overrides: Sequence[str], nproc: int, run_dir: Path, timeout_s: flo
            "-m", "seqmesh.launch.torchrun", *overrides, f"launch.num_workers={nproc}", f"run_dir={run_dir}",
            "overwrite=true", "ckpt_every=0", f"launch.device={device}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+    # Its own session, so a timeout kills the workers too (they would keep holding GPU memory).
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return {"error": f"timed out after {timeout_s:.0f} s: " + out[-1500:]}
     if proc.returncode != 0:
-        out = proc.stdout + proc.stderr
         errors = [line for line in out.splitlines() if "Error" in line and "ChildFailedError" not in line]
         return {"error": f"exit {proc.returncode}: " + (" | ".join(errors[-3:]) or out[-1500:])}
     summary = json.loads((run_dir / "summary.json").read_text())

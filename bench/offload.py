@@ -276,6 +276,9 @@ def main() -> None:
     p.add_argument("--nvme-path", default=os.path.join(tempfile.gettempdir(), "seqmesh-offload-bench"))
     p.add_argument("--engine", default="threads", choices=["auto", "aio", "threads"],
                    help="file I/O engine (auto builds DeepSpeed's aio op if libaio is present: minutes, once)")
+    p.add_argument("--targets", default="none,cpu,nvme", help="offload targets of the longest-context search")
+    p.add_argument("--skip-overhead", action="store_true",
+                   help="no overhead runs (b): for deep models whose steps take minutes at --overhead-tokens")
     p.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget of the whole benchmark")
     p.add_argument("--trial-timeout-s", type=float, default=150.0)
     p.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
@@ -309,7 +312,7 @@ def main() -> None:
 
     # (b) step-time overhead at a length that fits without offload
     settings = [["none", "auto"], ["cpu", "auto"], ["cpu", "1.0"], ["nvme", "auto"]]
-    overhead = run_child("overhead", {**base, "tokens": args.overhead_tokens, "doc_tokens": 0, "settings": settings,
+    overhead = [] if args.skip_overhead else run_child("overhead", {**base, "tokens": args.overhead_tokens, "doc_tokens": 0, "settings": settings,
                                       "warmup": 1, "steps": args.steps}, max(60.0, 0.3 * args.budget_s))
     if isinstance(overhead, list):
         for row in overhead:
@@ -323,7 +326,7 @@ def main() -> None:
     # (a) longest context per target
     probe_tokens = [int(t) for t in args.probe_tokens.split(",") if t]
     best: dict[str, tuple[int, int | None, bool]] = {}
-    for target in ("none", "cpu", "nvme"):
+    for target in args.targets.split(","):
         def run(tokens: int, target: str = target, phase: str = "max_context") -> dict[str, Any]:
             remaining = deadline - time.monotonic()
             row = run_child("trial", {**base, "target": target, "ratio": "1.0", "tokens": tokens},

@@ -19,6 +19,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -90,8 +91,9 @@ def main() -> None:
               "lengths_p50_p90_max": [int(np.percentile(lengths, q)) for q in (50, 90, 100)]}
     rows = []
     for name, extra in policies:
+        t0 = time.perf_counter()
         result = run_loop([*common, *extra], gpus, args.work / f"run_{name.replace('=', '')}", device=device)
-        rows.append(policy_row(name, result, args.refine_every))
+        rows.append({**policy_row(name, result, args.refine_every), "wall_s": round(time.perf_counter() - t0, 1)})
         print(rows[-1], flush=True)
         # Written after every policy, so a run cut short still leaves the policies it finished.
         write_result("scheduler", config, rows, summarize(rows), out_dir=args.out,

@@ -17,10 +17,12 @@ import torch.distributed as dist
 
 
 def main(argv: list[str] | None = None) -> int:
+    from seqmesh.launch.allocator import prefer_expandable_segments
     from seqmesh.launch.config import load_config
     from seqmesh.launch.ray_driver import prepare_run_dir
     from seqmesh.trainer.loop import train
 
+    prefer_expandable_segments()
     cfg = load_config(sys.argv[1:] if argv is None else argv)
     use_cuda = cfg.launch.device != "cpu" and torch.cuda.is_available()
     if use_cuda:

@@ -17,6 +17,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from seqmesh.launch.allocator import prefer_expandable_segments
     from seqmesh.launch.monitor import Monitor
     from seqmesh.trainer.config import config_from_dict
     from seqmesh.trainer.loop import train
@@ -25,6 +26,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     # directory holds only this run's checkpoints (the driver's prepare_run_dir refuses anyone
     # else's), so resuming from what it holds is right on the first attempt (nothing: step 0) and
     # after a restart (the newest intact checkpoint).
+    prefer_expandable_segments()
     cfg = dataclasses.replace(config_from_dict(loop_config["config"]), resume=True)
     run_dir = loop_config["run_dir"]
     if not torch.cuda.is_available():
