@@ -4,7 +4,10 @@ HDP is the data x sequence plane: all its ranks hold the same model shard, so gr
 always reduced over the whole HDP group, while the scheduler regroups HDP ranks into SP groups
 every micro-batch. SP groups are contiguous HDP index ranges, created on first use and cached.
 ``torch.distributed.new_group`` is collective over the *world*, so creation happens in
-``ensure_sp_groups`` where every rank walks the same plan in the same order.
+``ensure_sp_groups`` where every rank walks the same plan in the same order (and the fixed groups
+-- HDP, TP, model parallel, embedding -- on first use, which every rank reaches in the same order).
+
+A pipeline line is the ``pp`` ranks of one (HDP, TP) index: stage p of the line is ``pp_ranks()[p]``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class Mesh:
     _mp_group: "dist.ProcessGroup | None" = field(default=None, repr=False)
     _embedding_group: "dist.ProcessGroup | None" = field(default=None, repr=False)
     _embedding_made: bool = field(default=False, repr=False)  # middle stages hold no embedding group
+    _channels: "tuple[dist.ProcessGroup, ...] | None" = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.tp < 1 or self.pp < 1:
@@ -125,6 +129,17 @@ class Mesh:
                         self._embedding_group = g
             self._embedding_made = True
         return self._embedding_group
+
+    @property
+    def pipeline_channels(self) -> "tuple[dist.ProcessGroup, ...] | None":
+        """The pipeline's four point-to-point groups (activations / gradients x even / odd sending stage),
+        see ``seqmesh.parallel.pipeline``; None without PP. Each spans the world: NCCL only builds the
+        communicators of the pairs that exchange messages."""
+        if self.pp == 1:
+            return None
+        if self._channels is None:
+            self._channels = tuple(dist.new_group(list(range(self.world))) for _ in range(4))
+        return self._channels
 
     def ensure_sp_groups(self, ranges: Iterable[tuple[int, int]]) -> None:
         """Create (collectively, on every rank) the SP groups for HDP ranges ``(first, count)`` not yet cached."""

@@ -7,6 +7,15 @@ micro-batch on its own: the receive buffers are sized from the plan, no shape is
 Each message is tagged with its (virtual stage, micro-batch, direction): with virtual stages the
 last stage also sends activations round to the first, so one pair of ranks carries both kinds.
 
+Tags are not enough on NCCL, which ignores them, matches a pair's messages in posting order and
+runs one communicator's operations one after another on one stream. On a single communicator
+1F1B deadlocks there as soon as a message outgrows NCCL's buffers: stage 0 sends micro-batch 1's
+activations while stage 1 is still sending micro-batch 0's gradient, and each send waits for a
+receive queued behind the other's send. ``run_pipeline`` therefore takes ``channels``
+(``Mesh.pipeline_channels``): one group per (kind, parity of the sending stage), so every pair of
+ranks in every group carries messages one way and of one kind, which both ends post in the same
+order (the schedule orders each kind identically on every stage).
+
 With tensor parallelism inside each stage, stage p of a pipeline line talks only to stage p+1 of
 the same TP rank, and what travels is that rank's token shard of the residual stream (the
 ``1/tp`` rows TP keeps between blocks), so PP adds no TP collective.
@@ -229,6 +238,9 @@ class StageMicroBatch:
 
 
 LossFn = Callable[[PipelineStage, torch.Tensor, torch.Tensor], torch.Tensor]
+# Point-to-point groups: activations from even / odd stages, then gradients from even / odd stages.
+Channels = tuple["dist.ProcessGroup | None", "dist.ProcessGroup | None", "dist.ProcessGroup | None",
+                 "dist.ProcessGroup | None"]
 
 
 def _tag(virtual_stage: int, microbatch: int, num_microbatches: int, gradient: bool) -> int:
@@ -246,7 +258,7 @@ def _ops(num_items: int, pp: int, p: int, chunks: int) -> Iterator[tuple[str, in
 
 def run_pipeline(chunks: list[PipelineStage], microbatches: list[StageMicroBatch | None], loss_fn: LossFn,
                  denominator: int, stage_ranks: list[int], activation_dtype: torch.dtype,
-                 group: "dist.ProcessGroup | None" = None,
+                 channels: Channels | None = None,
                  forward_context: Callable[[], ContextManager] = nullcontext) -> torch.Tensor:
     """Forward and backward of ``microbatches`` through this rank's model chunks; gradients accumulate.
 
@@ -256,7 +268,8 @@ def run_pipeline(chunks: list[PipelineStage], microbatches: list[StageMicroBatch
     is backpropagated divided by ``denominator`` (the step's global target count), as without PP.
     A ``None`` item is a placeholder: every stage of the line must have it at the same position,
     and all of them skip it (no compute, no message). ``forward_context`` wraps each forward and
-    loss (autocast), never a backward.
+    loss (autocast), never a backward. ``channels[2 * gradient + sender % 2]`` is the group of a
+    message (see the module docstring; None: the default group for all, enough on gloo).
     Returns the summed (undivided) loss on the rank holding the last virtual stage, zero elsewhere.
     """
     pp = len(stage_ranks)
@@ -271,6 +284,10 @@ def run_pipeline(chunks: list[PipelineStage], microbatches: list[StageMicroBatch
     outputs: dict[tuple[int, int], torch.Tensor] = {}
     sends: list[dist.Work] = []
     loss_sum = torch.zeros((), device=device)
+
+    def channel(gradient: bool, sender: int) -> "dist.ProcessGroup | None":
+        return None if channels is None else channels[2 * gradient + sender % pp % 2]
+
     for op, c, i, m in _ops(len(microbatches), pp, p, len(chunks)):
         mb = microbatches[i] if i < len(microbatches) else None
         if mb is None:
@@ -282,7 +299,7 @@ def run_pipeline(chunks: list[PipelineStage], microbatches: list[StageMicroBatch
                 x = mb.input_ids
             else:
                 x = torch.empty(stage.activation_rows(mb.meta), hidden, dtype=activation_dtype, device=device)
-                dist.recv(x, prev_rank, group=group, tag=_tag(vs, i, m, False))
+                dist.recv(x, prev_rank, group=channel(False, vs - 1), tag=_tag(vs, i, m, False))
                 x.requires_grad_()
             with forward_context():
                 y = stage(x, mb.meta)
@@ -291,8 +308,8 @@ def run_pipeline(chunks: list[PipelineStage], microbatches: list[StageMicroBatch
                 loss_sum += loss.detach()
                 outputs[c, i] = loss / denominator
             else:
-                sends.append(dist.isend(y.detach().to(activation_dtype).contiguous(), next_rank, group=group,
-                                        tag=_tag(vs + 1, i, m, False)))
+                sends.append(dist.isend(y.detach().to(activation_dtype).contiguous(), next_rank,
+                                        group=channel(False, p), tag=_tag(vs + 1, i, m, False)))
                 outputs[c, i] = y
             inputs[c, i] = x
         else:
@@ -301,10 +318,11 @@ def run_pipeline(chunks: list[PipelineStage], microbatches: list[StageMicroBatch
                 out.backward()
             else:
                 grad = torch.empty(out.shape, dtype=activation_dtype, device=device)
-                dist.recv(grad, next_rank, group=group, tag=_tag(vs, i, m, True))
+                dist.recv(grad, next_rank, group=channel(True, vs + 1), tag=_tag(vs, i, m, True))
                 out.backward(grad.to(out.dtype))
             if not stage.is_first:
-                sends.append(dist.isend(x.grad.contiguous(), prev_rank, group=group, tag=_tag(vs - 1, i, m, True)))
+                sends.append(dist.isend(x.grad.contiguous(), prev_rank, group=channel(True, p),
+                                        tag=_tag(vs - 1, i, m, True)))
     for work in sends:
         work.wait()
     return loss_sum

@@ -103,7 +103,7 @@ def run_pipeline_step(model: PipelineModel, plan: Plan, docs_of: Callable[[Group
         items.append(None if group is None else
                      layout_group(docs_of(group), mesh.sp_group(group.first, group.count), cfg, device))
     return run_pipeline(model.chunks, items, functools.partial(loss_sum_of, cfg=cfg), denominator, mesh.pp_ranks(),
-                        activation_dtype=next(model.parameters()).dtype,
+                        activation_dtype=next(model.parameters()).dtype, channels=mesh.pipeline_channels,
                         forward_context=functools.partial(_autocast, cfg, device))
 
 
