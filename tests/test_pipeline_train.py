@@ -3,26 +3,30 @@
 Every layout trains the same tiny model (tied embeddings, 4 layers) on the same data for 3 steps;
 per-step losses, gradient norms (clipping is active) and the final parameters must equal a
 single-process run. One world size per spawn, several layouts per spawn (start-up dominates).
+On two GPUs, the pipeline's point-to-point traffic over NCCL with messages past NCCL's buffers.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
+import pickle
 import random
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from seqmesh.parallel.mesh import Mesh
-from seqmesh.parallel.pipeline import split_model
+from seqmesh.parallel.pipeline import StageMicroBatch, run_pipeline, split_model
 from seqmesh.scheduler.plan import plan_from_assignment
 from seqmesh.trainer.config import ConfigError, config_from_dict
-from seqmesh.trainer.data import num_targets, pack
+from seqmesh.trainer.data import IGNORE_INDEX, num_targets, pack
 from seqmesh.trainer.loss import token_loss_sum
 from seqmesh.trainer.model import Transformer, tiny_config
-from seqmesh.parallel.sequence import make_sp_batch
+from seqmesh.parallel.sequence import make_sp_batch, shard_tokens
 from tests.distributed import run_distributed
 
 STEPS = 3
@@ -264,3 +268,81 @@ def test_layouts_that_do_not_fit_fail_clearly() -> None:
         config_from_dict({**base, "parallel": {"pp": 2}, "offload": {"target": "cpu"}})
     with pytest.raises(ValueError, match="cannot fill 3 pipeline ranks x 2 virtual stages"):
         split_model(_small_model(), 0, 3, 2, 96, torch.device("cpu"))
+
+
+# On NCCL, which ignores tags and runs a communicator's messages in order, 1F1B over one group
+# deadlocks once a message outgrows its buffers (a few MB); these messages are 4096 x 2048 fp32 = 32 MB.
+GPU_LENGTHS = [1500, 2596, 4096, 3000, 1096, 700, 3396]
+GPU_GROUPS = [[0, 1], [2], [3, 4], [5, 6]]
+GPU_MODEL = dict(vocab_size=1000, hidden_size=2048, intermediate_size=4096, num_hidden_layers=4,
+                 num_attention_heads=16, num_key_value_heads=16)
+
+
+def _gpu_model(device: torch.device) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(tiny_config(**GPU_MODEL)).to(device)
+
+
+def _gpu_items(device: torch.device) -> list[StageMicroBatch]:
+    """The micro-batches, laid out for one rank, with the exact ``math`` attention (fp32, any device)."""
+    g = torch.Generator().manual_seed(1)
+    docs = [torch.randint(0, GPU_MODEL["vocab_size"], (n,), generator=g) for n in GPU_LENGTHS]
+    items = []
+    for group in GPU_GROUPS:
+        packed = pack([docs[s] for s in group])
+        meta = make_sp_batch(packed.seqlens, "local", None, backend="math", device=device)
+        items.append(StageMicroBatch(shard_tokens(meta, packed.input_ids.to(device), 0),
+                                     shard_tokens(meta, packed.labels.to(device), IGNORE_INDEX), meta))
+    return items
+
+
+def _stage_loss(stage, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return token_loss_sum(stage.logits(hidden), labels)
+
+
+def _nccl_pp_step(rank: int, world: int, virtual: int, device: torch.device) -> tuple[float, dict[str, torch.Tensor]]:
+    """PP=world over the pipeline's channels, tied embeddings: loss and gradients (the tied pair summed)."""
+    mesh = Mesh(world, rank, pp=world)
+    model = split_model(_gpu_model(device), mesh.pp_rank, mesh.pp, virtual, 4096, device, mesh.embedding_group)
+    loss = run_pipeline(model.chunks, _gpu_items(device), _stage_loss, num_targets(GPU_LENGTHS), mesh.pp_ranks(),
+                        torch.float32, channels=mesh.pipeline_channels)
+    model.reduce_tied_gradient()
+    dist.all_reduce(loss)
+    return loss.item() / num_targets(GPU_LENGTHS), {n: p.grad.cpu() for n, p in model.named_parameters()}
+
+
+def _nccl_worker(rank: int, world: int, init_file: str, out: str, virtual: int) -> None:
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", store=dist.FileStore(init_file, world), rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120), device_id=device)
+    try:
+        result = _nccl_pp_step(rank, world, virtual, device)
+    finally:
+        dist.destroy_process_group()
+    Path(out, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("virtual", [1, 2], ids=["1f1b", "interleaved"])
+def test_nccl_pipeline_with_large_messages_equals_one_gpu(tmp_path: Path, virtual: int) -> None:
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    device = torch.device("cuda", 0)
+    model, ref_loss = _gpu_model(device), 0.0
+    for item in _gpu_items(device):
+        loss = token_loss_sum(model.logits(model(item.input_ids, item.meta)), item.labels) / num_targets(GPU_LENGTHS)
+        loss.backward()
+        ref_loss += loss.item()
+    ref_grads = {n: p.grad.cpu() for n, p in model.named_parameters()}
+    del model
+    torch.cuda.empty_cache()
+    # A deadlock ends in the NCCL timeout (120 s), which fails the worker and so this test.
+    mp.start_processes(_nccl_worker, args=(2, str(tmp_path / "store"), str(tmp_path), virtual), nprocs=2,
+                       join=True, start_method="spawn")
+    results = [pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in range(2)]
+    assert sorted(n for _, grads in results for n in grads) == sorted(ref_grads)
+    for loss, grads in results:
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        for name, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[name], rtol=1e-3, atol=1e-6, msg=name)
