@@ -155,13 +155,13 @@ class PipelineModel(nn.Module):
             return None
         return self.model.embed_tokens.weight if self.chunks[0].is_first else self.tied_copy
 
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
-        # The chunks hold every module of the rank, the tied copy too, so conversions go through them.
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> PipelineModel:
+        # The chunks hold every module of the rank, the tied copy too, so conversions (.to) go through them.
         for chunk in self.chunks:
             chunk._apply(fn, recurse)
         return self
 
-    def forward(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
         raise TypeError("a PipelineModel runs through run_pipeline(model.chunks, ...), not as one module")
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
@@ -231,10 +231,6 @@ class StageMicroBatch:
     input_ids: torch.Tensor
     labels: torch.Tensor
     meta: SPBatch
-
-    @property
-    def tokens(self) -> int:
-        return self.meta.local_index.numel()
 
 
 LossFn = Callable[[PipelineStage, torch.Tensor, torch.Tensor], torch.Tensor]
