@@ -17,10 +17,12 @@ in flight (file writes) or to raise ``HostMemoryError``.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import threading
 from collections import defaultdict
 
+import numpy as np
 import torch
 
 from seqmesh.parallel.offload.errors import HostMemoryError
@@ -35,7 +37,12 @@ def size_class(nbytes: int, align: int = 4096) -> int:
 
 
 class _Slab:
-    """One allocation: ``raw`` owns the memory, ``buf`` is its aligned window handed to callers."""
+    """One allocation: ``raw`` owns the memory, ``buf`` is its aligned window handed to callers.
+
+    A registered window is unregistered when the slab is freed or collected: the driver keeps a
+    registration after the memory is unmapped, and a later allocation at the same address would
+    then fail to register ("already mapped").
+    """
 
     __slots__ = ("raw", "buf", "registered")
 
@@ -45,7 +52,19 @@ class _Slab:
     def free(self) -> None:
         if self.registered:
             torch.cuda.cudart().cudaHostUnregister(self.buf.data_ptr())
+            self.registered = False
         self.raw = self.buf = None  # type: ignore[assignment]
+
+    def __del__(self) -> None:
+        if self.registered:
+            self.free()
+
+
+def _window(raw: torch.Tensor, start: int, size: int) -> torch.Tensor:
+    """``raw[start:start + size]`` as a tensor whose storage begins at the window, so that
+    ``is_pinned()`` (which looks at the storage's first byte) sees the registered pages."""
+    view = (ctypes.c_uint8 * size).from_address(raw.data_ptr() + start)
+    return torch.from_numpy(np.ctypeslib.as_array(view))
 
 
 class HostPool:
@@ -146,4 +165,4 @@ class HostPool:
                     f"what offload.host_mem_gb={self.limit_bytes / 2**30:.1f} GiB assumes: lower "
                     "offload.host_mem_gb or offload.ratio, or use offload.target=nvme") from None
             start = 0
-        return _Slab(raw, raw[start:start + size], registered)
+        return _Slab(raw, _window(raw, start, size) if registered else raw[start:start + size], registered)
