@@ -284,3 +284,20 @@ def test_trainer_cost_model_applies_the_layout_and_zero():
     # tp x pp times this rank's weights stand for the whole model; attention counts the whole model's layers
     assert piped.alpha2_ms_per_tok == pytest.approx(2 * flat.alpha2_ms_per_tok)
     assert piped.alpha1_ms_per_tok2 == flat.alpha1_ms_per_tok2
+
+
+def test_planner_memory_leaves_the_configured_headroom(tmp_path):
+    from seqmesh.trainer.build import build_cost_model, build_model
+    from seqmesh.trainer.config import ConfigError, config_from_dict
+
+    (tmp_path / "cost.json").write_text(model().to_json())
+    torch.manual_seed(0)
+    net = build_model(config_from_dict({}).model, 300, torch.device("cpu"))
+    limits = {}
+    for headroom in (0.0, 0.25):
+        run = config_from_dict({"scheduler": {"cost_model": str(tmp_path / "cost.json"), "mem_limit_gb": 8.0,
+                                              "mem_headroom": headroom}})
+        limits[headroom] = build_cost_model(run, net, torch.device("cpu")).mem_limit_bytes
+    assert limits == {0.0: 8 * 2**30, 0.25: 6 * 2**30}
+    with pytest.raises(ConfigError, match="mem_headroom"):
+        config_from_dict({"scheduler": {"mem_headroom": 1.0}})

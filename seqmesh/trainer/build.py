@@ -138,11 +138,15 @@ def build_cost_model(cfg: RunConfig, model: Transformer, device: torch.device) -
     priced for the run's TP x PP layout (``CostModel.with_layout``).
 
     ``scheduler.mem_limit_gb`` replaces the device's memory in either (``apply_memory_limit``
-    enforces the same figure on CUDA, so plans and the allocator agree). ``model`` is what this
+    enforces the same figure on CUDA), less ``scheduler.mem_headroom``. ``model`` is what this
     rank holds: its TP shard, and under PP its stages (``PipelineModel``).
     """
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    limit = None if cfg.scheduler.mem_limit_gb is None else cfg.scheduler.mem_limit_gb * 2**30
+    # The planner fills memory only up to (1 - mem_headroom) of the limit: the allocator's slack and
+    # transient buffers are not in the per-token figure (on an H200, a plan filled to the 36 GiB
+    # limit failed with 34.3 GiB allocated plus 1.6 GiB reserved when it asked for 1.3 GiB more).
+    usable = 1.0 - cfg.scheduler.mem_headroom
+    limit = None if cfg.scheduler.mem_limit_gb is None else cfg.scheduler.mem_limit_gb * 2**30 * usable
     if cfg.scheduler.cost_model:
         model_cm = CostModel.load(cfg.scheduler.cost_model).for_layout(tp, pp)
         return model_cm if limit is None else dataclasses.replace(model_cm, mem_limit_bytes=limit)
@@ -151,7 +155,7 @@ def build_cost_model(cfg: RunConfig, model: Transformer, device: torch.device) -
         from seqmesh.trainer.flops import peak_flops
 
         flops = 0.5 * (peak_flops(props.name, "bf16") or 4e14)
-        mem = 0.9 * props.total_memory
+        mem = usable * props.total_memory
     else:
         flops, mem = CPU_SUSTAINED_FLOPS, 8 * 2**30
     mem = limit or mem

@@ -98,6 +98,7 @@ class SchedulerConfig:
     time_limit_s: float = 0.2
     cost_model: str | None = None
     mem_limit_gb: float | None = None
+    mem_headroom: float = 0.1
     refine_every: int = 0
     lookahead: int = 1
 
@@ -107,6 +108,9 @@ class SchedulerConfig:
         _positive("scheduler.time_limit_s", self.time_limit_s)
         if self.mem_limit_gb is not None:
             _positive("scheduler.mem_limit_gb", self.mem_limit_gb)
+        if not 0 <= self.mem_headroom < 1:
+            raise ConfigError(f"scheduler.mem_headroom={self.mem_headroom} must be a fraction in [0, 1): the share "
+                              "of the memory limit the planner leaves free (e.g. 0.1)")
         _positive("scheduler.refine_every", self.refine_every, zero_ok=True)
         if self.lookahead < 0:
             raise ConfigError(f"scheduler.lookahead={self.lookahead} must be >= 0")
