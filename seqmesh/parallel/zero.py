@@ -255,14 +255,15 @@ class ZeroOptimizer:
         if self.stage == 0 and saved is not None or self.stage and saved is None:
             raise ValueError(f"the checkpoint's optimizer was saved {'with' if saved else 'without'} ZeRO sharding "
                              f"but this run uses parallel.zero_stage={self.stage}; resume with the zero_stage it was "
-                             "saved with (resharding checkpoints across layouts is not built yet)")
+                             "saved with, or resume through the run directory (train() loads it with "
+                             "seqmesh.trainer.reshard.load_resharded, at any layout)")
         if saved is None:
             self.optimizer.load_state_dict(state)
             return
         if saved != self._layout():
             raise ValueError(f"the checkpoint's optimizer shard has layout {saved}, this rank's is {self._layout()}; "
-                             "resume with the same HDP size, TP degree and model (resharding checkpoints across "
-                             "layouts is not built yet)")
+                             "resume with the same HDP size, TP degree and model, or resume through the run directory "
+                             "(train() loads it with seqmesh.trainer.reshard.load_resharded, at any layout)")
         self.optimizer.load_state_dict(state["optimizer"])
 
 

@@ -10,7 +10,7 @@ Every rank runs this function (under Ray Train, or any launcher that initialised
    (with ``parallel.pp > 1``: the same items through this rank's pipeline stages, 1F1B);
 4. sum gradients over the HDP group (all-reduce, or reduce-scatter into ZeRO shards) and those of
    TP-replicated parameters over TP, clip by the global norm, optimizer and lr step;
-5. metrics (rank 0), checkpoint (every rank, atomically).
+5. metrics (rank 0), checkpoint (every rank, atomically, layout-free: resumable at any layout).
 """
 
 from __future__ import annotations
@@ -33,20 +33,15 @@ from seqmesh.scheduler import CostModel, plan_step
 from seqmesh.scheduler.plan import Group, Plan
 from seqmesh.trainer.build import (apply_memory_limit, apply_offload, build_cost_model, build_model,
                                    build_pipeline_model, build_schedule, build_sharded_optimizer)
-from seqmesh.trainer.checkpoint import (DEFAULT_SHARED_KEYS, capture_rng_state, load_latest, restore_rng_state,
-                                        save_checkpoint)
 from seqmesh.trainer.config import RunConfig
 from seqmesh.trainer.data import IGNORE_INDEX, build_data, make_sampler, num_targets, pack
 from seqmesh.trainer.flops import peak_flops, train_flops
 from seqmesh.trainer.metrics import MetricsLogger, aggregate_rank_timings, peak_memory
 from seqmesh.trainer.cost_feedback import CostFeedback
 from seqmesh.trainer.plan_ahead import PlanAhead
+from seqmesh.trainer.reshard import load_resharded, save_resharded
 from seqmesh.trainer.tiled import lm_loss_sum
 from seqmesh.trainer.timing import SpanTimer
-
-
-# With TP or PP every rank holds its own model shard, so the model goes to the rank's own checkpoint file.
-SHARED_KEYS_TP = ("lr_scheduler", "extra")
 
 
 def _autocast(cfg: RunConfig, device: torch.device):
@@ -131,14 +126,12 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
                         rank, background=cfg.scheduler.lookahead > 0)
 
     start = 0
-    restored = load_latest(run_dir) if cfg.resume else None
+    # Layout-free checkpoints: a run resumes at any (TP, PP, HDP, ZeRO) layout, whatever it was saved with.
+    restored = load_resharded(run_dir, model, optimizer, mesh, seed=cfg.seed) if cfg.resume else None
     if restored is not None:
-        start, state = restored
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        start, state = restored  # model, optimizer and RNG are already restored
         schedule.load_state_dict(state["lr_scheduler"])
         sampler.load_state_dict(state["sampler"])
-        restore_rng_state(state["rng"])
     if mesh.pp > 1:
         model.sync_tied_weight()  # the last stage's copy of a tied embedding is not checkpointed
 
@@ -224,11 +217,9 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
                                     "cost_model_refits": feedback.refits})
 
             if cfg.ckpt_every and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == (cfg.stop_at or cfg.steps)):
-                save_checkpoint(run_dir, step + 1, {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                save_resharded(run_dir, step + 1, model, optimizer, mesh, {
                     "lr_scheduler": schedule.state_dict(), "sampler": sampler.state_dict(),
-                    "rng": capture_rng_state(), "extra": {"step": step + 1, "plan_digest": plan.digest()},
-                }, keep=cfg.ckpt_keep, shared_keys=SHARED_KEYS_TP if mesh.tp * mesh.pp > 1 else DEFAULT_SHARED_KEYS)
+                    "extra": {"step": step + 1, "plan_digest": plan.digest()}}, keep=cfg.ckpt_keep)
     finally:
         planner.close()
     return metrics.close({"resumed_from": start, "world": world})
