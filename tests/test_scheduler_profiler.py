@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from seqmesh.scheduler.cost_model import CostModel
-from seqmesh.scheduler.profiler import fit_quadratic, measure_a2a, predicted_error, profile_main, refine
+from seqmesh.scheduler.profiler import fit_linear, fit_quadratic, measure_a2a, predicted_error, profile_main, refine
 from tests.distributed import run_distributed
 
 TRUE = CostModel(alpha1_ms_per_tok2=3e-6, alpha2_ms_per_tok=0.11, beta_ms=25.0, a2a_GBps={2: 110.0, 4: 90.0},
@@ -15,6 +15,14 @@ def test_fit_quadratic_recovers_coefficients():
     s = np.array([512, 1024, 2048, 4096, 8192], dtype=float)
     a1, a2, b = fit_quadratic(s, 2e-6 * s * s + 0.05 * s + 3.0)
     assert (a1, a2, b) == pytest.approx((2e-6, 0.05, 3.0), rel=1e-6)
+
+
+def test_fit_linear_keeps_the_slope_of_a_launch_bound_start():
+    # Short lengths cost a flat launch floor, longer ones grow linearly: the slope survives.
+    s = np.array([1024, 2048, 4096, 8192, 16384], dtype=float)
+    a, b = fit_linear(s, np.maximum(4.0, 1e-3 * s))
+    assert a > 5e-4 and b >= 0
+    assert fit_linear(s, 0.02 * s + 1.5) == pytest.approx((0.02, 1.5), rel=1e-6)
 
 
 def test_refine_recovers_the_model_from_group_timings():

@@ -5,10 +5,14 @@
     torchrun --nproc-per-node N -m seqmesh profile ...   # also all-to-all bandwidth and speed factors
 
 One decoder layer of the given shape (q/k/v/o projections, causal SDPA attention, SwiGLU MLP),
-built from plain torch ops, runs forward+backward at each length; the layer time is fitted by
-non-negative least squares to ``a1 s^2 + a2 s + b`` and scaled to the model: ``alpha1 = layers *
-a1``, ``alpha2 = layers * a2`` plus the LM head's per-token time, ``beta = layers * b``, times 4/3
-with activation checkpointing (the forward runs twice). Memory per token is the measured slope of
+built from plain torch ops, runs forward+backward at each length, and so does its attention
+alone. Attention is fitted to ``a1 s^2 + c s + b`` and the rest of the layer (the difference) to
+``a s + b'`` by non-negative least squares; fitting the whole layer to one quadratic let the
+short, launch-bound lengths of a small layer on a fast GPU push the linear term to zero (seen on
+an H200: alpha2 = 0 for hidden 1024 at 1K-8K tokens), while the projections and MLP are linear in
+the tokens by construction. Scaled to the model: ``alpha1 = layers * a1``, ``alpha2 = layers *
+(a + c)`` plus the LM head's per-token time, ``beta = layers * (b + b')``, times 4/3 with
+activation checkpointing (the forward runs twice). Memory per token is the measured slope of
 the layer's peak memory on CUDA (a formula on CPU, which has no allocator statistics). Under
 torchrun each rank profiles its own device; the ranks' relative speeds become the per-rank speed
 factors, and all-to-all is timed on the first d ranks for every power of two d.
@@ -75,6 +79,30 @@ def fit_quadratic(lengths: Sequence[float], ms: Sequence[float]) -> tuple[float,
     return float(coef[0]), float(coef[1]), float(coef[2])
 
 
+def fit_linear(lengths: Sequence[float], ms: Sequence[float]) -> tuple[float, float]:
+    """Non-negative least squares of ``ms ~ a s + b`` (relative errors weigh equally)."""
+    s = np.asarray(lengths, dtype=np.float64)
+    y = np.asarray(ms, dtype=np.float64)
+    w = 1.0 / np.maximum(np.abs(y), 1e-9)
+    coef, _ = nnls(np.stack([s, np.ones_like(s)], axis=1) * w[:, None], y * w)
+    return float(coef[0]), float(coef[1])
+
+
+def profile_attention(hidden: int, heads: int, lengths: Sequence[int], device: torch.device, dtype: torch.dtype,
+                      repeats: int = 3) -> list[float]:
+    """Forward+backward ms of the layer's causal attention alone, per length."""
+    times = []
+    for s in lengths:
+        q, k, v = (torch.randn(1, heads, s, hidden // heads, device=device, dtype=dtype, requires_grad=True)
+                   for _ in range(3))
+
+        def step() -> None:
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).float().sum().backward()
+
+        times.append(_median_ms(step, repeats, device))
+    return times
+
+
 def profile_layer(hidden: int, heads: int, ffn: int, lengths: Sequence[int], device: torch.device,
                   dtype: torch.dtype, repeats: int = 3) -> tuple[list[float], list[float]]:
     """Forward+backward ms of one layer per length, and its peak memory bytes (CUDA; else empty)."""
@@ -109,7 +137,7 @@ def profile_head(hidden: int, vocab: int, lengths: Sequence[int], device: torch.
             F.cross_entropy(head(x).float(), target).backward()
 
         times.append(_median_ms(step, repeats, device))
-    return fit_quadratic(lengths, times)[1]
+    return fit_linear(lengths, times)[0]
 
 
 def measure_a2a(nbytes: int, repeats: int = 5) -> dict[int, float]:
@@ -199,7 +227,10 @@ def profile_main(argv: list[str]) -> int:
 def _profile(args: argparse.Namespace, lengths: list[int], device: torch.device, dtype: torch.dtype) -> CostModel | None:
     """The cost model on rank 0 (None on other ranks under torchrun)."""
     times, peaks = profile_layer(args.hidden, args.heads, args.ffn, lengths, device, dtype, args.repeats)
-    a1, a2, b = fit_quadratic(lengths, times)
+    attention = profile_attention(args.hidden, args.heads, lengths, device, dtype, args.repeats)
+    a1, c, b_attn = fit_quadratic(lengths, attention)
+    a_rest, b_rest = fit_linear(lengths, [t - a for t, a in zip(times, attention)])
+    a2, b = a_rest + c, b_attn + b_rest
     head = profile_head(args.hidden, args.vocab, lengths, device, dtype, args.repeats)
     recompute = 4 / 3 if args.checkpointing else 1.0
     act_bytes = torch.finfo(dtype).bits // 8
