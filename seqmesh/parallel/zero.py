@@ -74,7 +74,7 @@ class ZeroOptimizer:
                  bucket_bytes: int = BUCKET_BYTES) -> None:
         if stage not in STAGES:
             raise ValueError(f"ZeRO stage must be one of {STAGES}, got {stage!r} "
-                             "(parameter sharding, stage 3, is not built)")
+                             "(stage 3, parameter sharding, is seqmesh.parallel.zero3.Zero3Optimizer)")
         if align < 1 or bucket_bytes < 1:
             raise ValueError(f"align and bucket_bytes must be positive, got {align}, {bucket_bytes}")
         self.stage, self.group, self.tp_group, self.align = stage, group, tp_group, align

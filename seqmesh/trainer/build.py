@@ -13,6 +13,7 @@ from seqmesh.parallel.offload import attach_offload
 from seqmesh.parallel.pipeline import PipelineModel, split_model
 from seqmesh.parallel.tensor import apply_tensor_parallel, tensor_parallel
 from seqmesh.parallel.zero import ZeroOptimizer
+from seqmesh.parallel.zero3 import Zero3Optimizer
 from seqmesh.scheduler import CostModel, default_cost_model
 from seqmesh.trainer.config import ModelConfig, OptimConfig, RunConfig
 from seqmesh.trainer.hf_io import load_hf
@@ -107,9 +108,16 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     return _make_optimizer(_param_groups(model, cfg), cfg)
 
 
-def build_sharded_optimizer(model: torch.nn.Module, cfg: RunConfig, mesh: Mesh) -> ZeroOptimizer:
+def build_sharded_optimizer(model: torch.nn.Module, cfg: RunConfig, mesh: Mesh,
+                            device: torch.device | None = None) -> ZeroOptimizer:
     """The step loop's optimizer: ZeRO ``parallel.zero_stage`` over the HDP group, its gradient norm global
-    over TP and PP (a pipeline rank's ``parameters()`` are the ones it owns, so stages count each once)."""
+    over TP and PP (a pipeline rank's ``parameters()`` are the ones it owns, so stages count each once).
+
+    Stage 3 shards ``model`` itself (built on the host, so the whole model never sits on ``device``):
+    its shards and gathers go to ``device`` (default: where the parameters are)."""
+    if cfg.parallel.zero_stage == 3:
+        return Zero3Optimizer(model, _param_groups(model, cfg.optim), lambda groups: _make_optimizer(groups, cfg.optim),
+                              device=device or next(model.parameters()).device, group=mesh.hdp_group)
     tp = tensor_parallel(model)
     norm_group = mesh.model_parallel_group if mesh.pp > 1 else None if tp is None else tp.group
     return ZeroOptimizer(_param_groups(model, cfg.optim), lambda groups: _make_optimizer(groups, cfg.optim),
@@ -159,6 +167,7 @@ def build_cost_model(cfg: RunConfig, model: Transformer, device: torch.device) -
     else:
         flops, mem = CPU_SUSTAINED_FLOPS, 8 * 2**30
     mem = limit or mem
+    zero3 = cfg.parallel.zero_stage == 3  # everything sharded, and every layer recomputed in backward
     # The cost model takes the whole model and divides by the layout itself: a TP shard multiplies
     # through 1/tp of the weights (each rank its heads and MLP slice) and a stage through ~1/pp of
     # the layers (stages are balanced by FLOPs), so tp x pp times this rank's count stands for the
@@ -167,6 +176,6 @@ def build_cost_model(cfg: RunConfig, model: Transformer, device: torch.device) -
     return default_cost_model(params=model.num_params(exclude_embeddings=True) * tp * pp,
                               hidden_size=model.dims.hidden_size, num_layers=model.dims.num_layers,
                               device_flops=flops, mem_limit_bytes=mem, max_group=max(2, cfg.hdp),
-                              dp_shards=cfg.hdp, zero_stage=cfg.parallel.zero_stage,
+                              dp_shards=cfg.hdp, zero_stage=None if zero3 else cfg.parallel.zero_stage,
                               optim_state_bytes={"fp32": 8.0, "bf16": 4.0}.get(cfg.optim.state_dtype, 2.0),
-                              checkpointing=cfg.model.activation_checkpointing).with_layout(tp, pp, tp_GBps=0.0)
+                              checkpointing=cfg.model.activation_checkpointing or zero3).with_layout(tp, pp, tp_GBps=0.0)

@@ -83,7 +83,10 @@ class ParallelConfig:
         if self.pp_virtual > 1 and self.pp == 1:
             raise ConfigError(f"parallel.pp_virtual={self.pp_virtual} interleaves pipeline stages, which needs "
                               "parallel.pp > 1; set parallel.pp_virtual=1 or raise parallel.pp")
-        _choice("parallel.zero_stage", self.zero_stage, (0, 1, 2))
+        _choice("parallel.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        if self.zero_stage == 3 and (self.tp > 1 or self.pp > 1):
+            raise ConfigError(f"parallel.zero_stage=3 with parallel.tp={self.tp}, parallel.pp={self.pp}: parameter "
+                              "sharding is built for tp=1 and pp=1 only; use zero_stage<=2 with TP/PP, or tp=pp=1")
         _choice("parallel.sp_mode", self.sp_mode, ("ulysses", "ring", "hybrid"))
         _choice("parallel.attn_backend", self.attn_backend, ("auto", "flash_attn", "torch_flash", "cpu_flash", "math"))
 
@@ -267,6 +270,10 @@ class RunConfig:
             raise ConfigError(f"offload.target={self.offload.target} with parallel.pp={self.parallel.pp}: activation "
                               "offload scopes one micro-batch's forward and backward, which 1F1B interleaves with "
                               "other micro-batches'; set offload.target=none or parallel.pp=1")
+        if self.parallel.zero_stage == 3 and (self.offload.target != "none" or model.activation_checkpointing):
+            raise ConfigError("parallel.zero_stage=3 recomputes every decoder layer in backward (its weights are "
+                              "gathered only then), which activation checkpointing would repeat and activation offload "
+                              "cannot scope; set model.activation_checkpointing=false and offload.target=none")
         if self.parallel.pp > 1 and self.scheduler.refine_every:
             raise ConfigError(f"scheduler.refine_every={self.scheduler.refine_every} with parallel.pp="
                               f"{self.parallel.pp}: the cost model is refitted from each group's measured time, "

@@ -8,6 +8,7 @@ Every rank runs this function (under Ray Train, or any launcher that initialised
 3. for each (micro-batch, group) of this rank in the plan: pack the group's documents, lay them
    out over the group (its SP attention mode), forward, loss / global target count, backward
    (with ``parallel.pp > 1``: the same items through this rank's pipeline stages, 1F1B);
+   (ZeRO-3: every rank walks every plan micro-batch, an idle one only joining the layer collectives);
 4. sum gradients over the HDP group (all-reduce, or reduce-scatter into ZeRO shards) and those of
    TP-replicated parameters over TP, clip by the global norm, optimizer and lr step;
 5. metrics (rank 0), checkpoint (every rank, atomically, layout-free: resumable at any layout).
@@ -102,6 +103,15 @@ def run_pipeline_step(model: PipelineModel, plan: Plan, docs_of: Callable[[Group
                         forward_context=functools.partial(_autocast, cfg, device))
 
 
+def work_items(plan: Plan, mesh: Mesh, aligned: bool) -> list[Group | None]:
+    """This rank's groups in execution order; ``aligned`` (ZeRO-3): one item per plan micro-batch, None where
+    the rank sits it out, so every HDP rank issues the per-layer gathers and reduce-scatters of every
+    micro-batch at the same position (as ``run_pipeline_step`` aligns pipeline items)."""
+    if not aligned:
+        return [group for _, group in plan.work_of(mesh.hdp_rank)]
+    return [next((g for g in mb.groups if mesh.hdp_rank in g.ranks), None) for mb in plan.microbatches]
+
+
 def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str, Any]:
     """Train ``cfg`` from step 0 or the newest checkpoint in ``run_dir``; returns the run summary."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -111,11 +121,12 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
 
     tokenizer, train_set, _ = build_data(cfg.data)
     sampler = make_sampler(train_set, cfg.data)
+    sharded = cfg.parallel.zero_stage == 3  # ZeRO-3: built on the host, only shards go to the device
     if mesh.pp > 1:
         model = build_pipeline_model(cfg, tokenizer.vocab_size, device, mesh)
     else:
-        model = build_model(cfg.model, tokenizer.vocab_size, device, mesh.tp_group)
-    optimizer = build_sharded_optimizer(model, cfg, mesh)
+        model = build_model(cfg.model, tokenizer.vocab_size, torch.device("cpu") if sharded else device, mesh.tp_group)
+    optimizer = build_sharded_optimizer(model, cfg, mesh, device)
     schedule = build_schedule(optimizer.optimizer, cfg)
     cost_model = build_cost_model(cfg, model, device)
     apply_offload(model, cfg, cost_model, device)
@@ -162,7 +173,12 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
                                               cfg, device, denominator)
                 timer.stop("group")
             else:
-                for _, group in plan.work_of(mesh.hdp_rank):
+                if sharded:
+                    optimizer.begin_step()
+                for group in work_items(plan, mesh, aligned=sharded):
+                    if group is None:
+                        optimizer.idle_item()
+                        continue
                     docs = [train_set[ids[s]] for s in group.sequences]
                     timer.start("group")
                     loss_sum += run_group(model, docs, mesh.sp_group(group.first, group.count), cfg, device,

@@ -73,6 +73,7 @@ from seqmesh.parallel.mesh import Mesh
 from seqmesh.parallel.tensor import (ParallelAttention, ParallelMLP, RowParallelLinear, VocabParallelEmbedding,
                                      VocabParallelHead)
 from seqmesh.parallel.zero import ZeroOptimizer
+from seqmesh.parallel.zero3 import Zero3Optimizer
 from seqmesh.trainer.checkpoint import (SHARED_FILE, _dist, _gather, _raise_if_any, capture_rng_state,
                                         load_latest_files, restore_rng_state, save_checkpoint)
 from seqmesh.trainer.optim.fp8_adamw import FP8AdamW
@@ -222,6 +223,14 @@ def _slots(optimizer: Optim, params: dict[str, nn.Parameter],
                 name = name_of[id(p)]
                 slots.append(_Slot(p, g, [(name, 0, where[name].numel, 0)]))
         return inner, zero, slots
+    if isinstance(zero, Zero3Optimizer):  # one tensor per (param group, unit); the optimizer maps them
+        members = iter(zero.slot_members())
+        for g, group in enumerate(inner.param_groups):
+            for piece in group["params"]:
+                slots.append(_Slot(piece, g, [(name_of[id(p)], lo, min(hi, where[name_of[id(p)]].numel), pos)
+                                              for p, lo, hi, pos in next(members)
+                                              if min(hi, where[name_of[id(p)]].numel) > lo]))
+        return inner, zero, slots
     for g, group in enumerate(inner.param_groups):
         piece, = group["params"]
         a = group["index_offset"]
@@ -268,6 +277,7 @@ def layout_free_state(model: Model, optimizer: Optim, mesh: Mesh) -> LayoutFreeS
     inner, zero, slots = _slots(optimizer, params, where)
     member_of = {m[0]: (slot, m) for slot in slots for m in slot.members}
     flat = set() if zero is None else {id(p) for p in zero._ordered}
+    sharded = isinstance(zero, Zero3Optimizer)
     tensors: dict[str, dict[str, Tensor]] = {}
     metas: dict[str, Any] = {}
     for name, place in where.items():
@@ -281,7 +291,9 @@ def layout_free_state(model: Model, optimizer: Optim, mesh: Mesh) -> LayoutFreeS
             lo, hi = min(mesh.hdp_rank * share, place.numel), min((mesh.hdp_rank + 1) * share, place.numel)
         if hi <= lo:
             continue
-        piece = {"param": params[name].detach().reshape(-1)[lo:hi]}
+        # ZeRO-3 holds only its shard (the parameter itself is released between steps); the values are the same.
+        piece = {"param": slot.tensor.detach().reshape(-1)[pos:pos + hi - lo] if sharded
+                 else params[name].detach().reshape(-1)[lo:hi]}
         region = [place.dim, place.start, place.length, lo, hi]
         meta: dict[str, Any] = {"shape": list(place.full_shape), "region": region, "state": None}
         state = None if slot is None else inner.state.get(slot.tensor)
@@ -590,7 +602,7 @@ def load_resharded(run_dir: str | os.PathLike, model: Model, optimizer: Optim,
     rank, world = _dist(None)
     where = placements(model, mesh)
     params = named_parameters(model)
-    inner, _, slots = _slots(optimizer, params, where)
+    inner, zero, slots = _slots(optimizer, params, where)
     everyone = set().union(*_gather(sorted(where), None))
     chosen: dict[str, Any] = {}
 
@@ -612,7 +624,8 @@ def load_resharded(run_dir: str | os.PathLike, model: Model, optimizer: Optim,
     step, _, payloads = found
     error = None
     try:
-        _restore(payloads, chosen["sources"], chosen["index"], where, params, inner, slots)
+        _restore(payloads, chosen["sources"], chosen["index"], where, params, inner, slots,
+                 isinstance(zero, Zero3Optimizer))
     except (ValueError, RuntimeError) as exc:  # raised on every rank below, so none waits in a collective
         error = f"{type(exc).__name__}: {exc}"
     _raise_if_any(_gather(error, None), f"load_resharded(step={step})")
@@ -625,18 +638,24 @@ def load_resharded(run_dir: str | os.PathLike, model: Model, optimizer: Optim,
 
 def _restore(payloads: Mapping[str, Any], sources: Mapping[str, list[_Source]], index: Mapping[str, Any],
              where: Mapping[str, Placement], params: Mapping[str, nn.Parameter], inner: torch.optim.Optimizer,
-             slots: list[_Slot]) -> None:
+             slots: list[_Slot], sharded: bool) -> None:
     saved_groups = next(iter(index.values()))["groups"]
     if len(saved_groups) != len(inner.param_groups):
         raise ValueError(f"the checkpoint's optimizer has {len(saved_groups)} parameter groups, this one "
                          f"{len(inner.param_groups)}; build the optimizer as the checkpointed run did")
     asm = _Assembler(payloads, sources)
+    held = {m[0]: (slot, m) for slot in slots for m in slot.members}
     for name, place in where.items():
         p = params[name]
         values, count = asm.assemble(name, place, _param_values, p.dtype)
         if count != place.numel:
             raise ValueError(f"the checkpoint covers {count} of the {place.numel} elements of {name} this rank needs; "
                              "its files are incomplete")
+        if sharded:  # ZeRO-3: write this rank's shard of the parameter (it holds nothing else)
+            if name in held:
+                slot, (_, lo, hi, pos) = held[name]
+                slot.tensor.detach().view(-1)[pos:pos + hi - lo].copy_(values[lo:hi])
+            continue
         flat = p.detach().view(-1)
         flat[:place.numel].copy_(values)
         flat[place.numel:].zero_()

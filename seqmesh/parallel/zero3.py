@@ -1,0 +1,269 @@
+"""ZeRO-3 over the HDP plane: parameters sharded too, gathered one decoder layer at a time.
+
+Layout. The model's parameters fall into units: one per decoder layer and one "root" unit (the
+embeddings, the final norm, the head). Each unit has its own flat space (its parameters per param
+group, each group's segment padded to ``align``), sharded in ``1/HDP`` slices; this rank's slices
+of every unit lie one after another in one local buffer (``shard``, with ``shard_grad`` beside it)
+over which the inner optimizer steps. The parameters stay registered (names and shapes unchanged,
+so checkpoints, the cost model and FLOP counts see the same model) as views of a per-unit full
+buffer whose storage is released (``resize_(0)``) whenever the unit is not in use.
+
+Per step. ``begin_step`` gathers the root unit for the whole step (its gradients accumulate like
+ZeRO-2's and are reduce-scattered once by ``reduce_gradients``). A decoder layer runs through
+``_GatheredLayer``: forward gathers the layer (``all_gather_into_tensor``), runs it without
+autograd and frees it; backward gathers it again, recomputes the layer with autograd, takes the
+gradients of its inputs and parameters, reduce-scatters the parameter gradients into this rank's
+``shard_grad`` slice and frees the layer. ``step`` updates the shards only: nothing is gathered
+after it, so between steps a rank holds ``1/HDP`` of the parameters.
+
+Alignment. The gathers and reduce-scatters are collectives over the whole HDP group, but the plan
+gives ranks different numbers of micro-batches. The step loop therefore walks plan positions
+(micro-batch k is item k on every HDP rank, as the pipeline does) and a rank that sits micro-batch
+k out calls ``idle_item``: every layer's forward gather, then every layer's backward gather and a
+reduce-scatter of zeros, in the order an active rank issues them.
+
+Why seqmesh's own sharding and not FSDP2 (``fully_shard``): FSDP2 turns parameters into DTensors,
+which ``reshard.py``'s layout-free checkpoints, ``FP8AdamW``'s block/``index_offset`` placement
+and the ZeRO-1/2 flat-space bookkeeping do not take; its reduce-scatter runs in autograd hooks
+after each backward, so an idle rank would have to fake a whole forward/backward (a zero-token
+batch through SP attention) to take part; and skipping the sync on all but the last micro-batch
+(``set_requires_gradient_sync``) keeps full gradients, which ZeRO-3 exists to avoid. An explicit
+gather / recompute / reduce-scatter per layer is ~150 lines, makes the idle pass a plain loop of
+collectives, and reuses the ZeRO-1/2 norm, checkpoint and optimizer paths unchanged.
+
+Cost. Each layer runs forward twice (activation checkpointing's 4/3 of the compute, which long
+contexts pay anyway) and its weights cross the HDP group three times per micro-batch (two gathers,
+one reduce-scatter). Limits: one TP/PP layout (tp = pp = 1) and no activation offload; the config
+refuses the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from seqmesh.parallel.zero import MakeOptimizer, ZeroOptimizer, _round_up, _world
+
+
+@dataclass
+class _Unit:
+    """One decoder layer (or the root): its parameters' places in its flat space and this rank's slice."""
+
+    params: list[nn.Parameter]
+    offsets: list[int]  # each parameter's start in the unit's flat space
+    shard_size: int  # elements of the unit each rank holds
+    local: int  # start of this rank's slice in the local shard buffer
+    full: Tensor = field(default=None)  # the gathered flat space; storage released while unused
+
+
+def _release(t: Tensor) -> None:
+    t.untyped_storage().resize_(0)
+
+
+class Zero3Optimizer(ZeroOptimizer):
+    """ZeRO stage 3 over ``model``'s decoder layers (``model.model.layers``); see the module docstring.
+
+    Args:
+        model: the model on the host (or any device); its shards, gathers and buffers go to ``device``.
+        param_groups, make_optimizer, group, align: as for ``ZeroOptimizer``; the inner optimizer
+            gets one param group per given group, holding this rank's slice of each unit.
+    """
+
+    def __init__(self, model: nn.Module, param_groups: list[dict[str, Any]], make_optimizer: MakeOptimizer, *,
+                 device: torch.device, group: dist.ProcessGroup | None = None, align: int = 128) -> None:
+        self.stage, self.group, self.tp_group, self.align = 3, group, None, align
+        self.world, self.rank = _world(group)
+        self._excluded_local: list[tuple[int, int]] = []
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in param_groups]
+        self.params = [p for g in groups for p in g["params"]]
+        if len({id(p) for p in self.params}) != len(self.params):
+            raise ValueError("a parameter appears twice in the param groups; list shared (tied) parameters once")
+        kinds = {p.dtype for p in self.params}
+        if len(kinds) != 1:
+            raise ValueError(f"ZeRO-3 flattens parameters into one buffer per layer; they must share one dtype, "
+                             f"got {sorted(map(str, kinds))}")
+        dtype, = kinds
+        group_of = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+        layers = list(model.model.layers)
+        in_layer = {id(p) for layer in layers for p in layer.parameters()}
+        members = [list(layer.parameters()) for layer in layers]
+        members.append([p for p in self.params if id(p) not in in_layer])
+
+        # The virtual flat space of reshard.py: units one after another, each its whole (all ranks') space.
+        self._ordered, self._offsets = [], []
+        self.units: list[_Unit] = []
+        pieces: list[list[tuple[int, int]]] = [[] for _ in groups]  # per group: (local start, length)
+        self._piece_members: list[list[list[tuple[nn.Parameter, int, int, int]]]] = [[] for _ in groups]
+        space, local = 0, 0
+        for params in members:
+            offsets, segments, offset = [], [], 0
+            ordered = sorted((p for p in params if id(p) in group_of), key=lambda p: group_of[id(p)])
+            for g in range(len(groups)):
+                start = offset
+                for p in ordered:
+                    if group_of[id(p)] == g:
+                        offsets.append(offset)
+                        offset += p.numel()
+                offset = start + _round_up(offset - start, align)
+                segments.append((start, offset))
+            shard_size = -(-offset // align // self.world) * align
+            unit = _Unit(ordered, offsets, shard_size, local)
+            lo, hi = self.rank * shard_size, (self.rank + 1) * shard_size
+            for g, (start, end) in enumerate(segments):
+                a, b = min(max(start, lo), hi), max(min(end, hi), min(max(start, lo), hi))
+                pieces[g].append((local + a - lo, b - a))
+                self._piece_members[g].append([(p, max(o, a) - o, min(o + p.numel(), b) - o, max(o, a) - a)
+                                               for p, o in zip(ordered, offsets) if min(o + p.numel(), b) > max(o, a)])
+            self._ordered += ordered
+            self._offsets += [space + o for o in offsets]
+            space += self.world * shard_size
+            local += shard_size
+            self.units.append(unit)
+        self.shard = torch.zeros(local, dtype=dtype, device=device)
+        self.shard_grad = torch.zeros_like(self.shard)
+        with torch.no_grad():
+            for unit in self.units:
+                unit.full = torch.zeros(self.world * unit.shard_size, dtype=dtype, device=device)
+                for p, o in zip(unit.params, unit.offsets):
+                    unit.full[o:o + p.numel()].copy_(p.detach().reshape(-1))
+                    p.data = unit.full[o:o + p.numel()].view_as(p)
+                lo = self.rank * unit.shard_size
+                self.shard[unit.local:unit.local + unit.shard_size].copy_(unit.full[lo:lo + unit.shard_size])
+                _release(unit.full)
+        for module in model.modules():
+            for name, buf in module._buffers.items():
+                if buf is not None:
+                    module._buffers[name] = buf.to(device)
+        inner = []
+        for g, opts in enumerate(groups):
+            tensors = []
+            for start, n in pieces[g]:
+                piece = self.shard[start:start + n]
+                piece.grad = self.shard_grad[start:start + n]
+                tensors.append(piece)
+            inner.append({**opts, "params": tensors})
+        self.optimizer = make_optimizer(inner)
+        self.root = self.units[-1]
+        for layer, unit in zip(layers, self.units):
+            layer.forward = _sharded_forward(self, unit, layer.forward)
+
+    def slot_members(self) -> list[list[tuple[nn.Parameter, int, int, int]]]:
+        """Per inner-optimizer tensor (state_dict order): (parameter, lo, hi, pos) -- its elements ``[lo, hi)``
+        sit at ``[pos, pos + hi - lo)`` of the tensor (the checkpoint's map between parameters and shards)."""
+        return [m for group in self._piece_members for m in group]
+
+    def _slice(self, unit: _Unit, t: Tensor) -> Tensor:
+        return t[unit.local:unit.local + unit.shard_size]
+
+    @torch.no_grad()
+    def gather(self, unit: _Unit) -> None:
+        """Bring the whole unit into its full buffer (a collective over HDP)."""
+        unit.full.untyped_storage().resize_(unit.full.numel() * unit.full.element_size())
+        if self.world == 1:
+            unit.full.copy_(self._slice(unit, self.shard))
+        else:
+            dist.all_gather_into_tensor(unit.full, self._slice(unit, self.shard), group=self.group)
+
+    def free(self, unit: _Unit) -> None:
+        _release(unit.full)
+
+    @torch.no_grad()
+    def reduce_scatter(self, unit: _Unit, grads: list[Tensor | None]) -> None:
+        """Sum the unit's full gradients (None: zero) over HDP into this rank's ``shard_grad`` slice."""
+        full = torch.zeros_like(unit.full)
+        for p, o, g in zip(unit.params, unit.offsets, grads):
+            if g is not None:
+                full[o:o + p.numel()].copy_(g.reshape(-1))
+        out = self._slice(unit, self.shard_grad)
+        if self.world == 1:
+            out.add_(full)
+            return
+        part = torch.empty_like(out)
+        dist.reduce_scatter_tensor(part, full, op=dist.ReduceOp.SUM, group=self.group)
+        out.add_(part)
+
+    def begin_step(self) -> None:
+        """Gather the root unit (embeddings, final norm, head) for the step's forwards and backwards."""
+        self.gather(self.root)
+
+    def idle_item(self) -> None:
+        """Take part in one micro-batch's layer collectives without work: gathers in forward order, then
+        gather + zero reduce-scatter in backward order (what every active rank issues)."""
+        layers = self.units[:-1]
+        for unit in layers:
+            self.gather(unit)
+            self.free(unit)
+        for unit in reversed(layers):
+            self.gather(unit)
+            self.reduce_scatter(unit, [None] * len(unit.params))
+            self.free(unit)
+
+    def reduce_gradients(self) -> None:
+        """Reduce-scatter the root's accumulated gradients into its shard and free the root (layers are done)."""
+        root = self.root
+        self.reduce_scatter(root, [p.grad for p in root.params])
+        for p in root.params:
+            p.grad = None
+        self.free(root)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.shard_grad.zero_()
+        for p in self.root.params:
+            p.grad = None
+
+    def _layout(self) -> dict[str, int]:
+        return {"world": self.world, "rank": self.rank, "numel": self.shard.numel(), "align": self.align, "stage": 3}
+
+    def _device(self) -> torch.device:
+        return self.shard.device
+
+
+def _sharded_forward(zero: Zero3Optimizer, unit: _Unit, forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    def run(*args: Any) -> Tensor:
+        return _GatheredLayer.apply(zero, unit, forward, *args)
+    return run
+
+
+class _GatheredLayer(torch.autograd.Function):
+    """A layer whose weights exist only inside its forward and its (recomputing) backward."""
+
+    @staticmethod
+    def forward(ctx: Any, zero: Zero3Optimizer, unit: _Unit, forward: Callable[..., Tensor], *args: Any) -> Tensor:
+        device = zero.shard.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.zero, ctx.unit, ctx.run = zero, unit, forward
+        ctx.is_tensor = [isinstance(a, Tensor) for a in args]
+        ctx.others = [None if t else a for a, t in zip(args, ctx.is_tensor)]
+        ctx.save_for_backward(*(a for a in args if isinstance(a, Tensor)))
+        zero.gather(unit)
+        try:
+            return forward(*args)
+        finally:
+            zero.free(unit)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        saved = iter(ctx.saved_tensors)
+        needs = ctx.needs_input_grad[3:]
+        args = [next(saved).detach().requires_grad_(need) if is_tensor else other
+                for is_tensor, other, need in zip(ctx.is_tensor, ctx.others, needs)]
+        wants = [i for i, need in enumerate(needs) if need]
+        zero, unit = ctx.zero, ctx.unit
+        zero.gather(unit)
+        device, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, enabled=enabled, dtype=dtype):
+            out = ctx.run(*args)
+        grads = torch.autograd.grad(out, [args[i] for i in wants] + unit.params, grad_out, allow_unused=True)
+        zero.reduce_scatter(unit, list(grads[len(wants):]))
+        zero.free(unit)
+        of_input = dict(zip(wants, grads[:len(wants)]))
+        return (None, None, None, *(of_input.get(i) for i in range(len(args))))
