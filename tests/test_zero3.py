@@ -42,7 +42,8 @@ def _held_bytes(rank: int, world: int) -> dict[str, int]:
 
 
 def _zero3_runs(rank: int, world: int, src: str, tmp: str, adaptive: dict) -> dict:
-    """ZeRO-3 straight; stopped after step 2 and resumed as ZeRO-3 and (from a copy) as ZeRO-1; memory held."""
+    """ZeRO-3 straight; stopped after step 2 and resumed as ZeRO-3 and (from a copy) as ZeRO-1; with FP8AdamW;
+    memory held."""
     import shutil
 
     import torch.distributed as dist
@@ -57,6 +58,8 @@ def _zero3_runs(rank: int, world: int, src: str, tmp: str, adaptive: dict) -> di
                           tmp)
     out["zero1"] = _run(rank, world, "to_zero1", _overrides(src, tmp, world, zero=1, scheduler=adaptive, resume=True),
                         tmp)
+    fp8 = _overrides(src, tmp, world, zero=3, scheduler=adaptive)
+    out["fp8"] = _run(rank, world, "fp8", {**fp8, "optim": {**fp8["optim"], "state_dtype": "fp8"}}, tmp)
     out["_held_bytes"] = _held_bytes(rank, world)
     return out
 
@@ -89,6 +92,10 @@ def test_zero3_hdp2_adaptive_equals_one_process_resumes_and_shards_memory(worksp
     assert losses["zero1"][-1] == pytest.approx(losses["zero3"][-1], rel=1e-6)
     for key, value in _final_model(tmp, "to_zero1").items():
         torch.testing.assert_close(value, straight[key], rtol=1e-5, atol=1e-5, msg=key)
+
+    # FP8AdamW steps the shards too (its moments quantized per block of each shard): the same training.
+    fp8 = [r["loss"] for r in per_rank[0]["fp8"]["records"]]
+    assert fp8 == pytest.approx(losses["zero3"], rel=1e-3)
 
     # Between steps a rank holds its shard (1/HDP of the model plus block padding) and no parameter storage.
     for rank in per_rank:

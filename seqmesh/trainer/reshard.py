@@ -4,8 +4,8 @@ What a rank writes. Every tensor is stored under the *full* model's parameter na
 the full parameter, ``full.narrow(dim, start, length).reshape(-1)[lo:hi]``: ``dim, start, length``
 is the rank's tensor-parallel slice (``dim`` None: the whole parameter; vocabulary padding rows
 are left out), ``[lo, hi)`` the part of that slice the rank writes -- its ZeRO shard of the flat
-buffer, or an even 1/HDP share where every HDP rank holds the same values, so the HDP ranks split
-the bytes. Of identical copies exactly one is written: a TP-replicated parameter by TP rank 0, a
+buffer (ZeRO-3: its shard of the parameter's layer, the only copy it holds), or an even 1/HDP share
+where every HDP rank holds the same values, so the HDP ranks split the bytes. Of identical copies exactly one is written: a TP-replicated parameter by TP rank 0, a
 KV head that several TP ranks share by the first of them. A piece holds the parameter values,
 AdamW's two moments in the optimizer's own storage (fp32 / bf16, or FP8AdamW's fp8 / int8 codes
 with the fp32 scales of the blocks the piece touches and the piece's position in block space) and
