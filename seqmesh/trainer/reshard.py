@@ -79,6 +79,7 @@ from seqmesh.trainer.checkpoint import (SHARED_FILE, _dist, _gather, _raise_if_a
 from seqmesh.trainer.optim.fp8_adamw import FP8AdamW
 from seqmesh.trainer.optim.quantize import FORMATS, CodeFormat, dequantize_blocks, quantize_blocks, round_plain
 from seqmesh.trainer.optim.update import padded_numel
+from seqmesh.trainer.tiled import TiledMLP
 
 PIECES = "layout_free"  # key of a rank's pieces in its checkpoint file
 RNG = "rng"
@@ -151,6 +152,8 @@ def placements(model: Model, mesh: Mesh) -> dict[str, Placement]:
 
     for chunk in _chunks(model):
         for module in chunk.modules():
+            # TiledMLP adopts its MLP's projections but keeps the MLP itself unregistered (``inner``).
+            module = module.inner if isinstance(module, TiledMLP) else module
             if isinstance(module, ParallelAttention):
                 dims = chunk.dims
                 q = module.q_proj.weight.shape[0]
