@@ -3,8 +3,11 @@ predicts it.
 
 The real step loop (``seqmesh.launch.torchrun``) trains a Llama-3-8B-shaped model (hidden 4096,
 32 query / 8 KV heads of 128, MLP 14336; ``--layers`` of its 32 layers so that one GPU holds it;
-byte vocabulary, untied head) in bf16 with activation checkpointing (FP8 optimizer states with
-``--fp8``) on documents of exactly ``--seq-len`` tokens, in four layouts of the PP x HDP x TP mesh:
+byte vocabulary, untied head) in bf16 (FP8 optimizer states with ``--fp8``) on documents of exactly
+``--seq-len`` tokens, in four layouts of the PP x HDP x TP mesh. Without ``--checkpointing`` no layer
+is recomputed: at 8 layers and 32K tokens per micro-batch the activations fit, and recomputing the
+forward would add a third to the work that MFU does not count; the scheduler's memory model (the
+profile, taken the same way) splits the step into micro-batches that fit.
 
 * ``1gpu``: one rank, no parallelism (the other GPU idles);
 * ``tp2``: tensor parallel over both GPUs (Megatron with sequence parallelism);
@@ -55,16 +58,17 @@ SHAPE = dict(hidden=4096, heads=32, kv_heads=8, ffn=14336)
 SMOKE_SHAPE = dict(hidden=256, heads=8, kv_heads=4, ffn=704)
 
 
-def model_overrides(shape: dict[str, int], layers: int, smoke: bool) -> list[str]:
+def model_overrides(shape: dict[str, int], layers: int, smoke: bool, checkpointing: bool) -> list[str]:
     base = ["model=tiny", "model.dtype=fp32"] if smoke else ["model=llama-8b", "model.dtype=bf16"]
     return [*base, f"model.hidden_size={shape['hidden']}", f"model.num_heads={shape['heads']}",
             f"model.num_kv_heads={shape['kv_heads']}", f"model.intermediate_size={shape['ffn']}",
-            f"model.num_layers={layers}", "model.tie_embeddings=false", "model.activation_checkpointing=true"]
+            f"model.num_layers={layers}", "model.tie_embeddings=false",
+            f"model.activation_checkpointing={str(checkpointing).lower()}"]
 
 
-def profile_shape(shape: dict[str, int], layers: int) -> list[str]:
+def profile_shape(shape: dict[str, int], layers: int, checkpointing: bool) -> list[str]:
     return ["--hidden", str(shape["hidden"]), "--layers", str(layers), "--heads", str(shape["heads"]),
-            "--ffn", str(shape["ffn"]), "--vocab", "257", "--checkpointing"]
+            "--ffn", str(shape["ffn"]), "--vocab", "257", *(["--checkpointing"] if checkpointing else [])]
 
 
 def layout_cost_model(cm: CostModel, tp: int, pp: int, hdp: int, zero_stage: int, moment_bytes: float) -> CostModel:
@@ -102,6 +106,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the means")
     ap.add_argument("--fp8", action="store_true", help="FP8 optimizer states (optim=fp8) instead of fp32 AdamW")
+    ap.add_argument("--checkpointing", action="store_true", help="recompute every layer in backward")
     ap.add_argument("--timeout", type=float, default=240, help="seconds per layout before it counts as failed")
     ap.add_argument("--layouts", default=",".join(name for name, *_ in LAYOUTS), help="comma-separated subset")
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU over gloo (checks the script, not speed)")
@@ -124,11 +129,13 @@ def main() -> None:
     mem_limit_gb = 0.2 if args.smoke else 0.85 * torch.cuda.get_device_properties(0).total_memory / 2**30
     # Both devices are of one kind, and a one-process run cannot use a two-device list of speed
     # factors: every layout plans with the profile at nominal speed.
-    cost = dataclasses.replace(CostModel.load(profile(args.work, 2, mem_limit_gb, profile_shape(shape, layers))),
+    profiled = profile(args.work, 2, mem_limit_gb, profile_shape(shape, layers, args.checkpointing))
+    cost = dataclasses.replace(CostModel.load(profiled),
                                speed=())
     cost_path = args.work / "cost_model_uniform.json"
     cost.save(cost_path)
-    common = [*model_overrides(shape, layers, args.smoke), f"data.source={corpus}", "data.tokenizer=byte",
+    common = [*model_overrides(shape, layers, args.smoke, args.checkpointing), f"data.source={corpus}",
+              "data.tokenizer=byte",
               f"data.max_seq_len={args.seq_len}", f"data.global_batch={args.docs}", "data.val_fraction=0",
               f"data.cache_dir={args.work / 'cache'}", f"steps={args.steps}", "optim.warmup_steps=2",
               "scheduler=adaptive", f"scheduler.cost_model={cost_path}", "scheduler.refine_every=0",
@@ -173,7 +180,8 @@ def main() -> None:
     config = {"model": f"llama-3-8b shape, {layers} layers, byte vocab, untied", "shape": shape, "layers": layers,
               "seq_len": args.seq_len, "docs_per_step": args.docs, "steps": args.steps, "warmup": args.warmup,
               "dtype": "fp32 (smoke)" if args.smoke else "bf16 autocast, fp32 master",
-              "activation_checkpointing": True, "optimizer": "FP8AdamW" if args.fp8 else "AdamW fp32 states",
+              "activation_checkpointing": args.checkpointing,
+              "attention_backend": "auto", "optimizer": "FP8AdamW" if args.fp8 else "AdamW fp32 states",
               "scheduler": "adaptive, cost model from seqmesh profile on these devices",
               "cost_model": {k: v for k, v in cost.to_dict().items() if k != "source"}}
     write_result("composition", config, rows, summary, out_dir=args.out, device="cpu-smoke" if args.smoke else None)

@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seqmesh.kernels.attention import attention_backward, attention_forward, resolve_backend, varlen_attention
+from seqmesh.kernels import attention as attention_module
+from seqmesh.kernels.attention import (attention_backward, attention_forward, doc_runs, resolve_backend,
+                                      varlen_attention)
 
 SEQLENS = [1, 5, 2, 9, 3]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -128,14 +130,65 @@ def test_cuda_backends_match_reference(backend):
     _check_backend(backend, torch.bfloat16, "cuda")
 
 
+def test_doc_runs_give_long_documents_their_own_call_and_group_short_neighbours():
+    #        lengths:  q 5 1 2 9 3 0 7,  k equal except document 5 (0 queries, 4 keys)
+    cu_q = [0, 5, 6, 8, 17, 20, 20, 27]
+    cu_k = [0, 5, 6, 8, 17, 20, 24, 31]
+    assert doc_runs(cu_q, cu_k, 5) == [(True, 0, 1), (False, 1, 3), (True, 3, 4), (False, 4, 6), (True, 6, 7)]
+    assert doc_runs(cu_q, cu_k, 100) == [(False, 0, 7)]
+    assert doc_runs(cu_q, cu_k, 0) == [(True, i, i + 1) for i in range(7)]
+    assert doc_runs([0], [0], 1) == []
+
+
+def _needs_cudnn():
+    if not attention_module._cudnn_supported(torch.zeros(1, 1, 8, device="cuda", dtype=torch.bfloat16)):
+        pytest.skip("the cudnn backend needs a Hopper or newer GPU")
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["torch_flash", "flash_attn", "math"])
+@pytest.mark.parametrize("min_tokens", [1, 4])
+def test_cudnn_backend_matches_reference(monkeypatch, min_tokens):
+    """Every document on cuDNN (min_tokens 1), and a mix: documents of 5 and 9 tokens on cuDNN,
+    the runs of shorter ones between them on the flash kernel (min_tokens 4)."""
+    _needs_cudnn()
+    monkeypatch.setattr(attention_module, "CUDNN_MIN_DOC_TOKENS", min_tokens)
+    _check_backend("cudnn", torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+def test_cudnn_blocks_merge_and_take_the_merged_softmax(monkeypatch):
+    """The ring's off-diagonal case on cuDNN: non-causal blocks with different query and key
+    lengths per document, backward against an external (merged) out/LSE, against the math backend."""
+    _needs_cudnn()
+    monkeypatch.setattr(attention_module, "CUDNN_MIN_DOC_TOKENS", 3)
+    lens_q, lens_k = [6, 2, 9], [4, 5, 3]
+    q, _, _, dout = _qkvd(lens_q, 8, 2, torch.bfloat16, "cuda")
+    _, k, v, _ = _qkvd(lens_k, 8, 2, torch.bfloat16, "cuda", seed=1)
+    cu_q, cu_k, scale = _cu(lens_q, "cuda"), _cu(lens_k, "cuda"), 0.25
+    got = attention_forward(q, k, v, cu_q, cu_k, 9, 5, causal=False, scale=scale, backend="cudnn")
+    ref = attention_forward(q.float(), k.float(), v.float(), cu_q, cu_k, 9, 5, causal=False, scale=scale,
+                            backend="math")
+    torch.testing.assert_close(got[0].float(), ref[0], atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got[1], ref[1], atol=2e-2, rtol=2e-2)
+    merged_lse = ref[1] + 0.5  # as if another key block had contributed: the backward must use it as given
+    grads = attention_backward(dout, q, k, v, ref[0].to(q.dtype), merged_lse, cu_q, cu_k, 9, 5, causal=False,
+                               scale=scale, backend="cudnn")
+    ref_grads = attention_backward(dout.float(), q.float(), k.float(), v.float(), ref[0], merged_lse, cu_q, cu_k, 9, 5,
+                                   causal=False, scale=scale, backend="math")
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.float(), r, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch_flash", "flash_attn", "cudnn", "math"])
 def test_cuda_empty_key_documents_and_single_query_gqa(backend):
     """Documents without keys in a block (LSE -inf, not the kernels' +inf) and blocks whose longest
     query is one row with GQA (FlashAttention's swapped-heads path)."""
     if backend == "flash_attn" and resolve_backend("auto", torch.zeros(1, 1, 8, device="cuda",
                                                                          dtype=torch.bfloat16)) != "flash_attn":
         pytest.skip("flash_attn is not installed")
+    if backend == "cudnn":
+        _needs_cudnn()
     q, k, v, dout = _qkvd([1, 1, 1], 8, 2, torch.bfloat16, "cuda")
     cu_k = _cu([2, 0, 1], "cuda")
     out, lse = attention_forward(q, k[:3], v[:3], _cu([1, 1, 1], "cuda"), cu_k, 1, 2, causal=False, scale=0.25,
