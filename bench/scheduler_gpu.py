@@ -7,10 +7,14 @@ document lengths whose longest documents do not fit one GPU under the per-GPU me
 can, and the adaptive planner mixes single-GPU groups for short documents with SP=2 groups for
 long ones. The cost model comes from ``seqmesh profile`` on the same GPUs and is refined online
 from measured group times (``scheduler.refine_every``); ``cost_model_error`` is the mean absolute
-relative error of the plan's predicted step time against the measured one, over the steps after
-the first refit.
+relative error of the plan's predicted step time against the measured one, over the steps whose
+plan a refitted model priced (planning runs a step ahead, so the step right after a refit was
+still priced by the model before it). Every row keeps its steps (``step_rows``): predicted and
+measured step, makespan and tail, and each group's measured against predicted time, so a large
+error can be traced to the term that makes it.
 
-    python bench/scheduler_gpu.py --out DIR      # on a machine with 2+ GPUs
+    python bench/scheduler_gpu.py --out DIR --steps 10     # on a machine with 2+ GPUs (~5 min)
+    python bench/scheduler_gpu.py --smoke --out DIR        # CPU, gloo, tiny model: checks the script
 """
 
 from __future__ import annotations
@@ -65,13 +69,13 @@ def main() -> None:
     ap.add_argument("--global-batch", type=int, default=16)
     ap.add_argument("--longest", type=int, default=98304)
     ap.add_argument("--mem-limit-gb", type=float, default=36.0)
-    ap.add_argument("--refine-every", type=int, default=4)
+    ap.add_argument("--refine-every", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run over gloo (checks the script, not speed)")
     args = ap.parse_args()
     model, shape, device, gpus = MODEL, PROFILE, "cuda", torch.cuda.device_count()
     if args.smoke:
         model, shape, device, gpus = SMOKE_MODEL, SMOKE_PROFILE, "cpu", 2
-        args.steps, args.global_batch, args.longest, args.mem_limit_gb, args.refine_every = 4, 8, 8192, 0.2, 2
+        args.steps, args.global_batch, args.longest, args.mem_limit_gb, args.refine_every = 6, 8, 8192, 0.2, 2
     if gpus < 2:
         raise SystemExit("bench/scheduler_gpu.py compares SP group sizes; it needs 2 or more GPUs")
 
@@ -93,27 +97,66 @@ def main() -> None:
     for name, extra in policies:
         t0 = time.perf_counter()
         result = run_loop([*common, *extra], gpus, args.work / f"run_{name.replace('=', '')}", device=device)
-        rows.append({**policy_row(name, result, args.refine_every), "wall_s": round(time.perf_counter() - t0, 1)})
-        print(rows[-1], flush=True)
+        rows.append({**policy_row(name, result), "wall_s": round(time.perf_counter() - t0, 1)})
+        print({k: v for k, v in rows[-1].items() if k != "steps"}, flush=True)
         # Written after every policy, so a run cut short still leaves the policies it finished.
         write_result("scheduler", config, rows, summarize(rows), out_dir=args.out,
                      device="cpu-smoke" if args.smoke else None)
 
 
-def policy_row(name: str, result: dict, refine_every: int) -> dict:
+def step_rows(recs: list[dict], lookahead: int = 1) -> list[dict]:
+    """One compact row per step: predicted against measured step ms, the model that priced the plan
+    (``plan_model``: 0 = profile, k = k-th refit), whether a refit followed the step, and -- from the
+    loop's ``cost_feedback`` record -- the measured makespan and tail against the predicted ones and
+    every group's ``[micro-batch, first rank, size, tokens, measured ms, predicted ms]``.
+
+    Metrics without ``cost_feedback`` (a loop that does not log it) still give the step figures;
+    the pricing model is then the one current when the plan was prefetched, ``lookahead`` steps
+    before (the refit count logged ``lookahead + 1`` records back).
+    """
+    rows, refits = [], 0
+    for i, r in enumerate(recs):
+        fb = r.get("cost_feedback") or {}
+        planned_by = fb["plan_model"] if "plan_model" in fb else \
+            (recs[i - lookahead - 1]["cost_model_refits"] if i > lookahead else 0)
+        row = {"step": r["step"], "predicted_ms": round(r["plan_predicted_ms"], 1),
+               "measured_ms": round(1e3 * r["step_time_s"], 1), "error": round(r["plan_error"], 4),
+               "plan_model": planned_by, "warmup": bool(r.get("warmup")),
+               "refit": r["cost_model_refits"] > refits}
+        row.update({k: fb[k] for k in ("fit", "makespan_ms", "predicted_makespan_ms", "tail_ms", "predicted_tail_ms",
+                                       "groups") if k in fb})
+        refits = r["cost_model_refits"]
+        rows.append(row)
+    return rows
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(float(np.mean(values)), 4) if values else None
+
+
+def policy_row(name: str, result: dict) -> dict:
+    """The policy's throughput and cost-model accuracy. ``plan_error_after_refit`` (the summary's
+    ``cost_model_error``) averages the steps whose plan a refitted model priced -- never the warm-up
+    step, nor the step after a refit whose plan was made before it; ``plan_error_first_steps`` the
+    profile-priced steps after warm-up; ``group_error_after_refit`` the groups of the refit-priced steps."""
     row = {"policy": name}
     if "error" in result:
         row["error"] = result["error"][-1500:]
         return row
     recs = result["records"]
-    after = [r for r in recs if r.get("cost_model_refits", 0) >= 1] or recs[1:]
+    steps = step_rows(recs)
+    after = [s for s in steps if not s["warmup"] and (s["plan_model"] or 0) >= 1]
+    first = [s for s in steps if not s["warmup"] and s["plan_model"] == 0]
+    groups = [g for s in after for g in s.get("groups", [])]
     row.update(tokens_per_s=result["mean_tokens_per_s"], mfu=result["mean_mfu"],
                peak_mem_gb=result["peak_mem_bytes"] / 2**30,
-               step_s_mean=float(np.mean([r["step_time_s"] for r in recs[1:]])),
-               plan_error_after_refit=float(np.mean([r["plan_error"] for r in after])),
-               plan_error_first_steps=float(np.mean([r["plan_error"] for r in recs[1:refine_every]]))
-               if refine_every > 1 else None,
-               group_sizes_last=recs[-1]["plan_group_sizes"], microbatches_last=recs[-1]["plan_microbatches"])
+               step_s_mean=float(np.mean([r["step_time_s"] for r in recs if not r.get("warmup")] or [np.nan])),
+               plan_error_after_refit=_mean([s["error"] for s in after]),
+               plan_error_first_steps=_mean([s["error"] for s in first]),
+               group_error_after_refit=_mean([abs(g[5] - g[4]) / g[4] for g in groups if g[4] > 0]),
+               steps_after_refit=len(after),
+               group_sizes_last=recs[-1]["plan_group_sizes"], microbatches_last=recs[-1]["plan_microbatches"],
+               steps=steps)
     return row
 
 

@@ -45,6 +45,57 @@ def test_refine_recovers_the_model_from_group_timings():
         refine(start, [([100], 1, 1.0), ([200], 1, 2.0), ([100], 2, 1.0), ([100], 4, 1.0)])
 
 
+def _timings(truth: CostModel, sizes, n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    obs = []
+    for _ in range(n):
+        d = int(rng.choice(sizes))
+        lengths = [int(x) for x in rng.integers(200, 40000, int(rng.integers(1, 6)))]
+        obs.append((lengths, d, truth.group_ms(lengths, d)))
+    return obs
+
+
+def test_refine_from_one_group_size_prices_that_size_without_the_old_all_to_all():
+    # Under static SP=2 alpha2 and c_2 are one column: NNLS may give all of it to alpha2 (c_2 = 0), and keeping
+    # the profile's bandwidth then would add its all-to-all time back on top of the fit.
+    truth = CostModel.from_dict({**TRUE.to_dict(), "a2a_GBps": {"2": 400.0}})
+    start = CostModel.from_dict({**TRUE.to_dict(), "alpha2_ms_per_tok": 0.05, "a2a_GBps": {"2": 20.0}})
+    obs, check = _timings(truth, [2], 12), _timings(truth, [2], 20, seed=1)
+    for prior_sd in (None, 0.5):
+        fitted = refine(start, obs, prior_sd=prior_sd)
+        assert predicted_error(fitted, check) < 1e-3, prior_sd
+
+
+def test_refine_with_a_prior_rescales_the_profile_where_timings_say_little():
+    start = CostModel.from_dict({**TRUE.to_dict(), "alpha1_ms_per_tok2": 1e-5, "alpha2_ms_per_tok": 0.3,
+                                 "beta_ms": 100.0})
+    one = [([3000, 5000], 1, 2.5 * start.group_ms([3000, 5000], 1))]
+    with pytest.raises(ValueError, match="at least 3 observations"):
+        refine(start, one)
+    fitted = refine(start, one, prior_sd=0.5)
+    # One timing 2.5x the profile's: every coefficient scales by 2.5, the proportions stay the profile's.
+    assert [fitted.alpha1_ms_per_tok2 / 1e-5, fitted.alpha2_ms_per_tok / 0.3, fitted.beta_ms / 100.0] == \
+        pytest.approx([2.5] * 3, rel=1e-6)
+    assert fitted.a2a_GBps == start.a2a_GBps  # no SP group timed
+    # Where timings do determine the coefficients, a weak prior leaves them to the timings.
+    obs = _timings(TRUE, [1, 2, 4], 40)
+    fitted = refine(start, obs, prior_sd=0.5)
+    assert predicted_error(fitted, _timings(TRUE, [1, 2, 4], 40, seed=1)) < 1e-3
+    assert fitted.alpha1_ms_per_tok2 == pytest.approx(3e-6, rel=1e-3)
+    with pytest.raises(ValueError, match="prior_sd=0 and outlier_sigmas=None must be > 0"):
+        refine(start, obs, prior_sd=0)
+
+
+def test_refine_drops_one_off_stalls():
+    obs = _timings(TRUE, [1, 2, 4], 30)
+    stalled = [(lens, d, 3 * ms) if i in (4, 17) else (lens, d, ms) for i, (lens, d, ms) in enumerate(obs)]
+    start = CostModel.from_dict({**TRUE.to_dict(), "alpha2_ms_per_tok": 0.3})
+    robust = refine(start, stalled, outlier_sigmas=4.0)
+    assert "refined on 28 timings (2 outliers dropped)" in robust.source
+    assert predicted_error(robust, obs) < 1e-6
+    assert predicted_error(refine(start, stalled), obs) > 0.01  # the stalls drag a plain fit
+
+
 def test_profile_writes_a_loadable_cost_model_on_cpu(tmp_path, capsys):
     out = tmp_path / "cost.json"
     rc = profile_main(["--out", str(out), "--hidden", "64", "--layers", "2", "--heads", "4", "--ffn", "128",
