@@ -44,10 +44,10 @@ def test_tp_divides_compute_memory_and_prices_its_collectives():
     tp2 = cm.with_layout(tp=2, tp_GBps=0.0)
     for s, d in ((1000, 1), (3000, 2), (8000, 4)):
         assert tp2.seq_ms(s, d) == pytest.approx(cm.seq_ms(s, d) / 2)  # compute and Ulysses traffic halve
-    assert tp2.static_bytes == cm.mem_static_bytes / 2 and tp2.act_bytes_per_token == cm.mem_bytes_per_token / 2
-    # a rank holds twice the tokens plus what the halved model states free
-    assert tp2.capacity(1) == int((tp2.mem_limit_bytes - 0.5e8) / 0.5e5)
-    assert tp2.capacity(1) > 2 * cm.capacity(1)
+    # model states halve; activations by 3/4 (the gathered GEMM inputs stay whole on each TP rank)
+    assert tp2.static_bytes == cm.mem_static_bytes / 2 and tp2.act_bytes_per_token == cm.mem_bytes_per_token * 0.75
+    assert tp2.capacity(1) == int((tp2.mem_limit_bytes - 0.5e8) / 0.75e5)
+    assert tp2.capacity(1) > cm.capacity(1) / 0.75
     # TP's all-gathers/reduce-scatters: comm_bytes_per_token * (tp-1)/tp per token of the rank's share
     priced = cm.with_layout(tp=2, tp_GBps=4.0)
     extra = 3000 / 2 * 2e5 * 0.5 / (4.0 * 1e6)

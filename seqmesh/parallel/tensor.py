@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqmesh.parallel.sequence import sp_attention
-from seqmesh.trainer.model import apply_rotary
+from seqmesh.trainer.model import apply_rotary, swiglu
 
 if TYPE_CHECKING:
     from seqmesh.parallel.sequence import SPBatch
@@ -224,7 +224,7 @@ class ParallelMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = gather_tokens(x, self.group)
-        return self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h), h.shape[0])
+        return self.down_proj(swiglu(self.gate_proj(h), self.up_proj(h)), h.shape[0])
 
 
 class VocabParallelEmbedding(nn.Module):

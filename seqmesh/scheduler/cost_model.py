@@ -23,8 +23,11 @@ the ``PP x HDP x TP`` mesh; every coefficient above describes the *whole* model 
 rank does, so one profile prices every layout:
 
 * TP splits every head and the MLP width (and, with Megatron sequence parallelism, the residual
-  stream) over ``tp`` devices: compute, activation memory and Ulysses traffic (local heads only)
-  per token are divided by ``tp``. TP's own all-gathers and reduce-scatters move the same tensors
+  stream) over ``tp`` devices: compute and Ulysses traffic (local heads only) per token are
+  divided by ``tp``. Activation memory is not, fully: seqmesh's column-parallel GEMMs save their
+  all-gathered input, whole on every TP rank, and the bound used is that half of a token's bytes
+  stay whole, ``(1 + 1/tp) / 2`` of them per device (a plan priced at ``1/tp`` ran out of memory
+  on 2 H200s: 131K tokens of the 8-layer 8B shape in one TP=2 micro-batch). TP's own all-gathers and reduce-scatters move the same tensors
   per layer and pass as Ulysses' all-to-all of q, k, v and the output (four hidden-sized ones), so
   they cost ``comm_bytes_per_token * (tp - 1) / tp`` bytes per token of the rank's share at
   ``tp_GBps``; ``tp_GBps = 0`` leaves them unpriced, i.e. part of alpha (``refine`` folds them
@@ -109,8 +112,8 @@ class CostModel:
 
     @property
     def act_bytes_per_token(self) -> float:
-        """Activation bytes per token of a micro-batch on one device (see the module docstring for PP)."""
-        return self.mem_bytes_per_token / self.tp
+        """Activation bytes per token of a micro-batch on one device (see the module docstring for TP and PP)."""
+        return self.mem_bytes_per_token * (1 + 1 / self.tp) / 2
 
     @property
     def microbatch_ms(self) -> float:

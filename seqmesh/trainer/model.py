@@ -17,6 +17,7 @@ weights every token multiplies through) to count FLOPs.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -188,14 +189,40 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos.to(x.dtype)[:, None, :], sin.to(x.dtype)[:, None, :]
+    return x * cos + _rotate_half(x) * sin
+
+
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+@functools.cache
+def _fused(fn):
+    """``fn`` compiled by Inductor into one kernel per pass, for CUDA tensors.
+
+    Eager, RoPE is five kernels (mul, neg, cat, mul, add) and SwiGLU two, each a full pass over
+    memory, forward and again backward; in the 8B-shaped step at 32K tokens on an H200 such
+    elementwise kernels took about a tenth of the kernel time next to cuDNN attention and the
+    GEMMs. Compiled lazily (first CUDA call) and with dynamic shapes, since every micro-batch has
+    its own token count; CPU runs stay eager (Inductor would build C++ there for no gain in tests).
+    """
+    return torch.compile(fn, dynamic=True)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate `x` [T, H, D] by per-token angles (cos/sin [T, D]), in HF's half-split layout.
 
     The angles are cast to x's dtype so that under autocast q and k stay in the same dtype as v
     (the attention kernels want one dtype), exactly as HF does for bf16 models.
     """
-    cos, sin = cos.to(x.dtype)[:, None, :], sin.to(x.dtype)[:, None, :]
-    return x * cos + _rotate_half(x) * sin
+    return (_fused(_rotary) if x.is_cuda else _rotary)(x, cos, sin)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gating ``silu(gate) * up`` (fused into one kernel on CUDA)."""
+    return (_fused(_swiglu) if gate.is_cuda else _swiglu)(gate, up)
 
 
 class Attention(nn.Module):
@@ -227,7 +254,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(dims.intermediate_size, dims.hidden_size, bias=dims.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -372,6 +399,7 @@ __all__ = [
     "ModelDims",
     "Transformer",
     "apply_rotary",
+    "swiglu",
     "model_dims",
     "tiny_config",
     "SUPPORTED_MODEL_TYPES",
