@@ -148,7 +148,7 @@ def _needs_cudnn():
 @pytest.mark.gpu
 @pytest.mark.parametrize("min_tokens", [1, 4])
 def test_cudnn_backend_matches_reference(monkeypatch, min_tokens):
-    """Every document on cuDNN (min_tokens 1), and a mix: documents of 5 and 9 tokens on cuDNN,
+    """Every document of 2+ tokens on cuDNN (min_tokens 1; it rejects single tokens), and a mix: documents of 5 and 9 tokens on cuDNN,
     the runs of shorter ones between them on the flash kernel (min_tokens 4)."""
     _needs_cudnn()
     monkeypatch.setattr(attention_module, "CUDNN_MIN_DOC_TOKENS", min_tokens)
