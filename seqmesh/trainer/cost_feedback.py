@@ -96,7 +96,8 @@ class CostFeedback:
                 ms, pace = measured[k, g.first], float(speed[g.first:g.first + g.count].min())
                 free[g.first:g.first + g.count] = free[g.first:g.first + g.count].max() + ms
                 observations.append((lens, g.count, ms * pace))  # as if at nominal speed, as refine fits
-                rows.append([k, g.first, g.count, sum(lens), round(ms, 2), round(model.group_ms(lens, g.count, pace), 2)])
+                predicted = model.group_ms(lens, g.count, pace)
+                rows.append([k, g.first, g.count, sum(lens), round(ms, 2), round(predicted, 2)])
         makespan = float(free.max())
         tail = step_ms - makespan
         out.update(fit=self.observe(observations, tail), makespan_ms=round(makespan, 2), tail_ms=round(tail, 2),
