@@ -105,10 +105,11 @@ def main() -> None:
 
 
 def step_rows(recs: list[dict], lookahead: int = 1) -> list[dict]:
-    """One compact row per step: predicted against measured step ms, the model that priced the plan
-    (``plan_model``: 0 = profile, k = k-th refit), whether a refit followed the step, and -- from the
-    loop's ``cost_feedback`` record -- the measured makespan and tail against the predicted ones and
-    every group's ``[micro-batch, first rank, size, tokens, measured ms, predicted ms]``.
+    """One compact row per step: tokens, micro-batches, predicted against measured step ms, the model
+    that priced the plan (``plan_model``: 0 = profile, k = k-th refit), whether a refit followed the
+    step, and -- from the loop's ``cost_feedback`` record -- the measured makespan and tail against
+    the predicted ones and every group's ``[micro-batch, first rank, size, sequences, tokens,
+    measured ms, predicted ms]``.
 
     Metrics without ``cost_feedback`` (a loop that does not log it) still give the step figures;
     the pricing model is then the one current when the plan was prefetched, ``lookahead`` steps
@@ -119,7 +120,8 @@ def step_rows(recs: list[dict], lookahead: int = 1) -> list[dict]:
         fb = r.get("cost_feedback") or {}
         planned_by = fb["plan_model"] if "plan_model" in fb else \
             (recs[i - lookahead - 1]["cost_model_refits"] if i > lookahead else 0)
-        row = {"step": r["step"], "predicted_ms": round(r["plan_predicted_ms"], 1),
+        row = {"step": r["step"], "tokens": r["tokens"], "microbatches": r["plan_microbatches"],
+               "predicted_ms": round(r["plan_predicted_ms"], 1),
                "measured_ms": round(1e3 * r["step_time_s"], 1), "error": round(r["plan_error"], 4),
                "plan_model": planned_by, "warmup": bool(r.get("warmup")),
                "refit": r["cost_model_refits"] > refits}
@@ -153,7 +155,7 @@ def policy_row(name: str, result: dict) -> dict:
                step_s_mean=float(np.mean([r["step_time_s"] for r in recs if not r.get("warmup")] or [np.nan])),
                plan_error_after_refit=_mean([s["error"] for s in after]),
                plan_error_first_steps=_mean([s["error"] for s in first]),
-               group_error_after_refit=_mean([abs(g[5] - g[4]) / g[4] for g in groups if g[4] > 0]),
+               group_error_after_refit=_mean([abs(g[6] - g[5]) / g[5] for g in groups if g[5] > 0]),
                steps_after_refit=len(after),
                group_sizes_last=recs[-1]["plan_group_sizes"], microbatches_last=recs[-1]["plan_microbatches"],
                steps=steps)

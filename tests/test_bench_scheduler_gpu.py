@@ -8,7 +8,7 @@ from bench.scheduler_gpu import policy_row, step_rows, summarize
 
 
 def _record(step: int, predicted: float, measured: float, refits: int, warmup: bool = False, **feedback) -> dict:
-    rec = {"step": step, "plan_predicted_ms": predicted, "step_time_s": measured / 1e3, "warmup": warmup,
+    rec = {"step": step, "tokens": 9000, "plan_predicted_ms": predicted, "step_time_s": measured / 1e3, "warmup": warmup,
            "plan_error": abs(predicted - measured) / measured, "cost_model_refits": refits,
            "plan_group_sizes": [1, 2], "plan_microbatches": 2}
     if feedback:
@@ -21,12 +21,12 @@ def _result(records: list[dict]) -> dict:
 
 
 def test_error_counts_only_steps_a_refitted_model_priced():
-    group = [[0, 0, 2, 9000, 900.0, 1000.0]]
+    group = [[0, 0, 2, 3, 9000, 900.0, 1000.0]]
     recs = [_record(1, 500.0, 4000.0, 0, warmup=True, plan_model=0, fit=False, groups=group),  # warm-up: 87% off
             _record(2, 800.0, 1000.0, 1, plan_model=0, fit=True, tail_ms=100.0, groups=group),
             _record(3, 900.0, 1000.0, 1, plan_model=0, fit=True, groups=group),  # planned before the refit
-            _record(4, 1020.0, 1000.0, 2, plan_model=1, fit=True, groups=[[0, 0, 2, 9000, 900.0, 918.0]]),
-            _record(5, 990.0, 1000.0, 2, plan_model=2, fit=True, groups=[[0, 0, 2, 9000, 900.0, 891.0]])]
+            _record(4, 1020.0, 1000.0, 2, plan_model=1, fit=True, groups=[[0, 0, 2, 3, 9000, 900.0, 918.0]]),
+            _record(5, 990.0, 1000.0, 2, plan_model=2, fit=True, groups=[[0, 0, 2, 3, 9000, 900.0, 891.0]])]
     row = policy_row("adaptive", _result(recs))
     assert row["plan_error_after_refit"] == pytest.approx(0.015)
     assert row["plan_error_first_steps"] == pytest.approx(0.15)
@@ -34,7 +34,7 @@ def test_error_counts_only_steps_a_refitted_model_priced():
     assert row["steps_after_refit"] == 2 and row["step_s_mean"] == pytest.approx(1.0)
     steps = row["steps"]
     assert [s["refit"] for s in steps] == [False, True, False, True, False]
-    assert steps[1] == {"step": 2, "predicted_ms": 800.0, "measured_ms": 1000.0, "error": 0.2, "plan_model": 0,
+    assert steps[1] == {"step": 2, "tokens": 9000, "microbatches": 2, "predicted_ms": 800.0, "measured_ms": 1000.0, "error": 0.2, "plan_model": 0,
                         "warmup": False, "refit": True, "fit": True, "tail_ms": 100.0, "groups": group}
     assert summarize([{"policy": "static-sp=2", "tokens_per_s": 80.0}, row]) == {
         "speedup_vs_best_static": pytest.approx(1.25), "cost_model_error": row["plan_error_after_refit"]}

@@ -36,8 +36,9 @@ def test_group_time_is_the_shortest_span_and_the_tail_what_the_simulated_makespa
     # Rank 0 reached the SP=2 group 50 ms after rank 1 (rank 1's span holds that wait); the group took 900 ms.
     out = fb.observe_step(plan, LENGTHS, [(0, [900.0, 120.0]), (1, [950.0, 200.0])], step_ms=1600.0)
     assert out["fit"] and out["plan_model"] == 0
-    assert [g[:5] for g in out["groups"]] == [[0, 0, 2, 40000, 900.0], [1, 0, 1, 3000, 120.0], [1, 1, 1, 3000, 200.0]]
-    assert [g[5] for g in out["groups"]] == [round(PROFILE.group_ms([40000], 2), 2),
+    assert [g[:6] for g in out["groups"]] == [[0, 0, 2, 1, 40000, 900.0], [1, 0, 1, 2, 3000, 120.0],
+                                              [1, 1, 1, 1, 3000, 200.0]]
+    assert [g[6] for g in out["groups"]] == [round(PROFILE.group_ms([40000], 2), 2),
                                               round(PROFILE.group_ms([2000, 1000], 1), 2),
                                               round(PROFILE.group_ms([3000], 1), 2)]
     assert out["makespan_ms"] == 1100.0 and out["tail_ms"] == 500.0
@@ -52,7 +53,7 @@ def test_slow_ranks_are_fitted_at_nominal_speed():
     plan = plan_from_assignment(2, [[(0, 1, [0]), (1, 1, [1])]])
     plan = dataclasses.replace(plan, predicted_ms=simulate(plan, LENGTHS, slow))
     out = CostFeedback(slow, 0, warmup_steps=0).observe_step(plan, LENGTHS, [(0, [100.0]), (1, [400.0])], 500.0)
-    assert out["groups"][1][5] == round(slow.group_ms([3000], 1) / 0.5, 2)  # predicted at the rank's pace
+    assert out["groups"][1][6] == round(slow.group_ms([3000], 1) / 0.5, 2)  # predicted at the rank's pace
     assert out["makespan_ms"] == 400.0 and out["tail_ms"] == 100.0
 
 

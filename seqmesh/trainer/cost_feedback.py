@@ -80,7 +80,7 @@ class CostFeedback:
         (a pipeline interleaves them): then only the step-level figures are returned. The
         diagnostics price every group with the model that priced the plan (``plan_model``: 0 for
         the profile, k for the k-th refit, None if no model kept here reproduces its prediction);
-        ``groups`` lists ``[micro-batch, first rank, size, tokens, measured ms, predicted ms]``.
+        ``groups`` lists ``[micro-batch, first rank, size, sequences, tokens, measured ms, predicted ms]``.
         """
         generation, model = self._pricing_model(plan, lengths)
         out: dict[str, Any] = {"plan_model": generation, "predicted_tail_ms": round(model.grad_reduce_ms, 2)}
@@ -97,7 +97,7 @@ class CostFeedback:
                 free[g.first:g.first + g.count] = free[g.first:g.first + g.count].max() + ms
                 observations.append((lens, g.count, ms * pace))  # as if at nominal speed, as refine fits
                 predicted = model.group_ms(lens, g.count, pace)
-                rows.append([k, g.first, g.count, sum(lens), round(ms, 2), round(predicted, 2)])
+                rows.append([k, g.first, g.count, len(lens), sum(lens), round(ms, 2), round(predicted, 2)])
         makespan = float(free.max())
         tail = step_ms - makespan
         out.update(fit=self.observe(observations, tail), makespan_ms=round(makespan, 2), tail_ms=round(tail, 2),
