@@ -8,8 +8,8 @@ from bench.scheduler_gpu import policy_row, step_rows, summarize
 
 
 def _record(step: int, predicted: float, measured: float, refits: int, warmup: bool = False, **feedback) -> dict:
-    rec = {"step": step, "tokens": 9000, "plan_predicted_ms": predicted, "step_time_s": measured / 1e3, "warmup": warmup,
-           "plan_error": abs(predicted - measured) / measured, "cost_model_refits": refits,
+    rec = {"step": step, "tokens": 9000, "plan_predicted_ms": predicted, "step_time_s": measured / 1e3,
+           "warmup": warmup, "plan_error": abs(predicted - measured) / measured, "cost_model_refits": refits,
            "plan_group_sizes": [1, 2], "plan_microbatches": 2}
     if feedback:
         rec["cost_feedback"] = feedback
@@ -34,8 +34,8 @@ def test_error_counts_only_steps_a_refitted_model_priced():
     assert row["steps_after_refit"] == 2 and row["step_s_mean"] == pytest.approx(1.0)
     steps = row["steps"]
     assert [s["refit"] for s in steps] == [False, True, False, True, False]
-    assert steps[1] == {"step": 2, "tokens": 9000, "microbatches": 2, "predicted_ms": 800.0, "measured_ms": 1000.0, "error": 0.2, "plan_model": 0,
-                        "warmup": False, "refit": True, "fit": True, "tail_ms": 100.0, "groups": group}
+    assert steps[1] == {"step": 2, "tokens": 9000, "microbatches": 2, "predicted_ms": 800.0, "measured_ms": 1000.0,
+                        "error": 0.2, "plan_model": 0, "warmup": False, "refit": True, "fit": True, "tail_ms": 100.0, "groups": group}
     assert summarize([{"policy": "static-sp=2", "tokens_per_s": 80.0}, row]) == {
         "speedup_vs_best_static": pytest.approx(1.25), "cost_model_error": row["plan_error_after_refit"]}
 
