@@ -35,7 +35,8 @@ def test_error_counts_only_steps_a_refitted_model_priced():
     steps = row["steps"]
     assert [s["refit"] for s in steps] == [False, True, False, True, False]
     assert steps[1] == {"step": 2, "tokens": 9000, "microbatches": 2, "predicted_ms": 800.0, "measured_ms": 1000.0,
-                        "error": 0.2, "plan_model": 0, "warmup": False, "refit": True, "fit": True, "tail_ms": 100.0, "groups": group}
+                        "error": 0.2, "plan_model": 0, "warmup": False, "refit": True, "fit": True, "tail_ms": 100.0,
+                        "groups": group}
     assert summarize([{"policy": "static-sp=2", "tokens_per_s": 80.0}, row]) == {
         "speedup_vs_best_static": pytest.approx(1.25), "cost_model_error": row["plan_error_after_refit"]}
 
