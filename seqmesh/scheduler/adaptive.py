@@ -14,6 +14,8 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
+import numpy as np
+
 from seqmesh.scheduler.cost_model import CostModel
 from seqmesh.scheduler.greedy import finish_times, heuristic, pipeline_repack, repair
 from seqmesh.scheduler.instance import Instance
@@ -57,8 +59,10 @@ def adaptive_plan(lengths: Sequence[int], gpus: int, cost_model: CostModel, *,
                 if ms < best[0] * (1 - 1e-9):
                     best = (ms, milp_plan, "milp")
     # Every static SP degree is one answer of the same problem: the adaptive plan is never worse.
+    # A degree whose work alone (area over the ranks) already exceeds the best is not packed.
     for sp in inst.sizes if len(lengths) else ():
-        if gpus % sp == 0 and max(lengths) <= cost_model.capacity(sp):
+        area_ms = float(np.sum(cost_model.seq_ms(inst.lengths, sp))) * sp / gpus
+        if gpus % sp == 0 and max(lengths) <= cost_model.capacity(sp) and area_ms < best[0]:
             static = static_plan(lengths, gpus, sp, cost_model)
             ms = simulate(static, inst.lengths, cost_model)
             if ms < best[0] * (1 - 1e-9):
