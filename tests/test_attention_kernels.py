@@ -140,6 +140,47 @@ def test_doc_runs_give_long_documents_their_own_call_and_group_short_neighbours(
     assert doc_runs([0], [0], 1) == []
 
 
+def test_bucket_lengths_pad_at_most_a_sixteenth_and_keep_sixteen_per_octave():
+    for n in range(1, 70000, 7):
+        m = attention_module.bucket_length(n)
+        assert n <= m <= n + max(n // 16, 1) and attention_module.bucket_length(m) == m
+    assert attention_module.bucket_length(32768) == 32768 and attention_module.bucket_length(4097) == 4352
+    assert len({attention_module.bucket_length(n) for n in range(4097, 8193)}) == 16  # 4352 ... 8192
+
+
+def test_cudnn_backend_logic_on_cpu_stand_ins(monkeypatch):
+    """The cudnn backend's own logic (runs of short documents, causal documents padded to their
+    bucket, GQA expansion and the dk/dv head sums) with the CPU flash op standing in for cuDNN's
+    dense kernel and for the varlen flash kernel: equal to the math backend, forward and backward."""
+    cpu = attention_module
+
+    def dense_forward(q, k, v, scale):
+        return cpu._cpu_flash_forward(q, k, v, _cu([q.shape[0]]), _cu([k.shape[0]]), q.shape[0], k.shape[0], True,
+                                      scale)
+
+    def dense_backward(dout, q, k, v, out, lse, scale):
+        return cpu._cpu_flash_backward(dout, q, k, v, out, lse, _cu([q.shape[0]]), _cu([k.shape[0]]), q.shape[0],
+                                       k.shape[0], True, scale)
+
+    monkeypatch.setattr(cpu, "_cudnn_dense_forward", dense_forward)
+    monkeypatch.setattr(cpu, "_cudnn_dense_backward", dense_backward)
+    monkeypatch.setattr(cpu, "_torch_flash_forward", cpu._cpu_flash_forward)
+    monkeypatch.setattr(cpu, "_torch_flash_backward", cpu._cpu_flash_backward)
+    monkeypatch.setattr(cpu, "CUDNN_MIN_DOC_TOKENS", 30)
+    monkeypatch.setitem(cpu._REGISTRY, "cudnn", cpu._Backend(cpu._cudnn_forward, cpu._cudnn_backward, lambda q: True))
+    lens = [37, 2, 5, 101, 3, 64]  # 37 -> 38 and 101 -> 104 padded; 64 exact; the rest on the varlen kernel
+    for hq, hkv in ((4, 4), (6, 2)):
+        q, k, v, dout = _qkvd(lens, hq, hkv, torch.float32)
+        qkv = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        out, lse = varlen_attention(*qkv, _cu(lens), max(lens), True, backend="cudnn")
+        out.backward(dout)
+        ref = _reference(q, k, v, dout, lens, True)
+        _assert_close(out, ref[0], torch.float32, "out")
+        _assert_close(lse, ref[1], torch.float32, "lse")
+        for name, x, r in zip(("dq", "dk", "dv"), qkv, ref[2:]):
+            _assert_close(x.grad, r, torch.float32, name)
+
+
 def _needs_cudnn():
     if not attention_module._cudnn_supported(torch.zeros(1, 1, 8, device="cuda", dtype=torch.bfloat16)):
         pytest.skip("the cudnn backend needs a Hopper or newer GPU")
@@ -157,8 +198,9 @@ def test_cudnn_backend_matches_reference(monkeypatch, min_tokens):
 
 @pytest.mark.gpu
 def test_cudnn_blocks_merge_and_take_the_merged_softmax(monkeypatch):
-    """The ring's off-diagonal case on cuDNN: non-causal blocks with different query and key
-    lengths per document, backward against an external (merged) out/LSE, against the math backend."""
+    """The ring's off-diagonal case through the cudnn backend (which hands non-causal blocks to the
+    flash kernel): different query and key lengths per document, backward against an external
+    (merged) out/LSE, against the math backend."""
     _needs_cudnn()
     monkeypatch.setattr(attention_module, "CUDNN_MIN_DOC_TOKENS", 3)
     lens_q, lens_k = [6, 2, 9], [4, 5, 3]

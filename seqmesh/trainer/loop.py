@@ -165,7 +165,6 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
             denominator = num_targets(lengths)
 
             loss_sum = torch.zeros((), device=device)
-            group_spans = []
             if mesh.pp > 1:
                 # One span for the whole pipeline (groups interleave in 1F1B, so none is timed alone).
                 timer.start("group")
@@ -184,8 +183,6 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
                     loss_sum += run_group(model, docs, mesh.sp_group(group.first, group.count), cfg, device,
                                           denominator)
                     timer.stop("group")
-                    if group.first == mesh.hdp_rank:
-                        group_spans.append((tuple(lengths[s] for s in group.sequences), group.count))
             timer.start("reduce")
             reduce_tensor_parallel_gradients(model)
             if mesh.pp > 1:
@@ -214,14 +211,14 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
             timings = {"compute_s": sum(group_ms) / 1e3, "reduce_s": dict(spans)["reduce"] / 1e3,
                        "optimizer_s": dict(spans)["optimizer"] / 1e3, "plan_wait_s": planner.last_wait_ms / 1e3,
                        "peak_mem_bytes": peak_memory(device)[0] or 0,
-                       "groups": [(lens, d, ms) for (lens, d), ms in zip(group_spans, group_ms)]}
+                       "group_ms": group_ms, "hdp_rank": mesh.hdp_rank}
             gathered: list[Any] = [None] * world
             dist.all_gather_object(gathered, timings)
             step_time = time.perf_counter() - t_step
-            # Everything of the step outside the groups (data, plan broadcast, reduction, optimizer)
-            # is the plan-independent tail the cost model adds to its makespan.
-            feedback.observe([g for t in gathered for g in t.pop("groups")],
-                             1e3 * max(step_time - max(t["compute_s"] for t in gathered), 0.0))
+            # Every rank's group spans, in its plan order (one pipeline span under PP: no per-group times).
+            rank_spans = [(t.pop("hdp_rank"), t.pop("group_ms")) for t in gathered]
+            diagnostics = feedback.observe_step(plan, lengths, None if mesh.pp > 1 else rank_spans,
+                                                1e3 * step_time) if rank == 0 else {}
             refined = feedback.maybe_refine(step) if rank == 0 else None
             if refined is not None:
                 planner.plan_fn = functools.partial(planner.plan_fn, cost_model=refined)
@@ -230,7 +227,7 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
                              peak_mem_bytes=max(t["peak_mem_bytes"] for t in gathered),
                              extra={**_plan_stats(plan, step_time), **_timing_stats(gathered),
                                     "rank_predicted_ms": _rank_work_ms(plan, lengths, feedback.cost_model, mesh),
-                                    "cost_model_refits": feedback.refits})
+                                    "cost_model_refits": feedback.refits, "cost_feedback": diagnostics})
 
             if cfg.ckpt_every and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == (cfg.stop_at or cfg.steps)):
                 save_resharded(run_dir, step + 1, model, optimizer, mesh, {
