@@ -221,7 +221,7 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
                                                 1e3 * step_time) if rank == 0 else {}
             refined = feedback.maybe_refine(step) if rank == 0 else None
             if refined is not None:
-                planner.plan_fn = functools.partial(planner.plan_fn, cost_model=refined)
+                planner.replace_plan_fn(functools.partial(planner.plan_fn, cost_model=refined))
             metrics.log_step(step + 1, loss=float(loss_sum) / denominator, grad_norm=float(grad_norm), lr=lr,
                              step_time_s=step_time, tokens=int(sum(lengths)), flops=train_flops(model.config, lengths),
                              peak_mem_bytes=max(t["peak_mem_bytes"] for t in gathered),

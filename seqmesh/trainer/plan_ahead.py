@@ -53,6 +53,18 @@ class PlanAhead:
         key = tuple(int(n) for n in lengths)
         self._pending[step] = (key, self._pool.submit(_timed, self.plan_fn, list(key)))
 
+    def replace_plan_fn(self, plan_fn: PlanFn) -> None:
+        """Plan with ``plan_fn`` from now on (a refitted cost model), including the steps already
+        started with the old one: they are started again, so the next step is priced by the new
+        model rather than one step later."""
+        self.plan_fn = plan_fn
+        stale = {step: key for step, (key, _) in self._pending.items()}
+        for _, future in self._pending.values():
+            future.cancel()
+        self._pending.clear()
+        for step, key in stale.items():
+            self.prefetch(step, key)
+
     def get(self, step: int, lengths: Sequence[int], group: "dist.ProcessGroup | None" = None) -> Plan:
         """The plan of ``step``: computed (or awaited) on rank 0, broadcast, validated, digest-checked."""
         payload: list[object] = [None]
