@@ -32,10 +32,10 @@ def where(context: str):
     return lambda message: f"{context}: {message}"
 
 
-def make_model(case: str, seed: int = 0) -> Transformer:
+def make_model(case: str, seed: int = 0, intermediate_size: int = 64) -> Transformer:
     torch.manual_seed(seed)
-    model = Transformer(tiny_config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                    **CASES[case]))
+    model = Transformer(tiny_config(vocab_size=VOCAB, hidden_size=32, intermediate_size=intermediate_size,
+                                    num_hidden_layers=2, **CASES[case]))
     if model.dims.qkv_bias:  # HF initialises biases to zero; random ones check that they are sharded right
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -144,3 +144,49 @@ def test_config_rejects_bad_tensor_parallel_layouts() -> None:
         config_from_dict({"parallel": {"tp": 2, "zero_stage": 3}, "launch": {"num_workers": 4}})
     cfg = config_from_dict({"parallel": {"tp": 2, "zero_stage": 2}, "launch": {"num_workers": 4}})
     assert cfg.hdp == 2
+
+
+WIDE = 96  # an MLP shard (96 / 2) wider than hidden (32): no activation shape is mistaken for another
+
+
+def _tp_autocast_step(rank: int, world: int, case: str) -> tuple:
+    """A TP=2 step under bf16 autocast, recording the shapes of the tensors autograd saves."""
+    mesh = Mesh(world, rank, tp=world)
+    model = make_model(case, intermediate_size=WIDE)
+    tp = apply_tensor_parallel(model, mesh.tp_group)
+    packed = pack(make_docs(LENGTHS))
+    shapes: list[tuple[int, ...]] = []
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model(packed.input_ids, make_sp_batch(packed.seqlens, "local", None))
+        loss = vocab_parallel_cross_entropy(model.logits(hidden), packed.labels, tp, IGNORE_INDEX) / packed.num_targets
+    loss.backward()
+    reduce_tensor_parallel_gradients(model)
+    full = dict(make_model(case, intermediate_size=WIDE).named_parameters())
+    grads = full_tensors({n: p.grad for n, p in model.named_parameters()}, full, mesh.tp_group, tp.kv_copies)
+    return loss.item(), grads, shapes
+
+
+def test_tp2_under_autocast_matches_and_saves_only_token_shards_of_block_inputs() -> None:
+    """bf16 autocast: the same loss and gradients as one process (bf16 tolerance), and no decoder
+    block keeps the all-gathered ``[tokens, hidden]`` input of its column-parallel GEMMs for
+    backward (sequence parallelism's memory saving); only the LM head's input is that shape."""
+    case = "mqa_bias_untied"
+    model = make_model(case, intermediate_size=WIDE)
+    packed = pack(make_docs(LENGTHS))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model(packed.input_ids, make_sp_batch(packed.seqlens, "local", None))
+        ref_loss = F.cross_entropy(model.logits(hidden).float(), packed.labels, ignore_index=IGNORE_INDEX,
+                                   reduction="sum") / packed.num_targets
+    ref_loss.backward()
+    hidden_size, tokens = model.dims.hidden_size, sum(LENGTHS)
+    for loss, grads, shapes in run_distributed(_tp_autocast_step, 2, case):
+        assert loss == pytest.approx(ref_loss.item(), rel=2e-2)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(grads[name], p.grad, rtol=5e-2, atol=5e-3, msg=where(name))
+        gathered = [s for s in shapes if len(s) == 2 and s[0] >= tokens and s[1] == hidden_size]
+        assert len(gathered) == 1, f"saved gathered-size inputs {gathered}; expected only the LM head's"

@@ -11,7 +11,8 @@
 * Sequence parallelism between the blocks: the residual stream, the norms and the residual adds
   hold ``1/tp`` of the rank's tokens. Column-parallel layers start with an all-gather along tokens
   and row-parallel layers end with a reduce-scatter along tokens, which moves the same bytes as
-  Megatron's plain all-reduce but keeps activations (and norm compute) sharded. The token stream is
+  Megatron's plain all-reduce but keeps activations (and norm compute) sharded; the column-parallel
+  GEMMs keep only the token shard of their input for backward and gather it again there. The token stream is
   padded to a multiple of ``tp`` (at most ``tp - 1`` zero rows that never reach attention or the loss).
 * The embedding is vocabulary-parallel (each rank looks up its rows, a reduce-scatter sums and
   shards), and so is the output head; the loss is ``vocab_parallel_cross_entropy``, which combines
@@ -133,6 +134,50 @@ class _ReduceScatterTokens(torch.autograd.Function):
         return _gather_tokens(grad, ctx.group), None
 
 
+class _GatheredColumnLinears(torch.autograd.Function):
+    """All-gather along tokens, then several column-parallel GEMMs of the gathered input, saving only
+    this rank's token shard for backward, which gathers it again (Megatron's sequence parallelism).
+
+    Autograd around a plain all-gather + ``nn.Linear`` would keep the gathered ``[tp * t, hidden]``
+    input whole on every TP rank (under autocast one bf16 copy per GEMM: three for q/k/v, two for
+    gate/up), so activation memory per token would not fall with TP; a second all-gather in backward
+    costs far less than those copies. Under autocast the GEMMs run in the autocast dtype, forward and
+    backward (re-entered there: backward runs outside the forward's autocast context), and the input
+    gradient is summed over the GEMMs and reduce-scattered in the input's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: dist.ProcessGroup, rows: int, *params: Tensor | None) -> tuple[Tensor, ...]:
+        ctx.group, ctx.rows = group, rows
+        ctx.autocast = torch.is_autocast_enabled(x.device.type)
+        ctx.dtype = torch.get_autocast_dtype(x.device.type)
+        weights, biases = params[0::2], params[1::2]
+        ctx.has_bias = [b is not None for b in biases]
+        ctx.save_for_backward(x, *weights)
+        h = _gather_tokens(x, group)[:rows]
+        if ctx.autocast:
+            h = h.to(ctx.dtype)
+        return tuple(F.linear(h, w, b) for w, b in zip(weights, biases))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        x, *weights = ctx.saved_tensors
+        h = _gather_tokens(x, ctx.group)[:ctx.rows]
+        with torch.autocast(x.device.type, dtype=ctx.dtype, enabled=ctx.autocast):
+            dh = sum(torch.matmul(g, w).to(x.dtype) for g, w in zip(grads, weights))
+            dws = [torch.matmul(g.t(), h) for g in grads]
+        dbs = [g.sum(0) if has else None for g, has in zip(grads, ctx.has_bias)]
+        dx = _reduce_scatter_tokens(_pad_rows(dh, x.shape[0] * dist.get_world_size(ctx.group)), ctx.group)
+        return (dx, None, None, *(t for pair in zip(dws, dbs) for t in pair))
+
+
+def gathered_column_linears(x: Tensor, group: dist.ProcessGroup, rows: int,
+                            linears: tuple[nn.Linear, ...]) -> tuple[Tensor, ...]:
+    """The column-parallel ``linears`` of the first ``rows`` gathered tokens of the TP ranks' shards ``x``."""
+    params = [t for m in linears for t in (m.weight, m.bias)]
+    return _GatheredColumnLinears.apply(x, group, rows, *params)
+
+
 def gather_tokens(x: Tensor, group: dist.ProcessGroup) -> Tensor:
     """``[t, ...]`` token shards of the TP ranks -> ``[tp * t, ...]`` on every rank (differentiable)."""
     return _GatherTokens.apply(x, group)
@@ -197,13 +242,11 @@ class ParallelAttention(nn.Module):
         self.o_proj = RowParallelLinear(attn.o_proj, q.start, q.stop, group)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: SPBatch) -> Tensor:
-        tokens = meta.local_index.numel()
-        h = gather_tokens(x, self.group)
-        rows = h.shape[0]
-        h = h[:tokens]
-        q = self.q_proj(h).view(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(h).view(tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(h).view(tokens, self.num_kv_heads, self.head_dim)
+        tokens, rows = meta.local_index.numel(), x.shape[0] * dist.get_world_size(self.group)
+        q, k, v = gathered_column_linears(x, self.group, tokens, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = sp_attention(q, k, v, meta, meta.group, meta.mode, causal=True, softmax_scale=self.head_dim**-0.5)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim), rows)
@@ -223,8 +266,9 @@ class ParallelMLP(nn.Module):
         self.down_proj = RowParallelLinear(mlp.down_proj, cols.start, cols.stop, group)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = gather_tokens(x, self.group)
-        return self.down_proj(swiglu(self.gate_proj(h), self.up_proj(h)), h.shape[0])
+        rows = x.shape[0] * dist.get_world_size(self.group)
+        gate, up = gathered_column_linears(x, self.group, rows, (self.gate_proj, self.up_proj))
+        return self.down_proj(swiglu(gate, up), rows)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -24,10 +24,12 @@ rank does, so one profile prices every layout:
 
 * TP splits every head and the MLP width (and, with Megatron sequence parallelism, the residual
   stream) over ``tp`` devices: compute and Ulysses traffic (local heads only) per token are
-  divided by ``tp``. Activation memory is not, fully: seqmesh's column-parallel GEMMs save their
-  all-gathered input, whole on every TP rank, and the bound used is that half of a token's bytes
-  stay whole, ``(1 + 1/tp) / 2`` of them per device (a plan priced at ``1/tp`` ran out of memory
-  on 2 H200s: 131K tokens of the 8-layer 8B shape in one TP=2 micro-batch). TP's own all-gathers and reduce-scatters move the same tensors
+  divided by ``tp``. Activation memory is priced at ``(1 + 1/tp) / 2`` of a token's bytes per
+  device, not ``1/tp``: a plan priced at ``1/tp`` ran out of memory on 2 H200s (131K tokens of the
+  8-layer 8B shape in one TP=2 micro-batch) while the column-parallel GEMMs still saved their
+  all-gathered input whole. They now save only the token shard (``seqmesh/parallel/tensor.py``),
+  which should bring TP's activations close to ``1/tp``; the conservative price stays until a GPU
+  run measures it. TP's own all-gathers and reduce-scatters move the same tensors
   per layer and pass as Ulysses' all-to-all of q, k, v and the output (four hidden-sized ones), so
   they cost ``comm_bytes_per_token * (tp - 1) / tp`` bytes per token of the rank's share at
   ``tp_GBps``; ``tp_GBps = 0`` leaves them unpriced, i.e. part of alpha (``refine`` folds them
