@@ -61,12 +61,12 @@ def adaptive_plan(lengths: Sequence[int], gpus: int, cost_model: CostModel, *,
     # Every static SP degree is one answer of the same problem: the adaptive plan is never worse.
     # A degree whose work alone (area over the ranks) already exceeds the best is not packed.
     for sp in inst.sizes if len(lengths) else ():
-        area_ms = float(np.sum(cost_model.seq_ms(inst.lengths, sp))) * sp / gpus
-        if gpus % sp == 0 and max(lengths) <= cost_model.capacity(sp) and area_ms < best[0]:
-            static = static_plan(lengths, gpus, sp, cost_model)
-            ms = simulate(static, inst.lengths, cost_model)
-            if ms < best[0] * (1 - 1e-9):
-                best = (ms, static, f"static-sp={sp}")
+        if gpus % sp or max(lengths) > cost_model.capacity(sp):
+            continue
+        if float(np.sum(cost_model.seq_ms(inst.lengths, sp))) * sp / gpus < best[0]:
+            static = static_plan(lengths, gpus, sp, cost_model)  # priced by the same simulator
+            if static.predicted_ms < best[0] * (1 - 1e-9):
+                best = (static.predicted_ms, static, f"static-sp={sp}")
     ms, plan, solver = best
     out = plan_from_assignment(gpus, [[(g.first, g.count, g.sequences) for g in mb.groups]
                                       for mb in plan.microbatches], ms, lb)
