@@ -12,8 +12,9 @@
   hold ``1/tp`` of the rank's tokens. Column-parallel layers start with an all-gather along tokens
   and row-parallel layers end with a reduce-scatter along tokens, which moves the same bytes as
   Megatron's plain all-reduce but keeps activations (and norm compute) sharded; the column-parallel
-  GEMMs keep only the token shard of their input for backward and gather it again there. The token stream is
-  padded to a multiple of ``tp`` (at most ``tp - 1`` zero rows that never reach attention or the loss).
+  GEMMs keep only the token shard of their input for backward and gather it again there. The token
+  stream is padded to a multiple of ``tp`` (at most ``tp - 1`` zero rows that never reach attention
+  or the loss).
 * The embedding is vocabulary-parallel (each rank looks up its rows, a reduce-scatter sums and
   shards), and so is the output head; the loss is ``vocab_parallel_cross_entropy``, which combines
   per-rank maxima, exp-sums and target logits with all-reduces of ``T`` numbers and never gathers
@@ -147,7 +148,8 @@ class _GatheredColumnLinears(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, group: dist.ProcessGroup, rows: int, *params: Tensor | None) -> tuple[Tensor, ...]:
+    def forward(ctx: Any, x: Tensor, group: dist.ProcessGroup, rows: int,
+                *params: Tensor | None) -> tuple[Tensor, ...]:
         ctx.group, ctx.rows = group, rows
         ctx.autocast = torch.is_autocast_enabled(x.device.type)
         ctx.dtype = torch.get_autocast_dtype(x.device.type)
