@@ -1,6 +1,6 @@
 """Optimizer step time, state memory and convergence of FP8AdamW against torch's fused AdamW.
 
-    python bench/optim.py --out DIR                 # GPU: Llama-3.2-1B shapes, 1000-step convergence
+    python bench/optim.py --out DIR                 # GPU: Llama-3.2-1B shapes, 1000-step convergence, 12 seeds
     python bench/optim.py --smoke --out DIR         # CPU: tiny sizes, checks that the script runs
     python bench/optim.py --quant-error --out DIR   # the quantization study behind fp8_adamw.py's formats
 
@@ -18,18 +18,47 @@ standard library (the default corpus, without the BPE step), the project's defau
 the same batches for every optimizer; the final loss is the mean over the last 20 steps, and a
 format's loss gap is its final loss against fp32 AdamW's *of the same seed*, in percent.
 
-Is a gap of 1-2% the optimizer or the noise of training itself? Three yardsticks answer it:
+A run is an (optimizer, seed) pair. A seed sets the model's initialization and which batches come
+in which order (``train_lm``'s ``seed``), never the optimizer (FP8AdamW's rounding seed is 0 but in
+the fp8 rerun below). fp32 AdamW (the reference) and FP8AdamW fp8 run on every seed (``--seeds``,
+default 12); int8 and bf16 on seed 0, and on every seed if named in ``--extra-seed-formats``; the
+two reruns below on seed 0. The runs are trained in spawned worker processes (CUDA cannot be
+forked), ``--jobs`` at a time (default 6 per visible GPU, the k-th worker on GPU k mod count; 1 on
+CPU). Each run seeds itself and uses one intra-op thread, so its losses do not depend on how many
+run at once (on CPU ``--jobs 1`` and ``--jobs 2`` give bitwise equal losses).
 
-* Seeds (``--seeds N``, default 2): a seed sets the model's initialization and which batches come
-  in which order (``train_lm``'s ``seed``), never the optimizer (FP8AdamW's rounding seed is 0 but
-  in the fp8 rerun below).
-  fp32 AdamW runs on every seed, FP8AdamW's formats on the first, and on the later seeds only those
-  in ``--extra-seed-formats`` (default fp8: int8 and bf16 on a second seed too would add ~80 s to a
-  GPU run already near 7 minutes, and fp8 is the format the goal names). ``loss_gap_pct`` is fp8's
-  gap, mean over its seeds (``loss_gap_pct_per_seed`` has each); ``fp32_seed_spread_pct`` is
-  (max - min) / mean of fp32 AdamW's final losses over seeds. That spread mixes initializations and
-  the difficulty of the last 20 batches, which differ between seeds, so it is an upper yardstick;
-  the two below keep the seed (initialization and batches) and change only the update.
+The gap and its uncertainty. Every seed gives one paired gap: fp8 and fp32 AdamW start from the same
+weights and see the same batches, so what differs between seeds (initialization, the difficulty of
+the last 20 batches: several % of loss) cancels within a pair. ``loss_gap_pct`` is the mean of the
+paired gaps over seeds, ``loss_gap_pct_stderr`` its standard error and ``loss_gap_pct_ci95`` its 95%
+confidence interval (Student t with seeds - 1 degrees of freedom). A gap within 1% is shown when the
+interval lies inside [-1, +1]; a real bias of fp8 shows as an interval that excludes 0.
+``loss_gap_abs_pct_mean`` is the mean |paired gap|, the size of one run's gap whatever its sign: next
+to the mean it says how much of a single run is noise. ``fp8_wins`` counts the seeds where fp8
+ended lower (about half of them for an optimizer without bias), ``loss_gap_pct_per_seed`` has every
+paired gap of every format and ``loss_gap_pct_by_format`` each format's mean.
+
+Choosing ``--seeds`` and ``--steps``. Single paired gaps scattered by roughly 1.5-2.5% in the last
+GPU run (seeds 0/1: +0.48/+2.21%; the fp8 rerun ended 3.4% from its twin), so with 12 seeds the
+interval's half-width, t(0.975, 11) * sd / sqrt(12) ~= 0.64 * sd, is about 1.0-1.6%: enough to see
+a 2% bias and to bound the gap near 1%. Halving the interval takes four times the seeds (the
+summary's stderr tells how many a run needs). Keep ``--steps`` at 1000 for the goal's figure: after
+fewer steps the loss still falls fast, and a gap there measures how fast an optimizer gets going
+more than where it ends; the time of a run grows linearly with its steps.
+
+Budget on one H200 (an estimate until a run at these defaults reports ``convergence_wall_s`` and
+every row's ``wall_s``): the step-time section takes ~1.5 minutes; convergence is 12 seeds x 2 runs
++ 4 runs on seed 0 (int8, bf16, the two reruns) = 28 runs, 6 at a time = 5 waves. A run alone
+takes 40-50 s and leaves the GPU mostly idle (the tiny model is launch-bound), so six share one GPU
+and 16 host cores; if sharing slows each to ~60 s, convergence takes ~5 minutes and the whole run
+~6.5. More GPUs shorten it (runs spread over all visible ones); ``--seeds 8`` cuts 8 runs.
+
+Three yardsticks of the same run say how far two equally good runs end apart:
+
+* ``fp32_seed_spread_pct``: (max - min) / mean of fp32 AdamW's final losses over the seeds. It
+  mixes initializations and the difficulty of the last 20 batches, which differ between seeds (and
+  a range grows with the number of seeds), so it is an upper yardstick; the paired gaps do not
+  carry it, and the two below keep the seed (initialization and batches) and change only the update.
 * ``fp32_rerun_gap_pct``: fp32 AdamW again on the first seed, ``torch.optim.AdamW(fused=True)``
   instead of the default kernel. Both are torch's own AdamW, the same formula, checked against each
   other by torch's tests; the fused kernel only orders its floating-point operations differently,
@@ -59,10 +88,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
+import multiprocessing
 import os
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -265,54 +298,153 @@ def window_mean(losses: list[float]) -> float:
 REFERENCE = "torch AdamW (fp32)"
 RERUN = "torch AdamW fused (fp32), rerun"
 FP8_RERUN = "FP8AdamW fp8, rounding seed 1"
+FORMATS = ("fp8", "int8", "bf16")
+JOBS_PER_GPU = 6  # the tiny model is launch-bound: one run leaves its GPU mostly idle
+
+# Every optimizer a convergence run can use, by name: spawned workers receive the name, never a
+# function (lambdas do not pickle), and build the optimizer from this table.
+OPTIMIZERS: dict[str, Callable[[list[dict]], torch.optim.Optimizer]] = {
+    REFERENCE: lambda g: torch.optim.AdamW(g, lr=LR, betas=BETAS),
+    **{f"FP8AdamW {fmt}": functools.partial(FP8AdamW, lr=LR, betas=BETAS, state_dtype=fmt) for fmt in FORMATS},
+    RERUN: lambda g: torch.optim.AdamW(g, lr=LR, betas=BETAS, fused=True),
+    FP8_RERUN: functools.partial(FP8AdamW, lr=LR, betas=BETAS, state_dtype="fp8", seed=1),
+}
 
 
-def convergence_runs(formats: tuple[str, ...], rerun: bool) -> dict[str, Callable[[list[dict]], torch.optim.Optimizer]]:
-    """The optimizers of one seed, fp32 AdamW (the reference) first."""
-    runs: dict[str, Callable] = {REFERENCE: lambda g: torch.optim.AdamW(g, lr=LR, betas=BETAS)}
-    for fmt in formats:
-        runs[f"FP8AdamW {fmt}"] = functools.partial(FP8AdamW, lr=LR, betas=BETAS, state_dtype=fmt)
-    if rerun:
-        runs[RERUN] = lambda g: torch.optim.AdamW(g, lr=LR, betas=BETAS, fused=True)
-        runs[FP8_RERUN] = functools.partial(FP8AdamW, lr=LR, betas=BETAS, state_dtype="fp8", seed=1)
-    return runs
+@dataclass(frozen=True)
+class ConvRun:
+    """One convergence run: an optimizer of ``OPTIMIZERS`` on one seed (model initialization and batches)."""
+
+    optimizer: str
+    seed: int
 
 
-def bench_convergence(steps: int, model: dict[str, int], device: torch.device, formats: tuple[str, ...],
-                      docs_per_step: int, doc_len: int, seeds: int = 1,
-                      extra_seed_formats: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """Every format on seed 0, ``extra_seed_formats`` on seeds 1..seeds-1; fp32 AdamW on all, reruns on seed 0."""
-    rows = []
+@dataclass(frozen=True)
+class TrainSetup:
+    """What every convergence run of one benchmark shares (``train_lm``'s arguments but optimizer and seed)."""
+
+    steps: int
+    model: dict[str, int]
+    docs_per_step: int
+    doc_len: int
+    device_type: str
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A finished run: its per-step losses, how long it took, and where it ran."""
+
+    run: ConvRun
+    losses: list[float]
+    wall_s: float
+    device: str
+
+
+def convergence_plan(formats: tuple[str, ...], seeds: int, extra_seed_formats: tuple[str, ...]) -> list[ConvRun]:
+    """fp32 AdamW and FP8AdamW fp8 on every seed, the other formats on seed 0 (and on every seed where
+    named in ``extra_seed_formats``), the two reruns on seed 0."""
+    plan = []
     for seed in range(seeds):
-        runs = convergence_runs(formats if seed == 0 else extra_seed_formats, rerun=seed == 0)
-        ref_losses: list[float] = []
-        for name, make in runs.items():
-            t0 = time.perf_counter()
-            losses = train_lm(make, steps=steps, model=model, docs_per_step=docs_per_step, doc_len=doc_len,
-                              device=device, seed=seed)
-            ref_losses = ref_losses or losses
-            final, ref = window_mean(losses), window_mean(ref_losses)
-            same = next((i for i, (a, b) in enumerate(zip(losses, ref_losses)) if a != b), steps)
-            step_diff = statistics.fmean(abs(a - b) / b for a, b in zip(losses[-WINDOW:], ref_losses[-WINDOW:]))
-            rows.append({"section": "convergence", "optimizer": name, "seed": seed, "steps": steps,
-                         "final_loss": final, "loss_gap_pct": 100.0 * (final - ref) / ref,
-                         "identical_loss_steps": same, "step_loss_diff_pct": 100.0 * step_diff,
-                         "wall_s": time.perf_counter() - t0,
-                         "loss_curve_every_50": losses[::50]})
-            print({k: v for k, v in rows[-1].items() if k != "loss_curve_every_50"}, flush=True)
+        names = [REFERENCE] + [f"FP8AdamW {fmt}" for fmt in formats
+                               if seed == 0 or fmt == "fp8" or fmt in extra_seed_formats]
+        plan += [ConvRun(name, seed) for name in names + ([RERUN, FP8_RERUN] if seed == 0 else [])]
+    return plan
+
+
+_worker_device = torch.device("cpu")
+
+
+def _init_worker(device_type: str, started: Any) -> None:
+    """Give this worker process its device: the k-th worker started takes GPU k mod the GPU count.
+
+    One intra-op thread per run: a CPU run's float results then do not depend on how many runs share
+    the machine (``--jobs``), and on GPU the runs' host threads do not oversubscribe the cores.
+    """
+    global _worker_device
+    torch.set_num_threads(1)
+    if device_type == "cuda":
+        with started.get_lock():
+            index = started.value
+            started.value += 1
+        _worker_device = torch.device("cuda", index % torch.cuda.device_count())
+        torch.cuda.set_device(_worker_device)
+
+
+def _train_run(run: ConvRun, setup: TrainSetup) -> RunResult:
+    """One run in a worker process; ``train_lm`` seeds it, so its result is that of a run alone."""
+    t0 = time.perf_counter()
+    losses = train_lm(OPTIMIZERS[run.optimizer], steps=setup.steps, model=setup.model,
+                      docs_per_step=setup.docs_per_step, doc_len=setup.doc_len, device=_worker_device, seed=run.seed)
+    return RunResult(run, losses, time.perf_counter() - t0, str(_worker_device))
+
+
+def run_convergence(plan: list[ConvRun], setup: TrainSetup, jobs: int) -> dict[ConvRun, RunResult]:
+    """Train every run of ``plan``, ``jobs`` at a time in spawned worker processes (CUDA cannot be forked),
+    printing a line per finished run."""
+    ctx = multiprocessing.get_context("spawn")
+    started = ctx.Value("i", 0)
+    results: dict[ConvRun, RunResult] = {}
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=min(jobs, len(plan)), mp_context=ctx, initializer=_init_worker,
+                             initargs=(setup.device_type, started)) as pool:
+        futures = [pool.submit(_train_run, run, setup) for run in plan]
+        try:
+            for done, future in enumerate(as_completed(futures), 1):
+                res = future.result()
+                results[res.run] = res
+                print(f"[{done}/{len(plan)} runs, {time.perf_counter() - t0:.0f} s] {res.run.optimizer}, seed "
+                      f"{res.run.seed}, {res.device}: final loss {window_mean(res.losses):.4f} ({res.wall_s:.1f} s)",
+                      flush=True)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return results
+
+
+def convergence_rows(plan: list[ConvRun], results: dict[ConvRun, RunResult]) -> list[dict[str, Any]]:
+    """One row per run in plan order, each compared with fp32 AdamW's run of the same seed."""
+    rows = []
+    for run in plan:
+        res, ref_losses = results[run], results[ConvRun(REFERENCE, run.seed)].losses
+        losses, steps = res.losses, len(res.losses)
+        final, ref = window_mean(losses), window_mean(ref_losses)
+        same = next((i for i, (a, b) in enumerate(zip(losses, ref_losses)) if a != b), steps)
+        step_diff = statistics.fmean(abs(a - b) / b for a, b in zip(losses[-WINDOW:], ref_losses[-WINDOW:]))
+        rows.append({"section": "convergence", "optimizer": run.optimizer, "seed": run.seed, "steps": steps,
+                     "final_loss": final, "loss_gap_pct": 100.0 * (final - ref) / ref,
+                     "identical_loss_steps": same, "step_loss_diff_pct": 100.0 * step_diff,
+                     "wall_s": res.wall_s, "device": res.device, "loss_curve_every_50": losses[::50]})
     return rows
 
 
+def gap_statistics(gaps: list[float]) -> dict[str, Any]:
+    """Mean of the per-seed paired gaps with its standard error and 95% confidence interval (Student t,
+    n - 1 degrees of freedom: the seeds are few and their spread is estimated from themselves), and the
+    mean |gap|, the size of a single run's gap whatever its sign. Stderr and interval need 2 seeds."""
+    if not gaps:
+        raise ValueError("gap_statistics: no gaps given (no seed trained FP8AdamW fp8)")
+    from scipy import stats
+
+    mean, n = statistics.fmean(gaps), len(gaps)
+    stderr = statistics.stdev(gaps) / math.sqrt(n) if n > 1 else None
+    half = stats.t.ppf(0.975, n - 1) * stderr if stderr is not None else None
+    return {"loss_gap_pct": mean, "loss_gap_pct_stderr": stderr,
+            "loss_gap_pct_ci95": [mean - half, mean + half] if half is not None else None,
+            "loss_gap_abs_pct_mean": statistics.fmean(abs(g) for g in gaps)}
+
+
 def convergence_summary(rows: list[dict[str, Any]], formats: tuple[str, ...]) -> dict[str, Any]:
-    """Gaps per format (per seed and their mean) next to the noise yardsticks of the module docstring."""
+    """fp8's mean paired gap with its uncertainty, gaps per format, and the noise yardsticks of the module docstring."""
     conv = [r for r in rows if r["section"] == "convergence"]
     per_seed = {fmt: {str(r["seed"]): r["loss_gap_pct"] for r in conv if r["optimizer"] == f"FP8AdamW {fmt}"}
                 for fmt in formats}
+    fp8_gaps = list(per_seed["fp8"].values())
     fp32 = [r["final_loss"] for r in conv if r["optimizer"] == REFERENCE]
     rerun = next(r for r in conv if r["optimizer"] == RERUN)
     fp8_rerun = next(r for r in conv if r["optimizer"] == FP8_RERUN)
     return {
-        "loss_gap_pct": statistics.fmean(per_seed["fp8"].values()),
+        **gap_statistics(fp8_gaps),
+        "fp8_wins": sum(g < 0 for g in fp8_gaps),
         "loss_gap_pct_by_format": {fmt: statistics.fmean(gaps.values()) for fmt, gaps in per_seed.items()},
         "loss_gap_pct_per_seed": per_seed,
         "fp32_seed_spread_pct": 100.0 * (max(fp32) - min(fp32)) / statistics.fmean(fp32) if len(fp32) > 1 else None,
@@ -407,13 +539,19 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: checks the script, measures nothing")
     parser.add_argument("--quant-error", action="store_true", help="run the quantization-format study instead")
     parser.add_argument("--steps", type=int, default=None, help="convergence steps (default 1000; smoke 30)")
-    parser.add_argument("--seeds", type=int, default=2, help="convergence seeds (model init and batches; default 2)")
-    parser.add_argument("--extra-seed-formats", default="fp8",
-                        help="FP8AdamW formats also trained on seeds after the first: comma-separated, or 'all' "
-                             "(default fp8; fp32 AdamW always runs on every seed)")
+    parser.add_argument("--seeds", type=int, default=12,
+                        help="convergence seeds (model init and batches) of fp32 AdamW and fp8 (default 12)")
+    parser.add_argument("--extra-seed-formats", default="",
+                        help="FP8AdamW formats besides fp8 also trained on every seed: comma-separated, or 'all' "
+                             "(default none: int8 and bf16 on seed 0 only)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="convergence runs at once, spread over the visible GPUs "
+                             f"(default {JOBS_PER_GPU} per GPU; 1 on CPU)")
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: need at least 1 seed")
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: need at least 1 concurrent run")
 
     if args.quant_error:
         steps = args.steps or (20 if args.smoke else 150)
@@ -430,18 +568,26 @@ def main() -> None:
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu" and not args.smoke:
         raise SystemExit("bench/optim.py needs a CUDA GPU; use --smoke on CPU")
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    jobs = args.jobs or (JOBS_PER_GPU * gpus if gpus else 1)
     shapes = llama_shapes(**(SMOKE_SHAPES if args.smoke else LLAMA_1B))
     steps = args.steps or (30 if args.smoke else 1000)
     model = SMOKE_MODEL if args.smoke else TINY_MODEL
     docs, doc_len = (4, 64) if args.smoke else (16, 512)
-    formats = ("fp8",) if args.smoke else ("fp8", "int8", "bf16")
+    formats = ("fp8",) if args.smoke else FORMATS
     extra = formats if args.extra_seed_formats == "all" else tuple(f for f in args.extra_seed_formats.split(",") if f)
     if not set(extra) <= set(formats):
         parser.error(f"--extra-seed-formats {args.extra_seed_formats}: this run trains only {','.join(formats)} "
                      "(or pass 'all')")
 
     rows = bench_step_time(shapes, device, warmup=2 if args.smoke else 5, steps=5 if args.smoke else 20)
-    rows += bench_convergence(steps, model, device, formats, docs, doc_len, args.seeds, extra)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    plan = convergence_plan(formats, args.seeds, extra)
+    t0 = time.perf_counter()
+    results = run_convergence(plan, TrainSetup(steps, model, docs, doc_len, device.type), jobs)
+    convergence_wall_s = time.perf_counter() - t0
+    rows += convergence_rows(plan, results)
 
     times = {r["optimizer"]: r for r in rows if r["section"] == "step_time"}
     backend = "triton" if device.type == "cuda" else "torch"
@@ -450,12 +596,13 @@ def main() -> None:
         "state_bytes_per_param": fp8["state_bytes_per_param"],
         "step_time_vs_fused_adamw": fp8["step_ms_median"] / times["torch AdamW fused (fp32)"]["step_ms_median"],
         **convergence_summary(rows, formats),
+        "convergence_wall_s": convergence_wall_s,
     }
     config = {"shapes": "smoke" if args.smoke else "llama-3.2-1b", "params": fp8["params"], "tensors": fp8["tensors"],
               "convergence_steps": steps, "model": model, "docs_per_step": docs, "doc_len": doc_len,
               "seeds": args.seeds, "extra_seed_formats": list(extra),
-              "reruns": [f"{RERUN}, seed 0", f"{FP8_RERUN}, seed 0"],
-              "lr": LR, "betas": BETAS, "torch": torch.__version__}
+              "reruns": [f"{RERUN}, seed 0", f"{FP8_RERUN}, seed 0"], "convergence_runs": len(plan),
+              "jobs": jobs, "gpus": gpus, "lr": LR, "betas": BETAS, "torch": torch.__version__}
     write_result("optim", config, rows, summary, out_dir=args.out)
 
 
