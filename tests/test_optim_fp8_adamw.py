@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from seqmesh.trainer.optim import STATE_DTYPES, FP8AdamW, zero1_shard
+from seqmesh.trainer.optim.update import padded_numel
 from tests.distributed import run_distributed
 
 BLOCK = 128
@@ -113,7 +114,18 @@ def test_one_step_matches_reference_adamw_within_quantization_bound(state_dtype)
             _check_bound(mine["exp_avg_sq"], theirs["exp_avg_sq"], *bounds["exp_avg_sq"])
 
 
-@pytest.mark.parametrize("state_dtype, limit", [("fp8", 2.1), ("int8", 2.1), ("bf16", 4.0), ("fp32", 8.0)])
+def test_fp8_state_is_two_bytes_per_parameter_with_its_scales():
+    """Llama-like shapes (every size a multiple of the block): m's codes plus v's packed bytes, nothing else."""
+    model = nn.Sequential(nn.Embedding(512, 256), nn.Linear(256, 768, bias=False), nn.RMSNorm(256))
+    opt = FP8AdamW(model.parameters(), state_dtype="fp8")
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.state_bytes_per_param() == 2.0
+    assert sorted(opt.state[model[0].weight]) == ["exp_avg", "exp_avg_sq", "step"]
+
+
+@pytest.mark.parametrize("state_dtype, limit", [("fp8", 2.001), ("int8", 2.1), ("bf16", 4.0), ("fp32", 8.0)])
 def test_state_bytes_per_param(state_dtype, limit):
     model = nn.Sequential(nn.Embedding(1000, 256), nn.Linear(256, 704), nn.LayerNorm(704), nn.Linear(704, 256))
     opt = FP8AdamW(model.parameters(), state_dtype=state_dtype)
@@ -201,6 +213,7 @@ def test_optim_config_maps_to_fp8adamw():
     (dict(state_dtype="fp16"), "state_dtype"),
     (dict(block_size=100), "block_size"),
     (dict(block_size=8), "block_size"),
+    (dict(block_size=32), "block_size >= 64"),
     (dict(betas=(0.9, 1.0)), "betas"),
     (dict(lr=-1.0), "lr"),
     (dict(lr=torch.tensor(1e-3)), "lr"),
@@ -229,6 +242,38 @@ def test_bad_parameters_and_groups_are_rejected():
         cpu_triton = FP8AdamW([p], backend="triton")
         p.grad = torch.ones(4)
         cpu_triton.step()
+
+
+def test_fp8_loads_its_state_unpacked_as_block_state_gives_it():
+    """Resharding checkpoints carry codes plus per-block scales: loading that form packs it again, bit for bit."""
+    model = _model()
+    opt = FP8AdamW(_groups(model), lr=1e-2, state_dtype="fp8", block_size=64)
+    _train(model, opt, range(3))
+    packed = opt.state_dict()
+    unpacked = copy.deepcopy(packed)
+    for i, p in enumerate(q for g in opt.param_groups for q in g["params"]):
+        block = opt.block_state(p)
+        assert block["exp_avg_sq"].dtype == torch.float8_e4m3fn and block["exp_avg_sq"].numel() == p.numel()
+        assert block["exp_avg_scale"].numel() == block["exp_avg_sq_scale"].numel() == -(-p.numel() // 64)
+        unpacked["state"][i] = block
+    fresh = FP8AdamW(_groups(_model()), state_dtype="fp8", block_size=64)
+    fresh.load_state_dict(unpacked)
+    for saved, loaded in zip(packed["state"].values(), fresh.state_dict()["state"].values()):
+        assert torch.equal(_bits(loaded["exp_avg"]), _bits(saved["exp_avg"]))
+        assert torch.equal(loaded["exp_avg_sq"], saved["exp_avg_sq"])
+
+
+def test_fp8_padding_codes_stay_zero():
+    """A tensor that ends inside a block keeps code 0 (v = 0) in the padding, where only scale bits live."""
+    p = nn.Parameter(torch.randn(130))
+    opt = FP8AdamW([p], state_dtype="fp8", block_size=64)
+    for _ in range(3):
+        p.grad = torch.randn(130)
+        opt.step()
+    packed = opt.state[p]["exp_avg_sq"]
+    assert packed.numel() == 192
+    assert torch.all(packed[130:] & 0x7F == 0)
+    assert torch.all(opt.block_state(p)["exp_avg_sq"].view(torch.uint8) > 0)  # floored, never 0
 
 
 def test_checkpoint_of_another_format_or_optimizer_is_rejected():
@@ -295,10 +340,9 @@ def test_zero1_sharded_step_equals_unsharded_bitwise():
     for rank, (flat, state) in enumerate(results):
         assert torch.equal(flat, param)
         shard = zero1_shard(N_FLAT, world, rank, BLOCK)
-        blocks = slice(shard.lo // BLOCK, -(-shard.hi // BLOCK))
         assert state["step"] == full["step"]
         assert torch.equal(state["exp_avg"], _bits(full["exp_avg"][shard.lo:shard.hi]))
-        assert torch.equal(state["exp_avg_sq"], _bits(full["exp_avg_sq"][shard.lo:shard.hi]))
-        assert torch.equal(state["exp_avg_scale"], _bits(full["exp_avg_scale"][blocks]))
-        assert torch.equal(state["exp_avg_sq_scale"], _bits(full["exp_avg_sq_scale"][blocks]))
+        # v's packed bytes carry both block scales: whole blocks, the last one padded.
+        packed = slice(shard.lo, shard.lo + padded_numel(shard.hi - shard.lo, BLOCK))
+        assert torch.equal(state["exp_avg_sq"], full["exp_avg_sq"][packed])
 

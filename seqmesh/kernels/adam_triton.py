@@ -7,7 +7,9 @@ element) over fixed chunks of ``CHUNK`` elements. A program loads its chunk as a
 [chunk / block_size, block_size] tile, dequantizes m and v, applies the AdamW update in fp32,
 re-quantizes each block (absmax scale, rounding as ``seqmesh.trainer.optim.quantize``) and stores
 parameter, codes and scales: every byte of state is read once and written once, which is why this
-is faster than fp32 fused AdamW (16 instead of 28 bytes of traffic per fp32 parameter).
+is faster than fp32 fused AdamW (16 instead of 28 bytes of traffic per fp32 parameter). fp8 keeps
+its scales in the top bits of v's code bytes (``quantize.pack_scales``): a program gathers them
+with a masked sum across each block's first 64 lanes and scatters them back with shifts.
 
 The kernel repeats the torch path (``update.torch_step``) operation for operation: IEEE division and
 square root (``div_rn``, ``sqrt_rn``), FMA contraction off, and rounding done on the fp32 bit pattern
@@ -108,26 +110,56 @@ def _load_state(ptr, scale_ptr, offs, mask, blk, bmask, SCALED: tl.constexpr, SQ
 
 
 @triton.jit
+def _quantize_blocks(x, bits, QMAX: tl.constexpr, MANT: tl.constexpr, MIN_NORMAL: tl.constexpr,
+                     FLOOR: tl.constexpr, SIGNED: tl.constexpr, SQRT: tl.constexpr, STOCH: tl.constexpr):
+    """``quantize.quantize_blocks``: (code values, exact in the code type; per-row scales)."""
+    if SQRT:
+        x = tl.sqrt_rn(x)
+    a = tl.abs(x)
+    absmax = tl.max(a, axis=1)
+    scale = absmax * (1.0 / QMAX)
+    inv = tl.where(absmax > 0, tl.div_rn(tl.full(absmax.shape, QMAX, tl.float32), absmax), 0.0)
+    y = tl.minimum(a * inv[:, None], QMAX)
+    if FLOOR > 0:
+        y = tl.maximum(y, FLOOR)
+    q = _round_magnitude(y, bits, MANT, MIN_NORMAL, QMAX, STOCH)
+    if SIGNED:
+        q = tl.where((x < 0) & (q > 0), -q, q)
+    if MANT < 0:
+        q = q.to(tl.int32)
+    return q, scale
+
+
+@triton.jit
+def _unpack_scales(packed, QBLOCK: tl.constexpr):
+    """``quantize.unpack_scales``: m's and v's per-row scales from the top bits of v's packed bytes."""
+    lane = tl.arange(0, QBLOCK)[None, :]
+    bit = (packed >> 7).to(tl.uint32) << (lane & 31).to(tl.uint32)
+    zero = tl.zeros_like(bit)
+    m_word = tl.sum(tl.where(lane < 32, bit, zero), axis=1)
+    v_word = tl.sum(tl.where((lane >= 32) & (lane < 64), bit, zero), axis=1)
+    return m_word.to(tl.float32, bitcast=True), v_word.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _pack_scales(codes, m_scale, v_scale, QBLOCK: tl.constexpr):
+    """``quantize.pack_scales``: v's code bytes with bit j of m's scale in lane j's top bit, v's in lane 32 + j."""
+    lane = tl.arange(0, QBLOCK)[None, :]
+    m_word = m_scale.to(tl.uint32, bitcast=True)[:, None]
+    v_word = v_scale.to(tl.uint32, bitcast=True)[:, None]
+    word = tl.where(lane < 32, m_word, tl.where(lane < 64, v_word, tl.zeros_like(v_word)))
+    bit = (word >> (lane & 31).to(tl.uint32)) & 1
+    return (codes.to(tl.uint32) | (bit << 7)).to(tl.uint8)
+
+
+@triton.jit
 def _store_state(x, bits, ptr, scale_ptr, offs, mask, blk, bmask,
                  DTYPE: tl.constexpr, SCALED: tl.constexpr, QMAX: tl.constexpr, MANT: tl.constexpr,
                  MIN_NORMAL: tl.constexpr, FLOOR: tl.constexpr, SIGNED: tl.constexpr,
                  SQRT: tl.constexpr, STOCH: tl.constexpr):
     """``quantize.quantize_blocks`` (SCALED) or ``quantize.round_plain``, then store."""
     if SCALED:
-        if SQRT:
-            x = tl.sqrt_rn(x)
-        a = tl.abs(x)
-        absmax = tl.max(a, axis=1)
-        scale = absmax * (1.0 / QMAX)
-        inv = tl.where(absmax > 0, tl.div_rn(tl.full(absmax.shape, QMAX, tl.float32), absmax), 0.0)
-        y = tl.minimum(a * inv[:, None], QMAX)
-        if FLOOR > 0:
-            y = tl.maximum(y, FLOOR)
-        q = _round_magnitude(y, bits, MANT, MIN_NORMAL, QMAX, STOCH)
-        if SIGNED:
-            q = tl.where((x < 0) & (q > 0), -q, q)
-        if MANT < 0:
-            q = q.to(tl.int32)
+        q, scale = _quantize_blocks(x, bits, QMAX, MANT, MIN_NORMAL, FLOOR, SIGNED, SQRT, STOCH)
         tl.store(ptr + offs, q.to(DTYPE), mask=mask)
         tl.store(scale_ptr + blk, scale, mask=bmask)
     elif MANT == 23:
@@ -142,6 +174,7 @@ def _update_chunk(
     p_ptr, g_ptr, m_ptr, ms_ptr, v_ptr, vs_ptr, start, numel, key_base, step, step_size, inv_sqrt_bc2,
     decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, seed_hash,
     P_BF16: tl.constexpr, STOCH_P: tl.constexpr, STOCH_V: tl.constexpr, SCALED: tl.constexpr,
+    PACKED: tl.constexpr,
     M_DTYPE: tl.constexpr, M_QMAX: tl.constexpr, M_MANT: tl.constexpr, M_MIN_NORMAL: tl.constexpr,
     M_FLOOR: tl.constexpr, M_SIGNED: tl.constexpr, M_SQRT: tl.constexpr,
     V_DTYPE: tl.constexpr, V_QMAX: tl.constexpr, V_MANT: tl.constexpr, V_MIN_NORMAL: tl.constexpr,
@@ -149,21 +182,35 @@ def _update_chunk(
     BLOCKS: tl.constexpr, QBLOCK: tl.constexpr, MASKED: tl.constexpr,
 ):
     """The whole update of one chunk; MASKED only for a tensor's last, partial chunk, so that the
-    full chunks (all but one per tensor) load and store in wide vectors."""
+    full chunks (all but one per tensor) load and store in wide vectors. PACKED: v's bytes carry
+    both block scales (``quantize.pack_scales``) and span whole blocks, padding included."""
     rows = tl.arange(0, BLOCKS)
     offs = start + rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
     blk = start // QBLOCK + rows
     if MASKED:
         mask = offs < numel
         bmask = blk * QBLOCK < numel
+        block_mask = (blk * QBLOCK < numel)[:, None] & (offs >= 0)
     else:
         mask = None
         bmask = None
+        block_mask = None
 
     g = _load_f32(g_ptr + offs, mask, MASKED)
     p = _load_f32(p_ptr + offs, mask, MASKED)
-    m = _load_state(m_ptr, ms_ptr, offs, mask, blk, bmask, SCALED, M_SQRT, MASKED)
-    v = _load_state(v_ptr, vs_ptr, offs, mask, blk, bmask, SCALED, V_SQRT, MASKED)
+    if PACKED:
+        if MASKED:
+            packed = tl.load(v_ptr + offs, mask=block_mask, other=0)
+        else:
+            packed = tl.load(v_ptr + offs)
+        m_scale, v_scale = _unpack_scales(packed, QBLOCK)
+        m = _load_f32(m_ptr + offs, mask, MASKED) * m_scale[:, None]
+        v = (packed & 0x7F).to(tl.uint8).to(V_DTYPE, bitcast=True).to(tl.float32) * v_scale[:, None]
+        if V_SQRT:
+            v = v * v
+    else:
+        m = _load_state(m_ptr, ms_ptr, offs, mask, blk, bmask, SCALED, M_SQRT, MASKED)
+        v = _load_state(v_ptr, vs_ptr, offs, mask, blk, bmask, SCALED, V_SQRT, MASKED)
 
     p = p * decay
     m = beta1 * m + one_minus_beta1 * g
@@ -185,10 +232,19 @@ def _update_chunk(
         tl.store(p_ptr + offs, tl.where((p < 0) & (mag > 0), -mag, mag).to(tl.bfloat16), mask=mask)
     else:
         tl.store(p_ptr + offs, p, mask=mask)
-    _store_state(m, bits_v, m_ptr, ms_ptr, offs, mask, blk, bmask, M_DTYPE, SCALED, M_QMAX, M_MANT,
-                 M_MIN_NORMAL, M_FLOOR, M_SIGNED, M_SQRT, False)
-    _store_state(v, bits_v, v_ptr, vs_ptr, offs, mask, blk, bmask, V_DTYPE, SCALED, V_QMAX, V_MANT,
-                 V_MIN_NORMAL, V_FLOOR, V_SIGNED, V_SQRT, STOCH_V)
+    if PACKED:
+        qm, m_scale = _quantize_blocks(m, bits_v, M_QMAX, M_MANT, M_MIN_NORMAL, M_FLOOR, M_SIGNED, M_SQRT, False)
+        tl.store(m_ptr + offs, qm.to(M_DTYPE), mask=mask)
+        qv, v_scale = _quantize_blocks(v, bits_v, V_QMAX, V_MANT, V_MIN_NORMAL, V_FLOOR, V_SIGNED, V_SQRT, STOCH_V)
+        codes = qv.to(V_DTYPE).to(tl.uint8, bitcast=True)
+        if MASKED:  # padding lanes keep code 0 (v = 0); only their scale bits matter
+            codes = tl.where(mask, codes, tl.zeros_like(codes))
+        tl.store(v_ptr + offs, _pack_scales(codes, m_scale, v_scale, QBLOCK), mask=block_mask)
+    else:
+        _store_state(m, bits_v, m_ptr, ms_ptr, offs, mask, blk, bmask, M_DTYPE, SCALED, M_QMAX, M_MANT,
+                     M_MIN_NORMAL, M_FLOOR, M_SIGNED, M_SQRT, False)
+        _store_state(v, bits_v, v_ptr, vs_ptr, offs, mask, blk, bmask, V_DTYPE, SCALED, V_QMAX, V_MANT,
+                     V_MIN_NORMAL, V_FLOOR, V_SIGNED, V_SQRT, STOCH_V)
 
 
 @triton.jit(do_not_specialize=["num_tensors", "seed_hash"])
@@ -196,7 +252,7 @@ def _adamw_kernel(
     table, floats, chunk_tensor, chunk_start, num_tensors,
     decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, seed_hash,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, P_BF16: tl.constexpr, STOCH_P: tl.constexpr,
-    STOCH_V: tl.constexpr, SCALED: tl.constexpr,
+    STOCH_V: tl.constexpr, SCALED: tl.constexpr, PACKED: tl.constexpr,
     M_DTYPE: tl.constexpr, M_QMAX: tl.constexpr, M_MANT: tl.constexpr, M_MIN_NORMAL: tl.constexpr,
     M_FLOOR: tl.constexpr, M_SIGNED: tl.constexpr, M_SQRT: tl.constexpr,
     V_DTYPE: tl.constexpr, V_QMAX: tl.constexpr, V_MANT: tl.constexpr, V_MIN_NORMAL: tl.constexpr,
@@ -212,7 +268,10 @@ def _adamw_kernel(
     g_ptr = tl.load(table + num_tensors + t).to(tl.pointer_type(G_DTYPE))
     m_ptr = tl.load(table + 2 * num_tensors + t).to(tl.pointer_type(M_DTYPE))
     ms_ptr = tl.load(table + 3 * num_tensors + t).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(table + 4 * num_tensors + t).to(tl.pointer_type(V_DTYPE))
+    if PACKED:
+        v_ptr = tl.load(table + 4 * num_tensors + t).to(tl.pointer_type(tl.uint8))
+    else:
+        v_ptr = tl.load(table + 4 * num_tensors + t).to(tl.pointer_type(V_DTYPE))
     vs_ptr = tl.load(table + 5 * num_tensors + t).to(tl.pointer_type(tl.float32))
     if ALIGNED:  # every address is a multiple of 16 bytes (checked on the host): vector loads
         p_ptr = tl.multiple_of(p_ptr, 16)
@@ -229,14 +288,14 @@ def _adamw_kernel(
     if start + BLOCKS * QBLOCK <= numel:
         _update_chunk(p_ptr, g_ptr, m_ptr, ms_ptr, v_ptr, vs_ptr, start, numel, key_base, step, step_size,
                       inv_sqrt_bc2, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, seed_hash,
-                      P_BF16, STOCH_P, STOCH_V, SCALED,
+                      P_BF16, STOCH_P, STOCH_V, SCALED, PACKED,
                       M_DTYPE, M_QMAX, M_MANT, M_MIN_NORMAL, M_FLOOR, M_SIGNED, M_SQRT,
                       V_DTYPE, V_QMAX, V_MANT, V_MIN_NORMAL, V_FLOOR, V_SIGNED, V_SQRT,
                       BLOCKS, QBLOCK, False)
     else:
         _update_chunk(p_ptr, g_ptr, m_ptr, ms_ptr, v_ptr, vs_ptr, start, numel, key_base, step, step_size,
                       inv_sqrt_bc2, decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, seed_hash,
-                      P_BF16, STOCH_P, STOCH_V, SCALED,
+                      P_BF16, STOCH_P, STOCH_V, SCALED, PACKED,
                       M_DTYPE, M_QMAX, M_MANT, M_MIN_NORMAL, M_FLOOR, M_SIGNED, M_SQRT,
                       V_DTYPE, V_QMAX, V_MANT, V_MIN_NORMAL, V_FLOOR, V_SIGNED, V_SQRT,
                       BLOCKS, QBLOCK, True)
@@ -282,8 +341,9 @@ def fused_step(bucket: Bucket, hp: Hyper) -> None:
     grads = [g if g.is_contiguous() else g.contiguous() for g in bucket.grads]
     device = params[0].device
     fmt = hp.fmt
-    m_scales = bucket.exp_avg_scale if fmt.scaled else bucket.exp_avg
-    v_scales = bucket.exp_avg_sq_scale if fmt.scaled else bucket.exp_avg_sq
+    separate = fmt.scaled and not fmt.packed  # else the scale rows are never read: any valid address
+    m_scales = bucket.exp_avg_scale if separate else bucket.exp_avg
+    v_scales = bucket.exp_avg_sq_scale if separate else bucket.exp_avg_sq
     rows = (params, grads, bucket.exp_avg, m_scales, bucket.exp_avg_sq, v_scales)
     table = [t.data_ptr() for row in rows for t in row]
     numels = [p.numel() for p in params]
@@ -301,7 +361,7 @@ def fused_step(bucket: Bucket, hp: Hyper) -> None:
         hp.decay, hp.beta1, 1.0 - hp.beta1, hp.beta2, 1.0 - hp.beta2, hp.eps, hp.seed_hash,
         P_DTYPE=_TL_DTYPES[params[0].dtype], G_DTYPE=_TL_DTYPES[grads[0].dtype], P_BF16=bf16_params,
         STOCH_P=hp.stochastic and bf16_params, STOCH_V=hp.stochastic and fmt.v.dtype != torch.float32,
-        SCALED=fmt.scaled, **_format_args("M", fmt.m), **_format_args("V", fmt.v),
+        SCALED=fmt.scaled, PACKED=fmt.packed, **_format_args("M", fmt.m), **_format_args("V", fmt.v),
         BLOCKS=chunk // hp.block_size, QBLOCK=hp.block_size, ALIGNED=aligned,
         num_warps=NUM_WARPS, enable_fp_fusion=False,
     )

@@ -253,6 +253,11 @@ def _format(group: Mapping[str, Any]) -> tuple[str, int | None]:
     return name, group["block_size"] if name != PLAIN and FORMATS[name].scaled else None
 
 
+def _block_state(inner: torch.optim.Optimizer, p: Tensor) -> Mapping[str, Any] | None:
+    """``p``'s optimizer state as codes plus per-block scales (FP8AdamW may pack its scales into codes)."""
+    return inner.block_state(p) if isinstance(inner, FP8AdamW) else inner.state.get(p)
+
+
 def _code_format(state_dtype: str, key: str) -> CodeFormat | None:
     if state_dtype == PLAIN:
         return None
@@ -299,7 +304,7 @@ def layout_free_state(model: Model, optimizer: Optim, mesh: Mesh) -> LayoutFreeS
                  else params[name].detach().reshape(-1)[lo:hi]}
         region = [place.dim, place.start, place.length, lo, hi]
         meta: dict[str, Any] = {"shape": list(place.full_shape), "region": region, "state": None}
-        state = None if slot is None else inner.state.get(slot.tensor)
+        state = None if slot is None else _block_state(inner, slot.tensor)
         if state:
             group = inner.param_groups[slot.group]
             state_dtype, block = _format(group)

@@ -5,11 +5,19 @@ Formats (``state_dtype``; bytes/param from the state tensors, block_size 128 wit
 ========  ==========================  ==========================================  ===========
 name      m (first moment)            v (second moment)                           bytes/param
 ========  ==========================  ==========================================  ===========
-fp8       E4M3, block absmax scale    E4M3 of v, block absmax scale, floor code   2.0625
+fp8       E4M3, block absmax scale    E4M3 of v, block absmax scale, floor code   2.0
 int8      int8, block absmax scale    uint8 of sqrt(v), block absmax scale, floor 2.0625
 bf16      bf16                        bf16                                        4
 fp32      fp32                        fp32                                        8
 ========  ==========================  ==========================================  ===========
+
+Where fp8's scales go. v's E4M3 codes are magnitudes, so the sign bit of every one of them is 0:
+a block of 128 codes has 128 spare bits, and the block's two fp32 scales (m's and v's, 64 bits)
+are stored in them (``quantize.pack_scales``). The scales stay exact fp32 -- the update's math is
+that of separate scale tensors, bit for bit -- and the state is 2 bytes per parameter instead of
+2.0625 (E8M0 power-of-two scales would still cost 2.016 and round every scale). v's tensor is then
+one byte per element padded to whole blocks (``block_size`` >= 64 for fp8); a padding element
+stores code 0. int8's codes use all eight bits, so its scales keep tensors of their own.
 
 Why these choices. ``bench/optim.py --quant-error`` (results in ``bench/results/optim_quant_error_cpu.json``)
 trains a small byte-level Llama with fp32 AdamW on standard-library text and feeds every step's
@@ -59,14 +67,18 @@ gradient, set as that slice's ``.grad``) builds ``FP8AdamW([{"params": [shard], 
 and steps only its shard; ``sharding.zero1_shard`` gives block-aligned ``lo, hi``, with which the
 sharded states and parameters equal an unsharded run's bit for bit.
 
-Checkpoints: ``state_dict`` holds per-parameter ``step`` (int), ``exp_avg``/``exp_avg_sq`` codes
-(1-D, the parameter's length) and, for fp8/int8, their fp32 block scales; ``load_state_dict`` keeps
-them bit-exact (torch's own would cast them to the parameter dtype) and works on a fresh optimizer.
+Checkpoints: ``state_dict`` holds per-parameter ``step`` (int) and the state tensors as stored:
+``exp_avg``/``exp_avg_sq`` codes (1-D, the parameter's length), for int8 their fp32 block scales,
+for fp8 ``exp_avg_sq`` as the packed bytes. ``load_state_dict`` keeps them bit-exact (torch's own
+would cast them to the parameter dtype), works on a fresh optimizer and also takes fp8 state in
+the unpacked form of ``block_state`` (codes plus ``exp_avg_scale``/``exp_avg_sq_scale``), which
+resharding checkpoints exchange.
 ``dequantized_state_dict`` exports plain fp32 moments in ``torch.optim.AdamW``'s format.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections import defaultdict
 from collections.abc import Iterable
@@ -76,7 +88,15 @@ from typing import Any, Callable
 import torch
 from torch.optim import Optimizer
 
-from seqmesh.trainer.optim.quantize import FORMATS, MASK32, StateFormat, dequantize_flat
+from seqmesh.trainer.optim.quantize import (
+    FORMATS,
+    MASK32,
+    PACKED_SCALE_BITS,
+    StateFormat,
+    dequantize_flat,
+    pack_flat,
+    unpack_flat,
+)
 from seqmesh.trainer.optim.update import Bucket, Hyper, padded_numel, torch_step
 
 STATE_DTYPES = tuple(FORMATS)
@@ -110,6 +130,9 @@ def _check_group(group: dict[str, Any]) -> None:
     block = group["block_size"]
     if not isinstance(block, int) or block < 16 or block > 4096 or block & (block - 1):
         raise ValueError(f"block_size must be a power of two in [16, 4096], got {block!r}")
+    if FORMATS[group["state_dtype"]].packed and block < PACKED_SCALE_BITS:
+        raise ValueError(f"state_dtype {group['state_dtype']!r} stores each block's two fp32 scales in the spare "
+                         f"bits of its {block} v codes, which needs block_size >= {PACKED_SCALE_BITS}; got {block}")
     if not isinstance(group["stochastic_rounding"], bool):
         raise ValueError(f"stochastic_rounding must be True or False, got {group['stochastic_rounding']!r}")
     for key in ("seed", "index_offset"):
@@ -199,7 +222,7 @@ class FP8AdamW(Optimizer):
             bucket.grads.append(grad)
             bucket.exp_avg.append(state["exp_avg"])
             bucket.exp_avg_sq.append(state["exp_avg_sq"])
-            if fmt.scaled:
+            if fmt.scaled and not fmt.packed:
                 bucket.exp_avg_scale.append(state["exp_avg_scale"])
                 bucket.exp_avg_sq_scale.append(state["exp_avg_sq_scale"])
             bucket.key_base.append(key_base)
@@ -227,6 +250,24 @@ class FP8AdamW(Optimizer):
             raise RuntimeError("the optimizer has no state yet: call step() or load_state_dict() first")
         return nbytes / numel
 
+    def block_state(self, p: torch.Tensor) -> dict[str, Any]:
+        """``p``'s state with codes of ``p``'s length and, for quantized formats, one fp32 scale per block
+        and moment (``exp_avg_scale``, ``exp_avg_sq_scale``), whatever the storage: the form a reader
+        of codes and scales (a resharding checkpoint) needs. Empty if ``p`` has no state yet."""
+        state = self.state.get(p)
+        if not state:
+            return {}
+        fmt, block = self._format_of(p)
+        if not fmt.packed:
+            return dict(state)
+        codes, m_scale, v_scale = unpack_flat(state["exp_avg_sq"], p.numel(), fmt.v.dtype, block)
+        return {"step": state["step"], "exp_avg": state["exp_avg"], "exp_avg_sq": codes,
+                "exp_avg_scale": m_scale, "exp_avg_sq_scale": v_scale}
+
+    def _format_of(self, p: torch.Tensor) -> tuple[StateFormat, int]:
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        return FORMATS[group["state_dtype"]], group["block_size"]
+
     def dequantized_state_dict(self) -> dict[str, Any]:
         """The moments as fp32 tensors shaped like their parameters, in ``torch.optim.AdamW``'s state-dict format.
 
@@ -239,7 +280,7 @@ class FP8AdamW(Optimizer):
             fmt, block = FORMATS[group["state_dtype"]], group["block_size"]
             ids = []
             for p in group["params"]:
-                st = self.state.get(p)
+                st = self.block_state(p)
                 if st:
                     if fmt.scaled:
                         m = dequantize_flat(st["exp_avg"], st["exp_avg_scale"], fmt.m, block)
@@ -307,6 +348,8 @@ class FP8AdamW(Optimizer):
 
 def _expected_state(p: torch.Tensor, fmt: StateFormat, block: int) -> dict[str, tuple[torch.dtype, int]]:
     n = p.numel()
+    if fmt.packed:
+        return {"exp_avg": (fmt.m.dtype, n), "exp_avg_sq": (torch.uint8, padded_numel(n, block))}
     expected = {"exp_avg": (fmt.m.dtype, n), "exp_avg_sq": (fmt.v.dtype, n)}
     if fmt.scaled:
         blocks = padded_numel(n, block) // block
@@ -322,6 +365,11 @@ def _init_state(state: dict[str, Any], p: torch.Tensor, fmt: StateFormat, block:
 
 def _restore_state(saved: dict[str, Any], p: torch.Tensor, fmt: StateFormat, block: int,
                    saved_id: int) -> dict[str, Any]:
+    if fmt.packed and "exp_avg_sq_scale" in saved:  # the unpacked form of ``block_state``
+        unpacked = _restore_state(saved, p, dataclasses.replace(fmt, packed=False), block, saved_id)
+        return {"step": unpacked["step"], "exp_avg": unpacked["exp_avg"],
+                "exp_avg_sq": pack_flat(unpacked["exp_avg_sq"], unpacked["exp_avg_scale"],
+                                        unpacked["exp_avg_sq_scale"], block)}
     expected = _expected_state(p, fmt, block)
     missing = sorted((set(expected) | {"step"}) - set(saved))
     if missing:

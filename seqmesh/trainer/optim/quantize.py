@@ -167,18 +167,64 @@ def round_plain(x: torch.Tensor, fmt: CodeFormat, bits: torch.Tensor | None) -> 
     return torch.where((x < 0) & (mag > 0), -mag, mag).to(fmt.dtype)
 
 
+# A packed block carries two fp32 scales (m's, then v's), one bit per element of v's codes.
+PACKED_SCALE_BITS = 64
+
+
+def pack_scales(v_codes: torch.Tensor, m_scale: torch.Tensor, v_scale: torch.Tensor) -> torch.Tensor:
+    """v's codes [blocks, block] as bytes whose top bits carry both block scales, bit for bit.
+
+    v's float codes are magnitudes, so their sign bit is always 0: element j < 32 of a block lends
+    it to bit j of m's scale, element 32 + j to bit j of v's. The scales then cost no byte at all
+    and a block of 128 stores m and v in exactly 2 bytes per element (``block_size`` >= 64).
+    """
+    words = torch.stack([m_scale, v_scale], 1).contiguous().view(torch.int32).to(torch.int64) & MASK32
+    shifts = torch.arange(32, device=v_codes.device)
+    bits = ((words[:, :, None] >> shifts) & 1).view(-1, PACKED_SCALE_BITS)
+    packed = v_codes.view(torch.uint8).to(torch.int64)
+    packed[:, :PACKED_SCALE_BITS] |= bits << 7
+    return packed.to(torch.uint8)
+
+
+def unpack_scales(packed: torch.Tensor, v_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(v codes as ``v_dtype``, m's scales, v's scales) of packed bytes [blocks, block] (``pack_scales``'s inverse)."""
+    raw = packed.to(torch.int64)
+    codes = (raw & 0x7F).to(torch.uint8).view(v_dtype)
+    top = (raw[:, :PACKED_SCALE_BITS] >> 7).view(-1, 2, 32)
+    words = (top << torch.arange(32, device=packed.device)).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    scales = words.view(torch.float32)
+    return codes, scales[:, 0].contiguous(), scales[:, 1].contiguous()
+
+
+def pack_flat(v_codes: torch.Tensor, m_scale: torch.Tensor, v_scale: torch.Tensor, block: int) -> torch.Tensor:
+    """One tensor's packed bytes (1-D, whole blocks) from its v codes (any length) and both block scales."""
+    raw = torch.zeros(m_scale.numel() * block, dtype=torch.uint8, device=v_codes.device)
+    raw[: v_codes.numel()] = v_codes.view(torch.uint8)
+    return pack_scales(raw.view(-1, block), m_scale, v_scale).view(-1)
+
+
+def unpack_flat(packed: torch.Tensor, numel: int, v_dtype: torch.dtype,
+                block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(v codes of the tensor's ``numel`` elements, m's scales, v's scales) from its packed bytes."""
+    codes, m_scale, v_scale = unpack_scales(packed.view(-1, block), v_dtype)
+    return codes.view(-1)[:numel], m_scale, v_scale
+
+
 @dataclass(frozen=True)
 class StateFormat:
-    """The pair of codes one ``state_dtype`` stores m and v in; ``scaled`` formats keep block scales."""
+    """The pair of codes one ``state_dtype`` stores m and v in; ``scaled`` formats keep block scales,
+    ``packed`` ones inside v's codes (``pack_scales``) rather than in tensors of their own."""
 
     name: str
     m: CodeFormat
     v: CodeFormat
     scaled: bool
+    packed: bool = False
 
 
 FORMATS: dict[str, StateFormat] = {
-    "fp8": StateFormat("fp8", E4M3, E4M3_FLOOR, scaled=True),
+    "fp8": StateFormat("fp8", E4M3, E4M3_FLOOR, scaled=True, packed=True),
     "int8": StateFormat("int8", INT8, UINT8_SQRT, scaled=True),
     "bf16": StateFormat("bf16", BF16, BF16, scaled=False),
     "fp32": StateFormat("fp32", FP32, FP32, scaled=False),

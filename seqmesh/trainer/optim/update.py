@@ -23,11 +23,13 @@ from seqmesh.trainer.optim.quantize import (
     StateFormat,
     dequantize_blocks,
     hash32_int,
+    pack_scales,
     quantize_blocks,
     random_bits,
     round_plain,
     sqrt_rn,
     tensor_salt,
+    unpack_scales,
 )
 
 
@@ -67,7 +69,8 @@ class Bucket:
 
     ``key_base`` is each tensor's first element in its group's index space (random-bit counters);
     ``step`` the step each tensor is taking now (already incremented). Scale lists stay empty for
-    unscaled formats.
+    unscaled and packed formats; a packed format's ``exp_avg_sq`` tensors are the bytes of
+    ``quantize.pack_scales``, padded to whole blocks.
     """
 
     params: list[torch.Tensor] = field(default_factory=list)
@@ -104,6 +107,11 @@ def _per_element(values: list, padded: list[int], dtype: torch.dtype,
     return torch.repeat_interleave(table, torch.tensor(padded, device=device))
 
 
+def _real(numels: list[int], padded: list[int], device: torch.device) -> torch.Tensor:
+    """True at the flat buffer's real elements, False at padding."""
+    return _flat([torch.ones(n, dtype=torch.bool, device=device) for n in numels], numels, padded)
+
+
 def _split_back(flat: torch.Tensor, dests: list[torch.Tensor], numels: list[int], padded: list[int]) -> None:
     pieces = torch.split(flat, padded)
     torch._foreach_copy_(dests, [piece[:n].view(d.shape) for piece, n, d in zip(pieces, numels, dests)])
@@ -119,7 +127,11 @@ def torch_step(bucket: Bucket, hp: Hyper) -> None:
 
     g = _flat(bucket.grads, numels, padded).to(f32).view(-1, block)
     p = _flat(bucket.params, numels, padded).to(f32).view(-1, block)
-    if fmt.scaled:
+    if fmt.packed:
+        v_codes, m_scale, v_scale = unpack_scales(torch.cat(bucket.exp_avg_sq).view(-1, block), fmt.v.dtype)
+        m = dequantize_blocks(_flat(bucket.exp_avg, numels, padded).view(-1, block), m_scale, fmt.m)
+        v = dequantize_blocks(v_codes, v_scale, fmt.v)
+    elif fmt.scaled:
         m = dequantize_blocks(_flat(bucket.exp_avg, numels, padded).view(-1, block),
                               torch.cat(bucket.exp_avg_scale), fmt.m)
         v = dequantize_blocks(_flat(bucket.exp_avg_sq, numels, padded).view(-1, block),
@@ -159,6 +171,15 @@ def torch_step(bucket: Bucket, hp: Hyper) -> None:
     if bf16_params:
         p = round_plain(p, BF16, bits_p)
     _split_back(p.reshape(-1), bucket.params, numels, padded)
+    if fmt.packed:
+        qm, sm = quantize_blocks(m, fmt.m, None)
+        qv, sv = quantize_blocks(v, fmt.v, bits_v)
+        _split_back(qm.reshape(-1), bucket.exp_avg, numels, padded)
+        # Padding lanes store code 0 (the floor would write a nonzero one), so they decode to v = 0.
+        v_codes = qv.view(torch.uint8) if numels == padded else \
+            torch.where(_real(numels, padded, device).view(-1, block), qv.view(torch.uint8), 0)
+        _split_back(pack_scales(v_codes, sm, sv).reshape(-1), bucket.exp_avg_sq, padded, padded)
+        return
     if fmt.scaled:
         qm, sm = quantize_blocks(m, fmt.m, None)
         qv, sv = quantize_blocks(v, fmt.v, bits_v)
