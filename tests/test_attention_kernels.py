@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from seqmesh.kernels import attention as attention_module
 from seqmesh.kernels.attention import (attention_backward, attention_forward, doc_runs, resolve_backend,
                                       varlen_attention)
+from seqmesh.trainer import first_use
 
 SEQLENS = [1, 5, 2, 9, 3]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -179,6 +180,34 @@ def test_cudnn_backend_logic_on_cpu_stand_ins(monkeypatch):
         _assert_close(lse, ref[1], torch.float32, "lse")
         for name, x, r in zip(("dq", "dk", "dv"), qkv, ref[2:]):
             _assert_close(x.grad, r, torch.float32, name)
+
+
+def test_cudnn_graph_builds_are_noted_once_per_bucket_and_direction(monkeypatch):
+    """Each (bucket length, heads, head dim, dtype) the cudnn backend meets for the first time, forward and
+    backward apart, is one first-use event (cuDNN builds a graph for it); documents of other lengths in
+    the same buckets, or the same shapes again, note nothing."""
+    cpu = attention_module
+    monkeypatch.setattr(cpu, "_cudnn_dense_forward", lambda q, k, v, scale: (torch.zeros_like(q),
+                                                                             torch.zeros(q.shape[1], q.shape[0])))
+    monkeypatch.setattr(cpu, "_cudnn_dense_backward", lambda dout, q, k, v, out, lse, scale: (q, k, v))
+    monkeypatch.setattr(cpu, "_torch_flash_forward", cpu._cpu_flash_forward)
+    monkeypatch.setattr(cpu, "_torch_flash_backward", cpu._cpu_flash_backward)
+    monkeypatch.setattr(cpu, "CUDNN_MIN_DOC_TOKENS", 30)
+    monkeypatch.setitem(cpu._REGISTRY, "cudnn", cpu._Backend(cpu._cudnn_forward, cpu._cudnn_backward, lambda q: True))
+    monkeypatch.setattr(first_use, "_seen", set())  # a fresh process: no graph built yet
+
+    def new_graphs(lens, hq, hkv):
+        before = first_use.counts()
+        q, k, v, dout = (x.requires_grad_(True) for x in _qkvd(lens, hq, hkv, torch.float32))
+        varlen_attention(q, k, v, _cu(lens), max(lens), True, backend="cudnn")[0].backward(dout)
+        return first_use.since(before)
+
+    # Long documents 37, 101, 64 -> buckets 38, 104, 64: three graphs forward, three backward.
+    assert new_graphs([37, 2, 5, 101, 3, 64], 4, 4) == {"cudnn_graph": 6}
+    assert new_graphs([38, 103, 4, 63], 4, 4) == {}  # the same buckets
+    assert new_graphs([39, 64], 4, 4) == {"cudnn_graph": 2}  # 39 -> bucket 40
+    assert new_graphs([37], 6, 2) == {"cudnn_graph": 2}  # other head counts: other graphs
+    assert new_graphs([37, 2, 5, 101, 3, 64], 4, 4) == {}
 
 
 def _needs_cudnn():

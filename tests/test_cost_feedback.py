@@ -1,5 +1,5 @@
-"""CostFeedback: group times and the tail read the way the simulator prices them; warm-up is never fitted;
-refits from a step loop's own timings predict its step times."""
+"""CostFeedback: group times and the tail read the way the simulator prices them; warm-up and steps with
+one-off work are never fitted; refits from a step loop's own timings predict its step times."""
 
 from __future__ import annotations
 
@@ -82,8 +82,26 @@ def test_the_model_that_priced_a_plan_is_found_among_the_kept_generations():
     out = fb.observe_step(new, LENGTHS, [(0, [1200.0, 300.0]), (1, [1200.0, 300.0])], 2000.0)
     assert out["plan_model"] == 1 and out["predicted_tail_ms"] == round(new_model.grad_reduce_ms, 2)
     stranger = dataclasses.replace(old, predicted_ms=123.0)
-    assert fb.observe_step(stranger, LENGTHS, None, 2000.0) == {"plan_model": None,
+    assert fb.observe_step(stranger, LENGTHS, None, 2000.0) == {"plan_model": None, "one_off": {},
                                                                 "predicted_tail_ms": round(new_model.grad_reduce_ms, 2)}
+
+
+def test_a_step_with_one_off_work_is_reported_but_not_fitted_and_the_next_clean_one_is():
+    plan = _plan([[(0, 1, [0, 3]), (1, 1, [1])], [(0, 2, [2])]])
+    fb = CostFeedback(PROFILE, refine_every=1, warmup_steps=1)
+    fb.observe_step(plan, LENGTHS, [(0, [5000.0, 9000.0]), (1, [5000.0, 9000.0])], 30000.0)  # warm-up
+    # A later step that built two cuDNN graphs on one rank and a process group on both: 1.7x slow groups.
+    slow = fb.observe_step(plan, LENGTHS, [(0, [170.0, 1530.0]), (1, [255.0, 1530.0])], 2400.0,
+                           one_off={"cudnn_graph": 2, "process_group": 2, "compile": 0})
+    assert slow["fit"] is False and slow["one_off"] == {"cudnn_graph": 2, "process_group": 2}
+    assert slow["makespan_ms"] == 1785.0 and slow["tail_ms"] == 615.0  # still measured and reported
+    assert fb.maybe_refine(1) is None and not fb.groups and not fb.tails
+    clean = fb.observe_step(plan, LENGTHS, [(0, [100.0, 900.0]), (1, [150.0, 900.0])], 1400.0, one_off={})
+    assert clean["fit"] and clean["one_off"] == {}
+    assert list(fb.tails) == [1400.0 - 1050.0] and len(fb.groups) == 3
+    refit = fb.maybe_refine(2)
+    assert refit is not None and refit.grad_reduce_ms == pytest.approx(350.0)
+    assert refit.group_ms([40000], 2) == pytest.approx(900.0, rel=0.05)  # the 1530 ms one-off group left no trace
 
 
 def _closed_loop(feedback: CostFeedback, policy: str, steps: int = 9, noise: float = 0.01) -> list[tuple[int, float]]:

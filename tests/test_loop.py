@@ -12,6 +12,7 @@ import torch.distributed as dist
 from seqmesh.parallel.grad_reduce import reduce_gradients
 from seqmesh.parallel.mesh import Mesh
 from seqmesh.scheduler.plan import plan_from_assignment
+from seqmesh.trainer import first_use
 from seqmesh.trainer.config import config_from_dict
 from seqmesh.trainer.data import num_targets, pack
 from seqmesh.trainer.loss import token_loss_sum
@@ -58,7 +59,11 @@ def _split_step(rank: int, world: int, mode: str) -> tuple[float, dict[str, torc
 
     cfg = config_from_dict({"parallel": {"sp_mode": mode}, "launch": {"num_workers": world}})
     mesh = Mesh(world, rank)
+    before = first_use.counts()
     mesh.ensure_sp_groups((g.first, g.count) for mb in PLAN.microbatches for g in mb.groups)
+    assert first_use.since(before) == {"process_group": 2}, "the SP groups [0, 2) and [2, 4) are new, once each"
+    mesh.ensure_sp_groups([(0, 2), (2, 2), (1, 1)])
+    assert first_use.since(before) == {"process_group": 2}, "cached groups are no first use"
     model, docs = _model(), _docs()
     denominator = num_targets(LENGTHS)
     loss_sum = torch.zeros(())
@@ -113,5 +118,8 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     run_distributed(_train, 2, _overrides(src, tmp_path, 10, False), str(tmp_path / "b"))
     resumed = run_distributed(_train, 2, _overrides(src, tmp_path, None, True), str(tmp_path / "b"))[0]
     assert len(straight) == len(resumed) == 20
+    # Every step reports its one-off work (summed over ranks); a step that did some is never fitted.
+    feedback = [json.loads(line)["cost_feedback"] for line in (tmp_path / "a" / "metrics.jsonl").open()]
+    assert all(isinstance(f["one_off"], dict) and not (f["one_off"] and f["fit"]) for f in feedback)
     assert resumed == straight
     assert straight[-1] < straight[0]

@@ -27,7 +27,8 @@ shorter than ``CUDNN_MIN_DOC_TOKENS`` (where per-call overhead would show) stay 
 kernel, a run of consecutive short documents in one call. Only causal (diagonal) blocks go to
 cuDNN, each padded to a length bucket (``bucket_length``) so that a few cached graphs serve every
 length; the ring's non-causal blocks cannot be padded without a key mask, which PyTorch's cuDNN
-op does not take, and stay on the flash kernel.
+op does not take, and stay on the flash kernel. A bucket's first forward and first backward in a
+process build its graphs, a one-off cost noted in ``seqmesh.trainer.first_use``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from seqmesh.trainer import first_use
 
 BACKENDS = ("auto", "flash_attn", "cudnn", "torch_flash", "cpu_flash", "math")
 # Shortest document (query and key tokens of the block) that the cudnn backend gives to cuDNN:
@@ -246,6 +249,7 @@ def _cudnn_doc_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[T
     real query sees a padding key, so the real rows come out as without padding."""
     n, group = q.shape[0], q.shape[1] // k.shape[1]
     m = bucket_length(n)
+    first_use.first("cudnn_graph", ("forward", m, *q.shape[1:], q.dtype, q.device))
     out, lse = _cudnn_dense_forward(*(_pad_tokens(x, m) for x in (q, _expand_heads(k, group),
                                                                    _expand_heads(v, group))), scale)
     return out[:n], lse[:, :n]
@@ -257,6 +261,7 @@ def _cudnn_doc_backward(dout, q, k, v, out, lse, scale) -> tuple[Tensor, Tensor,
     so they add nothing to the real rows' gradients."""
     (n, hkv, d), group = k.shape, q.shape[1] // k.shape[1]
     m = bucket_length(n)
+    first_use.first("cudnn_graph", ("backward", m, *q.shape[1:], q.dtype, q.device))
     padded = (_pad_tokens(x, m) for x in (dout, q, _expand_heads(k, group), _expand_heads(v, group), out))
     dq, dk, dv = _cudnn_dense_backward(*padded, F.pad(lse, (0, m - n)), scale)
     dk, dv = (x[:n].reshape(n, hkv, group, d).sum(2) for x in (dk, dv))

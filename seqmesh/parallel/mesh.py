@@ -17,6 +17,8 @@ from typing import Iterable
 
 import torch.distributed as dist
 
+from seqmesh.trainer import first_use
+
 
 @dataclass
 class Mesh:
@@ -72,7 +74,7 @@ class Mesh:
         if self._hdp_group is None:
             for p in range(self.pp):
                 for t in range(self.tp):
-                    g = dist.new_group(self.hdp_ranks(p, t))
+                    g = _new_group(self.hdp_ranks(p, t))
                     if p == self.pp_rank and t == self.tp_rank:
                         self._hdp_group = g
         return self._hdp_group
@@ -91,7 +93,7 @@ class Mesh:
         if self._tp_group is None:
             for p in range(self.pp):
                 for h in range(self.hdp):
-                    g = dist.new_group(self.tp_ranks(p, h))
+                    g = _new_group(self.tp_ranks(p, h))
                     if p == self.pp_rank and h == self.hdp_rank:
                         self._tp_group = g
         return self._tp_group
@@ -110,7 +112,7 @@ class Mesh:
             return None
         if self._mp_group is None:
             for h in range(self.hdp):
-                g = dist.new_group([r for p in range(self.pp) for r in self.tp_ranks(p, h)])
+                g = _new_group([r for p in range(self.pp) for r in self.tp_ranks(p, h)])
                 if h == self.hdp_rank:
                     self._mp_group = g
         return self._mp_group
@@ -124,7 +126,7 @@ class Mesh:
         if not self._embedding_made:
             for h in range(self.hdp):
                 for t in range(self.tp):
-                    g = dist.new_group([self.global_rank(0, h, t), self.global_rank(self.pp - 1, h, t)])
+                    g = _new_group([self.global_rank(0, h, t), self.global_rank(self.pp - 1, h, t)])
                     if (h, t) == (self.hdp_rank, self.tp_rank) and self.pp_rank in (0, self.pp - 1):
                         self._embedding_group = g
             self._embedding_made = True
@@ -138,7 +140,7 @@ class Mesh:
         if self.pp == 1:
             return None
         if self._channels is None:
-            self._channels = tuple(dist.new_group(list(range(self.world))) for _ in range(4))
+            self._channels = tuple(_new_group(list(range(self.world))) for _ in range(4))
         return self._channels
 
     def ensure_sp_groups(self, ranges: Iterable[tuple[int, int]]) -> None:
@@ -151,7 +153,7 @@ class Mesh:
             for p in range(self.pp):
                 for t in range(self.tp):
                     ranks = self.hdp_ranks(p, t)[first:first + count]
-                    g = dist.new_group(ranks)
+                    g = _new_group(ranks)
                     if p == self.pp_rank and t == self.tp_rank:
                         self._sp_groups[(first, count)] = g
 
@@ -164,3 +166,10 @@ class Mesh:
         except KeyError:
             raise RuntimeError(f"SP group ({first}, {count}) was not created; call ensure_sp_groups with the "
                                f"step's plan on every rank first") from None
+
+
+def _new_group(ranks: list[int]) -> "dist.ProcessGroup":
+    """``dist.new_group``, recorded as one-off work (``seqmesh.trainer.first_use``): creating a group, and
+    setting up its communicator at its first collective, costs the step that does it, never a later one."""
+    first_use.note("process_group")
+    return dist.new_group(ranks)

@@ -11,7 +11,12 @@ cost model predicts, so that the two can be compared term by term (``observe_ste
   host gaps) is the measured step minus that makespan -- so a model that prices every group
   right and carries the median tail predicts the step exactly;
 * the first ``warmup_steps`` steps of a process pay one-off costs (communicator set-up, allocator
-  growth, kernel selection) that no later step pays; they are reported, never fitted.
+  growth, kernel selection) that no later step pays; they are reported, never fitted;
+* so is any later step in which a rank did one-off work it recorded (``seqmesh.trainer.first_use``:
+  a cuDNN graph for a new length bucket, a compile, a new process group). A long-tail length mix
+  meets new buckets for many steps: in bench/scheduler_gpu.py on 2x H200 the step after warm-up
+  ran 1.5-1.75x slower than later ones of similar tokens, and a refit from it over-predicted the
+  next two steps by 40-57%.
 
 Every ``refine_every`` steps the window of group timings refits the coefficients
 (``seqmesh.scheduler.profiler.refine``), always from the profile the run started with as prior,
@@ -25,7 +30,7 @@ import collections
 import dataclasses
 import math
 import statistics
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -63,27 +68,31 @@ class CostFeedback:
         # The models a plan still in flight may have been priced with (planning runs a step ahead).
         self.models: collections.deque[tuple[int, CostModel]] = collections.deque([(0, cost_model)], maxlen=history)
 
-    def observe(self, groups: Sequence[Observation], tail_ms: float) -> bool:
-        """Add one step's group timings (nominal speed) and its tail; False for a warm-up step (not kept)."""
+    def observe(self, groups: Sequence[Observation], tail_ms: float, one_off: bool = False) -> bool:
+        """Add one step's group timings (nominal speed) and its tail; False for a warm-up step or one
+        that did ``one_off`` work (not kept)."""
         self._steps_seen += 1
-        if self._steps_seen <= self.warmup_steps:
+        if self._steps_seen <= self.warmup_steps or one_off:
             return False
         self.groups.extend(groups)
         self.tails.append(tail_ms)
         return True
 
     def observe_step(self, plan: Plan, lengths: Sequence[int], rank_spans: Sequence[RankSpans] | None,
-                     step_ms: float) -> dict[str, Any]:
+                     step_ms: float, one_off: Mapping[str, int] | None = None) -> dict[str, Any]:
         """Fold one step's measurements in (see the module docstring) and return its diagnostics.
 
         ``rank_spans`` holds every rank's report, or None where groups are not timed one by one
-        (a pipeline interleaves them): then only the step-level figures are returned. The
+        (a pipeline interleaves them): then only the step-level figures are returned. ``one_off``
+        counts the first-use events of the step by kind, summed over ranks (``first_use.since``);
+        any event keeps the step out of the fit, and the diagnostics carry them as ``one_off``. The
         diagnostics price every group with the model that priced the plan (``plan_model``: 0 for
         the profile, k for the k-th refit, None if no model kept here reproduces its prediction);
         ``groups`` lists ``[micro-batch, first rank, size, sequences, tokens, measured ms, predicted ms]``.
         """
         generation, model = self._pricing_model(plan, lengths)
-        out: dict[str, Any] = {"plan_model": generation, "predicted_tail_ms": round(model.grad_reduce_ms, 2)}
+        out: dict[str, Any] = {"plan_model": generation, "predicted_tail_ms": round(model.grad_reduce_ms, 2),
+                               "one_off": {kind: n for kind, n in (one_off or {}).items() if n}}
         if rank_spans is None:
             return out
         measured = _group_times(plan, rank_spans)
@@ -100,8 +109,9 @@ class CostFeedback:
                 rows.append([k, g.first, g.count, len(lens), sum(lens), round(ms, 2), round(predicted, 2)])
         makespan = float(free.max())
         tail = step_ms - makespan
-        out.update(fit=self.observe(observations, tail), makespan_ms=round(makespan, 2), tail_ms=round(tail, 2),
-                   predicted_makespan_ms=round(plan.predicted_ms - model.grad_reduce_ms, 2), groups=rows)
+        out.update(fit=self.observe(observations, tail, one_off=bool(out["one_off"])), makespan_ms=round(makespan, 2),
+                   tail_ms=round(tail, 2), predicted_makespan_ms=round(plan.predicted_ms - model.grad_reduce_ms, 2),
+                   groups=rows)
         return out
 
     def maybe_refine(self, step: int) -> CostModel | None:

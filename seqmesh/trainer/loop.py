@@ -16,6 +16,7 @@ Every rank runs this function (under Ray Train, or any launcher that initialised
 
 from __future__ import annotations
 
+import collections
 import functools
 import time
 from contextlib import nullcontext
@@ -32,6 +33,7 @@ from seqmesh.parallel.sequence import make_sp_batch, shard_tokens
 from seqmesh.parallel.tensor import reduce_tensor_parallel_gradients, tensor_parallel, vocab_parallel_cross_entropy
 from seqmesh.scheduler import CostModel, plan_step
 from seqmesh.scheduler.plan import Group, Plan
+from seqmesh.trainer import first_use
 from seqmesh.trainer.build import (apply_memory_limit, apply_offload, build_cost_model, build_model,
                                    build_pipeline_model, build_schedule, build_sharded_optimizer)
 from seqmesh.trainer.config import RunConfig
@@ -156,6 +158,7 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
     try:
         for step in range(start, cfg.stop_at or cfg.steps):
             t_step = time.perf_counter()
+            first_use_before = first_use.counts()
             ids = next(sampler)
             lengths = train_set.lengths[ids].tolist()
             plan = planner.get(step, lengths)
@@ -211,14 +214,16 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
             timings = {"compute_s": sum(group_ms) / 1e3, "reduce_s": dict(spans)["reduce"] / 1e3,
                        "optimizer_s": dict(spans)["optimizer"] / 1e3, "plan_wait_s": planner.last_wait_ms / 1e3,
                        "peak_mem_bytes": peak_memory(device)[0] or 0,
-                       "group_ms": group_ms, "hdp_rank": mesh.hdp_rank}
+                       "group_ms": group_ms, "hdp_rank": mesh.hdp_rank, "first_use": first_use.since(first_use_before)}
             gathered: list[Any] = [None] * world
             dist.all_gather_object(gathered, timings)
             step_time = time.perf_counter() - t_step
             # Every rank's group spans, in its plan order (one pipeline span under PP: no per-group times).
             rank_spans = [(t.pop("hdp_rank"), t.pop("group_ms")) for t in gathered]
+            # One-off work (cuDNN graphs, compiles, new process groups) on any rank keeps the step out of refits.
+            one_off = sum((collections.Counter(t.pop("first_use")) for t in gathered), collections.Counter())
             diagnostics = feedback.observe_step(plan, lengths, None if mesh.pp > 1 else rank_spans,
-                                                1e3 * step_time) if rank == 0 else {}
+                                                1e3 * step_time, one_off) if rank == 0 else {}
             refined = feedback.maybe_refine(step) if rank == 0 else None
             if refined is not None:
                 planner.replace_plan_fn(functools.partial(planner.plan_fn, cost_model=refined))

@@ -28,6 +28,7 @@ from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from seqmesh.parallel.sequence import sp_attention
+from seqmesh.trainer import first_use
 
 if TYPE_CHECKING:
     from seqmesh.parallel.sequence import SPBatch
@@ -207,7 +208,9 @@ def _fused(fn):
     elementwise kernels took about a tenth of the kernel time next to cuDNN attention and the
     GEMMs. Compiled lazily (first CUDA call) and with dynamic shapes, since every micro-batch has
     its own token count; CPU runs stay eager (Inductor would build C++ there for no gain in tests).
+    Compiles and recompiles are one-off costs the step loop keeps out of the cost model's fit.
     """
+    first_use.track_compiles()
     return torch.compile(fn, dynamic=True)
 
 
