@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from seqmesh.kernels import attention as attention_module
-from seqmesh.kernels.attention import (attention_backward, attention_forward, doc_runs, resolve_backend,
-                                      varlen_attention)
+from seqmesh.kernels.attention import (attention_backward, attention_forward, bucket_length, cudnn_buckets,
+                                      doc_runs, resolve_backend, varlen_attention, warm_cudnn_graphs)
 from seqmesh.trainer import first_use
 
 SEQLENS = [1, 5, 2, 9, 3]
@@ -182,10 +182,9 @@ def test_cudnn_backend_logic_on_cpu_stand_ins(monkeypatch):
             _assert_close(x.grad, r, torch.float32, name)
 
 
-def test_cudnn_graph_builds_are_noted_once_per_bucket_and_direction(monkeypatch):
-    """Each (bucket length, heads, head dim, dtype) the cudnn backend meets for the first time, forward and
-    backward apart, is one first-use event (cuDNN builds a graph for it); documents of other lengths in
-    the same buckets, or the same shapes again, note nothing."""
+def _stub_cudnn(monkeypatch) -> None:
+    """The cudnn backend's logic on CPU: zeros for cuDNN's dense kernels, the CPU flash op for the
+    short runs, cuDNN from 30 tokens, and a fresh process's first-use record."""
     cpu = attention_module
     monkeypatch.setattr(cpu, "_cudnn_dense_forward", lambda q, k, v, scale: (torch.zeros_like(q),
                                                                              torch.zeros(q.shape[1], q.shape[0])))
@@ -194,14 +193,41 @@ def test_cudnn_graph_builds_are_noted_once_per_bucket_and_direction(monkeypatch)
     monkeypatch.setattr(cpu, "_torch_flash_backward", cpu._cpu_flash_backward)
     monkeypatch.setattr(cpu, "CUDNN_MIN_DOC_TOKENS", 30)
     monkeypatch.setitem(cpu._REGISTRY, "cudnn", cpu._Backend(cpu._cudnn_forward, cpu._cudnn_backward, lambda q: True))
-    monkeypatch.setattr(first_use, "_seen", set())  # a fresh process: no graph built yet
+    monkeypatch.setattr(first_use, "_seen", set())
 
-    def new_graphs(lens, hq, hkv):
-        before = first_use.counts()
-        q, k, v, dout = (x.requires_grad_(True) for x in _qkvd(lens, hq, hkv, torch.float32))
-        varlen_attention(q, k, v, _cu(lens), max(lens), True, backend="cudnn")[0].backward(dout)
-        return first_use.since(before)
 
+def new_graphs(lens: list[int], hq: int, hkv: int) -> dict[str, int]:
+    """The first-use events of one forward and backward over documents ``lens`` on the cudnn backend."""
+    before = first_use.counts()
+    q, k, v, dout = (x.requires_grad_(True) for x in _qkvd(lens, hq, hkv, torch.float32))
+    varlen_attention(q, k, v, _cu(lens), max(lens), True, backend="cudnn")[0].backward(dout)
+    return first_use.since(before)
+
+
+def test_cudnn_buckets_cover_every_length_once():
+    for top in (4096, 5000, 98304, 131071):
+        buckets = cudnn_buckets(top)
+        assert buckets == sorted(set(buckets)) and buckets[-1] >= top
+        assert {bucket_length(n) for n in range(4096, top + 1)} == set(buckets)
+
+
+def test_warming_builds_every_graph_training_meets(monkeypatch):
+    """After ``warm_cudnn_graphs`` up to 110 tokens for 4 and 2 heads, no document of up to 110 tokens
+    with those heads builds a graph; other head counts still do."""
+    assert warm_cudnn_graphs(110, [4], 16, 0.25, torch.float32, torch.device("cpu")) == 0  # auto: not cuDNN on CPU
+    _stub_cudnn(monkeypatch)
+    built = warm_cudnn_graphs(110, [4, 2, 4], 16, 0.25, torch.float32, torch.device("cpu"), backend="cudnn")
+    assert built == 2 * len(cudnn_buckets(110))
+    assert new_graphs([37, 2, 5, 101, 3, 64, 110], 4, 4) == {}
+    assert new_graphs([31, 55, 80], 2, 1) == {}
+    assert new_graphs([37], 8, 8) == {"cudnn_graph": 2}
+
+
+def test_cudnn_graph_builds_are_noted_once_per_bucket_and_direction(monkeypatch):
+    """Each (bucket length, heads, head dim, dtype) the cudnn backend meets for the first time, forward and
+    backward apart, is one first-use event (cuDNN builds a graph for it); documents of other lengths in
+    the same buckets, or the same shapes again, note nothing."""
+    _stub_cudnn(monkeypatch)
     # Long documents 37, 101, 64 -> buckets 38, 104, 64: three graphs forward, three backward.
     assert new_graphs([37, 2, 5, 101, 3, 64], 4, 4) == {"cudnn_graph": 6}
     assert new_graphs([38, 103, 4, 63], 4, 4) == {}  # the same buckets

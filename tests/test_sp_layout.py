@@ -52,16 +52,16 @@ def test_shard_tokens_and_clear_errors():
 
 
 def test_degrees_by_mode(monkeypatch):
-    from seqmesh.parallel.sequence import _degrees
+    from seqmesh.parallel.sequence import sp_degrees
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)  # 8 ranks per node assumed
 
-    assert _degrees("ulysses", 4, None, 8) == (4, 1)
-    assert _degrees("ring", 4, None, None) == (1, 4)
-    assert _degrees("hybrid", 8, None, 32) == (4, 2)  # largest proper divisor within a node
-    assert _degrees("hybrid", 16, None, 4) == (4, 4)  # ... and within the head count
-    assert _degrees("hybrid", 8, 2, None) == (2, 4)
+    assert sp_degrees("ulysses", 4, None, 8) == (4, 1)
+    assert sp_degrees("ring", 4, None, None) == (1, 4)
+    assert sp_degrees("hybrid", 8, None, 32) == (4, 2)  # largest proper divisor within a node
+    assert sp_degrees("hybrid", 16, None, 4) == (4, 4)  # ... and within the head count
+    assert sp_degrees("hybrid", 8, 2, None) == (2, 4)
     with pytest.raises(ValueError, match="needs at least 16 attention heads"):
-        _degrees("ulysses", 16, None, 8)
+        sp_degrees("ulysses", 16, None, 8)
     with pytest.raises(ValueError, match="must divide"):
-        _degrees("hybrid", 6, 4, None)
+        sp_degrees("hybrid", 6, 4, None)

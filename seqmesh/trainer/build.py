@@ -14,7 +14,10 @@ from seqmesh.parallel.pipeline import PipelineModel, split_model
 from seqmesh.parallel.tensor import apply_tensor_parallel, tensor_parallel
 from seqmesh.parallel.zero import ZeroOptimizer
 from seqmesh.parallel.zero3 import Zero3Optimizer
+from seqmesh.kernels.attention import warm_cudnn_graphs
+from seqmesh.parallel.sequence import sp_degrees
 from seqmesh.scheduler import CostModel, default_cost_model
+from seqmesh.scheduler.simulate import plannable_sizes
 from seqmesh.trainer.config import ModelConfig, OptimConfig, RunConfig
 from seqmesh.trainer.hf_io import load_hf
 from seqmesh.trainer.lr_schedule import build_lr_scheduler
@@ -179,3 +182,25 @@ def build_cost_model(cfg: RunConfig, model: Transformer, device: torch.device) -
                               dp_shards=cfg.hdp, zero_stage=None if zero3 else cfg.parallel.zero_stage,
                               optim_state_bytes={"fp32": 8.0, "bf16": 4.0}.get(cfg.optim.state_dtype, 2.0),
                               checkpointing=cfg.model.activation_checkpointing or zero3).with_layout(tp, pp, tp_GBps=0.0)
+
+
+def warm_attention(model: torch.nn.Module, cfg: RunConfig, mesh: Mesh, cost_model: CostModel,
+                   device: torch.device) -> int:
+    """Build the attention kernels' per-shape graphs for every document length and SP group size the
+    run can meet, before its first step (``warm_cudnn_graphs``; nothing happens off cuDNN).
+
+    Per-rank heads follow the SP layout: a group of d ranks runs Ulysses over u of them
+    (``parallel.sp_mode``), each rank with 1/u of its TP shard's heads.
+    """
+    attn = next((m for m in model.modules() if hasattr(m, "num_heads") and hasattr(m, "head_dim")), None)
+    if attn is None or device.type != "cuda":
+        return 0
+    if cfg.scheduler.policy == "adaptive":
+        sizes = plannable_sizes(mesh.hdp, cost_model, cfg.scheduler.group_sizes)
+    else:
+        sizes = (cfg.scheduler.sp,)
+    heads = [attn.num_heads // (1 if d == 1 else sp_degrees(cfg.parallel.sp_mode, d, cfg.parallel.ulysses_degree,
+                                                              attn.num_heads)[0]) for d in sizes]
+    dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else next(model.parameters()).dtype
+    return warm_cudnn_graphs(cfg.data.max_seq_len, heads, attn.head_dim, attn.head_dim**-0.5, dtype, device,
+                             cfg.parallel.attn_backend)

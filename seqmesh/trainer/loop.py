@@ -35,7 +35,7 @@ from seqmesh.scheduler import CostModel, plan_step
 from seqmesh.scheduler.plan import Group, Plan
 from seqmesh.trainer import first_use
 from seqmesh.trainer.build import (apply_memory_limit, apply_offload, build_cost_model, build_model,
-                                   build_pipeline_model, build_schedule, build_sharded_optimizer)
+                                   build_pipeline_model, build_schedule, build_sharded_optimizer, warm_attention)
 from seqmesh.trainer.config import RunConfig
 from seqmesh.trainer.data import IGNORE_INDEX, build_data, make_sampler, num_targets, pack
 from seqmesh.trainer.flops import peak_flops, train_flops
@@ -132,6 +132,7 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
     schedule = build_schedule(optimizer.optimizer, cfg)
     cost_model = build_cost_model(cfg, model, device)
     apply_offload(model, cfg, cost_model, device)
+    warm_attention(model, cfg, mesh, cost_model, device)
     planner = PlanAhead(functools.partial(plan_step, gpus=mesh.hdp, cost_model=cost_model,
                                           policy=cfg.scheduler.policy, sp=cfg.scheduler.sp,
                                           group_sizes=cfg.scheduler.group_sizes,

@@ -29,7 +29,7 @@ from seqmesh.parallel.sequence.ulysses import UlyssesPlan, heads_to_seq, seq_to_
 
 SP_MODES = ("local", "ulysses", "ring", "hybrid")
 
-__all__ = ["SP_MODES", "SPBatch", "make_sp_batch", "shard_tokens", "sp_attention"]
+__all__ = ["SP_MODES", "SPBatch", "make_sp_batch", "shard_tokens", "sp_attention", "sp_degrees"]
 
 
 @dataclass
@@ -101,7 +101,8 @@ class SPBatch:
         return self._tables[key]
 
 
-def _degrees(mode: str, world: int, ulysses_degree: int | None, num_heads: int | None) -> tuple[int, int]:
+def sp_degrees(mode: str, world: int, ulysses_degree: int | None, num_heads: int | None) -> tuple[int, int]:
+    """(Ulysses degree, ring degree) of an SP group of ``world`` ranks in ``mode``."""
     heads = num_heads or world
     if mode == "local":
         if world != 1:
@@ -149,7 +150,7 @@ def make_sp_batch(seqlens: Sequence[int], mode: str, group: "dist.ProcessGroup |
     group_rank = 0 if group is None else dist.get_rank(group)
     if group_rank < 0:
         raise ValueError("this rank is not a member of the given process group")
-    u, r = _degrees(mode, world, ulysses_degree, num_heads)
+    u, r = sp_degrees(mode, world, ulysses_degree, num_heads)
     layout = Layout(tuple(int(n) for n in seqlens), u, r)
     local_index = layout.local_index(group_rank)
     position_ids = layout.position_ids(local_index)
