@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 
 import torch
 import transformers
 
+from seqmesh.kernels.attention import warm_cudnn_graphs
 from seqmesh.parallel.checkpointing import apply_activation_checkpointing
 from seqmesh.parallel.mesh import Mesh
 from seqmesh.parallel.offload import attach_offload
@@ -14,7 +17,6 @@ from seqmesh.parallel.pipeline import PipelineModel, split_model
 from seqmesh.parallel.tensor import apply_tensor_parallel, tensor_parallel
 from seqmesh.parallel.zero import ZeroOptimizer
 from seqmesh.parallel.zero3 import Zero3Optimizer
-from seqmesh.kernels.attention import warm_cudnn_graphs
 from seqmesh.parallel.sequence import sp_degrees
 from seqmesh.scheduler import CostModel, default_cost_model
 from seqmesh.scheduler.simulate import plannable_sizes
@@ -23,6 +25,8 @@ from seqmesh.trainer.hf_io import load_hf
 from seqmesh.trainer.lr_schedule import build_lr_scheduler
 from seqmesh.trainer.model import Transformer
 from seqmesh.trainer.tiled import apply_tiled_mlp
+
+log = logging.getLogger(__name__)
 
 # Sustained (not peak) FLOP/s used by the default cost model when no profile exists; a CPU core
 # running fp32 GEMMs of this model's sizes sustains roughly this (measured on the CI machine).
@@ -187,20 +191,30 @@ def build_cost_model(cfg: RunConfig, model: Transformer, device: torch.device) -
 def warm_attention(model: torch.nn.Module, cfg: RunConfig, mesh: Mesh, cost_model: CostModel,
                    device: torch.device) -> int:
     """Build the attention kernels' per-shape graphs for every document length and SP group size the
-    run can meet, before its first step (``warm_cudnn_graphs``; nothing happens off cuDNN).
+    run can meet, before its first step (``warm_cudnn_graphs``; nothing happens off cuDNN or with
+    ``parallel.warm_attention=false``). Returns the number of length buckets run.
 
-    Per-rank heads follow the SP layout: a group of d ranks runs Ulysses over u of them
-    (``parallel.sp_mode``), each rank with 1/u of its TP shard's heads.
+    A group of d ranks runs Ulysses over u of them (``parallel.sp_mode``), each rank with 1/u of its
+    TP shard's heads (one more on some ranks when u does not divide them), and holds documents of
+    at most ``cost_model.capacity(d)`` tokens: only those (heads, length) pairs are built.
     """
     attn = next((m for m in model.modules() if hasattr(m, "num_heads") and hasattr(m, "head_dim")), None)
-    if attn is None or device.type != "cuda":
+    if not cfg.parallel.warm_attention or attn is None or device.type != "cuda":
         return 0
     if cfg.scheduler.policy == "adaptive":
         sizes = plannable_sizes(mesh.hdp, cost_model, cfg.scheduler.group_sizes)
     else:
         sizes = (cfg.scheduler.sp,)
-    heads = [attn.num_heads // (1 if d == 1 else sp_degrees(cfg.parallel.sp_mode, d, cfg.parallel.ulysses_degree,
-                                                              attn.num_heads)[0]) for d in sizes]
+    longest: dict[int, int] = {}
+    for d in sizes:
+        u = 1 if d == 1 else sp_degrees(cfg.parallel.sp_mode, d, cfg.parallel.ulysses_degree, attn.num_heads)[0]
+        top = min(cfg.data.max_seq_len, cost_model.capacity(d))
+        for heads in {attn.num_heads // u, -(-attn.num_heads // u)}:
+            longest[heads] = max(longest.get(heads, 0), top)
     dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else next(model.parameters()).dtype
-    return warm_cudnn_graphs(cfg.data.max_seq_len, heads, attn.head_dim, attn.head_dim**-0.5, dtype, device,
-                             cfg.parallel.attn_backend)
+    t0 = time.perf_counter()
+    built = warm_cudnn_graphs(longest, attn.head_dim, attn.head_dim**-0.5, dtype, device, cfg.parallel.attn_backend)
+    if built:
+        log.info("built cuDNN attention graphs for %d length buckets (per-rank heads: longest document %s) in %.1f s",
+                 built, longest, time.perf_counter() - t0)
+    return built

@@ -74,6 +74,7 @@ class ParallelConfig:
     sp_mode: str = "ulysses"
     ulysses_degree: int | None = None
     attn_backend: str = "auto"
+    warm_attention: bool = True
     zero_stage: int = 0
 
     def validate(self) -> None:
@@ -89,6 +90,7 @@ class ParallelConfig:
                               "sharding is built for tp=1 and pp=1 only; use zero_stage<=2 with TP/PP, or tp=pp=1")
         _choice("parallel.sp_mode", self.sp_mode, ("ulysses", "ring", "hybrid"))
         _choice("parallel.attn_backend", self.attn_backend, ("auto", "flash_attn", "cudnn", "torch_flash", "cpu_flash", "math"))
+        _choice("parallel.warm_attention", self.warm_attention, (True, False))
 
 
 @dataclass(frozen=True)
