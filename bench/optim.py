@@ -38,20 +38,18 @@ to the mean it says how much of a single run is noise. ``fp8_wins`` counts the s
 ended lower (about half of them for an optimizer without bias), ``loss_gap_pct_per_seed`` has every
 paired gap of every format and ``loss_gap_pct_by_format`` each format's mean.
 
-Choosing ``--seeds`` and ``--steps``. Single paired gaps scattered by roughly 1.5-2.5% in the last
-GPU run (seeds 0/1: +0.48/+2.21%; the fp8 rerun ended 3.4% from its twin), so with 12 seeds the
-interval's half-width, t(0.975, 11) * sd / sqrt(12) ~= 0.64 * sd, is about 1.0-1.6%: enough to see
-a 2% bias and to bound the gap near 1%. Halving the interval takes four times the seeds (the
-summary's stderr tells how many a run needs). Keep ``--steps`` at 1000 for the goal's figure: after
-fewer steps the loss still falls fast, and a gap there measures how fast an optimizer gets going
-more than where it ends; the time of a run grows linearly with its steps.
+Choosing ``--seeds`` and ``--steps``. Single paired gaps scatter with a standard deviation of 2.7%
+on the GPU (``bench/results/optim_h200x2.json``: 12 seeds, -5.5% to +4.8%), so with 12 seeds the
+interval's half-width, t(0.975, 11) * sd / sqrt(12) ~= 0.64 * sd, is 1.7%: enough to see a 2-3%
+bias, not to bound the gap to 1% (that takes ~40 seeds; halving the interval takes four times the
+seeds). Keep ``--steps`` at 1000 for the goal's figure: after fewer steps the loss still falls
+fast, and a gap there measures how fast an optimizer gets going more than where it ends; the time
+of a run grows linearly with its steps.
 
-Budget on one H200 (an estimate until a run at these defaults reports ``convergence_wall_s`` and
-every row's ``wall_s``): the step-time section takes ~1.5 minutes; convergence is 12 seeds x 2 runs
-+ 4 runs on seed 0 (int8, bf16, the two reruns) = 28 runs, 6 at a time = 5 waves. A run alone
-takes 40-50 s and leaves the GPU mostly idle (the tiny model is launch-bound), so six share one GPU
-and 16 host cores; if sharing slows each to ~60 s, convergence takes ~5 minutes and the whole run
-~6.5. More GPUs shorten it (runs spread over all visible ones); ``--seeds 8`` cuts 8 runs.
+Budget: the step-time section takes ~1.5 minutes on an H200. Convergence is 12 seeds x 2 runs + 4
+runs on seed 0 (int8, bf16, the two reruns) = 28 runs; on two H200s at 6 runs per GPU they took
+169 s (31-72 s a run; one alone takes 40-50 s and leaves its GPU mostly idle: the tiny model is
+launch-bound). On one GPU expect about twice that; ``--seeds 8`` cuts 8 runs.
 
 Three yardsticks of the same run say how far two equally good runs end apart:
 
