@@ -3,9 +3,10 @@
 The real step loop (``seqmesh.launch.torchrun``) trains a Llama-3.2-1B-shaped model (bf16,
 activation checkpointing; byte vocabulary, so the LM head is negligible) on a long-tail mix of
 document lengths whose longest documents do not fit one GPU under the per-GPU memory limit
-(``scheduler.mem_limit_gb``, enforced on the allocator too): static SP=1 cannot run it, static SP=2
-can, and the adaptive planner mixes single-GPU groups for short documents with SP=2 groups for
-long ones. The cost model comes from ``seqmesh profile`` on the same GPUs and is refined online
+(``scheduler.mem_limit_gb``, enforced on the allocator too): on two GPUs static SP=1 cannot run
+it, static SP=2 can, and the adaptive planner mixes single-GPU groups for short documents with SP=2
+groups for long ones. On N GPUs every static degree up to N (powers of two) is a baseline; raise
+``--longest`` (or lower ``--mem-limit-gb``) so the longest documents need a large group. The cost model comes from ``seqmesh profile`` on the same GPUs and is refined online
 from measured group times (``scheduler.refine_every``); ``cost_model_error`` is the mean absolute
 relative error of the plan's predicted step time against the measured one, over the steady steps
 whose plan a refitted model priced (planning runs a step ahead, so the step right after a refit was
@@ -18,7 +19,7 @@ steps (``step_rows``): predicted and measured step, makespan and tail, the step'
 and each group's measured against predicted time, so a large error can be traced to the term that
 makes it.
 
-    python bench/scheduler_gpu.py --out DIR --steps 10     # on a machine with 2+ GPUs (~5 min)
+    python bench/scheduler_gpu.py --out DIR --steps 14     # on a machine with 2+ GPUs (~6 min on 2)
     python bench/scheduler_gpu.py --smoke --out DIR        # CPU, gloo, tiny model: checks the script
 """
 
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import write_result  # noqa: E402
 from bench.harness import ROOT, run_loop, write_corpus  # noqa: E402
+from seqmesh.scheduler.simulate import allowed_group_sizes  # noqa: E402
 
 MODEL = ["model=llama-1b", "model.activation_checkpointing=true"]
 PROFILE = ["--hidden", "2048", "--layers", "16", "--heads", "32", "--ffn", "8192", "--vocab", "257", "--checkpointing"]
@@ -91,9 +93,10 @@ def main() -> None:
               f"data.global_batch={args.global_batch}", "data.val_fraction=0", f"steps={args.steps}",
               f"data.cache_dir={args.work / 'cache'}", f"scheduler.mem_limit_gb={args.mem_limit_gb}",
               f"scheduler.cost_model={cost_model}", f"scheduler.refine_every={args.refine_every}", "scheduler.lookahead=1"]
-    policies = [("static-sp=1", ["scheduler=static", "scheduler.sp=1"]),
-                ("static-sp=2", ["scheduler=static", "scheduler.sp=2"]),
-                ("adaptive", ["scheduler=adaptive"])]
+    # Every static degree the adaptive planner may use (powers of two up to the GPU count): the best
+    # static one is the baseline; those that cannot hold the longest documents fail at step 0.
+    policies = [(f"static-sp={d}", ["scheduler=static", f"scheduler.sp={d}"]) for d in allowed_group_sizes(gpus)]
+    policies.append(("adaptive", ["scheduler=adaptive"]))
     config = {"model": "llama-3.2-1b shape, byte vocab, bf16, activation checkpointing", "gpus": gpus,
               "global_batch": args.global_batch, "steps": args.steps, "mem_limit_gb": args.mem_limit_gb,
               "longest": args.longest, "refine_every": args.refine_every,
