@@ -254,19 +254,8 @@ class FP8AdamW(Optimizer):
         """``p``'s state with codes of ``p``'s length and, for quantized formats, one fp32 scale per block
         and moment (``exp_avg_scale``, ``exp_avg_sq_scale``), whatever the storage: the form a reader
         of codes and scales (a resharding checkpoint) needs. Empty if ``p`` has no state yet."""
-        state = self.state.get(p)
-        if not state:
-            return {}
-        fmt, block = self._format_of(p)
-        if not fmt.packed:
-            return dict(state)
-        codes, m_scale, v_scale = unpack_flat(state["exp_avg_sq"], p.numel(), fmt.v.dtype, block)
-        return {"step": state["step"], "exp_avg": state["exp_avg"], "exp_avg_sq": codes,
-                "exp_avg_scale": m_scale, "exp_avg_sq_scale": v_scale}
-
-    def _format_of(self, p: torch.Tensor) -> tuple[StateFormat, int]:
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
-        return FORMATS[group["state_dtype"]], group["block_size"]
+        return _block_state(self.state.get(p), p, FORMATS[group["state_dtype"]], group["block_size"])
 
     def dequantized_state_dict(self) -> dict[str, Any]:
         """The moments as fp32 tensors shaped like their parameters, in ``torch.optim.AdamW``'s state-dict format.
@@ -280,7 +269,7 @@ class FP8AdamW(Optimizer):
             fmt, block = FORMATS[group["state_dtype"]], group["block_size"]
             ids = []
             for p in group["params"]:
-                st = self.block_state(p)
+                st = _block_state(self.state.get(p), p, fmt, block)
                 if st:
                     if fmt.scaled:
                         m = dequantize_flat(st["exp_avg"], st["exp_avg_scale"], fmt.m, block)
@@ -344,6 +333,17 @@ class FP8AdamW(Optimizer):
         self.__setstate__({"state": state, "param_groups": saved_groups})
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+def _block_state(state: dict[str, Any] | None, p: torch.Tensor, fmt: StateFormat, block: int) -> dict[str, Any]:
+    """``FP8AdamW.block_state`` given ``p``'s format: packed scales taken out of v's bytes."""
+    if not state:
+        return {}
+    if not fmt.packed:
+        return dict(state)
+    codes, m_scale, v_scale = unpack_flat(state["exp_avg_sq"], p.numel(), fmt.v.dtype, block)
+    return {"step": state["step"], "exp_avg": state["exp_avg"], "exp_avg_sq": codes,
+            "exp_avg_scale": m_scale, "exp_avg_sq_scale": v_scale}
 
 
 def _expected_state(p: torch.Tensor, fmt: StateFormat, block: int) -> dict[str, tuple[torch.dtype, int]]:

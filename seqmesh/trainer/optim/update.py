@@ -171,22 +171,20 @@ def torch_step(bucket: Bucket, hp: Hyper) -> None:
     if bf16_params:
         p = round_plain(p, BF16, bits_p)
     _split_back(p.reshape(-1), bucket.params, numels, padded)
-    if fmt.packed:
+    if fmt.scaled:
         qm, sm = quantize_blocks(m, fmt.m, None)
         qv, sv = quantize_blocks(v, fmt.v, bits_v)
-        _split_back(qm.reshape(-1), bucket.exp_avg, numels, padded)
+    else:
+        qm, qv = round_plain(m, fmt.m, None), round_plain(v, fmt.v, bits_v)
+    _split_back(qm.reshape(-1), bucket.exp_avg, numels, padded)
+    if fmt.packed:
         # Padding lanes store code 0 (the floor would write a nonzero one), so they decode to v = 0.
         v_codes = qv.view(torch.uint8) if numels == padded else \
             torch.where(_real(numels, padded, device).view(-1, block), qv.view(torch.uint8), 0)
         _split_back(pack_scales(v_codes, sm, sv).reshape(-1), bucket.exp_avg_sq, padded, padded)
         return
     if fmt.scaled:
-        qm, sm = quantize_blocks(m, fmt.m, None)
-        qv, sv = quantize_blocks(v, fmt.v, bits_v)
         nblocks = [s // block for s in padded]
         _split_back(sm, bucket.exp_avg_scale, nblocks, nblocks)
         _split_back(sv, bucket.exp_avg_sq_scale, nblocks, nblocks)
-    else:
-        qm, qv = round_plain(m, fmt.m, None), round_plain(v, fmt.v, bits_v)
-    _split_back(qm.reshape(-1), bucket.exp_avg, numels, padded)
     _split_back(qv.reshape(-1), bucket.exp_avg_sq, numels, padded)
