@@ -8,8 +8,9 @@ it, static SP=2 can, and the adaptive planner mixes single-GPU groups for short 
 groups for long ones. On N GPUs every static degree up to N (powers of two) is a baseline; raise
 ``--longest`` (or lower ``--mem-limit-gb``) so the longest documents need a large group. The cost
 model comes from ``seqmesh profile`` on the same GPUs and is refined online from measured group
-times (``scheduler.refine_every``); ``cost_model_error`` is the mean absolute relative error of the plan's predicted step time against the measured one, over the steady steps
-whose plan a refitted model priced (planning runs a step ahead, so the step right after a refit was
+times (``scheduler.refine_every``); ``cost_model_error`` is the mean absolute relative error of
+the plan's predicted step time against the measured one, over the steady steps whose plan a
+refitted model priced (planning runs a step ahead, so the step right after a refit was
 still priced by the model before it). A step is steady when no rank did one-off work in it
 (``seqmesh.trainer.first_use``: a cuDNN graph for a new length bucket, a compile, a new process
 group); such steps are neither fitted nor counted in ``cost_model_error``, but each row reports
