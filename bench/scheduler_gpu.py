@@ -12,7 +12,7 @@ times (``scheduler.refine_every``); ``cost_model_error`` is the mean absolute re
 the plan's predicted step time against the measured one, over the steady steps whose plan a
 refitted model priced (planning runs a step ahead, so the step right after a refit was
 still priced by the model before it). A step is steady when no rank did one-off work in it
-(``seqmesh.trainer.first_use``: a cuDNN graph for a new length bucket, a compile, a new process
+(``seqmesh.first_use``: a cuDNN graph for a new length bucket, a compile, a new process
 group); such steps are neither fitted nor counted in ``cost_model_error``, but each row reports
 how many there were (``one_off_steps``) and the error over every refit-priced step after warm-up
 (``plan_error_after_refit_all``), so what the first uses cost stays in view. Every row keeps its

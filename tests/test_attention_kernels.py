@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from seqmesh import first_use
 from seqmesh.kernels import attention as attention_module
 from seqmesh.kernels.attention import (attention_backward, attention_forward, bucket_length, cudnn_buckets,
                                       doc_runs, resolve_backend, varlen_attention, warm_cudnn_graphs)
-from seqmesh.trainer import first_use
 
 SEQLENS = [1, 5, 2, 9, 3]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}

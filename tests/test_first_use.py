@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from seqmesh.trainer import first_use
+from seqmesh import first_use
 
 
 def test_since_reports_only_what_happened_after_the_snapshot(monkeypatch):

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from seqmesh import first_use
 from seqmesh.parallel.grad_reduce import reduce_gradients
 from seqmesh.parallel.mesh import Mesh
 from seqmesh.scheduler.plan import plan_from_assignment
-from seqmesh.trainer import first_use
 from seqmesh.trainer.config import config_from_dict
 from seqmesh.trainer.data import num_targets, pack
 from seqmesh.trainer.loss import token_loss_sum

@@ -28,7 +28,7 @@ kernel, a run of consecutive short documents in one call. Only causal (diagonal)
 cuDNN, each padded to a length bucket (``bucket_length``) so that a few cached graphs serve every
 length; the ring's non-causal blocks cannot be padded without a key mask, which PyTorch's cuDNN
 op does not take, and stay on the flash kernel. A bucket's first forward and first backward in a
-process build its graphs, a one-off cost noted in ``seqmesh.trainer.first_use``.
+process build its graphs, a one-off cost noted in ``seqmesh.first_use``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from seqmesh.trainer import first_use
+from seqmesh import first_use
 
 BACKENDS = ("auto", "flash_attn", "cudnn", "torch_flash", "cpu_flash", "math")
 # Shortest document (query and key tokens of the block) that the cudnn backend gives to cuDNN:

@@ -17,7 +17,7 @@ from typing import Iterable
 
 import torch.distributed as dist
 
-from seqmesh.trainer import first_use
+from seqmesh import first_use
 
 
 @dataclass
@@ -169,7 +169,7 @@ class Mesh:
 
 
 def _new_group(ranks: list[int]) -> "dist.ProcessGroup":
-    """``dist.new_group``, recorded as one-off work (``seqmesh.trainer.first_use``): creating a group, and
+    """``dist.new_group``, recorded as one-off work (``seqmesh.first_use``): creating a group, and
     setting up its communicator at its first collective, costs the step that does it, never a later one."""
     first_use.note("process_group")
     return dist.new_group(ranks)

@@ -12,7 +12,7 @@ cost model predicts, so that the two can be compared term by term (``observe_ste
   right and carries the median tail predicts the step exactly;
 * the first ``warmup_steps`` steps of a process pay one-off costs (communicator set-up, allocator
   growth, kernel selection) that no later step pays; they are reported, never fitted;
-* so is any later step in which a rank did one-off work it recorded (``seqmesh.trainer.first_use``:
+* so is any later step in which a rank did one-off work it recorded (``seqmesh.first_use``:
   a cuDNN graph for a new length bucket, a compile, a new process group). A long-tail length mix
   meets new buckets for many steps: in bench/scheduler_gpu.py on 2x H200 the step after warm-up
   ran 1.5-1.75x slower than later ones of similar tokens, and a refit from it over-predicted the

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from seqmesh import first_use
 from seqmesh.parallel.mesh import Mesh
 from seqmesh.parallel.offload import offload_session
 from seqmesh.parallel.pipeline import PipelineModel, StageMicroBatch, run_pipeline
@@ -33,7 +34,6 @@ from seqmesh.parallel.sequence import make_sp_batch, shard_tokens
 from seqmesh.parallel.tensor import reduce_tensor_parallel_gradients, tensor_parallel, vocab_parallel_cross_entropy
 from seqmesh.scheduler import CostModel, plan_step
 from seqmesh.scheduler.plan import Group, Plan
-from seqmesh.trainer import first_use
 from seqmesh.trainer.build import (apply_memory_limit, apply_offload, build_cost_model, build_model,
                                    build_pipeline_model, build_schedule, build_sharded_optimizer, warm_attention)
 from seqmesh.trainer.config import RunConfig

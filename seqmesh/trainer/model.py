@@ -27,8 +27,8 @@ import transformers
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from seqmesh import first_use
 from seqmesh.parallel.sequence import sp_attention
-from seqmesh.trainer import first_use
 
 if TYPE_CHECKING:
     from seqmesh.parallel.sequence import SPBatch

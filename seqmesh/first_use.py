@@ -13,6 +13,9 @@ step with one-off events without fitting the cost model to it.
     events = first_use.since(before)      # {"cudnn_graph": 2}, {} for a steady step
 
 The record is per process and never reset: a cache that is warm stays warm for the process's life.
+
+It sits below every layer (it imports nothing of seqmesh): kernels, parallel and the trainer all note
+work here, and the lowest of them must not import the ones above it to do so.
 """
 
 from __future__ import annotations
