@@ -102,13 +102,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import write_result  # noqa: E402
+from seqmesh.kernels import fp8_codec as Q  # noqa: E402
 from seqmesh.parallel.sequence import make_sp_batch  # noqa: E402
 from seqmesh.trainer.data.packing import pack  # noqa: E402
 from seqmesh.trainer.loss import token_loss_sum  # noqa: E402
 from seqmesh.trainer.lr_schedule import build_lr_scheduler  # noqa: E402
 from seqmesh.trainer.model import Transformer, tiny_config  # noqa: E402
 from seqmesh.trainer.optim import FP8AdamW  # noqa: E402
-from seqmesh.trainer.optim import quantize as Q  # noqa: E402
 
 LLAMA_1B = dict(hidden=2048, intermediate=8192, layers=16, vocab=128256, kv_dim=8 * 64)
 SMOKE_SHAPES = dict(hidden=64, intermediate=176, layers=2, vocab=512, kv_dim=32)

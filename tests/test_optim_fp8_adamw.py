@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from seqmesh.kernels.adam_update import padded_numel
 from seqmesh.trainer.optim import STATE_DTYPES, FP8AdamW, zero1_shard
-from seqmesh.trainer.optim.update import padded_numel
 from tests.distributed import run_distributed
 
 BLOCK = 128

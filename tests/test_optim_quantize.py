@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seqmesh.trainer.optim.quantize import (
+from seqmesh.kernels.fp8_codec import (
     BF16,
     E4M3,
     E4M3_FLOOR,

@@ -1,17 +1,17 @@
 """Fused multi-tensor AdamW step with block-quantized states, in one Triton launch.
 
-One launch updates every tensor of a bucket (``seqmesh.trainer.optim.update.Bucket``): a table on the
+One launch updates every tensor of a bucket (``seqmesh.kernels.adam_update.Bucket``): a table on the
 device holds, per tensor, the addresses of its parameter, gradient, state codes and scales, its
 length, random-counter base and step; a second, cached table maps each program to (tensor, first
 element) over fixed chunks of ``CHUNK`` elements. A program loads its chunk as a
 [chunk / block_size, block_size] tile, dequantizes m and v, applies the AdamW update in fp32,
-re-quantizes each block (absmax scale, rounding as ``seqmesh.trainer.optim.quantize``) and stores
+re-quantizes each block (absmax scale, rounding as ``seqmesh.kernels.fp8_codec``) and stores
 parameter, codes and scales: every byte of state is read once and written once, which is why this
 is faster than fp32 fused AdamW (16 instead of 28 bytes of traffic per fp32 parameter). fp8 keeps
-its scales in the top bits of v's code bytes (``quantize.pack_scales``): a program gathers them
+its scales in the top bits of v's code bytes (``fp8_codec.pack_scales``): a program gathers them
 with a masked sum across each block's first 64 lanes and scatters them back with shifts.
 
-The kernel repeats the torch path (``update.torch_step``) operation for operation: IEEE division and
+The kernel repeats the torch path (``adam_update.torch_step``) operation for operation: IEEE division and
 square root (``div_rn``, ``sqrt_rn``), FMA contraction off, and rounding done on the fp32 bit pattern
 before an exact cast, so both backends produce identical bits.
 
@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from seqmesh.trainer.optim.quantize import GOLDEN, STREAM_PARAM, STREAM_V, CodeFormat
-from seqmesh.trainer.optim.update import Bucket, Hyper
+from seqmesh.kernels.adam_update import Bucket, Hyper
+from seqmesh.kernels.fp8_codec import GOLDEN, STREAM_PARAM, STREAM_V, CodeFormat
 
 # Elements per program and warps: 4 elements per thread. Compiled for sm_90 (ptxas -v), the fp8
 # kernel then needs 74 registers (24 resident warps per SM); 8 elements per thread needed 160 (8 warps).
@@ -52,7 +52,7 @@ _TL_DTYPES = {
 
 @triton.jit
 def _hash32(x):
-    """Same hash as ``quantize.hash32``, on uint32 (products wrap modulo 2**32)."""
+    """Same hash as ``fp8_codec.hash32``, on uint32 (products wrap modulo 2**32)."""
     x = x ^ (x >> 16)
     x = x * 0x21F0AAAD
     x = x ^ (x >> 15)
@@ -63,7 +63,7 @@ def _hash32(x):
 @triton.jit
 def _round_magnitude(y, bits, MANT: tl.constexpr, MIN_NORMAL: tl.constexpr, QMAX: tl.constexpr,
                      STOCH: tl.constexpr):
-    """``quantize.round_magnitude`` for y >= 0: MANT < 0 integer codes, else float codes."""
+    """``fp8_codec.round_magnitude`` for y >= 0: MANT < 0 integer codes, else float codes."""
     if MANT < 0:
         if STOCH:
             u = (bits >> 16).to(tl.float32) * 1.52587890625e-05
@@ -112,7 +112,7 @@ def _load_state(ptr, scale_ptr, offs, mask, blk, bmask, SCALED: tl.constexpr, SQ
 @triton.jit
 def _quantize_blocks(x, bits, QMAX: tl.constexpr, MANT: tl.constexpr, MIN_NORMAL: tl.constexpr,
                      FLOOR: tl.constexpr, SIGNED: tl.constexpr, SQRT: tl.constexpr, STOCH: tl.constexpr):
-    """``quantize.quantize_blocks``: (code values, exact in the code type; per-row scales)."""
+    """``fp8_codec.quantize_blocks``: (code values, exact in the code type; per-row scales)."""
     if SQRT:
         x = tl.sqrt_rn(x)
     a = tl.abs(x)
@@ -132,7 +132,7 @@ def _quantize_blocks(x, bits, QMAX: tl.constexpr, MANT: tl.constexpr, MIN_NORMAL
 
 @triton.jit
 def _unpack_scales(packed, QBLOCK: tl.constexpr):
-    """``quantize.unpack_scales``: m's and v's per-row scales from the top bits of v's packed bytes."""
+    """``fp8_codec.unpack_scales``: m's and v's per-row scales from the top bits of v's packed bytes."""
     lane = tl.arange(0, QBLOCK)[None, :]
     bit = (packed >> 7).to(tl.uint32) << (lane & 31).to(tl.uint32)
     zero = tl.zeros_like(bit)
@@ -143,7 +143,7 @@ def _unpack_scales(packed, QBLOCK: tl.constexpr):
 
 @triton.jit
 def _pack_scales(codes, m_scale, v_scale, QBLOCK: tl.constexpr):
-    """``quantize.pack_scales``: v's code bytes with bit j of m's scale in lane j's top bit, v's in lane 32 + j."""
+    """``fp8_codec.pack_scales``: v's code bytes with bit j of m's scale in lane j's top bit, v's in lane 32 + j."""
     lane = tl.arange(0, QBLOCK)[None, :]
     m_word = m_scale.to(tl.uint32, bitcast=True)[:, None]
     v_word = v_scale.to(tl.uint32, bitcast=True)[:, None]
@@ -157,7 +157,7 @@ def _store_state(x, bits, ptr, scale_ptr, offs, mask, blk, bmask,
                  DTYPE: tl.constexpr, SCALED: tl.constexpr, QMAX: tl.constexpr, MANT: tl.constexpr,
                  MIN_NORMAL: tl.constexpr, FLOOR: tl.constexpr, SIGNED: tl.constexpr,
                  SQRT: tl.constexpr, STOCH: tl.constexpr):
-    """``quantize.quantize_blocks`` (SCALED) or ``quantize.round_plain``, then store."""
+    """``fp8_codec.quantize_blocks`` (SCALED) or ``fp8_codec.round_plain``, then store."""
     if SCALED:
         q, scale = _quantize_blocks(x, bits, QMAX, MANT, MIN_NORMAL, FLOOR, SIGNED, SQRT, STOCH)
         tl.store(ptr + offs, q.to(DTYPE), mask=mask)
@@ -183,7 +183,7 @@ def _update_chunk(
 ):
     """The whole update of one chunk; MASKED only for a tensor's last, partial chunk, so that the
     full chunks (all but one per tensor) load and store in wide vectors. PACKED: v's bytes carry
-    both block scales (``quantize.pack_scales``) and span whole blocks, padding included."""
+    both block scales (``fp8_codec.pack_scales``) and span whole blocks, padding included."""
     rows = tl.arange(0, BLOCKS)
     offs = start + rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
     blk = start // QBLOCK + rows
@@ -336,7 +336,7 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
 
 
 def fused_step(bucket: Bucket, hp: Hyper) -> None:
-    """One launch updating every tensor of ``bucket`` (same contract as ``update.torch_step``)."""
+    """One launch updating every tensor of ``bucket`` (same contract as ``adam_update.torch_step``)."""
     params = bucket.params
     grads = [g if g.is_contiguous() else g.contiguous() for g in bucket.grads]
     device = params[0].device

@@ -69,6 +69,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from seqmesh.kernels.adam_update import padded_numel
+from seqmesh.kernels.fp8_codec import FORMATS, CodeFormat, dequantize_blocks, quantize_blocks, round_plain
 from seqmesh.parallel.mesh import Mesh
 from seqmesh.parallel.tensor import (ParallelAttention, ParallelMLP, RowParallelLinear, VocabParallelEmbedding,
                                      VocabParallelHead)
@@ -77,8 +79,6 @@ from seqmesh.parallel.zero3 import Zero3Optimizer
 from seqmesh.trainer.checkpoint import (SHARED_FILE, _dist, _gather, _raise_if_any, capture_rng_state,
                                         load_latest_files, restore_rng_state, save_checkpoint)
 from seqmesh.trainer.optim.fp8_adamw import FP8AdamW
-from seqmesh.trainer.optim.quantize import FORMATS, CodeFormat, dequantize_blocks, quantize_blocks, round_plain
-from seqmesh.trainer.optim.update import padded_numel
 from seqmesh.trainer.tiled import TiledMLP
 
 PIECES = "layout_free"  # key of a rank's pieces in its checkpoint file

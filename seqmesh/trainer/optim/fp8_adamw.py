@@ -13,7 +13,7 @@ fp32      fp32                        fp32                                      
 
 Where fp8's scales go. v's E4M3 codes are magnitudes, so the sign bit of every one of them is 0:
 a block of 128 codes has 128 spare bits, and the block's two fp32 scales (m's and v's, 64 bits)
-are stored in them (``quantize.pack_scales``). The scales stay exact fp32 -- the update's math is
+are stored in them (``fp8_codec.pack_scales``). The scales stay exact fp32 -- the update's math is
 that of separate scale tensors, bit for bit -- and the state is 2 bytes per parameter instead of
 2.0625 (E8M0 power-of-two scales would still cost 2.016 and round every scale). v's tensor is then
 one byte per element padded to whole blocks (``block_size`` >= 64 for fp8); a padding element
@@ -57,7 +57,7 @@ resumed run is bitwise identical to an uninterrupted one. An element's index is 
 group's flat space (``index_offset`` plus the block-padded lengths of the group's earlier
 parameters), so a ZeRO shard placed by ``index_offset`` draws the bits the unsharded run would.
 
-Backends: ``torch`` (any device; flattened multi-tensor ops, ``update.torch_step``) and ``triton``
+Backends: ``torch`` (any device; flattened multi-tensor ops, ``adam_update.torch_step``) and ``triton``
 (CUDA; one launch per group and dtype, ``seqmesh/kernels/adam_triton.py``). They compute the same
 operations in the same order with IEEE rounding and produce identical bits.
 
@@ -88,7 +88,7 @@ from typing import Any, Callable
 import torch
 from torch.optim import Optimizer
 
-from seqmesh.trainer.optim.quantize import (
+from seqmesh.kernels.fp8_codec import (
     FORMATS,
     MASK32,
     PACKED_SCALE_BITS,
@@ -97,7 +97,7 @@ from seqmesh.trainer.optim.quantize import (
     pack_flat,
     unpack_flat,
 )
-from seqmesh.trainer.optim.update import Bucket, Hyper, padded_numel, torch_step
+from seqmesh.kernels.adam_update import Bucket, Hyper, padded_numel, torch_step
 
 STATE_DTYPES = tuple(FORMATS)
 BACKENDS = ("auto", "torch", "triton")

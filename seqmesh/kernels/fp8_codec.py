@@ -11,6 +11,9 @@ the Triton kernel in ``seqmesh/kernels/adam_triton.py`` reproduces these functio
 Random bits come from a counter-based hash of (seed, step, element index, stream): no generator
 state to carry, identical on every backend, and a resumed run draws exactly the bits it would have
 drawn without the interruption.
+
+The codec lives with its kernel (``kernels``, not the optimizer's package) because the kernel is
+defined by it: ``adam_triton`` imports these formats and constants, and kernels import nothing above.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ HASH_M1 = 0x21F0AAAD
 HASH_M2 = 0x735A2D97
 GOLDEN = 0x9E3779B9
 # Random streams: one per quantity rounded stochastically (bf16 parameters, v), so their bits are
-# independent. m is always rounded to nearest (see fp8_adamw.py for the measurements behind this).
+# independent. m is always rounded to nearest (see seqmesh/trainer/optim/fp8_adamw.py for the
+# measurements behind this).
 STREAM_PARAM, STREAM_V = 0, 1
 
 

@@ -7,6 +7,8 @@ so no block straddles two tensors), updated with whole-buffer ops, and split bac
 The Triton kernel (``seqmesh/kernels/adam_triton.py``) performs exactly these operations in the same
 order, each rounded once to fp32 (it is compiled without FMA contraction and uses IEEE division and
 square root), so the two backends agree bit for bit on the states and parameters they produce.
+It sits beside the kernel for that reason (the kernel takes ``Bucket`` and ``Hyper`` from here);
+``FP8AdamW`` (``seqmesh/trainer/optim``) drives both.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from seqmesh.trainer.optim.quantize import (
+from seqmesh.kernels.fp8_codec import (
     BF16,
     STREAM_PARAM,
     STREAM_V,
@@ -70,7 +72,7 @@ class Bucket:
     ``key_base`` is each tensor's first element in its group's index space (random-bit counters);
     ``step`` the step each tensor is taking now (already incremented). Scale lists stay empty for
     unscaled and packed formats; a packed format's ``exp_avg_sq`` tensors are the bytes of
-    ``quantize.pack_scales``, padded to whole blocks.
+    ``fp8_codec.pack_scales``, padded to whole blocks.
     """
 
     params: list[torch.Tensor] = field(default_factory=list)
