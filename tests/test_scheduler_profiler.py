@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from seqmesh.scheduler.cost_model import CostModel
-from seqmesh.scheduler.profiler import fit_linear, fit_quadratic, measure_a2a, predicted_error, profile_main, refine
+from seqmesh.scheduler.fitting import fit_linear, fit_quadratic, predicted_error, refine
+from seqmesh.trainer.profile import measure_a2a, profile_main
 from tests.distributed import run_distributed
 
 TRUE = CostModel(alpha1_ms_per_tok2=3e-6, alpha2_ms_per_tok=0.11, beta_ms=25.0, a2a_GBps={2: 110.0, 4: 90.0},

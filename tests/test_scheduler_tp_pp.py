@@ -12,11 +12,11 @@ import torch
 from seqmesh.scheduler import check_plan, lower_bound, plan_step, simulate
 from seqmesh.scheduler.cli import plan_main
 from seqmesh.scheduler.cost_model import CostModel
+from seqmesh.scheduler.fitting import refine
 from seqmesh.scheduler.greedy import heuristic, pipeline_finish
 from seqmesh.scheduler.instance import Instance
 from seqmesh.scheduler.milp import solve_milp
 from seqmesh.scheduler.plan import Plan, plan_from_assignment
-from seqmesh.scheduler.profiler import refine
 from seqmesh.scheduler.static import best_static, static_plan
 
 

@@ -50,7 +50,7 @@ def _plan(argv: list[str]) -> int:
 
 
 def _profile(argv: list[str]) -> int:
-    from seqmesh.scheduler.profiler import profile_main
+    from seqmesh.trainer.profile import profile_main
 
     return profile_main(argv)
 

@@ -19,7 +19,7 @@ cost model predicts, so that the two can be compared term by term (``observe_ste
   next two steps by 40-57%.
 
 Every ``refine_every`` steps the window of group timings refits the coefficients
-(``seqmesh.scheduler.profiler.refine``), always from the profile the run started with as prior,
+(``seqmesh.scheduler.fitting.refine``), always from the profile the run started with as prior,
 so a refit from a few timings moves only what they determine, and one group that stalled once
 is dropped as an outlier. The refitted model carries the median tail as ``grad_reduce_ms``.
 """
@@ -35,8 +35,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from seqmesh.scheduler import CostModel, simulate
+from seqmesh.scheduler.fitting import refine
 from seqmesh.scheduler.plan import Plan
-from seqmesh.scheduler.profiler import refine
 
 Observation = tuple[tuple[int, ...], int, float]
 # A rank's report: (its HDP rank, the ms of each group it ran, in the plan's execution order).
