@@ -14,11 +14,13 @@ venv: $(VENV)/.ok
 train: venv
 	$(PY) -m seqmesh train $(ARGS)
 
+# Layers first (pyproject.toml [tool.importlinter]): an upward import fails in seconds, before the suite.
 test: venv
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q tests $(ARGS)
 
 bench-cpu: venv
 	$(PY) bench/scheduler.py
 
 clean:
-	rm -rf runs outputs .pytest_cache
+	rm -rf runs outputs .pytest_cache .import_linter_cache
