@@ -100,7 +100,8 @@ def test_refine_drops_one_off_stalls():
 def test_profile_writes_a_loadable_cost_model_on_cpu(tmp_path, capsys):
     out = tmp_path / "cost.json"
     rc = profile_main(["--out", str(out), "--hidden", "64", "--layers", "2", "--heads", "4", "--ffn", "128",
-                       "--vocab", "256", "--lengths", "32,64,128,256", "--repeats", "1", "--checkpointing"])
+                       "--vocab", "256", "--lengths", "32,64,128,256", "--repeats", "1", "--checkpointing",
+                       "--device", "cpu"])
     assert rc == 0
     cm = CostModel.load(out)
     # tiny shapes on a shared CPU are noise-dominated: only the structure is asserted here

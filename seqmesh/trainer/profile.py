@@ -163,11 +163,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mem-limit-bytes", type=float, default=None, help="default: 95%% of device memory")
     p.add_argument("--a2a-bytes", type=int, default=64 << 20, help="all-to-all message size per rank")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to measure (auto: this rank's GPU when there is one)")
     return p
 
 
-def _device() -> torch.device:
-    if torch.cuda.is_available():
+def _device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible here; use --device cpu or run on a GPU machine")
+    if choice != "cpu" and torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
@@ -188,7 +192,7 @@ def profile_main(argv: list[str]) -> int:
                 raise ValueError(f"--{key.replace('_', '-')} must be >= 1")
         if args.hidden % args.heads:
             raise ValueError(f"--hidden {args.hidden} must be a multiple of --heads {args.heads}")
-        device = _device()
+        device = _device(args.device)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         default = "1024,2048,4096,8192,16384" if device.type == "cuda" else "128,256,512,1024"
         try:
