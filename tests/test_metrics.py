@@ -36,7 +36,7 @@ def test_jsonl_tensorboard_progress_and_summary(tmp_path):
     assert second["tokens_per_s_per_device"] == pytest.approx(2000)
     assert second["tflops_per_device"] == pytest.approx(2e12 / 4 / 0.5 / 1e12)
     assert second["mfu"] == pytest.approx(1.0)
-    assert second["peak_mem_source"] == "cpu_peak_rss" and second["peak_mem_bytes"] > 10 * 2**20
+    assert second["peak_mem_source"] == "cpu_rss" and second["peak_mem_bytes"] > 10 * 2**20
     assert records[0]["predicted_ms"] == 480.0 and records[0]["plan_groups"] == 4
     assert [r["warmup"] for r in records] == [True, False, False]
     assert records[2]["grad_norm"] is None and records[2]["peak_mem_bytes"] == 123456
@@ -117,7 +117,7 @@ def test_aggregate_rank_timings():
 
 def test_peak_memory_cpu():
     value, source = peak_memory("cpu")
-    assert source == "cpu_peak_rss" and value > 10 * 2**20
+    assert source == "cpu_rss" and value > 10 * 2**20
 
 
 @pytest.mark.gpu
@@ -125,4 +125,18 @@ def test_peak_memory_cuda():
     torch.cuda.reset_peak_memory_stats()
     x = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
     value, source = peak_memory("cuda")
-    assert source == "cuda_max_memory_allocated" and value >= x.numel()
+    assert source == "cuda" and value >= x.numel()
+
+
+def test_peak_mem_source_names_the_measurement_even_when_the_loop_passes_the_max(tmp_path) -> None:
+    logger = MetricsLogger(tmp_path, num_devices=4, peak_flops_per_device=None, progress=False, tensorboard=False)
+    rec = logger.log_step(1, loss=3.0, grad_norm=1.0, lr=1e-3, step_time_s=1.0, tokens=10, flops=1.0,
+                          peak_mem_bytes=123)
+    assert rec["peak_mem_source"] == "cpu_rss" and rec["peak_mem_bytes"] == 123
+    logger.note(val_loss=2.5)
+    rec = logger.log_step(2, loss=3.0, grad_norm=1.0, lr=1e-3, step_time_s=1.0, tokens=10, flops=1.0,
+                          extra={"plan_group_sizes": [1, 1, 2]})
+    assert rec["val_loss"] == 2.5
+    assert progress_postfix(rec)["groups"] == "2+1+1" and progress_postfix(rec)["val"] == "2.5000"
+    assert "val_loss" not in logger.log_step(3, loss=3.0, grad_norm=1.0, lr=1e-3, step_time_s=1.0, tokens=10, flops=1.0)
+    assert logger.close()["val_loss"] == 2.5

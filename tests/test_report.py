@@ -73,3 +73,44 @@ def test_report_refuses_a_directory_without_a_run(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "lo')
     with pytest.raises(ValueError, match="no complete step record"):
         load_run(tmp_path)
+
+
+def test_report_main_on_a_directory_without_a_run_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    assert report_main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "seqmesh report: error:" in err and "not a seqmesh run directory" in err and "Traceback" not in err
+
+
+def test_report_of_a_cpu_run_smooths_the_loss_shows_val_loss_and_no_mfu_panel(tmp_path: Path) -> None:
+    from seqmesh.launch.report import _smoothed, render_png
+
+    assert _smoothed([4.0, 4.0, 4.0], 5) == pytest.approx([4.0, 4.0, 4.0])  # bias-corrected: no pull towards 0
+    smooth = _smoothed([0.0, 10.0] * 20, 9)
+    assert 3 < min(smooth[10:]) and max(smooth[10:]) < 7
+    run_dir = tmp_path / "cpu"
+    run_dir.mkdir()
+    lines = [{"step": s, "loss": 6 - 0.01 * s + (0.5 if s % 2 else -0.5), "step_time_s": 1.0, "tokens": 3000,
+              "tokens_per_s": 3000.0, "mfu": None, "warmup": s == 1, "plan_group_sizes": [4] if s % 3 else [1, 1, 2],
+              **({"val_loss": 6.2 - 0.01 * s} if s % 10 == 0 else {})} for s in range(1, 41)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (run_dir / "summary.json").write_text(json.dumps({"val_loss": 5.8, "num_devices": 4}))
+    run = load_run(run_dir)
+    import matplotlib.pyplot as plt
+
+    figures = []
+    real_savefig = plt.Figure.savefig
+    plt.Figure.savefig = lambda fig, *a, **k: (figures.append(fig), real_savefig(fig, *a, **k))[1]
+    try:
+        render_png(run)
+    finally:
+        plt.Figure.savefig = real_savefig
+    titles = [ax.get_title() for ax in figures[0].axes]
+    assert "MFU" not in titles and "loss" in titles and "plans: SP group sizes used per step" in titles
+    loss_ax = figures[0].axes[titles.index("loss")]
+    labels = [line.get_label() for line in loss_ax.get_lines()]
+    assert labels[0] == "train (raw)" and labels[1].startswith("train (EMA") and "validation" in labels
+    assert loss_ax.get_lines()[2].get_xdata().tolist() == [10, 20, 30, 40]
+    step_axes = [figures[0].axes[titles.index(t)] for t in ("loss", "throughput", "plans: SP group sizes used per step")]
+    assert all(ax.get_shared_x_axes().joined(step_axes[0], ax) for ax in step_axes)
+    png, page = write_report(run)
+    assert "validation loss" in page.read_text() and "5.8" in page.read_text()

@@ -75,3 +75,23 @@ def test_missing_cost_model_key_is_named(tmp_path, capsys):
     rc = plan_main(["--lengths", str(tmp_path / "l.txt"), "--gpus", "2", "--global-batch", "1",
                     "--cost-model", str(tmp_path / "c.json"), "--out", str(tmp_path / "p.jsonl")])
     assert rc == 2 and "missing key 'mem_limit_bytes'" in capsys.readouterr().err
+
+
+def test_shipped_example_cost_model_plans_and_a_missing_one_points_at_it(tmp_path, capsys):
+    from pathlib import Path
+
+    from seqmesh.scheduler.cost_model import EXAMPLE
+
+    example = Path(__file__).resolve().parents[1] / EXAMPLE
+    cm = CostModel.load(example)
+    assert "composition_h200x2.json" in cm.source
+    committed = json.loads((example.parent.parent.parent / "bench/results/composition_h200x2.json").read_text())
+    assert cm == CostModel.from_dict({**committed["config"]["cost_model"], "source": cm.source})
+    (tmp_path / "l.txt").write_text("1000\n90000\n3000\n500\n")
+    rc = plan_main(["--lengths", str(tmp_path / "l.txt"), "--gpus", "2", "--global-batch", "4",
+                    "--cost-model", str(example), "--out", str(tmp_path / "p.jsonl")])
+    assert rc == 0
+    capsys.readouterr()
+    rc = plan_main(["--lengths", str(tmp_path / "l.txt"), "--gpus", "2", "--global-batch", "4",
+                    "--cost-model", str(tmp_path / "none.json"), "--out", str(tmp_path / "p.jsonl")])
+    assert rc == 2 and EXAMPLE in capsys.readouterr().err

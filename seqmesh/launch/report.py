@@ -15,6 +15,7 @@ import io
 import json
 import math
 import statistics
+import sys
 import textwrap
 from collections import Counter
 from pathlib import Path
@@ -80,6 +81,35 @@ def _series(ax: Any, records: list[dict[str, Any]], key: str, scale: float, titl
     ax.grid(alpha=0.3)
 
 
+def _smoothed(values: list[float], span: int) -> list[float]:
+    """Exponential moving average with the weight of a ``span``-step window (alpha = 2 / (span + 1)),
+    bias-corrected so the first steps are not pulled towards zero."""
+    alpha, avg, norm, out = 2.0 / (span + 1), 0.0, 0.0, []
+    for v in values:
+        avg, norm = (1 - alpha) * avg + alpha * v, (1 - alpha) * norm + alpha
+        out.append(avg / norm)
+    return out
+
+
+def _loss(ax: Any, records: list[dict[str, Any]]) -> None:
+    """Training loss, raw (faint) and smoothed; validation loss as points where it was evaluated."""
+    points = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), (int, float))]
+    ax.set_title("loss")
+    if not points:
+        _note(ax, "no loss in metrics")
+        return
+    steps, values = zip(*points)
+    span = max(1, min(50, len(values) // 10))
+    ax.plot(steps, values, color="#4c72b0", lw=0.8, alpha=0.3, label="train (raw)")
+    ax.plot(steps, _smoothed(list(values), span), color="#4c72b0", lw=1.8, label=f"train (EMA, {span} steps)")
+    val = [(r["step"], r["val_loss"]) for r in records if isinstance(r.get("val_loss"), (int, float))]
+    if val:
+        ax.plot(*zip(*val), ls="--", marker="o", color="#dd8452", label="validation")
+    ax.legend(fontsize=8)
+    ax.set_ylabel("loss (nats per token)")
+    ax.grid(alpha=0.3)
+
+
 def _breakdown(ax: Any, parts: dict[str, list[float]]) -> None:
     ax.set_title("per-rank step time (mean per step)")
     if not parts:
@@ -103,15 +133,22 @@ def _rank_ticks(world: int) -> list[int]:
 
 
 def _group_sizes(ax: Any, records: list[dict[str, Any]]) -> None:
+    """The plan of every step: a dot per (step, SP group size) used, its area the number of such groups."""
     counts = Counter(size for r in records for size in r.get("plan_group_sizes") or ())
-    ax.set_title("plans: SP group sizes (all steps)")
+    ax.set_title("plans: SP group sizes used per step")
     if not counts:
         _note(ax, "no plan_group_sizes in metrics")
         return
-    sizes = sorted(counts)
-    ax.bar([str(s) for s in sizes], [counts[s] for s in sizes], color="#8172b2")
-    ax.set_xlabel("group size (ranks)")
-    ax.set_ylabel("groups")
+    dots = [(r["step"], d, n) for r in records for d, n in Counter(r.get("plan_group_sizes") or ()).items()]
+    steps, sizes, n = zip(*dots)
+    ax.scatter(steps, sizes, s=[12 * k for k in n], color="#8172b2", alpha=0.6)
+    ax.set_yscale("log", base=2)
+    ax.set_yticks(sorted(counts), [str(d) for d in sorted(counts)])
+    ax.set_ylim(min(counts) / 1.5, max(counts) * 1.5)
+    ax.set_ylabel("group size (ranks)")
+    ax.legend(handles=[], title="groups in all steps: " + ", ".join(f"{counts[d]} of {d}" for d in sorted(counts)),
+              title_fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
 
 
 def _predicted(ax: Any, records: list[dict[str, Any]]) -> None:
@@ -177,17 +214,28 @@ def render_png(run: dict[str, Any]) -> bytes:
     import matplotlib.pyplot as plt
 
     records = run["records"]
-    fig, axes = plt.subplots(2, 4, figsize=(20, 9))
-    (loss, tok, mfu, parts), (groups, pred, speed, util) = axes
-    _series(loss, records, "loss", 1.0, "training loss", "loss")
+    has_mfu = any(isinstance(r.get("mfu"), (int, float)) for r in records)
+    # Left column: every per-step panel, stacked on one shared step axis; right: the run-wide panels.
+    fig = plt.figure(figsize=(20, 12))
+    grid = fig.add_gridspec(4 if has_mfu else 3, 3, width_ratios=(2, 1, 1))
+    loss = fig.add_subplot(grid[0, 0])
+    tok, groups = (fig.add_subplot(grid[k, 0], sharex=loss) for k in (1, 2))
+    _loss(loss, records)
     _series(tok, records, "tokens_per_s", 1.0, "throughput", "tokens/s (all devices)")
-    if any(isinstance(r.get("mfu"), (int, float)) for r in records):
-        _series(mfu, records, "mfu", 100.0, "MFU", "% of dense bf16 peak")
-    else:
-        mfu.set_title("MFU")
-        _note(mfu, "MFU unknown: the device's peak FLOP/s is not in seqmesh's table; set peak_tflops=...")
-    _breakdown(parts, mean_breakdown(records))
     _group_sizes(groups, records)
+    step_axes = [loss, tok, groups]
+    if has_mfu:  # no panel at all when the device's peak is unknown (MFU null), rather than an empty one
+        step_axes.append(fig.add_subplot(grid[3, 0], sharex=loss))
+        _series(step_axes[-1], records, "mfu", 100.0, "MFU", "% of dense bf16 peak")
+    for ax in step_axes:
+        ax.set_xlabel("")
+        ax.tick_params(labelbottom=False)
+    step_axes[-1].set_xlabel("step")
+    step_axes[-1].tick_params(labelbottom=True)
+    rows = grid.nrows
+    parts, pred = fig.add_subplot(grid[:rows // 2, 1]), fig.add_subplot(grid[rows // 2:, 1])
+    speed, util = fig.add_subplot(grid[:rows // 2, 2]), fig.add_subplot(grid[rows // 2:, 2])
+    _breakdown(parts, mean_breakdown(records))
     _predicted(pred, records)
     _speed_panel(speed, _speed(records))
     _utilization(util, run["monitor"])
@@ -210,6 +258,8 @@ def render_html(run: dict[str, Any], png: bytes) -> str:
     records, summary = run["records"], run["summary"] or {}
     last = records[-1]
     headline = {"steps logged": len(records), "last step": last["step"], "last loss": last["loss"],
+                "validation loss": summary.get("val_loss", next((r["val_loss"] for r in reversed(records)
+                                                                 if r.get("val_loss") is not None), None)),
                 "mean tokens/s": summary.get("mean_tokens_per_s"), "mean MFU": summary.get("mean_mfu"),
                 "peak memory (GiB)": None if summary.get("peak_mem_bytes") is None else summary["peak_mem_bytes"] / 2**30,
                 "resumed from step": summary.get("resumed_from"), "devices": summary.get("num_devices")}
@@ -279,7 +329,11 @@ def report_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if bool(args.cost_model) != bool(args.speed_out):
         parser.error("--cost-model and --speed-out go together: the cost model to update and where to write it")
-    run = load_run(args.run_dir)
+    try:
+        run = load_run(args.run_dir)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"seqmesh report: error: {e}", file=sys.stderr)
+        return 2
     png, page = write_report(run, args.out)
     print(f"wrote {png} and {page}")
     records = run["records"]

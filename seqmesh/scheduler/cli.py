@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, required=True, help="HDP ranks to plan for")
     p.add_argument("--global-batch", type=int, required=True, help="sequences per batch")
     p.add_argument("--batches", type=int, default=None, help="batches to plan (default: every full batch)")
-    p.add_argument("--cost-model", required=True, help="cost-model JSON (seqmesh profile, or the external form)")
+    p.add_argument("--cost-model", required=True, help="cost-model JSON (seqmesh profile, or the external form); example: "
+                   "conf/cost_models/h200_llama8b_8layers.json")
     p.add_argument("--out", required=True, help="JSONL file receiving one Plan per batch")
     p.add_argument("--baseline", default=None, help="static-sp=K or best-static: also plan this and compare")
     p.add_argument("--group-sizes", default=None, help="comma-separated allowed SP group sizes (default: powers of two)")

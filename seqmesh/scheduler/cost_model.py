@@ -60,6 +60,8 @@ from typing import Any, Sequence
 import numpy as np
 
 FORMAT = "seqmesh-cost-model/1"
+# A profiled cost model that ships with seqmesh (conf/cost_models/README.md says where its figures come from).
+EXAMPLE = "conf/cost_models/h200_llama8b_8layers.json"
 _REQUIRED = ("alpha1_ms_per_tok2", "alpha2_ms_per_tok", "beta_ms", "a2a_GBps", "comm_bytes_per_token",
              "mem_bytes_per_token", "mem_static_bytes", "mem_limit_bytes")
 
@@ -305,7 +307,9 @@ class CostModel:
     def load(cls, path: str | os.PathLike) -> "CostModel":
         p = Path(path)
         if not p.is_file():
-            raise ValueError(f"cost model file {str(p)!r} not found; write one with `seqmesh profile --out {p}`")
+            raise ValueError(f"cost model file {str(p)!r} not found; try the shipped example "
+                             f"{EXAMPLE!r} (measured on an H200, see its 'source'), or measure your "
+                             f"devices with `seqmesh profile --out {p}` (needs GPUs)")
         return cls.from_json(p.read_text(), where=f"cost model {str(p)!r}")
 
     def with_speed(self, speed: Sequence[float]) -> "CostModel":

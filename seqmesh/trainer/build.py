@@ -31,6 +31,12 @@ log = logging.getLogger(__name__)
 # Sustained (not peak) FLOP/s used by the default cost model when no profile exists; a CPU core
 # running fp32 GEMMs of this model's sizes sustains roughly this (measured on the CI machine).
 CPU_SUSTAINED_FLOPS = 2.0e10
+# All-to-all bandwidth between CPU workers on gloo (loopback TCP), as the cost model counts it (bytes one
+# rank sends / time), measured on the 2-core CI machine with 4 processes and fp32 [tokens, 256] tensors:
+# 0.14 GB/s at 256 tokens, 0.47 at 1K, 0.64 at 4K (2 processes: 0.08 / 0.22 / 0.38). 0.2 stands for the
+# per-layer messages of the default job's documents (a few hundred tokens per rank, latency-bound). With it
+# SP on CPUs pays for itself only where it evens out a step that one long document would dominate.
+CPU_LINK_GBPS = 0.2
 
 
 def hf_config(cfg: ModelConfig, vocab_size: int) -> transformers.PretrainedConfig:
@@ -173,6 +179,7 @@ def build_cost_model(cfg: RunConfig, model: Transformer, device: torch.device) -
         mem = usable * props.total_memory
     else:
         flops, mem = CPU_SUSTAINED_FLOPS, 8 * 2**30
+    link = {} if device.type == "cuda" else {"link_GBps": CPU_LINK_GBPS}
     mem = limit or mem
     zero3 = cfg.parallel.zero_stage == 3  # everything sharded, and every layer recomputed in backward
     # The cost model takes the whole model and divides by the layout itself: a TP shard multiplies
@@ -182,7 +189,8 @@ def build_cost_model(cfg: RunConfig, model: Transformer, device: torch.device) -
     # TP's collectives have no measured bandwidth here, so they stay part of alpha (tp_GBps=0).
     return default_cost_model(params=model.num_params(exclude_embeddings=True) * tp * pp,
                               hidden_size=model.dims.hidden_size, num_layers=model.dims.num_layers,
-                              device_flops=flops, mem_limit_bytes=mem, max_group=max(2, cfg.hdp),
+                              device_flops=flops, mem_limit_bytes=mem, max_group=max(2, cfg.hdp), **link,
+                              act_bytes=2 if cfg.model.dtype == "bf16" else 4,  # activations and SP messages
                               dp_shards=cfg.hdp, zero_stage=None if zero3 else cfg.parallel.zero_stage,
                               optim_state_bytes={"fp32": 8.0, "bf16": 4.0}.get(cfg.optim.state_dtype, 2.0),
                               checkpointing=cfg.model.activation_checkpointing or zero3).with_layout(tp, pp, tp_GBps=0.0)

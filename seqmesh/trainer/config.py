@@ -230,6 +230,7 @@ class RunConfig:
     ckpt_every: int = 100
     ckpt_keep: int = 2
     log_every: int = 1
+    eval_every: int = 0  # validation loss every N steps and at the end (seqmesh.trainer.evaluate); 0: never
     peak_tflops: float | None = None
 
     def validate(self) -> None:
@@ -247,6 +248,7 @@ class RunConfig:
             raise ConfigError(f"stop_at={self.stop_at} must lie in 1..steps ({self.steps}), or be null")
         _positive("ckpt_every", self.ckpt_every, zero_ok=True)
         _positive("ckpt_keep", self.ckpt_keep)
+        _positive("eval_every", self.eval_every, zero_ok=True)
         world = self.launch.num_workers
         if world % (self.parallel.tp * self.parallel.pp):
             raise ConfigError(f"launch.num_workers={world} is not divisible by parallel.tp x parallel.pp = "

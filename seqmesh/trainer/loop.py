@@ -37,6 +37,7 @@ from seqmesh.scheduler.plan import Group, Plan
 from seqmesh.trainer.build import (apply_memory_limit, apply_offload, build_cost_model, build_model,
                                    build_pipeline_model, build_schedule, build_sharded_optimizer, warm_attention)
 from seqmesh.trainer.config import RunConfig
+from seqmesh.trainer.evaluate import Evaluator
 from seqmesh.trainer.data import IGNORE_INDEX, build_data, make_sampler, num_targets, pack
 from seqmesh.trainer.flops import peak_flops, train_flops
 from seqmesh.trainer.metrics import MetricsLogger, aggregate_rank_timings, peak_memory
@@ -121,7 +122,7 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
     torch.manual_seed(cfg.seed)
     apply_memory_limit(cfg, device)
 
-    tokenizer, train_set, _ = build_data(cfg.data)
+    tokenizer, train_set, val_set = build_data(cfg.data)
     sampler = make_sampler(train_set, cfg.data)
     sharded = cfg.parallel.zero_stage == 3  # ZeRO-3: built on the host, only shards go to the device
     if mesh.pp > 1:
@@ -155,6 +156,7 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
                             peak_flops_per_device=peak_flops(device_name, "bf16", override_tflops=cfg.peak_tflops),
                             total_steps=cfg.steps, resume_step=start if restored else None, device=device)
     timer = SpanTimer(device)
+    evaluator = Evaluator(cfg, model, val_set, mesh, cost_model, device, metrics)  # val_loss (seqmesh.trainer.evaluate)
     feedback = CostFeedback(cost_model, cfg.scheduler.refine_every)
     try:
         for step in range(start, cfg.stop_at or cfg.steps):
@@ -228,6 +230,7 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
             refined = feedback.maybe_refine(step) if rank == 0 else None
             if refined is not None:
                 planner.replace_plan_fn(functools.partial(planner.plan_fn, cost_model=refined))
+            evaluator.maybe_run(step + 1)  # every eval_every steps and at the end: val_loss in this step's record
             metrics.log_step(step + 1, loss=float(loss_sum) / denominator, grad_norm=float(grad_norm), lr=lr,
                              step_time_s=step_time, tokens=int(sum(lengths)), flops=train_flops(model.config, lengths),
                              peak_mem_bytes=max(t["peak_mem_bytes"] for t in gathered),

@@ -10,7 +10,10 @@ Definitions (README "Metrics" quotes them):
   the peak is unknown (never a guessed figure).
 * ``peak_mem_bytes``: on CUDA ``torch.cuda.max_memory_allocated`` (tensors only, not the
   allocator's cache); on CPU the process's peak resident set size (``getrusage``, whole process,
-  never reset). ``peak_mem_source`` says which.
+  never reset). ``peak_mem_source`` says which: ``"cuda"`` or ``"cpu_rss"`` (also when the loop
+  passes the max over ranks, measured the same way on every rank).
+* ``val_loss`` (eval steps only, and the summary's last one): mean token loss over the validation
+  split (``seqmesh.trainer.evaluate``).
 * ``warmup``: true for the first ``warmup_steps`` steps of each process (compilation, allocator
   growth); ``summary.json`` leaves them out of its means.
 
@@ -36,14 +39,19 @@ import torch
 _NUMERIC = (int, float)
 
 
+def memory_source(device: torch.device | str | None = None) -> str:
+    """How ``peak_memory`` measures on ``device``: ``"cuda"`` (max_memory_allocated) or ``"cpu_rss"`` (peak RSS)."""
+    return "cuda" if torch.device(device if device is not None else "cpu").type == "cuda" else "cpu_rss"
+
+
 def peak_memory(device: torch.device | str | None = None) -> tuple[int | None, str]:
     """Peak memory of this process so far, and where it comes from (see module docstring)."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
+        return int(torch.cuda.max_memory_allocated(device)), memory_source(device)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
-    return int(rss if sys.platform == "darwin" else rss * 1024), "cpu_peak_rss"
+    return int(rss if sys.platform == "darwin" else rss * 1024), memory_source(device)
 
 
 def _plain(key: str, value: Any) -> Any:
@@ -74,10 +82,17 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def progress_postfix(record: Mapping[str, Any]) -> dict[str, str]:
-    """The progress bar's postfix for one step record: loss, tokens/s, MFU ("n/a" when unknown)."""
+    """The progress bar's postfix for one step record: loss, tokens/s, MFU ("n/a" when unknown), the plan's
+    SP group sizes (e.g. ``4+1+1+2``: one group per (micro-batch, group), largest first) and the
+    validation loss on the steps that have one."""
     mfu = record.get("mfu")
-    return {"loss": f"{record['loss']:.4f}", "tok_s": f"{record['tokens_per_s']:.0f}",
-            "mfu": "n/a" if mfu is None else f"{100 * mfu:.1f}%"}
+    out = {"loss": f"{record['loss']:.4f}", "tok_s": f"{record['tokens_per_s']:.0f}",
+           "mfu": "n/a" if mfu is None else f"{100 * mfu:.1f}%"}
+    if record.get("plan_group_sizes"):
+        out["groups"] = "+".join(str(d) for d in sorted(record["plan_group_sizes"], reverse=True))
+    if record.get("val_loss") is not None:
+        out["val"] = f"{record['val_loss']:.4f}"
+    return out
 
 
 class MetricsLogger:
@@ -104,6 +119,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.device = device
         self.records: list[dict[str, Any]] = []
+        self._pending: dict[str, Any] = {}
         self._logged_here = 0
         self._start = time.perf_counter()
         self._file = self._writer = self.progress_bar = None
@@ -139,7 +155,7 @@ class MetricsLogger:
         """
         if step_time_s <= 0:
             raise ValueError(f"step_time_s must be > 0, got {step_time_s}")
-        source = "given"
+        source = memory_source(self.device)
         if peak_mem_bytes is None:
             peak_mem_bytes, source = peak_memory(self.device)
         flops_per_device_s = flops / self.num_devices / step_time_s
@@ -159,7 +175,9 @@ class MetricsLogger:
             "peak_mem_source": source,
             "warmup": self._logged_here < self.warmup_steps,
         }
-        for key, value in (extra or {}).items():
+        extra = {**self._pending, **(extra or {})}
+        self._pending = {}
+        for key, value in extra.items():
             if key in record:
                 raise ValueError(f"extra metric {key!r} would overwrite a built-in one; rename it")
             record[key] = _plain(key, value)
@@ -178,6 +196,10 @@ class MetricsLogger:
             self.progress_bar.update(max(0, step - self.progress_bar.n))
         return record
 
+    def note(self, **values: Any) -> None:
+        """Values for the next ``log_step``'s record (as its ``extra``), e.g. ``val_loss`` on eval steps."""
+        self._pending.update(values)
+
     def summary(self) -> dict[str, Any]:
         """Run totals and post-warmup throughput means over every step recorded (resumed ones too)."""
         if not self.records:
@@ -187,6 +209,7 @@ class MetricsLogger:
         flops_per_device_s = sum(r["flops"] for r in measured) / self.num_devices / time_s
         tokens_per_s = sum(r["tokens"] for r in measured) / time_s
         peaks = [r["peak_mem_bytes"] for r in self.records if r.get("peak_mem_bytes") is not None]
+        evals = [r for r in self.records if r.get("val_loss") is not None]
         return {
             "steps": len(self.records),
             "first_step": self.records[0]["step"],
@@ -205,6 +228,9 @@ class MetricsLogger:
             "peak_mem_bytes": max(peaks) if peaks else None,
             "num_devices": self.num_devices,
             "peak_flops_per_device": self.peak,
+            "val_loss": evals[-1]["val_loss"] if evals else None,
+            "val_loss_step": evals[-1]["step"] if evals else None,
+            "min_val_loss": min(r["val_loss"] for r in evals) if evals else None,
         }
 
     def close(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
