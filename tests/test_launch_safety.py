@@ -29,7 +29,7 @@ def test_a_used_run_dir_needs_resume_or_overwrite(tmp_path: Path) -> None:
     assert (run_dir / "metrics.jsonl").exists() and (run_dir / "checkpoints").is_dir()
 
     prepare_run_dir(_cfg(run_dir, "overwrite=true"))
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".seqmesh-run", "config.yaml"]
 
 
 def test_resume_and_overwrite_together_are_refused(tmp_path: Path) -> None:

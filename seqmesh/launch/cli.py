@@ -24,12 +24,58 @@ commands:
 """
 
 
-def _train(argv: list[str]) -> int:
-    from seqmesh.launch.config import load_config
-    from seqmesh.launch.ray_driver import run_training
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
 
-    summary = run_training(load_config(argv))
-    print({k: summary[k] for k in ("first_loss", "last_loss", "steps") if k in summary})
+
+def format_summary(summary: dict, run_dir: str, wall_s: float) -> str:
+    """The few lines printed when a training run ends: loss, speed, time, where the run is, what next."""
+    from pathlib import Path
+
+    path = Path(run_dir).expanduser().resolve()
+    shown = run_dir if not Path(run_dir).is_absolute() else str(path)
+    if not summary.get("steps"):
+        return f"seqmesh: no training step ran (run directory {path})"
+    steps = f"steps {summary['first_step']}-{summary['last_step']}" if summary.get("first_step", 1) > 1 else \
+        f"{summary['last_step']} steps"
+    lines = [f"seqmesh: trained {steps} in {_duration(wall_s)} "
+             f"({_duration(summary.get('total_time_s', 0.0))} in training steps)"]
+    loss = f"  loss        {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"
+    if summary.get("val_loss") is not None:
+        loss += f"   (validation {summary['val_loss']:.4f})"
+    lines.append(loss)
+    if summary.get("mean_tokens_per_s"):
+        speed = f"  throughput  {summary['mean_tokens_per_s']:,.0f} tokens/s"
+        if summary.get("num_devices"):
+            speed += f" on {summary['num_devices']} worker{'s' if summary['num_devices'] != 1 else ''}"
+        if summary.get("mean_mfu"):
+            speed += f", MFU {100 * summary['mean_mfu']:.1f}%"
+        lines.append(speed)
+    lines += [f"  run dir     {path}", f"  report      seqmesh report {shown}"]
+    return "\n".join(lines)
+
+
+def _train(argv: list[str]) -> int:
+    import time
+
+    from seqmesh.launch.config import load_config
+    from seqmesh.launch.ray_driver import NothingToDo, run_training
+
+    t0 = time.perf_counter()
+    cfg = load_config(argv)
+    try:
+        summary = run_training(cfg)
+    except NothingToDo as e:
+        print(f"seqmesh train: {e}")
+        return 0
+    print(format_summary(summary, cfg.run_dir, time.perf_counter() - t0))
     return 0
 
 

@@ -8,6 +8,7 @@ with the key's name and the allowed values instead of minutes later inside a Ray
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -196,6 +197,7 @@ class LaunchConfig:
     monitor_interval_s: float = 10.0
     prometheus_host: str = "127.0.0.1"
     prometheus_port: int | None = 0
+    verbose: bool = False  # show Ray's own log lines and the workers' output on the console
 
     def validate(self) -> None:
         _positive("launch.num_workers", self.num_workers)
@@ -301,7 +303,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     unknown = sorted(set(data) - set(known))
     if unknown:
         key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(f"unknown config key {key!r}; known keys here: {', '.join(sorted(known))}")
+        close = difflib.get_close_matches(unknown[0], list(known), n=1, cutoff=0.6)
+        hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}? " if close else ""
+        raise ConfigError(f"unknown config key {key!r}; {hint}known keys here: {', '.join(sorted(known))}")
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name

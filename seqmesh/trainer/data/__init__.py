@@ -8,7 +8,7 @@ Typical use (what the trainer does)::
     batch = pack([train[i] for i in next(sampler)])  # input_ids, labels, position_ids, cu_seqlens
 """
 
-from .build import DataConfig, build_data, make_sampler
+from .build import DataConfig, build_data, check_data, make_sampler
 from .corpus import Corpus, DocRef, is_validation, open_corpus
 from .dataset import DocumentDataset, split_pieces
 from .packing import IGNORE_INDEX, PackedBatch, num_targets, pack
@@ -16,7 +16,7 @@ from .sampler import GlobalBatchSampler
 from .tokenizer import EOS_TOKEN, TextTokenizer, byte_tokenizer, train_bpe
 
 __all__ = [
-    "DataConfig", "build_data", "make_sampler", "Corpus", "DocRef", "is_validation", "open_corpus",
+    "DataConfig", "build_data", "check_data", "make_sampler", "Corpus", "DocRef", "is_validation", "open_corpus",
     "DocumentDataset", "split_pieces", "IGNORE_INDEX", "PackedBatch", "num_targets", "pack",
     "GlobalBatchSampler", "EOS_TOKEN", "TextTokenizer", "byte_tokenizer", "train_bpe",
 ]

@@ -53,17 +53,22 @@ def open_tokens(directory: Path, meta: dict) -> np.ndarray:
     return np.memmap(directory / "tokens.bin", dtype=meta["dtype"], mode="r", shape=(meta["num_tokens"],))
 
 
-def write_tokenized(corpus: Corpus, tokenizer: TextTokenizer, out: Path) -> None:
-    """Stream the corpus through the tokenizer in chunks (memory stays flat for large corpora)."""
+def write_tokenized(corpus: Corpus, tokenizer: TextTokenizer, out: Path, text_column: str = "text",
+                    skip_bad: bool = True) -> None:
+    """Stream the corpus through the tokenizer in chunks (memory stays flat for large corpora).
+
+    Documents that cannot be read as text are left out with ``skip_bad`` (their names are kept in
+    ``meta.json``'s ``skipped``) and raise a BadDocument naming them without it."""
     dtype = token_dtype(tokenizer.vocab_size)
-    offsets, names, not_utf8 = [0], [], 0
-    texts = read_texts(corpus.docs)
+    offsets, names, not_utf8, skipped = [0], [], 0, []
+    texts = read_texts(corpus.docs, text_column, skip_bad)
     refs = iter(corpus.docs)
     with (out / "tokens.bin").open("wb") as f:
         while chunk := list(islice(texts, _ENCODE_CHUNK)):
             chunk_refs = list(islice(refs, len(chunk)))
             kept = [(r.name, t) for r, t in zip(chunk_refs, chunk) if t is not None]
             not_utf8 += len(chunk) - len(kept)
+            skipped += [r.name for r, t in zip(chunk_refs, chunk) if t is None]
             for (name, _), ids in zip(kept, tokenizer.encode_batch([t for _, t in kept])):
                 ids.append(tokenizer.eos_id)
                 f.write(np.asarray(ids, dtype=dtype).tobytes())
@@ -71,6 +76,6 @@ def write_tokenized(corpus: Corpus, tokenizer: TextTokenizer, out: Path) -> None
                 names.append(name)
     np.save(out / "offsets.npy", np.asarray(offsets, dtype=np.int64))
     (out / "names.json").write_text(json.dumps(names))
-    meta = {"dtype": dtype.name, "num_tokens": offsets[-1], "num_docs": len(names), "not_utf8": not_utf8,
+    meta = {"dtype": dtype.name, "num_tokens": offsets[-1], "num_docs": len(names), "not_utf8": not_utf8, "skipped": skipped,
             "source": corpus.source, "tokenizer": tokenizer.fingerprint}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
