@@ -179,7 +179,7 @@ def test_jsonl_source_one_document_per_line(tmp_path):
     assert [tok.decode(train[i].tolist()) for i in range(3)] == [x["text"] + "<|endoftext|>" for x in lines]
 
     path.write_text(json.dumps({"body": "x"}) + "\n")
-    with pytest.raises(ValueError, match=r"docs.jsonl:1 has no string field \"text\""):
+    with pytest.raises(ValueError, match=r"docs.jsonl line 1 has no string field \"text\" \(its fields: body\); set data.text_column"):
         _byte_data(path, tmp_path / "cache2")
 
 
