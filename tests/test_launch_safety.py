@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -69,3 +71,165 @@ def test_monitor_settings_are_checked(overrides, message) -> None:
 def test_monitor_can_be_turned_off() -> None:
     launch = load_config(["launch.monitor_interval_s=0", "launch.prometheus_port=null"]).launch
     assert launch.monitor_interval_s == 0 and launch.prometheus_port is None
+
+
+# ------------------------------------------------------------------ run directories are never lost
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _trained_run(run_dir: Path, steps: int = 6, last_step: int | None = None, *extra: str) -> None:
+    """A run directory as a finished (or stopped) run leaves it, without training."""
+    prepare_run_dir(_cfg(run_dir, f"steps={steps}", "model.num_layers=6", *extra))
+    last = steps if last_step is None else last_step
+    (run_dir / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "loss": 5.0}}\n' for s in range(1, last + 1)))
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / f"step-{last}").write_text("weights")
+    (run_dir / "summary.json").write_text(json.dumps({"steps": last, "first_step": 1, "last_step": last,
+                                                      "first_loss": 8.3, "last_loss": 4.1}))
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path: Path) -> None:
+    notes = tmp_path / "thesis"
+    notes.mkdir()
+    (notes / "chapter1.tex").write_text("precious")
+    with pytest.raises(ConfigError, match=r"is not empty and is not a seqmesh run \(it has no .seqmesh-run file\).*"
+                                          r"Nothing was deleted"):
+        prepare_run_dir(_cfg(notes, "overwrite=true"))
+    with pytest.raises(ConfigError, match="is not a seqmesh run"):
+        prepare_run_dir(_cfg(notes, "resume=true"))
+    assert _tree(notes) == {"chapter1.tex": b"precious"}
+
+
+def test_overwrite_never_deletes_the_cwd_or_a_git_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run_dir = tmp_path / "run"
+    _trained_run(run_dir)
+    (run_dir / "src" / ".git").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"but it contains a git checkout .*Nothing was deleted"):
+        prepare_run_dir(_cfg(run_dir, "overwrite=true"))
+    (run_dir / "src" / ".git").rmdir()
+    monkeypatch.chdir(run_dir / "src")
+    with pytest.raises(ConfigError, match=r"but it contains the current directory"):
+        prepare_run_dir(_cfg(run_dir, "overwrite=true"))
+    assert (run_dir / "summary.json").exists()
+    # run_dir=. overwrite=true on a checkout: not a run (no marker), so refused before anything else.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "repo" / ".git").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "repo")
+    with pytest.raises(ConfigError, match="not a seqmesh run"):
+        prepare_run_dir(load_config(["run_dir=.", "overwrite=true"]))
+    assert (tmp_path / "repo" / ".git").is_dir()
+
+
+def test_a_run_that_never_trained_is_reused(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    prepare_run_dir(_cfg(run_dir))
+    (run_dir / "ray").mkdir()  # what a start that failed in Ray leaves
+    prepare_run_dir(_cfg(run_dir, "steps=7"))
+    assert load_config([f"run_dir={run_dir}"]).steps != 7
+    assert "steps: 7" in (run_dir / "config.yaml").read_text()
+
+
+def test_bad_data_leaves_no_run_directory(tmp_path: Path) -> None:
+    from seqmesh.launch.cli import main
+
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\u00e9\n".encode("latin-1"))
+    run_dir = tmp_path / "run"
+    assert main(["train", f"run_dir={run_dir}", f"data.source={bad}", f"data.cache_dir={tmp_path / 'cache'}"]) == 2
+    assert not run_dir.exists()
+
+
+# -------------------------------------------------------------------- resume uses the saved config
+
+
+def test_resume_starts_from_the_saved_config(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    _trained_run(run_dir, 6, 3, "optim.lr=0.01", "data.global_batch=4", "stop_at=3")
+    cfg = _cfg(run_dir, "resume=true", "steps=9")
+    assert (cfg.steps, cfg.optim.lr, cfg.data.global_batch, cfg.stop_at) == (9, 0.01, 4, None)
+    # Keys not typed stay as saved, whatever the YAML defaults say.
+    cfg = _cfg(run_dir, "resume=true", "optim.lr=0.002", "launch.num_workers=2")
+    assert (cfg.steps, cfg.optim.lr, cfg.launch.num_workers, cfg.data.global_batch) == (6, 0.002, 2, 4)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.num_layers=4", "model.num_layers=4 (the run has 6)"),
+    ("data.vocab_size=1024", "data.vocab_size=1024 (the run has 4096)"),
+    ("data.tokenizer=byte", "data.tokenizer='byte' (the run has 'bpe')"),
+    ("model=llama-1b", "model.name='llama-1b' (the run has 'tiny')"),
+])
+def test_resume_refuses_incompatible_overrides_and_touches_nothing(tmp_path: Path, override: str, key: str) -> None:
+    from seqmesh.launch.cli import main
+
+    run_dir = tmp_path / "run"
+    _trained_run(run_dir, 6, 3)
+    before = _tree(run_dir)
+    with pytest.raises(ConfigError, match=r"cannot resume .* with " + re.escape(key) + r".*Drop the override"):
+        _cfg(run_dir, "resume=true", override)
+    assert main(["train", f"run_dir={run_dir}", "resume=true", override]) == 2
+    assert _tree(run_dir) == before
+
+
+def test_resume_of_a_finished_run_says_so_and_touches_nothing(tmp_path: Path, capsys) -> None:
+    from seqmesh.launch.cli import main
+
+    run_dir = tmp_path / "run"
+    _trained_run(run_dir, 6)
+    before = _tree(run_dir)
+    assert main(["train", f"run_dir={run_dir}", "resume=true"]) == 0
+    out = capsys.readouterr().out
+    assert "is finished: all 6 of its steps are done (loss 8.3 -> 4.1). Nothing was changed." in out
+    assert f"seqmesh train run_dir={run_dir} resume=true steps=12" in out
+    assert main(["train", f"run_dir={run_dir}", "resume=true", "steps=4"]) == 0  # fewer steps: also finished
+    assert _tree(run_dir) == before
+
+
+def test_resume_past_stop_at_says_so(tmp_path: Path) -> None:
+    from seqmesh.launch.ray_driver import finished_message
+
+    run_dir = tmp_path / "run"
+    _trained_run(run_dir, 6, 3)
+    assert "past stop_at=2" in finished_message(_cfg(run_dir, "resume=true", "stop_at=2"))
+    assert finished_message(_cfg(run_dir, "resume=true")) is None
+
+
+# ------------------------------------------------------------------------------ typos and output
+
+
+@pytest.mark.parametrize("override, hint", [
+    ("stepz=3", "unknown key 'stepz' in 'stepz=3'; did you mean steps?"),
+    ("model.num_layer=2", "did you mean model.num_layers?"),
+    ("num_layers=2", "did you mean model.num_layers?"),
+    ("data.sourse=x", "did you mean data.source?"),
+])
+def test_unknown_keys_suggest_the_nearest(override: str, hint: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(hint)):
+        load_config([override])
+
+
+def test_end_of_run_summary() -> None:
+    from seqmesh.launch.cli import format_summary
+
+    text = format_summary({"steps": 50, "first_step": 1, "last_step": 50, "first_loss": 8.31, "last_loss": 3.2,
+                           "mean_tokens_per_s": 12345.6, "num_devices": 4, "total_time_s": 48.0},
+                          "runs/default", 75.0)
+    assert text.splitlines()[0] == "seqmesh: trained 50 steps in 1 min 15 s (48 s in training steps)"
+    assert "loss        8.3100 -> 3.2000" in text and "12,346 tokens/s on 4 workers" in text
+    assert "seqmesh report runs/default" in text and "{" not in text
+
+
+def test_ray_chatter_is_off_unless_verbose(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    from seqmesh.launch import ray_driver
+
+    seen: dict = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
+    ray_driver._init_ray(load_config([]))
+    assert seen["log_to_driver"] is False
+    ray_driver._init_ray(load_config(["launch.verbose=true"]))
+    assert seen["log_to_driver"] is True

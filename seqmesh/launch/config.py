@@ -86,7 +86,7 @@ def _groups() -> set[str]:
 def suggest_key(key: str) -> str:
     """`` (did you mean steps?)`` for a mistyped ``key``, or a pointer to the list of keys."""
     known = schema_keys()
-    close = difflib.get_close_matches(key, known, n=2, cutoff=0.6)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     if not close:  # a right leaf under a wrong or missing section: num_layers -> model.num_layers
         last = key.rsplit(".", 1)[-1]
         by_leaf: dict[str, list[str]] = {}
