@@ -233,3 +233,18 @@ def test_ray_chatter_is_off_unless_verbose(monkeypatch: pytest.MonkeyPatch) -> N
     assert seen["log_to_driver"] is False
     ray_driver._init_ray(load_config(["launch.verbose=true"]))
     assert seen["log_to_driver"] is True
+
+
+def test_worker_errors_reach_the_user_without_driver_frames(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from seqmesh.launch import cli, ray_driver
+
+    error = type("WorkerGroupError", (RuntimeError,), {"__module__": "ray.train"})
+
+    def fail(cfg):
+        raise error("Training failed due to worker errors:\n[Rank 0]: ValueError: the training split has 3 documents")
+
+    monkeypatch.setattr(ray_driver, "run_training", fail)
+    assert cli.main(["train", "run_dir=/nonexistent/run"]) == 1
+    err = capsys.readouterr().err
+    assert "training failed in the workers: Training failed due to worker errors" in err
+    assert "the training split has 3 documents" in err and "launch.verbose=true" in err

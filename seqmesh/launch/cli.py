@@ -75,6 +75,14 @@ def _train(argv: list[str]) -> int:
     except NothingToDo as e:
         print(f"seqmesh train: {e}")
         return 0
+    except Exception as e:
+        # Ray Train's worker failures carry the workers' own tracebacks; the driver's frames add nothing.
+        if type(e).__module__.startswith("ray.") and type(e).__name__ in ("WorkerGroupError", "TrainingFailedError",
+                                                                          "ControllerError"):
+            print(f"seqmesh train: training failed in the workers: {e}\n(run directory {cfg.run_dir}; "
+                  f"launch.verbose=true shows the workers' output)", file=sys.stderr)
+            return 1
+        raise
     print(format_summary(summary, cfg.run_dir, time.perf_counter() - t0))
     return 0
 
