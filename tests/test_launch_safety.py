@@ -147,12 +147,12 @@ def test_bad_data_leaves_no_run_directory(tmp_path: Path) -> None:
 
 def test_resume_starts_from_the_saved_config(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    _trained_run(run_dir, 6, 3, "optim.lr=0.01", "data.global_batch=4", "stop_at=3")
+    _trained_run(run_dir, 6, 3, "optim.lr=0.01", "data.global_batch=2", "stop_at=3")
     cfg = _cfg(run_dir, "resume=true", "steps=9")
-    assert (cfg.steps, cfg.optim.lr, cfg.data.global_batch, cfg.stop_at) == (9, 0.01, 4, None)
+    assert (cfg.steps, cfg.optim.lr, cfg.data.global_batch, cfg.stop_at) == (9, 0.01, 2, None)
     # Keys not typed stay as saved, whatever the YAML defaults say.
     cfg = _cfg(run_dir, "resume=true", "optim.lr=0.002", "launch.num_workers=2")
-    assert (cfg.steps, cfg.optim.lr, cfg.launch.num_workers, cfg.data.global_batch) == (6, 0.002, 2, 4)
+    assert (cfg.steps, cfg.optim.lr, cfg.launch.num_workers, cfg.data.global_batch) == (6, 0.002, 2, 2)
 
 
 @pytest.mark.parametrize("override, key", [
