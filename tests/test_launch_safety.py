@@ -248,3 +248,12 @@ def test_worker_errors_reach_the_user_without_driver_frames(monkeypatch: pytest.
     err = capsys.readouterr().err
     assert "training failed in the workers: Training failed due to worker errors" in err
     assert "the training split has 3 documents" in err and "launch.verbose=true" in err
+
+
+def test_end_of_run_summary_after_resume() -> None:
+    from seqmesh.launch.cli import format_summary
+
+    text = format_summary({"steps": 5, "first_step": 1, "last_step": 5, "first_loss": 5.2, "last_loss": 5.1,
+                           "resumed_from": 3, "val_loss": 5.0, "total_time_s": 3.0}, "/tmp/run", 37.0)
+    assert text.splitlines()[0] == "seqmesh: trained steps 4-5 (resumed at step 3) in 37 s (3 s in training steps)"
+    assert "(validation 5.0000)" in text

@@ -43,7 +43,8 @@ def format_summary(summary: dict, run_dir: str, wall_s: float) -> str:
     shown = run_dir if not Path(run_dir).is_absolute() else str(path)
     if not summary.get("steps"):
         return f"seqmesh: no training step ran (run directory {path})"
-    steps = f"steps {summary['first_step']}-{summary['last_step']}" if summary.get("first_step", 1) > 1 else \
+    start = summary.get("resumed_from") or 0
+    steps = f"steps {start + 1}-{summary['last_step']} (resumed at step {start})" if start else \
         f"{summary['last_step']} steps"
     lines = [f"seqmesh: trained {steps} in {_duration(wall_s)} "
              f"({_duration(summary.get('total_time_s', 0.0))} in training steps)"]
