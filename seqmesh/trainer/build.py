@@ -20,7 +20,7 @@ from seqmesh.parallel.zero3 import Zero3Optimizer
 from seqmesh.parallel.sequence import sp_degrees
 from seqmesh.scheduler import CostModel, default_cost_model
 from seqmesh.scheduler.simulate import plannable_sizes
-from seqmesh.trainer.config import ModelConfig, OptimConfig, RunConfig
+from seqmesh.trainer.config import ModelConfig, OptimConfig, ParallelConfig, RunConfig, SchedulerConfig
 from seqmesh.trainer.hf_io import load_hf
 from seqmesh.trainer.lr_schedule import build_lr_scheduler
 from seqmesh.trainer.model import Transformer
@@ -66,18 +66,18 @@ def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device,
     return model.to(device)
 
 
-def build_pipeline_model(cfg: RunConfig, vocab_size: int, device: torch.device, mesh: Mesh) -> PipelineModel:
+def build_pipeline_model(cfg: ModelConfig, parallel: ParallelConfig, seq_len: int, vocab_size: int,
+                         device: torch.device, mesh: Mesh) -> PipelineModel:
     """This rank's pipeline chunks (``parallel.pp`` x ``parallel.pp_virtual`` stages), tensor parallel within.
 
     Every rank builds the whole model on the host (identical everywhere: same seed or same HF
     weights, as without PP), shards it over TP, then keeps and moves to ``device`` only its own
     stages, so device memory holds one stage. Layers are split by ``stage_layers`` (balanced by
-    FLOPs at documents of ``data.max_seq_len`` tokens).
+    FLOPs at documents of ``seq_len`` tokens: the data's ``max_seq_len``).
     """
-    model = build_model(cfg.model, vocab_size, torch.device("cpu"), mesh.tp_group)
+    model = build_model(cfg, vocab_size, torch.device("cpu"), mesh.tp_group)
     tied_group = mesh.embedding_group if model.dims.tie_embeddings else None
-    return split_model(model, mesh.pp_rank, mesh.pp, cfg.parallel.pp_virtual, cfg.data.max_seq_len, device,
-                       tied_group)
+    return split_model(model, mesh.pp_rank, mesh.pp, parallel.pp_virtual, seq_len, device, tied_group)
 
 
 def _layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -138,20 +138,22 @@ def build_sharded_optimizer(model: torch.nn.Module, cfg: RunConfig, mesh: Mesh,
                          norm_excluded=() if tp is None else tp.norm_excluded())
 
 
-def apply_memory_limit(cfg: RunConfig, device: torch.device) -> None:
+def apply_memory_limit(cfg: SchedulerConfig, device: torch.device) -> None:
     """Cap this process's CUDA allocations at ``scheduler.mem_limit_gb`` (a no-op otherwise)."""
-    if cfg.scheduler.mem_limit_gb is None or device.type != "cuda":
+    if cfg.mem_limit_gb is None or device.type != "cuda":
         return
     total = torch.cuda.get_device_properties(device).total_memory
-    if cfg.scheduler.mem_limit_gb * 2**30 > total:
-        raise ValueError(f"scheduler.mem_limit_gb={cfg.scheduler.mem_limit_gb} exceeds the device's "
+    if cfg.mem_limit_gb * 2**30 > total:
+        raise ValueError(f"scheduler.mem_limit_gb={cfg.mem_limit_gb} exceeds the device's "
                          f"{total / 2**30:.1f} GiB; lower it or leave it null")
-    torch.cuda.set_per_process_memory_fraction(cfg.scheduler.mem_limit_gb * 2**30 / total, device)
+    torch.cuda.set_per_process_memory_fraction(cfg.mem_limit_gb * 2**30 / total, device)
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    return build_lr_scheduler(optimizer, warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.steps,
-                              schedule=cfg.optim.schedule, min_lr_ratio=cfg.optim.min_lr_ratio)
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
+                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The lr schedule of ``optim`` over the run's ``total_steps``."""
+    return build_lr_scheduler(optimizer, warmup_steps=cfg.warmup_steps, total_steps=total_steps,
+                              schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
 
 
 def build_cost_model(cfg: RunConfig, model: Transformer, device: torch.device) -> CostModel:
