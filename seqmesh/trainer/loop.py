@@ -29,7 +29,6 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from seqmesh import first_use
 from seqmesh.parallel.mesh import Mesh
 from seqmesh.parallel.pipeline import PipelineModel, StageMicroBatch
 from seqmesh.parallel.sequence import make_sp_batch, shard_tokens

@@ -22,10 +22,10 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from seqmesh import first_use
 from seqmesh.parallel.mesh import Mesh
 from seqmesh.scheduler import CostModel
 from seqmesh.scheduler.plan import Plan
-from seqmesh.trainer import first_use
 from seqmesh.trainer.cost_feedback import CostFeedback
 from seqmesh.trainer.metrics import aggregate_rank_timings, peak_memory
 from seqmesh.trainer.timing import SpanTimer
