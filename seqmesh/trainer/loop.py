@@ -40,6 +40,7 @@ from seqmesh.trainer.config import RunConfig
 from seqmesh.trainer.evaluate import Evaluator
 from seqmesh.trainer.data import IGNORE_INDEX, build_data, make_sampler, num_targets, pack
 from seqmesh.trainer.flops import peak_flops, train_flops
+from seqmesh.trainer.guards import step_unless_nonfinite
 from seqmesh.trainer.metrics import MetricsLogger, aggregate_rank_timings, peak_memory
 from seqmesh.trainer.cost_feedback import CostFeedback
 from seqmesh.trainer.plan_ahead import PlanAhead
@@ -205,10 +206,9 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
             timer.start("optimizer")
             grad_norm = optimizer.clip_grad_norm_(cfg.optim.grad_clip or float("inf"))
             lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
+            skipped = step_unless_nonfinite(cfg.optim.nonfinite, step + 1, loss_sum, grad_norm, optimizer, schedule)
             if mesh.pp > 1:
                 model.sync_tied_weight()
-            schedule.step()
             optimizer.zero_grad()
             timer.stop("optimizer")
 
@@ -234,7 +234,7 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
             metrics.log_step(step + 1, loss=float(loss_sum) / denominator, grad_norm=float(grad_norm), lr=lr,
                              step_time_s=step_time, tokens=int(sum(lengths)), flops=train_flops(model.config, lengths),
                              peak_mem_bytes=max(t["peak_mem_bytes"] for t in gathered),
-                             extra={**_plan_stats(plan, step_time), **_timing_stats(gathered),
+                             extra={**_plan_stats(plan, step_time), **_timing_stats(gathered), "skipped_step": skipped,
                                     "rank_predicted_ms": _rank_work_ms(plan, lengths, feedback.cost_model, mesh),
                                     "cost_model_refits": feedback.refits, "cost_feedback": diagnostics})
 
