@@ -268,6 +268,7 @@ def test_a_sequence_no_group_can_hold_fails_before_the_step_with_the_fix(tmp_pat
         assert m, r["message"]
         length, capacity = int(m.group(2)), int(m.group(4))
         assert length > capacity and capacity == (80 if policy == "adaptive" else 40)
+        assert m.group(1) == "1"  # the first step, counted as metrics.jsonl counts
         for fix in ("data.max_seq_len", "scheduler.mem_limit_gb", "scheduler.sp", "scheduler.group_sizes"):
             assert fix in r["message"]
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not _losses(tmp_path / "run")  # no step ran
@@ -326,7 +327,7 @@ def test_plan_mismatch_between_ranks_raises_on_every_rank_not_a_hang(tamper: str
                 "batch": "ranks hold different plans or batches",
                 "short": "the broadcast plan does not fit the batch of rank(s) [1]"}[tamper]
     for r in results:
-        assert r["type"] == "PlanMismatchError" and r["message"].startswith("step 1: "), r
+        assert r["type"] == "PlanMismatchError" and r["message"].startswith("step 2: "), r
         assert expected in r["message"]
         assert r["s"] < 5
     print(f"\nfault 6 ({tamper}): both ranks raised within {max(r['s'] for r in results) * 1e3:.0f} ms: "

@@ -74,7 +74,9 @@ class PlanAhead:
             self.prefetch(step, key)
 
     def get(self, step: int, lengths: Sequence[int], group: "dist.ProcessGroup | None" = None) -> Plan:
-        """The plan of ``step``: computed (or awaited) on rank 0, broadcast, validated, digest-checked."""
+        """The plan of ``step``: computed (or awaited) on rank 0, broadcast, validated, digest-checked.
+
+        ``step`` counts from 0, as the loop does; errors name it from 1, as metrics.jsonl logs it."""
         payload: list[object] = [None]
         if self.rank == 0:
             key = tuple(int(n) for n in lengths)
@@ -88,7 +90,7 @@ class PlanAhead:
                 payload[0] = text
             except ValueError as e:  # e.g. a sequence no group can hold: every rank must hear it
                 fix = CAPACITY_FIX if isinstance(e, CapacityError) else ""
-                payload[0] = PlanningError(f"step {step}: no plan for lengths {sorted(key)[-3:]} (longest): {e}{fix}")
+                payload[0] = PlanningError(f"step {step + 1}: no plan for lengths {sorted(key)[-3:]} (longest): {e}{fix}")
             self.last_wait_ms = (time.perf_counter() - t0) * 1e3
         src = 0 if group is None else dist.get_global_rank(group, 0)
         dist.broadcast_object_list(payload, src=src, group=group)
@@ -108,11 +110,11 @@ class PlanAhead:
         dist.all_gather_object(views, mine, group=group)
         bad = {r: err for r, (_, _, err) in enumerate(views) if err}
         if bad:
-            raise PlanMismatchError(f"step {step}: the broadcast plan does not fit the batch of rank(s) {sorted(bad)} "
+            raise PlanMismatchError(f"step {step + 1}: the broadcast plan does not fit the batch of rank(s) {sorted(bad)} "
                                     f"({'; '.join(f'rank {r}: {e}' for r, e in bad.items())}); ranks disagree on the "
                                     f"batch (data or seqmesh version differ between nodes?)")
         if len({d for d, _, _ in views}) != 1 or len({b for _, b, _ in views}) != 1:
-            raise PlanMismatchError(f"step {step}: ranks hold different plans or batches (plan digests "
+            raise PlanMismatchError(f"step {step + 1}: ranks hold different plans or batches (plan digests "
                                     f"{[d for d, _, _ in views]}, batch digests {[b for _, b, _ in views]}); check "
                                     f"that every node runs the same seqmesh version and reads the same data")
         return plan
