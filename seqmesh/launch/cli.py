@@ -71,21 +71,71 @@ def _train(argv: list[str]) -> int:
 
     t0 = time.perf_counter()
     cfg = load_config(argv)
-    try:
-        summary = run_training(cfg)
-    except NothingToDo as e:
-        print(f"seqmesh train: {e}")
-        return 0
-    except Exception as e:
-        # Ray Train's worker failures carry the workers' own tracebacks; the driver's frames add nothing.
-        if type(e).__module__.startswith("ray.") and type(e).__name__ in ("WorkerGroupError", "TrainingFailedError",
-                                                                          "ControllerError"):
-            print(f"seqmesh train: training failed in the workers: {e}\n(run directory {cfg.run_dir}; "
-                  f"launch.verbose=true shows the workers' output)", file=sys.stderr)
-            return 1
-        raise
+    with _NoteInterrupt() as interrupt:
+        try:
+            summary = run_training(cfg)
+        except NothingToDo as e:
+            print(f"seqmesh train: {e}")
+            return 0
+        except BaseException as e:
+            if interrupt.seen:  # Ctrl-C: a clean stop and the way back, no traceback; 130 = 128 + SIGINT
+                return _interrupted(argv, cfg.run_dir)
+            # Ray Train's worker failures carry the workers' own tracebacks; the driver's frames add nothing.
+            if type(e).__module__.startswith("ray.") and type(e).__name__ in ("WorkerGroupError",
+                                                                              "TrainingFailedError", "ControllerError"):
+                print(f"seqmesh train: training failed in the workers: {e}\n(run directory {cfg.run_dir}; "
+                      f"launch.verbose=true shows the workers' output)", file=sys.stderr)
+                return 1
+            raise
     print(format_summary(summary, cfg.run_dir, time.perf_counter() - t0))
     return 0
+
+
+class _NoteInterrupt:
+    """Notes a Ctrl-C (SIGINT) while training, whoever handles it: before Ray Train starts it raises
+    KeyboardInterrupt; Ray Train's ``fit`` then installs its own handler (it aborts the workers gracefully,
+    then ends the run by an exception or ``sys.exit``), which is wrapped here, not replaced."""
+
+    def __enter__(self) -> "_NoteInterrupt":
+        import signal
+
+        self.seen, self._signal = False, signal.signal
+
+        def register(sig, handler):  # stands in for signal.signal while training
+            if sig == signal.SIGINT and callable(handler):
+                return self._signal(sig, self._noting(handler))
+            return self._signal(sig, handler)
+
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt
+
+        self._previous = self._signal(signal.SIGINT, self._noting(interrupt))
+        signal.signal = register
+        return self
+
+    def _noting(self, handler):
+        def noting(signum, frame):
+            self.seen = True
+            return handler(signum, frame)
+        return noting
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        signal.signal = self._signal
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def _interrupted(argv: list[str], run_dir: str) -> int:
+    from pathlib import Path
+
+    kept = [a for a in argv if a.split("=", 1)[0].lstrip("+~") not in ("resume", "overwrite", "run_dir")]
+    where = Path(run_dir).expanduser().resolve()
+    again = " ".join([*kept, "resume=true", f"run_dir={where}"])
+    print(f"\nseqmesh train: interrupted (Ctrl-C). Checkpoints under {where / 'checkpoints'} are intact (a save in "
+          f"progress is never published half-written). Resume with:\n  seqmesh train {again}", file=sys.stderr,
+          flush=True)
+    return 130
 
 
 def _config(argv: list[str]) -> int:

@@ -66,6 +66,10 @@ _REQUIRED = ("alpha1_ms_per_tok2", "alpha2_ms_per_tok", "beta_ms", "a2a_GBps", "
              "mem_bytes_per_token", "mem_static_bytes", "mem_limit_bytes")
 
 
+class CapacityError(ValueError):
+    """A sequence longer than the largest allowed group holds in memory: no plan can run the step."""
+
+
 @dataclass(frozen=True)
 class CostModel:
     alpha1_ms_per_tok2: float

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from seqmesh.scheduler.cost_model import CostModel
+from seqmesh.scheduler.cost_model import CapacityError, CostModel
 from seqmesh.scheduler.plan import Plan
 
 
@@ -62,7 +62,7 @@ def smallest_holding_size(length: int, cost_model: CostModel, sizes: Sequence[in
         if cost_model.fits(length, d):
             return d
     d = max(sizes)
-    raise ValueError(
+    raise CapacityError(
         f"a sequence of {length} tokens fits no group: the largest allowed group ({d} ranks) holds "
         f"{cost_model.capacity(d)} tokens (mem_limit_bytes={cost_model.mem_limit_bytes:.4g}, "
         f"mem_static_bytes={cost_model.mem_static_bytes:.4g}, mem_bytes_per_token={cost_model.mem_bytes_per_token:.4g}); "

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from seqmesh.scheduler.cost_model import CostModel
+from seqmesh.scheduler.cost_model import CapacityError, CostModel
 from seqmesh.scheduler.packing import best_fit_decreasing
 from seqmesh.scheduler.plan import Plan, plan_from_assignment
 from seqmesh.scheduler.simulate import lower_bound, plannable_sizes, simulate
@@ -61,7 +61,7 @@ def static_plan(lengths: Sequence[int], gpus: int, sp: int, cost_model: CostMode
     capacity = cost_model.capacity(sp)
     too_long = [n for n in lengths if n > capacity]
     if too_long:
-        raise ValueError(f"a sequence of {max(too_long)} tokens does not fit a static SP group of {sp} ranks "
+        raise CapacityError(f"a sequence of {max(too_long)} tokens does not fit a static SP group of {sp} ranks "
                          f"(memory holds {capacity} tokens per micro-batch); raise scheduler.sp, use the adaptive "
                          "scheduler, or truncate such sequences")
     n_groups = gpus // sp

@@ -17,7 +17,8 @@ once by rank 0, the rest by each rank to its own file (with TP/PP-sharded models
 written into the temp directory and fsynced, rank 0 writes the manifest last and publishes the
 step with one ``os.replace`` of the directory: a crash at any point leaves either the old set of
 checkpoints or the new one, never a half-written step that looks complete. A save then deletes
-all but the newest ``keep`` steps, and any step above the one saved (see ``_prune``).
+all but the newest ``keep`` steps, and any step above the one saved (see ``_prune``). A save that
+fails on any rank (a full disk: ENOSPC) raises on every rank after rank 0 removed its temp directory.
 
 ``load_latest`` (same world size) walks the steps newest first and takes the newest one whose manifest parses and
 whose files match their checksums *on every rank* (ranks agree through a collective, so they never
@@ -32,6 +33,7 @@ reads only the files it chose, memory-mapped when asked, so a rank touches only 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -211,24 +213,51 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: Mapping[str, A
             files[SHARED_FILE] = _write(shared, tmp / SHARED_FILE)
         files[f"rank{rank}.pt"] = _write(own, tmp / f"rank{rank}.pt")
     except OSError as exc:
-        error = f"writing {tmp}: {exc}"
+        error = _write_error(tmp, exc)
     gathered = _gather((error, files, index), group)
-    _raise_if_any([e for e, _, _ in gathered], f"save_checkpoint(step={step})")
+    _abandon_if_any([e for e, _, _ in gathered], rank, tmp, step)
 
+    error = None
     if rank == 0:
         manifest = {"format": FORMAT, "step": step, "world_size": world, "shared_keys": sorted(shared),
                     "time": time.time(), "extra": extra,
                     "files": {name: meta for _, rank_files, _ in gathered for name, meta in rank_files.items()},
                     "index": {f"rank{r}.pt": i for r, (_, _, i) in enumerate(gathered) if i is not None}}
-        with (tmp / MANIFEST).open("w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        _publish(tmp, final)
-        _prune(root, step, keep)
-    _barrier(group)
+        try:
+            with (tmp / MANIFEST).open("w") as f:
+                json.dump(manifest, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(tmp)
+            _publish(tmp, final)
+        except OSError as exc:  # every rank must hear it: the others wait below
+            error = _write_error(tmp, exc)
+        else:
+            _prune(root, step, keep)
+    _abandon_if_any(_gather(error, group), rank, tmp, step)
     return final
+
+
+def _write_error(tmp: Path, exc: OSError) -> str:
+    """What went wrong writing into ``tmp``; a full disk (or quota) says which disk and what to do."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return f"writing {tmp}: {exc}"
+    try:
+        usage = shutil.disk_usage(tmp.parent)
+        free = f"{usage.free / 2**30:.2f} GiB free of {usage.total / 2**30:.2f} GiB"
+    except OSError:
+        free = "free space unknown"
+    return (f"the disk holding {tmp.parent} is full ({exc.strerror}; {free}) while writing {tmp.name}. The "
+            f"half-written step was removed and the previous checkpoints are intact. Free space on that disk, lower "
+            f"ckpt_keep, or move run_dir to a larger disk, then resume (resume=true)")
+
+
+def _abandon_if_any(errors: list[str | None], rank: int, tmp: Path, step: int) -> None:
+    """On any rank's failure: rank 0 removes the unpublished step (a full disk gets its space back,
+    nothing half-written stays behind), then every rank raises."""
+    if any(errors) and rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _raise_if_any(errors, f"save_checkpoint(step={step})")
 
 
 def _read_manifest(step_dir: Path) -> tuple[str | None, dict[str, Any] | None]:

@@ -135,9 +135,11 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     state_dtype: str = "fp32"
+    nonfinite: str = "abort"  # a NaN/Inf loss or gradient norm: abort | skip (seqmesh/trainer/guards.py)
 
     def validate(self) -> None:
         _choice("optim.name", self.name, ("adamw",))
+        _choice("optim.nonfinite", self.nonfinite, ("abort", "skip"))
         _choice("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
         _choice("optim.state_dtype", self.state_dtype, ("fp32", "bf16", "int8", "fp8"))
         _positive("optim.lr", self.lr)

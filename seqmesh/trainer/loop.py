@@ -44,6 +44,7 @@ from seqmesh.trainer.config import RunConfig, SchedulerConfig
 from seqmesh.trainer.data import IGNORE_INDEX, build_data, make_sampler, num_targets, pack
 from seqmesh.trainer.evaluate import Evaluator
 from seqmesh.trainer.flops import peak_flops, train_flops
+from seqmesh.trainer.guards import step_unless_nonfinite
 from seqmesh.trainer.metrics import MetricsLogger
 from seqmesh.trainer.plan_ahead import PlanAhead
 from seqmesh.trainer.reshard import load_resharded, save_resharded
@@ -201,9 +202,9 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
             with telemetry.span("optimizer"):
                 grad_norm = optimizer.clip_grad_norm_(cfg.optim.grad_clip or float("inf"))
                 lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
+                skipped = step_unless_nonfinite(cfg.optim.nonfinite, step + 1, loss_sum, grad_norm, optimizer,
+                                                run.schedule)
                 runner.sync_weights()
-                run.schedule.step()
                 optimizer.zero_grad()
 
             record = telemetry.end_step(step, plan, lengths, planner.last_wait_ms)
@@ -213,7 +214,7 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
             run.metrics.log_step(step + 1, loss=float(loss_sum) / denominator, grad_norm=float(grad_norm), lr=lr,
                                  step_time_s=record.step_time_s, tokens=int(sum(lengths)),
                                  flops=train_flops(run.model.config, lengths), peak_mem_bytes=record.peak_mem_bytes,
-                                 extra=record.extra)
+                                 extra={**record.extra, "skipped_step": skipped})
 
             if cfg.ckpt_every and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == last):
                 save_resharded(run_dir, step + 1, run.model, optimizer, run.mesh, {

@@ -218,6 +218,7 @@ class MetricsLogger:
             "last_loss": self.records[-1]["loss"],
             "min_loss": min(r["loss"] for r in self.records),
             "tokens": sum(r["tokens"] for r in self.records),
+            "skipped_steps": sum(1 for r in self.records if r.get("skipped_step")),
             "total_time_s": sum(r["step_time_s"] for r in self.records),
             "wall_time_s": time.perf_counter() - self._start,
             "steps_in_means": len(measured),

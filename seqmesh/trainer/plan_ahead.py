@@ -3,11 +3,13 @@
 Rank 0 asks the scheduler for step t+1's plan in a side process while step t computes (the
 data sampler's lookahead gives the lengths); at step t+1 the plan is broadcast from rank 0 and
 every rank checks it: the plan must cover the batch exactly, and all ranks must hold the same
-digest. Acting on different plans would hang a collective; here it raises instead.
+digest (and the same batch). Acting on different plans would hang a collective; here every rank
+raises instead, also when only one rank finds the plan wrong.
 """
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -15,7 +17,13 @@ from typing import Callable, Sequence
 
 import torch.distributed as dist
 
+from seqmesh.scheduler.cost_model import CapacityError
 from seqmesh.scheduler.plan import Plan
+
+CAPACITY_FIX = ("; in a seqmesh run: lower data.max_seq_len (longer documents are split into pieces of at most that "
+                "many tokens), raise scheduler.mem_limit_gb or shard the model states (parallel.zero_stage, "
+                "parallel.tp) to free memory, or allow larger SP groups (scheduler.sp under the static policy, "
+                "scheduler.group_sizes under the adaptive one)")
 
 PlanFn = Callable[[Sequence[int]], Plan]
 
@@ -66,7 +74,9 @@ class PlanAhead:
             self.prefetch(step, key)
 
     def get(self, step: int, lengths: Sequence[int], group: "dist.ProcessGroup | None" = None) -> Plan:
-        """The plan of ``step``: computed (or awaited) on rank 0, broadcast, validated, digest-checked."""
+        """The plan of ``step``: computed (or awaited) on rank 0, broadcast, validated, digest-checked.
+
+        ``step`` counts from 0, as the loop does; errors name it from 1, as metrics.jsonl logs it."""
         payload: list[object] = [None]
         if self.rank == 0:
             key = tuple(int(n) for n in lengths)
@@ -79,18 +89,34 @@ class PlanAhead:
                     text, self.last_solve_ms = _timed(self.plan_fn, list(key))
                 payload[0] = text
             except ValueError as e:  # e.g. a sequence no group can hold: every rank must hear it
-                payload[0] = PlanningError(f"step {step}: no plan for lengths {sorted(key)[-3:]} (longest): {e}")
+                fix = CAPACITY_FIX if isinstance(e, CapacityError) else ""
+                payload[0] = PlanningError(f"step {step + 1}: no plan for lengths {sorted(key)[-3:]} (longest): {e}{fix}")
             self.last_wait_ms = (time.perf_counter() - t0) * 1e3
         src = 0 if group is None else dist.get_global_rank(group, 0)
         dist.broadcast_object_list(payload, src=src, group=group)
         if isinstance(payload[0], PlanningError):
             raise payload[0]
-        plan = Plan.from_json(payload[0])
-        plan.validate(len(lengths))
-        digests: list[object] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(digests, plan.digest(), group=group)
-        if len(set(digests)) != 1:
-            raise PlanMismatchError(f"step {step}: ranks hold different plans (digests {digests})")
+        # A check that fails on one rank must fail on all of them, never leave the others waiting in a
+        # collective: each rank reports (plan digest, digest of its batch's lengths, its own error).
+        batch = hashlib.sha256(",".join(str(int(n)) for n in lengths).encode()).hexdigest()[:16]
+        plan, mine = None, None
+        try:
+            plan = Plan.from_json(payload[0])
+            plan.validate(len(lengths))
+            mine = (plan.digest(), batch, None)
+        except (ValueError, KeyError, TypeError) as e:
+            mine = (None, batch, f"{type(e).__name__}: {e}")
+        views: list[object] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(views, mine, group=group)
+        bad = {r: err for r, (_, _, err) in enumerate(views) if err}
+        if bad:
+            raise PlanMismatchError(f"step {step + 1}: the broadcast plan does not fit the batch of rank(s) {sorted(bad)} "
+                                    f"({'; '.join(f'rank {r}: {e}' for r, e in bad.items())}); ranks disagree on the "
+                                    f"batch (data or seqmesh version differ between nodes?)")
+        if len({d for d, _, _ in views}) != 1 or len({b for _, b, _ in views}) != 1:
+            raise PlanMismatchError(f"step {step + 1}: ranks hold different plans or batches (plan digests "
+                                    f"{[d for d, _, _ in views]}, batch digests {[b for _, b, _ in views]}); check "
+                                    f"that every node runs the same seqmesh version and reads the same data")
         return plan
 
     def close(self) -> None:
