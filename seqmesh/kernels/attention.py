@@ -37,11 +37,11 @@ import functools
 import importlib.util
 import inspect
 import math
-from typing import Callable, Mapping, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from seqmesh import first_use
 
@@ -490,3 +490,40 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_se
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     resolve_backend(backend, q)
     return _VarlenAttention.apply(q, k, v, cu_seqlens, int(max_seqlen), causal, scale, backend)
+
+
+class PackedDocs(Protocol):
+    """How one packed stream's documents lie: what attention over it needs to know.
+
+    ``seqlens`` are the documents' lengths (their tokens back to back), ``cu_seqlens(device)`` the
+    int32 cumulative lengths on ``device`` (cached by the implementation: one per forward, not per
+    layer), ``max_seqlen`` the longest, ``backend`` one of ``BACKENDS``. ``parallel.sequence.SPBatch``
+    is one; it adds how the tokens are spread over a sequence-parallel group.
+    """
+
+    seqlens: tuple[int, ...]
+    backend: str
+
+    @property
+    def max_seqlen(self) -> int: ...
+
+    def cu_seqlens(self, device: torch.device) -> Tensor: ...
+
+
+class VarlenCausalAttention(nn.Module):
+    """Causal attention of a packed stream within each of its documents, all tokens on this process.
+
+    The attention of a plain model: ``(q [T, Hq, D], k/v [T, Hkv, D], docs, scale) -> [T, Hq, D]``.
+    Sequence parallelism swaps it for an attention over a group of ranks with the same call
+    (``seqmesh.parallel.sequence.apply_sequence_parallel``). No parameters, so names and
+    checkpoints do not see it.
+    """
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, docs: PackedDocs, softmax_scale: float) -> Tensor:
+        if q.shape[0] != sum(docs.seqlens):
+            raise ValueError(
+                f"local attention got {q.shape[0]} tokens for documents of {sum(docs.seqlens)}: the batch is "
+                "sharded over a sequence-parallel group; apply seqmesh.parallel.sequence.apply_sequence_parallel "
+                "to the model")
+        return varlen_attention(q, k, v, docs.cu_seqlens(q.device), docs.max_seqlen, True, softmax_scale,
+                                docs.backend)[0]

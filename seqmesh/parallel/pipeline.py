@@ -1,4 +1,5 @@
-"""Pipeline parallelism: stages of a ``Transformer`` and the (interleaved) 1F1B executor over micro-batches.
+"""Pipeline parallelism: stages of a model (``model_protocol.CausalLM``) and the (interleaved) 1F1B
+executor over micro-batches.
 
 Micro-batches have different lengths (the plan packs different documents into each group), so
 activation shapes vary. Every stage of an HDP rank walks the same plan, lays out the same group
@@ -39,10 +40,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from seqmesh.parallel.model_protocol import CausalLM
 from seqmesh.parallel.pipeline_schedule import interleaved_1f1b, stage_layers
 from seqmesh.parallel.sequence import SPBatch
 from seqmesh.parallel.tensor import TensorParallel, gather_tokens, tensor_parallel
-from seqmesh.trainer.model import Transformer
 
 
 def _held(tp: TensorParallel | None, module: nn.Module) -> TensorParallel | None:
@@ -63,7 +64,7 @@ class PipelineStage(nn.Module):
     token shard, and the last stage gathers the final hidden states as the unsplit model does.
     """
 
-    def __init__(self, model: Transformer, stage: int, num_stages: int, layers: range) -> None:
+    def __init__(self, model: CausalLM, stage: int, num_stages: int, layers: range) -> None:
         super().__init__()
         if not 0 <= stage < num_stages:
             raise ValueError(f"stage {stage} outside 0..{num_stages - 1}")
@@ -117,10 +118,10 @@ class PipelineModel(nn.Module):
     ``chunks[c]`` is virtual stage ``c * pp + pp_rank``; this module registers every module they
     hold except a tied embedding's copy on the last stage (see the module docstring), so its
     ``parameters()`` and ``state_dict()`` are exactly what this rank owns. ``dims``, ``config``,
-    ``num_params`` and ``tensor_parallel`` answer as ``Transformer``'s do, for this rank's share.
+    ``num_params`` and ``tensor_parallel`` answer as the whole model's do, for this rank's share.
     """
 
-    def __init__(self, model: Transformer, chunks: list[PipelineStage],
+    def __init__(self, model: CausalLM, chunks: list[PipelineStage],
                  tied_group: "dist.ProcessGroup | None" = None) -> None:
         super().__init__()
         self.dims, self.config = model.dims, model.config
@@ -195,7 +196,7 @@ class PipelineModel(nn.Module):
             dist.broadcast(weight.data, group=self.tied_group, group_src=0)
 
 
-def split_model(model: Transformer, pp_rank: int, pp: int, virtual: int, seq_len: int, device: torch.device,
+def split_model(model: CausalLM, pp_rank: int, pp: int, virtual: int, seq_len: int, device: torch.device,
                 tied_group: "dist.ProcessGroup | None" = None) -> PipelineModel:
     """This rank's chunks of ``model`` (moved to ``device``), layers split by ``stage_layers`` over ``pp * virtual``.
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from seqmesh.trainer.model import ModelDims
+from seqmesh.parallel.model_protocol import ModelDims
 
 Op = tuple[Literal["F", "B"], int]
 

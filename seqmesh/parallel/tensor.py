@@ -1,10 +1,12 @@
 """Tensor parallelism (Megatron-style, with sequence parallelism) as a transform on the plain model.
 
-``apply_tensor_parallel(model, group)`` rewrites a ``Transformer`` in place for the ``tp`` ranks of
-``group`` (one TP group of the mesh, TP innermost):
+``apply_tensor_parallel(model, group)`` rewrites a model (``model_protocol.CausalLM``) in place for
+the ``tp`` ranks of ``group`` (one TP group of the mesh, TP innermost), swapping modules only: the
+model's own forward then runs unchanged on the rank's heads and MLP slice.
 
-* q/k/v and gate/up are column-parallel (each rank computes its heads / its slice of the MLP's
-  inner width), o and down are row-parallel (partial sums). Query heads are split over TP; key/value
+* q/k/v and gate/up become ``ColumnParallelLinear`` (each rank computes its heads / its slice of the
+  MLP's inner width), o and down ``RowParallelLinear`` (partial sums); the attention module's head
+  counts become the rank's. Query heads are split over TP; key/value
   heads are split too when TP divides their count, and when their count divides TP each KV head is
   replicated on the ``tp / num_kv_heads`` ranks whose query heads read it (their gradients are then
   summed over those ranks). Any other combination is an error.
@@ -12,7 +14,9 @@
   hold ``1/tp`` of the rank's tokens. Column-parallel layers start with an all-gather along tokens
   and row-parallel layers end with a reduce-scatter along tokens, which moves the same bytes as
   Megatron's plain all-reduce but keeps activations (and norm compute) sharded; the column-parallel
-  GEMMs keep only the token shard of their input for backward and gather it again there. The token
+  GEMMs keep only the token shard of their input for backward and gather it again there. Each
+  block's ``project`` (how its q/k/v, or gate/up, read their one input) becomes
+  ``GatheredProjections``: one all-gather and one autograd function for all of the block's GEMMs. The token
   stream is padded to a multiple of ``tp`` (at most ``tp - 1`` zero rows that never reach attention
   or the loss).
 * The embedding is vocabulary-parallel (each rank looks up its rows, a reduce-scatter sums and
@@ -50,12 +54,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqmesh.parallel.sequence import sp_attention
-from seqmesh.trainer.model import apply_rotary, swiglu
+from seqmesh.parallel.model_protocol import decoder_layers
 
 if TYPE_CHECKING:
-    from seqmesh.parallel.sequence import SPBatch
-    from seqmesh.trainer.model import ModelDims, Transformer
+    from seqmesh.parallel.model_protocol import CausalLM, ModelDims
 
 
 @dataclass(frozen=True)
@@ -198,13 +200,45 @@ def _param(t: Tensor) -> nn.Parameter:
     return nn.Parameter(t.detach().clone())
 
 
-def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
-    """An ``nn.Linear`` holding exactly these (sliced) weights, so names and init stay HF's."""
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    layer.weight = _param(weight)
-    if bias is not None:
-        layer.bias = _param(bias)
-    return layer
+class ColumnParallelLinear(nn.Linear):
+    """Output rows ``[start, start + out_features)`` of a linear of ``full_features`` outputs.
+
+    An ``nn.Linear`` holding the slice (names and init stay HF's) that reads the TP ranks' token
+    shards: ``forward`` all-gathers them (a block's ``GatheredProjections`` does that once for all
+    its column-parallel linears). ``writer``: the one rank among those holding an identical slice
+    (a replicated KV head) that writes it to a checkpoint.
+    """
+
+    def __init__(self, linear: nn.Linear, start: int, length: int, group: dist.ProcessGroup,
+                 writer: bool = True) -> None:
+        super().__init__(linear.in_features, length, bias=linear.bias is not None, device="meta")
+        self.weight = _param(linear.weight[start:start + length])
+        if linear.bias is not None:
+            self.bias = _param(linear.bias[start:start + length])
+        self.group, self.full_features, self.start, self.writer = group, linear.out_features, start, writer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return gathered_column_linears(x, self.group, x.shape[0] * dist.get_world_size(self.group), (self,))[0]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rows {self.start}..{self.start + self.out_features} of {self.full_features}"
+
+
+class GatheredProjections(nn.Module):
+    """Several column-parallel linears of one token-sharded input: one all-gather for all of them.
+
+    Replaces the model's ``project`` of an attention or MLP block; ``rows`` (the tokens attention
+    needs) trims the gathered padding, None keeps every gathered row (the MLP's, token-wise).
+    """
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        super().__init__()
+        self.group = group
+
+    def forward(self, x: Tensor, linears: tuple[nn.Module, ...], rows: int | None = None) -> tuple[Tensor, ...]:
+        if rows is None:
+            rows = x.shape[0] * dist.get_world_size(self.group)
+        return gathered_column_linears(x, self.group, rows, linears)
 
 
 class RowParallelLinear(nn.Module):
@@ -212,65 +246,43 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, start: int, end: int, group: dist.ProcessGroup) -> None:
         super().__init__()
-        self.group = group
+        self.group, self.tp = group, dist.get_world_size(group)
         self.weight = _param(linear.weight[:, start:end])
         self.bias = None if linear.bias is None else _param(linear.bias)
 
-    def forward(self, x: Tensor, rows: int) -> Tensor:
-        """``x`` [T, in/tp] for the rank's T tokens; ``rows`` the padded token count (a multiple of TP)."""
+    def forward(self, x: Tensor) -> Tensor:
+        """``x`` [T, in/tp] for the rank's T tokens (all TP ranks' gathered rows) -> this rank's token shard
+        of the sum; T is padded to a multiple of TP first (the padding rows never reach attention or the loss)."""
+        rows = -(-x.shape[0] // self.tp) * self.tp
         y = reduce_scatter_tokens(_pad_rows(F.linear(x, self.weight), rows), self.group)
         return y if self.bias is None else y + self.bias
 
 
-class ParallelAttention(nn.Module):
-    """This rank's heads of one attention block; input and output are token shards of the residual stream."""
-
-    def __init__(self, attn: nn.Module, dims: ModelDims, tp: int, rank: int, group: dist.ProcessGroup) -> None:
-        super().__init__()
-        self.group, self.head_dim = group, dims.head_dim
-        d = dims.head_dim
-        self.num_heads = dims.num_heads // tp
-        q = slice(rank * self.num_heads * d, (rank + 1) * self.num_heads * d)
-        if dims.num_kv_heads % tp == 0:
-            self.num_kv_heads = dims.num_kv_heads // tp
-            first_kv = rank * self.num_kv_heads
-        else:  # tp is a multiple of the KV heads: this rank's query heads all read one KV head
-            self.num_kv_heads = 1
-            first_kv = rank // (tp // dims.num_kv_heads)
-        kv = slice(first_kv * d, (first_kv + self.num_kv_heads) * d)
-        for name, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
-            linear = getattr(attn, name)
-            setattr(self, name, _linear(linear.weight[rows], None if linear.bias is None else linear.bias[rows]))
-        self.o_proj = RowParallelLinear(attn.o_proj, q.start, q.stop, group)
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: SPBatch) -> Tensor:
-        tokens, rows = meta.local_index.numel(), x.shape[0] * dist.get_world_size(self.group)
-        q, k, v = gathered_column_linears(x, self.group, tokens, (self.q_proj, self.k_proj, self.v_proj))
-        q = q.view(tokens, self.num_heads, self.head_dim)
-        k = k.view(tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = sp_attention(q, k, v, meta, meta.group, meta.mode, causal=True, softmax_scale=self.head_dim**-0.5)
-        return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim), rows)
+def _shard_attention(attn: nn.Module, dims: ModelDims, tp: int, rank: int, group: dist.ProcessGroup) -> None:
+    """This rank's heads of one attention block: q/k/v column-parallel, o row-parallel, local head counts."""
+    d = dims.head_dim
+    heads = dims.num_heads // tp
+    if dims.num_kv_heads % tp == 0:
+        kv_heads = dims.num_kv_heads // tp
+        first_kv, writer = rank * kv_heads, True
+    else:  # tp is a multiple of the KV heads: this rank's query heads all read one KV head
+        copies = tp // dims.num_kv_heads
+        kv_heads, first_kv, writer = 1, rank // copies, rank % copies == 0
+    attn.q_proj = ColumnParallelLinear(attn.q_proj, rank * heads * d, heads * d, group)
+    attn.k_proj = ColumnParallelLinear(attn.k_proj, first_kv * d, kv_heads * d, group, writer)
+    attn.v_proj = ColumnParallelLinear(attn.v_proj, first_kv * d, kv_heads * d, group, writer)
+    attn.o_proj = RowParallelLinear(attn.o_proj, rank * heads * d, (rank + 1) * heads * d, group)
+    attn.num_heads, attn.num_kv_heads = heads, kv_heads
+    attn.project = GatheredProjections(group)
 
 
-class ParallelMLP(nn.Module):
-    """SwiGLU over this rank's slice of the inner width; token shards in and out."""
-
-    def __init__(self, mlp: nn.Module, dims: ModelDims, tp: int, rank: int, group: dist.ProcessGroup) -> None:
-        super().__init__()
-        self.group = group
-        width = dims.intermediate_size // tp
-        cols = slice(rank * width, (rank + 1) * width)
-        for name in ("gate_proj", "up_proj"):
-            linear = getattr(mlp, name)
-            setattr(self, name, _linear(linear.weight[cols], None if linear.bias is None else linear.bias[cols]))
-        self.down_proj = RowParallelLinear(mlp.down_proj, cols.start, cols.stop, group)
-
-    def forward(self, x: Tensor) -> Tensor:
-        rows = x.shape[0] * dist.get_world_size(self.group)
-        gate, up = gathered_column_linears(x, self.group, rows, (self.gate_proj, self.up_proj))
-        return self.down_proj(swiglu(gate, up), rows)
+def _shard_mlp(mlp: nn.Module, dims: ModelDims, tp: int, rank: int, group: dist.ProcessGroup) -> None:
+    """This rank's slice of the MLP's inner width: gate/up column-parallel, down row-parallel."""
+    width = dims.intermediate_size // tp
+    mlp.gate_proj = ColumnParallelLinear(mlp.gate_proj, rank * width, width, group)
+    mlp.up_proj = ColumnParallelLinear(mlp.up_proj, rank * width, width, group)
+    mlp.down_proj = RowParallelLinear(mlp.down_proj, rank * width, (rank + 1) * width, group)
+    mlp.project = GatheredProjections(group)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -299,7 +311,7 @@ class VocabParallelHead(nn.Module):
         return F.linear(hidden, self.weight[:self.real_rows])
 
 
-def apply_tensor_parallel(model: Transformer, group: dist.ProcessGroup) -> TensorParallel:
+def apply_tensor_parallel(model: CausalLM, group: dist.ProcessGroup) -> TensorParallel:
     """Shard ``model`` (identical on every rank of ``group``) in place over the TP ranks of ``group``.
 
     Afterwards ``model(input_ids, meta)`` still returns the final hidden states of all the rank's
@@ -316,10 +328,10 @@ def apply_tensor_parallel(model: Transformer, group: dist.ProcessGroup) -> Tenso
     kv_shared: list[nn.Parameter] = []
     kv_copies = 1 if dims.num_kv_heads % tp == 0 else tp // dims.num_kv_heads
     with torch.no_grad():
-        for layer in model.model.layers:
-            attn = ParallelAttention(layer.self_attn, dims, tp, rank, group)
-            mlp = ParallelMLP(layer.mlp, dims, tp, rank, group)
-            layer.self_attn, layer.mlp = attn, mlp
+        for layer in decoder_layers(model):
+            attn, mlp = layer.self_attn, layer.mlp
+            _shard_attention(attn, dims, tp, rank, group)
+            _shard_mlp(mlp, dims, tp, rank, group)
             replicated += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
             replicated += [b for b in (attn.o_proj.bias, mlp.down_proj.bias) if b is not None]
             if kv_copies > 1:

@@ -10,11 +10,9 @@ import torch
 import transformers
 
 from seqmesh.kernels.attention import warm_cudnn_graphs
-from seqmesh.parallel.checkpointing import apply_activation_checkpointing
 from seqmesh.parallel.mesh import Mesh
-from seqmesh.parallel.offload import attach_offload
 from seqmesh.parallel.pipeline import PipelineModel, split_model
-from seqmesh.parallel.tensor import apply_tensor_parallel, tensor_parallel
+from seqmesh.parallel.tensor import tensor_parallel
 from seqmesh.parallel.zero import ZeroOptimizer
 from seqmesh.parallel.zero3 import Zero3Optimizer
 from seqmesh.parallel.sequence import sp_degrees
@@ -24,7 +22,7 @@ from seqmesh.trainer.config import ModelConfig, OptimConfig, ParallelConfig, Run
 from seqmesh.trainer.hf_io import load_hf
 from seqmesh.trainer.lr_schedule import build_lr_scheduler
 from seqmesh.trainer.model import Transformer
-from seqmesh.trainer.tiled import apply_tiled_mlp
+from seqmesh.trainer.parallelize import parallelize
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +52,13 @@ def hf_config(cfg: ModelConfig, vocab_size: int) -> transformers.PretrainedConfi
 
 def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device,
                 tp_group: "torch.distributed.ProcessGroup | None" = None) -> Transformer:
-    """The model, tensor parallel over ``tp_group`` when given (before checkpointing wraps the layers)."""
+    """The model, parallelised (``parallelize``): tensor parallel over ``tp_group`` when given, sequence-parallel
+    attention, activation checkpointing when configured."""
     model = load_hf(cfg.hf_path) if cfg.hf_path else Transformer(hf_config(cfg, vocab_size))
     if model.dims.vocab_size < vocab_size:
         raise ValueError(f"the model's vocabulary ({model.dims.vocab_size}) is smaller than the tokenizer's "
                          f"({vocab_size}); set model.vocab_size >= {vocab_size} or data.vocab_size lower")
-    if tp_group is not None:
-        apply_tensor_parallel(model, tp_group)
-    if cfg.activation_checkpointing:
-        apply_activation_checkpointing(model.model.layers)
+    parallelize(model, tp_group=tp_group, activation_checkpointing=cfg.activation_checkpointing)
     return model.to(device)
 
 
@@ -80,23 +76,17 @@ def build_pipeline_model(cfg: ModelConfig, parallel: ParallelConfig, seq_len: in
     return split_model(model, mesh.pp_rank, mesh.pp, parallel.pp_virtual, seq_len, device, tied_group)
 
 
-def _layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder layers a model (or a pipeline rank, whose ``model.layers`` is keyed by layer index) holds."""
-    layers = model.model.layers
-    return list(layers.values()) if isinstance(layers, torch.nn.ModuleDict) else list(layers)
-
-
 def apply_offload(model: Transformer, cfg: RunConfig, cost_model: CostModel, device: torch.device) -> None:
-    """Tiled MLP and activation offload (``cfg.offload``), after checkpointing; parameter names are unchanged."""
+    """Tiled MLP and activation offload (``cfg.offload``), the last steps of ``parallelize``, once the cost
+    model exists; after checkpointing; parameter names are unchanged."""
     off = cfg.offload
-    if off.mlp_tile_tokens:
-        apply_tiled_mlp(_layers(model), off.mlp_tile_tokens)
+    offload = None
     if off.target != "none":
-        attach_offload(model, _layers(model), device=device, target=off.target, ratio=off.ratio_value,
-                       cost_model=cost_model, path=off.path, engine=off.engine,
-                       host_limit_bytes=int(off.host_mem_gb * 2**30) if off.host_mem_gb else None,
+        offload = dict(device=device, target=off.target, ratio=off.ratio_value, cost_model=cost_model, path=off.path,
+                       engine=off.engine, host_limit_bytes=int(off.host_mem_gb * 2**30) if off.host_mem_gb else None,
                        h2d_GBps=off.h2d_GBps, disk_GBps=off.disk_GBps,
                        compute_dtype=torch.bfloat16 if cfg.model.dtype == "bf16" else None)
+    parallelize(model, sequence_parallel=False, mlp_tile_tokens=off.mlp_tile_tokens, offload=offload)
 
 
 def _param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:

@@ -1,15 +1,22 @@
 """A plain Llama-family decoder over packed variable-length token streams.
 
 There is no batch dimension: a micro-batch is one stream of `T` tokens holding several documents
-back to back, and the `SPBatch` that travels with it says where each document starts
-(`seqlens`), which position each token has inside its own document (`position_ids`) and how the
-tokens are spread over a sequence-parallel group. Attention is the only place documents or ranks
-interact, so every layer hands it to `sp_attention`; everything else is per token.
+back to back, and the metadata that travels with it (`BatchMeta`) says where each document starts
+(`seqlens`) and which position each token has inside its own document (`position_ids`).
+Attention is the only place documents interact, so every layer hands it to its attention core
+(`Attention.core`, by default the kernels' `VarlenCausalAttention` over this process's tokens);
+everything else is per token.
+
+The model knows nothing of parallelism and never imports `seqmesh.parallel`. The parallelisms are
+transforms applied afterwards (torchtitan style, see `trainer/parallelize.py`), which reach the
+model through `parallel/model_protocol.py`: sequence parallelism swaps each `Attention.core` for
+attention over a group of ranks (the metadata is then a `parallel.sequence.SPBatch`, which extends
+`BatchMeta`), tensor parallelism swaps the linears for column/row-parallel ones and each layer's
+`project` (how several linears read one input) for one that all-gathers the token shard once.
 
 The modules are plain `nn.Linear` / `nn.Embedding` / `nn.RMSNorm` named exactly as in
 transformers' `LlamaForCausalLM` (`model.layers.N.self_attn.q_proj`, ...), so HF weights map
-one to one (see `hf_io.py`) and tensor/pipeline/data parallelism can be applied afterwards as
-transforms on this model (torchtitan style) without touching it.
+one to one (see `hf_io.py`); the parameter-less `core` and `project` modules add no names.
 
 Metrics read `Transformer.dims` (layer shapes) and `num_params(exclude_embeddings=True)` (the
 weights every token multiplies through) to count FLOPs.
@@ -19,7 +26,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -28,15 +35,20 @@ from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from seqmesh import first_use
-from seqmesh.parallel.sequence import sp_attention
-
-if TYPE_CHECKING:
-    from seqmesh.parallel.sequence import SPBatch
+from seqmesh.kernels.attention import PackedDocs, VarlenCausalAttention
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 # RoPE variants whose frequencies are fixed at construction. "dynamic" and "longrope" change the
 # frequencies with the current sequence length, which has no single meaning for a packed stream.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+class BatchMeta(PackedDocs, Protocol):
+    """What the model reads of a micro-batch besides its tokens: the documents (for attention) and
+    each local token's position inside its document [T] (for RoPE). ``parallel.sequence.SPBatch``
+    (``make_sp_batch``) is the one the trainer builds."""
+
+    position_ids: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -228,22 +240,39 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (_fused(_swiglu) if gate.is_cuda else _swiglu)(gate, up)
 
 
+class Projections(nn.Module):
+    """Several linear maps of one input (q/k/v, gate/up), each on its own.
+
+    ``rows``: how many rows the outputs must have (the tokens attention needs); the plain model's
+    input has exactly those. Tensor parallelism replaces this module by one that all-gathers the
+    rank's token shard once for all of the linears (``parallel/tensor.py``).
+    """
+
+    def forward(self, x: torch.Tensor, linears: tuple[nn.Module, ...],
+                rows: int | None = None) -> tuple[torch.Tensor, ...]:
+        return tuple(linear(x) for linear in linears)
+
+
 class Attention(nn.Module):
     def __init__(self, dims: ModelDims) -> None:
         super().__init__()
+        # Heads this module computes (tensor parallelism lowers them to the rank's share).
         self.num_heads, self.num_kv_heads, self.head_dim = dims.num_heads, dims.num_kv_heads, dims.head_dim
         self.q_proj = nn.Linear(dims.hidden_size, dims.num_heads * dims.head_dim, bias=dims.qkv_bias)
         self.k_proj = nn.Linear(dims.hidden_size, dims.num_kv_heads * dims.head_dim, bias=dims.qkv_bias)
         self.v_proj = nn.Linear(dims.hidden_size, dims.num_kv_heads * dims.head_dim, bias=dims.qkv_bias)
         self.o_proj = nn.Linear(dims.num_heads * dims.head_dim, dims.hidden_size, bias=dims.o_bias)
+        self.project = Projections()
+        self.core = VarlenCausalAttention()
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: SPBatch) -> torch.Tensor:
-        tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
+        tokens = meta.position_ids.shape[0]
+        q, k, v = self.project(x, (self.q_proj, self.k_proj, self.v_proj), tokens)
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = sp_attention(q, k, v, meta, meta.group, meta.mode, causal=True, softmax_scale=self.head_dim**-0.5)
+        out = self.core(q, k, v, meta, self.head_dim**-0.5)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
 
 
@@ -255,9 +284,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dims.hidden_size, dims.intermediate_size, bias=dims.mlp_bias)
         self.up_proj = nn.Linear(dims.hidden_size, dims.intermediate_size, bias=dims.mlp_bias)
         self.down_proj = nn.Linear(dims.intermediate_size, dims.hidden_size, bias=dims.mlp_bias)
+        self.project = Projections()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        gate, up = self.project(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(swiglu(gate, up))
 
 
 class DecoderLayer(nn.Module):
@@ -268,7 +299,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(dims.hidden_size, eps=dims.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(dims.hidden_size, eps=dims.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: SPBatch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -331,17 +362,17 @@ class Transformer(nn.Module):
             elif isinstance(module, RotaryEmbedding):
                 module.reset_parameters()
 
-    def forward(self, input_ids: torch.Tensor, meta: SPBatch) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
         """Final-normed hidden states [T, hidden] for the local tokens `input_ids` [T] described by `meta`."""
         if input_ids.dim() != 1:
             raise ValueError(
                 f"input_ids must be one packed stream of shape [T], got shape {tuple(input_ids.shape)}; "
-                "concatenate the documents and describe their lengths in the SPBatch"
+                "concatenate the documents and describe their lengths in the batch metadata"
             )
         if meta.position_ids.shape != input_ids.shape:
             raise ValueError(
                 f"meta.position_ids has shape {tuple(meta.position_ids.shape)} but input_ids has "
-                f"{tuple(input_ids.shape)}; build both from the same SPBatch (shard_tokens)"
+                f"{tuple(input_ids.shape)}; build both from the same batch layout (shard_tokens)"
             )
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(meta.position_ids)
@@ -399,6 +430,7 @@ def tiny_config(**overrides: Any) -> transformers.LlamaConfig:
 
 
 __all__ = [
+    "BatchMeta",
     "ModelDims",
     "Transformer",
     "apply_rotary",

@@ -72,14 +72,13 @@ from torch import Tensor, nn
 from seqmesh.kernels.adam_update import padded_numel
 from seqmesh.kernels.fp8_codec import FORMATS, CodeFormat, dequantize_blocks, quantize_blocks, round_plain
 from seqmesh.parallel.mesh import Mesh
-from seqmesh.parallel.tensor import (ParallelAttention, ParallelMLP, RowParallelLinear, VocabParallelEmbedding,
+from seqmesh.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                      VocabParallelHead)
 from seqmesh.parallel.zero import ZeroOptimizer
 from seqmesh.parallel.zero3 import Zero3Optimizer
 from seqmesh.trainer.checkpoint import (SHARED_FILE, _dist, _gather, _raise_if_any, capture_rng_state,
                                         load_latest_files, restore_rng_state, save_checkpoint)
 from seqmesh.trainer.optim.fp8_adamw import FP8AdamW
-from seqmesh.trainer.tiled import TiledMLP
 
 PIECES = "layout_free"  # key of a rank's pieces in its checkpoint file
 RNG = "rng"
@@ -152,23 +151,11 @@ def placements(model: Model, mesh: Mesh) -> dict[str, Placement]:
 
     for chunk in _chunks(model):
         for module in chunk.modules():
-            # TiledMLP adopts its MLP's projections but keeps the MLP itself unregistered (``inner``).
-            module = module.inner if isinstance(module, TiledMLP) else module
-            if isinstance(module, ParallelAttention):
-                dims = chunk.dims
-                q = module.q_proj.weight.shape[0]
-                cut(module.q_proj.weight, 0, q * tp, r * q, q)
-                cut(module.q_proj.bias, 0, q * tp, r * q, q)
-                copies = 1 if dims.num_kv_heads % tp == 0 else tp // dims.num_kv_heads
-                kv = module.num_kv_heads * module.head_dim
-                for lin in (module.k_proj, module.v_proj):
-                    for p in (lin.weight, lin.bias):
-                        cut(p, 0, dims.num_kv_heads * module.head_dim, (r // copies) * kv, kv, writer=r % copies == 0)
-            elif isinstance(module, ParallelMLP):
-                for lin in (module.gate_proj, module.up_proj):
-                    n = lin.weight.shape[0]
-                    cut(lin.weight, 0, n * tp, r * n, n)
-                    cut(lin.bias, 0, n * tp, r * n, n)
+            # The sliced linears record their own place (a TiledMLP registers its MLP's linears as its own).
+            if isinstance(module, ColumnParallelLinear):  # q/k/v (a replicated KV head: one writer), gate/up
+                n = module.out_features
+                cut(module.weight, 0, module.full_features, module.start, n, module.writer)
+                cut(module.bias, 0, module.full_features, module.start, n, module.writer)
             elif isinstance(module, RowParallelLinear):
                 n = module.weight.shape[1]
                 cut(module.weight, 1, n * tp, r * n, n)

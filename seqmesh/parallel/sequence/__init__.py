@@ -1,9 +1,10 @@
 """Sequence-parallel attention over a packed micro-batch of variable-length documents.
 
-The model sees only this interface: ``make_sp_batch`` describes how the group's packed documents
+The trainer sees only this interface: ``make_sp_batch`` describes how the group's packed documents
 are laid out on this rank, ``shard_tokens`` moves any per-token tensor into that layout, and
-``sp_attention`` is the one attention call of every layer. Everything else in the model is
-token-wise, so any layout works; the layout is chosen for the attention's load balance.
+``sp_attention`` is the attention over the group, which ``apply_sequence_parallel`` (``transform.py``)
+makes every layer's attention core. Everything else in the model is token-wise, so any layout
+works; the layout is chosen for the attention's load balance.
 
 Modes (``ulysses x ring`` degrees on the group): ``local`` (1 x 1, no communication), ``ulysses``
 (W x 1: all-to-all from sequence shards to head shards and back), ``ring`` (1 x W: zigzag ring
@@ -29,12 +30,16 @@ from seqmesh.parallel.sequence.ulysses import UlyssesPlan, heads_to_seq, seq_to_
 
 SP_MODES = ("local", "ulysses", "ring", "hybrid")
 
-__all__ = ["SP_MODES", "SPBatch", "make_sp_batch", "shard_tokens", "sp_attention", "sp_degrees"]
+__all__ = ["SP_MODES", "SPBatch", "SequenceParallelAttention", "apply_sequence_parallel", "make_sp_batch",
+           "shard_tokens", "sp_attention", "sp_degrees"]
 
 
 @dataclass
 class SPBatch:
-    """How one group's packed micro-batch is laid out on this rank (the issue's ``batch_meta``)."""
+    """How one group's packed micro-batch is laid out on this rank (the issue's ``batch_meta``).
+
+    It is the model's ``BatchMeta`` (``seqlens``, ``cu_seqlens``, ``max_seqlen``, ``backend``,
+    ``position_ids``) extended with the group, its mode and this rank's share of the tokens."""
 
     mode: str
     group: "dist.ProcessGroup | None"
@@ -198,3 +203,7 @@ def sp_attention(q: Tensor, k: Tensor, v: Tensor, meta: SPBatch, group: "dist.Pr
     if lay.ulysses > 1:
         out = heads_to_seq(out, plan)
     return out
+
+
+# After sp_attention: the transform module imports it from here.
+from seqmesh.parallel.sequence.transform import SequenceParallelAttention, apply_sequence_parallel  # noqa: E402
