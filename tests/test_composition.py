@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from seqmesh.parallel.mesh import Mesh
-from seqmesh.parallel.sequence import make_sp_batch
+from seqmesh.parallel.sequence import apply_sequence_parallel, make_sp_batch
 from seqmesh.parallel.tensor import apply_tensor_parallel, reduce_tensor_parallel_gradients
 from seqmesh.scheduler.plan import plan_from_assignment
 from seqmesh.trainer.build import build_optimizer, build_sharded_optimizer
@@ -86,6 +86,7 @@ def _composed(rank: int, world: int) -> dict:
         cfg = _config(mode, stage, world, tp=2)
         model = make_model(CASE)
         tp = apply_tensor_parallel(model, mesh.tp_group)
+        apply_sequence_parallel(model)
         opt = build_sharded_optimizer(model, cfg, mesh)
         losses, norms, grads, params_before = [], [], [], []
         for step, (lengths, plan) in enumerate(zip(STEP_LENGTHS, PLANS)):

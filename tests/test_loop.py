@@ -17,7 +17,7 @@ from seqmesh.trainer.config import config_from_dict
 from seqmesh.trainer.data import num_targets, pack
 from seqmesh.trainer.loss import token_loss_sum
 from seqmesh.trainer.model import Transformer, tiny_config
-from seqmesh.parallel.sequence import make_sp_batch
+from seqmesh.parallel.sequence import apply_sequence_parallel, make_sp_batch
 from tests.distributed import run_distributed
 
 LENGTHS = [37, 5, 64, 12, 2, 29, 41, 8, 17]
@@ -26,8 +26,9 @@ VOCAB = 97
 
 def _model() -> Transformer:
     torch.manual_seed(0)
-    return Transformer(tiny_config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2))
+    return apply_sequence_parallel(Transformer(tiny_config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                                           num_hidden_layers=2, num_attention_heads=4,
+                                                           num_key_value_heads=2)))
 
 
 def _docs() -> list[torch.Tensor]:

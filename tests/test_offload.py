@@ -313,13 +313,13 @@ def test_file_store_roundtrip_and_cleanup(tmp_path: Path, engine: str) -> None:
 
 
 def _sp_worker(rank: int, world: int, root: str) -> tuple[bool, int]:
-    from seqmesh.parallel.sequence import shard_tokens
+    from seqmesh.parallel.sequence import apply_sequence_parallel, shard_tokens
 
     base = _base()
     ids, labels = _batch()
     results = []
     for offload in (False, True):
-        model = _model(base, True)
+        model = apply_sequence_parallel(_model(base, True))
         if offload:
             _attach(model, "nvme", Path(root) / f"rank{rank}")
         meta = make_sp_batch(SEQLENS, "ulysses", torch.distributed.group.WORLD, backend="math")

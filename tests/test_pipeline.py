@@ -12,7 +12,7 @@ from seqmesh.parallel.mesh import Mesh
 from seqmesh.parallel.pipeline import PipelineStage, StageMicroBatch, run_pipeline, split_model
 from seqmesh.parallel.pipeline_schedule import (interleaved_1f1b, module_costs, one_f_one_b, partition_layers,
                                                 stage_layers)
-from seqmesh.parallel.sequence import make_sp_batch, shard_tokens
+from seqmesh.parallel.sequence import apply_sequence_parallel, make_sp_batch, shard_tokens
 from seqmesh.scheduler.plan import plan_from_assignment
 from seqmesh.trainer.data import IGNORE_INDEX, num_targets, pack
 from seqmesh.trainer.loss import token_loss_sum
@@ -27,8 +27,9 @@ GROUPS = [[0, 1], [3, 5], [2, 6], [7, 8, 4]]
 
 def _model() -> Transformer:
     torch.manual_seed(0)
-    return Transformer(tiny_config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    return apply_sequence_parallel(Transformer(tiny_config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                                           num_hidden_layers=4, num_attention_heads=4,
+                                                           num_key_value_heads=2, tie_word_embeddings=False)))
 
 
 def _docs() -> list[torch.Tensor]:

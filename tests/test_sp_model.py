@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from seqmesh.parallel.sequence import make_sp_batch, shard_tokens
+from seqmesh.parallel.sequence import apply_sequence_parallel, make_sp_batch, shard_tokens
 from seqmesh.trainer.data.packing import IGNORE_INDEX, pack
 from seqmesh.trainer.loss import token_loss_sum
 from seqmesh.trainer.model import Transformer, tiny_config
@@ -30,7 +30,7 @@ def _train(rank, world, configs):
     for mode, size, ulysses in configs:
         group = {1: None, 2: halves[rank // 2], 4: dist.group.WORLD}[size]
         torch.manual_seed(0)
-        model = Transformer(tiny_config(**SMALL))
+        model = apply_sequence_parallel(Transformer(tiny_config(**SMALL)))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         losses, grads = [], []
         for step in range(len(STEP_LENGTHS)):
