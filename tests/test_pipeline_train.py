@@ -29,7 +29,7 @@ from seqmesh.trainer.loss import token_loss_sum
 from seqmesh.trainer.data.tokenizer import BYTE_VOCAB_SIZE
 from seqmesh.trainer.model import Transformer, tiny_config
 from seqmesh.trainer.reshard import load_resharded, named_parameters
-from seqmesh.parallel.sequence import make_sp_batch, shard_tokens
+from seqmesh.parallel.sequence import apply_sequence_parallel, make_sp_batch, shard_tokens
 from tests.distributed import run_distributed
 
 STEPS = 3
@@ -167,8 +167,9 @@ VOCAB = 97
 
 def _small_model() -> Transformer:
     torch.manual_seed(0)
-    return Transformer(tiny_config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2))
+    return apply_sequence_parallel(Transformer(tiny_config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                                           num_hidden_layers=4, num_attention_heads=4,
+                                                           num_key_value_heads=2)))
 
 
 def _docs() -> list[torch.Tensor]:
@@ -266,7 +267,7 @@ GPU_MODEL = dict(vocab_size=1000, hidden_size=2048, intermediate_size=4096, num_
 
 def _gpu_model(device: torch.device) -> Transformer:
     torch.manual_seed(0)
-    return Transformer(tiny_config(**GPU_MODEL)).to(device)
+    return apply_sequence_parallel(Transformer(tiny_config(**GPU_MODEL))).to(device)
 
 
 def _gpu_items(device: torch.device) -> list[StageMicroBatch]:
