@@ -12,7 +12,7 @@ ranges of int32 ``cu_q`` / ``cu_k`` (``[n+1]``, the same ``n``); the LSE is ``[H
 blocks); off-diagonal blocks are non-causal. A query row whose document has no keys in the block
 gets output 0 and LSE ``-inf`` on every backend, so such a block contributes nothing to a merge.
 
-Backends, in the order ``auto`` tries them (shared/DESIGN.md, "Attention backend order"):
+Backends, in the order ``auto`` tries them (docs/design.md, "Attention backend order"):
 ``flash_attn`` (Dao's varlen kernels, CUDA fp16/bf16, when importable), ``cudnn`` (Hopper and newer:
 cuDNN's fused attention for long documents, PyTorch's flash kernel for the short ones), ``torch_flash``
 (PyTorch's own varlen flash kernel, CUDA fp16/bf16), ``cpu_flash`` (PyTorch's CPU flash op, one call
