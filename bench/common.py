@@ -1,4 +1,4 @@
-"""The one result format every benchmark writes (docs/design.md, "Benchmark results").
+"""The one result format every benchmark writes (docs/design.md, "Benchmark result format").
 
 Results are ratios against a baseline measured in the same run, because the machines are noisy;
 the file is only ever written by a real run of the benchmark, never edited by hand.
