@@ -32,7 +32,7 @@ def test_an_explicit_address_is_kept_and_no_working_dir_means_the_installed_seqm
 
 @pytest.mark.parametrize("overrides, working_dir, message", [
     (["steps=5"], None, "run_dir='runs/default' is relative"),
-    (["run_dir=/x", "stepz=5"], None, "bad override or config"),
+    (["run_dir=/x", "stepz=5"], None, "unknown key .stepz. in .stepz=5.; did you mean steps?"),
     (["run_dir=/x", "launch.num_workers=0"], None, "launch.num_workers=0"),
     (["run_dir=/x"], "/", "is not a seqmesh source tree"),
 ])

@@ -60,7 +60,7 @@ def test_bad_json_names_the_key(change, message):
 
 
 def test_load_errors_name_the_file(tmp_path):
-    with pytest.raises(ValueError, match="not found; write one with `seqmesh profile"):
+    with pytest.raises(ValueError, match="not found; try the shipped example .*seqmesh profile"):
         CostModel.load(tmp_path / "missing.json")
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")

@@ -68,9 +68,11 @@ def _train(argv: list[str]) -> int:
 
     from seqmesh.launch.config import load_config
     from seqmesh.launch.ray_driver import NothingToDo, run_training
+    from seqmesh.launch.worker_warnings import new_warnings, warnings_offset
 
     t0 = time.perf_counter()
     cfg = load_config(argv)
+    offset = warnings_offset(cfg.run_dir)
     with _NoteInterrupt() as interrupt:
         try:
             summary = run_training(cfg)
@@ -85,10 +87,19 @@ def _train(argv: list[str]) -> int:
                                                                               "TrainingFailedError", "ControllerError"):
                 print(f"seqmesh train: training failed in the workers: {e}\n(run directory {cfg.run_dir}; "
                       f"launch.verbose=true shows the workers' output)", file=sys.stderr)
+                _print_warnings(new_warnings(cfg.run_dir, offset), file=sys.stderr)
                 return 1
             raise
     print(format_summary(summary, cfg.run_dir, time.perf_counter() - t0))
+    _print_warnings(new_warnings(cfg.run_dir, offset))
     return 0
+
+
+def _print_warnings(lines: list[str], file=None) -> None:
+    if lines:
+        print(f"  warnings    {len(lines)} from the workers (all in RUN_DIR/warnings.jsonl):", file=file)
+        for line in lines:
+            print(f"    {line}", file=file)
 
 
 class _NoteInterrupt:

@@ -19,6 +19,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     from seqmesh.launch.allocator import prefer_expandable_segments
     from seqmesh.launch.monitor import Monitor
+    from seqmesh.launch.worker_warnings import record_warnings
     from seqmesh.trainer.config import config_from_dict
     from seqmesh.trainer.loop import train
 
@@ -41,7 +42,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                           extra_info={"node_id": ray.get_runtime_context().get_node_id(),
                                       "node_ip": ray.util.get_node_ip_address()}).start()
     try:
-        summary = train(cfg, run_dir, device)
+        with record_warnings(run_dir, ctx.get_world_rank()):
+            summary = train(cfg, run_dir, device)
     finally:
         if monitor is not None:
             monitor.stop()
