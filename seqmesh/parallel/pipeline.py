@@ -43,6 +43,7 @@ from torch import nn
 from seqmesh.parallel.model_protocol import CausalLM
 from seqmesh.parallel.pipeline_schedule import interleaved_1f1b, stage_layers
 from seqmesh.parallel.sequence import SPBatch
+from seqmesh.parallel.shard_spec import record_stage
 from seqmesh.parallel.tensor import TensorParallel, gather_tokens, tensor_parallel
 
 
@@ -80,6 +81,8 @@ class PipelineStage(nn.Module):
             self.model.norm = model.model.norm
             self.lm_head = model.lm_head
         self.tensor_parallel = _held(tensor_parallel(model), self)
+        # Its parameters keep their full-model names; their shard specs name the stage that owns them.
+        record_stage(self, stage)
 
     @property
     def is_first(self) -> bool:

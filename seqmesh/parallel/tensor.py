@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqmesh.parallel.model_protocol import decoder_layers
+from seqmesh.parallel.shard_spec import ShardSpec, set_shard_spec, shard_spec, tp_replicated, tp_slice
 
 if TYPE_CHECKING:
     from seqmesh.parallel.model_protocol import CausalLM, ModelDims
@@ -205,17 +206,33 @@ class ColumnParallelLinear(nn.Linear):
 
     An ``nn.Linear`` holding the slice (names and init stay HF's) that reads the TP ranks' token
     shards: ``forward`` all-gathers them (a block's ``GatheredProjections`` does that once for all
-    its column-parallel linears). ``writer``: the one rank among those holding an identical slice
-    (a replicated KV head) that writes it to a checkpoint.
+    its column-parallel linears). ``copies`` TP ranks hold this identical slice (a replicated KV
+    head); the first of them writes it to a checkpoint. The placement is the weight's ``ShardSpec``.
     """
 
     def __init__(self, linear: nn.Linear, start: int, length: int, group: dist.ProcessGroup,
-                 writer: bool = True) -> None:
+                 copies: int = 1) -> None:
         super().__init__(linear.in_features, length, bias=linear.bias is not None, device="meta")
         self.weight = _param(linear.weight[start:start + length])
         if linear.bias is not None:
             self.bias = _param(linear.bias[start:start + length])
-        self.group, self.full_features, self.start, self.writer = group, linear.out_features, start, writer
+        self.group = group
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        for p, full in ((self.weight, linear.weight), (self.bias, linear.bias)):
+            set_shard_spec(p, tp_slice(full.shape if full is not None else (), 0, start, length, rank, size,
+                                       copies=copies, writer=rank % copies == 0))
+
+    @property
+    def spec(self) -> ShardSpec:
+        return shard_spec(self.weight)
+
+    @property
+    def start(self) -> int:
+        return self.spec.start
+
+    @property
+    def full_features(self) -> int:
+        return self.spec.full_shape[0]
 
     def forward(self, x: Tensor) -> Tensor:
         return gathered_column_linears(x, self.group, x.shape[0] * dist.get_world_size(self.group), (self,))[0]
@@ -249,6 +266,10 @@ class RowParallelLinear(nn.Module):
         self.group, self.tp = group, dist.get_world_size(group)
         self.weight = _param(linear.weight[:, start:end])
         self.bias = None if linear.bias is None else _param(linear.bias)
+        rank = dist.get_rank(group)
+        set_shard_spec(self.weight, tp_slice(linear.weight.shape, 1, start, end - start, rank, self.tp))
+        if self.bias is not None:  # added once after the reduce-scatter: the same on every TP rank
+            set_shard_spec(self.bias, tp_replicated(self.bias.shape, rank, self.tp))
 
     def forward(self, x: Tensor) -> Tensor:
         """``x`` [T, in/tp] for the rank's T tokens (all TP ranks' gathered rows) -> this rank's token shard
@@ -263,14 +284,14 @@ def _shard_attention(attn: nn.Module, dims: ModelDims, tp: int, rank: int, group
     d = dims.head_dim
     heads = dims.num_heads // tp
     if dims.num_kv_heads % tp == 0:
-        kv_heads = dims.num_kv_heads // tp
-        first_kv, writer = rank * kv_heads, True
+        kv_heads, copies = dims.num_kv_heads // tp, 1
+        first_kv = rank * kv_heads
     else:  # tp is a multiple of the KV heads: this rank's query heads all read one KV head
         copies = tp // dims.num_kv_heads
-        kv_heads, first_kv, writer = 1, rank // copies, rank % copies == 0
+        kv_heads, first_kv = 1, rank // copies
     attn.q_proj = ColumnParallelLinear(attn.q_proj, rank * heads * d, heads * d, group)
-    attn.k_proj = ColumnParallelLinear(attn.k_proj, first_kv * d, kv_heads * d, group, writer)
-    attn.v_proj = ColumnParallelLinear(attn.v_proj, first_kv * d, kv_heads * d, group, writer)
+    attn.k_proj = ColumnParallelLinear(attn.k_proj, first_kv * d, kv_heads * d, group, copies)
+    attn.v_proj = ColumnParallelLinear(attn.v_proj, first_kv * d, kv_heads * d, group, copies)
     attn.o_proj = RowParallelLinear(attn.o_proj, rank * heads * d, (rank + 1) * heads * d, group)
     attn.num_heads, attn.num_kv_heads = heads, kv_heads
     attn.project = GatheredProjections(group)
@@ -346,6 +367,12 @@ def apply_tensor_parallel(model: CausalLM, group: dist.ProcessGroup) -> TensorPa
         model.model.embed_tokens = VocabParallelEmbedding(embed, start, tp, group)
         head = embed if dims.tie_embeddings else _param(_pad_rows(model.lm_head.weight[start:start + real], shard))
         model.lm_head = VocabParallelHead(head, real)
+        for p in (embed, head):  # rows [start, start + real) of the vocabulary, then padding rows
+            set_shard_spec(p, tp_slice((dims.vocab_size, *table.shape[1:]), 0, start, real, rank, tp,
+                                       padding=shard - real))
+        for p in model.parameters():  # norms' gains and whatever else stays whole: identical on every TP rank
+            if shard_spec(p) is None:
+                set_shard_spec(p, tp_replicated(p.shape, rank, tp))
 
     # The blocks leave the final norm's output sharded along tokens; every TP rank gets all of its
     # tokens back (the gradient of the gather sums the ranks' partial gradients of the vocab shards).

@@ -28,6 +28,8 @@ same flat buffer bit for bit.
 
 Checkpoints: ``state_dict`` holds this rank's optimizer shard and the layout it belongs to
 (``checkpoint.py`` writes it to the rank's own file); it loads into the same layout only.
+``flat_shards`` records which parameter elements each tensor of the inner optimizer holds, from
+which ``seqmesh.trainer.reshard`` saves and loads at any layout.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from seqmesh.parallel.grad_reduce import BUCKET_BYTES, reduce_gradients
+from seqmesh.parallel.shard_spec import FlatShard
 
 STAGES = (0, 1, 2)
 MakeOptimizer = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
@@ -156,6 +159,30 @@ class ZeroOptimizer:
     @property
     def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
+
+    @property
+    def shards_state(self) -> bool:
+        """Whether each parameter element's optimizer state lives on exactly one HDP rank (stages 1-3)."""
+        return self.stage > 0
+
+    @property
+    def shards_params(self) -> bool:
+        """Whether the inner optimizer's tensors are the only copy of the parameter values (stage 3)."""
+        return False
+
+    def flat_shards(self) -> list[FlatShard]:
+        """The inner optimizer's tensors in ``state_dict`` order, each with the parameter elements it holds."""
+        if self.stage == 0:
+            return [FlatShard(p, g, [(p, 0, p.numel(), 0)])
+                    for g, group in enumerate(self.optimizer.param_groups) for p in group["params"]]
+        shards = []
+        for g, group in enumerate(self.optimizer.param_groups):
+            piece, = group["params"]
+            a, b = group["index_offset"], group["index_offset"] + piece.numel()
+            shards.append(FlatShard(piece, g, [(p, max(o, a) - o, min(o + p.numel(), b) - o, max(o, a) - a)
+                                               for p, o in zip(self._ordered, self._offsets)
+                                               if min(o + p.numel(), b) > max(o, a)]))
+        return shards
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:

@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from seqmesh.parallel.shard_spec import FlatShard
 from seqmesh.parallel.zero import MakeOptimizer, ZeroOptimizer, _round_up, _world
 
 
@@ -94,7 +95,7 @@ class Zero3Optimizer(ZeroOptimizer):
         members = [list(layer.parameters()) for layer in layers]
         members.append([p for p in self.params if id(p) not in in_layer])
 
-        # The virtual flat space of reshard.py: units one after another, each its whole (all ranks') space.
+        # One virtual flat space: units one after another, each its whole (all ranks') space.
         self._ordered, self._offsets = [], []
         self.units: list[_Unit] = []
         pieces: list[list[tuple[int, int]]] = [[] for _ in groups]  # per group: (local start, length)
@@ -152,10 +153,16 @@ class Zero3Optimizer(ZeroOptimizer):
         for layer, unit in zip(layers, self.units):
             layer.forward = _sharded_forward(self, unit, layer.forward)
 
-    def slot_members(self) -> list[list[tuple[nn.Parameter, int, int, int]]]:
-        """Per inner-optimizer tensor (state_dict order): (parameter, lo, hi, pos) -- its elements ``[lo, hi)``
-        sit at ``[pos, pos + hi - lo)`` of the tensor (the checkpoint's map between parameters and shards)."""
-        return [m for group in self._piece_members for m in group]
+    @property
+    def shards_params(self) -> bool:
+        return True
+
+    def flat_shards(self) -> list[FlatShard]:
+        """Per inner-optimizer tensor (state_dict order: one per param group and unit), the parameter elements
+        it holds -- the checkpoint's map between parameters and shards."""
+        members = iter(m for group in self._piece_members for m in group)
+        return [FlatShard(piece, g, next(members))
+                for g, group in enumerate(self.optimizer.param_groups) for piece in group["params"]]
 
     def _slice(self, unit: _Unit, t: Tensor) -> Tensor:
         return t[unit.local:unit.local + unit.shard_size]

@@ -26,6 +26,9 @@ resume from different steps); a damaged one is warned about by name and skipped.
 with ``torch.load(weights_only=True)``, which refuses pickled code, so only tensors, numbers,
 strings and containers of them may be saved -- ``save_checkpoint`` checks that up front.
 
+Collective helpers for loaders built on these files (``rank_and_world``, ``gather_objects``,
+``raise_if_any``) are public: a loader raises its own errors on every rank the same way.
+
 ``load_latest_files`` is the same walk for a loader that picks the files it needs from the manifest
 (``seqmesh.trainer.reshard`` resumes at another TP/PP/HDP layout through it): each rank verifies and
 reads only the files it chose, memory-mapped when asked, so a rank touches only the bytes it uses.
@@ -59,14 +62,16 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 _LEAVES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
 
 
-def _dist(group: dist.ProcessGroup | None) -> tuple[int, int]:
+def rank_and_world(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
+    """(rank, size) in ``group`` (None: the world); a process without torch.distributed is rank 0 of 1."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
 
 
-def _gather(obj: Any, group: dist.ProcessGroup | None) -> list[Any]:
-    if _dist(group)[1] == 1:
+def gather_objects(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank of ``group``."""
+    if rank_and_world(group)[1] == 1:
         return [obj]
     out: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
@@ -74,11 +79,11 @@ def _gather(obj: Any, group: dist.ProcessGroup | None) -> list[Any]:
 
 
 def _barrier(group: dist.ProcessGroup | None) -> None:
-    if _dist(group)[1] > 1:
+    if rank_and_world(group)[1] > 1:
         dist.barrier(group=group)
 
 
-def _raise_if_any(errors: list[str | None], what: str) -> None:
+def raise_if_any(errors: list[str | None], what: str) -> None:
     """Raise on every rank when any rank failed, so no rank is left waiting in a collective."""
     failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
     if failed:
@@ -182,7 +187,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: Mapping[str, A
         raise ValueError(f"step must be an int >= 0, got {step!r}")
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep must be an int >= 1 (the config's ckpt_keep), got {keep!r}")
-    rank, world = _dist(group)
+    rank, world = rank_and_world(group)
     root = Path(run_dir) / "checkpoints"
     tmp, final = root / f".tmp-step_{step:08d}", root / f"step_{step:08d}"
 
@@ -198,7 +203,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: Mapping[str, A
             (shared if key in shared_keys else own)[key] = _storable(value, key)
     except (TypeError, ValueError) as exc:
         error = f"{type(exc).__name__}: {exc}"
-    _raise_if_any(_gather(error, group), f"save_checkpoint(step={step}) validation")
+    raise_if_any(gather_objects(error, group), f"save_checkpoint(step={step}) validation")
 
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -214,7 +219,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: Mapping[str, A
         files[f"rank{rank}.pt"] = _write(own, tmp / f"rank{rank}.pt")
     except OSError as exc:
         error = _write_error(tmp, exc)
-    gathered = _gather((error, files, index), group)
+    gathered = gather_objects((error, files, index), group)
     _abandon_if_any([e for e, _, _ in gathered], rank, tmp, step)
 
     error = None
@@ -234,7 +239,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: Mapping[str, A
             error = _write_error(tmp, exc)
         else:
             _prune(root, step, keep)
-    _abandon_if_any(_gather(error, group), rank, tmp, step)
+    _abandon_if_any(gather_objects(error, group), rank, tmp, step)
     return final
 
 
@@ -257,7 +262,7 @@ def _abandon_if_any(errors: list[str | None], rank: int, tmp: Path, step: int) -
     nothing half-written stays behind), then every rank raises."""
     if any(errors) and rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    _raise_if_any(errors, f"save_checkpoint(step={step})")
+    raise_if_any(errors, f"save_checkpoint(step={step})")
 
 
 def _read_manifest(step_dir: Path) -> tuple[str | None, dict[str, Any] | None]:
@@ -313,7 +318,7 @@ def load_latest_files(run_dir: str | os.PathLike, select: Select, *, group: dist
     rank. A step whose manifest or chosen files are damaged on any rank is skipped on all of them,
     with a warning naming the damage. ``mmap=True`` maps the files instead of reading them whole.
     """
-    rank, _ = _dist(group)
+    rank, _ = rank_and_world(group)
     for step, step_dir in reversed(_steps(Path(run_dir) / "checkpoints")):
         reason, manifest = _read_manifest(step_dir)
         names: Collection[str] = ()
@@ -323,12 +328,12 @@ def load_latest_files(run_dir: str | os.PathLike, select: Select, *, group: dist
                 names = select(manifest)
             except ValueError as exc:
                 error = str(exc)
-        errors = _gather(error, group)
+        errors = gather_objects(error, group)
         if any(errors):
             raise ValueError("; ".join(dict.fromkeys(e for e in errors if e)))
         if manifest is not None:
             reason = _verify(step_dir, manifest, names)
-        reasons = [r for r in _gather(reason, group) if r]
+        reasons = [r for r in gather_objects(reason, group) if r]
         if reasons:
             if rank == 0:
                 warnings.warn(f"skipping checkpoint step {step}: " + "; ".join(reasons), stacklevel=3)
@@ -338,7 +343,7 @@ def load_latest_files(run_dir: str | os.PathLike, select: Select, *, group: dist
             payloads = {name: _load(step_dir / name, map_location, mmap) for name in names}
         except RuntimeError as exc:
             error = str(exc)
-        _raise_if_any(_gather(error, group), f"loading checkpoint step {step}")
+        raise_if_any(gather_objects(error, group), f"loading checkpoint step {step}")
         return step, manifest, payloads
     return None
 
@@ -352,7 +357,7 @@ def load_latest(run_dir: str | os.PathLike, *, group: dist.ProcessGroup | None =
     checkpoint must come from as many ranks as this run has (``reshard.load_resharded`` reads one
     written at another layout).
     """
-    rank, world = _dist(group)
+    rank, world = rank_and_world(group)
 
     def own_files(manifest: dict[str, Any]) -> list[str]:
         if manifest.get("world_size") != world:

@@ -12,6 +12,13 @@ with the fp32 scales of the blocks the piece touches and the piece's position in
 the step count. A JSON index of the pieces (full shapes, regions, formats, the layout) goes into
 the checkpoint's manifest, so a loader knows which files to open before it opens any.
 
+Where the places come from. The resharder knows no module and no optimizer class: each transform
+records how it sliced each parameter (``seqmesh.parallel.shard_spec``: a ``ShardSpec`` per
+parameter from tensor parallelism and the pipeline, ``FlatShard``s from a ZeRO optimizer's
+``flat_shards()``), and an optimizer with quantized moments exposes them through ``block_state``
+and a ``StateCodec`` (``state_codec``). A plain torch optimizer is taken as it is (moments in the
+parameter's dtype, replicated over HDP as ZeRO stage 0).
+
 How a rank loads. It computes, for each parameter it holds at its own layout, the slice it needs,
 takes the files whose pieces intersect it, maps them (``torch.load(mmap=True)``: only the bytes it
 touches are read) and assembles the slice. Weights are copied: bit-exact at any layout, so the
@@ -60,7 +67,7 @@ import hashlib
 import math
 import os
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,187 +76,92 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from seqmesh.kernels.adam_update import padded_numel
-from seqmesh.kernels.fp8_codec import FORMATS, CodeFormat, dequantize_blocks, quantize_blocks, round_plain
 from seqmesh.parallel.mesh import Mesh
-from seqmesh.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                     VocabParallelHead)
-from seqmesh.parallel.zero import ZeroOptimizer
-from seqmesh.parallel.zero3 import Zero3Optimizer
-from seqmesh.trainer.checkpoint import (SHARED_FILE, _dist, _gather, _raise_if_any, capture_rng_state,
-                                        load_latest_files, restore_rng_state, save_checkpoint)
-from seqmesh.trainer.optim.fp8_adamw import FP8AdamW
+from seqmesh.parallel.shard_spec import FlatShard, Model, ShardSpec, StateCodec, named_parameters, shard_specs
+from seqmesh.trainer.checkpoint import (SHARED_FILE, capture_rng_state, gather_objects, load_latest_files,
+                                        raise_if_any, rank_and_world, restore_rng_state, save_checkpoint)
+
+__all__ = ["load_resharded", "named_parameters", "needed_files", "save_resharded", "layout_free_state"]
 
 PIECES = "layout_free"  # key of a rank's pieces in its checkpoint file
 RNG = "rng"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 HYPER = ("lr", "initial_lr", "betas", "eps", "weight_decay")  # restored per param group
 PLAIN = "plain"  # a torch optimizer's moments: tensors in the parameter's dtype
-_WRAPPED = "_checkpoint_wrapped_module."
-Model = nn.Module | Sequence[nn.Module]  # a model, a pipeline stage, or a rank's pipeline chunks
-Optim = ZeroOptimizer | torch.optim.Optimizer
+Channel = Callable[["_Source", Mapping[str, Tensor]], Tensor]
 
 
-@dataclass(frozen=True)
-class Placement:
-    """Where this rank's tensor of one parameter lies in the full parameter."""
+class _PlainCodec:
+    """``StateCodec`` of a torch optimizer (AdamW): moments are numbers in the parameter's dtype."""
 
-    full_shape: tuple[int, ...]
-    dim: int | None  # the tensor-parallel dimension; None: the rank holds the whole parameter
-    start: int = 0
-    length: int = 0  # entries along ``dim`` (vocabulary padding rows excluded)
-    writer: bool = True  # the one TP rank among identical copies that writes the parameter
+    name, block = PLAIN, None
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """Shape of the slice's real part (the rank's tensor may have padding rows after it)."""
-        if self.dim is None:
-            return self.full_shape
-        return self.full_shape[:self.dim] + (self.length,) + self.full_shape[self.dim + 1:]
+    def decode(self, key: str, codes: Tensor, element_scales: Tensor | None) -> Tensor:
+        return codes.to(torch.float32)
 
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    def span(self, axis: int) -> tuple[int, int]:
-        """The slice's range of indices along ``axis`` of the full parameter."""
-        return (self.start, self.start + self.length) if self.dim == axis else (0, self.full_shape[axis])
-
-
-def _chunks(model: Model) -> list[nn.Module]:
-    return [model] if isinstance(model, nn.Module) else list(model)
-
-
-def named_parameters(model: Model) -> dict[str, nn.Parameter]:
-    """The parameters by the full model's names (activation-checkpoint wrappers left out of the names).
-
-    ``model`` may be a list of pipeline chunks (virtual stages): their names are disjoint.
-    """
-    named: dict[str, nn.Parameter] = {}
-    for chunk in _chunks(model):
-        for name, p in chunk.named_parameters():
-            name = name.replace(_WRAPPED, "")
-            if name in named and named[name] is not p:
-                raise ValueError(f"two different parameters are both named {name!r}; pass each pipeline chunk once")
-            named[name] = p
-    return named
-
-
-def placements(model: Model, mesh: Mesh) -> dict[str, Placement]:
-    """Each parameter's place in the full parameter, from the tensor-parallel modules of ``tensor.py``.
-
-    Column-parallel q/k/v and gate/up slice dim 0, row-parallel o/down slice dim 1, the vocabulary-
-    parallel embedding and head slice rows (with padding rows after the real ones); everything else
-    is whole on every TP rank.
-    """
-    tp, r = mesh.tp, mesh.tp_rank
-    sliced: dict[int, tuple[int, int, int, int, bool]] = {}  # id(param) -> (dim, full size, start, length, writer)
-
-    def cut(p: Tensor | None, dim: int, full: int, start: int, length: int, writer: bool = True) -> None:
-        if p is not None:
-            sliced[id(p)] = (dim, full, start, length, writer)
-
-    for chunk in _chunks(model):
-        for module in chunk.modules():
-            # The sliced linears record their own place (a TiledMLP registers its MLP's linears as its own).
-            if isinstance(module, ColumnParallelLinear):  # q/k/v (a replicated KV head: one writer), gate/up
-                n = module.out_features
-                cut(module.weight, 0, module.full_features, module.start, n, module.writer)
-                cut(module.bias, 0, module.full_features, module.start, n, module.writer)
-            elif isinstance(module, RowParallelLinear):
-                n = module.weight.shape[1]
-                cut(module.weight, 1, n * tp, r * n, n)
-            elif isinstance(module, VocabParallelEmbedding):
-                vocab, start = chunk.dims.vocab_size, module.start
-                cut(module.weight, 0, vocab, start, max(0, min(vocab, start + module.weight.shape[0]) - start))
-            elif isinstance(module, VocabParallelHead):
-                rows = module.weight.shape[0]
-                cut(module.weight, 0, chunk.dims.vocab_size, r * rows, module.real_rows)
-    out = {}
-    for name, p in named_parameters(model).items():
-        if id(p) not in sliced:
-            out[name] = Placement(tuple(p.shape), None, writer=r == 0)
-            continue
-        dim, full, start, length, writer = sliced[id(p)]
-        shape = list(p.shape)
-        if shape[dim] != length and (dim != 0 or shape[dim] < length):
-            raise ValueError(f"{name}: local shape {tuple(p.shape)} does not hold {length} entries along dim {dim}")
-        shape[dim] = full
-        out[name] = Placement(tuple(shape), dim, start, length, writer)
-    return out
+    def encode(self, step: int, moments: Mapping[str, tuple[Tensor, Tensor | None, Tensor | None]],
+               like: Tensor) -> dict[str, Any]:
+        state: dict[str, Any] = {"step": torch.tensor(float(step), dtype=torch.float32)}
+        state.update({key: values.to(like.dtype).view(like.shape) for key, (values, _, _) in moments.items()})
+        return state
 
 
 @dataclass
 class _Slot:
-    """One tensor the inner optimizer steps (a parameter, or a ZeRO shard of the flat buffer).
-
-    ``members``: (name, lo, hi, pos) -- real elements ``[lo, hi)`` of the parameter's slice sit at
-    positions ``[pos, pos + hi - lo)`` of the slot.
-    """
+    """One tensor the inner optimizer steps; ``members``: (name, lo, hi, pos) -- real elements ``[lo, hi)``
+    of the parameter's slice sit at positions ``[pos, pos + hi - lo)`` of the slot."""
 
     tensor: Tensor
     group: int
     members: list[tuple[str, int, int, int]] = field(default_factory=list)
 
 
-def _inner(optimizer: Optim) -> tuple[torch.optim.Optimizer, ZeroOptimizer | None]:
-    if isinstance(optimizer, ZeroOptimizer):
-        return optimizer.optimizer, optimizer if optimizer.stage else None
-    return optimizer, None
+class _Optimizer:
+    """What resharding sees of an optimizer: the inner torch optimizer, its slots, states and codecs.
 
+    A ZeRO optimizer (anything with ``flat_shards()``) says which parameter elements each inner tensor
+    holds; any other optimizer steps whole parameters, replicated over HDP.
+    """
 
-def _slots(optimizer: Optim, params: dict[str, nn.Parameter],
-           where: dict[str, Placement]) -> tuple[torch.optim.Optimizer, ZeroOptimizer | None, list[_Slot]]:
-    """The inner optimizer's slots in ``state_dict`` order (index i is slot i)."""
-    inner, zero = _inner(optimizer)
-    name_of = {id(p): n for n, p in params.items()}
-    slots = []
-    if zero is None:
-        for g, group in enumerate(inner.param_groups):
-            for p in group["params"]:
+    def __init__(self, optimizer: Any, params: Mapping[str, nn.Parameter], where: Mapping[str, ShardSpec]) -> None:
+        name_of = {id(p): n for n, p in params.items()}
+        sharded = getattr(optimizer, "flat_shards", None)
+        self.inner: torch.optim.Optimizer = optimizer.optimizer if sharded else optimizer
+        self.stage = getattr(optimizer, "stage", 0)
+        self.shards_state = bool(sharded and optimizer.shards_state)  # each element's state on one HDP rank
+        self.shards_params = bool(sharded and optimizer.shards_params)  # the slots are the only copy of values
+        self.state_params = {id(p) for p in optimizer.params} if self.shards_state else set()
+        shards = sharded() if sharded else [FlatShard(p, g, [(p, 0, p.numel(), 0)])
+                                             for g, group in enumerate(self.inner.param_groups)
+                                             for p in group["params"]]
+        self.slots = []
+        for shard in shards:
+            slot = _Slot(shard.tensor, shard.group)
+            for p, lo, hi, pos in shard.members:
                 if id(p) not in name_of:
                     raise ValueError(f"the optimizer steps a tensor of shape {tuple(p.shape)} that is not a parameter "
                                      "of the model; pass the model (or pipeline chunks) the optimizer was built over")
                 name = name_of[id(p)]
-                slots.append(_Slot(p, g, [(name, 0, where[name].numel, 0)]))
-        return inner, zero, slots
-    if isinstance(zero, Zero3Optimizer):  # one tensor per (param group, unit); the optimizer maps them
-        members = iter(zero.slot_members())
-        for g, group in enumerate(inner.param_groups):
-            for piece in group["params"]:
-                slots.append(_Slot(piece, g, [(name_of[id(p)], lo, min(hi, where[name_of[id(p)]].numel), pos)
-                                              for p, lo, hi, pos in next(members)
-                                              if min(hi, where[name_of[id(p)]].numel) > lo]))
-        return inner, zero, slots
-    for g, group in enumerate(inner.param_groups):
-        piece, = group["params"]
-        a = group["index_offset"]
-        slot = _Slot(piece, g)
-        for p, o in zip(zero._ordered, zero._offsets):
-            name = name_of[id(p)]
-            lo, hi = max(o, a), min(o + where[name].numel, a + piece.numel())
-            if hi > lo:
-                slot.members.append((name, lo - o, hi - o, lo - a))
-        slots.append(slot)
-    return inner, zero, slots
+                hi = min(hi, where[name].numel)  # vocabulary padding rows hold no state worth keeping
+                if hi > lo:
+                    slot.members.append((name, lo, hi, pos))
+            self.slots.append(slot)
+        self.held = {m[0]: (slot, m) for slot in self.slots for m in slot.members}
 
+    def codec(self, group: Mapping[str, Any] | str, block: int | None = None) -> StateCodec:
+        """The codec of a param group, or of a saved format ``group`` with ``block``."""
+        if hasattr(self.inner, "state_codec"):
+            return self.inner.state_codec(group, block)
+        if isinstance(group, Mapping) or group == PLAIN or block is None:
+            return _PlainCodec()
+        raise ValueError(f"the checkpoint holds {group!r} optimizer moments (codes and block scales), which "
+                         f"{type(self.inner).__name__} cannot decode; resume with the optimizer that wrote them")
 
-def _format(group: Mapping[str, Any]) -> tuple[str, int | None]:
-    """(state_dtype, block size) of a param group: FP8AdamW's, or PLAIN for a torch optimizer."""
-    name = group.get("state_dtype", PLAIN)
-    return name, group["block_size"] if name != PLAIN and FORMATS[name].scaled else None
-
-
-def _block_state(inner: torch.optim.Optimizer, p: Tensor) -> Mapping[str, Any] | None:
-    """``p``'s optimizer state as codes plus per-block scales (FP8AdamW may pack its scales into codes)."""
-    return inner.block_state(p) if isinstance(inner, FP8AdamW) else inner.state.get(p)
-
-
-def _code_format(state_dtype: str, key: str) -> CodeFormat | None:
-    if state_dtype == PLAIN:
-        return None
-    fmt = FORMATS[state_dtype]
-    return fmt.m if key == "exp_avg" else fmt.v
+    def block_state(self, t: Tensor) -> Mapping[str, Any] | None:
+        """``t``'s state as codes plus per-block scales (the optimizer may store its scales otherwise)."""
+        if hasattr(self.inner, "block_state"):
+            return self.inner.block_state(t)
+        return self.inner.state.get(t)
 
 
 @dataclass
@@ -261,40 +173,36 @@ class LayoutFreeState:
 
 
 @torch.no_grad()
-def layout_free_state(model: Model, optimizer: Optim, mesh: Mesh) -> LayoutFreeState:
+def layout_free_state(model: Model, optimizer: Any, mesh: Mesh) -> LayoutFreeState:
     """This rank's share of the model and optimizer, stored by full parameter name (see the module docstring).
 
     ``optimizer``: the loop's ``ZeroOptimizer`` (any stage), or a plain torch optimizer over the
     model's parameters (replicated over HDP, as ZeRO stage 0).
     """
-    where = placements(model, mesh)
+    where = shard_specs(model, mesh.tp_rank)
     params = named_parameters(model)
-    inner, zero, slots = _slots(optimizer, params, where)
-    member_of = {m[0]: (slot, m) for slot in slots for m in slot.members}
-    flat = set() if zero is None else {id(p) for p in zero._ordered}
-    sharded = isinstance(zero, Zero3Optimizer)
+    opt = _Optimizer(optimizer, params, where)
     tensors: dict[str, dict[str, Tensor]] = {}
     metas: dict[str, Any] = {}
-    for name, place in where.items():
-        if not place.writer:
+    for name, spec in where.items():
+        if not spec.writer:
             continue
-        slot, (_, m_lo, m_hi, pos) = member_of.get(name, (None, (name, 0, 0, 0)))
-        if id(params[name]) in flat:  # ZeRO 1/2: this rank's shard of the flat buffer
+        slot, (_, m_lo, m_hi, pos) = opt.held.get(name, (None, (name, 0, 0, 0)))
+        if id(params[name]) in opt.state_params:  # ZeRO 1-3: this rank's shard of the flat space
             lo, hi = m_lo, m_hi
         else:  # every HDP rank holds the same values: each writes its 1/HDP share
-            share = -(-place.numel // mesh.hdp)
-            lo, hi = min(mesh.hdp_rank * share, place.numel), min((mesh.hdp_rank + 1) * share, place.numel)
+            share = -(-spec.numel // mesh.hdp)
+            lo, hi = min(mesh.hdp_rank * share, spec.numel), min((mesh.hdp_rank + 1) * share, spec.numel)
         if hi <= lo:
             continue
         # ZeRO-3 holds only its shard (the parameter itself is released between steps); the values are the same.
-        piece = {"param": slot.tensor.detach().reshape(-1)[pos:pos + hi - lo] if sharded
+        piece = {"param": slot.tensor.detach().reshape(-1)[pos:pos + hi - lo] if opt.shards_params
                  else params[name].detach().reshape(-1)[lo:hi]}
-        region = [place.dim, place.start, place.length, lo, hi]
-        meta: dict[str, Any] = {"shape": list(place.full_shape), "region": region, "state": None}
-        state = None if slot is None else _block_state(inner, slot.tensor)
+        meta: dict[str, Any] = {"shape": list(spec.full_shape), "region": [spec.dim, spec.start, spec.length, lo, hi],
+                                "state": None}
+        state = None if slot is None else opt.block_state(slot.tensor)
         if state:
-            group = inner.param_groups[slot.group]
-            state_dtype, block = _format(group)
+            codec = opt.codec(opt.inner.param_groups[slot.group])
             unknown = sorted(set(state) - {"step", *MOMENTS, *(f"{k}_scale" for k in MOMENTS)})
             if unknown:
                 raise ValueError(f"optimizer state {unknown} of {name}: layout-free checkpoints hold AdamW's step, "
@@ -303,20 +211,20 @@ def layout_free_state(model: Model, optimizer: Optim, mesh: Mesh) -> LayoutFreeS
             last = first + hi - lo
             for key in MOMENTS:
                 piece[key] = state[key].reshape(-1)[first:last]
-                if block is not None:
-                    piece[f"{key}_scale"] = state[f"{key}_scale"][first // block:(last - 1) // block + 1]
+                if codec.block is not None:
+                    piece[f"{key}_scale"] = state[f"{key}_scale"][first // codec.block:(last - 1) // codec.block + 1]
             step = state["step"]
-            meta["state"] = {"step": int(step.item() if isinstance(step, Tensor) else step), "format": state_dtype,
-                             "block": block, "block_first": first}
+            meta["state"] = {"step": int(step.item() if isinstance(step, Tensor) else step), "format": codec.name,
+                             "block": codec.block, "block_first": first}
         tensors[name], metas[name] = piece, meta
     groups = [{k: (list(g[k]) if isinstance(g[k], tuple) else g[k]) for k in HYPER if k in g}
-              for g in inner.param_groups]
+              for g in opt.inner.param_groups]
     layout = {"world": mesh.world, "rank": mesh.rank, "tp": mesh.tp, "pp": mesh.pp, "hdp": mesh.hdp,
-              "zero_stage": 0 if zero is None else zero.stage}
+              "zero_stage": opt.stage}
     return LayoutFreeState(tensors, {"layout": layout, "groups": groups, "params": metas})
 
 
-def save_resharded(run_dir: str | os.PathLike, step: int, model: Model, optimizer: Optim,
+def save_resharded(run_dir: str | os.PathLike, step: int, model: Model, optimizer: Any,
                    mesh: Mesh, state: Mapping[str, Any], keep: int = 2) -> Path:
     """Save a checkpoint that ``load_resharded`` resumes at any layout; collective over the world.
 
@@ -342,25 +250,9 @@ class _Source:
         dim, start, length, lo, hi = self.meta["region"]
         return dim, start, length, lo, hi
 
-    def placement(self) -> Placement:
+    def spec(self) -> ShardSpec:
         dim, start, length, _, _ = self.region
-        return Placement(tuple(self.meta["shape"]), dim, start, length)
-
-
-def _overlap(a: Placement, b: Placement) -> tuple[int | None, int, int]:
-    """(axis, first, end) of the full-parameter index range two slices share along their sliced axis."""
-    if a.dim is not None and b.dim is not None and a.dim != b.dim:
-        raise ValueError(f"sliced along dim {a.dim} in the checkpoint but along dim {b.dim} here")
-    axis = a.dim if a.dim is not None else b.dim
-    if axis is None:
-        return None, 0, 0
-    (a0, a1), (b0, b1) = a.span(axis), b.span(axis)
-    return axis, max(a0, b0), min(a1, b1)
-
-
-def _intersects(a: Placement, b: Placement) -> bool:
-    axis, first, end = _overlap(a, b)
-    return axis is None or end > first
+        return ShardSpec(tuple(self.meta["shape"]), dim, start, length)
 
 
 def _index_sources(manifest: Mapping[str, Any]) -> tuple[dict[str, list[_Source]], dict[str, Any]]:
@@ -375,19 +267,18 @@ def _index_sources(manifest: Mapping[str, Any]) -> tuple[dict[str, list[_Source]
     return sources, index
 
 
-def _needed(sources: Mapping[str, list[_Source]], where: Mapping[str, Placement]) -> list[str]:
-    return sorted({s.file for name, place in where.items() for s in sources.get(name, ())
-                   if _intersects(s.placement(), place)} | {SHARED_FILE})
+def _needed(sources: Mapping[str, list[_Source]], where: Mapping[str, ShardSpec]) -> list[str]:
+    return sorted({s.file for name, spec in where.items() for s in sources.get(name, ())
+                   if s.spec().intersects(spec)} | {SHARED_FILE})
 
 
 def needed_files(manifest: Mapping[str, Any], model: Model, mesh: Mesh) -> list[str]:
     """The files of a checkpoint (given its manifest) that this rank reads at the layout of ``model`` and ``mesh``:
     the shared state and every file with a piece that intersects a slice this rank holds."""
-    return _needed(_index_sources(manifest)[0], placements(model, mesh))
+    return _needed(_index_sources(manifest)[0], shard_specs(model, mesh.tp_rank))
 
 
-def _check_names(sources: Mapping[str, list[_Source]], where: Mapping[str, Placement],
-                 everyone: set[str]) -> None:
+def _check_names(sources: Mapping[str, list[_Source]], where: Mapping[str, ShardSpec], everyone: set[str]) -> None:
     """Raise a ValueError naming missing parameters, parameters nobody holds, and shape mismatches."""
     problems = []
     missing = sorted(set(where) - set(sources))
@@ -396,11 +287,11 @@ def _check_names(sources: Mapping[str, list[_Source]], where: Mapping[str, Place
     unused = sorted(set(sources) - everyone)
     if unused:
         problems.append(f"the checkpoint has parameter(s) {unused} that no rank of this model holds")
-    for name, place in where.items():
+    for name, spec in where.items():
         for src in sources.get(name, [])[:1]:
-            if tuple(src.meta["shape"]) != place.full_shape:
+            if tuple(src.meta["shape"]) != spec.full_shape:
                 problems.append(f"parameter {name} has shape {tuple(src.meta['shape'])} in the checkpoint but "
-                                f"{place.full_shape} in this model")
+                                f"{spec.full_shape} in this model")
     if problems:
         raise ValueError("; ".join(problems) + " -- resume with the model configuration the checkpoint was written "
                          "with, or start a fresh run_dir")
@@ -417,32 +308,27 @@ class _Assembler:
     def __init__(self, payloads: Mapping[str, Mapping[str, Any]], sources: Mapping[str, list[_Source]]) -> None:
         self.payloads, self.sources = payloads, sources
 
-    def _tensors(self, src: _Source, name: str) -> dict[str, Tensor]:
-        return self.payloads[src.file][PIECES][name]
+    def relevant(self, name: str, want: ShardSpec) -> list[_Source]:
+        return [s for s in self.sources[name] if s.spec().intersects(want)]
 
-    def relevant(self, name: str, want: Placement) -> list[_Source]:
-        return [s for s in self.sources[name] if _intersects(s.placement(), want)]
-
-    def assemble(self, name: str, want: Placement, channel: Any, dtype: torch.dtype, fill: float = 0.0
+    def assemble(self, name: str, want: ShardSpec, channel: Channel, dtype: torch.dtype, fill: float = 0.0
                  ) -> tuple[Tensor, int]:
-        """(tensor of ``want.shape``, number of its elements the pieces covered), from ``channel(src, tensors)``.
-
-        ``channel`` returns a piece's 1-D values for its ``[lo, hi)``.
-        """
+        """(tensor of ``want.shape``, number of its elements the pieces covered), from ``channel(src, tensors)``,
+        which returns a piece's 1-D values for its ``[lo, hi)``."""
         out = torch.full(want.shape, fill, dtype=dtype)
         covered = torch.zeros(want.shape, dtype=torch.bool)
         by_slice: dict[tuple, list[_Source]] = {}
         for src in self.relevant(name, want):
             by_slice.setdefault(src.region[:3], []).append(src)
         for srcs in by_slice.values():
-            have = srcs[0].placement()
+            have = srcs[0].spec()
             saved = torch.full(have.shape, fill, dtype=dtype)
             saved_cov = torch.zeros(have.shape, dtype=torch.bool)
             for src in srcs:
                 _, _, _, lo, hi = src.region
-                saved.view(-1)[lo:hi] = channel(src, self._tensors(src, name))
+                saved.view(-1)[lo:hi] = channel(src, self.payloads[src.file][PIECES][name])
                 saved_cov.view(-1)[lo:hi] = True
-            axis, first, end = _overlap(have, want)
+            axis, first, end = have.overlap(want)
             if axis is None:
                 out.copy_(saved)
                 covered |= saved_cov
@@ -453,29 +339,27 @@ class _Assembler:
         return out.view(-1), int(covered.sum())
 
 
-def _moment_values(key: str) -> Any:
-    """Channel: a piece's moment as fp32 values (dequantized from codes and block scales)."""
+def _piece_scales(src: _Source, tensors: Mapping[str, Tensor], key: str) -> Tensor:
+    st = src.meta["state"]
+    return _element_scales(tensors[f"{key}_scale"], st["block_first"], tensors[key].numel(), st["block"])
+
+
+def _moment_values(opt: _Optimizer, key: str) -> Channel:
+    """Channel: a piece's moment as fp32 values (decoded with the saved format's codec)."""
     def values(src: _Source, tensors: Mapping[str, Tensor]) -> Tensor:
         st = src.meta["state"]
-        fmt = _code_format(st["format"], key)
-        if st["block"] is None:
+        if st["block"] is None:  # plain numbers, whatever the format
             return tensors[key].to(torch.float32)
-        scale = _element_scales(tensors[f"{key}_scale"], st["block_first"], tensors[key].numel(), st["block"])
-        return dequantize_blocks(tensors[key].to(torch.float32).view(-1, 1), scale, fmt).view(-1)
+        return opt.codec(st["format"], st["block"]).decode(key, tensors[key], _piece_scales(src, tensors, key))
     return values
 
 
-def _moment_codes(key: str) -> Any:
-    def codes(src: _Source, tensors: Mapping[str, Tensor]) -> Tensor:
-        return tensors[key].view(torch.uint8)
-    return codes
+def _moment_codes(key: str) -> Channel:
+    return lambda src, tensors: tensors[key].view(torch.uint8)
 
 
-def _moment_scales(key: str) -> Any:
-    def scales(src: _Source, tensors: Mapping[str, Tensor]) -> Tensor:
-        st = src.meta["state"]
-        return _element_scales(tensors[f"{key}_scale"], st["block_first"], tensors[key].numel(), st["block"])
-    return scales
+def _moment_scales(key: str) -> Channel:
+    return lambda src, tensors: _piece_scales(src, tensors, key)
 
 
 def _param_values(src: _Source, tensors: Mapping[str, Tensor]) -> Tensor:
@@ -493,9 +377,8 @@ class _NameState:
     scales: dict[str, Tensor]  # key -> each element's saved block scale, NaN where nothing was saved
 
 
-def _name_state(asm: _Assembler, name: str, want: Placement, copy_codes: bool) -> _NameState | None:
-    srcs = asm.relevant(name, want)
-    states = [s.meta["state"] for s in srcs]
+def _name_state(asm: _Assembler, opt: _Optimizer, name: str, want: ShardSpec, copy_codes: bool) -> _NameState | None:
+    states = [s.meta["state"] for s in asm.relevant(name, want)]
     if all(st is None for st in states):
         return None
     kinds = {(st["format"], st["step"]) if st else None for st in states}
@@ -505,7 +388,7 @@ def _name_state(asm: _Assembler, name: str, want: Placement, copy_codes: bool) -
     st = states[0]
     out = _NameState(st["step"], st["format"], {}, {}, {})
     for key in MOMENTS:
-        out.values[key], count = asm.assemble(name, want, _moment_values(key), torch.float32)
+        out.values[key], count = asm.assemble(name, want, _moment_values(opt, key), torch.float32)
         if count != want.numel:
             raise ValueError(f"the checkpoint's {key} covers {count} of the {want.numel} elements of {name} this rank "
                              "needs; its files are incomplete")
@@ -515,44 +398,16 @@ def _name_state(asm: _Assembler, name: str, want: Placement, copy_codes: bool) -
     return out
 
 
-def _requantize(values: Tensor, codes: Tensor | None, scales: Tensor | None, fmt: CodeFormat, block: int
-                ) -> tuple[Tensor, Tensor]:
-    """Codes and block scales of ``values``: blocks whose elements share one saved scale keep codes and scale."""
-    n = values.numel()
-    blocks = padded_numel(n, block) // block
-    x = torch.zeros(blocks * block, dtype=torch.float32)
-    x[:n] = values
-    q, scale = quantize_blocks(x.view(blocks, block), fmt, None)
-    q = q.view(torch.uint8)
-    if codes is not None:
-        s = torch.full((blocks * block,), math.nan)
-        s[:n] = scales
-        s = s.view(blocks, block)
-        has = ~s.isnan()
-        ref = torch.where(has, s, -math.inf).amax(dim=1)
-        keep = has.any(dim=1) & torch.where(has, s == ref[:, None], True).all(dim=1)
-        c = torch.zeros(blocks * block, dtype=torch.uint8)
-        c[:n] = codes
-        # Elements without a saved value (padding between parameters in a ZeRO flat space) take the code
-        # of zero, which does not depend on the scale: what the uninterrupted run's own step wrote there.
-        q = torch.where(keep[:, None] & has, c.view(blocks, block), q)
-        scale = torch.where(keep, ref, scale)
-    return q.view(-1)[:n].view(fmt.dtype), scale
-
-
-def _slot_state(slot: _Slot, group: Mapping[str, Any], names: Mapping[str, _NameState | None],
-                fp8_optimizer: bool) -> dict[str, Any] | None:
+def _slot_state(slot: _Slot, codec: StateCodec, names: Mapping[str, _NameState | None]) -> dict[str, Any] | None:
     """The inner optimizer's state of one slot in its own format, from the members' saved states."""
     saved = [names[n] for n, *_ in slot.members if names[n] is not None]
     if not saved:
         return None
-    state_dtype, block = _format(group)
     n = slot.tensor.numel()
-    state: dict[str, Any] = {"step": max(s.step for s in saved)}
+    moments = {}
     for key in MOMENTS:
-        fmt = _code_format(state_dtype, key)
         values = torch.zeros(n, dtype=torch.float32)
-        copy = block is not None and all(s.state_dtype == state_dtype and key in s.codes for s in saved)
+        copy = codec.block is not None and all(s.state_dtype == codec.name and key in s.codes for s in saved)
         codes = torch.zeros(n, dtype=torch.uint8) if copy else None
         scales = torch.full((n,), math.nan) if copy else None
         for name, lo, hi, pos in slot.members:
@@ -563,15 +418,8 @@ def _slot_state(slot: _Slot, group: Mapping[str, Any], names: Mapping[str, _Name
             if copy:
                 codes[pos:pos + hi - lo] = ns.codes[key][lo:hi]
                 scales[pos:pos + hi - lo] = ns.scales[key][lo:hi]
-        if block is not None:
-            state[key], state[f"{key}_scale"] = _requantize(values, codes, scales, fmt, block)
-        elif fp8_optimizer:
-            state[key] = round_plain(values, fmt, None)
-        else:
-            state[key] = values.to(slot.tensor.dtype).view(slot.tensor.shape)
-    if not fp8_optimizer:
-        state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
-    return state
+        moments[key] = (values, codes, scales)
+    return codec.encode(max(s.step for s in saved), moments, slot.tensor)
 
 
 def _reseed(seed: int, step: int, rank: int) -> None:
@@ -583,7 +431,7 @@ def _reseed(seed: int, step: int, rank: int) -> None:
 
 
 @torch.no_grad()
-def load_resharded(run_dir: str | os.PathLike, model: Model, optimizer: Optim,
+def load_resharded(run_dir: str | os.PathLike, model: Model, optimizer: Any,
                    mesh: Mesh, *, seed: int = 0) -> tuple[int, dict[str, Any]] | None:
     """Restore model, optimizer and RNG from the newest intact ``save_resharded`` checkpoint, whatever its layout.
 
@@ -594,11 +442,11 @@ def load_resharded(run_dir: str | os.PathLike, model: Model, optimizer: Optim,
     lacks a parameter this model needs, holds one no rank needs, or has another shape for one is a
     ``ValueError`` naming them. ``seed`` (the run's seed) re-seeds the RNGs after a layout change.
     """
-    rank, world = _dist(None)
-    where = placements(model, mesh)
+    rank, world = rank_and_world()
+    where = shard_specs(model, mesh.tp_rank)
     params = named_parameters(model)
-    inner, zero, slots = _slots(optimizer, params, where)
-    everyone = set().union(*_gather(sorted(where), None))
+    opt = _Optimizer(optimizer, params, where)
+    everyone = set().union(*gather_objects(sorted(where)))
     chosen: dict[str, Any] = {}
 
     def select(manifest: dict[str, Any]) -> list[str]:
@@ -619,11 +467,10 @@ def load_resharded(run_dir: str | os.PathLike, model: Model, optimizer: Optim,
     step, _, payloads = found
     error = None
     try:
-        _restore(payloads, chosen["sources"], chosen["index"], where, params, inner, slots,
-                 isinstance(zero, Zero3Optimizer))
+        _restore(payloads, chosen["sources"], chosen["index"], where, params, opt)
     except (ValueError, RuntimeError) as exc:  # raised on every rank below, so none waits in a collective
         error = f"{type(exc).__name__}: {exc}"
-    _raise_if_any(_gather(error, None), f"load_resharded(step={step})")
+    raise_if_any(gather_objects(error), f"load_resharded(step={step})")
     if chosen["same"]:
         restore_rng_state(payloads[f"rank{rank}.pt"][RNG])
     else:
@@ -632,36 +479,35 @@ def load_resharded(run_dir: str | os.PathLike, model: Model, optimizer: Optim,
 
 
 def _restore(payloads: Mapping[str, Any], sources: Mapping[str, list[_Source]], index: Mapping[str, Any],
-             where: Mapping[str, Placement], params: Mapping[str, nn.Parameter], inner: torch.optim.Optimizer,
-             slots: list[_Slot], sharded: bool) -> None:
+             where: Mapping[str, ShardSpec], params: Mapping[str, nn.Parameter], opt: _Optimizer) -> None:
+    inner = opt.inner
     saved_groups = next(iter(index.values()))["groups"]
     if len(saved_groups) != len(inner.param_groups):
         raise ValueError(f"the checkpoint's optimizer has {len(saved_groups)} parameter groups, this one "
                          f"{len(inner.param_groups)}; build the optimizer as the checkpointed run did")
     asm = _Assembler(payloads, sources)
-    held = {m[0]: (slot, m) for slot in slots for m in slot.members}
-    for name, place in where.items():
+    for name, spec in where.items():
         p = params[name]
-        values, count = asm.assemble(name, place, _param_values, p.dtype)
-        if count != place.numel:
-            raise ValueError(f"the checkpoint covers {count} of the {place.numel} elements of {name} this rank needs; "
+        values, count = asm.assemble(name, spec, _param_values, p.dtype)
+        if count != spec.numel:
+            raise ValueError(f"the checkpoint covers {count} of the {spec.numel} elements of {name} this rank needs; "
                              "its files are incomplete")
-        if sharded:  # ZeRO-3: write this rank's shard of the parameter (it holds nothing else)
-            if name in held:
-                slot, (_, lo, hi, pos) = held[name]
+        if opt.shards_params:  # ZeRO-3: write this rank's shard of the parameter (it holds nothing else)
+            if name in opt.held:
+                slot, (_, lo, hi, pos) = opt.held[name]
                 slot.tensor.detach().view(-1)[pos:pos + hi - lo].copy_(values[lo:hi])
             continue
         flat = p.detach().view(-1)
-        flat[:place.numel].copy_(values)
-        flat[place.numel:].zero_()
+        flat[:spec.numel].copy_(values)
+        flat[spec.numel:].zero_()
 
-    fp8_optimizer = isinstance(inner, FP8AdamW)
-    copy_codes = any(_format(g)[1] is not None for g in inner.param_groups)
-    names = {name: _name_state(asm, name, place, copy_codes) for name, place in where.items()}
+    codecs = [opt.codec(g) for g in inner.param_groups]
+    copy_codes = any(c.block is not None for c in codecs)
+    names = {name: _name_state(asm, opt, name, spec, copy_codes) for name, spec in where.items()}
     state_dict = inner.state_dict()
     state_dict["state"] = {}
-    for i, slot in enumerate(slots):
-        st = _slot_state(slot, inner.param_groups[slot.group], names, fp8_optimizer)
+    for i, slot in enumerate(opt.slots):
+        st = _slot_state(slot, codecs[slot.group], names)
         if st is not None:
             state_dict["state"][i] = st
     for group, saved in zip(state_dict["param_groups"], saved_groups):

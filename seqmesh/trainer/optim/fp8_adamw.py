@@ -80,8 +80,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from copy import deepcopy
 from typing import Any, Callable
 
@@ -92,9 +93,13 @@ from seqmesh.kernels.fp8_codec import (
     FORMATS,
     MASK32,
     PACKED_SCALE_BITS,
+    CodeFormat,
     StateFormat,
+    dequantize_blocks,
     dequantize_flat,
     pack_flat,
+    quantize_blocks,
+    round_plain,
     unpack_flat,
 )
 from seqmesh.kernels.adam_update import Bucket, Hyper, padded_numel, torch_step
@@ -257,6 +262,15 @@ class FP8AdamW(Optimizer):
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
         return _block_state(self.state.get(p), p, FORMATS[group["state_dtype"]], group["block_size"])
 
+    def state_codec(self, group: Mapping[str, Any] | str, block: int | None = None) -> BlockCodec:
+        """How a param group (or the format ``group`` with ``block``) stores the moments: the codec a
+        resharding checkpoint decodes saved moments with and encodes a new layout's moments with."""
+        if isinstance(group, Mapping):
+            group, block = group["state_dtype"], group["block_size"]
+        if group not in FORMATS:
+            raise ValueError(f"unknown optimizer state format {group!r}; FP8AdamW stores {STATE_DTYPES}")
+        return BlockCodec(group, block if FORMATS[group].scaled else None)
+
     def dequantized_state_dict(self) -> dict[str, Any]:
         """The moments as fp32 tensors shaped like their parameters, in ``torch.optim.AdamW``'s state-dict format.
 
@@ -383,3 +397,59 @@ def _restore_state(saved: dict[str, Any], p: torch.Tensor, fmt: StateFormat, blo
                              f"state_dtype {fmt.name!r} needs {dtype} ({n},)")
         restored[key] = value.to(device=p.device, copy=True)
     return restored
+
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockCodec:
+    """One ``state_dtype``'s storage of the moments, as ``seqmesh.parallel.shard_spec.StateCodec`` describes it:
+    resharding moves moments between layouts through it without knowing the codes."""
+
+    name: str
+    block: int | None  # None: an unscaled format (bf16 / fp32 numbers)
+
+    def _format(self, key: str) -> CodeFormat:
+        fmt = FORMATS[self.name]
+        return fmt.m if key == "exp_avg" else fmt.v
+
+    def decode(self, key: str, codes: torch.Tensor, element_scales: torch.Tensor | None) -> torch.Tensor:
+        if self.block is None:
+            return codes.to(torch.float32)
+        return dequantize_blocks(codes.to(torch.float32).view(-1, 1), element_scales, self._format(key)).view(-1)
+
+    def encode(self, step: int, moments: Mapping[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
+               like: torch.Tensor) -> dict[str, Any]:
+        """The unpacked ``block_state`` form, which ``load_state_dict`` takes."""
+        state: dict[str, Any] = {"step": int(step)}
+        for key, (values, codes, scales) in moments.items():
+            fmt = self._format(key)
+            if self.block is None:
+                state[key] = round_plain(values, fmt, None)
+            else:
+                state[key], state[f"{key}_scale"] = _requantize(values, codes, scales, fmt, self.block)
+        return state
+
+
+def _requantize(values: torch.Tensor, codes: torch.Tensor | None, scales: torch.Tensor | None, fmt: CodeFormat,
+                block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and block scales of ``values``: blocks whose elements share one saved scale keep codes and scale."""
+    n = values.numel()
+    blocks = padded_numel(n, block) // block
+    x = torch.zeros(blocks * block, dtype=torch.float32)
+    x[:n] = values
+    q, scale = quantize_blocks(x.view(blocks, block), fmt, None)
+    q = q.view(torch.uint8)
+    if codes is not None:
+        s = torch.full((blocks * block,), math.nan)
+        s[:n] = scales
+        s = s.view(blocks, block)
+        has = ~s.isnan()
+        ref = torch.where(has, s, -math.inf).amax(dim=1)
+        keep = has.any(dim=1) & torch.where(has, s == ref[:, None], True).all(dim=1)
+        c = torch.zeros(blocks * block, dtype=torch.uint8)
+        c[:n] = codes.view(torch.uint8)
+        # Elements without a saved value (padding between parameters in a ZeRO flat space) take the code
+        # of zero, which does not depend on the scale: what the uninterrupted run's own step wrote there.
+        q = torch.where(keep[:, None] & has, c.view(blocks, block), q)
+        scale = torch.where(keep, ref, scale)
+    return q.view(-1)[:n].view(fmt.dtype), scale
