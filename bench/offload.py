@@ -57,12 +57,12 @@ def _build(spec: dict[str, Any], target: str, ratio: str):
     dims = TINY if spec["smoke"] else LLAMA_8B
     cfg = config_from_dict({
         "model": {**dims, "num_layers": spec["layers"], "tie_embeddings": False, "activation_checkpointing": True,
-                  "max_position_embeddings": max(spec["tokens"], 4096)},
+                  "max_position_embeddings": max(spec["tokens"], 4096),
+                  "mlp_tile_tokens": spec["mlp_tile_tokens"], "loss_tile_tokens": spec["loss_tile_tokens"]},
         "parallel": {"attn_backend": "auto"},
         "launch": {"num_workers": 1},
         "offload": {"target": target, "ratio": ratio, "path": spec["nvme_path"], "engine": spec["engine"],
-                    "h2d_GBps": spec.get("h2d_GBps"), "disk_GBps": spec.get("disk_GBps"),
-                    "mlp_tile_tokens": spec["mlp_tile_tokens"], "loss_tile_tokens": spec["loss_tile_tokens"]},
+                    "h2d_GBps": spec.get("h2d_GBps"), "disk_GBps": spec.get("disk_GBps")},
     })
     with torch.device("meta"):
         model = Transformer(hf_config(cfg.model, dims["vocab_size"]))

@@ -269,7 +269,7 @@ def test_a_sequence_no_group_can_hold_fails_before_the_step_with_the_fix(tmp_pat
         length, capacity = int(m.group(2)), int(m.group(4))
         assert length > capacity and capacity == (80 if policy == "adaptive" else 40)
         assert m.group(1) == "1"  # the first step, counted as metrics.jsonl counts
-        for fix in ("data.max_seq_len", "scheduler.mem_limit_gb", "scheduler.sp", "scheduler.group_sizes"):
+        for fix in ("data.max_seq_len", "memory.limit_gb", "scheduler.sp", "scheduler.group_sizes"):
             assert fix in r["message"]
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not _losses(tmp_path / "run")  # no step ran
     print(f"\nfault 5 ({policy}): {results[0]['s']:.1f} s into train(): {results[0]['message']}")

@@ -60,9 +60,9 @@ def _overrides(src: str, tmp: str, world: int, *, tp: int = 1, pp: int = 1, virt
                scheduler: dict | None = None, stop_at: int | None = None, resume: bool = False,
                checkpointed: bool = False) -> dict:
     return {
-        "model": {**MODEL, "activation_checkpointing": checkpointed},
         # Tiling the MLP and the loss changes no result either (it runs on the pipeline's own layers and head).
-        "offload": {"mlp_tile_tokens": 16, "loss_tile_tokens": 16} if checkpointed else {},
+        "model": {**MODEL, "activation_checkpointing": checkpointed,
+                  **({"mlp_tile_tokens": 16, "loss_tile_tokens": 16} if checkpointed else {})},
         "data": {"source": src, "tokenizer": "byte", "max_seq_len": 96, "global_batch": 6, "cache_dir": f"{tmp}/cache"},
         "parallel": {"tp": tp, "pp": pp, "pp_virtual": virtual, "zero_stage": zero}, "launch": {"num_workers": world},
         # A larger Adam eps than the default keeps elements with a near-zero gradient from turning

@@ -36,11 +36,10 @@ CASES = [("tp2_to_hdp2_zero1", {"tp": 2}, {"zero_stage": 1}),
 def _overrides(src: str, tmp: str, world: int, parallel: dict, stop_at: int | None = None,
                resume: bool = False) -> dict:
     return {
-        "model": MODEL,
+        # Tiled MLPs hold their projections through an unregistered wrapper; the TP slices must still be found.
+        "model": {**MODEL, "mlp_tile_tokens": 16},
         "data": {"source": src, "tokenizer": "byte", "max_seq_len": 96, "global_batch": 6, "cache_dir": f"{tmp}/cache"},
         "parallel": parallel, "launch": {"num_workers": world},
-        # Tiled MLPs hold their projections through an unregistered wrapper; the TP slices must still be found.
-        "offload": {"mlp_tile_tokens": 16},
         # A larger Adam eps keeps elements with a near-zero gradient from turning last-bit differences of
         # the gradient sums (each layout sums in its own order) into visible parameter differences.
         "optim": {"warmup_steps": 1, "lr": 1e-2, "eps": 1e-6},

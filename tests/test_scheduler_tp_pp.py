@@ -295,9 +295,9 @@ def test_planner_memory_leaves_the_configured_headroom(tmp_path):
     net = build_model(config_from_dict({}).model, 300, torch.device("cpu"))
     limits = {}
     for headroom in (0.0, 0.25):
-        run = config_from_dict({"scheduler": {"cost_model": str(tmp_path / "cost.json"), "mem_limit_gb": 8.0,
-                                              "mem_headroom": headroom}})
+        run = config_from_dict({"scheduler": {"cost_model": str(tmp_path / "cost.json")},
+                                "memory": {"limit_gb": 8.0, "headroom": headroom}})
         limits[headroom] = build_cost_model(run, net, torch.device("cpu")).mem_limit_bytes
     assert limits == {0.0: 8 * 2**30, 0.25: 6 * 2**30}
-    with pytest.raises(ConfigError, match="mem_headroom"):
-        config_from_dict({"scheduler": {"mem_headroom": 1.0}})
+    with pytest.raises(ConfigError, match="memory.headroom"):
+        config_from_dict({"memory": {"headroom": 1.0}})

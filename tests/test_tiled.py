@@ -116,9 +116,9 @@ def test_model_with_tiling_checkpointing_and_offload_through_the_loop(tmp_path: 
     plain = config_from_dict({"parallel": {"attn_backend": "math"}, "launch": {"num_workers": 1}})
     tiled = config_from_dict({
         "parallel": {"attn_backend": "math"}, "launch": {"num_workers": 1},
-        "model": {"activation_checkpointing": True},
+        "model": {"activation_checkpointing": True, "mlp_tile_tokens": 16, "loss_tile_tokens": 10},
         "offload": {"target": "nvme", "ratio": "1.0", "path": str(tmp_path), "engine": "threads",
-                    "host_mem_gb": 0.01, "mlp_tile_tokens": 16, "loss_tile_tokens": 10},
+                    "host_mem_gb": 0.01},
     })
     device = torch.device("cpu")
     results = []

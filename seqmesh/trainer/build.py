@@ -18,7 +18,7 @@ from seqmesh.parallel.zero3 import Zero3Optimizer
 from seqmesh.parallel.sequence import sp_degrees
 from seqmesh.scheduler import CostModel, default_cost_model
 from seqmesh.scheduler.simulate import plannable_sizes
-from seqmesh.trainer.config import ModelConfig, OptimConfig, ParallelConfig, RunConfig, SchedulerConfig
+from seqmesh.trainer.config import MemoryConfig, ModelConfig, OptimConfig, ParallelConfig, RunConfig
 from seqmesh.trainer.hf_io import load_hf
 from seqmesh.trainer.lr_schedule import build_lr_scheduler
 from seqmesh.trainer.model import Transformer
@@ -86,7 +86,7 @@ def apply_offload(model: Transformer, cfg: RunConfig, cost_model: CostModel, dev
                        engine=off.engine, host_limit_bytes=int(off.host_mem_gb * 2**30) if off.host_mem_gb else None,
                        h2d_GBps=off.h2d_GBps, disk_GBps=off.disk_GBps,
                        compute_dtype=torch.bfloat16 if cfg.model.dtype == "bf16" else None)
-    parallelize(model, sequence_parallel=False, mlp_tile_tokens=off.mlp_tile_tokens, offload=offload)
+    parallelize(model, sequence_parallel=False, mlp_tile_tokens=cfg.model.mlp_tile_tokens, offload=offload)
 
 
 def _param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
@@ -128,15 +128,15 @@ def build_sharded_optimizer(model: torch.nn.Module, cfg: RunConfig, mesh: Mesh,
                          norm_excluded=() if tp is None else tp.norm_excluded())
 
 
-def apply_memory_limit(cfg: SchedulerConfig, device: torch.device) -> None:
-    """Cap this process's CUDA allocations at ``scheduler.mem_limit_gb`` (a no-op otherwise)."""
-    if cfg.mem_limit_gb is None or device.type != "cuda":
+def apply_memory_limit(memory: MemoryConfig, device: torch.device) -> None:
+    """Cap this process's CUDA allocations at ``memory.limit_gb`` (a no-op otherwise)."""
+    if memory.limit_gb is None or device.type != "cuda":
         return
     total = torch.cuda.get_device_properties(device).total_memory
-    if cfg.mem_limit_gb * 2**30 > total:
-        raise ValueError(f"scheduler.mem_limit_gb={cfg.mem_limit_gb} exceeds the device's "
+    if memory.limit_gb * 2**30 > total:
+        raise ValueError(f"memory.limit_gb={memory.limit_gb} exceeds the device's "
                          f"{total / 2**30:.1f} GiB; lower it or leave it null")
-    torch.cuda.set_per_process_memory_fraction(cfg.mem_limit_gb * 2**30 / total, device)
+    torch.cuda.set_per_process_memory_fraction(memory.limit_gb * 2**30 / total, device)
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
@@ -150,16 +150,16 @@ def build_cost_model(cfg: RunConfig, model: Transformer, device: torch.device) -
     """The profiled cost model when the config names one, else one derived from FLOPs and the device,
     priced for the run's TP x PP layout (``CostModel.with_layout``).
 
-    ``scheduler.mem_limit_gb`` replaces the device's memory in either (``apply_memory_limit``
-    enforces the same figure on CUDA), less ``scheduler.mem_headroom``. ``model`` is what this
+    ``memory.limit_gb`` replaces the device's memory in either (``apply_memory_limit``
+    enforces the same figure on CUDA), less ``memory.headroom``. ``model`` is what this
     rank holds: its TP shard, and under PP its stages (``PipelineModel``).
     """
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    # The planner fills memory only up to (1 - mem_headroom) of the limit: the allocator's slack and
+    # The planner fills memory only up to (1 - memory.headroom) of the limit: the allocator's slack and
     # transient buffers are not in the per-token figure (on an H200, a plan filled to the 36 GiB
     # limit failed with 34.3 GiB allocated plus 1.6 GiB reserved when it asked for 1.3 GiB more).
-    usable = 1.0 - cfg.scheduler.mem_headroom
-    limit = None if cfg.scheduler.mem_limit_gb is None else cfg.scheduler.mem_limit_gb * 2**30 * usable
+    usable = 1.0 - cfg.memory.headroom
+    limit = None if cfg.memory.limit_gb is None else cfg.memory.limit_gb * 2**30 * usable
     if cfg.scheduler.cost_model:
         model_cm = CostModel.load(cfg.scheduler.cost_model).for_layout(tp, pp)
         return model_cm if limit is None else dataclasses.replace(model_cm, mem_limit_bytes=limit)

@@ -70,7 +70,7 @@ def validation_loss(model: torch.nn.Module, val_set: DocumentDataset, plans: lis
             with offload_session(model, meta), autocast:
                 hidden = model(ids, meta)
                 if tp is None:
-                    part = lm_loss_sum(model, hidden, labels, cfg.offload.loss_tile_tokens)
+                    part = lm_loss_sum(model, hidden, labels, cfg.model.loss_tile_tokens)
                 else:
                     part = vocab_parallel_cross_entropy(model.logits(hidden), labels, tp, IGNORE_INDEX)
             loss_sum += part.double()

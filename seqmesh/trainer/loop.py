@@ -73,7 +73,7 @@ def loss_sum_of(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tens
     """Token loss sum of final hidden states (vocabulary parallel under TP, tiled on request)."""
     tp = tensor_parallel(model)
     if tp is None:
-        return lm_loss_sum(model, hidden, labels, cfg.offload.loss_tile_tokens)
+        return lm_loss_sum(model, hidden, labels, cfg.model.loss_tile_tokens)
     return vocab_parallel_cross_entropy(model.logits(hidden), labels, tp, IGNORE_INDEX)
 
 
@@ -146,7 +146,7 @@ def setup_run(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> Run:
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = Mesh(world, rank, cfg.parallel.tp, cfg.parallel.pp)
     torch.manual_seed(cfg.seed)
-    apply_memory_limit(cfg.scheduler, device)
+    apply_memory_limit(cfg.memory, device)
 
     tokenizer, train_set, val_set = build_data(cfg.data)
     sampler = make_sampler(train_set, cfg.data)
