@@ -23,7 +23,6 @@ from seqmesh.trainer.config import config_from_dict
 from seqmesh.trainer.data.tokenizer import BYTE_VOCAB_SIZE
 from seqmesh.trainer.reshard import load_resharded, named_parameters
 from tests.distributed import run_distributed
-from tests.test_loop import _corpus
 
 STEPS = 4
 SAVE_AT = 2
@@ -79,8 +78,8 @@ def _final_model(run_dir: Path, tmp: Path) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in named_parameters(model).items()}
 
 
-def test_train_resumes_at_another_layout_as_if_never_stopped(tmp_path: Path) -> None:
-    src = str(_corpus(tmp_path))
+def test_train_resumes_at_another_layout_as_if_never_stopped(tmp_path: Path, corpus: Path) -> None:
+    src = str(corpus)
     ref = run_distributed(_train, 1, _overrides(src, str(tmp_path), 1, {}), str(tmp_path / "reference"))[0]
     runs = run_distributed(_stop_and_resume, 2, src, str(tmp_path))[0]
     ref_model = _final_model(tmp_path / "reference", tmp_path)

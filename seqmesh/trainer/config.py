@@ -186,7 +186,9 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class OffloadConfig:
-    """Activation offload: where saved activations live (seqmesh/parallel/offload); tiling is ``model.*_tile_tokens``."""
+    """Activation offload: where saved activations live (seqmesh/parallel/offload).
+
+    Tiling, which changes the compute schedule and not where data lives, is ``model.*_tile_tokens``."""
 
     target: str = "none"
     ratio: str = "auto"
