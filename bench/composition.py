@@ -112,7 +112,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU over gloo (checks the script, not speed)")
     args = ap.parse_args()
     shape, device, layers = SHAPE, "cuda", args.layers
-    extra = ["offload.loss_tile_tokens=0"]
+    extra = ["model.loss_tile_tokens=0"]
     if args.smoke:
         shape, device, layers = SMOKE_SHAPE, "cpu", 2
         args.seq_len, args.docs, args.steps, args.warmup = 512, 4, 3, 1

@@ -44,12 +44,20 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, 
 # --------------------------------------------------------------------------- child: one process per trial
 
 
+def _cost_model(cfg, model, device):
+    """The run's cost model of ``cfg`` (what ``build_parallel_model`` builds) for ``model`` on ``device``."""
+    from seqmesh.trainer.build import build_cost_model
+
+    return build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=cfg.hdp,
+                            profile=cfg.scheduler.cost_model, state_dtype=cfg.optim.state_dtype)
+
+
 def _build(spec: dict[str, Any], target: str, ratio: str):
     """Model (meta-initialised straight onto the device in bf16), optimizer and run config of a trial."""
     import torch
 
     from seqmesh.parallel.checkpointing import apply_activation_checkpointing
-    from seqmesh.trainer.build import apply_offload, build_cost_model, hf_config
+    from seqmesh.trainer.build import apply_offload, hf_config
     from seqmesh.trainer.config import config_from_dict
     from seqmesh.trainer.model import Transformer
 
@@ -57,19 +65,19 @@ def _build(spec: dict[str, Any], target: str, ratio: str):
     dims = TINY if spec["smoke"] else LLAMA_8B
     cfg = config_from_dict({
         "model": {**dims, "num_layers": spec["layers"], "tie_embeddings": False, "activation_checkpointing": True,
-                  "max_position_embeddings": max(spec["tokens"], 4096)},
+                  "max_position_embeddings": max(spec["tokens"], 4096),
+                  "mlp_tile_tokens": spec["mlp_tile_tokens"], "loss_tile_tokens": spec["loss_tile_tokens"]},
         "parallel": {"attn_backend": "auto"},
         "launch": {"num_workers": 1},
         "offload": {"target": target, "ratio": ratio, "path": spec["nvme_path"], "engine": spec["engine"],
-                    "h2d_GBps": spec.get("h2d_GBps"), "disk_GBps": spec.get("disk_GBps"),
-                    "mlp_tile_tokens": spec["mlp_tile_tokens"], "loss_tile_tokens": spec["loss_tile_tokens"]},
+                    "h2d_GBps": spec.get("h2d_GBps"), "disk_GBps": spec.get("disk_GBps")},
     })
     with torch.device("meta"):
         model = Transformer(hf_config(cfg.model, dims["vocab_size"]))
     model = model.to(torch.bfloat16).to_empty(device=device)
     model.init_weights()
     apply_activation_checkpointing(model.model.layers)
-    apply_offload(model, cfg, build_cost_model(cfg, model, device), device)
+    apply_offload(model, cfg.model, cfg.offload, _cost_model(cfg, model, device), device)
     try:
         from seqmesh.trainer.optim import FP8AdamW
 
@@ -96,7 +104,7 @@ def _step(model, optimizer, docs, cfg, device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    run_group(model, docs, None, cfg, device, denominator=sum(d.numel() for d in docs))
+    run_group(model, docs, None, cfg.model, cfg.parallel, device, denominator=sum(d.numel() for d in docs))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
@@ -146,7 +154,7 @@ def child_overhead(spec: dict[str, Any]) -> list[dict[str, Any]]:
     import torch
 
     from seqmesh.parallel.offload import detach_offload
-    from seqmesh.trainer.build import apply_offload, build_cost_model
+    from seqmesh.trainer.build import apply_offload
 
     model, optimizer, cfg, device, optim_name = _build(spec, "none", "auto")
     docs = _docs(spec, model.dims.vocab_size)
@@ -154,7 +162,7 @@ def child_overhead(spec: dict[str, Any]) -> list[dict[str, Any]]:
     for target, ratio in spec["settings"]:
         detach_offload(model)
         setting = dataclasses.replace(cfg, offload=dataclasses.replace(cfg.offload, target=target, ratio=ratio))
-        apply_offload(model, setting, build_cost_model(setting, model, device), device)
+        apply_offload(model, setting.model, setting.offload, _cost_model(setting, model, device), device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         times = [_step(model, optimizer, docs, setting, device) for _ in range(spec["warmup"] + spec["steps"])]

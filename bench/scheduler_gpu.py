@@ -3,7 +3,7 @@
 The real step loop (``seqmesh.launch.torchrun``) trains a Llama-3.2-1B-shaped model (bf16,
 activation checkpointing; byte vocabulary, so the LM head is negligible) on a long-tail mix of
 document lengths whose longest documents do not fit one GPU under the per-GPU memory limit
-(``scheduler.mem_limit_gb``, enforced on the allocator too): on two GPUs static SP=1 cannot run
+(``memory.limit_gb``, enforced on the allocator too): on two GPUs static SP=1 cannot run
 it, static SP=2 can, and the adaptive planner mixes single-GPU groups for short documents with SP=2
 groups for long ones. On N GPUs every static degree up to N (powers of two) is a baseline; raise
 ``--longest`` (or lower ``--mem-limit-gb``) so the longest documents need a large group. The cost
@@ -92,7 +92,7 @@ def main() -> None:
     cost_model = profile(args.work, gpus, args.mem_limit_gb, shape)
     common = [*model, f"data.source={corpus}", "data.tokenizer=byte", f"data.max_seq_len={args.longest}",
               f"data.global_batch={args.global_batch}", "data.val_fraction=0", f"steps={args.steps}",
-              f"data.cache_dir={args.work / 'cache'}", f"scheduler.mem_limit_gb={args.mem_limit_gb}",
+              f"data.cache_dir={args.work / 'cache'}", f"memory.limit_gb={args.mem_limit_gb}",
               f"scheduler.cost_model={cost_model}", f"scheduler.refine_every={args.refine_every}", "scheduler.lookahead=1"]
     # Every static degree the adaptive planner may use (powers of two up to the GPU count): the best
     # static one is the baseline; those that cannot hold the longest documents fail at step 0.

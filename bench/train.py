@@ -78,7 +78,7 @@ def main() -> None:
         corpus = write_corpus(args.work / f"corpus_{seq_len}.jsonl", [seq_len] * (docs * (args.steps + 2)))
         overrides = ["model=llama-1b", "model.vocab_size=128256", f"model.activation_checkpointing={str(ckpt).lower()}",
                      f"data.source={corpus}", "data.tokenizer=byte", f"data.max_seq_len={seq_len}",
-                     f"data.global_batch={docs}", "data.val_fraction=0", "offload.loss_tile_tokens=8192",
+                     f"data.global_batch={docs}", "data.val_fraction=0", "model.loss_tile_tokens=8192",
                      f"steps={args.steps}", "optim.warmup_steps=2",
                      f"data.cache_dir={args.work / 'cache'}"]
         ours = run_loop(overrides, 1, args.work / f"run_{seq_len}")

@@ -87,7 +87,7 @@ def _composed(rank: int, world: int) -> dict:
         model = make_model(CASE)
         tp = apply_tensor_parallel(model, mesh.tp_group)
         apply_sequence_parallel(model)
-        opt = build_sharded_optimizer(model, cfg, mesh)
+        opt = build_sharded_optimizer(model, cfg.optim, cfg.parallel.zero_stage, mesh)
         losses, norms, grads, params_before = [], [], [], []
         for step, (lengths, plan) in enumerate(zip(STEP_LENGTHS, PLANS)):
             docs, denominator = make_docs(lengths, seed=step), num_targets(lengths)
@@ -97,8 +97,8 @@ def _composed(rank: int, world: int) -> dict:
             loss_sum = torch.zeros(())
             for _, group in plan.work_of(mesh.hdp_rank):
                 sp_group = mesh.sp_group(group.first, group.count)
-                loss_sum += run_group(model, [docs[s] for s in group.sequences], sp_group, cfg, torch.device("cpu"),
-                                      denominator)
+                loss_sum += run_group(model, [docs[s] for s in group.sequences], sp_group, cfg.model, cfg.parallel,
+                                      torch.device("cpu"), denominator)
             reduce_tensor_parallel_gradients(model)
             opt.reduce_gradients()
             dist.all_reduce(loss_sum, group=mesh.hdp_group)
@@ -162,10 +162,8 @@ def _train_runs(rank: int, world: int, src: str, tmp: str) -> dict[str, list[flo
             "first": run("resumed", 2, 1, 2, False), "resumed": run("resumed", 2, 1, None, True)}
 
 
-def test_train_loop_with_tp_and_zero_resumes_exactly(tmp_path) -> None:
-    from tests.test_loop import _corpus
-
-    losses = run_distributed(_train_runs, 2, str(_corpus(tmp_path)), str(tmp_path))[0]
+def test_train_loop_with_tp_and_zero_resumes_exactly(tmp_path, corpus) -> None:
+    losses = run_distributed(_train_runs, 2, str(corpus), str(tmp_path))[0]
     assert len(losses["tp2"]) == 3
     assert losses["tp2"] == pytest.approx(losses["tp1"], rel=1e-4)  # TP=2 x HDP=1 trains as HDP=2 does
     assert losses["resumed"] == losses["tp2"]  # model and ZeRO shards come back bit for bit

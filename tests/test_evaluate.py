@@ -17,25 +17,19 @@ from seqmesh.trainer.build import build_model
 from seqmesh.trainer.config import config_from_dict
 from seqmesh.trainer.data import build_data, num_targets, pack
 from seqmesh.trainer.evaluate import validation_loss, validation_plans
+from seqmesh.trainer.loop import make_step_runner
 from seqmesh.trainer.loss import token_loss_sum
+from tests.conftest import tiny_overrides, write_corpus
 from tests.distributed import run_distributed
 
-MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2}
-
-
 def _corpus(tmp: Path) -> Path:
-    src = tmp / "corpus"
-    src.mkdir()
-    text = Path(torch.__file__).parent.joinpath("functional.py").read_text()
-    for i in range(40):
-        (src / f"doc{i:02d}.txt").write_text(text[i * 997:(i * 997) + 100 + 37 * i])
-    return src
+    return write_corpus(tmp, [100 + 37 * i for i in range(40)])
 
 
 def _overrides(tmp: Path, world: int, **top) -> dict:
-    return {"model": MODEL, "launch": {"num_workers": world}, "scheduler": {"lookahead": 0, "policy": "adaptive"},
-            "data": {"source": str(tmp / "corpus"), "tokenizer": "byte", "max_seq_len": 160, "global_batch": 4,
-                     "val_fraction": 0.3, "cache_dir": str(tmp / "cache")}, **top}
+    return tiny_overrides(launch={"num_workers": world}, scheduler={"lookahead": 0, "policy": "adaptive"},
+                          data={"source": str(tmp / "corpus"), "tokenizer": "byte", "max_seq_len": 160,
+                                "global_batch": 4, "val_fraction": 0.3, "cache_dir": str(tmp / "cache")}, **top)
 
 
 def _reference(tmp: Path) -> tuple[float, int]:
@@ -63,7 +57,7 @@ def _split(rank: int, world: int, tmp: Path, how: str, sp_mode: str) -> float:
         # Memory for ~100 tokens per rank: the longer documents need SP groups of 2 or 4.
         cost = default_cost_model(params=1e5, hidden_size=64, num_layers=2, device_flops=1e10, max_group=world,
                                   mem_limit_bytes=1.6e6 + 100 * 4352, checkpointing=False, zero_stage=0)
-        plans = validation_plans(val, cfg, mesh, cost)
+        plans = validation_plans(val, cfg.data.global_batch, cfg.scheduler, mesh, cost)
         sizes = {g.count for p in plans for mb in p.microbatches for g in mb.groups}
         assert sizes & {2, 4}, f"documents longer than one rank holds need SP groups, got sizes {sizes}"
     else:
@@ -75,7 +69,8 @@ def _split(rank: int, world: int, tmp: Path, how: str, sp_mode: str) -> float:
             layout = [(f, c, [s for s in seqs if s < n]) for f, c, seqs in layouts[(k // 4) % 3]]
             plans.append(plan_from_assignment(world, [[g for g in layout if g[2]]], 0.0, 0.0))
     model.train()
-    loss = validation_loss(model, val, plans, cfg, mesh, torch.device("cpu"))
+    runner = make_step_runner(model, None, mesh, torch.device("cpu"), cfg.model)
+    loss = validation_loss(runner, val, plans, cfg.data.global_batch, cfg.parallel)
     assert model.training, "the model is left in the mode it was in"
     assert all(p.grad is None for p in model.parameters()), "evaluation builds no gradients"
     return loss

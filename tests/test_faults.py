@@ -23,7 +23,7 @@ import torch
 
 from seqmesh.trainer.checkpoint import load_latest, save_checkpoint
 from tests.distributed import run_distributed
-from tests.test_loop import _corpus, _overrides
+from tests.test_loop import _overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,8 +82,9 @@ def _train_run(rank: int, world: int, overrides: dict, run_dir: str) -> dict:
     return {"summary": summary, "warnings": [str(w.message) for w in caught]}
 
 
-def test_bit_flipped_checkpoint_is_skipped_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path: Path) -> None:
-    src = _corpus(tmp_path)
+def test_bit_flipped_checkpoint_is_skipped_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path: Path,
+                                                                                             corpus: Path) -> None:
+    src = corpus
     base = _with(_overrides(src, tmp_path, None, False), steps=8, ckpt_every=2, ckpt_keep=3)
     run_distributed(_train_run, 2, base, str(tmp_path / "straight"))
     run_distributed(_train_run, 2, _with(base, stop_at=6), str(tmp_path / "cut"))
@@ -201,10 +202,10 @@ def _train_with_nan_at(rank: int, world: int, overrides: dict, run_dir: str, bad
     return {"error": None, "summary": summary}
 
 
-def test_nan_loss_aborts_naming_the_step_and_writes_nothing_corrupt(tmp_path: Path) -> None:
+def test_nan_loss_aborts_naming_the_step_and_writes_nothing_corrupt(tmp_path: Path, corpus: Path) -> None:
     from seqmesh.trainer.guards import NonFiniteError
 
-    src = _corpus(tmp_path)
+    src = corpus
     cfg = _with(_overrides(src, tmp_path, None, False), steps=5, ckpt_every=1, ckpt_keep=10)
     assert cfg.get("optim", {}).get("nonfinite") is None  # the default policy: abort
     results = run_distributed(_train_with_nan_at, 2, cfg, str(tmp_path / "run"), 3)
@@ -221,8 +222,8 @@ def test_nan_loss_aborts_naming_the_step_and_writes_nothing_corrupt(tmp_path: Pa
     print(f"\nfault 4 (abort): {results[0]['error']}")
 
 
-def test_nan_loss_with_skip_policy_drops_the_step_and_counts_it(tmp_path: Path) -> None:
-    src = _corpus(tmp_path)
+def test_nan_loss_with_skip_policy_drops_the_step_and_counts_it(tmp_path: Path, corpus: Path) -> None:
+    src = corpus
     cfg = _with(_overrides(src, tmp_path, None, False), steps=5, ckpt_every=1, ckpt_keep=10,
                 **{"optim.nonfinite": "skip"})
     results = run_distributed(_train_with_nan_at, 2, cfg, str(tmp_path / "run"), 3)
@@ -249,10 +250,11 @@ def test_nan_loss_with_skip_policy_drops_the_step_and_counts_it(tmp_path: Path) 
 
 
 @pytest.mark.parametrize("policy", ["static", "adaptive"])
-def test_a_sequence_no_group_can_hold_fails_before_the_step_with_the_fix(tmp_path: Path, policy: str) -> None:
+def test_a_sequence_no_group_can_hold_fails_before_the_step_with_the_fix(tmp_path: Path, corpus: Path,
+                                                                          policy: str) -> None:
     from seqmesh.trainer.plan_ahead import PlanningError
 
-    src = _corpus(tmp_path)
+    src = corpus
     # 1e4 bytes per token over 1e8 static: a rank holds 40 tokens, a group of both 80; pieces are up to 96.
     cost_model = {"alpha1_ms_per_tok2": 1e-6, "alpha2_ms_per_tok": 1e-3, "beta_ms": 1.0, "a2a_GBps": {"2": 10.0},
                   "comm_bytes_per_token": 1e3, "mem_bytes_per_token": 1e4, "mem_static_bytes": 1e8,
@@ -269,7 +271,7 @@ def test_a_sequence_no_group_can_hold_fails_before_the_step_with_the_fix(tmp_pat
         length, capacity = int(m.group(2)), int(m.group(4))
         assert length > capacity and capacity == (80 if policy == "adaptive" else 40)
         assert m.group(1) == "1"  # the first step, counted as metrics.jsonl counts
-        for fix in ("data.max_seq_len", "scheduler.mem_limit_gb", "scheduler.sp", "scheduler.group_sizes"):
+        for fix in ("data.max_seq_len", "memory.limit_gb", "scheduler.sp", "scheduler.group_sizes"):
             assert fix in r["message"]
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not _losses(tmp_path / "run")  # no step ran
     print(f"\nfault 5 ({policy}): {results[0]['s']:.1f} s into train(): {results[0]['message']}")
@@ -337,8 +339,8 @@ def test_plan_mismatch_between_ranks_raises_on_every_rank_not_a_hang(tamper: str
 # ---- 7: Ctrl-C to the driver --------------------------------------------------------------------------------------
 
 
-def test_ctrl_c_stops_cleanly_with_a_resume_hint_and_exit_130(tmp_path: Path) -> None:
-    src = _corpus(tmp_path)
+def test_ctrl_c_stops_cleanly_with_a_resume_hint_and_exit_130(tmp_path: Path, corpus: Path) -> None:
+    src = corpus
     run_dir = tmp_path / "run"
     args = ["steps=5000", "launch.num_workers=1", "launch.dashboard=false", "launch.monitor_interval_s=0",
             "launch.prometheus_port=null", "model.hidden_size=64", "model.intermediate_size=128",

@@ -257,3 +257,42 @@ def test_end_of_run_summary_after_resume() -> None:
                            "resumed_from": 3, "val_loss": 5.0, "total_time_s": 3.0}, "/tmp/run", 37.0)
     assert text.splitlines()[0] == "seqmesh: trained steps 4-5 (resumed at step 3) in 37 s (3 s in training steps)"
     assert "(validation 5.0000)" in text
+
+
+# ------------------------------------------------------------------------------------- moved keys
+
+
+@pytest.mark.parametrize("override, new", [
+    ("scheduler.mem_limit_gb=8", "memory.limit_gb"),
+    ("scheduler.mem_headroom=0.2", "memory.headroom"),
+    ("offload.loss_tile_tokens=4096", "model.loss_tile_tokens"),
+    ("+offload.mlp_tile_tokens=16384", "model.mlp_tile_tokens"),
+])
+def test_a_moved_key_names_its_new_place(override: str, new: str) -> None:
+    old = override.lstrip("+").split("=")[0]
+    with pytest.raises(ConfigError, match=re.escape(f"{old} moved to {new}")):
+        load_config([override])
+    from seqmesh.trainer.config import config_from_dict
+
+    section, leaf = old.split(".")
+    with pytest.raises(ConfigError, match=re.escape(f"{old} moved to {new}")):
+        config_from_dict({section: {leaf: 1}})
+
+
+def test_a_run_saved_with_moved_keys_resumes_under_the_new_names(tmp_path: Path, capsys) -> None:
+    import yaml
+
+    run_dir = tmp_path / "run"
+    _trained_run(run_dir, 6, 3, "memory.limit_gb=7", "model.loss_tile_tokens=64")
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    saved["scheduler"]["mem_limit_gb"], saved["scheduler"]["mem_headroom"] = saved["memory"].pop("limit_gb"), 0.3
+    saved["offload"]["loss_tile_tokens"] = saved["model"].pop("loss_tile_tokens")
+    saved["offload"]["mlp_tile_tokens"] = saved["model"].pop("mlp_tile_tokens") + 32  # as saved before the move
+    del saved["memory"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    cfg = _cfg(run_dir, "resume=true")
+    assert (cfg.memory.limit_gb, cfg.memory.headroom) == (7.0, 0.3)
+    assert (cfg.model.loss_tile_tokens, cfg.model.mlp_tile_tokens) == (64, 32)
+    note = capsys.readouterr().err
+    assert "scheduler.mem_limit_gb -> memory.limit_gb" in note and "offload.mlp_tile_tokens -> model.mlp_tile_tokens" in note
+    assert "no longer knows" not in note

@@ -18,6 +18,7 @@ from seqmesh.trainer.data import num_targets, pack
 from seqmesh.trainer.loss import token_loss_sum
 from seqmesh.trainer.model import Transformer, tiny_config
 from seqmesh.parallel.sequence import apply_sequence_parallel, make_sp_batch
+from tests.conftest import CORPUS_SIZES, tiny_overrides, write_corpus
 from tests.distributed import run_distributed
 
 LENGTHS = [37, 5, 64, 12, 2, 29, 41, 8, 17]
@@ -70,7 +71,7 @@ def _split_step(rank: int, world: int, mode: str) -> tuple[float, dict[str, torc
     loss_sum = torch.zeros(())
     for _, group in PLAN.work_of(rank):
         loss_sum += run_group(model, [docs[s] for s in group.sequences], mesh.sp_group(group.first, group.count),
-                              cfg, torch.device("cpu"), denominator)
+                              cfg.model, cfg.parallel, torch.device("cpu"), denominator)
     reduce_gradients(model.parameters())
     dist.all_reduce(loss_sum)
     return loss_sum.item() / denominator, {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -86,12 +87,7 @@ def test_any_split_equals_single_process(mode: str) -> None:
 
 
 def _corpus(tmp: Path) -> Path:
-    src = tmp / "corpus"
-    src.mkdir()
-    text = Path(torch.__file__).parent.joinpath("functional.py").read_text()
-    for i in range(40):
-        (src / f"doc{i:02d}.txt").write_text(text[i * 997:(i * 997) + 200 + 53 * i])
-    return src
+    return write_corpus(tmp, CORPUS_SIZES)
 
 
 def _train(rank: int, world: int, overrides: dict, run_dir: str) -> list[float]:
@@ -104,17 +100,16 @@ def _train(rank: int, world: int, overrides: dict, run_dir: str) -> list[float]:
 
 
 def _overrides(src: Path, tmp: Path, stop_at: int | None, resume: bool) -> dict:
-    return {
-        "model": {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2},
-        "data": {"source": str(src), "tokenizer": "byte", "max_seq_len": 96, "global_batch": 6,
-                 "cache_dir": str(tmp / "cache")},
-        "launch": {"num_workers": 2}, "optim": {"warmup_steps": 2},
-        "steps": 20, "stop_at": stop_at, "ckpt_every": 5, "resume": resume, "scheduler": {"lookahead": 0},
-    }
+    return tiny_overrides(
+        data={"source": str(src), "tokenizer": "byte", "max_seq_len": 96, "global_batch": 6,
+              "cache_dir": str(tmp / "cache")},
+        launch={"num_workers": 2}, optim={"warmup_steps": 2},
+        steps=20, stop_at=stop_at, ckpt_every=5, resume=resume, scheduler={"lookahead": 0},
+    )
 
 
-def test_resume_continues_exactly(tmp_path: Path) -> None:
-    src = _corpus(tmp_path)
+def test_resume_continues_exactly(tmp_path: Path, corpus: Path) -> None:
+    src = corpus
     straight = run_distributed(_train, 2, _overrides(src, tmp_path, None, False), str(tmp_path / "a"))[0]
     run_distributed(_train, 2, _overrides(src, tmp_path, 10, False), str(tmp_path / "b"))
     resumed = run_distributed(_train, 2, _overrides(src, tmp_path, None, True), str(tmp_path / "b"))[0]

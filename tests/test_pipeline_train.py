@@ -30,6 +30,7 @@ from seqmesh.trainer.data.tokenizer import BYTE_VOCAB_SIZE
 from seqmesh.trainer.model import Transformer, tiny_config
 from seqmesh.trainer.reshard import load_resharded, named_parameters
 from seqmesh.parallel.sequence import apply_sequence_parallel, make_sp_batch, shard_tokens
+from tests.conftest import write_corpus
 from tests.distributed import run_distributed
 
 STEPS = 3
@@ -38,14 +39,8 @@ MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 4, "num_heads
 
 def _corpus(tmp: Path) -> Path:
     """Documents of very different lengths, so that the adaptive planner changes its groups from step to step."""
-    src = tmp / "corpus"
-    src.mkdir()
-    text = Path(torch.__file__).parent.joinpath("functional.py").read_text()
     rng = random.Random(4)
-    for i in range(40):
-        n = rng.choice([4, 8, 12, 20, 30, 60, 90, 150])
-        (src / f"doc{i:02d}.txt").write_text(text[i * 997:i * 997 + n])
-    return src
+    return write_corpus(tmp, [rng.choice([4, 8, 12, 20, 30, 60, 90, 150]) for _ in range(40)])
 
 
 # Time and memory of the adaptive planner, fixed (not derived from the model or the machine): at
@@ -60,9 +55,9 @@ def _overrides(src: str, tmp: str, world: int, *, tp: int = 1, pp: int = 1, virt
                scheduler: dict | None = None, stop_at: int | None = None, resume: bool = False,
                checkpointed: bool = False) -> dict:
     return {
-        "model": {**MODEL, "activation_checkpointing": checkpointed},
         # Tiling the MLP and the loss changes no result either (it runs on the pipeline's own layers and head).
-        "offload": {"mlp_tile_tokens": 16, "loss_tile_tokens": 16} if checkpointed else {},
+        "model": {**MODEL, "activation_checkpointing": checkpointed,
+                  **({"mlp_tile_tokens": 16, "loss_tile_tokens": 16} if checkpointed else {})},
         "data": {"source": src, "tokenizer": "byte", "max_seq_len": 96, "global_batch": 6, "cache_dir": f"{tmp}/cache"},
         "parallel": {"tp": tp, "pp": pp, "pp_virtual": virtual, "zero_stage": zero}, "launch": {"num_workers": world},
         # A larger Adam eps than the default keeps elements with a near-zero gradient from turning
@@ -187,8 +182,8 @@ def _placeholder_step(rank: int, world: int) -> tuple[float, dict[str, torch.Ten
     mesh.ensure_sp_groups((g.first, g.count) for mb in PLAN.microbatches for g in mb.groups)
     model = split_model(_small_model(), mesh.pp_rank, mesh.pp, 1, 96, torch.device("cpu"), mesh.embedding_group)
     docs = _docs()
-    loss = run_pipeline_step(model, PLAN, lambda g: [docs[s] for s in g.sequences], mesh, cfg, torch.device("cpu"),
-                             num_targets(LENGTHS))
+    loss = run_pipeline_step(model, PLAN, lambda g: [docs[s] for s in g.sequences], mesh, cfg.model, cfg.parallel,
+                             torch.device("cpu"), num_targets(LENGTHS))
     model.reduce_tied_gradient()
     for p in model.parameters():
         dist.all_reduce(p.grad, group=mesh.hdp_group)

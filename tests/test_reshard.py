@@ -46,7 +46,7 @@ def _build(case: str, mesh: Mesh, stage: int, state_dtype: str, seed: int = 0):
     model = make_model(case, seed)
     if mesh.tp > 1:
         apply_tensor_parallel(model, mesh.tp_group)
-    opt = build_sharded_optimizer(model, _config(stage, state_dtype), mesh)
+    opt = build_sharded_optimizer(model, _config(stage, state_dtype).optim, stage, mesh)
     return model, opt, _schedule(opt.optimizer)
 
 
@@ -283,16 +283,16 @@ def test_missing_parameters_and_shape_mismatches_are_named(tmp_path) -> None:
 
     deeper = _tiny(num_hidden_layers=3)
     with pytest.raises(ValueError, match=r"lacks parameter\(s\) \['model\.layers\.2\.input_layernorm\.weight'"):
-        load_resharded(tmp_path, deeper, build_sharded_optimizer(deeper, _config(0, "fp32"), mesh), mesh)
+        load_resharded(tmp_path, deeper, build_sharded_optimizer(deeper, _config(0, "fp32").optim, 0, mesh), mesh)
 
     shallower = _tiny(num_hidden_layers=1)
     with pytest.raises(ValueError, match=r"parameter\(s\) \['model\.layers\.1\..*no rank of this model holds"):
-        load_resharded(tmp_path, shallower, build_sharded_optimizer(shallower, _config(0, "fp32"), mesh), mesh)
+        load_resharded(tmp_path, shallower, build_sharded_optimizer(shallower, _config(0, "fp32").optim, 0, mesh), mesh)
 
     narrower = _tiny(intermediate_size=48)
     with pytest.raises(ValueError, match=r"parameter model\.layers\.0\.mlp\.gate_proj\.weight has shape \(64, 32\) "
                                          r"in the checkpoint but \(48, 32\) in this model"):
-        load_resharded(tmp_path, narrower, build_sharded_optimizer(narrower, _config(0, "fp32"), mesh), mesh)
+        load_resharded(tmp_path, narrower, build_sharded_optimizer(narrower, _config(0, "fp32").optim, 0, mesh), mesh)
 
 
 def test_checkpoint_without_layout_index_is_refused(tmp_path) -> None:

@@ -23,7 +23,6 @@ from seqmesh.trainer.config import config_from_dict
 from seqmesh.trainer.data.tokenizer import BYTE_VOCAB_SIZE
 from seqmesh.trainer.reshard import load_resharded, named_parameters
 from tests.distributed import run_distributed
-from tests.test_loop import _corpus
 
 STEPS = 4
 SAVE_AT = 2
@@ -36,11 +35,10 @@ CASES = [("tp2_to_hdp2_zero1", {"tp": 2}, {"zero_stage": 1}),
 def _overrides(src: str, tmp: str, world: int, parallel: dict, stop_at: int | None = None,
                resume: bool = False) -> dict:
     return {
-        "model": MODEL,
+        # Tiled MLPs hold their projections through an unregistered wrapper; the TP slices must still be found.
+        "model": {**MODEL, "mlp_tile_tokens": 16},
         "data": {"source": src, "tokenizer": "byte", "max_seq_len": 96, "global_batch": 6, "cache_dir": f"{tmp}/cache"},
         "parallel": parallel, "launch": {"num_workers": world},
-        # Tiled MLPs hold their projections through an unregistered wrapper; the TP slices must still be found.
-        "offload": {"mlp_tile_tokens": 16},
         # A larger Adam eps keeps elements with a near-zero gradient from turning last-bit differences of
         # the gradient sums (each layout sums in its own order) into visible parameter differences.
         "optim": {"warmup_steps": 1, "lr": 1e-2, "eps": 1e-6},
@@ -80,8 +78,8 @@ def _final_model(run_dir: Path, tmp: Path) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in named_parameters(model).items()}
 
 
-def test_train_resumes_at_another_layout_as_if_never_stopped(tmp_path: Path) -> None:
-    src = str(_corpus(tmp_path))
+def test_train_resumes_at_another_layout_as_if_never_stopped(tmp_path: Path, corpus: Path) -> None:
+    src = str(corpus)
     ref = run_distributed(_train, 1, _overrides(src, str(tmp_path), 1, {}), str(tmp_path / "reference"))[0]
     runs = run_distributed(_stop_and_resume, 2, src, str(tmp_path))[0]
     ref_model = _final_model(tmp_path / "reference", tmp_path)

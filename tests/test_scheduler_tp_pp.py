@@ -266,7 +266,8 @@ def test_plan_cli_takes_the_layout(tmp_path, capsys):
 
 
 def test_trainer_cost_model_applies_the_layout_and_zero():
-    from seqmesh.trainer.build import build_cost_model, build_model
+    from seqmesh.trainer.build import build_model
+    from tests.conftest import cost_model_of
     from seqmesh.trainer.config import config_from_dict
 
     def cfg(tp: int, pp: int, zero: int):
@@ -276,9 +277,9 @@ def test_trainer_cost_model_applies_the_layout_and_zero():
     torch.manual_seed(0)
     net = build_model(cfg(1, 1, 0).model, 300, torch.device("cpu"))
     params = net.num_params(exclude_embeddings=True)
-    flat = build_cost_model(cfg(1, 1, 0), net, torch.device("cpu"))
+    flat = cost_model_of(cfg(1, 1, 0), net, torch.device("cpu"))
     assert (flat.tp, flat.pp) == (1, 1) and flat.mem_static_bytes == 16.0 * params
-    piped = build_cost_model(cfg(1, 2, 1), net, torch.device("cpu"))  # a pipeline rank holding this many
+    piped = cost_model_of(cfg(1, 2, 1), net, torch.device("cpu"))  # a pipeline rank holding this many
     assert piped.pp == 2 and piped.tp_GBps == 0.0
     assert piped.static_bytes == pytest.approx((4 + 4 + 8 / 4) * params)  # ZeRO-1 shards moments over 4 HDP ranks
     # tp x pp times this rank's weights stand for the whole model; attention counts the whole model's layers
@@ -287,7 +288,8 @@ def test_trainer_cost_model_applies_the_layout_and_zero():
 
 
 def test_planner_memory_leaves_the_configured_headroom(tmp_path):
-    from seqmesh.trainer.build import build_cost_model, build_model
+    from seqmesh.trainer.build import build_model
+    from tests.conftest import cost_model_of
     from seqmesh.trainer.config import ConfigError, config_from_dict
 
     (tmp_path / "cost.json").write_text(model().to_json())
@@ -295,9 +297,9 @@ def test_planner_memory_leaves_the_configured_headroom(tmp_path):
     net = build_model(config_from_dict({}).model, 300, torch.device("cpu"))
     limits = {}
     for headroom in (0.0, 0.25):
-        run = config_from_dict({"scheduler": {"cost_model": str(tmp_path / "cost.json"), "mem_limit_gb": 8.0,
-                                              "mem_headroom": headroom}})
-        limits[headroom] = build_cost_model(run, net, torch.device("cpu")).mem_limit_bytes
+        run = config_from_dict({"scheduler": {"cost_model": str(tmp_path / "cost.json")},
+                                "memory": {"limit_gb": 8.0, "headroom": headroom}})
+        limits[headroom] = cost_model_of(run, net, torch.device("cpu")).mem_limit_bytes
     assert limits == {0.0: 8 * 2**30, 0.25: 6 * 2**30}
-    with pytest.raises(ConfigError, match="mem_headroom"):
-        config_from_dict({"scheduler": {"mem_headroom": 1.0}})
+    with pytest.raises(ConfigError, match="memory.headroom"):
+        config_from_dict({"memory": {"headroom": 1.0}})

@@ -11,11 +11,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from seqmesh.parallel.checkpointing import apply_activation_checkpointing
 from seqmesh.parallel.offload import get_offloader
-from seqmesh.trainer.build import apply_offload, build_cost_model
+from seqmesh.trainer.build import apply_offload
 from seqmesh.trainer.config import config_from_dict
 from seqmesh.trainer.loss import token_loss_sum
 from seqmesh.trainer.model import MLP, Transformer, model_dims, tiny_config
 from seqmesh.trainer.tiled import TiledMLP, apply_tiled_mlp, lm_loss_sum, tiled_token_loss_sum
+from tests.conftest import cost_model_of
 
 T, H, V = 50, 32, 97
 
@@ -116,9 +117,9 @@ def test_model_with_tiling_checkpointing_and_offload_through_the_loop(tmp_path: 
     plain = config_from_dict({"parallel": {"attn_backend": "math"}, "launch": {"num_workers": 1}})
     tiled = config_from_dict({
         "parallel": {"attn_backend": "math"}, "launch": {"num_workers": 1},
-        "model": {"activation_checkpointing": True},
+        "model": {"activation_checkpointing": True, "mlp_tile_tokens": 16, "loss_tile_tokens": 10},
         "offload": {"target": "nvme", "ratio": "1.0", "path": str(tmp_path), "engine": "threads",
-                    "host_mem_gb": 0.01, "mlp_tile_tokens": 16, "loss_tile_tokens": 10},
+                    "host_mem_gb": 0.01},
     })
     device = torch.device("cpu")
     results = []
@@ -126,11 +127,11 @@ def test_model_with_tiling_checkpointing_and_offload_through_the_loop(tmp_path: 
         model = copy.deepcopy(base)
         if cfg.model.activation_checkpointing:
             apply_activation_checkpointing(model.model.layers)
-        apply_offload(model, cfg, build_cost_model(cfg, model, device), device)
+        apply_offload(model, cfg.model, cfg.offload, cost_model_of(cfg, model, device), device)
         off = get_offloader(model)
         if off is not None:
             off.min_bytes = 0  # the tiny model's activations are below the default threshold
-        loss = run_group(model, docs, None, cfg, device, denominator=69)
+        loss = run_group(model, docs, None, cfg.model, cfg.parallel, device, denominator=69)
         results.append((loss, {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in
                                model.named_parameters()}, off))
     (loss0, g0, _), (loss1, g1, off) = results

@@ -7,12 +7,18 @@ import torch
 from seqmesh.parallel.mesh import Mesh
 from seqmesh.trainer import build
 from seqmesh.trainer.config import config_from_dict
+from tests.conftest import cost_model_of
+
+
+def warm(net, cfg, mesh, cost_model, device):
+    return build.warm_attention(net, cfg.parallel, cfg.scheduler, mesh, cost_model, device,
+                                max_seq_len=cfg.data.max_seq_len, dtype=cfg.model.dtype)
 
 
 def _setup(monkeypatch, **sections):
     cfg = config_from_dict({"launch": {"num_workers": 4}, "model": {"dtype": "bf16"}, **sections})
     net = build.build_model(cfg.model, 300, torch.device("cpu"))
-    cost_model = build.build_cost_model(cfg, net, torch.device("cpu"))
+    cost_model = cost_model_of(cfg, net, torch.device("cpu"))
     calls = []
     monkeypatch.setattr(build, "warm_cudnn_graphs",
                         lambda longest, *args: calls.append((longest, *args)) or len(longest))
@@ -27,7 +33,7 @@ def test_each_group_size_warms_its_heads_up_to_what_it_holds(monkeypatch):
     assert cap[1] < cap[2] < cap[4]
     cfg, net, cost_model, calls = _setup(monkeypatch, scheduler={"policy": "adaptive"},
                                          data={"max_seq_len": cap[2]})
-    assert build.warm_attention(net, cfg, Mesh(4, 0), cost_model, torch.device("cuda")) == 3
+    assert warm(net, cfg, Mesh(4, 0), cost_model, torch.device("cuda")) == 3
     (longest, head_dim, scale, dtype, device, backend), = calls
     assert longest == {8: cap[1], 4: cap[2], 2: cap[2]}
     assert (head_dim, scale, dtype, backend) == (32, 32**-0.5, torch.bfloat16, "auto")
@@ -36,9 +42,9 @@ def test_each_group_size_warms_its_heads_up_to_what_it_holds(monkeypatch):
 def test_static_policy_warms_its_one_degree_and_the_switch_turns_it_off(monkeypatch):
     cfg, net, cost_model, calls = _setup(monkeypatch, scheduler={"policy": "static", "sp": 2},
                                          data={"max_seq_len": 4096})
-    build.warm_attention(net, cfg, Mesh(4, 0), cost_model, torch.device("cuda"))
+    warm(net, cfg, Mesh(4, 0), cost_model, torch.device("cuda"))
     assert calls[0][0] == {4: 4096}
     cfg, net, cost_model, calls = _setup(monkeypatch, parallel={"warm_attention": False})
-    assert build.warm_attention(net, cfg, Mesh(4, 0), cost_model, torch.device("cuda")) == 0
-    assert build.warm_attention(net, config_from_dict({}), Mesh(1, 0), cost_model, torch.device("cpu")) == 0
+    assert warm(net, cfg, Mesh(4, 0), cost_model, torch.device("cuda")) == 0
+    assert warm(net, config_from_dict({}), Mesh(1, 0), cost_model, torch.device("cpu")) == 0
     assert calls == []

@@ -28,11 +28,11 @@ def _held_bytes(rank: int, world: int) -> dict[str, int]:
     mesh = Mesh(world, rank)
     model = build_model(cfg.model, BYTE_VOCAB_SIZE, torch.device("cpu"))
     full = sum(p.numel() * p.element_size() for p in model.parameters())
-    opt = build_sharded_optimizer(model, cfg, mesh, torch.device("cpu"))
+    opt = build_sharded_optimizer(model, cfg.optim, cfg.parallel.zero_stage, mesh, torch.device("cpu"))
     lengths = [30, 12]
     docs = [torch.randint(0, BYTE_VOCAB_SIZE, (n,), generator=torch.Generator().manual_seed(n)) for n in lengths]
     opt.begin_step()
-    run_group(model, [docs[rank]], None, cfg, torch.device("cpu"), num_targets(lengths))
+    run_group(model, [docs[rank]], None, cfg.model, cfg.parallel, torch.device("cpu"), num_targets(lengths))
     opt.reduce_gradients()
     opt.clip_grad_norm_(1.0)
     opt.step()

@@ -2,7 +2,7 @@
 
 Every step packs different sequence lengths, so activation tensors change size all the time; with
 the allocator's default fixed segments the freed blocks of one step rarely fit the next, and a
-run with a memory limit (``scheduler.mem_limit_gb``) was seen on an H200 to fail with 8 GiB
+run with a memory limit (``memory.limit_gb``) was seen on an H200 to fail with 8 GiB
 "reserved but unallocated" while the planner's 28 GiB of live tensors fitted the 36 GiB limit.
 Expandable segments grow and shrink one mapping instead, which removes that fragmentation
 (the setting torchtitan and Megatron recommend for long, variable sequences). A value the user

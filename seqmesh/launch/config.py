@@ -26,7 +26,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from seqmesh.trainer.config import ConfigError, RunConfig, config_from_dict
+from seqmesh.trainer.config import MOVED_KEYS, ConfigError, RunConfig, config_from_dict, moved_key_error
 
 # Keys that belong to one invocation, never inherited from a resumed run's saved configuration.
 PER_INVOCATION = ("run_dir", "resume", "overwrite", "stop_at")
@@ -109,6 +109,8 @@ def _check_override_keys(overrides: Sequence[str]) -> None:
         if "=" not in o:
             raise ConfigError(f"override {o!r} has no '=': write KEY=VALUE, e.g. steps=50 or model=tiny")
         key = _override_key(o)
+        if key in MOVED_KEYS:
+            raise moved_key_error(key)
         if key in groups or _schema_leaf(key) or key.startswith("hydra."):
             continue
         raise ConfigError(f"unknown key {key!r} in {o!r}; {suggest_key(key)}")
@@ -136,8 +138,8 @@ def compose_dict(overrides: Sequence[str] = ()) -> dict[str, Any]:
         return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(f"bad override or config: {e}\n(overrides given: {' '.join(overrides) or 'none'}; "
-                          f"groups live in {conf_dir()}: model/, parallel/, scheduler/, optim/, offload/, data/, "
-                          f"launch/)") from e
+                          f"groups live in {conf_dir()}: model/, parallel/, scheduler/, memory/, optim/, offload/, "
+                          f"data/, launch/)") from e
 
 
 def _get(d: dict[str, Any], path: str) -> Any:
@@ -172,6 +174,22 @@ def _fill(base: dict[str, Any], saved: dict[str, Any], prefix: str = "") -> list
     return dropped
 
 
+def translate_moved_keys(saved: dict[str, Any]) -> list[str]:
+    """Rename, in place, the keys of ``saved`` that have moved since it was written (``MOVED_KEYS``);
+    returns ``old -> new`` for each one renamed. A value already under the new key wins."""
+    renamed = []
+    for old, new in MOVED_KEYS.items():
+        value = _get(saved, old)
+        if value is _MISSING:
+            continue
+        section, leaf = old.rsplit(".", 1)
+        del _get(saved, section)[leaf]
+        if _get(saved, new) is _MISSING:
+            _set(saved, new, value)
+        renamed.append(f"{old} -> {new}")
+    return renamed
+
+
 def saved_config_path(run_dir: str) -> Path:
     return Path(run_dir).expanduser() / "config.yaml"
 
@@ -192,6 +210,10 @@ def resume_dict(overrides: Sequence[str], now: dict[str, Any]) -> dict[str, Any]
     if not isinstance(saved, dict):
         raise ConfigError(f"resume=true: {path} is not a seqmesh configuration (not a mapping); restore it, or "
                           f"start a new run with another run_dir=...")
+    renamed = translate_moved_keys(saved)
+    if renamed:
+        print(f"seqmesh: note: {path} was saved with keys that have since moved, read under their new names: "
+              f"{', '.join(renamed)}", file=sys.stderr)
     merged = dataclasses.asdict(RunConfig())  # every schema key, also those no YAML file names
     _fill(merged, now)
     dropped = _fill(merged, saved)

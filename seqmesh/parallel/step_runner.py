@@ -4,7 +4,8 @@ A ``StepRunner`` takes the step's ``Plan`` and runs forward and backward of this
 (``run``), then makes the step's gradients and loss global (``reduce``), and after the optimizer
 step (or a checkpoint load) makes copies of shared weights equal again (``sync_weights``):
 
-* ``LocalRunner``: this rank's groups in plan order, each laid out over its SP group;
+* ``LocalRunner``: this rank's groups in plan order, each laid out over its SP group; its ``evaluate``
+  is the forward-only (no-grad) mode of the same walk, for the validation loss;
 * ``Zero3Runner``: one item per plan micro-batch (``aligned_items``), so every HDP rank issues each
   micro-batch's per-layer gathers and reduce-scatters at the same position; a rank that sits a
   micro-batch out joins its collectives empty (``Zero3Optimizer.idle_item``);
@@ -67,12 +68,18 @@ class StepRunner(Protocol):
         ...
 
 
+def forward_loss(model: nn.Module, mb: StageMicroBatch, loss_fn: LossFn,
+                 forward_context: Callable[[], ContextManager] = nullcontext) -> torch.Tensor:
+    """Forward of one laid-out (micro-batch, group) item to its token loss sum (inside an offload session)."""
+    with forward_context():
+        return loss_fn(model, model(mb.input_ids, mb.meta), mb.labels)
+
+
 def forward_backward(model: nn.Module, mb: StageMicroBatch, loss_fn: LossFn, denominator: int,
                      forward_context: Callable[[], ContextManager] = nullcontext) -> torch.Tensor:
     """Forward + backward of one laid-out (micro-batch, group) item; returns the (undivided) loss sum."""
     with offload_session(model, mb.meta):
-        with forward_context():
-            loss_sum = loss_fn(model, model(mb.input_ids, mb.meta), mb.labels)
+        loss_sum = forward_loss(model, mb, loss_fn, forward_context)
         (loss_sum / denominator).backward()
     return loss_sum.detach()
 
@@ -119,6 +126,25 @@ class LocalRunner:
             with span("group"):
                 mb = layout(group, self.mesh.sp_group(group.first, group.count))
                 loss_sum += forward_backward(self.model, mb, self.loss_fn, denominator, self.forward_context)
+        return loss_sum
+
+    @torch.no_grad()
+    def evaluate(self, plan: Plan, layout: Layout) -> torch.Tensor:
+        """Forward only (no grad, eval mode) of this rank's groups of ``plan``, laid out as ``run`` lays them
+        out; returns this rank's loss sum in float64, not reduced over ranks. The model is left in the mode it
+        was in. Plain (TP-sharded) models only: ZeRO-3's and a pipeline's forwards are collectives over a
+        whole step's items, which only ``run`` walks."""
+        self.mesh.ensure_sp_groups((g.first, g.count) for mb in plan.microbatches for g in mb.groups)
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for _, group in plan.work_of(self.mesh.hdp_rank):
+                mb = layout(group, self.mesh.sp_group(group.first, group.count))
+                with offload_session(self.model, mb.meta):
+                    loss_sum += forward_loss(self.model, mb, self.loss_fn, self.forward_context).double()
+        finally:
+            self.model.train(was_training)
         return loss_sum
 
     def reduce(self, loss_sum: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""Turn the run configuration into the objects of a run: model, optimizer, lr schedule, cost model."""
+"""Turn the run configuration into the objects of a run: model, optimizer, lr schedule, cost model.
+
+``build_parallel_model`` is the one place that says in which order the model becomes this rank's parallel
+model (the transforms themselves are in ``trainer/parallelize.py``); every other function takes only the
+config sections it reads."""
 
 from __future__ import annotations
 
@@ -18,11 +22,12 @@ from seqmesh.parallel.zero3 import Zero3Optimizer
 from seqmesh.parallel.sequence import sp_degrees
 from seqmesh.scheduler import CostModel, default_cost_model
 from seqmesh.scheduler.simulate import plannable_sizes
-from seqmesh.trainer.config import ModelConfig, OptimConfig, ParallelConfig, RunConfig, SchedulerConfig
+from seqmesh.trainer.config import (MemoryConfig, ModelConfig, OffloadConfig, OptimConfig, ParallelConfig, RunConfig,
+                                    SchedulerConfig)
 from seqmesh.trainer.hf_io import load_hf
 from seqmesh.trainer.lr_schedule import build_lr_scheduler
 from seqmesh.trainer.model import Transformer
-from seqmesh.trainer.parallelize import parallelize
+from seqmesh.trainer.parallelize import apply_tiling_and_offload, parallelize
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +57,8 @@ def hf_config(cfg: ModelConfig, vocab_size: int) -> transformers.PretrainedConfi
 
 def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device,
                 tp_group: "torch.distributed.ProcessGroup | None" = None) -> Transformer:
-    """The model, parallelised (``parallelize``): tensor parallel over ``tp_group`` when given, sequence-parallel
-    attention, activation checkpointing when configured."""
+    """The model after phase 1 of ``parallelize`` (see ``build_parallel_model``): tensor parallel over ``tp_group``
+    when given, sequence-parallel attention, activation checkpointing when configured."""
     model = load_hf(cfg.hf_path) if cfg.hf_path else Transformer(hf_config(cfg, vocab_size))
     if model.dims.vocab_size < vocab_size:
         raise ValueError(f"the model's vocabulary ({model.dims.vocab_size}) is smaller than the tokenizer's "
@@ -76,17 +81,17 @@ def build_pipeline_model(cfg: ModelConfig, parallel: ParallelConfig, seq_len: in
     return split_model(model, mesh.pp_rank, mesh.pp, parallel.pp_virtual, seq_len, device, tied_group)
 
 
-def apply_offload(model: Transformer, cfg: RunConfig, cost_model: CostModel, device: torch.device) -> None:
-    """Tiled MLP and activation offload (``cfg.offload``), the last steps of ``parallelize``, once the cost
-    model exists; after checkpointing; parameter names are unchanged."""
-    off = cfg.offload
+def apply_offload(model: Transformer, model_cfg: ModelConfig, off: OffloadConfig, cost_model: CostModel,
+                  device: torch.device) -> None:
+    """Phase 2 of ``parallelize`` (see ``build_parallel_model``), once the cost model exists: the tiled MLP
+    (``model.mlp_tile_tokens``) and activation offload (``offload``); parameter names are unchanged."""
     offload = None
     if off.target != "none":
         offload = dict(device=device, target=off.target, ratio=off.ratio_value, cost_model=cost_model, path=off.path,
                        engine=off.engine, host_limit_bytes=int(off.host_mem_gb * 2**30) if off.host_mem_gb else None,
                        h2d_GBps=off.h2d_GBps, disk_GBps=off.disk_GBps,
-                       compute_dtype=torch.bfloat16 if cfg.model.dtype == "bf16" else None)
-    parallelize(model, sequence_parallel=False, mlp_tile_tokens=off.mlp_tile_tokens, offload=offload)
+                       compute_dtype=torch.bfloat16 if model_cfg.dtype == "bf16" else None)
+    apply_tiling_and_offload(model, mlp_tile_tokens=model_cfg.mlp_tile_tokens, offload=offload)
 
 
 def _param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
@@ -111,32 +116,32 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     return _make_optimizer(_param_groups(model, cfg), cfg)
 
 
-def build_sharded_optimizer(model: torch.nn.Module, cfg: RunConfig, mesh: Mesh,
+def build_sharded_optimizer(model: torch.nn.Module, optim: OptimConfig, zero_stage: int, mesh: Mesh,
                             device: torch.device | None = None) -> ZeroOptimizer:
     """The step loop's optimizer: ZeRO ``parallel.zero_stage`` over the HDP group, its gradient norm global
     over TP and PP (a pipeline rank's ``parameters()`` are the ones it owns, so stages count each once).
 
     Stage 3 shards ``model`` itself (built on the host, so the whole model never sits on ``device``):
     its shards and gathers go to ``device`` (default: where the parameters are)."""
-    if cfg.parallel.zero_stage == 3:
-        return Zero3Optimizer(model, _param_groups(model, cfg.optim), lambda groups: _make_optimizer(groups, cfg.optim),
+    if zero_stage == 3:
+        return Zero3Optimizer(model, _param_groups(model, optim), lambda groups: _make_optimizer(groups, optim),
                               device=device or next(model.parameters()).device, group=mesh.hdp_group)
     tp = tensor_parallel(model)
     norm_group = mesh.model_parallel_group if mesh.pp > 1 else None if tp is None else tp.group
-    return ZeroOptimizer(_param_groups(model, cfg.optim), lambda groups: _make_optimizer(groups, cfg.optim),
-                         stage=cfg.parallel.zero_stage, group=mesh.hdp_group, tp_group=norm_group,
+    return ZeroOptimizer(_param_groups(model, optim), lambda groups: _make_optimizer(groups, optim),
+                         stage=zero_stage, group=mesh.hdp_group, tp_group=norm_group,
                          norm_excluded=() if tp is None else tp.norm_excluded())
 
 
-def apply_memory_limit(cfg: SchedulerConfig, device: torch.device) -> None:
-    """Cap this process's CUDA allocations at ``scheduler.mem_limit_gb`` (a no-op otherwise)."""
-    if cfg.mem_limit_gb is None or device.type != "cuda":
+def apply_memory_limit(memory: MemoryConfig, device: torch.device) -> None:
+    """Cap this process's CUDA allocations at ``memory.limit_gb`` (a no-op otherwise)."""
+    if memory.limit_gb is None or device.type != "cuda":
         return
     total = torch.cuda.get_device_properties(device).total_memory
-    if cfg.mem_limit_gb * 2**30 > total:
-        raise ValueError(f"scheduler.mem_limit_gb={cfg.mem_limit_gb} exceeds the device's "
+    if memory.limit_gb * 2**30 > total:
+        raise ValueError(f"memory.limit_gb={memory.limit_gb} exceeds the device's "
                          f"{total / 2**30:.1f} GiB; lower it or leave it null")
-    torch.cuda.set_per_process_memory_fraction(cfg.mem_limit_gb * 2**30 / total, device)
+    torch.cuda.set_per_process_memory_fraction(memory.limit_gb * 2**30 / total, device)
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
@@ -146,22 +151,25 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
                               schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
 
 
-def build_cost_model(cfg: RunConfig, model: Transformer, device: torch.device) -> CostModel:
+def build_cost_model(model: Transformer, device: torch.device, model_cfg: ModelConfig, parallel: ParallelConfig,
+                     memory: MemoryConfig, *, hdp: int, profile: str | None = None,
+                     state_dtype: str = "fp32") -> CostModel:
     """The profiled cost model when the config names one, else one derived from FLOPs and the device,
     priced for the run's TP x PP layout (``CostModel.with_layout``).
 
-    ``scheduler.mem_limit_gb`` replaces the device's memory in either (``apply_memory_limit``
-    enforces the same figure on CUDA), less ``scheduler.mem_headroom``. ``model`` is what this
-    rank holds: its TP shard, and under PP its stages (``PipelineModel``).
+    ``memory.limit_gb`` replaces the device's memory in either (``apply_memory_limit``
+    enforces the same figure on CUDA), less ``memory.headroom``. ``model`` is what this
+    rank holds: its TP shard, and under PP its stages (``PipelineModel``). ``profile``: the
+    ``scheduler.cost_model`` file; ``hdp``: the HDP size; ``state_dtype``: ``optim.state_dtype``.
     """
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    # The planner fills memory only up to (1 - mem_headroom) of the limit: the allocator's slack and
+    tp, pp = parallel.tp, parallel.pp
+    # The planner fills memory only up to (1 - memory.headroom) of the limit: the allocator's slack and
     # transient buffers are not in the per-token figure (on an H200, a plan filled to the 36 GiB
     # limit failed with 34.3 GiB allocated plus 1.6 GiB reserved when it asked for 1.3 GiB more).
-    usable = 1.0 - cfg.scheduler.mem_headroom
-    limit = None if cfg.scheduler.mem_limit_gb is None else cfg.scheduler.mem_limit_gb * 2**30 * usable
-    if cfg.scheduler.cost_model:
-        model_cm = CostModel.load(cfg.scheduler.cost_model).for_layout(tp, pp)
+    usable = 1.0 - memory.headroom
+    limit = None if memory.limit_gb is None else memory.limit_gb * 2**30 * usable
+    if profile:
+        model_cm = CostModel.load(profile).for_layout(tp, pp)
         return model_cm if limit is None else dataclasses.replace(model_cm, mem_limit_bytes=limit)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -173,7 +181,7 @@ def build_cost_model(cfg: RunConfig, model: Transformer, device: torch.device) -
         flops, mem = CPU_SUSTAINED_FLOPS, 8 * 2**30
     link = {} if device.type == "cuda" else {"link_GBps": CPU_LINK_GBPS}
     mem = limit or mem
-    zero3 = cfg.parallel.zero_stage == 3  # everything sharded, and every layer recomputed in backward
+    zero3 = parallel.zero_stage == 3  # everything sharded, and every layer recomputed in backward
     # The cost model takes the whole model and divides by the layout itself: a TP shard multiplies
     # through 1/tp of the weights (each rank its heads and MLP slice) and a stage through ~1/pp of
     # the layers (stages are balanced by FLOPs), so tp x pp times this rank's count stands for the
@@ -181,40 +189,65 @@ def build_cost_model(cfg: RunConfig, model: Transformer, device: torch.device) -
     # TP's collectives have no measured bandwidth here, so they stay part of alpha (tp_GBps=0).
     return default_cost_model(params=model.num_params(exclude_embeddings=True) * tp * pp,
                               hidden_size=model.dims.hidden_size, num_layers=model.dims.num_layers,
-                              device_flops=flops, mem_limit_bytes=mem, max_group=max(2, cfg.hdp), **link,
-                              act_bytes=2 if cfg.model.dtype == "bf16" else 4,  # activations and SP messages
-                              dp_shards=cfg.hdp, zero_stage=None if zero3 else cfg.parallel.zero_stage,
-                              optim_state_bytes={"fp32": 8.0, "bf16": 4.0}.get(cfg.optim.state_dtype, 2.0),
-                              checkpointing=cfg.model.activation_checkpointing or zero3).with_layout(tp, pp, tp_GBps=0.0)
+                              device_flops=flops, mem_limit_bytes=mem, max_group=max(2, hdp), **link,
+                              act_bytes=2 if model_cfg.dtype == "bf16" else 4,  # activations and SP messages
+                              dp_shards=hdp, zero_stage=None if zero3 else parallel.zero_stage,
+                              optim_state_bytes={"fp32": 8.0, "bf16": 4.0}.get(state_dtype, 2.0),
+                              checkpointing=model_cfg.activation_checkpointing or zero3).with_layout(tp, pp, tp_GBps=0.0)
 
 
-def warm_attention(model: torch.nn.Module, cfg: RunConfig, mesh: Mesh, cost_model: CostModel,
-                   device: torch.device) -> int:
+def warm_attention(model: torch.nn.Module, parallel: ParallelConfig, scheduler: SchedulerConfig, mesh: Mesh,
+                   cost_model: CostModel, device: torch.device, *, max_seq_len: int, dtype: str = "fp32") -> int:
     """Build the attention kernels' per-shape graphs for every document length and SP group size the
     run can meet, before its first step (``warm_cudnn_graphs``; nothing happens off cuDNN or with
     ``parallel.warm_attention=false``). Returns the number of length buckets run.
 
     A group of d ranks runs Ulysses over u of them (``parallel.sp_mode``), each rank with 1/u of its
     TP shard's heads (one more on some ranks when u does not divide them), and holds documents of
-    at most ``cost_model.capacity(d)`` tokens: only those (heads, length) pairs are built.
+    at most ``cost_model.capacity(d)`` tokens (and ``data.max_seq_len``): only those (heads, length) pairs are
+    built, in ``model.dtype`` (``dtype``).
     """
     attn = next((m for m in model.modules() if hasattr(m, "num_heads") and hasattr(m, "head_dim")), None)
-    if not cfg.parallel.warm_attention or attn is None or device.type != "cuda":
+    if not parallel.warm_attention or attn is None or device.type != "cuda":
         return 0
-    if cfg.scheduler.policy == "adaptive":
-        sizes = plannable_sizes(mesh.hdp, cost_model, cfg.scheduler.group_sizes)
+    if scheduler.policy == "adaptive":
+        sizes = plannable_sizes(mesh.hdp, cost_model, scheduler.group_sizes)
     else:
-        sizes = (cfg.scheduler.sp,)
+        sizes = (scheduler.sp,)
     longest: dict[int, int] = {}
     for d in sizes:
-        u = 1 if d == 1 else sp_degrees(cfg.parallel.sp_mode, d, cfg.parallel.ulysses_degree, attn.num_heads)[0]
-        top = min(cfg.data.max_seq_len, cost_model.capacity(d))
+        u = 1 if d == 1 else sp_degrees(parallel.sp_mode, d, parallel.ulysses_degree, attn.num_heads)[0]
+        top = min(max_seq_len, cost_model.capacity(d))
         for heads in {attn.num_heads // u, -(-attn.num_heads // u)}:
             longest[heads] = max(longest.get(heads, 0), top)
-    dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else next(model.parameters()).dtype
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else next(model.parameters()).dtype
     t0 = time.perf_counter()
-    built = warm_cudnn_graphs(longest, attn.head_dim, attn.head_dim**-0.5, dtype, device, cfg.parallel.attn_backend)
+    built = warm_cudnn_graphs(longest, attn.head_dim, attn.head_dim**-0.5, torch_dtype, device, parallel.attn_backend)
     if built:
         log.info("built cuDNN attention graphs for %d length buckets (per-rank heads: longest document %s) in %.1f s",
                  built, longest, time.perf_counter() - t0)
     return built
+
+
+def build_parallel_model(cfg: RunConfig, vocab_size: int, mesh: Mesh,
+                         device: torch.device) -> tuple[torch.nn.Module, ZeroOptimizer, CostModel]:
+    """This rank's model, its sharded optimizer and the run's cost model: every transform, in order.
+
+    Phase 1 (``parallelize``, in ``build_model``): (1) tensor parallel, (2) sequence-parallel attention,
+    (3) activation checkpointing, on the whole model;
+    then (4) pipeline stages: this rank keeps its chunks (``split_model``, ``parallel.pp > 1``);
+    (5) ZeRO: the optimizer over the HDP group (stage 3 also shards the parameters and wraps each layer);
+    the cost model, priced from what this rank now holds;
+    phase 2 (``apply_tiling_and_offload``, in ``apply_offload``): (6) tiled MLP, (7) activation offload, whose
+    ``ratio=auto`` policy needs that cost model.
+    """
+    if mesh.pp > 1:
+        model = build_pipeline_model(cfg.model, cfg.parallel, cfg.data.max_seq_len, vocab_size, device, mesh)
+    else:  # ZeRO-3: built on the host, only shards go to the device
+        host = cfg.parallel.zero_stage == 3
+        model = build_model(cfg.model, vocab_size, torch.device("cpu") if host else device, mesh.tp_group)
+    optimizer = build_sharded_optimizer(model, cfg.optim, cfg.parallel.zero_stage, mesh, device)
+    cost_model = build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=cfg.hdp,
+                                  profile=cfg.scheduler.cost_model, state_dtype=cfg.optim.state_dtype)
+    apply_offload(model, cfg.model, cfg.offload, cost_model, device)
+    return model, optimizer, cost_model

@@ -20,6 +20,23 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the key and what is allowed."""
 
 
+# Keys that moved (old dotted key -> new one). Given now (command line, a dict), they fail naming the new
+# key; in a resumed run's saved config.yaml they are read as the new key, with a note
+# (seqmesh/launch/config.py), so runs saved before the move still resume.
+MOVED_KEYS = {
+    "scheduler.mem_limit_gb": "memory.limit_gb",
+    "scheduler.mem_headroom": "memory.headroom",
+    "offload.loss_tile_tokens": "model.loss_tile_tokens",
+    "offload.mlp_tile_tokens": "model.mlp_tile_tokens",
+}
+
+
+def moved_key_error(old: str) -> ConfigError:
+    """The error for a key of ``MOVED_KEYS`` given under its old name."""
+    new = MOVED_KEYS[old]
+    return ConfigError(f"{old} moved to {new}; write {new}=... instead")
+
+
 def _choice(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
@@ -50,11 +67,17 @@ class ModelConfig:
     tie_embeddings: bool = True
     hf_path: str | None = None
     dtype: str = "fp32"
+    # The compute schedule (what is recomputed, how many tokens one kernel call covers); none of these
+    # change the result beyond rounding.
     activation_checkpointing: bool = False
+    mlp_tile_tokens: int = 0   # the MLP a tile of this many tokens at a time (ALST's TiledMLP; 0: off)
+    loss_tile_tokens: int = 0  # the loss a tile at a time, logits never whole (0: off)
 
     def validate(self) -> None:
         _choice("model.arch", self.arch, ("llama", "qwen2"))
         _choice("model.dtype", self.dtype, ("fp32", "bf16"))
+        _positive("model.mlp_tile_tokens", self.mlp_tile_tokens, zero_ok=True)
+        _positive("model.loss_tile_tokens", self.loss_tile_tokens, zero_ok=True)
         for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
             _positive(f"model.{k}", getattr(self, k))
         if self.hf_path is None and self.hidden_size % self.num_heads and self.head_dim is None:
@@ -103,8 +126,6 @@ class SchedulerConfig:
     group_sizes: tuple[int, ...] | None = None
     time_limit_s: float = 0.2
     cost_model: str | None = None
-    mem_limit_gb: float | None = None
-    mem_headroom: float = 0.1
     refine_every: int = 0
     lookahead: int = 1
 
@@ -112,14 +133,28 @@ class SchedulerConfig:
         _choice("scheduler.policy", self.policy, ("static", "adaptive"))
         _positive("scheduler.sp", self.sp)
         _positive("scheduler.time_limit_s", self.time_limit_s)
-        if self.mem_limit_gb is not None:
-            _positive("scheduler.mem_limit_gb", self.mem_limit_gb)
-        if not 0 <= self.mem_headroom < 1:
-            raise ConfigError(f"scheduler.mem_headroom={self.mem_headroom} must be a fraction in [0, 1): the share "
-                              "of the memory limit the planner leaves free (e.g. 0.1)")
         _positive("scheduler.refine_every", self.refine_every, zero_ok=True)
         if self.lookahead < 0:
             raise ConfigError(f"scheduler.lookahead={self.lookahead} must be >= 0")
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Per-device memory the run may use: the planner's budget, and on CUDA the allocator's cap too."""
+
+    limit_gb: float | None = None  # null: the device's memory
+    headroom: float = 0.1  # share of the limit the planner leaves free (allocator slack, transients)
+
+    @property
+    def limit_bytes(self) -> int | None:
+        return None if self.limit_gb is None else int(self.limit_gb * 2**30)
+
+    def validate(self) -> None:
+        if self.limit_gb is not None:
+            _positive("memory.limit_gb", self.limit_gb)
+        if not 0 <= self.headroom < 1:
+            raise ConfigError(f"memory.headroom={self.headroom} must be a fraction in [0, 1): the share "
+                              "of the memory limit the planner leaves free (e.g. 0.1)")
 
 
 @dataclass(frozen=True)
@@ -151,7 +186,9 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class OffloadConfig:
-    """Activation offload and sequence tiling (seqmesh/parallel/offload, seqmesh/trainer/tiled.py)."""
+    """Activation offload: where saved activations live (seqmesh/parallel/offload).
+
+    Tiling, which changes the compute schedule and not where data lives, is ``model.*_tile_tokens``."""
 
     target: str = "none"
     ratio: str = "auto"
@@ -160,8 +197,6 @@ class OffloadConfig:
     engine: str = "auto"
     h2d_GBps: float | None = None
     disk_GBps: float | None = None
-    mlp_tile_tokens: int = 0
-    loss_tile_tokens: int = 0
 
     @property
     def ratio_value(self) -> float | None:
@@ -174,8 +209,6 @@ class OffloadConfig:
         for key in ("host_mem_gb", "h2d_GBps", "disk_GBps"):
             if getattr(self, key) is not None:
                 _positive(f"offload.{key}", getattr(self, key))
-        _positive("offload.mlp_tile_tokens", self.mlp_tile_tokens, zero_ok=True)
-        _positive("offload.loss_tile_tokens", self.loss_tile_tokens, zero_ok=True)
         if self.ratio != "auto":
             try:
                 r = float(self.ratio)
@@ -221,6 +254,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -265,10 +299,10 @@ class RunConfig:
                               f"{model.num_kv_heads} (tp must divide them or be a multiple of them) and "
                               f"model.intermediate_size={model.intermediate_size}; choose a tp that divides the heads "
                               f"and the MLP width")
-        if tp > 1 and self.offload.loss_tile_tokens:
-            raise ConfigError(f"offload.loss_tile_tokens={self.offload.loss_tile_tokens} with parallel.tp={tp}: the "
+        if tp > 1 and model.loss_tile_tokens:
+            raise ConfigError(f"model.loss_tile_tokens={model.loss_tile_tokens} with parallel.tp={tp}: the "
                               "tensor-parallel loss already splits the logits over the vocabulary and is not tiled; "
-                              "set offload.loss_tile_tokens=0")
+                              "set model.loss_tile_tokens=0")
         stages = self.parallel.pp * self.parallel.pp_virtual
         if model.hf_path is None and stages > model.num_layers:
             raise ConfigError(f"parallel.pp={self.parallel.pp} x parallel.pp_virtual={self.parallel.pp_virtual} = "
@@ -305,6 +339,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     unknown = sorted(set(data) - set(known))
     if unknown:
         key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        if key in MOVED_KEYS:
+            raise moved_key_error(key)
         close = difflib.get_close_matches(unknown[0], list(known), n=1, cutoff=0.6)
         hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}? " if close else ""
         raise ConfigError(f"unknown config key {key!r}; {hint}known keys here: {', '.join(sorted(known))}")

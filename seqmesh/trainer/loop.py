@@ -6,7 +6,7 @@ One step:
 1. take the global batch's document ids from the sampler (its lengths are known up front);
 2. get the step's plan (planned one step ahead on rank 0, broadcast, digest-checked);
 3. run this rank's share of the plan (``seqmesh.parallel.step_runner``, picked once per run by the
-   mesh and config): for each of its (micro-batch, group) items pack the group's documents, lay them
+   mesh and config; its layout and loss are ``trainer/microbatch.py``'s): for each of its (micro-batch, group) items pack the group's documents, lay them
    out over the group (its SP attention mode), forward, loss / global target count, backward --
    plain, ZeRO-3 (every rank walks every micro-batch, an idle one only joining the layer
    collectives) or through this rank's pipeline stages (``parallel.pp > 1``, 1F1B);
@@ -21,7 +21,6 @@ One step:
 from __future__ import annotations
 
 import functools
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -30,78 +29,51 @@ import torch
 import torch.distributed as dist
 
 from seqmesh.parallel.mesh import Mesh
-from seqmesh.parallel.pipeline import PipelineModel, StageMicroBatch
-from seqmesh.parallel.sequence import make_sp_batch, shard_tokens
-from seqmesh.parallel.step_runner import (Layout, LocalRunner, PipelineRunner, StepRunner, Zero3Runner,
-                                          forward_backward)
-from seqmesh.parallel.tensor import tensor_parallel, vocab_parallel_cross_entropy
+from seqmesh.parallel.pipeline import PipelineModel
+from seqmesh.parallel.step_runner import LocalRunner, PipelineRunner, StepRunner, Zero3Runner, forward_backward
 from seqmesh.parallel.zero import ZeroOptimizer
 from seqmesh.scheduler import CostModel, plan_step
 from seqmesh.scheduler.plan import Group, Plan
-from seqmesh.trainer.build import (apply_memory_limit, apply_offload, build_cost_model, build_model,
-                                   build_pipeline_model, build_schedule, build_sharded_optimizer, warm_attention)
-from seqmesh.trainer.config import RunConfig, SchedulerConfig
-from seqmesh.trainer.data import IGNORE_INDEX, build_data, make_sampler, num_targets, pack
+from seqmesh.trainer.build import apply_memory_limit, build_parallel_model, build_schedule, warm_attention
+from seqmesh.trainer.config import ModelConfig, ParallelConfig, RunConfig, SchedulerConfig
+from seqmesh.trainer.data import build_data, make_sampler, num_targets
 from seqmesh.trainer.evaluate import Evaluator
 from seqmesh.trainer.flops import peak_flops, train_flops
 from seqmesh.trainer.guards import step_unless_nonfinite
 from seqmesh.trainer.metrics import MetricsLogger
+from seqmesh.trainer.microbatch import autocast, batch_layout, layout_group, loss_sum_of
 from seqmesh.trainer.plan_ahead import PlanAhead
 from seqmesh.trainer.reshard import load_resharded, save_resharded
 from seqmesh.trainer.step_telemetry import StepTelemetry
-from seqmesh.trainer.tiled import lm_loss_sum
+
+__all__ = ["batch_layout", "layout_group", "loss_sum_of", "make_step_runner", "run_group", "run_pipeline_step",
+           "setup_run", "train"]
 
 
-def _autocast(dtype: str, device: torch.device):
-    if dtype == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
+def make_step_runner(model: torch.nn.Module, optimizer: ZeroOptimizer | None, mesh: Mesh, device: torch.device,
+                     model_cfg: ModelConfig, zero_stage: int = 0) -> StepRunner:
+    """The run's step runner: pipeline stages (``parallel.pp > 1``), ZeRO-3's aligned items, or plain; its loss
+    tiled by ``model.loss_tile_tokens``, its forward in ``model.dtype``."""
+    kind = PipelineRunner if mesh.pp > 1 else Zero3Runner if zero_stage == 3 else LocalRunner
+    return kind(model, optimizer, mesh, functools.partial(loss_sum_of, loss_tile_tokens=model_cfg.loss_tile_tokens),
+                device, forward_context=functools.partial(autocast, model_cfg.dtype, device))
 
 
-def layout_group(docs: list[torch.Tensor], group: "dist.ProcessGroup | None", cfg: RunConfig,
-                 device: torch.device) -> StageMicroBatch:
-    """Pack one group's documents and lay them out over the group (its SP mode): this rank's ids and labels."""
-    packed = pack(docs)
-    mode = "local" if group is None else cfg.parallel.sp_mode
-    meta = make_sp_batch(packed.seqlens, mode, group, ulysses_degree=cfg.parallel.ulysses_degree,
-                         backend=cfg.parallel.attn_backend, device=device)
-    return StageMicroBatch(shard_tokens(meta, packed.input_ids.to(device), 0),
-                           shard_tokens(meta, packed.labels.to(device), IGNORE_INDEX), meta)
-
-
-def loss_sum_of(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
-    """Token loss sum of final hidden states (vocabulary parallel under TP, tiled on request)."""
-    tp = tensor_parallel(model)
-    if tp is None:
-        return lm_loss_sum(model, hidden, labels, cfg.offload.loss_tile_tokens)
-    return vocab_parallel_cross_entropy(model.logits(hidden), labels, tp, IGNORE_INDEX)
-
-
-def batch_layout(docs_of: Callable[[Group], list[torch.Tensor]], cfg: RunConfig, device: torch.device) -> Layout:
-    """The step runner's ``layout``: a plan group's documents (``docs_of``) packed and laid out over the group."""
-    return lambda group, process_group: layout_group(docs_of(group), process_group, cfg, device)
-
-
-def make_step_runner(model: torch.nn.Module, optimizer: ZeroOptimizer | None, mesh: Mesh, cfg: RunConfig,
-                     device: torch.device) -> StepRunner:
-    """The run's step runner: pipeline stages (``parallel.pp > 1``), ZeRO-3's aligned items, or plain."""
-    kind = PipelineRunner if mesh.pp > 1 else Zero3Runner if cfg.parallel.zero_stage == 3 else LocalRunner
-    return kind(model, optimizer, mesh, functools.partial(loss_sum_of, cfg=cfg), device,
-                forward_context=functools.partial(_autocast, cfg.model.dtype, device))
-
-
-def run_group(model: torch.nn.Module, docs: list[torch.Tensor], group: "dist.ProcessGroup | None", cfg: RunConfig,
-              device: torch.device, denominator: int) -> torch.Tensor:
+def run_group(model: torch.nn.Module, docs: list[torch.Tensor], group: "dist.ProcessGroup | None",
+              model_cfg: ModelConfig, parallel: ParallelConfig, device: torch.device, denominator: int) -> torch.Tensor:
     """Forward + backward of one group's documents on this rank; returns the (undivided) loss sum."""
-    return forward_backward(model, layout_group(docs, group, cfg, device), functools.partial(loss_sum_of, cfg=cfg),
-                            denominator, functools.partial(_autocast, cfg.model.dtype, device))
+    return forward_backward(model, layout_group(docs, group, parallel, device),
+                            functools.partial(loss_sum_of, loss_tile_tokens=model_cfg.loss_tile_tokens),
+                            denominator, functools.partial(autocast, model_cfg.dtype, device))
 
 
-def run_pipeline_step(model: PipelineModel, plan: Plan, docs_of: Callable[[Group], list[torch.Tensor]],
-                      mesh: Mesh, cfg: RunConfig, device: torch.device, denominator: int) -> torch.Tensor:
+def run_pipeline_step(model: PipelineModel, plan: Plan, docs_of: Callable[[Group], list[torch.Tensor]], mesh: Mesh,
+                      model_cfg: ModelConfig, parallel: ParallelConfig, device: torch.device,
+                      denominator: int) -> torch.Tensor:
     """Forward + backward of the step's plan through this rank's pipeline stages (1F1B); the loss sum on the last
     stage (``PipelineRunner.run``, without its gradient and loss reduction)."""
-    return make_step_runner(model, None, mesh, cfg, device).run(plan, batch_layout(docs_of, cfg, device), denominator)
+    runner = make_step_runner(model, None, mesh, device, model_cfg)
+    return runner.run(plan, batch_layout(docs_of, parallel, device), denominator)
 
 
 @dataclass
@@ -146,21 +118,15 @@ def setup_run(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> Run:
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = Mesh(world, rank, cfg.parallel.tp, cfg.parallel.pp)
     torch.manual_seed(cfg.seed)
-    apply_memory_limit(cfg.scheduler, device)
+    apply_memory_limit(cfg.memory, device)
 
     tokenizer, train_set, val_set = build_data(cfg.data)
     sampler = make_sampler(train_set, cfg.data)
-    if mesh.pp > 1:
-        model = build_pipeline_model(cfg.model, cfg.parallel, cfg.data.max_seq_len, tokenizer.vocab_size, device, mesh)
-    else:  # ZeRO-3: built on the host, only shards go to the device
-        host = cfg.parallel.zero_stage == 3
-        model = build_model(cfg.model, tokenizer.vocab_size, torch.device("cpu") if host else device, mesh.tp_group)
-    optimizer = build_sharded_optimizer(model, cfg, mesh, device)
+    model, optimizer, cost_model = build_parallel_model(cfg, tokenizer.vocab_size, mesh, device)
     schedule = build_schedule(optimizer.optimizer, cfg.optim, cfg.steps)
-    cost_model = build_cost_model(cfg, model, device)
-    apply_offload(model, cfg, cost_model, device)
-    warm_attention(model, cfg, mesh, cost_model, device)
-    runner = make_step_runner(model, optimizer, mesh, cfg, device)
+    warm_attention(model, cfg.parallel, cfg.scheduler, mesh, cost_model, device, max_seq_len=cfg.data.max_seq_len,
+                   dtype=cfg.model.dtype)
+    runner = make_step_runner(model, optimizer, mesh, device, cfg.model, cfg.parallel.zero_stage)
 
     start = 0
     # Layout-free checkpoints: a run resumes at any (TP, PP, HDP, ZeRO) layout, whatever it was saved with.
@@ -173,7 +139,7 @@ def setup_run(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> Run:
 
     metrics = make_metrics(cfg, run_dir, world, device, resume_step=start if restored else None)
     telemetry = StepTelemetry(mesh, device, cost_model, cfg.scheduler.refine_every, group_spans=runner.group_spans)
-    evaluator = Evaluator(cfg, model, val_set, mesh, cost_model, device, metrics)
+    evaluator = Evaluator(cfg, runner, val_set, mesh, cost_model, metrics)
     planner = make_planner(cfg.scheduler, mesh, cost_model)
     return Run(mesh, train_set, sampler, model, optimizer, schedule, runner, planner, telemetry, evaluator, metrics,
                start)
@@ -195,7 +161,7 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
                 planner.prefetch(step + 1, train_set.lengths[sampler.peek(1)[0]].tolist())
             denominator = num_targets(lengths)
 
-            layout = batch_layout(lambda g: [train_set[ids[s]] for s in g.sequences], cfg, device)
+            layout = batch_layout(lambda g: [train_set[ids[s]] for s in g.sequences], cfg.parallel, device)
             loss_sum = runner.run(plan, layout, denominator, span=telemetry.span)
             with telemetry.span("reduce"):
                 loss_sum = runner.reduce(loss_sum)

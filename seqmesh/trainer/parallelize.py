@@ -2,22 +2,27 @@
 
 As torchtitan's ``parallelize_llama``: the model (``trainer/model.py``) stays plain and each
 parallelism is a small function from ``seqmesh.parallel`` (or ``trainer/tiled.py``) that swaps
-modules in place, keeping HF's parameter names:
+modules in place, keeping HF's parameter names. The whole order, as ``build.build_parallel_model``
+runs it once per rank:
 
-1. tensor parallelism (``parallel/tensor.py``): column/row-parallel linears, local head counts,
-   vocabulary-parallel embedding and head, Megatron's sequence parallelism between the blocks;
-2. sequence parallelism (``parallel/sequence/transform.py``): each layer's attention core becomes
-   attention over the micro-batch's SP group (``SPBatch.mode`` / ``group``, per micro-batch);
-3. activation checkpointing (``parallel/checkpointing.py``): each decoder layer recomputed in backward;
-4. tiled MLP (``trainer/tiled.py``): the MLP run a tile of tokens at a time;
-5. activation offload (``parallel/offload``): saved activations to host memory or NVMe.
+phase 1, ``parallelize`` (on the whole model, at build time: ``build.build_model``)
+  1. tensor parallelism (``parallel/tensor.py``): column/row-parallel linears, local head counts,
+     vocabulary-parallel embedding and head, Megatron's sequence parallelism between the blocks;
+  2. sequence parallelism (``parallel/sequence/transform.py``): each layer's attention core becomes
+     attention over the micro-batch's SP group (``SPBatch.mode`` / ``group``, per micro-batch);
+  3. activation checkpointing (``parallel/checkpointing.py``): each decoder layer recomputed in backward;
+between the phases (``build.py``)
+  4. pipeline stages (``split_model``): this rank keeps its chunks of layers;
+  5. ZeRO (the optimizer; ZeRO-3 also shards the parameters and wraps each layer's forward);
+  -  the cost model, priced from what this rank now holds (its TP shard, its stages);
+phase 2, ``apply_tiling_and_offload`` (on this rank's layers, once the cost model exists: ``build.apply_offload``)
+  6. tiled MLP (``trainer/tiled.py``): the MLP run a tile of tokens at a time;
+  7. activation offload (``parallel/offload``): saved activations to host memory or NVMe, as much as
+     the cost model says the transfers hide behind compute (``offload.ratio=auto``).
 
-The order matters: TP and SP replace modules inside the layers, so they come before checkpointing
-wraps the layers; tiling and offload act on the (wrapped) layers. Pipeline stages (``split_model``)
-and ZeRO (the optimizer; ZeRO-3 also wraps each layer's forward) come after, in ``build.py``.
-The offload policy needs the cost model, which needs the TP-sharded model, so the step loop runs
-steps 1-3 at build time (``build_model``) and 4-5 once the cost model exists (``apply_offload``):
-both call this function.
+Why two phases: TP and SP replace modules inside the layers, so they come before checkpointing
+wraps the layers; the offload policy needs the cost model, which needs the TP-sharded (and, under
+PP, split) model, so tiling and offload act last, on the wrapped layers this rank holds.
 """
 
 from __future__ import annotations
@@ -43,21 +48,27 @@ def held_layers(model: CausalLM) -> list[nn.Module]:
 
 
 def parallelize(model: CausalLM, *, tp_group: "torch.distributed.ProcessGroup | None" = None,
-                sequence_parallel: bool = True, activation_checkpointing: bool = False, mlp_tile_tokens: int = 0,
-                offload: dict[str, Any] | None = None) -> CausalLM:
-    """Apply the requested transforms to ``model`` in place, in the module docstring's order; returns it.
+                activation_checkpointing: bool = False) -> CausalLM:
+    """Phase 1 (steps 1-3 of the module docstring) on ``model``, in place; returns it.
 
-    ``tp_group``: shard over this TP group (None: no TP). ``sequence_parallel``: SP attention cores
-    (in place and idempotent; a ``local`` batch computes exactly what the plain model does).
-    ``mlp_tile_tokens``: tile the MLPs (0: no). ``offload``: keyword arguments of ``attach_offload``
-    (``device``, ``target``, ``cost_model``, ...), or None for no offload.
+    ``tp_group``: shard over this TP group (None: no TP). Sequence-parallel attention cores always (in
+    place and idempotent; a ``local`` batch computes exactly what the plain model does).
     """
     if tp_group is not None:
         apply_tensor_parallel(model, tp_group)
-    if sequence_parallel:
-        apply_sequence_parallel(model)
+    apply_sequence_parallel(model)
     if activation_checkpointing:
         apply_activation_checkpointing(model.model.layers)
+    return model
+
+
+def apply_tiling_and_offload(model: CausalLM, *, mlp_tile_tokens: int = 0,
+                             offload: dict[str, Any] | None = None) -> CausalLM:
+    """Phase 2 (steps 6-7 of the module docstring) on the layers ``model`` holds, in place; returns it.
+
+    ``mlp_tile_tokens``: tile the MLPs (0: no). ``offload``: keyword arguments of ``attach_offload``
+    (``device``, ``target``, ``cost_model``, ...), or None for no offload.
+    """
     if mlp_tile_tokens:
         apply_tiled_mlp(held_layers(model), mlp_tile_tokens)
     if offload is not None:

@@ -21,7 +21,7 @@ from seqmesh.scheduler.cost_model import CapacityError
 from seqmesh.scheduler.plan import Plan
 
 CAPACITY_FIX = ("; in a seqmesh run: lower data.max_seq_len (longer documents are split into pieces of at most that "
-                "many tokens), raise scheduler.mem_limit_gb or shard the model states (parallel.zero_stage, "
+                "many tokens), raise memory.limit_gb or shard the model states (parallel.zero_stage, "
                 "parallel.tp) to free memory, or allow larger SP groups (scheduler.sp under the static policy, "
                 "scheduler.group_sizes under the adaptive one)")
 

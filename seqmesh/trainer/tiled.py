@@ -79,7 +79,7 @@ def lm_loss_sum(model: nn.Module, hidden: Tensor, labels: Tensor, tile_tokens: i
         return token_loss_sum(model.logits(hidden), labels)
     head = model.lm_head
     if getattr(head, "bias", None) is not None:
-        raise ValueError("the tiled loss supports an lm_head without bias; set offload.loss_tile_tokens=0")
+        raise ValueError("the tiled loss supports an lm_head without bias; set model.loss_tile_tokens=0")
     return tiled_token_loss_sum(hidden, head.weight, labels, tile_tokens)
 
 
