@@ -18,8 +18,30 @@ def test_external_form_prices_groups_exactly_as_the_issue_formula():
         want = sum(2e-6 * x * x + 0.1 * x for x in s) / d + 25.0 + sum(s) * 3e6 / d / (bw * 1e6)
         assert cm.group_ms(s, d) == pytest.approx(want, rel=1e-12)
     assert cm.group_ms(s, 1) == pytest.approx(sum(2e-6 * x * x + 0.1 * x for x in s) + 25.0, rel=1e-12)
-    # unlisted sizes take the nearest listed size below (8 -> 4, 64 -> 16)
-    assert cm.bandwidth_GBps(8) == 80.0 and cm.bandwidth_GBps(64) == 40.0
+    # an unlisted size is refused, naming itself, the priced sizes and the fixes
+    with pytest.raises(ValueError, match=r"prices all-to-all for group sizes \[2, 4, 16\] .* but not 8;.*"
+                                         r"a2a_GBps\[\"8\"\].*extrapolate_bandwidth"):
+        cm.bandwidth_GBps(8)
+    # ... unless extrapolation is asked for: then the nearest listed size below (8 -> 4, 64 -> 16)
+    ext = CostModel.from_dict({**EXTERNAL, "extrapolate_bandwidth": True})
+    assert ext.bandwidth_GBps(8) == 80.0 and ext.bandwidth_GBps(64) == 40.0
+    assert CostModel.from_json(ext.to_json()) == ext and "extrapolate_bandwidth" not in cm.to_dict()
+
+
+def test_planner_uses_only_priced_sizes_unless_told_to_extrapolate():
+    cm = CostModel.from_dict(EXTERNAL)
+    lengths = [60000, 30000] + [2000] * 40
+    plan = plan_step(lengths, 32, cm)
+    assert set(plan.group_sizes()) <= {1, 2, 4, 16}  # default sizes: the priced powers of two
+    with pytest.raises(ValueError, match="but not 8;"):
+        plan_step(lengths, 32, cm, group_sizes=[1, 2, 8])
+    # a sequence that only a 32-rank group holds: refused, and the message names the way out
+    huge = [cm.capacity(16) + 1]
+    with pytest.raises(ValueError, match="fits no group.*prices group sizes up to 16.*extrapolate_bandwidth"):
+        plan_step(huge, 32, cm)
+    ext = CostModel.from_dict({**EXTERNAL, "extrapolate_bandwidth": True})
+    assert plan_step(huge, 32, ext).group_sizes() == [32]
+    assert plan_step(lengths, 32, ext, group_sizes=[1, 2, 8]).predicted_ms > 0
 
 
 def test_memory_fit_is_the_issue_inequality_and_capacity_its_largest_solution():
@@ -83,7 +105,7 @@ def test_default_cost_model_is_flops_over_rate():
 
 
 def test_lower_bound_is_the_issue_definition():
-    cm = CostModel.from_dict(EXTERNAL)
+    cm = CostModel.from_dict({**EXTERNAL, "extrapolate_bandwidth": True})  # size 8 priced as 4
     lengths = [300, 2000, 150_000, 400_000]
     gpus = 8
     area = 0.0
@@ -97,7 +119,7 @@ def test_lower_bound_is_the_issue_definition():
 
 
 def test_sequence_no_group_holds_is_an_error_naming_length_and_limit():
-    cm = CostModel.from_dict(EXTERNAL)
+    cm = CostModel.from_dict({**EXTERNAL, "extrapolate_bandwidth": True})
     too_long = cm.capacity(8) + 1
     for policy in ("adaptive", "static"):
         with pytest.raises(ValueError, match=f"{too_long} tokens.*(holds|memory holds) {cm.capacity(8 if policy == 'adaptive' else 1)}"):

@@ -16,7 +16,7 @@ from seqmesh.scheduler.static import best_static
 def model(beta: float = 20.0, cap_tokens: int = 4000, speed: tuple[float, ...] = ()) -> CostModel:
     """A small model: one rank holds ``cap_tokens`` tokens, SP costs real communication."""
     return CostModel(alpha1_ms_per_tok2=2e-4, alpha2_ms_per_tok=0.5, beta_ms=beta,
-                     a2a_GBps={2: 2.0, 4: 1.5, 8: 1.0, 16: 0.8}, comm_bytes_per_token=2e5,
+                     a2a_GBps={2: 2.0, 3: 1.75, 4: 1.5, 8: 1.0, 16: 0.8}, comm_bytes_per_token=2e5,
                      mem_bytes_per_token=1e5, mem_static_bytes=1e8, mem_limit_bytes=1e8 + 1e5 * cap_tokens,
                      speed=speed)
 

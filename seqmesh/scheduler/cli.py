@@ -2,19 +2,23 @@
 
     seqmesh plan --lengths FILE --gpus N --global-batch B [--batches K] --cost-model FILE.json
                  --out plans.jsonl [--baseline static-sp=K|best-static] [--group-sizes 1,2,4]
-                 [--time-limit S] [--tp T] [--pp P]
+                 [--time-limit S] [--tp T] [--pp P] [--certify] [--extrapolate-bandwidth]
 
 FILE holds one length per line; batch k is lines k*B .. (k+1)*B-1 and sequence ids are indices
 within the batch. Each batch's plan goes to ``--out`` (one Plan JSON per line) and one summary line
 goes to stdout: predicted and lower-bound ms, their ratio, solve ms, micro-batches and the group
 sizes used, and, with ``--baseline``, the static plan's time and the speedup over it.
 ``--tp``/``--pp`` price the plans for that layout (``--gpus`` stays the HDP ranks); the cost model
-must describe one device's whole model (a profile) or already that layout.
+must describe one device's whole model (a profile) or already that layout. ``--certify`` adds the
+certified lower bound (seqmesh.scheduler.bound) and the plan's gap to it to each summary line.
+``--extrapolate-bandwidth`` lets group sizes missing from the cost model's ``a2a_GBps`` take the
+nearest listed size's bandwidth (an assumption; without it such sizes are refused or left out).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from seqmesh.scheduler import plan_step
+from seqmesh.scheduler.bound import certified_bound
 from seqmesh.scheduler.cost_model import CostModel
 from seqmesh.scheduler.plan import Plan
 from seqmesh.scheduler.static import baseline_plan
@@ -61,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=float, default=0.2, help="seconds for the MILP per batch (default 0.2)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of each HDP rank (default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages of each HDP rank (default 1)")
+    p.add_argument("--certify", action="store_true", help="also solve the certified lower bound and report the gap")
+    p.add_argument("--extrapolate-bandwidth", action="store_true",
+                   help="price group sizes missing from a2a_GBps with the nearest listed size below (an assumption)")
     return p
 
 
@@ -80,6 +88,8 @@ def plan_main(argv: list[str]) -> int:
         if args.tp < 1 or args.pp < 1:
             raise ValueError(f"--tp {args.tp} and --pp {args.pp} must be >= 1")
         cost_model = CostModel.load(args.cost_model).for_layout(args.tp, args.pp)
+        if args.extrapolate_bandwidth:
+            cost_model = dataclasses.replace(cost_model, extrapolate_bandwidth=True)
         lengths = read_lengths(args.lengths)
         available = len(lengths) // args.global_batch
         batches = available if args.batches is None else args.batches
@@ -96,6 +106,12 @@ def plan_main(argv: list[str]) -> int:
                 t0 = time.perf_counter()
                 plan = plan_step(batch, args.gpus, cost_model, group_sizes=group_sizes, time_limit_s=args.time_limit)
                 line = _summary(k, plan, (time.perf_counter() - t0) * 1e3)
+                if args.certify:
+                    bound = certified_bound(batch, args.gpus, cost_model, group_sizes=group_sizes,
+                                            upper_ms=plan.predicted_ms)
+                    line.update(certified_bound_ms=round(bound.certified_ms, 3),
+                                gap_to_certified_bound=round(plan.predicted_ms / bound.certified_ms, 4),
+                                certify_ms=round(bound.seconds * 1e3, 1))
                 if args.baseline:
                     base = baseline_plan(args.baseline, batch, args.gpus, cost_model)
                     line["baseline"] = {"name": base.meta["baseline"], "predicted_ms": round(base.predicted_ms, 3),

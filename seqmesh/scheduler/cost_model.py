@@ -16,6 +16,12 @@ Two extensions, both optional in the JSON, neither changing the formula above:
 * ``speed``: one factor per HDP rank (1.0 = nominal). A group runs at the pace of its slowest rank,
   so its time is divided by the smallest factor among its ranks; a straggling node gets less work.
 * ``grad_reduce_ms``: the gradient reduction at the end of the step (plan-independent).
+* ``extrapolate_bandwidth`` (default false): a group size missing from ``a2a_GBps`` is refused
+  (``bandwidth_GBps`` raises, the planner's default sizes leave it out), because a time made up for
+  it can make a plan look faster than any valid one (issue 17: a 128-rank group priced with the
+  64-rank bandwidth claimed a step under the bound). Set true, such a size takes the nearest listed
+  size below (the largest listed size for every larger group: across nodes the NIC, not the group
+  size, bounds it), an explicit assumption that the result's config then carries.
 
 **Layout** (``tp``, ``pp``, ``tp_GBps``; optional, 1, 1, 0). The planner plans the HDP plane of
 the ``PP x HDP x TP`` mesh; every coefficient above describes the *whole* model on one HDP rank (what
@@ -86,6 +92,7 @@ class CostModel:
     pp: int = 1
     tp_GBps: float = 0.0
     source: str = ""
+    extrapolate_bandwidth: bool = False
     _bw_sizes: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -132,7 +139,7 @@ class CostModel:
         """This model (coefficients of the whole model on one HDP rank) priced for a TP x PP layout.
 
         ``tp_GBps`` None keeps the model's own, or else estimates it from the all-to-all table at
-        ``tp`` ranks: profiles time it on the first ``tp`` ranks, which are a TP group (TP is
+        ``tp`` ranks (when it prices that size): profiles time it on the first ``tp`` ranks, which are a TP group (TP is
         innermost), so it is the same links' measured bandwidth; without a table TP's collectives
         stay unpriced (part of alpha). Speed factors of a one-device model are per device, in world
         rank order (as ``seqmesh profile`` and the straggler report give them); when there is one
@@ -140,7 +147,7 @@ class CostModel:
         ``tp x pp`` devices (world rank = stage x HDP x TP + HDP rank x TP + TP rank).
         """
         if tp_GBps is None:
-            tp_GBps = self.tp_GBps or (self.bandwidth_GBps(tp) if tp > 1 and self.a2a_GBps else 0.0)
+            tp_GBps = self.tp_GBps or (self.bandwidth_GBps(tp) if tp > 1 and self.a2a_GBps and self.priced(tp) else 0.0)
         speed = self.speed
         if speed and tp * pp > 1 and len(speed) % (tp * pp) == 0 and (self.tp, self.pp) == (1, 1):
             per_device = np.asarray(speed, dtype=np.float64).reshape(pp, len(speed) // (tp * pp), tp)
@@ -159,18 +166,31 @@ class CostModel:
                          "the layout it was made for")
 
     # ---- time -------------------------------------------------------------------------------------
-    def bandwidth_GBps(self, d: int) -> float:
-        """All-to-all bandwidth of a group of ``d`` ranks.
+    def priced(self, d: int) -> bool:
+        """Whether a group of ``d`` ranks has a time: one rank always, wider ones when ``a2a_GBps``
+        lists ``d`` (or lists anything, under ``extrapolate_bandwidth``)."""
+        return d == 1 or d in self.a2a_GBps or (self.extrapolate_bandwidth and bool(self._bw_sizes))
 
-        A size missing from the table takes the nearest listed size below it (the largest listed
-        size stands for every larger group: across nodes the NIC, not the group size, bounds it),
-        or the smallest listed size when it lies below all of them.
-        """
+    def unpriced_error(self, d: int) -> ValueError:
+        """The error for a group size the model does not price: the size, the priced ones, the fixes."""
+        return ValueError(
+            f"cost model prices all-to-all for group sizes {list(self._bw_sizes)} (a2a_GBps) but not {d}; a group of "
+            f"{d} ranks would get a made-up time. Measure it (`seqmesh profile` on {d} ranks) and add a2a_GBps[\"{d}\"], "
+            "restrict the group sizes to priced ones (--group-sizes, scheduler.group_sizes), or set "
+            "\"extrapolate_bandwidth\": true in the cost model (`seqmesh plan --extrapolate-bandwidth`) to price it with "
+            "the nearest listed size below")
+
+    def bandwidth_GBps(self, d: int) -> float:
+        """All-to-all bandwidth of a group of ``d`` ranks: the table's, or under
+        ``extrapolate_bandwidth`` the nearest listed size's below (the smallest listed when ``d``
+        lies below all of them); an unpriced size raises (see the module docstring)."""
         if d in self.a2a_GBps:
             return self.a2a_GBps[d]
         if not self._bw_sizes:
             raise ValueError(f"cost model has no a2a_GBps entries, so groups of {d} ranks cannot be priced; "
                              "add a2a_GBps (e.g. from `seqmesh profile`) or plan with sp=1")
+        if not self.extrapolate_bandwidth:
+            raise self.unpriced_error(d)
         below = [k for k in self._bw_sizes if k < d]
         return self.a2a_GBps[below[-1] if below else self._bw_sizes[0]]
 
@@ -239,6 +259,8 @@ class CostModel:
                 d[key] = getattr(self, key)
         if self.source:
             d["source"] = self.source
+        if self.extrapolate_bandwidth:
+            d["extrapolate_bandwidth"] = True
         return d
 
     def to_json(self) -> str:
@@ -260,7 +282,7 @@ class CostModel:
             raise ValueError(f"{where}: missing key{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} "
                              f"(a cost model needs {', '.join(_REQUIRED)}; `seqmesh profile` writes one)")
         unknown = sorted(set(raw) - set(_REQUIRED) - {"format", "speed", "grad_reduce_ms", "source", "tp", "pp",
-                                                      "tp_GBps"})
+                                                      "tp_GBps", "extrapolate_bandwidth"})
         if unknown:
             raise ValueError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}")
 
@@ -290,8 +312,12 @@ class CostModel:
                 raise ValueError(f"{where}: key {key!r} must be an integer >= 1, got {value!r}")
             return value
 
+        extrapolate = raw.get("extrapolate_bandwidth", False)
+        if not isinstance(extrapolate, bool):
+            raise ValueError(f"{where}: key 'extrapolate_bandwidth' must be true or false, got {extrapolate!r}")
         try:
             return cls(**{k: number(k, raw[k]) for k in _REQUIRED if k != "a2a_GBps"}, a2a_GBps=bw,
+                       extrapolate_bandwidth=extrapolate,
                        speed=tuple(number("speed", s) for s in speed),
                        grad_reduce_ms=number("grad_reduce_ms", raw.get("grad_reduce_ms", 0.0)),
                        tp=degree("tp"), pp=degree("pp"), tp_GBps=number("tp_GBps", raw.get("tp_GBps", 0.0)),

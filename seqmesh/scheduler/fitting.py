@@ -53,8 +53,9 @@ def _own_coefficients(cost_model: CostModel, sizes: Sequence[int]) -> np.ndarray
     alpha2 = cost_model.alpha2_ms_per_tok
     if cost_model.tp > 1 and cost_model.tp_GBps:
         alpha2 += cost_model.comm_bytes_per_token * (cost_model.tp - 1) / (cost_model.tp_GBps * 1e6)
-    comm = [cost_model.comm_bytes_per_token / (cost_model.bandwidth_GBps(k) * 1e6) if cost_model.a2a_GBps else 0.0
-            for k in sizes]
+    # an unpriced size has no prior (0: nothing pulls its fitted value)
+    comm = [cost_model.comm_bytes_per_token / (cost_model.bandwidth_GBps(k) * 1e6)
+            if cost_model.a2a_GBps and cost_model.priced(k) else 0.0 for k in sizes]
     return np.asarray([cost_model.alpha1_ms_per_tok2, alpha2, cost_model.beta_ms, *comm])
 
 

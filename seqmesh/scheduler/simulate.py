@@ -41,10 +41,17 @@ def allowed_group_sizes(gpus: int, group_sizes: Sequence[int] | None = None) -> 
 
 
 def plannable_sizes(gpus: int, cost_model: CostModel, group_sizes: Sequence[int] | None = None) -> tuple[int, ...]:
-    """Allowed sizes the cost model can price: without any all-to-all bandwidth (a profile taken
-    on one device) only single-rank groups have a known time."""
+    """Allowed sizes the cost model can price. By default, the powers of two it prices (1 always);
+    a size asked for explicitly that it does not price is an error (``CostModel.unpriced_error``),
+    never a guessed time. Without any all-to-all bandwidth (a profile taken on one device) only
+    single-rank groups have a known time."""
     sizes = allowed_group_sizes(gpus, group_sizes)
     if cost_model.a2a_GBps:
+        if group_sizes is None:
+            return tuple(d for d in sizes if cost_model.priced(d))
+        for d in sizes:
+            if not cost_model.priced(d):
+                raise cost_model.unpriced_error(d)
         return sizes
     if 1 not in sizes:
         raise ValueError(f"group sizes {list(sizes)} need a2a_GBps in the cost model (none given); profile "
@@ -62,11 +69,14 @@ def smallest_holding_size(length: int, cost_model: CostModel, sizes: Sequence[in
         if cost_model.fits(length, d):
             return d
     d = max(sizes)
+    priced = "" if cost_model.extrapolate_bandwidth or not cost_model.a2a_GBps else (
+        f" (the cost model prices group sizes up to {max(cost_model.a2a_GBps)}: add larger ones to a2a_GBps, or set "
+        "\"extrapolate_bandwidth\": true / `seqmesh plan --extrapolate-bandwidth` to price them with the largest listed)")
     raise CapacityError(
         f"a sequence of {length} tokens fits no group: the largest allowed group ({d} ranks) holds "
         f"{cost_model.capacity(d)} tokens (mem_limit_bytes={cost_model.mem_limit_bytes:.4g}, "
         f"mem_static_bytes={cost_model.mem_static_bytes:.4g}, mem_bytes_per_token={cost_model.mem_bytes_per_token:.4g}); "
-        "truncate or split such sequences in the data pipeline, or allow larger groups")
+        f"truncate or split such sequences in the data pipeline, or allow larger groups{priced}")
 
 
 def simulate(plan: Plan, lengths: Sequence[int], cost_model: CostModel) -> float:
