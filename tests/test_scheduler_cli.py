@@ -95,3 +95,15 @@ def test_shipped_example_cost_model_plans_and_a_missing_one_points_at_it(tmp_pat
     rc = plan_main(["--lengths", str(tmp_path / "l.txt"), "--gpus", "2", "--global-batch", "4",
                     "--cost-model", str(tmp_path / "none.json"), "--out", str(tmp_path / "p.jsonl")])
     assert rc == 2 and EXAMPLE in capsys.readouterr().err
+
+
+def test_certify_reports_the_gap_and_unpriced_sizes_need_the_extrapolation_flag(files, capsys):
+    tmp, _ = files
+    args = ["--lengths", str(tmp / "lengths.txt"), "--gpus", "16", "--global-batch", "16", "--batches", "1",
+            "--cost-model", str(tmp / "cost.json"), "--out", str(tmp / "p.jsonl")]
+    assert plan_main(args + ["--group-sizes", "1,2,16"]) == 2
+    assert "prices all-to-all for group sizes [2, 4, 8] (a2a_GBps) but not 16" in capsys.readouterr().err
+    assert plan_main(args + ["--group-sizes", "1,2,16", "--extrapolate-bandwidth", "--certify"]) == 0
+    line = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert line["lower_bound_ms"] <= line["certified_bound_ms"] * (1 + 1e-4) <= line["predicted_ms"] * (1 + 2e-4)
+    assert line["gap_to_certified_bound"] == pytest.approx(line["predicted_ms"] / line["certified_bound_ms"], rel=1e-3)
