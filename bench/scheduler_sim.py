@@ -51,7 +51,7 @@ is a measured figure or a stated assumption; where they come from:
 * **Straggler**: one node (the last 8 ranks) at 0.7x speed through ``CostModel.speed`` (one factor
   per HDP rank; a group runs at its slowest rank's pace; both policies and the simulator see it).
 
-    python bench/scheduler_sim.py            # writes bench/results/scheduler_sim_cpu.json (~10 min, 2 cores)
+    python bench/scheduler_sim.py            # writes bench/results/scheduler_sim_cpu.json (~2 min, 2 cores)
     python bench/scheduler_sim.py --quick    # one batch per case, 64 GPUs only
 """
 
@@ -98,7 +98,7 @@ CAPS = (32768, 131072)
 GPU_COUNTS = (64, 256, 1024)
 STRAGGLER_SPEED = 0.7
 SENSITIVITY_TOKENS_PER_GPU = (4096, 65536)
-STDLIB_DRAWS = 200_000      # documents drawn from the stdlib's files (enough for 2 batches at 1024 GPUs)
+STDLIB_DRAWS = 200_000      # documents drawn from the stdlib's files (enough for 4 batches at 1024 GPUs)
 PAD, WIKI_MAX = 128, 192000 - 128   # FlexSP's loader (bench/data/README.md)
 
 
@@ -286,12 +286,12 @@ class Case:
 def cases(quick: bool) -> list[Case]:
     """Every simulated case: corpora x caps at each GPU count, the slow node, and a batch-size check."""
     counts = (64,) if quick else GPU_COUNTS
-    per = {64: 1} if quick else {64: 8, 256: 4, 1024: 2}
+    per = {64: 1} if quick else {64: 8, 256: 8, 1024: 4}
     out = [Case(corpus, cap, gpus, per[gpus]) for gpus in counts for corpus in ("wikipedia", "python-stdlib")
            for cap in CAPS]
     out += [Case("wikipedia", CAPS[0], gpus, per[gpus], straggler=True) for gpus in counts]
     # The budget per GPU sets how much one long document unbalances a static plan: 4x less and 4x more.
-    out += [Case(corpus, cap, 64, 1 if quick else 2, tokens_per_gpu=t) for t in SENSITIVITY_TOKENS_PER_GPU
+    out += [Case(corpus, cap, 64, 1 if quick else 4, tokens_per_gpu=t) for t in SENSITIVITY_TOKENS_PER_GPU
             for corpus in ("wikipedia", "python-stdlib") for cap in CAPS]
     return out
 
