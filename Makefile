@@ -21,6 +21,7 @@ test: venv
 
 bench-cpu: venv
 	$(PY) bench/scheduler.py
+	$(PY) bench/scheduler_sim.py
 
 clean:
 	rm -rf runs outputs .pytest_cache .import_linter_cache
