@@ -22,6 +22,14 @@ holder's two blocks in fp32 first) with their LSE in fp32; the owner merges them
 the same schedule: ``(q, dout, out, lse)`` travel with the queries; the holder adds the block's
 dK/dV to its own fp32 accumulators (K/V and their gradients never move) and sends the block's dQ to
 the owner, which sums them in fp32. Each partial is rounded to the input dtype once, on its one hop.
+
+When it pays: per token and step (before part B trimming, which spares about a quarter), the ring
+sends ``2 Hkv D`` elements of K/V one way; TokenRing sends ``Hq D`` of queries one way and as much
+output (plus ``Hq`` fp32 LSE) the other. In the backward the ring sends K/V plus fp32 dK/dV (the
+bytes of ``6 Hkv D`` elements) one way; TokenRing ``3 Hq D`` (+ LSE) one way and ``Hq D`` of dQ the
+other. So with multi-head attention each direction carries less than the ring's one, while with
+GQA of four query heads per KV head (Llama-8B) it carries more: the choice belongs to a cost model
+that knows the head shapes and links.
 """
 
 from __future__ import annotations
