@@ -6,12 +6,16 @@ Launch one process per GPU:
 
 Every case is causal bf16 attention with Llama-8B heads (32 query, 8 KV, dim 128), forward +
 backward, at a number of tokens per GPU (one document of ``tokens * W``), plus a variable-length
-mix. Figures are TFLOP/s per GPU and the percentage of single-GPU flash attention on the same total
-work (single-GPU time for the whole batch / W), measured in the same run. Peers, same shapes, same
+mix. seqmesh's modes: Ulysses (unpipelined and in 2 or 4 head chunks), zigzag ring (K/V round the
+ring), TokenRing (queries one way, block results the other) and hybrid. Figures are TFLOP/s per GPU
+and the percentage of single-GPU flash attention on the same total work (single-GPU time for the
+whole batch / W), measured in the same run. Peers, same shapes, same
 local kernel where they take one: PyTorch's ``context_parallel`` (ring, both rotate methods) and
 DeepSpeed's ``DistributedAttention`` (Ulysses). A peer that fails records its error in its row.
 
-``--smoke`` runs tiny shapes on CPU with gloo, so the script is known to work without GPUs.
+``--smoke`` runs tiny shapes on CPU with gloo, so the script is known to work without GPUs. With
+fewer than two processes, or fewer GPUs than processes on a node, it says so and exits 0 without a
+result: sequence parallelism over one GPU is single-GPU attention.
 """
 
 from __future__ import annotations
@@ -177,9 +181,23 @@ def _context_parallel(q, k, v, dout, rotate: str, device: torch.device, time_fn)
         return time_fn(_fwd_bwd(fn, [ql, kl, vl], bufs[3])), note
 
 
+def _skip_reason(cuda: bool) -> str | None:
+    """Why this launch cannot measure sequence parallelism (None: it can)."""
+    world, local = (int(os.environ.get(name, 1)) for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"))
+    if world < 2:
+        return f"needs at least 2 processes (one per GPU) and got {world}: launch it with torchrun --nproc_per_node N"
+    if cuda and torch.cuda.device_count() < local:
+        return f"{local} processes per node but {torch.cuda.device_count()} GPUs visible: one GPU per process needed"
+    return None
+
+
 def main() -> None:
     a = _args()
     cuda = torch.cuda.is_available() and not a.smoke
+    skip = _skip_reason(cuda)
+    if skip:
+        print(f"sp_attention skipped: {skip}", flush=True)
+        return
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
@@ -235,7 +253,8 @@ def main() -> None:
 
         # (impl, mode, ulysses degree, head chunks of pure Ulysses' overlapped transfers; 1 is the default)
         modes = [("ulysses", "ulysses", None, 1), ("ulysses_2chunks", "ulysses", None, 2),
-                 ("ulysses_4chunks", "ulysses", None, 4), ("ring", "ring", None, 1)]
+                 ("ulysses_4chunks", "ulysses", None, 4), ("ring", "ring", None, 1),
+                 ("tokenring", "tokenring", None, 1)]
         if ulysses_hybrid:
             modes.append(("hybrid", "hybrid", ulysses_hybrid, 1))
         for impl, mode, u, chunks in modes:
@@ -281,10 +300,16 @@ def _geomean(xs: list[float]) -> float | None:
 
 def _summary(rows: list[dict], cases: list[tuple[str, list[int]]]) -> dict:
     """Per case, the best seqmesh mode against single-GPU flash and the best configuration of each
-    peer; the headline figures are geometric means over the cases (speed ratios: >1 = seqmesh faster)."""
+    peer; the headline figures are geometric means over the cases (speed ratios: >1 = seqmesh faster,
+    or TokenRing faster for ``tokenring_vs_*``)."""
     best_pct, vs_cp, vs_ds, best_mode = [], [], [], {}
+    tokenring_vs: dict[str, list[float]] = {"ring": [], "ulysses": []}
     for name, _ in cases:
         ok = [r for r in rows if r["case"] == name and "time_ms" in r]
+        ms = {r["impl"]: r["time_ms"] for r in ok}
+        for other in tokenring_vs:
+            if "seqmesh_tokenring" in ms and f"seqmesh_{other}" in ms:
+                tokenring_vs[other].append(ms[f"seqmesh_{other}"] / ms["seqmesh_tokenring"])
         ours = [r for r in ok if r["impl"].startswith("seqmesh_")]
         if not ours:
             continue
@@ -301,6 +326,8 @@ def _summary(rows: list[dict], cases: list[tuple[str, list[int]]]) -> dict:
         "best_pct_of_single_gpu_flash": _geomean(best_pct),
         "best_vs_context_parallel": _geomean(vs_cp),
         "best_vs_deepspeed_ulysses": _geomean(vs_ds),
+        "tokenring_vs_ring": _geomean(tokenring_vs["ring"]),
+        "tokenring_vs_ulysses": _geomean(tokenring_vs["ulysses"]),
         "best_by_case": best_mode,
     }
 

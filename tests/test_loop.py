@@ -77,7 +77,7 @@ def _split_step(rank: int, world: int, mode: str) -> tuple[float, dict[str, torc
     return loss_sum.item() / denominator, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("mode", ["ulysses", "ring"])
+@pytest.mark.parametrize("mode", ["ulysses", "ring", "tokenring"])
 def test_any_split_equals_single_process(mode: str) -> None:
     ref_loss, ref_grads = _reference()
     for loss, grads in run_distributed(_split_step, 4, mode):

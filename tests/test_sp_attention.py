@@ -115,10 +115,13 @@ def _cases():
     once (each half is a separate group, as the scheduler hands out), bf16 and edge cases."""
     halves = ((0, 1), (2, 3))
     tagged = []
-    for world, groups in ((4, None), (2, halves)):
+    for world, groups in ((4, None), (3, ((1, 2, 3),)), (2, halves)):
         w2 = 2 * world
         mixed = [1, w2 + 3, 3, 2 * w2, 7, w2 - 1]  # lengths 1..4W, most not multiples of 2W
         modes = [("ulysses", None), ("ring", None)] + ([("hybrid", 2)] if world == 4 else [])
+        if world == 3:  # an odd ring on a subgroup (rank 0 idle): tokenring's direct sends use global ranks
+            modes = [("ring", None)]
+        modes.append(("tokenring", None))
         for mode, u in modes:
             def add(tag, seqlens, **kw):
                 tagged.append((tag, _case(mode, seqlens, ulysses=u, groups=groups, seed=len(tagged), **kw)))
@@ -153,7 +156,7 @@ def _check_tag(sp_run, tag):
     _check([tagged[i][1] for i in chosen], [[r[i] for i in chosen] for r in per_rank])
 
 
-@pytest.mark.parametrize("tag", ["ulysses", "ring", "hybrid", "bf16", "subgroup"])
+@pytest.mark.parametrize("tag", ["ulysses", "ring", "tokenring", "hybrid", "bf16", "subgroup"])
 def test_sp_matches_single_process(sp_run, tag):
     _check_tag(sp_run, tag)
 
@@ -185,10 +188,11 @@ class _OpLog(TorchDispatchMode):
 
 def _lean_worker(rank, world):
     import seqmesh.parallel.sequence.ring as ring
+    import seqmesh.parallel.sequence.tokenring as tokenring
     import seqmesh.parallel.sequence.ulysses as ulysses
 
     log, batches, results = _OpLog(), Counter(), {}
-    for module in (ulysses, ring):  # the kernels' own ops are not the wrapper's cost
+    for module in (ulysses, ring, tokenring):  # the kernels' own ops are not the wrapper's cost
         for name in ("attention_forward", "attention_backward"):
             def quiet(*a, _kernel=getattr(module, name), **k):
                 log.in_kernel = True
@@ -202,7 +206,7 @@ def _lean_worker(rank, world):
             batches[_name] += 1
             return _real(*a, **k)
         setattr(dist, name, counted)
-    for mode in ("ulysses", "ring"):
+    for mode in ("ulysses", "ring", "tokenring"):
         meta = make_sp_batch([9, 20, 3], mode, dist.group.WORLD)
         q, k, v, dout = (shard_tokens(meta, x, 0) for x in _inputs(_case(mode, [9, 20, 3], heads=(8, 4))))
         for x in (q, k, v):
@@ -223,11 +227,13 @@ def test_sp_calls_are_lean():
     all-to-all does) in one batch of transfers per direction (DeepSpeed: one all-to-all per tensor),
     and no mode builds tables or syncs with the host after the SPBatch's first call."""
     for per_rank in run_distributed(_lean_worker, 2):
-        uly, ring = per_rank["ulysses"], per_rank["ring"]
+        uly = per_rank["ulysses"]
         assert uly["batches"] == {"batch_isend_irecv": 4}, uly["batches"]  # q/k/v, out, dout, dq/dk/dv
         qkv, out = sum(uly["size"].values()), uly["size"]["q"]
         assert uly["written"] == 2 * qkv + 2 * out, (uly["written"], qkv, out, uly["ops"])
-        for result in (uly, ring):
+        # TokenRing at degree 2, per pass: the queries out, the block result back (each one batch)
+        assert per_rank["tokenring"]["batches"] == {"batch_isend_irecv": 4}, per_rank["tokenring"]["batches"]
+        for result in per_rank.values():
             syncs = {op: n for op, n in result["ops"].items()
                      if op in ("_local_scalar_dense", "lift_fresh", "_to_copy")}
             assert not syncs, f"host syncs or per-call tables: {syncs}"

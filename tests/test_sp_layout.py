@@ -58,6 +58,7 @@ def test_degrees_by_mode(monkeypatch):
 
     assert sp_degrees("ulysses", 4, None, 8) == (4, 1)
     assert sp_degrees("ring", 4, None, None) == (1, 4)
+    assert sp_degrees("tokenring", 4, None, 2) == (1, 4)  # K/V heads never split: any head count
     assert sp_degrees("hybrid", 8, None, 32) == (4, 2)  # largest proper divisor within a node
     assert sp_degrees("hybrid", 16, None, 4) == (4, 4)  # ... and within the head count
     assert sp_degrees("hybrid", 8, 2, None) == (2, 4)

@@ -15,8 +15,8 @@ from tests.distributed import run_distributed
 SMALL = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512)
 STEP_LENGTHS = ([17, 3, 29], [8, 40], [1, 23, 9, 11])  # most not multiples of 2 x degree
-CONFIGS = [("local", 1, None), ("ulysses", 2, None), ("ring", 2, None), ("ulysses", 4, None), ("ring", 4, None),
-           ("hybrid", 4, 2)]
+CONFIGS = [("local", 1, None), ("ulysses", 2, None), ("ring", 2, None), ("tokenring", 2, None), ("ulysses", 4, None),
+           ("ring", 4, None), ("tokenring", 4, None), ("hybrid", 4, 2)]
 
 
 def _documents(step):

@@ -8,7 +8,9 @@ works; the layout is chosen for the attention's load balance.
 
 Modes (``ulysses x ring`` degrees on the group): ``local`` (1 x 1, no communication), ``ulysses``
 (W x 1: all-to-all from sequence shards to head shards and back), ``ring`` (1 x W: zigzag ring
-attention) and ``hybrid`` (U x W/U: Ulysses among neighbouring ranks, ring across). All work on
+attention, K/V round the ring), ``tokenring`` (1 x W, the same layout: queries round the ring one
+way, block results straight back the other) and ``hybrid`` (U x W/U: Ulysses among neighbouring
+ranks, ring across). All work on
 any process group, using group-local ranks for the layout and global ranks for point-to-point.
 """
 
@@ -26,9 +28,10 @@ from seqmesh.kernels.attention import BACKENDS, varlen_attention
 from seqmesh.parallel.sequence.comm import global_rank
 from seqmesh.parallel.sequence.layout import Layout
 from seqmesh.parallel.sequence.ring import Part, ring_attention, ring_parts
+from seqmesh.parallel.sequence.tokenring import tokenring_attention
 from seqmesh.parallel.sequence.ulysses import UlyssesPlan, heads_to_seq, seq_to_heads, ulysses_attention, ulysses_plan
 
-SP_MODES = ("local", "ulysses", "ring", "hybrid")
+SP_MODES = ("local", "ulysses", "ring", "tokenring", "hybrid")
 
 __all__ = ["SP_MODES", "SPBatch", "SequenceParallelAttention", "apply_sequence_parallel", "make_sp_batch",
            "shard_tokens", "sp_attention", "sp_degrees"]
@@ -93,6 +96,15 @@ class SPBatch:
             self._tables["ring_peers"] = (peer(pos + 1), peer(pos - 1))
         return self._tables["ring_peers"]
 
+    def ring_ranks(self) -> tuple[int, ...]:
+        """Global ranks of every ring position in this rank's ring column (TokenRing sends each
+        block result straight to its owner)."""
+        if "ring_ranks" not in self._tables:
+            lay = self.layout
+            u = lay.coords(self.group_rank)[1]
+            self._tables["ring_ranks"] = tuple(global_rank(self.group, p * lay.ulysses + u) for p in range(lay.ring))
+        return self._tables["ring_ranks"]
+
     def ulysses_plan(self, hq: int, hkv: int, device: torch.device) -> UlyssesPlan:
         """Head split, row and chunks of this rank's Ulysses row, cached per head shape and device,
         so every layer after the first does no table work on the host."""
@@ -111,14 +123,15 @@ def sp_degrees(mode: str, world: int, ulysses_degree: int | None, num_heads: int
     heads = num_heads or world
     if mode == "local":
         if world != 1:
-            raise ValueError(f"mode 'local' needs a group of one rank, got {world}; pick 'ulysses', 'ring' or 'hybrid'")
+            raise ValueError(f"mode 'local' needs a group of one rank, got {world}; pick 'ulysses', 'ring', "
+                             "'tokenring' or 'hybrid'")
         return 1, 1
     if mode == "ulysses":
         if world > heads:
             raise ValueError(f"Ulysses over {world} ranks needs at least {world} attention heads, the model has "
                              f"{heads}; use mode 'hybrid' (Ulysses within at most {heads} ranks) or 'ring'")
         return world, 1
-    if mode == "ring":
+    if mode in ("ring", "tokenring"):
         return 1, world
     if ulysses_degree is None:
         # Ulysses inside a node's fast links, ring across: the largest proper divisor of the group
@@ -194,7 +207,10 @@ def sp_attention(q: Tensor, k: Tensor, v: Tensor, meta: SPBatch, group: "dist.Pr
             return ulysses_attention(q, k, v, plan, meta.cu_seqlens(q.device), meta.max_seqlen, causal, scale,
                                      meta.backend)
         q, k, v = seq_to_heads(q, k, v, plan)
-    if lay.ring > 1:
+    if lay.ring > 1 and mode == "tokenring":
+        out = tokenring_attention(q, k, v, meta.ring_parts(q.device), lay.coords(meta.group_rank)[0],
+                                  meta.ring_ranks(), group, causal, scale, meta.backend)
+    elif lay.ring > 1:
         pos = lay.coords(meta.group_rank)[0]
         out = ring_attention(q, k, v, meta.ring_parts(q.device), pos, *meta.ring_peers(), group, causal, scale,
                              meta.backend)
