@@ -25,8 +25,8 @@ every rank.
 Why seqmesh's own sharding and not DeepSpeed's ZeRO engine: DeepSpeed owns the backward and the
 step (``engine.backward`` / ``engine.step``) and reduces gradients in hooks during backward, which
 assumes every data-parallel rank runs the same number of micro-batches. seqmesh's plan gives ranks
-different numbers (a rank in a large SP group runs fewer) and reduces exactly once per step after
-each rank's last backward, so DeepSpeed's hooks would mismatch (a hang). The sharding itself is two
+different numbers (a rank in a large SP group runs fewer) and reduces exactly once per step, during
+or after each rank's last backward (``grad_reduce``), so DeepSpeed's hooks would mismatch (a hang). The sharding itself is two
 collectives over the HDP group (``mesh.hdp_group``) and composes with whatever the model is: TP
 shards (the global gradient norm then also sums over TP, counting TP-replicated parameters once),
 and any optimizer that takes 1-D tensors -- ``torch.optim.AdamW`` (fused on GPU) and ``FP8AdamW``,
