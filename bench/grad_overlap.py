@@ -22,6 +22,7 @@ bound for what links with their own engines (NVLink, InfiniBand with NCCL) can h
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import tempfile
@@ -39,7 +40,7 @@ from seqmesh.scheduler.plan import plan_from_assignment
 from seqmesh.trainer.build import build_sharded_optimizer
 from seqmesh.trainer.config import config_from_dict
 from seqmesh.trainer.data import num_targets
-from seqmesh.trainer.microbatch import batch_layout, loss_sum_of
+from seqmesh.trainer.microbatch import autocast, batch_layout, loss_sum_of
 from seqmesh.trainer.model import Transformer, tiny_config
 
 STAGES = (0, 1, 2)
@@ -71,7 +72,9 @@ def _measure(rank: int, world: int, args: argparse.Namespace, device: torch.devi
                                             num_key_value_heads=args.hidden // 64)).to(device)
             apply_sequence_parallel(model)
             opt = build_sharded_optimizer(model, cfg.optim, stage, mesh, overlap=overlap, bucket_mb=args.bucket_mb)
-            runners[overlap] = (LocalRunner(model, opt, mesh, loss_sum_of, device), opt)
+            # bf16 autocast on GPUs (as training runs there), fp32 on CPU
+            context = functools.partial(autocast, "bf16" if device.type == "cuda" else "fp32", device)
+            runners[overlap] = (LocalRunner(model, opt, mesh, loss_sum_of, device, forward_context=context), opt)
         layout = batch_layout(lambda g: [docs[s] for s in g.sequences], cfg.parallel, device)
         times: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
         for i in range(args.warmup + args.steps):
@@ -125,6 +128,7 @@ def main() -> None:
     parser.add_argument("--bucket-mb", type=float, default=1.0)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--out-dir", default=None, help="where the result file goes (default: bench/results)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, mp.Manager() as manager:
         out = manager.dict()
@@ -135,7 +139,8 @@ def main() -> None:
     hidden = [statistics.mean(r["hidden_pct"] for r in rs) for rs in per_stage.values()]
     ratio = [statistics.mean(r["step_ms_on"] / r["step_ms_off"] for r in rs) for rs in per_stage.values()]
     write_result("grad_overlap", vars(args), rows, {"reduce_hidden_pct": round(statistics.mean(hidden), 1),
-                                                    "step_time_vs_no_overlap": round(statistics.mean(ratio), 3)})
+                                                    "step_time_vs_no_overlap": round(statistics.mean(ratio), 3)},
+                 out_dir=args.out_dir)
 
 
 if __name__ == "__main__":
