@@ -28,6 +28,7 @@ class Mesh:
     pp: int = 1
     _sp_groups: dict[tuple[int, int], "dist.ProcessGroup"] = field(default_factory=dict, repr=False)
     _hdp_group: "dist.ProcessGroup | None" = field(default=None, repr=False)
+    _grad_group: "dist.ProcessGroup | None" = field(default=None, repr=False)
     _tp_group: "dist.ProcessGroup | None" = field(default=None, repr=False)
     _mp_group: "dist.ProcessGroup | None" = field(default=None, repr=False)
     _embedding_group: "dist.ProcessGroup | None" = field(default=None, repr=False)
@@ -78,6 +79,19 @@ class Mesh:
                     if p == self.pp_rank and t == self.tp_rank:
                         self._hdp_group = g
         return self._hdp_group
+
+    @property
+    def grad_group(self) -> "dist.ProcessGroup":
+        """This rank's HDP ranks again, in a group that carries only the gradient buckets
+        (``seqmesh.parallel.grad_reduce``): buckets reduced during backward are in flight while a rank
+        still runs its own micro-batches, so no other collective may share their group's order."""
+        if self._grad_group is None:
+            for p in range(self.pp):
+                for t in range(self.tp):
+                    g = _new_group(self.hdp_ranks(p, t))
+                    if p == self.pp_rank and t == self.tp_rank:
+                        self._grad_group = g
+        return self._grad_group
 
     def tp_ranks(self, pp_rank: int | None = None, hdp_rank: int | None = None) -> list[int]:
         """Global ranks of one TP group (this rank's by default): consecutive, so they share a node's links."""

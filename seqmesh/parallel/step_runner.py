@@ -4,14 +4,18 @@ A ``StepRunner`` takes the step's ``Plan`` and runs forward and backward of this
 (``run``), then makes the step's gradients and loss global (``reduce``), and after the optimizer
 step (or a checkpoint load) makes copies of shared weights equal again (``sync_weights``):
 
-* ``LocalRunner``: this rank's groups in plan order, each laid out over its SP group; its ``evaluate``
-  is the forward-only (no-grad) mode of the same walk, for the validation loss;
+* ``LocalRunner``: this rank's groups in plan order, each laid out over its SP group; before the last
+  one it tells the optimizer that the next backward is the step's last, so gradient buckets can be
+  reduced during it (``parallel.overlap_grad_reduce``, ``seqmesh.parallel.grad_reduce``); its
+  ``evaluate`` is the forward-only (no-grad) mode of the same walk, for the validation loss;
 * ``Zero3Runner``: one item per plan micro-batch (``aligned_items``), so every HDP rank issues each
   micro-batch's per-layer gathers and reduce-scatters at the same position; a rank that sits a
   micro-batch out joins its collectives empty (``Zero3Optimizer.idle_item``);
 * ``PipelineRunner``: the same aligned items through this rank's pipeline stages (1F1B,
   ``run_pipeline``), the loss on the last stage; a tied embedding's gradient is summed into its owner
-  before the HDP reduction, and its updated weight sent back to the copy after the step.
+  before the HDP reduction, and its updated weight sent back to the copy after the step. Its buckets
+  are reduced after the pipeline (1F1B interleaves a stage's last backward with other micro-batches'
+  sends, and the tied gradient is summed after it), so the trainer builds its optimizer without overlap.
 
 The runner knows nothing of data or configs: the trainer passes what is its own as callables --
 ``layout(group, process_group)`` packs a group's documents and lays them out over the group's SP
@@ -119,10 +123,14 @@ class LocalRunner:
         self.mesh.ensure_sp_groups((g.first, g.count) for mb in plan.microbatches for g in mb.groups)
         self.begin()
         loss_sum = torch.zeros((), device=self.device)
-        for group in self.items(plan):
+        items = self.items(plan)
+        last = max((i for i, group in enumerate(items) if group is not None), default=None)
+        for i, group in enumerate(items):
             if group is None:
                 self.idle()
                 continue
+            if i == last and self.optimizer is not None:
+                self.optimizer.overlap_next_backward()  # its buckets reduce during this backward
             with span("group"):
                 mb = layout(group, self.mesh.sp_group(group.first, group.count))
                 loss_sum += forward_backward(self.model, mb, self.loss_fn, denominator, self.forward_context)

@@ -5,20 +5,28 @@ Stages (``ZeroOptimizer(stage=...)``):
 * 0 -- replicated: gradients all-reduced (``grad_reduce.reduce_gradients``), every rank steps every
   parameter with the full optimizer state.
 * 1 -- the parameters live in one flat buffer (the model's parameters become views of it) and so do
-  their gradients; after the step's last backward one ``reduce_scatter_tensor`` (SUM) leaves each
-  HDP rank the reduced gradient of its ``1/HDP`` slice, the rank steps only that slice with an
-  optimizer built over it (its states are ``1/HDP`` of the full ones), and one
-  ``all_gather_into_tensor`` brings every rank the updated parameters. Gradient memory stays full.
-* 2 -- as 1, but backward writes ordinary per-parameter gradients and the reduction walks the
-  flat space in buckets, freeing each parameter's gradient as soon as all of it has been reduced:
-  after the reduction only the ``1/HDP`` gradient shard exists (also during the optimizer step and
-  between steps).
+  their gradients; each HDP rank steps only its ``1/HDP`` slice with an optimizer built over it (its
+  states are ``1/HDP`` of the full ones), after which one ``all_gather_into_tensor`` brings every
+  rank the updated parameters. Gradient memory stays full.
+* 2 -- as 1, but backward writes ordinary per-parameter gradients, each freed as soon as it has been
+  copied into its bucket: after the reduction only the ``1/HDP`` gradient shard exists (also during
+  the optimizer step and between steps).
+
+Reduction (``seqmesh.parallel.grad_reduce.BucketedReduction``). Stage 0 all-reduces buckets of whole
+parameters. Stages 1 and 2 cut the flat space into buckets that each lie inside one rank's slice and
+sum each bucket into that rank (``dist.reduce``, SUM), as DeepSpeed's ZeRO-2 ``average_tensor`` does:
+a bucket of consecutive parameters is then final as soon as backward has passed them, so it can be
+reduced while backward runs on (``overlap``), whereas a ``reduce_scatter`` bucket holds a piece of
+every rank's slice -- the embedding's and the first layers' among them, final only at the very end.
+A reduce moves each element over the links as often as a reduce-scatter does. Buckets launch in the
+order backward finishes their parameters (``grad_order``: registration order reversed), the same on
+every rank.
 
 Why seqmesh's own sharding and not DeepSpeed's ZeRO engine: DeepSpeed owns the backward and the
 step (``engine.backward`` / ``engine.step``) and reduces gradients in hooks during backward, which
 assumes every data-parallel rank runs the same number of micro-batches. seqmesh's plan gives ranks
-different numbers (a rank in a large SP group runs fewer) and reduces exactly once per step after
-each rank's last backward, so DeepSpeed's hooks would mismatch (a hang). The sharding itself is two
+different numbers (a rank in a large SP group runs fewer) and reduces exactly once per step, during
+or after each rank's last backward (``grad_reduce``), so DeepSpeed's hooks would mismatch (a hang). The sharding itself is two
 collectives over the HDP group (``mesh.hdp_group``) and composes with whatever the model is: TP
 shards (the global gradient norm then also sums over TP, counting TP-replicated parameters once),
 and any optimizer that takes 1-D tensors -- ``torch.optim.AdamW`` (fused on GPU) and ``FP8AdamW``,
@@ -36,14 +44,15 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from seqmesh.parallel.grad_reduce import BUCKET_BYTES, reduce_gradients
+from seqmesh.parallel.grad_reduce import BUCKET_BYTES, BucketedReduction, all_reduce_buckets
 from seqmesh.parallel.shard_spec import FlatShard
 
 STAGES = (0, 1, 2)
@@ -69,12 +78,24 @@ class ZeroOptimizer:
         tp_group: the TP group, over which the global gradient norm also sums (None without TP).
         norm_excluded: parameters that another TP rank holds identically and counts in the norm.
         align: shard and group borders in elements (FP8AdamW's block size keeps blocks whole).
+        bucket_bytes: gradient bytes per reduction bucket (``parallel.grad_bucket_mb``).
+        overlap: reduce each bucket during the rank's last backward of the step, once its gradients are final
+            (``parallel.overlap_grad_reduce``; the runner calls ``overlap_next_backward``); the result is the
+            same, bit for bit, as reducing after backward.
+        grad_order: the parameters in the order backward finishes their gradients (default: the param groups'
+            order reversed); it orders the buckets, the same on every rank.
+        deferred: parameters whose gradient changes after backward (TP-replicated ones, summed over TP first):
+            their buckets are reduced after backward only.
+        grad_group: the group the buckets are reduced over (default: ``group``); a group that carries nothing
+            else (``Mesh.grad_group``) keeps other collectives from interleaving with buckets in flight.
     """
 
     def __init__(self, param_groups: list[dict[str, Any]], make_optimizer: MakeOptimizer, *, stage: int,
                  group: dist.ProcessGroup | None = None, tp_group: dist.ProcessGroup | None = None,
                  norm_excluded: Collection[nn.Parameter] = (), align: int = 128,
-                 bucket_bytes: int = BUCKET_BYTES) -> None:
+                 bucket_bytes: int = BUCKET_BYTES, overlap: bool = False,
+                 grad_order: Sequence[nn.Parameter] | None = None, deferred: Collection[nn.Parameter] = (),
+                 grad_group: dist.ProcessGroup | None = None) -> None:
         if stage not in STAGES:
             raise ValueError(f"ZeRO stage must be one of {STAGES}, got {stage!r} "
                              "(stage 3, parameter sharding, is seqmesh.parallel.zero3.Zero3Optimizer)")
@@ -87,14 +108,28 @@ class ZeroOptimizer:
         self.params = [p for g in groups for p in g["params"]]
         if len({id(p) for p in self.params}) != len(self.params):
             raise ValueError("a parameter appears twice in the param groups; list shared (tied) parameters once")
+        order = self.params[::-1] if grad_order is None else [p for p in grad_order if p.requires_grad]
+        if {id(p) for p in order} != {id(p) for p in self.params}:
+            raise ValueError("grad_order must list exactly the optimizer's trainable parameters")
+        late = {id(p) for p in deferred}
+        # bucket launch order: parameters as backward finishes them, the deferred ones last
+        rank_of = {id(p): len(order) if id(p) in late else i for i, p in enumerate(order)}
+        self._grad_group = group if grad_group is None else grad_group
+        self.reduction: BucketedReduction | None = None
+        overlap = overlap and self.world > 1
         if stage == 0:
             self._counted = [p for p in self.params if id(p) not in excluded]
             self.optimizer = make_optimizer(groups)
+            if self.world > 1:
+                buckets = all_reduce_buckets(sorted(order, key=lambda p: rank_of[id(p)]), self._grad_group,
+                                             bucket_bytes)
+                self.reduction = BucketedReduction(buckets, overlap=overlap, deferred=deferred)
             return
-        self._build_flat(groups, excluded, make_optimizer, bucket_bytes)
+        self._build_flat(groups, excluded, make_optimizer)
+        self.reduction = BucketedReduction(self._shard_buckets(bucket_bytes, rank_of), overlap=overlap,
+                                           deferred=deferred)
 
-    def _build_flat(self, groups: list[dict[str, Any]], excluded: set[int], make_optimizer: MakeOptimizer,
-                    bucket_bytes: int) -> None:
+    def _build_flat(self, groups: list[dict[str, Any]], excluded: set[int], make_optimizer: MakeOptimizer) -> None:
         kinds = {(p.dtype, p.device) for p in self.params}
         if len(kinds) != 1:
             raise ValueError(f"ZeRO flattens all parameters into one buffer; they must share one dtype and device, "
@@ -141,16 +176,42 @@ class ZeroOptimizer:
             piece.grad = self.shard_grad[a - self.lo:b - self.lo]
             pieces.append({**g, "params": [piece], "index_offset": a})
         self.optimizer = make_optimizer(pieces)
-        # stage 2: bucket ``i`` reduces elements [i*chunk, (i+1)*chunk) of every rank's shard at once
-        self._chunk = max(self.align, _round_up(bucket_bytes // (self.world * self.flat.element_size()), self.align))
-        self._done_after: dict[int, list[nn.Parameter]] = {}
-        last_bucket = (self.shard_size - 1) // self._chunk
-        for p, o in zip(self._ordered, self._offsets):
-            last = o + p.numel() - 1
-            # a parameter that crosses into the next rank's slice still has elements in this slice's last bucket
-            same_slice = o // self.shard_size == last // self.shard_size
-            bucket = (last % self.shard_size) // self._chunk if same_slice else last_bucket
-            self._done_after.setdefault(bucket, []).append(p)
+
+    def _shard_buckets(self, bucket_bytes: int, rank_of: dict[int, int]) -> list["_ShardBucket"]:
+        """The flat space cut into buckets inside one rank's slice each, in launch order.
+
+        A bucket ends at the first parameter end at least ``bucket_bytes`` in (at a slice border at the
+        latest); a parameter over twice that size is cut, so buckets stay under ~2x ``bucket_bytes``.
+        Launch order: by the last-finished parameter of each bucket (``rank_of``), then by position.
+        """
+        elems = max(1, bucket_bytes // self.flat.element_size())
+        ends = sorted(o + p.numel() for p, o in zip(self._ordered, self._offsets))
+        buckets = []
+        for owner in range(self.world):
+            start, stop = owner * self.shard_size, (owner + 1) * self.shard_size
+            while start < stop:
+                j = bisect.bisect_left(ends, start + elems)
+                end = ends[j] if j < len(ends) else stop
+                if end - start > 2 * elems:
+                    end = start + elems
+                end = min(end, stop)
+                buckets.append(_ShardBucket(self, start, end, owner, self._members(start, end)))
+                start = end
+        buckets.sort(key=lambda b: (max((rank_of[id(p)] for p in b.params), default=-1), b.start))
+        last_use = {id(p): b for b in buckets for p in b.params}  # stage 2 frees a gradient after its last bucket
+        for b in buckets:
+            b.release = [p for p in b.params if last_use[id(p)] is b]
+        return buckets
+
+    def _members(self, start: int, end: int) -> list[nn.Parameter]:
+        """The parameters with elements in flat range ``[start, end)``."""
+        i = max(bisect.bisect_right(self._offsets, start) - 1, 0)
+        out = []
+        while i < len(self._ordered) and self._offsets[i] < end:
+            if self._offsets[i] + self._ordered[i].numel() > start:
+                out.append(self._ordered[i])
+            i += 1
+        return out
 
     def _attach_grad_views(self) -> None:
         for p, o in zip(self._ordered, self._offsets):
@@ -184,33 +245,18 @@ class ZeroOptimizer:
                                                if min(o + p.numel(), b) > max(o, a)]))
         return shards
 
+    def overlap_next_backward(self) -> None:
+        """The next backward is this rank's last of the step: reduce each bucket as soon as its gradients are
+        final (with ``overlap``; otherwise nothing changes). ``reduce_gradients`` still completes the step."""
+        if self.reduction is not None:
+            self.reduction.arm()
+
     @torch.no_grad()
     def reduce_gradients(self) -> None:
-        """Sum the step's gradients over HDP: all of them (stage 0) or into this rank's shard (1, 2)."""
-        if self.stage == 0:
-            if self.world > 1:
-                reduce_gradients(self.params, self.group)
-        elif self.stage == 1:
-            self._reduce_scatter(self.shard_grad, self.flat_grad)
-        else:
-            self._reduce_scatter_buckets()
-
-    def _reduce_scatter(self, out: Tensor, full: Tensor) -> None:
-        if self.world == 1:
-            out.copy_(full)
-        else:
-            dist.reduce_scatter_tensor(out, full, op=dist.ReduceOp.SUM, group=self.group)
-
-    def _reduce_scatter_buckets(self) -> None:
-        size, chunk = self.shard_size, self._chunk
-        for index, a in enumerate(range(0, size, chunk)):
-            n = min(chunk, size - a)
-            bucket = self.shard_grad.new_zeros(self.world * n)
-            for r in range(self.world):
-                self._copy_grads(r * size + a, bucket[r * n:(r + 1) * n])
-            self._reduce_scatter(self.shard_grad[a:a + n], bucket)
-            for p in self._done_after.get(index, ()):
-                p.grad = None
+        """Sum the step's gradients over HDP: all of them (stage 0) or into this rank's shard (1, 2). Launches
+        the buckets not yet launched during backward and waits for all of them."""
+        if self.reduction is not None:
+            self.reduction.finish()
 
     def _copy_grads(self, start: int, out: Tensor) -> None:
         """Copy the gradients that lie in flat range ``[start, start + len(out))`` into ``out`` (zeros elsewhere)."""
@@ -296,3 +342,42 @@ class ZeroOptimizer:
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+@dataclass
+class _ShardBucket:
+    """Flat range ``[start, end)`` of ``owner``'s slice, summed into ``owner``'s ``shard_grad`` (stages 1, 2)."""
+
+    zero: ZeroOptimizer
+    start: int
+    end: int
+    owner: int
+    params: list[nn.Parameter]
+    release: list[nn.Parameter] = field(default_factory=list)  # stage 2: gradients read for the last time here
+    _buf: Tensor | None = field(default=None, repr=False)
+
+    @torch.no_grad()
+    def launch(self) -> "dist.Work | None":
+        z = self.zero
+        if z.stage == 1:  # the gradients are views of flat_grad: reduce in place
+            buf = z.flat_grad[self.start:self.end]
+        else:
+            if self.owner == z.rank:
+                buf = z.shard_grad[self.start - z.lo:self.end - z.lo]
+                buf.zero_()
+            else:
+                buf = z.shard_grad.new_zeros(self.end - self.start)
+            z._copy_grads(self.start, buf)
+            for p in self.release:
+                p.grad = None
+        self._buf = buf
+        if z.world == 1:
+            return None
+        return dist.reduce(buf, op=dist.ReduceOp.SUM, group=z._grad_group, group_dst=self.owner, async_op=True)
+
+    @torch.no_grad()
+    def complete(self) -> None:
+        z = self.zero
+        if z.stage == 1 and self.owner == z.rank:
+            z.shard_grad[self.start - z.lo:self.end - z.lo].copy_(self._buf)
+        self._buf = None

@@ -80,6 +80,9 @@ class Zero3Optimizer(ZeroOptimizer):
         self.stage, self.group, self.tp_group, self.align = 3, group, None, align
         self.world, self.rank = _world(group)
         self._excluded_local: list[tuple[int, int]] = []
+        # Layers reduce-scatter their gradients inside their own backward already; the root unit's are
+        # reduced once after backward (``reduce_gradients``), so there is no bucketed reduction to overlap.
+        self.reduction = None
         groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in param_groups]
         self.params = [p for g in groups for p in g["params"]]
         if len({id(p) for p in self.params}) != len(self.params):

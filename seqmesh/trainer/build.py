@@ -117,20 +117,32 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
 
 
 def build_sharded_optimizer(model: torch.nn.Module, optim: OptimConfig, zero_stage: int, mesh: Mesh,
-                            device: torch.device | None = None) -> ZeroOptimizer:
+                            device: torch.device | None = None, *, overlap: bool = False,
+                            bucket_mb: float = 25.0) -> ZeroOptimizer:
     """The step loop's optimizer: ZeRO ``parallel.zero_stage`` over the HDP group, its gradient norm global
     over TP and PP (a pipeline rank's ``parameters()`` are the ones it owns, so stages count each once).
 
     Stage 3 shards ``model`` itself (built on the host, so the whole model never sits on ``device``):
-    its shards and gathers go to ``device`` (default: where the parameters are)."""
+    its shards and gathers go to ``device`` (default: where the parameters are).
+
+    Stages 0-2 reduce gradients in buckets of ``bucket_mb`` MiB (``parallel.grad_bucket_mb``), ordered by
+    the model's parameter registration reversed (the order backward finishes them); ``overlap``
+    (``parallel.overlap_grad_reduce``) reduces them during the step's last backward, over a group of their
+    own (``Mesh.grad_group``). Not under PP: the pipeline reduces after its schedule (``PipelineRunner``).
+    TP-replicated parameters are summed over TP after backward, so their buckets wait for it."""
     if zero_stage == 3:
         return Zero3Optimizer(model, _param_groups(model, optim), lambda groups: _make_optimizer(groups, optim),
                               device=device or next(model.parameters()).device, group=mesh.hdp_group)
     tp = tensor_parallel(model)
     norm_group = mesh.model_parallel_group if mesh.pp > 1 else None if tp is None else tp.group
+    overlap = overlap and mesh.pp == 1 and mesh.hdp > 1
     return ZeroOptimizer(_param_groups(model, optim), lambda groups: _make_optimizer(groups, optim),
                          stage=zero_stage, group=mesh.hdp_group, tp_group=norm_group,
-                         norm_excluded=() if tp is None else tp.norm_excluded())
+                         norm_excluded=() if tp is None else tp.norm_excluded(),
+                         bucket_bytes=max(1, int(bucket_mb * 2**20)), overlap=overlap,
+                         grad_order=list(model.parameters())[::-1],
+                         deferred=() if tp is None else tp.replicated + tp.kv_shared,
+                         grad_group=mesh.grad_group if overlap else None)
 
 
 def apply_memory_limit(memory: MemoryConfig, device: torch.device) -> None:
@@ -246,7 +258,9 @@ def build_parallel_model(cfg: RunConfig, vocab_size: int, mesh: Mesh,
     else:  # ZeRO-3: built on the host, only shards go to the device
         host = cfg.parallel.zero_stage == 3
         model = build_model(cfg.model, vocab_size, torch.device("cpu") if host else device, mesh.tp_group)
-    optimizer = build_sharded_optimizer(model, cfg.optim, cfg.parallel.zero_stage, mesh, device)
+    optimizer = build_sharded_optimizer(model, cfg.optim, cfg.parallel.zero_stage, mesh, device,
+                                        overlap=cfg.parallel.overlap_grad_reduce,
+                                        bucket_mb=cfg.parallel.grad_bucket_mb)
     cost_model = build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=cfg.hdp,
                                   profile=cfg.scheduler.cost_model, state_dtype=cfg.optim.state_dtype)
     apply_offload(model, cfg.model, cfg.offload, cost_model, device)

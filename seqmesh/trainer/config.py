@@ -100,9 +100,13 @@ class ParallelConfig:
     attn_backend: str = "auto"
     warm_attention: bool = True
     zero_stage: int = 0
+    overlap_grad_reduce: bool = True
+    grad_bucket_mb: float = 25.0
 
     def validate(self) -> None:
         _positive("parallel.tp", self.tp)
+        _positive("parallel.grad_bucket_mb", self.grad_bucket_mb)
+        _choice("parallel.overlap_grad_reduce", self.overlap_grad_reduce, (True, False))
         _positive("parallel.pp", self.pp)
         _positive("parallel.pp_virtual", self.pp_virtual)
         if self.pp_virtual > 1 and self.pp == 1:

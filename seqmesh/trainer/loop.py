@@ -10,8 +10,9 @@ One step:
    out over the group (its SP attention mode), forward, loss / global target count, backward --
    plain, ZeRO-3 (every rank walks every micro-batch, an idle one only joining the layer
    collectives) or through this rank's pipeline stages (``parallel.pp > 1``, 1F1B);
-4. sum gradients over the HDP group (all-reduce, or reduce-scatter into ZeRO shards) and those of
-   TP-replicated parameters over TP (the runner's ``reduce``), clip by the global norm, optimizer
+4. sum gradients over the HDP group in buckets (all-reduce, or a reduce into each ZeRO shard's
+   owner; launched during the rank's last backward with ``parallel.overlap_grad_reduce``) and those
+   of TP-replicated parameters over TP (the runner's ``reduce``), clip by the global norm, optimizer
    and lr step;
 5. validation loss every ``eval_every`` steps (``Evaluator``);
 6. metrics (rank 0; the step's timings, plan statistics and cost feedback: ``StepTelemetry``),
