@@ -39,7 +39,8 @@ refuses the others.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from seqmesh.parallel.shard_spec import FlatShard
+from seqmesh.parallel.tensor import TensorParallel, sum_tensor_parallel_copies
 from seqmesh.parallel.zero import MakeOptimizer, ZeroOptimizer, _round_up, _world
 
 
@@ -66,20 +68,33 @@ def _release(t: Tensor) -> None:
     t.untyped_storage().resize_(0)
 
 
+def _registered_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers as registered: a list, or a pipeline rank's ``ModuleDict`` keyed by layer index."""
+    layers = model.model.layers
+    return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
+
+
 class Zero3Optimizer(ZeroOptimizer):
     """ZeRO stage 3 over ``model``'s decoder layers (``model.model.layers``); see the module docstring.
 
     Args:
         model: the model on the host (or any device); its shards, gathers and buffers go to ``device``.
+            It may be tensor parallel (its TP shard is sharded further) and a pipeline rank's
+            ``PipelineModel`` (its stages' layers; ``model.parameters()`` are the ones the rank owns).
         param_groups, make_optimizer, group, align: as for ``ZeroOptimizer``; the inner optimizer
             gets one param group per given group, holding this rank's slice of each unit.
+        tp_group: the group the global gradient norm also sums over (TP, or PP x TP under a pipeline).
+        tensor_parallel: the model's TP description (``tensor.tensor_parallel(model)``, narrowed to what
+            the rank holds): the gradients of its TP-replicated parameters are summed over TP in the shard,
+            and TP ranks other than the writer leave them out of the norm. None without TP.
     """
 
     def __init__(self, model: nn.Module, param_groups: list[dict[str, Any]], make_optimizer: MakeOptimizer, *,
-                 device: torch.device, group: dist.ProcessGroup | None = None, align: int = 128) -> None:
-        self.stage, self.group, self.tp_group, self.align = 3, group, None, align
+                 device: torch.device, group: dist.ProcessGroup | None = None, align: int = 128,
+                 tp_group: dist.ProcessGroup | None = None, tensor_parallel: TensorParallel | None = None) -> None:
+        self.stage, self.group, self.tp_group, self.align = 3, group, tp_group, align
+        self.tensor_parallel = tensor_parallel
         self.world, self.rank = _world(group)
-        self._excluded_local: list[tuple[int, int]] = []
         # Layers reduce-scatter their gradients inside their own backward already; the root unit's are
         # reduced once after backward (``reduce_gradients``), so there is no bucketed reduction to overlap.
         self.reduction = None
@@ -93,7 +108,7 @@ class Zero3Optimizer(ZeroOptimizer):
                              f"got {sorted(map(str, kinds))}")
         dtype, = kinds
         group_of = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
-        layers = list(model.model.layers)
+        layers = _registered_layers(model)
         in_layer = {id(p) for layer in layers for p in layer.parameters()}
         members = [list(layer.parameters()) for layer in layers]
         members.append([p for p in self.params if id(p) not in in_layer])
@@ -143,6 +158,17 @@ class Zero3Optimizer(ZeroOptimizer):
             for name, buf in module._buffers.items():
                 if buf is not None:
                     module._buffers[name] = buf.to(device)
+        # Where in ``shard_grad`` each parameter's elements lie (the same places on every TP rank: TP gives
+        # every rank the same local shapes, so the units' flat spaces coincide).
+        placed = [(p, start + pos, start + pos + hi - lo)
+                  for g in range(len(groups)) for (start, _), member in zip(pieces[g], self._piece_members[g])
+                  for p, lo, hi, pos in member]
+        excluded = set() if tensor_parallel is None else {id(p) for p in tensor_parallel.norm_excluded()}
+        self._excluded_local = [(a, b) for p, a, b in placed if id(p) in excluded]
+        replicated = set() if tensor_parallel is None else {id(p) for p in tensor_parallel.replicated}
+        kv_shared = set() if tensor_parallel is None else {id(p) for p in tensor_parallel.kv_shared}
+        self._tp_replicated = [(a, b) for p, a, b in placed if id(p) in replicated]
+        self._tp_kv_shared = [(a, b) for p, a, b in placed if id(p) in kv_shared]
         inner = []
         for g, opts in enumerate(groups):
             tensors = []
@@ -153,6 +179,8 @@ class Zero3Optimizer(ZeroOptimizer):
             inner.append({**opts, "params": tensors})
         self.optimizer = make_optimizer(inner)
         self.root = self.units[-1]
+        self.layers = layers
+        self._unit_of = {id(layer): unit for layer, unit in zip(layers, self.units)}
         for layer, unit in zip(layers, self.units):
             layer.forward = _sharded_forward(self, unit, layer.forward)
 
@@ -172,7 +200,10 @@ class Zero3Optimizer(ZeroOptimizer):
 
     @torch.no_grad()
     def gather(self, unit: _Unit) -> None:
-        """Bring the whole unit into its full buffer (a collective over HDP)."""
+        """Bring the whole unit into its full buffer (a collective over HDP; nothing for a unit without
+        parameters, such as a middle pipeline stage's root, on every HDP rank of that stage alike)."""
+        if not unit.shard_size:
+            return
         unit.full.untyped_storage().resize_(unit.full.numel() * unit.full.element_size())
         if self.world == 1:
             unit.full.copy_(self._slice(unit, self.shard))
@@ -185,6 +216,8 @@ class Zero3Optimizer(ZeroOptimizer):
     @torch.no_grad()
     def reduce_scatter(self, unit: _Unit, grads: list[Tensor | None]) -> None:
         """Sum the unit's full gradients (None: zero) over HDP into this rank's ``shard_grad`` slice."""
+        if not unit.shard_size:
+            return
         full = torch.zeros_like(unit.full)
         for p, o, g in zip(unit.params, unit.offsets, grads):
             if g is not None:
@@ -201,25 +234,44 @@ class Zero3Optimizer(ZeroOptimizer):
         """Gather the root unit (embeddings, final norm, head) for the step's forwards and backwards."""
         self.gather(self.root)
 
+    @contextmanager
+    def root_gathered(self) -> Iterator[None]:
+        """The root unit's parameters hold their values inside the block (a collective over HDP), e.g. for a
+        pipeline's first stage to send its tied embedding to the last stage's copy after a step."""
+        self.gather(self.root)
+        try:
+            yield
+        finally:
+            self.free(self.root)
+
+    def idle_layers(self, layers: Sequence[nn.Module], backward: bool) -> None:
+        """Take part in one forward (``backward`` False) or backward of ``layers`` without work: the gathers,
+        and in backward the zero reduce-scatters, in the order an active rank issues them (forward: the
+        layers' order; backward: reversed)."""
+        for layer in reversed(layers) if backward else layers:
+            unit = self._unit_of[id(layer)]
+            self.gather(unit)
+            if backward:
+                self.reduce_scatter(unit, [None] * len(unit.params))
+            self.free(unit)
+
     def idle_item(self) -> None:
         """Take part in one micro-batch's layer collectives without work: gathers in forward order, then
         gather + zero reduce-scatter in backward order (what every active rank issues)."""
-        layers = self.units[:-1]
-        for unit in layers:
-            self.gather(unit)
-            self.free(unit)
-        for unit in reversed(layers):
-            self.gather(unit)
-            self.reduce_scatter(unit, [None] * len(unit.params))
-            self.free(unit)
+        self.idle_layers(self.layers, backward=False)
+        self.idle_layers(self.layers, backward=True)
 
     def reduce_gradients(self) -> None:
-        """Reduce-scatter the root's accumulated gradients into its shard and free the root (layers are done)."""
+        """Reduce-scatter the root's accumulated gradients into its shard and free the root (layers are done);
+        then sum the shard's pieces of TP-replicated parameters over TP (one all-reduce)."""
         root = self.root
         self.reduce_scatter(root, [p.grad for p in root.params])
         for p in root.params:
             p.grad = None
         self.free(root)
+        if self.tensor_parallel is not None:
+            sum_tensor_parallel_copies(self.tensor_parallel, [self.shard_grad[a:b] for a, b in self._tp_replicated],
+                                       [self.shard_grad[a:b] for a, b in self._tp_kv_shared])
 
     @torch.no_grad()
     def step(self) -> None:

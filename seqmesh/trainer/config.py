@@ -113,9 +113,6 @@ class ParallelConfig:
             raise ConfigError(f"parallel.pp_virtual={self.pp_virtual} interleaves pipeline stages, which needs "
                               "parallel.pp > 1; set parallel.pp_virtual=1 or raise parallel.pp")
         _choice("parallel.zero_stage", self.zero_stage, (0, 1, 2, 3))
-        if self.zero_stage == 3 and (self.tp > 1 or self.pp > 1):
-            raise ConfigError(f"parallel.zero_stage=3 with parallel.tp={self.tp}, parallel.pp={self.pp}: parameter "
-                              "sharding is built for tp=1 and pp=1 only; use zero_stage<=2 with TP/PP, or tp=pp=1")
         _choice("parallel.sp_mode", self.sp_mode, ("ulysses", "ring", "tokenring", "hybrid"))
         _choice("parallel.attn_backend", self.attn_backend, ("auto", "flash_attn", "cudnn", "torch_flash", "cpu_flash", "math"))
         _choice("parallel.warm_attention", self.warm_attention, (True, False))
