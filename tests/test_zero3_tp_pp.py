@@ -106,17 +106,35 @@ def _assemble(per_rank: list[list[tuple]]) -> dict[str, torch.Tensor]:
 
 
 def _train(model, optimizer, runner, mesh: Mesh, steps: range, rank: int) -> list[dict]:
-    """The loop's step (runner, reduce, clip, AdamW, weight sync) for ``steps``; each step's pieces."""
+    """The loop's step (runner, reduce, clip, AdamW, weight sync) for ``steps``; each step's pieces, and how
+    many layer gathers were prefetched (launched asynchronously) against how many should have been."""
+    import torch.distributed as dist
+
     from seqmesh.trainer.microbatch import batch_layout
 
     cfg = _config(mesh.world, mesh.tp, mesh.pp)
+    chunks = getattr(model, "chunks", [model])
+    # Every pass (a chunk's forward or backward) prefetches each layer but its first; every HDP rank runs or
+    # idles through every plan micro-batch, in each of its chunks.
+    per_item = 2 * sum(len(c.model.layers) - 1 for c in chunks) if mesh.hdp > 1 else 0
+    gather = dist.all_gather_into_tensor
     records = []
     for step in steps:
         docs = _docs(step)
         before = _pieces(model, optimizer, mesh, grad=False)
-        loss_sum = runner.run(PLANS[mesh.hdp][step], batch_layout(lambda g: [docs[s] for s in g.sequences],
-                                                                  cfg.parallel, torch.device("cpu")),
-                              num_targets(STEP_LENGTHS[step]))
+        launched = []
+
+        def counting(*args, **kwargs):
+            launched.append(kwargs.get("async_op", False))
+            return gather(*args, **kwargs)
+
+        dist.all_gather_into_tensor = counting
+        try:
+            loss_sum = runner.run(PLANS[mesh.hdp][step], batch_layout(lambda g: [docs[s] for s in g.sequences],
+                                                                      cfg.parallel, torch.device("cpu")),
+                                  num_targets(STEP_LENGTHS[step]))
+        finally:
+            dist.all_gather_into_tensor = gather
         loss_sum = runner.reduce(loss_sum)
         grads = _pieces(model, optimizer, mesh, grad=True)
         norm = optimizer.clip_grad_norm_(MAX_NORM)
@@ -124,7 +142,8 @@ def _train(model, optimizer, runner, mesh: Mesh, steps: range, rank: int) -> lis
         runner.sync_weights()
         optimizer.zero_grad()
         records.append({"step": step, "loss": loss_sum.item() / num_targets(STEP_LENGTHS[step]), "norm": norm.item(),
-                        "before": before, "grads": grads, "after": _pieces(model, optimizer, mesh, grad=False)})
+                        "before": before, "grads": grads, "after": _pieces(model, optimizer, mesh, grad=False),
+                        "prefetched": sum(launched), "to_prefetch": per_item * len(PLANS[mesh.hdp][step].microbatches)})
     return records
 
 
@@ -221,6 +240,8 @@ def _check_trajectory(name: str, runs: list[list[dict]], plans: list[Plan | None
         for n, p in params.items():
             torch.testing.assert_close(grads[n], p.grad, rtol=0, atol=bounds[n],
                                        msg=lambda m, n=n: f"{name} step {step}: gradient of {n}: {m}")
+        for r in per_rank:
+            assert r["prefetched"] == r["to_prefetch"], (name, step, r["prefetched"], r["to_prefetch"])
         loss = per_rank[0]["loss"]
         assert all(r["loss"] == loss and r["norm"] == per_rank[0]["norm"] for r in per_rank), name
         assert loss == pytest.approx(ref_loss, rel=2 * MODEL["num_layers"] * EPS32 * tokens**0.5), name
@@ -239,7 +260,7 @@ def _check_trajectory(name: str, runs: list[list[dict]], plans: list[Plan | None
             tol = _update_tolerance(p.detach(), LR, delta[n], opt.state[p])
             err = (after[n] - p.detach()).abs()
             worst = int((err - tol).argmax())
-            assert (err <= tol).all(), (f"{name} step {step}: {n} updated off by {err.view(-1)[worst]:.3g} at "
+            assert bool((err <= tol).all()), (f"{name} step {step}: {n} updated off by {err.view(-1)[worst]:.3g} at "
                                         f"element {worst}, allowed {tol.view(-1)[worst]:.3g}")
 
 

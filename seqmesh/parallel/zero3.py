@@ -62,6 +62,11 @@ class _Unit:
     shard_size: int  # elements of the unit each rank holds
     local: int  # start of this rank's slice in the local shard buffer
     full: Tensor = field(default=None)  # the gathered flat space; storage released while unused
+    # The unit the same pass uses next (the next layer of the same pipeline chunk in forward, the previous one
+    # in backward), prefetched while this one computes; None at a chunk's end.
+    next_forward: "_Unit | None" = None
+    next_backward: "_Unit | None" = None
+    pending: "dist.Work | None" = None  # a prefetch in flight
 
 
 def _release(t: Tensor) -> None:
@@ -72,6 +77,15 @@ def _registered_layers(model: nn.Module) -> list[nn.Module]:
     """The decoder layers as registered: a list, or a pipeline rank's ``ModuleDict`` keyed by layer index."""
     layers = model.model.layers
     return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
+
+
+def _passes(model: nn.Module) -> list[list[nn.Module]]:
+    """The layer sequences one forward runs through: the whole model, or each pipeline chunk's layers
+    (``PipelineModel.chunks``: a chunk's forward and backward are separate schedule ops)."""
+    chunks = getattr(model, "chunks", None)
+    if chunks is None:
+        return [_registered_layers(model)]
+    return [list(chunk.model.layers.values()) for chunk in chunks]
 
 
 class Zero3Optimizer(ZeroOptimizer):
@@ -181,6 +195,10 @@ class Zero3Optimizer(ZeroOptimizer):
         self.root = self.units[-1]
         self.layers = layers
         self._unit_of = {id(layer): unit for layer, unit in zip(layers, self.units)}
+        for run in _passes(model):
+            units = [self._unit_of[id(layer)] for layer in run]
+            for a, b in zip(units, units[1:]):
+                a.next_forward, b.next_backward = b, a
         for layer, unit in zip(layers, self.units):
             layer.forward = _sharded_forward(self, unit, layer.forward)
 
@@ -199,16 +217,27 @@ class Zero3Optimizer(ZeroOptimizer):
         return t[unit.local:unit.local + unit.shard_size]
 
     @torch.no_grad()
-    def gather(self, unit: _Unit) -> None:
+    def gather(self, unit: _Unit, prefetch: _Unit | None = None) -> None:
         """Bring the whole unit into its full buffer (a collective over HDP; nothing for a unit without
-        parameters, such as a middle pipeline stage's root, on every HDP rank of that stage alike)."""
+        parameters, such as a middle pipeline stage's root, on every HDP rank of that stage alike), waiting
+        for its prefetch if one is in flight; then start gathering ``prefetch`` (the unit used next)."""
+        if unit.pending is not None:
+            unit.pending.wait()
+            unit.pending = None
+        else:
+            self._launch(unit, async_op=False)
+        if prefetch is not None and prefetch.pending is None and self.world > 1:
+            prefetch.pending = self._launch(prefetch, async_op=True)
+
+    def _launch(self, unit: _Unit, async_op: bool) -> "dist.Work | None":
         if not unit.shard_size:
-            return
+            return None
         unit.full.untyped_storage().resize_(unit.full.numel() * unit.full.element_size())
         if self.world == 1:
             unit.full.copy_(self._slice(unit, self.shard))
-        else:
-            dist.all_gather_into_tensor(unit.full, self._slice(unit, self.shard), group=self.group)
+            return None
+        return dist.all_gather_into_tensor(unit.full, self._slice(unit, self.shard), group=self.group,
+                                           async_op=async_op)
 
     def free(self, unit: _Unit) -> None:
         _release(unit.full)
@@ -250,7 +279,7 @@ class Zero3Optimizer(ZeroOptimizer):
         layers' order; backward: reversed)."""
         for layer in reversed(layers) if backward else layers:
             unit = self._unit_of[id(layer)]
-            self.gather(unit)
+            self.gather(unit, unit.next_backward if backward else unit.next_forward)
             if backward:
                 self.reduce_scatter(unit, [None] * len(unit.params))
             self.free(unit)
@@ -306,7 +335,7 @@ class _GatheredLayer(torch.autograd.Function):
         ctx.is_tensor = [isinstance(a, Tensor) for a in args]
         ctx.others = [None if t else a for a, t in zip(args, ctx.is_tensor)]
         ctx.save_for_backward(*(a for a in args if isinstance(a, Tensor)))
-        zero.gather(unit)
+        zero.gather(unit, unit.next_forward)
         try:
             return forward(*args)
         finally:
@@ -320,7 +349,7 @@ class _GatheredLayer(torch.autograd.Function):
                 for is_tensor, other, need in zip(ctx.is_tensor, ctx.others, needs)]
         wants = [i for i, need in enumerate(needs) if need]
         zero, unit = ctx.zero, ctx.unit
-        zero.gather(unit)
+        zero.gather(unit, unit.next_backward)
         device, enabled, dtype = ctx.autocast
         with torch.enable_grad(), torch.autocast(device, enabled=enabled, dtype=dtype):
             out = ctx.run(*args)
