@@ -9,18 +9,45 @@ so checkpoints, the cost model and FLOP counts see the same model) as views of a
 buffer whose storage is released (``resize_(0)``) whenever the unit is not in use.
 
 Per step. ``begin_step`` gathers the root unit for the whole step (its gradients accumulate like
-ZeRO-2's and are reduce-scattered once by ``reduce_gradients``). A decoder layer runs through
-``_GatheredLayer``: forward gathers the layer (``all_gather_into_tensor``), runs it without
-autograd and frees it; backward gathers it again, recomputes the layer with autograd, takes the
-gradients of its inputs and parameters, reduce-scatters the parameter gradients into this rank's
-``shard_grad`` slice and frees the layer. ``step`` updates the shards only: nothing is gathered
-after it, so between steps a rank holds ``1/HDP`` of the parameters.
+ZeRO-2's and are reduce-scattered once by ``reduce_gradients``, after the step's last micro-batch).
+A decoder layer runs through ``_GatheredLayer``: forward gathers the layer (``all_gather_into_tensor``),
+runs it without autograd and frees it; backward gathers it again, recomputes the layer with
+autograd, takes the gradients of its inputs and parameters, reduce-scatters the parameter gradients
+into this rank's ``shard_grad`` slice (which accumulates over the step's micro-batches) and frees
+the layer. ``step`` updates the shards only: nothing is gathered after it, so between steps a rank
+holds ``1/HDP`` of the parameters.
+
+Prefetch. While a layer computes, the gather of the layer its pass uses next (the next one in
+forward, the previous one in backward, within one pipeline chunk) is already in flight
+(``async_op``), so on GPUs the transfer hides behind the layer's compute; at most two layers are
+whole at a time. Why not reduce-scatter a layer's gradient only once per step: its full gradient
+would then have to live, for every layer, from the layer's first backward to the step's end -- the
+memory ZeRO-3 exists to save; the per-micro-batch reduce-scatter costs one more transfer of the
+layer's weights per micro-batch (three instead of two).
 
 Alignment. The gathers and reduce-scatters are collectives over the whole HDP group, but the plan
 gives ranks different numbers of micro-batches. The step loop therefore walks plan positions
 (micro-batch k is item k on every HDP rank, as the pipeline does) and a rank that sits micro-batch
 k out calls ``idle_item``: every layer's forward gather, then every layer's backward gather and a
-reduce-scatter of zeros, in the order an active rank issues them.
+reduce-scatter of zeros, in the order (prefetches included) an active rank issues them.
+
+Tensor parallelism. The model handed over is this rank's TP shard; each of its units is sharded
+over the rank's HDP group (the ranks of the same TP index), so a rank holds ``1/(TP x HDP)`` of
+every layer. TP gives every rank of a TP group the same local shapes, so the units' flat spaces
+and their HDP slices coincide across TP ranks, and the partial gradients of TP-replicated
+parameters (norm gains, a KV head several TP ranks share) are summed over TP on the pieces of the
+gradient shard, once per step after the HDP reductions (``reduce_gradients``); the global norm
+leaves out the copies the other TP ranks count.
+
+Pipeline parallelism. The model is the rank's ``PipelineModel``: its units are its chunks' layers
+plus a root of what its stages hold besides layers (the embedding on the first stage, the final
+norm and head on the last, nothing in between), sharded over the HDP group of its stage. The
+pipeline runner calls ``begin_step`` before its schedule and, where its schedule meets a
+placeholder of the plan (this HDP index sits the micro-batch out), ``idle_layers`` with that op's
+chunk: every HDP rank of a stage walks the same schedule, so the stage's collectives line up
+under 1F1B and interleaved 1F1B alike. A tied embedding's copy on the last stage stays whole (as
+without ZeRO-3, it is not the optimizer's); after each step the first stage's HDP ranks gather
+their root to send the owner's weight to it (``root_gathered``).
 
 Why seqmesh's own sharding and not FSDP2 (``fully_shard``): FSDP2 turns parameters into DTensors,
 which ``reshard.py``'s layout-free checkpoints, ``FP8AdamW``'s block/``index_offset`` placement
@@ -33,8 +60,9 @@ collectives, and reuses the ZeRO-1/2 norm, checkpoint and optimizer paths unchan
 
 Cost. Each layer runs forward twice (activation checkpointing's 4/3 of the compute, which long
 contexts pay anyway) and its weights cross the HDP group three times per micro-batch (two gathers,
-one reduce-scatter). Limits: one TP/PP layout (tp = pp = 1) and no activation offload; the config
-refuses the others.
+one reduce-scatter). Limits: no activation offload and no activation checkpointing (the config
+refuses them: the layers recompute anyway); ``parallel.overlap_grad_reduce`` does not apply (the
+layers reduce inside their own backward).
 """
 
 from __future__ import annotations
