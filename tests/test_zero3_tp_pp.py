@@ -28,13 +28,13 @@ import pytest
 import torch
 
 from seqmesh.parallel.mesh import Mesh
+from seqmesh.parallel.sequence import make_sp_batch
 from seqmesh.parallel.shard_spec import named_parameters, shard_specs
 from seqmesh.scheduler.plan import Plan, plan_from_assignment
 from seqmesh.trainer.build import build_model, build_optimizer
 from seqmesh.trainer.config import config_from_dict
 from seqmesh.trainer.data import num_targets, pack
 from seqmesh.trainer.loss import token_loss_sum
-from seqmesh.parallel.sequence import make_sp_batch
 from tests.distributed import run_distributed
 
 VOCAB = 97  # odd: TP=2 pads the last vocabulary shard
@@ -105,7 +105,7 @@ def _assemble(per_rank: list[list[tuple]]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _train(model, optimizer, runner, mesh: Mesh, steps: range, rank: int) -> list[dict]:
+def _train(model, optimizer, runner, mesh: Mesh, steps: range) -> list[dict]:
     """The loop's step (runner, reduce, clip, AdamW, weight sync) for ``steps``; each step's pieces, how many
     layer gathers were prefetched (launched asynchronously) against how many should have been, and the most
     layers whole at any gather."""
@@ -170,7 +170,7 @@ def _layouts(rank: int, world: int, layouts: list[tuple[int, int, int]]) -> dict
     out = {}
     for tp, pp, virtual in layouts:
         model, optimizer, runner, mesh = _build(world, rank, tp, pp, virtual)
-        out[tp, pp, virtual] = _train(model, optimizer, runner, mesh, range(2), rank)
+        out[tp, pp, virtual] = _train(model, optimizer, runner, mesh, range(2))
     return out
 
 
@@ -180,17 +180,17 @@ def _across_layouts(rank: int, world: int, tmp: str) -> dict:
     from seqmesh.trainer.reshard import load_resharded, save_resharded
 
     model, optimizer, runner, mesh = _build(world, rank, 2, 2)
-    first = _train(model, optimizer, runner, mesh, range(2), rank)
+    first = _train(model, optimizer, runner, mesh, range(2))
     save_resharded(f"{tmp}/a", 2, model, optimizer, mesh, {"extra": {"step": 2}})
     model, optimizer, runner, mesh = _build(world, rank, 1, 2, 2)
     assert load_resharded(f"{tmp}/a", model, optimizer, mesh)[0] == 2
     runner.sync_weights()
-    second = _train(model, optimizer, runner, mesh, range(2, 3), rank)
+    second = _train(model, optimizer, runner, mesh, range(2, 3))
     save_resharded(f"{tmp}/b", 3, model, optimizer, mesh, {"extra": {"step": 3}})
     model, optimizer, runner, mesh = _build(world, rank, 2, 2)
     assert load_resharded(f"{tmp}/b", model, optimizer, mesh)[0] == 3
     runner.sync_weights()
-    third = _train(model, optimizer, runner, mesh, range(3, 4), rank)
+    third = _train(model, optimizer, runner, mesh, range(3, 4))
     return {"trajectory": first + second + third}
 
 
@@ -266,8 +266,8 @@ def _check_trajectory(name: str, runs: list[list[dict]], plans: list[Plan | None
             tol = _update_tolerance(p.detach(), LR, delta[n], opt.state[p])
             err = (after[n] - p.detach()).abs()
             worst = int((err - tol).argmax())
-            assert bool((err <= tol).all()), (f"{name} step {step}: {n} updated off by {err.view(-1)[worst]:.3g} at "
-                                        f"element {worst}, allowed {tol.view(-1)[worst]:.3g}")
+            assert bool((err <= tol).all()), (f"{name} step {step}: {n} updated off by {err.view(-1)[worst]:.3g} "
+                                              f"at element {worst}, allowed {tol.view(-1)[worst]:.3g}")
 
 
 @pytest.mark.parametrize("world, layouts", [
