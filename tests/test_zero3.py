@@ -113,3 +113,7 @@ def test_zero3_unsupported_combinations_fail_clearly() -> None:
         config_from_dict({**base, "offload": {"target": "cpu"}, "parallel": {"zero_stage": 3}})
     with pytest.raises(ConfigError, match="zero_stage"):
         config_from_dict({**base, "parallel": {"zero_stage": 4}})
+    with pytest.raises(ConfigError, match="zero3_grad_reduce=step applies to parameter sharding only"):
+        config_from_dict({**base, "parallel": {"zero_stage": 2, "zero3_grad_reduce": "step"}})
+    with pytest.raises(ConfigError, match="choose one of auto, microbatch, step"):
+        config_from_dict({**base, "parallel": {"zero_stage": 3, "zero3_grad_reduce": "layer"}})

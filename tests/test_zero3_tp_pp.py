@@ -57,10 +57,10 @@ PLANS: dict[int, list[Plan]] = {
 }
 
 
-def _config(world: int, tp: int, pp: int, virtual: int = 1):
+def _config(world: int, tp: int, pp: int, virtual: int = 1, reduce: str = "auto"):
     return config_from_dict({"model": MODEL, "data": {"max_seq_len": 96},
                              "parallel": {"tp": tp, "pp": pp, "pp_virtual": virtual, "zero_stage": 3,
-                                          "sp_mode": "ulysses"},
+                                          "zero3_grad_reduce": reduce, "sp_mode": "ulysses"},
                              "launch": {"num_workers": world}, "optim": {"lr": LR, "eps": ADAM_EPS}})
 
 
@@ -107,8 +107,8 @@ def _assemble(per_rank: list[list[tuple]]) -> dict[str, torch.Tensor]:
 
 def _train(model, optimizer, runner, mesh: Mesh, steps: range) -> list[dict]:
     """The loop's step (runner, reduce, clip, AdamW, weight sync) for ``steps``; each step's pieces, how many
-    layer gathers were prefetched (launched asynchronously) against how many should have been, and the most
-    layers whole at any gather."""
+    layer gathers were prefetched (launched asynchronously) and layer gradients reduce-scattered during the
+    step's passes against how many should have been, and the most layers whole at any gather."""
     import torch.distributed as dist
 
     from seqmesh.trainer.microbatch import batch_layout
@@ -118,25 +118,31 @@ def _train(model, optimizer, runner, mesh: Mesh, steps: range) -> list[dict]:
     # Every pass (a chunk's forward or backward) prefetches each layer but its first; every HDP rank runs or
     # idles through every plan micro-batch, in each of its chunks.
     per_item = 2 * sum(len(c.model.layers) - 1 for c in chunks) if mesh.hdp > 1 else 0
-    gather = dist.all_gather_into_tensor
+    # Reduce-scatters inside the passes: one per layer and item, or none when they wait for the step's end.
+    scatters_per_item = 0 if optimizer.reduce_per_step or mesh.hdp == 1 else sum(len(c.model.layers) for c in chunks)
+    gather, scatter = dist.all_gather_into_tensor, dist.reduce_scatter_tensor
     records = []
     for step in steps:
         docs = _docs(step)
         before = _pieces(model, optimizer, mesh, grad=False)
-        launched, whole = [], []
+        launched, whole, scattered = [], [], []
 
         def counting(*args, **kwargs):
             launched.append(kwargs.get("async_op", False))
             whole.append(sum(1 for u in optimizer.units[:-1] if u.full.untyped_storage().nbytes()))
             return gather(*args, **kwargs)
 
-        dist.all_gather_into_tensor = counting
+        def counting_scatters(*args, **kwargs):
+            scattered.append(kwargs.get("group") is optimizer.group)  # TP's token reduce-scatters are not ZeRO's
+            return scatter(*args, **kwargs)
+
+        dist.all_gather_into_tensor, dist.reduce_scatter_tensor = counting, counting_scatters
         try:
             loss_sum = runner.run(PLANS[mesh.hdp][step], batch_layout(lambda g: [docs[s] for s in g.sequences],
                                                                       cfg.parallel, torch.device("cpu")),
                                   num_targets(STEP_LENGTHS[step]))
         finally:
-            dist.all_gather_into_tensor = gather
+            dist.all_gather_into_tensor, dist.reduce_scatter_tensor = gather, scatter
         loss_sum = runner.reduce(loss_sum)
         grads = _pieces(model, optimizer, mesh, grad=True)
         norm = optimizer.clip_grad_norm_(MAX_NORM)
@@ -148,15 +154,17 @@ def _train(model, optimizer, runner, mesh: Mesh, steps: range) -> list[dict]:
         records.append({"step": step, "loss": loss_sum.item() / num_targets(STEP_LENGTHS[step]), "norm": norm.item(),
                         "before": before, "grads": grads, "after": _pieces(model, optimizer, mesh, grad=False),
                         "prefetched": sum(launched), "to_prefetch": per_item * len(PLANS[mesh.hdp][step].microbatches),
+                        "scattered": sum(scattered),
+                        "to_scatter": scatters_per_item * len(PLANS[mesh.hdp][step].microbatches),
                         "most_layers_whole": max(whole, default=0)})
     return records
 
 
-def _build(world: int, rank: int, tp: int, pp: int, virtual: int = 1):
+def _build(world: int, rank: int, tp: int, pp: int, virtual: int = 1, reduce: str = "auto"):
     from seqmesh.trainer.build import build_parallel_model
     from seqmesh.trainer.loop import make_step_runner
 
-    cfg = _config(world, tp, pp, virtual)
+    cfg = _config(world, tp, pp, virtual, reduce)
     mesh = Mesh(world, rank, tp, pp)
     torch.manual_seed(0)
     model, optimizer, _ = build_parallel_model(cfg, VOCAB, mesh, torch.device("cpu"))
@@ -165,24 +173,24 @@ def _build(world: int, rank: int, tp: int, pp: int, virtual: int = 1):
     return model, optimizer, runner, mesh
 
 
-def _layouts(rank: int, world: int, layouts: list[tuple[int, int, int]]) -> dict:
-    """Two steps from the same initial model at each (tp, pp, virtual) layout of this world."""
+def _layouts(rank: int, world: int, layouts: list[tuple[int, int, int, str]]) -> dict:
+    """Two steps from the same initial model at each (tp, pp, virtual, zero3_grad_reduce) layout of this world."""
     out = {}
-    for tp, pp, virtual in layouts:
-        model, optimizer, runner, mesh = _build(world, rank, tp, pp, virtual)
-        out[tp, pp, virtual] = _train(model, optimizer, runner, mesh, range(2))
+    for layout in layouts:
+        model, optimizer, runner, mesh = _build(world, rank, *layout)
+        out[layout] = _train(model, optimizer, runner, mesh, range(2))
     return out
 
 
 def _across_layouts(rank: int, world: int, tmp: str) -> dict:
-    """(2, 2, 2): two steps, saved; (TP 1, PP 2 interleaved, HDP 4) resumes it, steps, saves; (2, 2, 2) resumes
-    that and steps."""
+    """(2, 2, 2): two steps, saved; (TP 1, PP 2 interleaved, HDP 4, gradients reduce-scattered per micro-batch)
+    resumes it, steps, saves; (2, 2, 2) resumes that and steps (reducing once per step, PP's default)."""
     from seqmesh.trainer.reshard import load_resharded, save_resharded
 
     model, optimizer, runner, mesh = _build(world, rank, 2, 2)
     first = _train(model, optimizer, runner, mesh, range(2))
     save_resharded(f"{tmp}/a", 2, model, optimizer, mesh, {"extra": {"step": 2}})
-    model, optimizer, runner, mesh = _build(world, rank, 1, 2, 2)
+    model, optimizer, runner, mesh = _build(world, rank, 1, 2, 2, "microbatch")
     assert load_resharded(f"{tmp}/a", model, optimizer, mesh)[0] == 2
     runner.sync_weights()
     second = _train(model, optimizer, runner, mesh, range(2, 3))
@@ -247,6 +255,7 @@ def _check_trajectory(name: str, runs: list[list[dict]], plans: list[Plan | None
                                        msg=lambda m, n=n: f"{name} step {step}: gradient of {n}: {m}")
         for r in per_rank:
             assert r["prefetched"] == r["to_prefetch"], (name, step, r["prefetched"], r["to_prefetch"])
+            assert r["scattered"] == r["to_scatter"], (name, step, r["scattered"], r["to_scatter"])
             assert r["most_layers_whole"] <= 2, (name, step, "more than the layer in use and the next one gathered")
         loss = per_rank[0]["loss"]
         assert all(r["loss"] == loss and r["norm"] == per_rank[0]["norm"] for r in per_rank), name
@@ -270,16 +279,19 @@ def _check_trajectory(name: str, runs: list[list[dict]], plans: list[Plan | None
                                               f"at element {worst}, allowed {tol.view(-1)[worst]:.3g}")
 
 
+# (tp, pp, virtual stages, parallel.zero3_grad_reduce) per world size: every (TP, PP, HDP) in {1, 2}^3 but
+# (2, 2, 2) (the cross-layout test), with the gradients reduced per micro-batch and per step at HDP 2 with and
+# without PP (auto: per step under PP).
 @pytest.mark.parametrize("world, layouts", [
-    (1, [(1, 1, 1)]),
-    (2, [(2, 1, 1), (1, 2, 1), (1, 1, 1)]),
-    (4, [(2, 2, 1), (2, 1, 1), (1, 2, 1)]),
+    (1, [(1, 1, 1, "auto")]),
+    (2, [(2, 1, 1, "auto"), (1, 2, 1, "auto"), (1, 1, 1, "auto"), (1, 1, 1, "step")]),
+    (4, [(2, 2, 1, "auto"), (2, 1, 1, "auto"), (1, 2, 1, "auto"), (1, 2, 1, "microbatch")]),
 ], ids=["world1", "world2", "world4"])
-def test_zero3_with_tp_and_pp_equals_one_process(world: int, layouts: list[tuple[int, int, int]]) -> None:
+def test_zero3_with_tp_and_pp_equals_one_process(world: int, layouts: list[tuple[int, int, int, str]]) -> None:
     per_rank = run_distributed(_layouts, world, layouts)
     for layout in layouts:
-        tp, pp, virtual = layout
-        _check_trajectory(f"tp{tp} pp{pp}{' v2' if virtual > 1 else ''} hdp{world // (tp * pp)}",
+        tp, pp, virtual, reduce = layout
+        _check_trajectory(f"tp{tp} pp{pp}{' v2' if virtual > 1 else ''} hdp{world // (tp * pp)} reduce={reduce}",
                           [r[layout] for r in per_rank], PLANS[world // (tp * pp)])
 
 

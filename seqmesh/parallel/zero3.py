@@ -13,23 +13,31 @@ ZeRO-2's and are reduce-scattered once by ``reduce_gradients``, after the step's
 A decoder layer runs through ``_GatheredLayer``: forward gathers the layer (``all_gather_into_tensor``),
 runs it without autograd and frees it; backward gathers it again, recomputes the layer with
 autograd, takes the gradients of its inputs and parameters, reduce-scatters the parameter gradients
-into this rank's ``shard_grad`` slice (which accumulates over the step's micro-batches) and frees
-the layer. ``step`` updates the shards only: nothing is gathered after it, so between steps a rank
-holds ``1/HDP`` of the parameters.
+into this rank's ``shard_grad`` slice (which accumulates over the step's micro-batches; or keeps
+them for one reduce-scatter per step, below) and frees the layer. ``step`` updates the shards
+only: nothing is gathered after it, so between steps a rank holds ``1/HDP`` of the parameters.
 
 Prefetch. While a layer computes, the gather of the layer its pass uses next (the next one in
 forward, the previous one in backward, within one pipeline chunk) is already in flight
 (``async_op``), so on GPUs the transfer hides behind the layer's compute; at most two layers are
-whole at a time. Why not reduce-scatter a layer's gradient only once per step: its full gradient
-would then have to live, for every layer, from the layer's first backward to the step's end -- the
-memory ZeRO-3 exists to save; the per-micro-batch reduce-scatter costs one more transfer of the
-layer's weights per micro-batch (three instead of two).
+whole at a time.
+
+When layer gradients are reduced (``parallel.zero3_grad_reduce``). ``microbatch``: inside every
+backward of the layer, as above -- a layer's gradient is never whole beyond its own backward, at
+the price of one more transfer of its weights per micro-batch (three instead of two). ``step``
+(``reduce_per_step``): each layer's full gradient accumulates over the step's micro-batches and
+is reduce-scattered once, after the last one (``reduce_gradients``), as PyTorch's pipelining does
+with FSDP2 (no gradient sync but on the last backward) -- two transfers per micro-batch plus one
+per step, for a full gradient of every layer the rank holds. Under a pipeline, where a rank holds
+only its stages' layers and 1F1B needs many micro-batches, that trade is the better one (``auto``
+picks ``step`` there, ``microbatch`` without PP).
 
 Alignment. The gathers and reduce-scatters are collectives over the whole HDP group, but the plan
 gives ranks different numbers of micro-batches. The step loop therefore walks plan positions
 (micro-batch k is item k on every HDP rank, as the pipeline does) and a rank that sits micro-batch
 k out calls ``idle_item``: every layer's forward gather, then every layer's backward gather and a
-reduce-scatter of zeros, in the order (prefetches included) an active rank issues them.
+reduce-scatter of zeros (per-micro-batch reduction only), in the order (prefetches included) an
+active rank issues them.
 
 Tensor parallelism. The model handed over is this rank's TP shard; each of its units is sharded
 over the rank's HDP group (the ranks of the same TP index), so a rank holds ``1/(TP x HDP)`` of
@@ -60,9 +68,10 @@ collectives, and reuses the ZeRO-1/2 norm, checkpoint and optimizer paths unchan
 
 Cost. Each layer runs forward twice (activation checkpointing's 4/3 of the compute, which long
 contexts pay anyway) and its weights cross the HDP group three times per micro-batch (two gathers,
-one reduce-scatter). Limits: no activation offload and no activation checkpointing (the config
-refuses them: the layers recompute anyway); ``parallel.overlap_grad_reduce`` does not apply (the
-layers reduce inside their own backward).
+one reduce-scatter; with per-step reduction the reduce-scatter once per step). Limits: no
+activation offload and no activation checkpointing (the config refuses them: the layers recompute
+anyway); ``parallel.overlap_grad_reduce`` does not apply (the layers reduce in their own backward,
+or all at once after the step's last one).
 """
 
 from __future__ import annotations
@@ -95,6 +104,7 @@ class _Unit:
     next_forward: "_Unit | None" = None
     next_backward: "_Unit | None" = None
     pending: "dist.Work | None" = None  # a prefetch in flight
+    grad: Tensor | None = None  # the step's full gradient, accumulated over micro-batches (per-step reduction)
 
 
 def _release(t: Tensor) -> None:
@@ -129,13 +139,17 @@ class Zero3Optimizer(ZeroOptimizer):
         tensor_parallel: the model's TP description (``tensor.tensor_parallel(model)``, narrowed to what
             the rank holds): the gradients of its TP-replicated parameters are summed over TP in the shard,
             and TP ranks other than the writer leave them out of the norm. None without TP.
+        reduce_per_step: accumulate each layer's full gradient over the step's micro-batches and
+            reduce-scatter it once in ``reduce_gradients`` (``parallel.zero3_grad_reduce=step``), instead of
+            inside every backward of the layer (see the module docstring).
     """
 
     def __init__(self, model: nn.Module, param_groups: list[dict[str, Any]], make_optimizer: MakeOptimizer, *,
                  device: torch.device, group: dist.ProcessGroup | None = None, align: int = 128,
-                 tp_group: dist.ProcessGroup | None = None, tensor_parallel: TensorParallel | None = None) -> None:
+                 tp_group: dist.ProcessGroup | None = None, tensor_parallel: TensorParallel | None = None,
+                 reduce_per_step: bool = False) -> None:
         self.stage, self.group, self.tp_group, self.align = 3, group, tp_group, align
-        self.tensor_parallel = tensor_parallel
+        self.tensor_parallel, self.reduce_per_step = tensor_parallel, reduce_per_step
         self.world, self.rank = _world(group)
         # Layers reduce-scatter their gradients inside their own backward already; the root unit's are
         # reduced once after backward (``reduce_gradients``), so there is no bucketed reduction to overlap.
@@ -275,10 +289,16 @@ class Zero3Optimizer(ZeroOptimizer):
         """Sum the unit's full gradients (None: zero) over HDP into this rank's ``shard_grad`` slice."""
         if not unit.shard_size:
             return
+        self._reduce_scatter_flat(unit, self._flat_grad(unit, grads))
+
+    def _flat_grad(self, unit: _Unit, grads: list[Tensor | None]) -> Tensor:
         full = torch.zeros_like(unit.full)
         for p, o, g in zip(unit.params, unit.offsets, grads):
             if g is not None:
                 full[o:o + p.numel()].copy_(g.reshape(-1))
+        return full
+
+    def _reduce_scatter_flat(self, unit: _Unit, full: Tensor) -> None:
         out = self._slice(unit, self.shard_grad)
         if self.world == 1:
             out.add_(full)
@@ -286,6 +306,20 @@ class Zero3Optimizer(ZeroOptimizer):
         part = torch.empty_like(out)
         dist.reduce_scatter_tensor(part, full, op=dist.ReduceOp.SUM, group=self.group)
         out.add_(part)
+
+    @torch.no_grad()
+    def layer_gradients(self, unit: _Unit, grads: list[Tensor | None]) -> None:
+        """One backward's gradients of a layer: reduce-scattered now, or added to the step's full gradient
+        (``reduce_per_step``), which ``reduce_gradients`` reduce-scatters after the last micro-batch."""
+        if not self.reduce_per_step:
+            self.reduce_scatter(unit, grads)
+        elif unit.shard_size:
+            if unit.grad is None:
+                unit.grad = self._flat_grad(unit, grads)
+            else:
+                for p, o, g in zip(unit.params, unit.offsets, grads):
+                    if g is not None:
+                        unit.grad[o:o + p.numel()].add_(g.reshape(-1))
 
     def begin_step(self) -> None:
         """Gather the root unit (embeddings, final norm, head) for the step's forwards and backwards."""
@@ -303,12 +337,12 @@ class Zero3Optimizer(ZeroOptimizer):
 
     def idle_layers(self, layers: Sequence[nn.Module], backward: bool) -> None:
         """Take part in one forward (``backward`` False) or backward of ``layers`` without work: the gathers,
-        and in backward the zero reduce-scatters, in the order an active rank issues them (forward: the
-        layers' order; backward: reversed)."""
+        and in backward the zero reduce-scatters (none with ``reduce_per_step``), in the order an active rank
+        issues them (forward: the layers' order; backward: reversed)."""
         for layer in reversed(layers) if backward else layers:
             unit = self._unit_of[id(layer)]
             self.gather(unit, unit.next_backward if backward else unit.next_forward)
-            if backward:
+            if backward and not self.reduce_per_step:
                 self.reduce_scatter(unit, [None] * len(unit.params))
             self.free(unit)
 
@@ -319,8 +353,15 @@ class Zero3Optimizer(ZeroOptimizer):
         self.idle_layers(self.layers, backward=True)
 
     def reduce_gradients(self) -> None:
-        """Reduce-scatter the root's accumulated gradients into its shard and free the root (layers are done);
-        then sum the shard's pieces of TP-replicated parameters over TP (one all-reduce)."""
+        """Reduce-scatter the root's accumulated gradients into its shard and free the root (with
+        ``reduce_per_step`` also every layer's, in registration order, zeros where a rank ran none); then sum
+        the shard's pieces of TP-replicated parameters over TP (one all-reduce)."""
+        if self.reduce_per_step:
+            for unit in self.units[:-1]:
+                if unit.shard_size:
+                    grad = unit.grad if unit.grad is not None else torch.zeros_like(unit.full)
+                    self._reduce_scatter_flat(unit, grad)
+                unit.grad = None
         root = self.root
         self.reduce_scatter(root, [p.grad for p in root.params])
         for p in root.params:
@@ -382,7 +423,7 @@ class _GatheredLayer(torch.autograd.Function):
         with torch.enable_grad(), torch.autocast(device, enabled=enabled, dtype=dtype):
             out = ctx.run(*args)
         grads = torch.autograd.grad(out, [args[i] for i in wants] + unit.params, grad_out, allow_unused=True)
-        zero.reduce_scatter(unit, list(grads[len(wants):]))
+        zero.layer_gradients(unit, list(grads[len(wants):]))
         zero.free(unit)
         of_input = dict(zip(wants, grads[:len(wants)]))
         return (None, None, None, *(of_input.get(i) for i in range(len(args))))
