@@ -17,12 +17,13 @@ step (or a checkpoint load) makes copies of shared weights equal again (``sync_w
   are reduced after the pipeline (1F1B interleaves a stage's last backward with other micro-batches'
   sends, and the tied gradient is summed after it), so the trainer builds its optimizer without overlap.
   Under ZeRO-3 a placeholder item is not skipped by the stage's layer collectives: where the schedule
-  would run it, the rank joins that chunk's gathers (and, in backward, reduce-scatters) empty.
+  would run it, the rank joins that chunk's gathers (and, in backward, per-micro-batch reduce-scatters)
+  empty.
 
 TP-replicated parameters' partial gradients are summed over TP once per step, after the last
-backward: on the parameters' gradients (ZeRO 0-2, ``reduce_tensor_parallel_gradients``), or on
-the pieces of the gradient shard under ZeRO-3, whose layer gradients never exist whole after a
-layer's backward (``Zero3Optimizer.reduce_gradients``).
+backward: on the parameters' gradients (ZeRO 0-2, ``reduce_tensor_parallel_gradients``), or, under
+ZeRO-3, whose layer gradients are reduce-scattered over HDP before (in each backward or once per
+step), on the pieces of the gradient shard (``Zero3Optimizer.reduce_gradients``).
 
 The runner knows nothing of data or configs: the trainer passes what is its own as callables --
 ``layout(group, process_group)`` packs a group's documents and lays them out over the group's SP
