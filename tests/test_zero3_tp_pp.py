@@ -13,6 +13,11 @@ into full tensors here and compared with one process at the same parameters:
   before each step) and the run's updated parameters must lie within what the gradients' rounding
   can move Adam's step (``_update_tolerance``), element by element.
 
+Both ways of reducing layer gradients run (``parallel.zero3_grad_reduce``: in every backward, or once
+per step), with and without PP; each step also counts the prefetched layer gathers and the
+reduce-scatters issued during the passes (active and idle ranks alike), checks that at most two
+layers were whole at any gather and that no parameter holds storage between steps.
+
 The model has tied embeddings (the pipeline's last stage keeps a whole copy, re-sent after every
 step), a vocabulary TP does not divide (padding rows) and one KV head (TP replicates it on both
 ranks, so its gradient is summed over TP inside ZeRO-3's shard). The (2, 2, 2) run also saves a
