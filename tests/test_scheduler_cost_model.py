@@ -102,6 +102,13 @@ def test_default_cost_model_is_flops_over_rate():
     assert ckpt.capacity(1) > cm.capacity(1)  # checkpointing trades time for memory
     with pytest.raises(ValueError, match="device_flops=0"):
         default_cost_model(params=7e9, hidden_size=4096, num_layers=32, device_flops=0, mem_limit_bytes=80e9)
+    # ZeRO-3 reducing once per step keeps the rank's full fp32 gradients: 4 bytes per parameter, not 4 / 8.
+    whole = default_cost_model(params=7e9, hidden_size=4096, num_layers=32, device_flops=500e12,
+                               mem_limit_bytes=80e9, dp_shards=8, checkpointing=False, whole_grads=True)
+    assert whole.mem_static_bytes == pytest.approx(12 * 7e9 / 8 + 4 * 7e9)
+    with pytest.raises(ValueError, match="whole_grads describes fully sharded states"):
+        default_cost_model(params=7e9, hidden_size=4096, num_layers=32, device_flops=500e12, mem_limit_bytes=80e9,
+                           zero_stage=1, whole_grads=True)
 
 
 def test_lower_bound_is_the_issue_definition():

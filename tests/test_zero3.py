@@ -106,13 +106,14 @@ def test_zero3_hdp2_adaptive_equals_one_process_resumes_and_shards_memory(worksp
 
 def test_zero3_unsupported_combinations_fail_clearly() -> None:
     base = {"model": MODEL, "launch": {"num_workers": 4}}
-    with pytest.raises(ConfigError, match="zero_stage=3 with parallel.tp=1, parallel.pp=2"):
-        config_from_dict({**base, "parallel": {"pp": 2, "zero_stage": 3}})
-    with pytest.raises(ConfigError, match="zero_stage=3 with parallel.tp=2, parallel.pp=1"):
-        config_from_dict({**base, "parallel": {"tp": 2, "zero_stage": 3}})
+    config_from_dict({**base, "parallel": {"tp": 2, "pp": 2, "zero_stage": 3}})  # composes (test_zero3_tp_pp.py)
     with pytest.raises(ConfigError, match="activation_checkpointing=false"):
         config_from_dict({**base, "model": {**MODEL, "activation_checkpointing": True}, "parallel": {"zero_stage": 3}})
     with pytest.raises(ConfigError, match="offload.target=none"):
         config_from_dict({**base, "offload": {"target": "cpu"}, "parallel": {"zero_stage": 3}})
     with pytest.raises(ConfigError, match="zero_stage"):
         config_from_dict({**base, "parallel": {"zero_stage": 4}})
+    with pytest.raises(ConfigError, match="zero3_grad_reduce=step applies to parameter sharding only"):
+        config_from_dict({**base, "parallel": {"zero_stage": 2, "zero3_grad_reduce": "step"}})
+    with pytest.raises(ConfigError, match="choose one of auto, microbatch, step"):
+        config_from_dict({**base, "parallel": {"zero_stage": 3, "zero3_grad_reduce": "layer"}})

@@ -259,7 +259,8 @@ def _ops(num_items: int, pp: int, p: int, chunks: int) -> Iterator[tuple[str, in
 def run_pipeline(chunks: list[PipelineStage], microbatches: list[StageMicroBatch | None], loss_fn: LossFn,
                  denominator: int, stage_ranks: list[int], activation_dtype: torch.dtype,
                  channels: Channels | None = None,
-                 forward_context: Callable[[], ContextManager] = nullcontext) -> torch.Tensor:
+                 forward_context: Callable[[], ContextManager] = nullcontext,
+                 idle: Callable[[str, int], None] | None = None) -> torch.Tensor:
     """Forward and backward of ``microbatches`` through this rank's model chunks; gradients accumulate.
 
     ``chunks[c]`` is virtual stage ``c * pp + pp_rank`` (one chunk: plain 1F1B, several: interleaved
@@ -270,6 +271,9 @@ def run_pipeline(chunks: list[PipelineStage], microbatches: list[StageMicroBatch
     and all of them skip it (no compute, no message). ``forward_context`` wraps each forward and
     loss (autocast), never a backward. ``channels[2 * gradient + sender % 2]`` is the group of a
     message (see the module docstring; None: the default group for all, enough on gloo).
+    ``idle(op, c)`` is called where a placeholder of the plan (not one padding a round) would run op
+    "F" or "B" of chunk ``c``: ZeRO-3 joins the chunk's layer collectives there, which the same stage's
+    other HDP ranks issue at the same position of the same schedule.
     Returns the summed (undivided) loss on the rank holding the last virtual stage, zero elsewhere.
     """
     pp = len(stage_ranks)
@@ -291,6 +295,8 @@ def run_pipeline(chunks: list[PipelineStage], microbatches: list[StageMicroBatch
     for op, c, i, m in _ops(len(microbatches), pp, p, len(chunks)):
         mb = microbatches[i] if i < len(microbatches) else None
         if mb is None:
+            if idle is not None and i < len(microbatches):
+                idle(op, c)
             continue
         stage, vs = chunks[c], chunks[c].stage
         prev_rank, next_rank = stage_ranks[(vs - 1) % pp], stage_ranks[(vs + 1) % pp]

@@ -16,6 +16,14 @@ step (or a checkpoint load) makes copies of shared weights equal again (``sync_w
   before the HDP reduction, and its updated weight sent back to the copy after the step. Its buckets
   are reduced after the pipeline (1F1B interleaves a stage's last backward with other micro-batches'
   sends, and the tied gradient is summed after it), so the trainer builds its optimizer without overlap.
+  Under ZeRO-3 a placeholder item is not skipped by the stage's layer collectives: where the schedule
+  would run it, the rank joins that chunk's gathers (and, in backward, per-micro-batch reduce-scatters)
+  empty.
+
+TP-replicated parameters' partial gradients are summed over TP once per step, after the last
+backward: on the parameters' gradients (ZeRO 0-2, ``reduce_tensor_parallel_gradients``), or, under
+ZeRO-3, whose layer gradients are reduce-scattered over HDP before (in each backward or once per
+step), on the pieces of the gradient shard (``Zero3Optimizer.reduce_gradients``).
 
 The runner knows nothing of data or configs: the trainer passes what is its own as callables --
 ``layout(group, process_group)`` packs a group's documents and lays them out over the group's SP
@@ -156,7 +164,8 @@ class LocalRunner:
         return loss_sum
 
     def reduce(self, loss_sum: torch.Tensor) -> torch.Tensor:
-        reduce_tensor_parallel_gradients(self.model)
+        if not self.optimizer.shards_params:  # ZeRO-3 sums TP copies in its shard
+            reduce_tensor_parallel_gradients(self.model)
         self.optimizer.reduce_gradients()
         dist.all_reduce(loss_sum, group=self.mesh.hdp_group)
         return loss_sum
@@ -185,7 +194,8 @@ class PipelineRunner:
 
     A placeholder item (the rank's HDP index sits the micro-batch out) is skipped by every stage of
     the pipeline line -- all of them hold the same HDP index and walk the same plan, so they agree:
-    no compute, no message. One span covers the whole pipeline (groups interleave, none runs alone).
+    no compute, no message (under ZeRO-3 only the layer collectives over HDP, ``Zero3Optimizer.idle_layers``).
+    One span covers the whole pipeline (groups interleave, none runs alone).
     """
 
     group_spans = False
@@ -198,15 +208,23 @@ class PipelineRunner:
     def run(self, plan: Plan, layout: Layout, denominator: int, span: Span = _no_span) -> torch.Tensor:
         mesh = self.mesh
         mesh.ensure_sp_groups((g.first, g.count) for mb in plan.microbatches for g in mb.groups)
+        idle = None
+        if isinstance(self.optimizer, Zero3Optimizer):
+            zero, chunks = self.optimizer, self.model.chunks
+            zero.begin_step()  # gathers the root unit (this rank's embedding, or final norm and head)
+
+            def idle(op: str, chunk: int) -> None:
+                zero.idle_layers(list(chunks[chunk].model.layers.values()), backward=op == "B")
         with span("group"):
             items = [None if g is None else layout(g, mesh.sp_group(g.first, g.count))
                      for g in aligned_items(plan, mesh.hdp_rank)]
             return run_pipeline(self.model.chunks, items, self.loss_fn, denominator, mesh.pp_ranks(),
                                 activation_dtype=next(self.model.parameters()).dtype,
-                                channels=mesh.pipeline_channels, forward_context=self.forward_context)
+                                channels=mesh.pipeline_channels, forward_context=self.forward_context, idle=idle)
 
     def reduce(self, loss_sum: torch.Tensor) -> torch.Tensor:
-        reduce_tensor_parallel_gradients(self.model)
+        if not self.optimizer.shards_params:  # ZeRO-3 sums TP copies in its shard
+            reduce_tensor_parallel_gradients(self.model)
         self.model.reduce_tied_gradient()
         self.optimizer.reduce_gradients()
         # The last stage holds the loss, once per TP group; everyone gets it.
@@ -216,5 +234,11 @@ class PipelineRunner:
         return loss_sum
 
     def sync_weights(self) -> None:
-        """The owner's (first stage's) tied embedding to the last stage's copy."""
-        self.model.sync_tied_weight()
+        """The owner's (first stage's) tied embedding to the last stage's copy; under ZeRO-3 the owner's HDP
+        ranks gather it for the send (between steps they hold only their shards)."""
+        if isinstance(self.optimizer, Zero3Optimizer) and self.model.tied_weight is not None \
+                and self.model.chunks[0].is_first:
+            with self.optimizer.root_gathered():
+                self.model.sync_tied_weight()
+        else:
+            self.model.sync_tied_weight()

@@ -46,6 +46,7 @@ tokens) and one fused loss on plain tensors -- which also run unchanged on gloo 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -400,29 +401,40 @@ def reduce_tensor_parallel_gradients(model: nn.Module) -> None:
     tp = tensor_parallel(model)
     if tp is None:
         return
-    params = tp.replicated + tp.kv_shared
-    for p in params:
+    for p in tp.replicated + tp.kv_shared:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
+    sum_tensor_parallel_copies(tp, [p.grad for p in tp.replicated], [p.grad for p in tp.kv_shared])
+
+
+@torch.no_grad()
+def sum_tensor_parallel_copies(tp: TensorParallel, replicated: Sequence[Tensor], kv_shared: Sequence[Tensor]) -> None:
+    """Sum, in place and in one all-reduce over ``tp.group``, tensors that every TP rank holds for a replicated
+    parameter (summed over all TP ranks) and for a shared KV head's (summed over the ``tp.kv_copies`` ranks
+    sharing it).
+
+    The tensors may be whole gradients or any same-placed part of them (ZeRO-3 passes the pieces of its
+    gradient shard), provided every TP rank passes the same shapes in the same order.
+    """
     # A replicated KV head's gradient goes to its own slot of a [kv heads, ...] layout, zeros elsewhere,
     # so one all-reduce over the whole TP group sums it over exactly the ranks that share it.
     slots = tp.size // tp.kv_copies
     slot = tp.rank // tp.kv_copies
     spread = []
-    for p in tp.kv_shared:
-        full = p.grad.new_zeros((slots, *p.shape))
-        full[slot] = p.grad
+    for t in kv_shared:
+        full = t.new_zeros((slots, *t.shape))
+        full[slot] = t
         spread.append(full)
-    pieces = [p.grad for p in tp.replicated] + spread
+    pieces = list(replicated) + spread
     if not pieces:
         return
     flat = torch.cat([t.reshape(-1) for t in pieces])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=tp.group)
     reduced = flat.split([t.numel() for t in pieces])
-    for p, r in zip(tp.replicated, reduced):
-        p.grad.copy_(r.view_as(p))
-    for p, r in zip(tp.kv_shared, reduced[len(tp.replicated):]):
-        p.grad.copy_(r.view(slots, *p.shape)[slot])
+    for t, r in zip(replicated, reduced):
+        t.copy_(r.view_as(t))
+    for t, r in zip(kv_shared, reduced[len(replicated):]):
+        t.copy_(r.view(slots, *t.shape)[slot])
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

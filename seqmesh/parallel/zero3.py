@@ -9,18 +9,53 @@ so checkpoints, the cost model and FLOP counts see the same model) as views of a
 buffer whose storage is released (``resize_(0)``) whenever the unit is not in use.
 
 Per step. ``begin_step`` gathers the root unit for the whole step (its gradients accumulate like
-ZeRO-2's and are reduce-scattered once by ``reduce_gradients``). A decoder layer runs through
-``_GatheredLayer``: forward gathers the layer (``all_gather_into_tensor``), runs it without
-autograd and frees it; backward gathers it again, recomputes the layer with autograd, takes the
-gradients of its inputs and parameters, reduce-scatters the parameter gradients into this rank's
-``shard_grad`` slice and frees the layer. ``step`` updates the shards only: nothing is gathered
-after it, so between steps a rank holds ``1/HDP`` of the parameters.
+ZeRO-2's and are reduce-scattered once by ``reduce_gradients``, after the step's last micro-batch).
+A decoder layer runs through ``_GatheredLayer``: forward gathers the layer (``all_gather_into_tensor``),
+runs it without autograd and frees it; backward gathers it again, recomputes the layer with
+autograd, takes the gradients of its inputs and parameters, reduce-scatters the parameter gradients
+into this rank's ``shard_grad`` slice (which accumulates over the step's micro-batches; or keeps
+them for one reduce-scatter per step, below) and frees the layer. ``step`` updates the shards
+only: nothing is gathered after it, so between steps a rank holds ``1/HDP`` of the parameters.
+
+Prefetch. While a layer computes, the gather of the layer its pass uses next (the next one in
+forward, the previous one in backward, within one pipeline chunk) is already in flight
+(``async_op``), so on GPUs the transfer hides behind the layer's compute; at most two layers are
+whole at a time.
+
+When layer gradients are reduced (``parallel.zero3_grad_reduce``). ``microbatch``: inside every
+backward of the layer, as above -- a layer's gradient is never whole beyond its own backward, at
+the price of one more transfer of its weights per micro-batch (three instead of two). ``step``
+(``reduce_per_step``): each layer's full gradient accumulates over the step's micro-batches and
+is reduce-scattered once, after the last one (``reduce_gradients``), as PyTorch's pipelining does
+with FSDP2 (no gradient sync but on the last backward) -- two transfers per micro-batch plus one
+per step, for a full gradient of every layer the rank holds. Under a pipeline, where a rank holds
+only its stages' layers and 1F1B needs many micro-batches, that trade is the better one (``auto``
+picks ``step`` there, ``microbatch`` without PP).
 
 Alignment. The gathers and reduce-scatters are collectives over the whole HDP group, but the plan
 gives ranks different numbers of micro-batches. The step loop therefore walks plan positions
 (micro-batch k is item k on every HDP rank, as the pipeline does) and a rank that sits micro-batch
 k out calls ``idle_item``: every layer's forward gather, then every layer's backward gather and a
-reduce-scatter of zeros, in the order an active rank issues them.
+reduce-scatter of zeros (per-micro-batch reduction only), in the order (prefetches included) an
+active rank issues them.
+
+Tensor parallelism. The model handed over is this rank's TP shard; each of its units is sharded
+over the rank's HDP group (the ranks of the same TP index), so a rank holds ``1/(TP x HDP)`` of
+every layer. TP gives every rank of a TP group the same local shapes, so the units' flat spaces
+and their HDP slices coincide across TP ranks, and the partial gradients of TP-replicated
+parameters (norm gains, a KV head several TP ranks share) are summed over TP on the pieces of the
+gradient shard, once per step after the HDP reductions (``reduce_gradients``); the global norm
+leaves out the copies the other TP ranks count.
+
+Pipeline parallelism. The model is the rank's ``PipelineModel``: its units are its chunks' layers
+plus a root of what its stages hold besides layers (the embedding on the first stage, the final
+norm and head on the last, nothing in between), sharded over the HDP group of its stage. The
+pipeline runner calls ``begin_step`` before its schedule and, where its schedule meets a
+placeholder of the plan (this HDP index sits the micro-batch out), ``idle_layers`` with that op's
+chunk: every HDP rank of a stage walks the same schedule, so the stage's collectives line up
+under 1F1B and interleaved 1F1B alike. A tied embedding's copy on the last stage stays whole (as
+without ZeRO-3, it is not the optimizer's); after each step the first stage's HDP ranks gather
+their root to send the owner's weight to it (``root_gathered``).
 
 Why seqmesh's own sharding and not FSDP2 (``fully_shard``): FSDP2 turns parameters into DTensors,
 which ``reshard.py``'s layout-free checkpoints, ``FP8AdamW``'s block/``index_offset`` placement
@@ -33,13 +68,16 @@ collectives, and reuses the ZeRO-1/2 norm, checkpoint and optimizer paths unchan
 
 Cost. Each layer runs forward twice (activation checkpointing's 4/3 of the compute, which long
 contexts pay anyway) and its weights cross the HDP group three times per micro-batch (two gathers,
-one reduce-scatter). Limits: one TP/PP layout (tp = pp = 1) and no activation offload; the config
-refuses the others.
+one reduce-scatter; with per-step reduction the reduce-scatter once per step). Limits: no
+activation offload and no activation checkpointing (the config refuses them: the layers recompute
+anyway); ``parallel.overlap_grad_reduce`` does not apply (the layers reduce in their own backward,
+or all at once after the step's last one).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +86,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from seqmesh.parallel.shard_spec import FlatShard
+from seqmesh.parallel.tensor import TensorParallel, sum_tensor_parallel_copies
 from seqmesh.parallel.zero import MakeOptimizer, ZeroOptimizer, _round_up, _world
 
 
@@ -60,10 +99,31 @@ class _Unit:
     shard_size: int  # elements of the unit each rank holds
     local: int  # start of this rank's slice in the local shard buffer
     full: Tensor = field(default=None)  # the gathered flat space; storage released while unused
+    # The unit the same pass uses next (the next layer of the same pipeline chunk in forward, the previous one
+    # in backward), prefetched while this one computes; None at a chunk's end.
+    next_forward: "_Unit | None" = None
+    next_backward: "_Unit | None" = None
+    pending: "dist.Work | None" = None  # a prefetch in flight
+    grad: Tensor | None = None  # the step's full gradient, accumulated over micro-batches (per-step reduction)
 
 
 def _release(t: Tensor) -> None:
     t.untyped_storage().resize_(0)
+
+
+def _registered_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers as registered: a list, or a pipeline rank's ``ModuleDict`` keyed by layer index."""
+    layers = model.model.layers
+    return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
+
+
+def _passes(model: nn.Module) -> list[list[nn.Module]]:
+    """The layer sequences one forward runs through: the whole model, or each pipeline chunk's layers
+    (``PipelineModel.chunks``: a chunk's forward and backward are separate schedule ops)."""
+    chunks = getattr(model, "chunks", None)
+    if chunks is None:
+        return [_registered_layers(model)]
+    return [list(chunk.model.layers.values()) for chunk in chunks]
 
 
 class Zero3Optimizer(ZeroOptimizer):
@@ -71,15 +131,26 @@ class Zero3Optimizer(ZeroOptimizer):
 
     Args:
         model: the model on the host (or any device); its shards, gathers and buffers go to ``device``.
+            It may be tensor parallel (its TP shard is sharded further) and a pipeline rank's
+            ``PipelineModel`` (its stages' layers; ``model.parameters()`` are the ones the rank owns).
         param_groups, make_optimizer, group, align: as for ``ZeroOptimizer``; the inner optimizer
             gets one param group per given group, holding this rank's slice of each unit.
+        tp_group: the group the global gradient norm also sums over (TP, or PP x TP under a pipeline).
+        tensor_parallel: the model's TP description (``tensor.tensor_parallel(model)``, narrowed to what
+            the rank holds): the gradients of its TP-replicated parameters are summed over TP in the shard,
+            and TP ranks other than the writer leave them out of the norm. None without TP.
+        reduce_per_step: accumulate each layer's full gradient over the step's micro-batches and
+            reduce-scatter it once in ``reduce_gradients`` (``parallel.zero3_grad_reduce=step``), instead of
+            inside every backward of the layer (see the module docstring).
     """
 
     def __init__(self, model: nn.Module, param_groups: list[dict[str, Any]], make_optimizer: MakeOptimizer, *,
-                 device: torch.device, group: dist.ProcessGroup | None = None, align: int = 128) -> None:
-        self.stage, self.group, self.tp_group, self.align = 3, group, None, align
+                 device: torch.device, group: dist.ProcessGroup | None = None, align: int = 128,
+                 tp_group: dist.ProcessGroup | None = None, tensor_parallel: TensorParallel | None = None,
+                 reduce_per_step: bool = False) -> None:
+        self.stage, self.group, self.tp_group, self.align = 3, group, tp_group, align
+        self.tensor_parallel, self.reduce_per_step = tensor_parallel, reduce_per_step
         self.world, self.rank = _world(group)
-        self._excluded_local: list[tuple[int, int]] = []
         # Layers reduce-scatter their gradients inside their own backward already; the root unit's are
         # reduced once after backward (``reduce_gradients``), so there is no bucketed reduction to overlap.
         self.reduction = None
@@ -93,7 +164,7 @@ class Zero3Optimizer(ZeroOptimizer):
                              f"got {sorted(map(str, kinds))}")
         dtype, = kinds
         group_of = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
-        layers = list(model.model.layers)
+        layers = _registered_layers(model)
         in_layer = {id(p) for layer in layers for p in layer.parameters()}
         members = [list(layer.parameters()) for layer in layers]
         members.append([p for p in self.params if id(p) not in in_layer])
@@ -143,6 +214,17 @@ class Zero3Optimizer(ZeroOptimizer):
             for name, buf in module._buffers.items():
                 if buf is not None:
                     module._buffers[name] = buf.to(device)
+        # Where in ``shard_grad`` each parameter's elements lie (the same places on every TP rank: TP gives
+        # every rank the same local shapes, so the units' flat spaces coincide).
+        placed = [(p, start + pos, start + pos + hi - lo)
+                  for g in range(len(groups)) for (start, _), member in zip(pieces[g], self._piece_members[g])
+                  for p, lo, hi, pos in member]
+        excluded = set() if tensor_parallel is None else {id(p) for p in tensor_parallel.norm_excluded()}
+        self._excluded_local = [(a, b) for p, a, b in placed if id(p) in excluded]
+        replicated = set() if tensor_parallel is None else {id(p) for p in tensor_parallel.replicated}
+        kv_shared = set() if tensor_parallel is None else {id(p) for p in tensor_parallel.kv_shared}
+        self._tp_replicated = [(a, b) for p, a, b in placed if id(p) in replicated]
+        self._tp_kv_shared = [(a, b) for p, a, b in placed if id(p) in kv_shared]
         inner = []
         for g, opts in enumerate(groups):
             tensors = []
@@ -153,6 +235,12 @@ class Zero3Optimizer(ZeroOptimizer):
             inner.append({**opts, "params": tensors})
         self.optimizer = make_optimizer(inner)
         self.root = self.units[-1]
+        self.layers = layers
+        self._unit_of = {id(layer): unit for layer, unit in zip(layers, self.units)}
+        for run in _passes(model):
+            units = [self._unit_of[id(layer)] for layer in run]
+            for a, b in zip(units, units[1:]):
+                a.next_forward, b.next_backward = b, a
         for layer, unit in zip(layers, self.units):
             layer.forward = _sharded_forward(self, unit, layer.forward)
 
@@ -171,13 +259,27 @@ class Zero3Optimizer(ZeroOptimizer):
         return t[unit.local:unit.local + unit.shard_size]
 
     @torch.no_grad()
-    def gather(self, unit: _Unit) -> None:
-        """Bring the whole unit into its full buffer (a collective over HDP)."""
+    def gather(self, unit: _Unit, prefetch: _Unit | None = None) -> None:
+        """Bring the whole unit into its full buffer (a collective over HDP; nothing for a unit without
+        parameters, such as a middle pipeline stage's root, on every HDP rank of that stage alike), waiting
+        for its prefetch if one is in flight; then start gathering ``prefetch`` (the unit used next)."""
+        if unit.pending is not None:
+            unit.pending.wait()
+            unit.pending = None
+        else:
+            self._launch(unit, async_op=False)
+        if prefetch is not None and prefetch.pending is None and self.world > 1:
+            prefetch.pending = self._launch(prefetch, async_op=True)
+
+    def _launch(self, unit: _Unit, async_op: bool) -> "dist.Work | None":
+        if not unit.shard_size:
+            return None
         unit.full.untyped_storage().resize_(unit.full.numel() * unit.full.element_size())
         if self.world == 1:
             unit.full.copy_(self._slice(unit, self.shard))
-        else:
-            dist.all_gather_into_tensor(unit.full, self._slice(unit, self.shard), group=self.group)
+            return None
+        return dist.all_gather_into_tensor(unit.full, self._slice(unit, self.shard), group=self.group,
+                                           async_op=async_op)
 
     def free(self, unit: _Unit) -> None:
         _release(unit.full)
@@ -185,10 +287,18 @@ class Zero3Optimizer(ZeroOptimizer):
     @torch.no_grad()
     def reduce_scatter(self, unit: _Unit, grads: list[Tensor | None]) -> None:
         """Sum the unit's full gradients (None: zero) over HDP into this rank's ``shard_grad`` slice."""
+        if not unit.shard_size:
+            return
+        self._reduce_scatter_flat(unit, self._flat_grad(unit, grads))
+
+    def _flat_grad(self, unit: _Unit, grads: list[Tensor | None]) -> Tensor:
         full = torch.zeros_like(unit.full)
         for p, o, g in zip(unit.params, unit.offsets, grads):
             if g is not None:
                 full[o:o + p.numel()].copy_(g.reshape(-1))
+        return full
+
+    def _reduce_scatter_flat(self, unit: _Unit, full: Tensor) -> None:
         out = self._slice(unit, self.shard_grad)
         if self.world == 1:
             out.add_(full)
@@ -197,29 +307,69 @@ class Zero3Optimizer(ZeroOptimizer):
         dist.reduce_scatter_tensor(part, full, op=dist.ReduceOp.SUM, group=self.group)
         out.add_(part)
 
+    @torch.no_grad()
+    def layer_gradients(self, unit: _Unit, grads: list[Tensor | None]) -> None:
+        """One backward's gradients of a layer: reduce-scattered now, or added to the step's full gradient
+        (``reduce_per_step``), which ``reduce_gradients`` reduce-scatters after the last micro-batch."""
+        if not self.reduce_per_step:
+            self.reduce_scatter(unit, grads)
+        elif unit.shard_size:
+            if unit.grad is None:
+                unit.grad = self._flat_grad(unit, grads)
+            else:
+                for p, o, g in zip(unit.params, unit.offsets, grads):
+                    if g is not None:
+                        unit.grad[o:o + p.numel()].add_(g.reshape(-1))
+
     def begin_step(self) -> None:
         """Gather the root unit (embeddings, final norm, head) for the step's forwards and backwards."""
         self.gather(self.root)
 
+    @contextmanager
+    def root_gathered(self) -> Iterator[None]:
+        """The root unit's parameters hold their values inside the block (a collective over HDP), e.g. for a
+        pipeline's first stage to send its tied embedding to the last stage's copy after a step."""
+        self.gather(self.root)
+        try:
+            yield
+        finally:
+            self.free(self.root)
+
+    def idle_layers(self, layers: Sequence[nn.Module], backward: bool) -> None:
+        """Take part in one forward (``backward`` False) or backward of ``layers`` without work: the gathers,
+        and in backward the zero reduce-scatters (none with ``reduce_per_step``), in the order an active rank
+        issues them (forward: the layers' order; backward: reversed)."""
+        for layer in reversed(layers) if backward else layers:
+            unit = self._unit_of[id(layer)]
+            self.gather(unit, unit.next_backward if backward else unit.next_forward)
+            if backward and not self.reduce_per_step:
+                self.reduce_scatter(unit, [None] * len(unit.params))
+            self.free(unit)
+
     def idle_item(self) -> None:
         """Take part in one micro-batch's layer collectives without work: gathers in forward order, then
         gather + zero reduce-scatter in backward order (what every active rank issues)."""
-        layers = self.units[:-1]
-        for unit in layers:
-            self.gather(unit)
-            self.free(unit)
-        for unit in reversed(layers):
-            self.gather(unit)
-            self.reduce_scatter(unit, [None] * len(unit.params))
-            self.free(unit)
+        self.idle_layers(self.layers, backward=False)
+        self.idle_layers(self.layers, backward=True)
 
     def reduce_gradients(self) -> None:
-        """Reduce-scatter the root's accumulated gradients into its shard and free the root (layers are done)."""
+        """Reduce-scatter the root's accumulated gradients into its shard and free the root (with
+        ``reduce_per_step`` also every layer's, in registration order, zeros where a rank ran none); then sum
+        the shard's pieces of TP-replicated parameters over TP (one all-reduce)."""
+        if self.reduce_per_step:
+            for unit in self.units[:-1]:
+                if unit.shard_size:
+                    grad = unit.grad if unit.grad is not None else torch.zeros_like(unit.full)
+                    self._reduce_scatter_flat(unit, grad)
+                unit.grad = None
         root = self.root
         self.reduce_scatter(root, [p.grad for p in root.params])
         for p in root.params:
             p.grad = None
         self.free(root)
+        if self.tensor_parallel is not None:
+            sum_tensor_parallel_copies(self.tensor_parallel, [self.shard_grad[a:b] for a, b in self._tp_replicated],
+                                       [self.shard_grad[a:b] for a, b in self._tp_kv_shared])
 
     @torch.no_grad()
     def step(self) -> None:
@@ -254,7 +404,7 @@ class _GatheredLayer(torch.autograd.Function):
         ctx.is_tensor = [isinstance(a, Tensor) for a in args]
         ctx.others = [None if t else a for a, t in zip(args, ctx.is_tensor)]
         ctx.save_for_backward(*(a for a in args if isinstance(a, Tensor)))
-        zero.gather(unit)
+        zero.gather(unit, unit.next_forward)
         try:
             return forward(*args)
         finally:
@@ -268,12 +418,12 @@ class _GatheredLayer(torch.autograd.Function):
                 for is_tensor, other, need in zip(ctx.is_tensor, ctx.others, needs)]
         wants = [i for i, need in enumerate(needs) if need]
         zero, unit = ctx.zero, ctx.unit
-        zero.gather(unit)
+        zero.gather(unit, unit.next_backward)
         device, enabled, dtype = ctx.autocast
         with torch.enable_grad(), torch.autocast(device, enabled=enabled, dtype=dtype):
             out = ctx.run(*args)
         grads = torch.autograd.grad(out, [args[i] for i in wants] + unit.params, grad_out, allow_unused=True)
-        zero.reduce_scatter(unit, list(grads[len(wants):]))
+        zero.layer_gradients(unit, list(grads[len(wants):]))
         zero.free(unit)
         of_input = dict(zip(wants, grads[:len(wants)]))
         return (None, None, None, *(of_input.get(i) for i in range(len(args))))

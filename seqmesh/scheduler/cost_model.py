@@ -351,7 +351,8 @@ class CostModel:
 def default_cost_model(*, params: float, hidden_size: int, num_layers: int, device_flops: float,
                        mem_limit_bytes: float, link_GBps: float = 10.0, max_group: int = 1024,
                        dp_shards: int = 1, act_bytes: int = 2, checkpointing: bool = True,
-                       zero_stage: int | None = None, optim_state_bytes: float = 8.0) -> CostModel:
+                       zero_stage: int | None = None, optim_state_bytes: float = 8.0,
+                       whole_grads: bool = False) -> CostModel:
     """A cost model from first principles, for workers that have no profile yet.
 
     Every coefficient is a count divided by a rate the caller states, none is tuned:
@@ -371,8 +372,10 @@ def default_cost_model(*, params: float, hidden_size: int, num_layers: int, devi
       a fused attention kernel); without it, the working set of every layer. Model states are
       fp32 weights and gradients (4 + 4 bytes per parameter) and the optimizer's moments
       (``optim_state_bytes``: 8 for two fp32 Adam moments, ~2 for FP8 ones). ``zero_stage`` None
-      divides all of it over ``dp_shards`` (fully sharded states); ZeRO stage 1 shards only the
-      optimizer moments over ``dp_shards`` HDP ranks, stage 2 the gradients too, stage 0 nothing.
+      divides all of it over ``dp_shards`` (fully sharded states) -- but the gradients with
+      ``whole_grads`` (ZeRO-3 keeping the step's full layer gradients for one reduce-scatter per
+      step); ZeRO stage 1 shards only the optimizer moments over ``dp_shards`` HDP ranks, stage 2
+      the gradients too, stage 0 nothing.
 
     The result describes the whole model on one device; ``CostModel.with_layout`` applies TP and PP.
     """
@@ -383,8 +386,13 @@ def default_cost_model(*, params: float, hidden_size: int, num_layers: int, devi
             raise ValueError(f"default_cost_model: {key}={v!r} must be > 0")
     if zero_stage not in (None, 0, 1, 2):
         raise ValueError(f"default_cost_model: zero_stage={zero_stage!r} must be None, 0, 1 or 2")
+    if whole_grads and zero_stage is not None:
+        raise ValueError(f"default_cost_model: whole_grads describes fully sharded states (zero_stage=None), "
+                         f"got zero_stage={zero_stage}")
     if zero_stage is None:
         mem_static = (8.0 + optim_state_bytes) * params / dp_shards
+        if whole_grads:
+            mem_static += 4.0 * params * (1 - 1 / dp_shards)
     else:
         grads = 4.0 / (dp_shards if zero_stage >= 2 else 1)
         moments = optim_state_bytes / (dp_shards if zero_stage >= 1 else 1)
@@ -407,5 +415,6 @@ def default_cost_model(*, params: float, hidden_size: int, num_layers: int, devi
         source=f"default_cost_model(params={params:.4g}, hidden={hidden_size}, layers={num_layers}, "
                f"device_flops={device_flops:.4g}, link_GBps={link_GBps}, dp_shards={dp_shards}"
                + (f", zero_stage={zero_stage}" if zero_stage is not None else "")
-               + (f", optim_state_bytes={optim_state_bytes}" if optim_state_bytes != 8.0 else "") + ")",
+               + (f", optim_state_bytes={optim_state_bytes}" if optim_state_bytes != 8.0 else "")
+               + (", whole_grads=True" if whole_grads else "") + ")",
     )

@@ -118,23 +118,26 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
 
 def build_sharded_optimizer(model: torch.nn.Module, optim: OptimConfig, zero_stage: int, mesh: Mesh,
                             device: torch.device | None = None, *, overlap: bool = False,
-                            bucket_mb: float = 25.0) -> ZeroOptimizer:
+                            bucket_mb: float = 25.0, zero3_reduce_per_step: bool = False) -> ZeroOptimizer:
     """The step loop's optimizer: ZeRO ``parallel.zero_stage`` over the HDP group, its gradient norm global
     over TP and PP (a pipeline rank's ``parameters()`` are the ones it owns, so stages count each once).
 
     Stage 3 shards ``model`` itself (built on the host, so the whole model never sits on ``device``):
-    its shards and gathers go to ``device`` (default: where the parameters are).
+    its shards and gathers go to ``device`` (default: where the parameters are). Its layers reduce-scatter
+    their gradients inside their own backward, or once per step with ``zero3_reduce_per_step``
+    (``parallel.zero3_grad_reduce``), so ``overlap`` does not apply to it.
 
     Stages 0-2 reduce gradients in buckets of ``bucket_mb`` MiB (``parallel.grad_bucket_mb``), ordered by
     the model's parameter registration reversed (the order backward finishes them); ``overlap``
     (``parallel.overlap_grad_reduce``) reduces them during the step's last backward, over a group of their
     own (``Mesh.grad_group``). Not under PP: the pipeline reduces after its schedule (``PipelineRunner``).
     TP-replicated parameters are summed over TP after backward, so their buckets wait for it."""
-    if zero_stage == 3:
-        return Zero3Optimizer(model, _param_groups(model, optim), lambda groups: _make_optimizer(groups, optim),
-                              device=device or next(model.parameters()).device, group=mesh.hdp_group)
     tp = tensor_parallel(model)
     norm_group = mesh.model_parallel_group if mesh.pp > 1 else None if tp is None else tp.group
+    if zero_stage == 3:
+        return Zero3Optimizer(model, _param_groups(model, optim), lambda groups: _make_optimizer(groups, optim),
+                              device=device or next(model.parameters()).device, group=mesh.hdp_group,
+                              tp_group=norm_group, tensor_parallel=tp, reduce_per_step=zero3_reduce_per_step)
     overlap = overlap and mesh.pp == 1 and mesh.hdp > 1
     return ZeroOptimizer(_param_groups(model, optim), lambda groups: _make_optimizer(groups, optim),
                          stage=zero_stage, group=mesh.hdp_group, tp_group=norm_group,
@@ -205,6 +208,7 @@ def build_cost_model(model: Transformer, device: torch.device, model_cfg: ModelC
                               act_bytes=2 if model_cfg.dtype == "bf16" else 4,  # activations and SP messages
                               dp_shards=hdp, zero_stage=None if zero3 else parallel.zero_stage,
                               optim_state_bytes={"fp32": 8.0, "bf16": 4.0}.get(state_dtype, 2.0),
+                              whole_grads=zero3 and parallel.zero3_reduce_per_step,
                               checkpointing=model_cfg.activation_checkpointing or zero3).with_layout(tp, pp, tp_GBps=0.0)
 
 
@@ -253,14 +257,19 @@ def build_parallel_model(cfg: RunConfig, vocab_size: int, mesh: Mesh,
     phase 2 (``apply_tiling_and_offload``, in ``apply_offload``): (6) tiled MLP, (7) activation offload, whose
     ``ratio=auto`` policy needs that cost model.
     """
+    # ZeRO-3 builds (and pipeline-splits) on the host and moves only its shards to the device.
+    host = torch.device("cpu") if cfg.parallel.zero_stage == 3 else device
     if mesh.pp > 1:
-        model = build_pipeline_model(cfg.model, cfg.parallel, cfg.data.max_seq_len, vocab_size, device, mesh)
-    else:  # ZeRO-3: built on the host, only shards go to the device
-        host = cfg.parallel.zero_stage == 3
-        model = build_model(cfg.model, vocab_size, torch.device("cpu") if host else device, mesh.tp_group)
+        model = build_pipeline_model(cfg.model, cfg.parallel, cfg.data.max_seq_len, vocab_size, host, mesh)
+    else:
+        model = build_model(cfg.model, vocab_size, host, mesh.tp_group)
     optimizer = build_sharded_optimizer(model, cfg.optim, cfg.parallel.zero_stage, mesh, device,
                                         overlap=cfg.parallel.overlap_grad_reduce,
-                                        bucket_mb=cfg.parallel.grad_bucket_mb)
+                                        bucket_mb=cfg.parallel.grad_bucket_mb,
+                                        zero3_reduce_per_step=cfg.parallel.zero3_reduce_per_step)
+    copy = model.tied_copy if isinstance(model, PipelineModel) else None
+    if copy is not None and copy.device != device:  # the last stage's tied copy is whole and not sharded
+        copy.data = copy.data.to(device)
     cost_model = build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=cfg.hdp,
                                   profile=cfg.scheduler.cost_model, state_dtype=cfg.optim.state_dtype)
     apply_offload(model, cfg.model, cfg.offload, cost_model, device)

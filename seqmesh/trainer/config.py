@@ -102,6 +102,14 @@ class ParallelConfig:
     zero_stage: int = 0
     overlap_grad_reduce: bool = True
     grad_bucket_mb: float = 25.0
+    # ZeRO-3: reduce-scatter a layer's gradient in every backward ("microbatch") or once after the step's
+    # last micro-batch ("step", a full gradient of the rank's layers kept meanwhile); auto: step under PP.
+    zero3_grad_reduce: str = "auto"
+
+    @property
+    def zero3_reduce_per_step(self) -> bool:
+        """Whether ZeRO-3 reduce-scatters layer gradients once per step (``zero3_grad_reduce``; auto: under PP)."""
+        return self.zero3_grad_reduce == "step" or self.zero3_grad_reduce == "auto" and self.pp > 1
 
     def validate(self) -> None:
         _positive("parallel.tp", self.tp)
@@ -113,9 +121,11 @@ class ParallelConfig:
             raise ConfigError(f"parallel.pp_virtual={self.pp_virtual} interleaves pipeline stages, which needs "
                               "parallel.pp > 1; set parallel.pp_virtual=1 or raise parallel.pp")
         _choice("parallel.zero_stage", self.zero_stage, (0, 1, 2, 3))
-        if self.zero_stage == 3 and (self.tp > 1 or self.pp > 1):
-            raise ConfigError(f"parallel.zero_stage=3 with parallel.tp={self.tp}, parallel.pp={self.pp}: parameter "
-                              "sharding is built for tp=1 and pp=1 only; use zero_stage<=2 with TP/PP, or tp=pp=1")
+        _choice("parallel.zero3_grad_reduce", self.zero3_grad_reduce, ("auto", "microbatch", "step"))
+        if self.zero3_grad_reduce != "auto" and self.zero_stage != 3:
+            raise ConfigError(f"parallel.zero3_grad_reduce={self.zero3_grad_reduce} applies to parameter sharding "
+                              f"only, but parallel.zero_stage={self.zero_stage}; set parallel.zero_stage=3 or leave "
+                              "parallel.zero3_grad_reduce=auto")
         _choice("parallel.sp_mode", self.sp_mode, ("ulysses", "ring", "tokenring", "hybrid"))
         _choice("parallel.attn_backend", self.attn_backend, ("auto", "flash_attn", "cudnn", "torch_flash", "cpu_flash", "math"))
         _choice("parallel.warm_attention", self.warm_attention, (True, False))

@@ -13,7 +13,8 @@ phase 1, ``parallelize`` (on the whole model, at build time: ``build.build_model
   3. activation checkpointing (``parallel/checkpointing.py``): each decoder layer recomputed in backward;
 between the phases (``build.py``)
   4. pipeline stages (``split_model``): this rank keeps its chunks of layers;
-  5. ZeRO (the optimizer; ZeRO-3 also shards the parameters and wraps each layer's forward);
+  5. ZeRO (the optimizer; ZeRO-3 also shards the parameters -- what this rank holds after steps 1 and 4:
+     its TP shard of its stages -- over its HDP group and wraps each layer's forward);
   -  the cost model, priced from what this rank now holds (its TP shard, its stages);
 phase 2, ``apply_tiling_and_offload`` (on this rank's layers, once the cost model exists: ``build.apply_offload``)
   6. tiled MLP (``trainer/tiled.py``): the MLP run a tile of tokens at a time;
