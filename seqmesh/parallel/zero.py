@@ -245,6 +245,19 @@ class ZeroOptimizer:
                                                if min(o + p.numel(), b) > max(o, a)]))
         return shards
 
+    # Callbacks of a transform that keeps parameters elsewhere between uses (``offload/params.py``): run
+    # before the reduction (gradients to where the reduction reads them) and after the update.
+    _before_reduce: tuple[Callable[[], None], ...] = ()
+    _after_step: tuple[Callable[[], None], ...] = ()
+
+    def register_step_hooks(self, before_reduce: Callable[[], None], after_step: Callable[[], None]) -> None:
+        """Call ``before_reduce`` at the start of ``reduce_gradients`` and ``after_step`` at the end of ``step``."""
+        if self.reduction is not None and self.reduction.overlap:
+            raise ValueError("a transform that moves gradients before the reduction cannot run with buckets reduced "
+                             "during backward: set parallel.overlap_grad_reduce=false")
+        self._before_reduce = (*self._before_reduce, before_reduce)
+        self._after_step = (*self._after_step, after_step)
+
     def overlap_next_backward(self) -> None:
         """The next backward is this rank's last of the step: reduce each bucket as soon as its gradients are
         final (with ``overlap``; otherwise nothing changes). ``reduce_gradients`` still completes the step."""
@@ -255,6 +268,8 @@ class ZeroOptimizer:
     def reduce_gradients(self) -> None:
         """Sum the step's gradients over HDP: all of them (stage 0) or into this rank's shard (1, 2). Launches
         the buckets not yet launched during backward and waits for all of them."""
+        for hook in self._before_reduce:
+            hook()
         if self.reduction is not None:
             self.reduction.finish()
 
@@ -303,6 +318,8 @@ class ZeroOptimizer:
         if self.stage and self.world > 1:
             shard = self.flat[self.lo:self.lo + self.shard_size].clone()
             dist.all_gather_into_tensor(self.flat, shard, group=self.group)
+        for hook in self._after_step:
+            hook()
 
     def zero_grad(self) -> None:
         if self.stage == 0:

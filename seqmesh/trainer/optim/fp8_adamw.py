@@ -102,7 +102,7 @@ from seqmesh.kernels.fp8_codec import (
     round_plain,
     unpack_flat,
 )
-from seqmesh.kernels.adam_update import Bucket, Hyper, padded_numel, torch_step
+from seqmesh.kernels.adam_update import Bucket, Hyper, chunked_step, padded_numel, torch_step
 
 STATE_DTYPES = tuple(FORMATS)
 BACKENDS = ("auto", "torch", "triton")
@@ -167,15 +167,20 @@ class FP8AdamW(Optimizer):
         index_offset: position of the group's first element in a larger flat parameter space, for
             a ZeRO shard to draw the same random bits as an unsharded run.
         backend: ``auto`` (Triton on CUDA when importable, else torch), ``torch`` or ``triton``.
+        host_chunk_elems: the torch backend on a CPU steps this many elements at a time (the same bits,
+            temporaries of one chunk: parameters offloaded to the host are tens of gigabytes).
     """
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, *,
                  state_dtype: str = "fp8", block_size: int = 128, stochastic_rounding: bool = True, seed: int = 0,
-                 index_offset: int = 0, backend: str = "auto") -> None:
+                 index_offset: int = 0, backend: str = "auto", host_chunk_elems: int = 1 << 22) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if not isinstance(host_chunk_elems, int) or host_chunk_elems < 4096:
+            raise ValueError(f"host_chunk_elems must be an int >= 4096, got {host_chunk_elems!r}")
         self.backend = backend
+        self.host_chunk_elems = host_chunk_elems
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, state_dtype=state_dtype,
                         block_size=block_size, stochastic_rounding=stochastic_rounding, seed=seed,
                         index_offset=index_offset)
@@ -242,6 +247,8 @@ class FP8AdamW(Optimizer):
             from seqmesh.kernels.adam_triton import fused_step
 
             fused_step(bucket, hp)
+        elif device.type == "cpu":
+            chunked_step(bucket, hp, self.host_chunk_elems)
         else:
             torch_step(bucket, hp)
 
