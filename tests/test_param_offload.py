@@ -1,0 +1,86 @@
+"""Parameter offload (``parallel/offload/params.py``): gradients and updates bitwise those of the resident model.
+
+Why bitwise (not a tolerance): the offloaded layers run the same forward ops on the same inputs and
+weights (copies are exact) and their recomputation in backward is the resident model's own
+backward under activation checkpointing; the host accumulates each micro-batch's gradient with one
+addition in micro-batch order, which is ``AccumulateGrad``'s arithmetic; the host step is
+``FP8AdamW``'s torch backend on the same flat buffer (chunked at block borders, which changes no
+bit). The module docstring of ``params.py`` gives the argument in full.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqmesh.parallel.checkpointing import apply_activation_checkpointing
+from seqmesh.parallel.offload.params import attach_param_offload, detach_param_offload, get_param_offload
+from seqmesh.parallel.zero import ZeroOptimizer
+from seqmesh.trainer.data import num_targets
+from seqmesh.trainer.model import Transformer, tiny_config
+from seqmesh.trainer.optim import FP8AdamW
+from tests.test_zero import STEPS, backward, param_groups, step_docs
+
+VOCAB = 97
+MAX_NORM = 0.2
+
+
+def make_model(layers: int = 3, dtype: torch.dtype = torch.float32, checkpointing: bool = False) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                    num_attention_heads=4, num_key_value_heads=2)).to(dtype)
+    if checkpointing:
+        apply_activation_checkpointing(model.model.layers)
+    return model
+
+
+def make_zero(model: Transformer, stage: int, state_dtype: str = "fp8") -> ZeroOptimizer:
+    return ZeroOptimizer(param_groups(model), lambda groups: FP8AdamW(groups, lr=1e-2, betas=(0.9, 0.95),
+                                                                     state_dtype=state_dtype, host_chunk_elems=4096),
+                         stage=stage)
+
+
+def run(model: Transformer, opt: ZeroOptimizer, steps: int = 3, micro: int = 3):
+    """Per step: the documents in ``micro`` micro-batches, reduce, record gradients, clip, step."""
+    losses, grads = [], []
+    for step in range(steps):
+        docs, denominator = step_docs(step), num_targets(STEPS[step])
+        losses.append([backward(model, docs[i::micro], denominator) for i in range(micro)])
+        opt.reduce_gradients()
+        grads.append([opt.shard_grad.clone()])  # the reduced gradients (stage 2 frees p.grad)
+        opt.clip_grad_norm_(MAX_NORM)
+        opt.step()
+        opt.zero_grad()
+    return losses, grads, [p.detach().clone() for p in model.parameters()]
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("resident,prefetch", [(0, 1), (1, 2), (0, 0)])
+@pytest.mark.parametrize("dtype,state_dtype,checkpointed", [(torch.float32, "fp8", False),
+                                                            (torch.bfloat16, "fp8", True),
+                                                            (torch.float32, "int8", True)])
+def test_offloaded_gradients_and_updates_are_bitwise_resident(stage, resident, prefetch, dtype, state_dtype,
+                                                              checkpointed) -> None:
+    ref_model = make_model(dtype=dtype, checkpointing=checkpointed)
+    ref = run(ref_model, make_zero(ref_model, stage, state_dtype))
+    model = make_model(dtype=dtype, checkpointing=checkpointed)
+    opt = make_zero(model, stage, state_dtype)
+    off = attach_param_offload(model, list(model.model.layers), opt, "cpu", resident_layers=resident,
+                               prefetch=prefetch)
+    got = run(model, opt)
+    assert got[0] == ref[0]  # losses
+    for step_ref, step_got in zip(ref[1], got[1]):
+        for a, b in zip(step_ref, step_got):
+            assert torch.equal(bits(a), bits(b))
+    for a, b in zip(ref[2], got[2]):
+        assert torch.equal(bits(a), bits(b))
+    # between steps every parameter is its host master and no device copy is held
+    assert all(not u.loaded and not u.in_use for u in [off.root, *off.layers])
+    flat = opt.flat
+    assert all(p.data.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for p in model.parameters())
+    detach_param_offload(model)
+    assert get_param_offload(model) is None
