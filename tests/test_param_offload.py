@@ -84,3 +84,60 @@ def test_offloaded_gradients_and_updates_are_bitwise_resident(stage, resident, p
     assert all(p.data.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for p in model.parameters())
     detach_param_offload(model)
     assert get_param_offload(model) is None
+
+
+def _zero1_rank(rank: int, world: int, offload: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """ZeRO-1 over ``world`` ranks, rank r running documents r, r + world, ... as micro-batches; one step.
+    Returns the full reduced gradient (gathered) and the parameters after the step."""
+    import torch.distributed as dist
+
+    model = make_model()
+    opt = make_zero(model, 1)
+    if offload:
+        attach_param_offload(model, list(model.model.layers), opt, "cpu", resident_layers=1, prefetch=1)
+    docs, denominator = step_docs(0), num_targets(STEPS[0])
+    for d in docs[rank::world]:
+        backward(model, [d], denominator)
+    opt.reduce_gradients()
+    full = torch.empty(world * opt.shard_size)
+    dist.all_gather_into_tensor(full, opt.shard_grad.clone())
+    opt.clip_grad_norm_(float("inf"))
+    opt.step()
+    return [full], [p.detach().clone() for p in model.parameters()]
+
+
+def _per_document_grads(rank: int, world: int) -> list[torch.Tensor]:
+    """Each document's gradient alone, flattened in ZeRO's flat order (the terms every run sums); run in a
+    worker like the ranks, so that CPU kernels use the same threads (a GEMM's bits depend on them)."""
+    model = make_model()
+    opt = make_zero(model, 1)
+    docs, denominator = step_docs(0), num_targets(STEPS[0])
+    out = []
+    for d in docs:
+        backward(model, [d], denominator)
+        out.append(opt.flat_grad.clone())
+        opt.zero_grad()
+    return out
+
+
+def test_two_rank_zero1_offload_matches_single_process() -> None:
+    from tests.distributed import run_distributed
+
+    offloaded = run_distributed(_zero1_rank, 2, True)
+    resident = run_distributed(_zero1_rank, 2, False)
+    # Offload changes no bit of the distributed run (gradients and updates; see the module docstring).
+    for a, b in zip(offloaded[0][0] + offloaded[0][1], resident[0][0] + resident[0][1]):
+        assert torch.equal(a, b)
+    # Against one process the only difference is the order of the fp32 sum over documents: each of the k
+    # per-document gradients g_i is computed alike (one document per micro-batch, same bits), and any two
+    # summation orders of k terms differ by at most 2 (k - 1) u sum_i |g_i| elementwise (u = 2^-24, the
+    # unit roundoff; each order is within (k - 1) u sum |g_i| of the exact sum).
+    terms = run_distributed(_per_document_grads, 1)[0]
+    single = torch.zeros_like(terms[0])
+    for g in terms:
+        single += g
+    k, u = len(terms), 2.0**-24
+    bound = 2 * (k - 1) * u * torch.stack(terms).abs().sum(0)
+    got = offloaded[0][0][0][:single.numel()]
+    assert ((got - single).abs() <= bound).all()
+    assert not torch.equal(bound, torch.zeros_like(bound))

@@ -118,7 +118,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
 
 def build_sharded_optimizer(model: torch.nn.Module, optim: OptimConfig, zero_stage: int, mesh: Mesh,
                             device: torch.device | None = None, *, overlap: bool = False,
-                            bucket_mb: float = 25.0) -> ZeroOptimizer:
+                            bucket_mb: float = 25.0, host_group: bool = False) -> ZeroOptimizer:
     """The step loop's optimizer: ZeRO ``parallel.zero_stage`` over the HDP group, its gradient norm global
     over TP and PP (a pipeline rank's ``parameters()`` are the ones it owns, so stages count each once).
 
@@ -129,15 +129,19 @@ def build_sharded_optimizer(model: torch.nn.Module, optim: OptimConfig, zero_sta
     the model's parameter registration reversed (the order backward finishes them); ``overlap``
     (``parallel.overlap_grad_reduce``) reduces them during the step's last backward, over a group of their
     own (``Mesh.grad_group``). Not under PP: the pipeline reduces after its schedule (``PipelineRunner``).
-    TP-replicated parameters are summed over TP after backward, so their buckets wait for it."""
+    TP-replicated parameters are summed over TP after backward, so their buckets wait for it.
+
+    ``host_group``: the parameters and gradients live in host memory (``offload.params``) while the default
+    backend is NCCL: reduce and gather them over a gloo group of the same HDP ranks (tp = pp = 1)."""
     if zero_stage == 3:
         return Zero3Optimizer(model, _param_groups(model, optim), lambda groups: _make_optimizer(groups, optim),
                               device=device or next(model.parameters()).device, group=mesh.hdp_group)
     tp = tensor_parallel(model)
     norm_group = mesh.model_parallel_group if mesh.pp > 1 else None if tp is None else tp.group
+    hdp_group = torch.distributed.new_group(backend="gloo") if host_group else mesh.hdp_group
     overlap = overlap and mesh.pp == 1 and mesh.hdp > 1
     return ZeroOptimizer(_param_groups(model, optim), lambda groups: _make_optimizer(groups, optim),
-                         stage=zero_stage, group=mesh.hdp_group, tp_group=norm_group,
+                         stage=zero_stage, group=hdp_group, tp_group=norm_group,
                          norm_excluded=() if tp is None else tp.norm_excluded(),
                          bucket_bytes=max(1, int(bucket_mb * 2**20)), overlap=overlap,
                          grad_order=list(model.parameters())[::-1],
@@ -250,18 +254,28 @@ def build_parallel_model(cfg: RunConfig, vocab_size: int, mesh: Mesh,
     then (4) pipeline stages: this rank keeps its chunks (``split_model``, ``parallel.pp > 1``);
     (5) ZeRO: the optimizer over the HDP group (stage 3 also shards the parameters and wraps each layer);
     the cost model, priced from what this rank now holds;
+    (8) parameter offload (``offload.params``, ``trainer/param_offload.py``): the plan from that cost model and
+    measured rates, master weights streamed from the host, the cost model reduced to what the device holds;
     phase 2 (``apply_tiling_and_offload``, in ``apply_offload``): (6) tiled MLP, (7) activation offload, whose
     ``ratio=auto`` policy needs that cost model.
     """
+    host_params = cfg.offload.params != "none"
     if mesh.pp > 1:
         model = build_pipeline_model(cfg.model, cfg.parallel, cfg.data.max_seq_len, vocab_size, device, mesh)
-    else:  # ZeRO-3: built on the host, only shards go to the device
-        host = cfg.parallel.zero_stage == 3
+    else:  # ZeRO-3 and parameter offload: built on the host, only shards or streamed layers go to the device
+        host = cfg.parallel.zero_stage == 3 or host_params
         model = build_model(cfg.model, vocab_size, torch.device("cpu") if host else device, mesh.tp_group)
+    # Host-resident gradients are reduced where they live: over gloo when the device's backend is NCCL, and after
+    # backward (the offload hands them to the host first).
     optimizer = build_sharded_optimizer(model, cfg.optim, cfg.parallel.zero_stage, mesh, device,
-                                        overlap=cfg.parallel.overlap_grad_reduce,
-                                        bucket_mb=cfg.parallel.grad_bucket_mb)
+                                        overlap=cfg.parallel.overlap_grad_reduce and not host_params,
+                                        bucket_mb=cfg.parallel.grad_bucket_mb,
+                                        host_group=host_params and device.type == "cuda" and mesh.hdp > 1)
     cost_model = build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=cfg.hdp,
                                   profile=cfg.scheduler.cost_model, state_dtype=cfg.optim.state_dtype)
+    if host_params:  # step 8: parameter offload, planned from the cost model and measured rates
+        from seqmesh.trainer.param_offload import apply_param_offload
+
+        _, _, cost_model = apply_param_offload(model, optimizer, cfg, cost_model, device)
     apply_offload(model, cfg.model, cfg.offload, cost_model, device)
     return model, optimizer, cost_model
