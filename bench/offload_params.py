@@ -1,0 +1,304 @@
+"""Parameter offload benchmark (issue 20): the largest model one GPU trains, the cost of streaming, bf16 without masters.
+
+(a) Largest model: Llama-shaped models of growing size (``--sizes``, billions: hidden, layers and MLP
+    from ``llama_shape``), bf16 weights without master copies (FP8AdamW, fp8 moments, stochastic
+    rounding), ZeRO-1 on one rank, ``offload.params=cpu`` with the plan of
+    ``seqmesh/scheduler/offload_plan.py`` (rates measured in the trial), one document of ``--tokens``
+    (8K) per step, tiled loss. Each trial runs in a fresh subprocess under a time cap (an OOM leaves the
+    allocator fragmented): 1 warm-up step and ``--steps`` timed steps; MFU from ``trainer/flops.py``
+    (recomputation not counted). The largest size that trains is run again *without* offload, which
+    must fail to fit for the figure to mean anything (``fits_without_offload_at_max``).
+(b) Overhead: a Llama-3-8B shape (``--overhead-layers`` of its 32 layers) at 8K and 32K tokens, step
+    time with every layer streamed (``resident_layers=0``) vs the same model GPU-resident (ZeRO-1,
+    activation checkpointing: the same recomputation), median of the timed steps.
+(c) bf16 without master weights: a small model trained ``--sr-steps`` steps on the same token stream
+    with bf16 weights (stochastic rounding) and with fp32 masters, for each of ``--sr-seeds`` paired
+    seeds (same init and data per seed); the gap is the mean over seeds of the relative difference of
+    the final loss (mean of the last 20 steps), in percent.
+
+Not measured here: the longest single sequence and its working set per token (issue 20's sequence
+tiling of the recomputed layer, ``bench/offload.py``); their keys are null with a note.
+
+``--smoke`` runs every part on the CPU with tiny shapes (no memory limit there, so nothing fails to
+fit). Writes ``bench/results/offload_params_<device>.json`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_heads=32, num_kv_heads=8, vocab_size=128256,
+                num_layers=32)
+TINY = dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, vocab_size=512, num_layers=4)
+
+
+def llama_shape(billions: float) -> dict[str, int]:
+    """A Llama-family shape of about ``billions`` parameters: Llama-3 proportions (MLP 3.5x hidden, head 128,
+    8 KV heads, 128K vocabulary); depth grows with width as in Llama-2/3 (64 layers at 8192 wide)."""
+    for hidden, layers in ((4096, 32), (5120, 40), (6144, 48), (7168, 56), (8192, 64), (8192, 80), (10240, 80)):
+        shape = dict(hidden_size=hidden, intermediate_size=int(hidden * 3.5) // 256 * 256, num_heads=hidden // 128,
+                     num_kv_heads=8, vocab_size=128256, num_layers=layers)
+        per_layer = 2 * hidden * hidden + 2 * hidden * 1024 + 3 * hidden * shape["intermediate_size"]
+        total = layers * per_layer + 2 * 128256 * hidden
+        if total >= billions * 1e9 * 0.97:
+            scale = billions * 1e9 / total
+            shape["num_layers"] = max(1, round(layers * scale))
+            return shape
+    raise ValueError(f"no Llama shape of {billions}B parameters in the table; choose at most 140")
+
+
+def _model(shape: dict[str, int], dtype: str, device: str, checkpointing: bool):
+    import torch
+
+    from seqmesh.parallel.checkpointing import apply_activation_checkpointing
+    from seqmesh.trainer.model import Transformer, tiny_config
+
+    torch.manual_seed(0)
+    cfg = tiny_config(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
+                      intermediate_size=shape["intermediate_size"], num_hidden_layers=shape["num_layers"],
+                      num_attention_heads=shape["num_heads"], num_key_value_heads=shape["num_kv_heads"],
+                      tie_word_embeddings=False)
+    with torch.device(device):
+        model = Transformer(cfg)
+    model = model.to(torch.bfloat16 if dtype == "bf16" else torch.float32)
+    if checkpointing:
+        apply_activation_checkpointing(model.model.layers)
+    return model
+
+
+def _zero(model, state_dtype: str):
+    from seqmesh.parallel.zero import ZeroOptimizer
+    from seqmesh.trainer.optim import FP8AdamW
+
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return ZeroOptimizer(groups, lambda g: FP8AdamW(g, lr=3e-4, state_dtype=state_dtype), stage=1)
+
+
+def trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, resident: int | None,
+          device_name: str, dtype: str = "bf16") -> dict[str, Any]:
+    """One model trained ``1 + steps`` steps on one device: times, MFU, memory; raises on OOM."""
+    import torch
+
+    from seqmesh.parallel.offload.params import attach_param_offload
+    from seqmesh.parallel.sequence import make_sp_batch
+    from seqmesh.trainer.data import pack
+    from seqmesh.trainer.flops import device_name as dev_name, mfu, peak_flops, train_flops
+    from seqmesh.trainer.microbatch import loss_sum_of
+
+    device = torch.device(device_name)
+    cuda = device.type == "cuda"
+    model = _model(shape, dtype, "cpu" if offload else device_name, checkpointing=True)
+    nparams = sum(p.numel() for p in model.parameters())
+    opt = _zero(model, "fp8")
+    plan = None
+    if offload:
+        from seqmesh.parallel.offload.bandwidth import measure_h2d_GBps
+        from seqmesh.scheduler.offload_plan import OffloadInputs, plan_offload
+        from seqmesh.trainer.param_offload import measure_host_adam_Mparams_s
+
+        layers = list(model.model.layers)
+        layer_params = sum(p.numel() for p in layers[0].parameters())
+        free = torch.cuda.mem_get_info(device)[0] if cuda else 64 * 2**30
+        hidden = shape["hidden_size"]
+        plan = plan_offload(OffloadInputs(
+            num_layers=len(layers), layer_params=layer_params, root_params=nparams - len(layers) * layer_params,
+            param_bytes=model.model.norm.weight.element_size(), state_bytes=2.0, state_share=1.0,
+            act_bytes=tokens * hidden * 2 * (len(layers) + 24) + tokens * 4096 * 4,  # layer inputs + one layer live
+            device_bytes=0.9 * free, host_bytes=0.9 * _host_available(), disk_bytes=None,
+            h2d_GBps=measure_h2d_GBps(device, 64 << 20), disk_GBps=None,
+            adam_Mparams_s=measure_host_adam_Mparams_s("fp8"), layer_ms=1.0, resident_layers=resident,
+            optimizer="cpu"))
+        attach_param_offload(model, layers, opt, device, resident_layers=plan.resident_layers, prefetch=2)
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(0, shape["vocab_size"], (tokens,), generator=g)]
+    packed = pack(docs)
+    ids, labels = packed.input_ids.to(device), packed.labels.to(device)
+    meta = make_sp_batch(packed.seqlens, "local", None)
+    times, losses = [], []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(1 + steps):
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            hidden_states = model(ids, meta)
+        loss = loss_sum_of(model, hidden_states, labels, loss_tile_tokens=2048)
+        (loss / tokens).backward()
+        opt.reduce_gradients()
+        opt.clip_grad_norm_(1.0)
+        opt.step()
+        opt.zero_grad()
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item() / tokens)
+    step_s = statistics.median(times[1:])
+    flops = train_flops(model.config, packed.seqlens)
+    peak = peak_flops(dev_name(device)) if cuda else None
+    return {"params_billion": nparams / 1e9, "layers": shape["num_layers"], "hidden": shape["hidden_size"],
+            "tokens": tokens, "offload": offload, "step_s": step_s, "mfu": mfu(flops, step_s, peak),
+            "gpu_peak_GB": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None,
+            "host_GB": plan.host_bytes / 1e9 if plan else None, "disk_GB": plan.disk_bytes / 1e9 if plan else 0.0,
+            "plan": plan.as_dict() if plan else None, "losses": losses}
+
+
+def _host_available() -> int:
+    from seqmesh.parallel.offload.bandwidth import available_host_bytes
+
+    return available_host_bytes()
+
+
+def _child(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """``trial`` in a fresh interpreter: its row, or ``{"error": ...}`` (OOM, time cap, crash)."""
+    with tempfile.NamedTemporaryFile("w+", suffix=".json", delete=False) as f:
+        out = f.name
+    cmd = [sys.executable, __file__, "--child", json.dumps(spec), "--child-out", out]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            return {"error": tail[0][:300]}
+        return json.loads(Path(out).read_text())
+    except subprocess.TimeoutExpired:
+        return {"error": f"over the {timeout_s:.0f} s trial cap"}
+    finally:
+        Path(out).unlink(missing_ok=True)
+
+
+def sr_gap(shape: dict[str, int], steps: int, seeds: int, tokens: int, device_name: str) -> dict[str, Any]:
+    """Final-loss gap (%) of bf16 weights with stochastic rounding vs fp32 masters, paired seeds."""
+    import torch
+
+    from seqmesh.parallel.sequence import make_sp_batch
+    from seqmesh.trainer.data import pack
+    from seqmesh.trainer.optim import FP8AdamW
+
+    device = torch.device(device_name)
+    gaps = []
+    for seed in range(seeds):
+        finals = {}
+        for dtype in ("fp32", "bf16"):
+            torch.manual_seed(seed)
+            model = _model(shape, dtype, device_name, checkpointing=False)
+            opt = FP8AdamW(model.parameters(), lr=1e-3, state_dtype="fp8", seed=seed)
+            g = torch.Generator().manual_seed(1000 + seed)
+            losses = []
+            for _ in range(steps):
+                # a learnable stream: every document repeats a short random phrase
+                phrase = torch.randint(0, shape["vocab_size"], (16,), generator=g)
+                packed = pack([phrase.repeat(tokens // 16)])
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    hidden = model(packed.input_ids.to(device), make_sp_batch(packed.seqlens, "local", None))
+                loss = torch.nn.functional.cross_entropy(model.logits(hidden).float(), packed.labels.to(device),
+                                                         ignore_index=-100)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.item())
+            finals[dtype] = statistics.mean(losses[-20:])
+        gaps.append(100 * (finals["bf16"] - finals["fp32"]) / finals["fp32"])
+    return {"gaps_pct": gaps, "mean_gap_pct": statistics.mean(gaps)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script")
+    ap.add_argument("--sizes", default="13,20,30,34,40", help="model sizes to try, billions, ascending")
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--overhead-layers", type=int, default=32)
+    ap.add_argument("--sr-steps", type=int, default=300)
+    ap.add_argument("--sr-seeds", type=int, default=3)
+    ap.add_argument("--trial-timeout-s", type=float, default=540)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        spec = json.loads(args.child)
+        Path(args.child_out).write_text(json.dumps(trial(**spec)))
+        return {}
+
+    import torch
+
+    from bench.common import write_result
+
+    device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    if device == "cpu" and not args.smoke:
+        raise SystemExit("bench/offload_params.py measures a GPU; run it with --smoke on a CPU")
+    rows: list[dict[str, Any]] = []
+    if args.smoke:
+        sizes = [dict(TINY), dict(TINY, num_layers=6)]
+        tokens, overhead_shape, overhead_tokens = 256, dict(TINY), (128, 256)
+        sr_shape, sr_tokens = dict(TINY, num_layers=2), 128
+    else:
+        sizes = [llama_shape(float(b)) for b in args.sizes.split(",")]
+        tokens, overhead_shape, overhead_tokens = args.tokens, dict(LLAMA_8B, num_layers=args.overhead_layers), \
+            (8192, 32768)
+        sr_shape, sr_tokens = dict(TINY, hidden_size=256, intermediate_size=688, num_heads=8, num_kv_heads=4,
+                                   num_layers=6, vocab_size=4096), 512
+
+    best = None
+    for shape in sizes:  # (a): ascending sizes until one does not train
+        row = {"part": "max_model", **_child(dict(shape=shape, tokens=tokens, steps=args.steps, offload=True,
+                                                   resident=None, device_name=device), args.trial_timeout_s)}
+        rows.append(row)
+        if "error" in row:
+            break
+        best = (shape, row)
+    without = None
+    if best is not None:
+        without = {"part": "max_model_without_offload", **_child(
+            dict(shape=best[0], tokens=tokens, steps=args.steps, offload=False, resident=None, device_name=device),
+            args.trial_timeout_s)}
+        rows.append(without)
+    overhead = {}
+    for t in overhead_tokens:  # (b)
+        pair = {}
+        for offload in (False, True):
+            r = _child(dict(shape=overhead_shape, tokens=t, steps=max(args.steps, 3), offload=offload,
+                            resident=0 if offload else None, device_name=device), args.trial_timeout_s)
+            rows.append({"part": "overhead", **r})
+            pair[offload] = r
+        if all("error" not in r for r in pair.values()):
+            overhead[t] = 100 * (pair[True]["step_s"] / pair[False]["step_s"] - 1)
+    sr = sr_gap(sr_shape, 60 if args.smoke else args.sr_steps, 1 if args.smoke else args.sr_seeds, sr_tokens, device)
+    rows.append({"part": "bf16_sr", **sr})
+    t_small, t_large = overhead_tokens
+    summary = {
+        "max_params_billion": best[1]["params_billion"] if best else None,
+        "mfu_at_max": best[1]["mfu"] if best else None,
+        "fits_without_offload_at_max": None if without is None else "error" not in without,
+        "param_offload_overhead_pct_8b_8k": overhead.get(t_small),
+        "param_offload_overhead_pct_8b_32k": overhead.get(t_large),
+        "single_sequence_tokens": None,
+        "working_set_kb_per_token_512k": None,
+        "bf16_sr_loss_gap_pct": sr["mean_gap_pct"],
+    }
+    config = {"sizes": args.sizes if not args.smoke else "tiny", "tokens": tokens, "steps": args.steps,
+              "overhead_shape": overhead_shape, "overhead_tokens": list(overhead_tokens), "sr_shape": sr_shape,
+              "sr_steps": args.sr_steps, "sr_seeds": args.sr_seeds, "smoke": args.smoke,
+              "not_measured": "single_sequence_tokens and working_set_kb_per_token_512k belong to the sequence "
+                              "tiling of issue 20 (bench/offload.py), not to this script"}
+    write_result("offload_params", config, rows, summary, device="cpu" if args.smoke else None,
+                 out_dir=Path(args.out) if args.out else None)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
