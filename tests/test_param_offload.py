@@ -25,10 +25,11 @@ VOCAB = 97
 MAX_NORM = 0.2
 
 
-def make_model(layers: int = 3, dtype: torch.dtype = torch.float32, checkpointing: bool = False) -> Transformer:
+def make_model(layers: int = 3, dtype: torch.dtype = torch.float32, checkpointing: bool = False,
+               hidden: int = 32) -> Transformer:
     torch.manual_seed(0)
-    model = Transformer(tiny_config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                                    num_attention_heads=4, num_key_value_heads=2)).to(dtype)
+    model = Transformer(tiny_config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                                    num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2)).to(dtype)
     if checkpointing:
         apply_activation_checkpointing(model.model.layers)
     return model
@@ -58,11 +59,14 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-@pytest.mark.parametrize("resident,prefetch", [(0, 1), (1, 2), (0, 0)])
-@pytest.mark.parametrize("dtype,state_dtype,checkpointed", [(torch.float32, "fp8", False),
-                                                            (torch.bfloat16, "fp8", True),
-                                                            (torch.float32, "int8", True)])
+@pytest.mark.parametrize("stage,resident,prefetch,dtype,state_dtype,checkpointed", [
+    (1, 0, 1, torch.float32, "fp8", False),  # every layer streamed
+    (2, 1, 2, torch.bfloat16, "fp8", True),  # bf16 weights without masters (stochastic rounding), ZeRO-2
+    (1, 0, 0, torch.float32, "int8", True),  # no prefetch: each layer fetched when it runs
+    (2, 0, 2, torch.float32, "fp8", False),
+    (1, 2, 1, torch.bfloat16, "bf16", False),
+    (1, 3, 2, torch.float32, "fp8", False),  # every layer resident: ZeRO-Offload's placement
+])
 def test_offloaded_gradients_and_updates_are_bitwise_resident(stage, resident, prefetch, dtype, state_dtype,
                                                               checkpointed) -> None:
     ref_model = make_model(dtype=dtype, checkpointing=checkpointed)
@@ -178,3 +182,50 @@ def test_step_loop_with_parameter_offload_matches_and_resumes(tmp_path) -> None:
     run_distributed(_train_loop, 2, overrides(True, stop_at=3), str(tmp_path / "c"))
     resumed = run_distributed(_train_loop, 2, overrides(True, resume=True), str(tmp_path / "c"))[0]
     assert resumed == offloaded
+
+
+def _gpu_run(model: Transformer, opt: ZeroOptimizer, steps: int = 2):
+    """``run`` on CUDA with the deterministic ``math`` attention (PyTorch's flash backward is not reproducible)."""
+    from seqmesh.parallel.sequence import make_sp_batch
+    from seqmesh.trainer.data import pack
+    from seqmesh.trainer.loss import token_loss_sum
+
+    losses, grads = [], []
+    for step in range(steps):
+        docs, denominator = step_docs(step), num_targets(STEPS[step])
+        for i in range(3):
+            packed = pack(docs[i::3])
+            meta = make_sp_batch(packed.seqlens, "local", None, backend="math", device="cuda")
+            loss = token_loss_sum(model.logits(model(packed.input_ids.cuda(), meta)), packed.labels.cuda())
+            (loss / denominator).backward()
+            losses.append(loss.item())
+        opt.reduce_gradients()
+        grads.append(opt.shard_grad.detach().cpu().clone())
+        opt.clip_grad_norm_(MAX_NORM)
+        opt.step()
+        opt.zero_grad()
+    torch.cuda.synchronize()
+    return losses, grads, [p.detach().cpu().clone() for p in model.parameters()]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stage,hidden", [(1, 32), (2, 32), (1, 1536)])
+def test_gpu_offload_bitwise_resident(stage: int, hidden: int) -> None:
+    """On CUDA: masters pinned in place (hidden 1536: a flat buffer over ``PIN_MIN_BYTES``) or pageable, side-stream
+    fetches and prefetch, gradients landing through pinned staging on the worker thread, the host FP8AdamW step:
+    bitwise the device-resident run (Triton step on the device)."""
+    from seqmesh.parallel.offload.params import PIN_MIN_BYTES
+
+    ref_model = make_model(layers=4, hidden=hidden).cuda()
+    ref = _gpu_run(ref_model, make_zero(ref_model, stage))
+    model = make_model(layers=4, hidden=hidden)
+    opt = make_zero(model, stage)
+    off = attach_param_offload(model, list(model.model.layers), opt, "cuda", resident_layers=1, prefetch=2)
+    assert off.cuda and bool(off._unpin) == (opt.flat.numel() * 4 >= PIN_MIN_BYTES) and opt.flat.is_pinned() == \
+        bool(off._unpin)
+    got = _gpu_run(model, opt)
+    assert got[0] == ref[0]
+    for a, b in zip(ref[1] + ref[2], got[1] + got[2]):
+        assert torch.equal(bits(a), bits(b))
+    assert off.staging.in_use_bytes == 0 and not off._pending
+    detach_param_offload(model)

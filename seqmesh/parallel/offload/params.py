@@ -38,7 +38,6 @@ forms end in an addition that maps -0 to +0), and for ZeRO-2 it is the same sum.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import ctypes
 import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -73,15 +72,24 @@ def _release_storage(t: Tensor) -> None:
     t.untyped_storage().resize_(0)
 
 
-def _pin(t: Tensor) -> Callable[[], None]:
-    """Page-lock ``t``'s bytes in place (CUDA copies from it then run asynchronously); returns the undo."""
-    if t.numel() == 0 or t.is_pinned():
-        return lambda: None
+# Buffers at least this large are page-locked in place. glibc serves allocations above its mmap threshold
+# (at most 32 MiB) with mappings of their own, so such a buffer shares no page with another allocation;
+# registering a page twice fails (cudaErrorHostMemoryAlreadyRegistered), and that error would surface
+# at the next kernel launch. Smaller buffers stay pageable: their copies are synchronous, and small.
+PIN_MIN_BYTES = 64 << 20
+
+
+def _pin(t: Tensor) -> Callable[[], None] | None:
+    """Page-lock ``t``'s bytes in place (CUDA copies from it then run asynchronously); returns the undo, or
+    None where ``t`` stays pageable (small, or pinned already)."""
+    nbytes = t.numel() * t.element_size()
+    if nbytes < PIN_MIN_BYTES or t.is_pinned():
+        return None
     ptr = t.data_ptr()
-    if int(torch.cuda.cudart().cudaHostRegister(ptr, t.numel() * t.element_size(), 0)) != 0:
-        raise RuntimeError(f"offload.params: could not page-lock {t.numel() * t.element_size() / 2**30:.2f} GiB of "
-                           "host memory for the master weights; raise the locked-memory limit (ulimit -l) or free RAM")
-    return lambda: torch.cuda.cudart().cudaHostUnregister(ctypes.c_void_p(ptr).value)
+    if int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)) != 0:
+        raise RuntimeError(f"offload.params: could not page-lock {nbytes / 2**30:.2f} GiB of host memory for the "
+                           "master weights; raise the locked-memory limit (ulimit -l) or free RAM")
+    return lambda: torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
 class ParamOffload:
@@ -117,8 +125,9 @@ class ParamOffload:
         self._unpin: list[Callable[[], None]] = []
         if self.cuda:
             for t in (flat, getattr(zero, "flat_grad", None), getattr(zero, "shard_grad", None)):
-                if t is not None:
-                    self._unpin.append(_pin(t))
+                undo = _pin(t) if t is not None else None
+                if undo is not None:
+                    self._unpin.append(undo)
             self.h2d = torch.cuda.Stream(self.device)
             self.d2h = torch.cuda.Stream(self.device)
             self.staging = HostPool(staging_bytes, pin=True)

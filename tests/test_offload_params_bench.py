@@ -1,0 +1,40 @@
+"""bench/offload_params.py's parts on the CPU: the shapes it sizes, a trial with and without offload, the SR gap."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bench.offload_params import TINY, llama_shape, sr_gap, trial
+
+
+@pytest.mark.parametrize("billions", [8, 13, 30, 70])
+def test_llama_shapes_have_the_size_asked_for(billions: float) -> None:
+    from seqmesh.trainer.model import Transformer, tiny_config
+
+    s = llama_shape(billions)
+    with torch.device("meta"):
+        model = Transformer(tiny_config(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
+                                        intermediate_size=s["intermediate_size"], num_hidden_layers=s["num_layers"],
+                                        num_attention_heads=s["num_heads"], num_key_value_heads=s["num_kv_heads"],
+                                        tie_word_embeddings=False))
+    n = sum(p.numel() for p in model.parameters())
+    # whole layers: within half a layer of the target, plus the table's 3% step
+    per_layer = (n - 2 * s["vocab_size"] * s["hidden_size"]) / s["num_layers"]
+    assert abs(n - billions * 1e9) <= per_layer / 2 + 0.03 * billions * 1e9
+
+
+def test_trial_with_offload_trains_the_resident_model_bit_for_bit() -> None:
+    resident = trial(dict(TINY), 128, 2, offload=False, resident=None, device_name="cpu")
+    offloaded = trial(dict(TINY), 128, 2, offload=True, resident=0, device_name="cpu")
+    assert offloaded["losses"] == resident["losses"] and len(resident["losses"]) == 3
+    assert offloaded["plan"]["streamed_layers"] == TINY["num_layers"] and resident["plan"] is None
+    assert offloaded["mfu"] is None  # no peak FLOP/s for a CPU
+
+
+def test_sr_gap_pairs_the_two_runs_of_each_seed() -> None:
+    out = sr_gap(dict(TINY, num_layers=1), steps=25, seeds=2, tokens=64, device_name="cpu")
+    assert len(out["gaps_pct"]) == 2 and all(math.isfinite(g) for g in out["gaps_pct"])
+    assert out["mean_gap_pct"] == pytest.approx(sum(out["gaps_pct"]) / 2)
