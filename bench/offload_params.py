@@ -59,7 +59,25 @@ def llama_shape(billions: float) -> dict[str, int]:
     raise ValueError(f"no Llama shape of {billions}B parameters in the table; choose at most 140")
 
 
+def run_config(shape: dict[str, int], tokens: int, offload: bool, resident: int | None, dtype: str = "bf16",
+               path: str | None = None):
+    """The ``RunConfig`` of one trial: the run's own config path (schema, checks) for the model and the offload."""
+    from seqmesh.trainer.config import config_from_dict
+
+    off = {"params": "cpu", "optimizer": "cpu", "path": path or tempfile.gettempdir(),
+           "resident_layers": "auto" if resident is None else str(resident)} if offload else {}
+    return config_from_dict({
+        "model": {"hidden_size": shape["hidden_size"], "intermediate_size": shape["intermediate_size"],
+                  "num_layers": shape["num_layers"], "num_heads": shape["num_heads"],
+                  "num_kv_heads": shape["num_kv_heads"], "vocab_size": shape["vocab_size"], "tie_embeddings": False,
+                  "dtype": dtype, "activation_checkpointing": True, "rope_theta": 500000.0},
+        "parallel": {"zero_stage": 1, "overlap_grad_reduce": False},
+        "optim": {"state_dtype": "fp8", "master_weights": dtype != "bf16"},
+        "data": {"max_seq_len": tokens}, "launch": {"num_workers": 1}, "offload": off})
+
+
 def _model(shape: dict[str, int], dtype: str, device: str, checkpointing: bool):
+    """The plain model of ``shape`` (``sr_gap``: no transform beyond optional checkpointing)."""
     import torch
 
     from seqmesh.parallel.checkpointing import apply_activation_checkpointing
@@ -99,35 +117,29 @@ def trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, residen
     from seqmesh.trainer.flops import device_name as dev_name, mfu, peak_flops, train_flops
     from seqmesh.trainer.microbatch import loss_sum_of
 
+    from seqmesh.trainer.build import apply_weight_dtype, build_cost_model, build_model
+
     device = torch.device(device_name)
     cuda = device.type == "cuda"
-    model = _model(shape, dtype, "cpu" if offload else device_name, checkpointing=True)
-    nparams = sum(p.numel() for p in model.parameters())
-    opt = _zero(model, "fp8")
-    plan = None
-    if offload:
-        from seqmesh.parallel.offload.bandwidth import measure_h2d_GBps
-        from seqmesh.scheduler.offload_plan import OffloadInputs, plan_offload
-        from seqmesh.trainer.param_offload import measure_host_adam_Mparams_s
+    with tempfile.TemporaryDirectory() as path:
+        cfg = run_config(shape, tokens, offload, resident, dtype, path)
+        torch.manual_seed(0)
+        # the run's own build: phase 1 transforms, on the host when the weights are offloaded
+        model = build_model(cfg.model, shape["vocab_size"], torch.device("cpu") if offload else device)
+        apply_weight_dtype(model, cfg.optim)  # bf16 weights without masters (dtype="bf16")
+        nparams = sum(p.numel() for p in model.parameters())
+        opt = _zero(model, "fp8")
+        cost_model = build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=1, state_dtype="fp8")
+        plan = None
+        if offload:  # measured rates, the plan, its report, the transform: what a run does at start-up
+            from seqmesh.trainer.param_offload import apply_param_offload
 
-        layers = list(model.model.layers)
-        layer_params = sum(p.numel() for p in layers[0].parameters())
-        free = torch.cuda.mem_get_info(device)[0] if cuda else 64 * 2**30
-        hidden = shape["hidden_size"]
-        plan = plan_offload(OffloadInputs(
-            num_layers=len(layers), layer_params=layer_params, root_params=nparams - len(layers) * layer_params,
-            param_bytes=model.model.norm.weight.element_size(), state_bytes=2.0, state_share=1.0,
-            act_bytes=tokens * hidden * 2 * (len(layers) + 24) + tokens * 4096 * 4,  # layer inputs + one layer live
-            device_bytes=0.9 * free, host_bytes=0.9 * _host_available(), disk_bytes=None,
-            h2d_GBps=measure_h2d_GBps(device, 64 << 20), disk_GBps=None,
-            adam_Mparams_s=measure_host_adam_Mparams_s("fp8"), layer_ms=1.0, resident_layers=resident,
-            optimizer="cpu"))
-        attach_param_offload(model, layers, opt, device, resident_layers=plan.resident_layers, prefetch=2)
+            _, plan, _ = apply_param_offload(model, opt, cfg, cost_model, device)
     g = torch.Generator().manual_seed(0)
     docs = [torch.randint(0, shape["vocab_size"], (tokens,), generator=g)]
     packed = pack(docs)
     ids, labels = packed.input_ids.to(device), packed.labels.to(device)
-    meta = make_sp_batch(packed.seqlens, "local", None)
+    meta = make_sp_batch(packed.seqlens, "local", None, device=device)
     times, losses = [], []
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)

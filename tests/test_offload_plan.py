@@ -38,7 +38,7 @@ def test_plan_moves_states_to_nvme_then_fails_naming_the_bytes_and_settings() ->
     assert plan_offload(tight).optimizer == "nvme"
     with pytest.raises(OffloadPlanError, match=r"offload.optimizer=nvme.*offload.path"):
         plan_offload(dataclasses.replace(tight, disk_bytes=1 * GiB))
-    with pytest.raises(OffloadPlanError, match=r"host memory must hold .*offload.host_mem_gb.*model.dtype=bf16"):
+    with pytest.raises(OffloadPlanError, match=r"host memory must hold .*offload.host_mem_gb.*optim.master_weights=false"):
         plan_offload(dataclasses.replace(BASE, host_bytes=10 * GiB))
     with pytest.raises(OffloadPlanError, match=r"the device needs .* memory.limit_gb"):
         plan_offload(dataclasses.replace(BASE, device_bytes=12 * GiB))

@@ -16,7 +16,9 @@ bytes available and the settings that change either, before any step runs.
 The step time it predicts (reported at start-up) is the compute of one step plus what is not
 hidden: a streamed layer's weights cross PCIe twice per micro-batch (forward and backward) and its
 gradients once; each crossing hides behind the compute of the layer in flight, so each layer's
-exposed time is ``max(0, transfer - compute)``. The host optimizer step does not overlap backward
+exposed time is ``max(0, transfer - compute)``, with backward's two crossings (weights in,
+gradients out) priced one after the other at the host-to-device rate (an upper bound: the link is
+full duplex, though both directions at once run slower than one alone). The host optimizer step does not overlap backward
 (global-norm clipping and the non-finite check need every gradient first); states on NVMe are read
 and written during it, overlapped chunk by chunk with the CPU arithmetic, so it takes the longer of
 the two.
@@ -132,7 +134,7 @@ def plan_offload(x: OffloadInputs) -> OffloadPlan:
         if place == "cpu":
             fixes += ", set offload.optimizer=nvme"
         if x.param_bytes == 4:
-            fixes += ", train bf16 weights without master copies (model.dtype=bf16)"
+            fixes += ", train bf16 weights without master copies (optim.master_weights=false)"
         raise OffloadPlanError(
             f"offload.params=cpu: host memory must hold {_gib(host)} (weights and gradients {_gib(masters)}"
             f"{f', optimizer states {_gib(states)}' if place == 'cpu' else ''}) but offload.host_mem_gb allows "

@@ -94,6 +94,13 @@ def apply_offload(model: Transformer, model_cfg: ModelConfig, off: OffloadConfig
     apply_tiling_and_offload(model, mlp_tile_tokens=model_cfg.mlp_tile_tokens, offload=offload)
 
 
+def apply_weight_dtype(model: torch.nn.Module, cfg: OptimConfig) -> None:
+    """``optim.master_weights=false``: the weights (and so their gradients) become bf16, with no fp32 copy anywhere;
+    FP8AdamW rounds each update stochastically, so small updates survive in expectation."""
+    if not cfg.master_weights:
+        model.to(torch.bfloat16)
+
+
 def _param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
     """Weight decay on matrices only (norm gains and biases are not decayed)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -265,6 +272,7 @@ def build_parallel_model(cfg: RunConfig, vocab_size: int, mesh: Mesh,
     else:  # ZeRO-3 and parameter offload: built on the host, only shards or streamed layers go to the device
         host = cfg.parallel.zero_stage == 3 or host_params
         model = build_model(cfg.model, vocab_size, torch.device("cpu") if host else device, mesh.tp_group)
+    apply_weight_dtype(model, cfg.optim)
     # Host-resident gradients are reduced where they live: over gloo when the device's backend is NCCL, and after
     # backward (the offload hands them to the host first).
     optimizer = build_sharded_optimizer(model, cfg.optim, cfg.parallel.zero_stage, mesh, device,

@@ -175,9 +175,17 @@ class OptimConfig:
     grad_clip: float = 1.0
     state_dtype: str = "fp32"
     nonfinite: str = "abort"  # a NaN/Inf loss or gradient norm: abort | skip (seqmesh/trainer/guards.py)
+    # false: the weights themselves are bf16 (no fp32 master copy), updated with FP8AdamW's stochastic rounding;
+    # with fp8 states the whole training state is 6 bytes per parameter (weights, gradients, moments)
+    master_weights: bool = True
 
     def validate(self) -> None:
         _choice("optim.name", self.name, ("adamw",))
+        _choice("optim.master_weights", self.master_weights, (True, False))
+        if not self.master_weights and self.state_dtype == "fp32":
+            raise ConfigError("optim.master_weights=false keeps bf16 weights, which only FP8AdamW updates (with "
+                              "stochastic rounding); optim.state_dtype=fp32 is torch's AdamW: set optim.state_dtype "
+                              "to fp8, int8 or bf16")
         _choice("optim.nonfinite", self.nonfinite, ("abort", "skip"))
         _choice("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
         _choice("optim.state_dtype", self.state_dtype, ("fp32", "bf16", "int8", "fp8"))
