@@ -11,10 +11,11 @@
 (b) Overhead: a Llama-3-8B shape (``--overhead-layers`` of its 32 layers) at 8K and 32K tokens, step
     time with every layer streamed (``resident_layers=0``) vs the same model GPU-resident (ZeRO-1,
     activation checkpointing: the same recomputation), median of the timed steps.
-(c) bf16 without master weights: a small model trained ``--sr-steps`` steps on the same token stream
-    with bf16 weights (stochastic rounding) and with fp32 masters, for each of ``--sr-seeds`` paired
-    seeds (same init and data per seed); the gap is the mean over seeds of the relative difference of
-    the final loss (mean of the last 20 steps), in percent.
+(c) bf16 without master weights: a small byte-level model (``SR_SHAPE``) trained ``--sr-steps`` steps
+    on windows of the Python standard library's text with bf16 weights (stochastic rounding) and with
+    fp32 masters, for each of ``--sr-seeds`` paired seeds (same init, data and rounding seed per
+    seed); the gap is the mean over seeds of the relative difference of the held-out loss after the
+    last step, in percent (``sr_gap``). ``--sr-only`` runs this part alone, on a CPU too.
 
 Not measured here: the longest single sequence and its working set per token (issue 20's sequence
 tiling of the recomputed layer, ``bench/offload.py``); their keys are null with a note.
@@ -42,6 +43,8 @@ sys.path.insert(0, str(ROOT))
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_heads=32, num_kv_heads=8, vocab_size=128256,
                 num_layers=32)
 TINY = dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, vocab_size=512, num_layers=4)
+# Part (c)'s model: byte-level, small enough for a CPU (about 3.4M parameters).
+SR_SHAPE = dict(hidden_size=256, intermediate_size=688, num_heads=8, num_kv_heads=4, vocab_size=256, num_layers=4)
 
 
 def llama_shape(billions: float) -> dict[str, int]:
@@ -76,14 +79,15 @@ def run_config(shape: dict[str, int], tokens: int, offload: bool, resident: int 
         "data": {"max_seq_len": tokens}, "launch": {"num_workers": 1}, "offload": off})
 
 
-def _model(shape: dict[str, int], dtype: str, device: str, checkpointing: bool):
-    """The plain model of ``shape`` (``sr_gap``: no transform beyond optional checkpointing)."""
+def _model(shape: dict[str, int], dtype: str, device: str, checkpointing: bool, seed: int = 0):
+    """The plain model of ``shape`` (``sr_gap``: no transform beyond optional checkpointing), initialised from
+    ``seed``."""
     import torch
 
     from seqmesh.parallel.checkpointing import apply_activation_checkpointing
     from seqmesh.trainer.model import Transformer, tiny_config
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = tiny_config(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
                       intermediate_size=shape["intermediate_size"], num_hidden_layers=shape["num_layers"],
                       num_attention_heads=shape["num_heads"], num_key_value_heads=shape["num_kv_heads"],
@@ -192,39 +196,81 @@ def _child(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         Path(out).unlink(missing_ok=True)
 
 
-def sr_gap(shape: dict[str, int], steps: int, seeds: int, tokens: int, device_name: str) -> dict[str, Any]:
-    """Final-loss gap (%) of bf16 weights with stochastic rounding vs fp32 masters, paired seeds."""
+def stdlib_bytes(limit: int = 4 << 20) -> "torch.Tensor":
+    """Up to ``limit`` bytes of the Python standard library's .py files in sorted path order (every machine has
+    the same text for one Python version): a small, real, byte-level language-modelling corpus."""
+    import sysconfig
+
+    import torch
+
+    out, size = [], 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        data = path.read_bytes()
+        out.append(data)
+        size += len(data)
+        if size >= limit:
+            break
+    return torch.frombuffer(bytearray(b"".join(out)[:limit]), dtype=torch.uint8).long()
+
+
+def sr_gap(shape: dict[str, int], steps: int, seeds: int, tokens: int, device_name: str, batch: int = 4,
+           lr: float = 3e-3) -> dict[str, Any]:
+    """Loss gap (%) of bf16 weights with stochastic rounding against fp32 master weights, paired seeds.
+
+    Per seed both runs start from the same initial weights (the fp32 ones, rounded to bf16 for the second),
+    see the same byte windows of standard-library text in the same order and use the same rounding seed;
+    FP8AdamW with fp8 moments in both. The figure per seed is the relative difference of the held-out loss
+    (32 fixed windows from the last tenth of the corpus, never trained on) after the last step; the train
+    loss gap (mean of the last 20 steps) is reported beside it."""
     import torch
 
     from seqmesh.parallel.sequence import make_sp_batch
     from seqmesh.trainer.data import pack
     from seqmesh.trainer.optim import FP8AdamW
 
+    if shape["vocab_size"] < 256:
+        raise ValueError(f"the SR comparison reads bytes: vocab_size must be >= 256, got {shape['vocab_size']}")
     device = torch.device(device_name)
-    gaps = []
+    text = stdlib_bytes()
+    split = len(text) * 9 // 10
+    held = torch.Generator().manual_seed(12345)
+    held_out = [text[o:o + tokens] for o in torch.randint(split, len(text) - tokens, (32,), generator=held).tolist()]
+
+    def loss_of(model, docs):
+        packed = pack(docs)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            hidden = model(packed.input_ids.to(device), make_sp_batch(packed.seqlens, "local", None, device=device))
+        return torch.nn.functional.cross_entropy(model.logits(hidden).float(), packed.labels.to(device),
+                                                 ignore_index=-100)
+
+    rows = []
     for seed in range(seeds):
-        finals = {}
+        result = {}
         for dtype in ("fp32", "bf16"):
-            torch.manual_seed(seed)
-            model = _model(shape, dtype, device_name, checkpointing=False)
-            opt = FP8AdamW(model.parameters(), lr=1e-3, state_dtype="fp8", seed=seed)
+            model = _model(shape, "fp32", device_name, checkpointing=False, seed=seed)  # the same init for both
+            if dtype == "bf16":
+                model.to(torch.bfloat16)
+            opt = FP8AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, state_dtype="fp8",
+                           seed=seed)
             g = torch.Generator().manual_seed(1000 + seed)
-            losses = []
+            train = []
             for _ in range(steps):
-                # a learnable stream: every document repeats a short random phrase
-                phrase = torch.randint(0, shape["vocab_size"], (16,), generator=g)
-                packed = pack([phrase.repeat(tokens // 16)])
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    hidden = model(packed.input_ids.to(device), make_sp_batch(packed.seqlens, "local", None))
-                loss = torch.nn.functional.cross_entropy(model.logits(hidden).float(), packed.labels.to(device),
-                                                         ignore_index=-100)
+                starts = torch.randint(0, split - tokens, (batch,), generator=g).tolist()
+                loss = loss_of(model, [text[o:o + tokens] for o in starts])
                 loss.backward()
                 opt.step()
                 opt.zero_grad()
-                losses.append(loss.item())
-            finals[dtype] = statistics.mean(losses[-20:])
-        gaps.append(100 * (finals["bf16"] - finals["fp32"]) / finals["fp32"])
-    return {"gaps_pct": gaps, "mean_gap_pct": statistics.mean(gaps)}
+                train.append(loss.item())
+            with torch.no_grad():
+                result[dtype] = (statistics.mean(train[-20:]), loss_of(model, held_out).item())
+        rows.append({"seed": seed, "fp32_train": result["fp32"][0], "bf16_train": result["bf16"][0],
+                     "fp32_heldout": result["fp32"][1], "bf16_heldout": result["bf16"][1],
+                     "heldout_gap_pct": 100 * (result["bf16"][1] / result["fp32"][1] - 1),
+                     "train_gap_pct": 100 * (result["bf16"][0] / result["fp32"][0] - 1)})
+    gaps = [r["heldout_gap_pct"] for r in rows]
+    sd = statistics.stdev(gaps) if len(gaps) > 1 else None
+    return {"per_seed": rows, "gaps_pct": gaps, "mean_gap_pct": statistics.mean(gaps), "sd_gap_pct": sd,
+            "mean_train_gap_pct": statistics.mean(r["train_gap_pct"] for r in rows)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -236,6 +282,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--overhead-layers", type=int, default=32)
     ap.add_argument("--sr-steps", type=int, default=300)
     ap.add_argument("--sr-seeds", type=int, default=3)
+    ap.add_argument("--sr-only", action="store_true",
+                    help="part (c) alone (any device, the CPU too): writes offload_params_sr_<device>.json")
+    ap.add_argument("--sr-tokens", type=int, default=None, help="tokens per window in (c) (default 512; smoke 128)")
+    ap.add_argument("--sr-hidden", type=int, default=SR_SHAPE["hidden_size"], help="width of (c)'s model")
+    ap.add_argument("--sr-layers", type=int, default=SR_SHAPE["num_layers"], help="depth of (c)'s model")
     ap.add_argument("--trial-timeout-s", type=float, default=540)
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -251,8 +302,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from bench.common import write_result
 
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
-    if device == "cpu" and not args.smoke:
-        raise SystemExit("bench/offload_params.py measures a GPU; run it with --smoke on a CPU")
+    if device == "cpu" and not (args.smoke or args.sr_only):
+        raise SystemExit("bench/offload_params.py measures a GPU; on a CPU run it with --smoke or --sr-only")
+    out_dir = Path(args.out) if args.out else None
+    sr_shape = dict(SR_SHAPE, hidden_size=args.sr_hidden, num_layers=args.sr_layers,
+                    intermediate_size=args.sr_hidden * 11 // 4 // 8 * 8, num_heads=max(1, args.sr_hidden // 32),
+                    num_kv_heads=max(1, args.sr_hidden // 64))
+    if args.sr_only:
+        shape = sr_shape if not args.smoke else dict(TINY, num_layers=2)
+        steps, seeds = (60, 2) if args.smoke else (args.sr_steps, args.sr_seeds)
+        tokens = args.sr_tokens or (128 if args.smoke else 512)
+        sr = sr_gap(shape, steps, seeds, tokens, device)
+        summary = {"bf16_sr_loss_gap_pct": sr["mean_gap_pct"], "sd_gap_pct": sr["sd_gap_pct"], "seeds": seeds}
+        write_result("offload_params_sr", {"sr_shape": shape, "sr_steps": steps, "sr_seeds": seeds,
+                                           "sr_tokens": tokens, "smoke": args.smoke}, sr["per_seed"], summary,
+                     out_dir=out_dir)
+        return summary
     rows: list[dict[str, Any]] = []
     if args.smoke:
         sizes = [dict(TINY), dict(TINY, num_layers=6)]
@@ -262,8 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sizes = [llama_shape(float(b)) for b in args.sizes.split(",")]
         tokens, overhead_shape, overhead_tokens = args.tokens, dict(LLAMA_8B, num_layers=args.overhead_layers), \
             (8192, 32768)
-        sr_shape, sr_tokens = dict(TINY, hidden_size=256, intermediate_size=688, num_heads=8, num_kv_heads=4,
-                                   num_layers=6, vocab_size=4096), 512
+        sr_tokens = args.sr_tokens or 512
 
     best = None
     for shape in sizes:  # (a): ascending sizes until one does not train
@@ -289,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             pair[offload] = r
         if all("error" not in r for r in pair.values()):
             overhead[t] = 100 * (pair[True]["step_s"] / pair[False]["step_s"] - 1)
-    sr = sr_gap(sr_shape, 60 if args.smoke else args.sr_steps, 1 if args.smoke else args.sr_seeds, sr_tokens, device)
+    sr = sr_gap(sr_shape, 60 if args.smoke else args.sr_steps, 2 if args.smoke else args.sr_seeds, sr_tokens, device)
     rows.append({"part": "bf16_sr", **sr})
     t_small, t_large = overhead_tokens
     summary = {
@@ -307,8 +371,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "sr_steps": args.sr_steps, "sr_seeds": args.sr_seeds, "smoke": args.smoke,
               "not_measured": "single_sequence_tokens and working_set_kb_per_token_512k belong to the sequence "
                               "tiling of issue 20 (bench/offload.py), not to this script"}
-    write_result("offload_params", config, rows, summary, device="cpu" if args.smoke else None,
-                 out_dir=Path(args.out) if args.out else None)
+    write_result("offload_params", config, rows, summary, device="cpu" if args.smoke else None, out_dir=out_dir)
     return summary
 
 
