@@ -30,6 +30,14 @@ def test_plan_keeps_what_fits_and_streams_the_rest() -> None:
     assert plan.device_bytes <= BASE.device_bytes - BASE.act_bytes
     assert plan.optimizer == "cpu"  # 8.0B x (8 + 2) bytes fits 120 GiB
     assert "resident" in plan.report() and plan.step_ms > plan.compute_ms
+    # host: weights, one gradient buffer (ZeRO-1 on one rank shares it with the shard), fp8 states, staging
+    total = 32 * BASE.layer_params + BASE.root_params
+    assert plan.host_bytes == total * (4 + 4 + 2) + BASE.staging_bytes
+    # ZeRO-2 keeps the accumulated gradients until the reduction beside the reduced shard; over 4 ranks each
+    # rank's shard and states are a quarter
+    assert plan_offload(dataclasses.replace(BASE, zero_stage=2)).host_bytes == plan.host_bytes + total * 4
+    four = plan_offload(dataclasses.replace(BASE, state_share=0.25))
+    assert four.host_bytes == total * (4 + 4 + 1 + 0.5) + BASE.staging_bytes
 
 
 def test_plan_moves_states_to_nvme_then_fails_naming_the_bytes_and_settings() -> None:

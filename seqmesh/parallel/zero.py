@@ -163,7 +163,9 @@ class ZeroOptimizer:
                 p.data = self.flat[o:o + p.numel()].view_as(p)
         self.shard_grad = torch.zeros(self.shard_size, dtype=dtype, device=device)
         if self.stage == 1:
-            self.flat_grad = torch.zeros_like(self.flat)
+            # On one rank the shard is the whole flat space, so the accumulated gradient already is the reduced one:
+            # one buffer serves as both (a model-sized buffer less; a bucket's copy into the shard copies onto itself).
+            self.flat_grad = self.shard_grad if self.world == 1 else torch.zeros_like(self.flat)
             self._attach_grad_views()
         hi = self.lo + self.shard_size
         self._excluded_local = [(max(a, self.lo) - self.lo, min(b, hi) - self.lo) for a, b in excluded_ranges

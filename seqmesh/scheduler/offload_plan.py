@@ -6,8 +6,9 @@ A Fuyou-style placement for ``offload.params=cpu``, decided once before the firs
    activation working set of the longest micro-batch (``act_bytes``) and the streaming buffers
    (``1 + prefetch`` layers of weights, one layer of gradients) are reserved; every decoder layer
    that still fits (weights and gradients) stays *resident* for the step, the rest are *streamed*.
-2. Host. Every master weight and gradient lives in host memory (ZeRO's flat buffers). Optimizer
-   states go to the host when they fit beside them, else to NVMe (``offload.optimizer=auto``).
+2. Host. Every master weight and gradient lives in host memory (ZeRO's flat buffers: the weights,
+   the accumulated gradients and, except for ZeRO-1 on one rank, the reduced gradient shard).
+   Optimizer states go to the host when they fit beside them, else to NVMe (``offload.optimizer=auto``).
 3. Disk. States on NVMe need their bytes free under ``offload.path``.
 
 A placement that cannot hold the model raises ``OffloadPlanError`` naming the bytes needed, the
@@ -62,6 +63,7 @@ class OffloadInputs:
     resident_layers: int | None = None  # None: as many as fit
     optimizer: str = "auto"  # auto | cpu | nvme
     staging_bytes: int = 1 << 30  # pinned staging of gradients in flight to the host
+    zero_stage: int = 1
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,10 @@ def plan_offload(x: OffloadInputs) -> OffloadPlan:
     streamed = x.num_layers - resident
     device = 2 * x.root_params * x.param_bytes + 2 * resident * layer_bytes + (stream if streamed else 0)
 
-    masters = total_params * x.param_bytes * 2 + x.staging_bytes  # weights and gradients
+    # Weights and gradients: the accumulated gradients (full), and beside them this rank's reduced shard unless
+    # one buffer is both (ZeRO-1 on one rank); ZeRO-2 frees per-parameter gradients only after the reduction.
+    grad_copies = 1.0 if x.zero_stage == 1 and x.state_share == 1.0 else 1.0 + x.state_share
+    masters = total_params * x.param_bytes * (1 + grad_copies) + x.staging_bytes
     states = total_params * x.state_share * x.state_bytes
     place = x.optimizer
     if place == "auto":

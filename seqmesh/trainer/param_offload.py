@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import socket
 import time
 
 import torch
@@ -71,15 +72,26 @@ def plan_inputs(model: torch.nn.Module, cfg: RunConfig, cost_model: CostModel, d
         host_bytes=host, disk_bytes=disk_free, h2d_GBps=h2d, disk_GBps=disk_rate,
         adam_Mparams_s=off.adam_Mparams_s or measure_host_adam_Mparams_s(cfg.optim.state_dtype),
         layer_ms=float(cost_model.seq_ms(tokens, 1)) / len(layers), prefetch=off.prefetch,
-        resident_layers=off.resident_value, optimizer=off.optimizer)
+        resident_layers=off.resident_value, optimizer=off.optimizer, zero_stage=cfg.parallel.zero_stage)
+
+
+def ranks_on_this_host() -> int:
+    """How many ranks of the run share this machine's memory (``LOCAL_WORLD_SIZE`` under torchrun; otherwise
+    counted from every rank's host name, a collective)."""
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        return int(os.environ["LOCAL_WORLD_SIZE"])
+    if not dist.is_initialized():
+        return 1
+    names: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(names, socket.gethostname())
+    return names.count(socket.gethostname())
 
 
 def apply_param_offload(model: torch.nn.Module, optimizer: ZeroOptimizer, cfg: RunConfig, cost_model: CostModel,
                         device: torch.device) -> tuple[ParamOffload, OffloadPlan, CostModel]:
     """Plan, report and attach parameter offload; returns the transform, its plan and the cost model of what
     the device now holds (weights, gradients and streaming buffers of the plan instead of the whole model)."""
-    ranks_on_host = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size() if dist.is_initialized() else 1))
-    plan = plan_offload(plan_inputs(model, cfg, cost_model, device, ranks_on_host))
+    plan = plan_offload(plan_inputs(model, cfg, cost_model, device, ranks_on_this_host()))
     log.info("%s", plan.report())
     if plan.optimizer == "nvme":
         from seqmesh.trainer.optim.state_files import swap_states_to_files

@@ -124,8 +124,10 @@ class ParamOffload:
         self.prefetch = prefetch
         self._unpin: list[Callable[[], None]] = []
         if self.cuda:
-            for t in (flat, getattr(zero, "flat_grad", None), getattr(zero, "shard_grad", None)):
-                undo = _pin(t) if t is not None else None
+            buffers = {t.data_ptr(): t for t in (flat, getattr(zero, "flat_grad", None), zero.shard_grad)
+                       if t is not None}  # one rank's ZeRO-1 shares one buffer for both gradients
+            for t in buffers.values():
+                undo = _pin(t)
                 if undo is not None:
                     self._unpin.append(undo)
             self.h2d = torch.cuda.Stream(self.device)
