@@ -54,6 +54,17 @@ def test_plan_moves_states_to_nvme_then_fails_naming_the_bytes_and_settings() ->
         plan_offload(dataclasses.replace(BASE, resident_layers=32))
 
 
+def test_weights_on_nvme_leave_host_memory_to_staging_and_are_priced_at_the_disk_rate() -> None:
+    total = 32 * BASE.layer_params + BASE.root_params
+    on_disk = plan_offload(dataclasses.replace(BASE, params="nvme", resident_layers=0))
+    in_memory = plan_offload(dataclasses.replace(BASE, resident_layers=0))
+    assert on_disk.host_bytes == total * 2 + BASE.staging_bytes  # the fp8 states only
+    assert on_disk.disk_bytes == total * 8 and "NVMe (mapped files)" in on_disk.report()
+    assert on_disk.exposed_transfer_ms > in_memory.exposed_transfer_ms  # 2 GB/s disk instead of 50 GB/s PCIe
+    with pytest.raises(OffloadPlanError, match=r"weights and gradients \(offload.params=nvme\) need .* offload.path"):
+        plan_offload(dataclasses.replace(BASE, params="nvme", disk_bytes=10 * GiB))
+
+
 def test_config_refuses_what_parameter_offload_does_not_compose_with() -> None:
     ok = {"offload": {"params": "cpu"}, "parallel": {"zero_stage": 1}, "launch": {"num_workers": 1}}
     config_from_dict(ok)

@@ -35,10 +35,10 @@ def make_model(layers: int = 3, dtype: torch.dtype = torch.float32, checkpointin
     return model
 
 
-def make_zero(model: Transformer, stage: int, state_dtype: str = "fp8") -> ZeroOptimizer:
+def make_zero(model: Transformer, stage: int, state_dtype: str = "fp8", allocate=None) -> ZeroOptimizer:
     return ZeroOptimizer(param_groups(model), lambda groups: FP8AdamW(groups, lr=1e-2, betas=(0.9, 0.95),
                                                                      state_dtype=state_dtype, host_chunk_elems=4096),
-                         stage=stage)
+                         stage=stage, allocate=allocate)
 
 
 def run(model: Transformer, opt: ZeroOptimizer, steps: int = 3, micro: int = 3):
@@ -88,6 +88,38 @@ def test_offloaded_gradients_and_updates_are_bitwise_resident(stage, resident, p
     assert all(p.data.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for p in model.parameters())
     detach_param_offload(model)
     assert get_param_offload(model) is None
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_weights_in_mapped_files_are_bitwise_and_leave_no_file(tmp_path, stage: int) -> None:
+    """``offload.params=nvme``: ZeRO's host buffers are memory-mapped files (``offload/mapped.py``); the same bits,
+    and the files are unlinked as soon as they are mapped."""
+    from seqmesh.parallel.offload.mapped import mapped_zeros
+
+    ref_model = make_model()
+    ref = run(ref_model, make_zero(ref_model, stage))
+    model = make_model()
+    opt = make_zero(model, stage, allocate=lambda n, dtype: mapped_zeros(n, dtype, tmp_path / "w"))
+    attach_param_offload(model, list(model.model.layers), opt, "cpu", resident_layers=1, prefetch=1,
+                         pin_masters=False)
+    got = run(model, opt)
+    assert got[0] == ref[0]
+    flat = lambda r: [g for step in r[1] for g in step] + r[2]  # noqa: E731
+    for a, b in zip(flat(ref), flat(got), strict=True):
+        assert torch.equal(bits(a), bits(b))
+    assert list((tmp_path / "w").iterdir()) == []
+
+
+def test_mapped_weights_refuse_a_volume_too_small(tmp_path) -> None:
+    import shutil
+
+    from seqmesh.parallel.offload.errors import OffloadSpaceError
+    from seqmesh.parallel.offload.mapped import mapped_zeros
+
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(OffloadSpaceError, match=r"offload.path=.*larger volume or use offload.params=cpu"):
+        mapped_zeros(free + (1 << 30), torch.uint8, tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def _zero1_rank(rank: int, world: int, offload: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

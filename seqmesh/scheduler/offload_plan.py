@@ -1,6 +1,6 @@
 """Where parameters, gradients and optimizer states live (GPU, host, NVMe), from sizes, capacities and rates.
 
-A Fuyou-style placement for ``offload.params=cpu``, decided once before the first step:
+A Fuyou-style placement for ``offload.params=cpu|nvme``, decided once before the first step:
 
 1. Device. The root (embeddings, final norm, head) stays on the device with its gradients; the
    activation working set of the longest micro-batch (``act_bytes``) and the streaming buffers
@@ -8,8 +8,10 @@ A Fuyou-style placement for ``offload.params=cpu``, decided once before the firs
    that still fits (weights and gradients) stays *resident* for the step, the rest are *streamed*.
 2. Host. Every master weight and gradient lives in host memory (ZeRO's flat buffers: the weights,
    the accumulated gradients and, except for ZeRO-1 on one rank, the reduced gradient shard).
+   With ``offload.params=nvme`` these buffers are memory-mapped files under ``offload.path`` instead
+   (the page cache holds what RAM allows) and streamed layers arrive at ``min(PCIe, disk)``.
    Optimizer states go to the host when they fit beside them, else to NVMe (``offload.optimizer=auto``).
-3. Disk. States on NVMe need their bytes free under ``offload.path``.
+3. Disk. Whatever lives on NVMe needs its bytes free under ``offload.path``.
 
 A placement that cannot hold the model raises ``OffloadPlanError`` naming the bytes needed, the
 bytes available and the settings that change either, before any step runs.
@@ -22,7 +24,7 @@ gradients out) priced one after the other at the host-to-device rate (an upper b
 full duplex, though both directions at once run slower than one alone). The host optimizer step does not overlap backward
 (global-norm clipping and the non-finite check need every gradient first); states on NVMe are read
 and written during it, overlapped chunk by chunk with the CPU arithmetic, so it takes the longer of
-the two.
+the two (weights and gradients in mapped files are read and written once by the step too).
 """
 
 from __future__ import annotations
@@ -64,10 +66,12 @@ class OffloadInputs:
     optimizer: str = "auto"  # auto | cpu | nvme
     staging_bytes: int = 1 << 30  # pinned staging of gradients in flight to the host
     zero_stage: int = 1
+    params: str = "cpu"  # cpu: weights and gradients in host memory | nvme: in memory-mapped files on the disk
 
 
 @dataclass(frozen=True)
 class OffloadPlan:
+    params: str  # cpu | nvme
     resident_layers: int
     streamed_layers: int
     optimizer: str  # cpu | nvme
@@ -88,7 +92,8 @@ class OffloadPlan:
     def report(self) -> str:
         gib = 2**30
         return (f"offload plan: {self.resident_layers} decoder layers resident on the device, {self.streamed_layers} "
-                f"streamed from host memory; optimizer states on {self.optimizer}; device {self.device_bytes / gib:.2f} "
+                f"streamed from {'host memory' if self.params == 'cpu' else 'NVMe (mapped files)'}; optimizer states "
+                f"on {self.optimizer}; device {self.device_bytes / gib:.2f} "
                 f"GiB of weights and gradients, host {self.host_bytes / gib:.2f} GiB, disk {self.disk_bytes / gib:.2f} GiB"
                 f"; predicted step {self.step_ms:.0f} ms = compute {self.compute_ms:.0f} + exposed transfers "
                 f"{self.exposed_transfer_ms:.0f} + host optimizer {self.optimizer_ms:.0f}")
@@ -102,6 +107,8 @@ def plan_offload(x: OffloadInputs) -> OffloadPlan:
     """The placement and its predicted step time; ``OffloadPlanError`` when the settings cannot hold the model."""
     if x.optimizer not in ("auto", "cpu", "nvme"):
         raise ValueError(f"offload.optimizer={x.optimizer!r} is not known; choose auto, cpu or nvme")
+    if x.params not in ("cpu", "nvme"):
+        raise ValueError(f"offload.params={x.params!r} is not planned here; choose cpu or nvme")
     for key in ("h2d_GBps", "adam_Mparams_s", "layer_ms"):
         if not getattr(x, key) > 0:
             raise ValueError(f"offload plan: {key}={getattr(x, key)!r} must be > 0")
@@ -128,7 +135,8 @@ def plan_offload(x: OffloadInputs) -> OffloadPlan:
     # Weights and gradients: the accumulated gradients (full), and beside them this rank's reduced shard unless
     # one buffer is both (ZeRO-1 on one rank); ZeRO-2 frees per-parameter gradients only after the reduction.
     grad_copies = 1.0 if x.zero_stage == 1 and x.state_share == 1.0 else 1.0 + x.state_share
-    masters = total_params * x.param_bytes * (1 + grad_copies) + x.staging_bytes
+    weights = total_params * x.param_bytes * (1 + grad_copies)
+    masters = (weights if x.params == "cpu" else 0.0) + x.staging_bytes
     states = total_params * x.state_share * x.state_bytes
     place = x.optimizer
     if place == "auto":
@@ -145,20 +153,24 @@ def plan_offload(x: OffloadInputs) -> OffloadPlan:
             f"{f', optimizer states {_gib(states)}' if place == 'cpu' else ''}) but offload.host_mem_gb allows "
             f"{_gib(x.host_bytes)}; {fixes}, or spread the states over more ranks (parallel.zero_stage=1 with more "
             "workers)")
-    disk = states if place == "nvme" else 0.0
-    if place == "nvme" and x.disk_bytes is not None and disk > x.disk_bytes:
+    disk = (states if place == "nvme" else 0.0) + (weights if x.params == "nvme" else 0.0)
+    if disk and x.disk_bytes is not None and disk > x.disk_bytes:
+        what = " and ".join(name for name, on in (("weights and gradients (offload.params=nvme)", x.params == "nvme"),
+                                                  ("optimizer states (offload.optimizer=nvme)", place == "nvme")) if on)
         raise OffloadPlanError(
-            f"offload.optimizer=nvme: the optimizer states need {_gib(disk)} under offload.path but only "
-            f"{_gib(x.disk_bytes)} are free there; point offload.path at a larger volume, choose a smaller "
-            "optim.state_dtype (fp8: 2 bytes per parameter), or spread the states over more ranks")
+            f"the {what} need {_gib(disk)} under offload.path but only {_gib(x.disk_bytes)} are free there; point "
+            "offload.path at a larger volume, choose a smaller optim.state_dtype (fp8: 2 bytes per parameter), "
+            "keep them in host memory (offload.params=cpu, offload.optimizer=cpu), or spread the states over more "
+            "ranks")
 
     # Streaming adds the recomputation (activation checkpointing's 1/3 more) to every streamed layer.
     compute = x.micro_batches * (x.num_layers * x.layer_ms + streamed * x.layer_ms / 3)
     fwd_ms, bwd_ms = x.layer_ms / 3, x.layer_ms * 2 / 3 + x.layer_ms / 3
-    load_ms = layer_bytes / (x.h2d_GBps * GB) * 1e3
+    link = x.h2d_GBps if x.params == "cpu" else min(x.h2d_GBps, x.disk_GBps or x.h2d_GBps)
+    load_ms = layer_bytes / (link * GB) * 1e3
     exposed = x.micro_batches * streamed * (max(0.0, load_ms - fwd_ms) + max(0.0, 2 * load_ms - bwd_ms))
     adam = total_params * x.state_share / (x.adam_Mparams_s * 1e6) * 1e3
-    if place == "nvme":
+    if disk:  # every byte on the disk is read and written once by the step (through the page cache for weights)
         disk_rate = x.disk_GBps or x.h2d_GBps
-        adam = max(adam, 2 * states / (disk_rate * GB) * 1e3)  # read and write every state byte
-    return OffloadPlan(resident, streamed, place, device, host, disk, compute, exposed, adam)
+        adam = max(adam, 2 * disk / (disk_rate * GB) * 1e3)
+    return OffloadPlan(x.params, resident, streamed, place, device, host, disk, compute, exposed, adam)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import Callable
 
 import torch
 import transformers
@@ -125,7 +126,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
 
 def build_sharded_optimizer(model: torch.nn.Module, optim: OptimConfig, zero_stage: int, mesh: Mesh,
                             device: torch.device | None = None, *, overlap: bool = False,
-                            bucket_mb: float = 25.0, host_group: bool = False) -> ZeroOptimizer:
+                            bucket_mb: float = 25.0, host_group: bool = False,
+                            allocate: Callable[[int, torch.dtype], torch.Tensor] | None = None) -> ZeroOptimizer:
     """The step loop's optimizer: ZeRO ``parallel.zero_stage`` over the HDP group, its gradient norm global
     over TP and PP (a pipeline rank's ``parameters()`` are the ones it owns, so stages count each once).
 
@@ -139,7 +141,8 @@ def build_sharded_optimizer(model: torch.nn.Module, optim: OptimConfig, zero_sta
     TP-replicated parameters are summed over TP after backward, so their buckets wait for it.
 
     ``host_group``: the parameters and gradients live in host memory (``offload.params``) while the default
-    backend is NCCL: reduce and gather them over a gloo group of the same HDP ranks (tp = pp = 1)."""
+    backend is NCCL: reduce and gather them over a gloo group of the same HDP ranks (tp = pp = 1).
+    ``allocate``: makes ZeRO-1/2's flat host buffers (``offload.params=nvme``: memory-mapped files)."""
     if zero_stage == 3:
         return Zero3Optimizer(model, _param_groups(model, optim), lambda groups: _make_optimizer(groups, optim),
                               device=device or next(model.parameters()).device, group=mesh.hdp_group)
@@ -153,7 +156,14 @@ def build_sharded_optimizer(model: torch.nn.Module, optim: OptimConfig, zero_sta
                          bucket_bytes=max(1, int(bucket_mb * 2**20)), overlap=overlap,
                          grad_order=list(model.parameters())[::-1],
                          deferred=() if tp is None else tp.replicated + tp.kv_shared,
-                         grad_group=mesh.grad_group if overlap else None)
+                         grad_group=mesh.grad_group if overlap else None, allocate=allocate)
+
+
+def _mapped_allocator(path: str) -> Callable[[int, torch.dtype], torch.Tensor]:
+    """ZeRO's flat buffers as memory-mapped files under ``path`` (``offload.params=nvme``)."""
+    from seqmesh.parallel.offload.mapped import mapped_zeros
+
+    return lambda numel, dtype: mapped_zeros(numel, dtype, path)
 
 
 def apply_memory_limit(memory: MemoryConfig, device: torch.device) -> None:
@@ -278,7 +288,9 @@ def build_parallel_model(cfg: RunConfig, vocab_size: int, mesh: Mesh,
     optimizer = build_sharded_optimizer(model, cfg.optim, cfg.parallel.zero_stage, mesh, device,
                                         overlap=cfg.parallel.overlap_grad_reduce and not host_params,
                                         bucket_mb=cfg.parallel.grad_bucket_mb,
-                                        host_group=host_params and device.type == "cuda" and mesh.hdp > 1)
+                                        host_group=host_params and device.type == "cuda" and mesh.hdp > 1,
+                                        allocate=_mapped_allocator(cfg.offload.path)
+                                        if cfg.offload.params == "nvme" else None)
     cost_model = build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=cfg.hdp,
                                   profile=cfg.scheduler.cost_model, state_dtype=cfg.optim.state_dtype)
     if host_params:  # step 8: parameter offload, planned from the cost model and measured rates

@@ -210,7 +210,7 @@ class OffloadConfig:
     engine: str = "auto"
     h2d_GBps: float | None = None
     disk_GBps: float | None = None
-    params: str = "none"  # none | cpu: master weights and gradients in host memory, layers streamed
+    params: str = "none"  # none | cpu | nvme: master weights and gradients in host memory (nvme: mapped files)
     optimizer: str = "auto"  # auto | cpu | nvme: where the states of the host optimizer live (with params=cpu)
     resident_layers: str = "auto"  # auto (as many as fit) | a count of decoder layers kept on the device
     prefetch: int = 2  # streamed layers fetched ahead of use
@@ -229,15 +229,16 @@ class OffloadConfig:
     def validate(self) -> None:
         _choice("offload.target", self.target, ("none", "cpu", "nvme"))
         _choice("offload.engine", self.engine, ("auto", "aio", "threads"))
-        _choice("offload.params", self.params, ("none", "cpu"))
+        _choice("offload.params", self.params, ("none", "cpu", "nvme"))
         _choice("offload.optimizer", self.optimizer, ("auto", "cpu", "nvme"))
         _positive("offload.prefetch", self.prefetch, zero_ok=True)
         if self.resident_layers != "auto" and not (str(self.resident_layers).isdigit()):
             raise ConfigError(f"offload.resident_layers={self.resident_layers!r} must be 'auto' or a count of decoder "
                               "layers (>= 0)")
         if self.params == "none" and self.optimizer != "auto":
-            raise ConfigError(f"offload.optimizer={self.optimizer} needs offload.params=cpu: the host optimizer steps "
-                              "the master weights where they live; set offload.params=cpu or offload.optimizer=auto")
+            raise ConfigError(f"offload.optimizer={self.optimizer} needs offload.params=cpu (or nvme): the host "
+                              "optimizer steps the master weights where they live; set offload.params=cpu or "
+                              "offload.optimizer=auto")
         for key in ("host_mem_gb", "h2d_GBps", "disk_GBps", "adam_Mparams_s"):
             if getattr(self, key) is not None:
                 _positive(f"offload.{key}", getattr(self, key))

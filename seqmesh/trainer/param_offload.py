@@ -1,4 +1,4 @@
-"""``offload.params=cpu`` for a run: measure the rates, plan the placement, report it, attach the transform.
+"""``offload.params=cpu|nvme`` for a run: measure the rates, plan the placement, report it, attach the transform.
 
 The plan (``seqmesh/scheduler/offload_plan.py``) is made before the first step from what this rank
 holds and what the machine measures now: pinned host-to-device bandwidth, the disk under
@@ -61,7 +61,7 @@ def plan_inputs(model: torch.nn.Module, cfg: RunConfig, cost_model: CostModel, d
     os.makedirs(off.path, exist_ok=True)
     disk_free = shutil.disk_usage(off.path).free
     disk_rate = off.disk_GBps
-    if off.optimizer != "cpu" and disk_rate is None:
+    if (off.optimizer != "cpu" or off.params == "nvme") and disk_rate is None:
         disk_rate = min(measure_disk_GBps(off.path, 64 << 20))
     host = off.host_mem_gb * 2**30 if off.host_mem_gb else HOST_SHARE * available_host_bytes() / ranks_on_host
     tokens = cfg.data.max_seq_len
@@ -72,7 +72,8 @@ def plan_inputs(model: torch.nn.Module, cfg: RunConfig, cost_model: CostModel, d
         host_bytes=host, disk_bytes=disk_free, h2d_GBps=h2d, disk_GBps=disk_rate,
         adam_Mparams_s=off.adam_Mparams_s or measure_host_adam_Mparams_s(cfg.optim.state_dtype),
         layer_ms=float(cost_model.seq_ms(tokens, 1)) / len(layers), prefetch=off.prefetch,
-        resident_layers=off.resident_value, optimizer=off.optimizer, zero_stage=cfg.parallel.zero_stage)
+        resident_layers=off.resident_value, optimizer=off.optimizer, zero_stage=cfg.parallel.zero_stage,
+        params=off.params)
 
 
 def ranks_on_this_host() -> int:
@@ -98,6 +99,7 @@ def apply_param_offload(model: torch.nn.Module, optimizer: ZeroOptimizer, cfg: R
 
         swap_states_to_files(optimizer.optimizer, cfg.offload.path, engine=cfg.offload.engine)
     off = attach_param_offload(model, list(model.model.layers), optimizer, device,
-                               resident_layers=plan.resident_layers, prefetch=cfg.offload.prefetch)
+                               resident_layers=plan.resident_layers, prefetch=cfg.offload.prefetch,
+                               pin_masters=cfg.offload.params == "cpu")
     # The cost model's static bytes become what the device holds (its tp x pp share is 1 x 1 here).
     return off, plan, dataclasses.replace(cost_model, mem_static_bytes=plan.device_bytes)

@@ -103,10 +103,12 @@ class ParamOffload:
         resident_layers: how many of the first layers stay on the device for the whole step.
         prefetch: how many streamed layers ahead forward and backward fetch.
         staging_bytes: pinned host bytes for gradients in flight to the host (CUDA only).
+        pin_masters: page-lock ZeRO's host buffers in place (False for memory-mapped files, ``mapped.py``).
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[nn.Module], zero: Any, device: torch.device, *,
-                 resident_layers: int = 0, prefetch: int = 2, staging_bytes: int = 1 << 30) -> None:
+                 resident_layers: int = 0, prefetch: int = 2, staging_bytes: int = 1 << 30,
+                 pin_masters: bool = True) -> None:
         if not 0 <= resident_layers <= len(layers):
             raise ValueError(f"offload.resident_layers={resident_layers} must lie in [0, {len(layers)}] "
                              f"(the model has {len(layers)} decoder layers)")
@@ -123,13 +125,14 @@ class ParamOffload:
         self.cuda = self.device.type == "cuda"
         self.prefetch = prefetch
         self._unpin: list[Callable[[], None]] = []
-        if self.cuda:
+        if self.cuda and pin_masters:
             buffers = {t.data_ptr(): t for t in (flat, getattr(zero, "flat_grad", None), zero.shard_grad)
                        if t is not None}  # one rank's ZeRO-1 shares one buffer for both gradients
             for t in buffers.values():
                 undo = _pin(t)
                 if undo is not None:
                     self._unpin.append(undo)
+        if self.cuda:
             self.h2d = torch.cuda.Stream(self.device)
             self.d2h = torch.cuda.Stream(self.device)
             self.staging = HostPool(staging_bytes, pin=True)
@@ -383,11 +386,12 @@ class _StreamedLayer(torch.autograd.Function):
 
 
 def attach_param_offload(model: nn.Module, layers: Sequence[nn.Module], zero: Any, device: torch.device | str, *,
-                         resident_layers: int = 0, prefetch: int = 2) -> ParamOffload:
+                         resident_layers: int = 0, prefetch: int = 2, pin_masters: bool = True) -> ParamOffload:
     """Stream ``layers``' weights from the host (apply after ZeRO-1/2 built its buffers on the host)."""
     if getattr(model, _ATTR, None) is not None:
         raise RuntimeError("parameter offload is already attached to this model")
-    off = ParamOffload(model, layers, zero, torch.device(device), resident_layers=resident_layers, prefetch=prefetch)
+    off = ParamOffload(model, layers, zero, torch.device(device), resident_layers=resident_layers, prefetch=prefetch,
+                       pin_masters=pin_masters)
     setattr(model, _ATTR, off)
     return off
 
