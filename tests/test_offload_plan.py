@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from seqmesh.scheduler.offload_plan import OffloadInputs, OffloadPlanError, plan_offload
+from seqmesh.scheduler.offload_plan import OffloadInputs, OffloadPlanError, plan_offload, staging_bytes_for
 from seqmesh.trainer.config import ConfigError, config_from_dict
 from seqmesh.trainer.optim import FP8AdamW
 from seqmesh.trainer.optim.state_files import swap_states_to_files
@@ -32,12 +32,12 @@ def test_plan_keeps_what_fits_and_streams_the_rest() -> None:
     assert "resident" in plan.report() and plan.step_ms > plan.compute_ms
     # host: weights, one gradient buffer (ZeRO-1 on one rank shares it with the shard), fp8 states, staging
     total = 32 * BASE.layer_params + BASE.root_params
-    assert plan.host_bytes == total * (4 + 4 + 2) + BASE.staging_bytes
+    assert plan.host_bytes == total * (4 + 4 + 2) + staging_bytes_for(BASE.layer_params * 4)
     # ZeRO-2 keeps the accumulated gradients until the reduction beside the reduced shard; over 4 ranks each
     # rank's shard and states are a quarter
     assert plan_offload(dataclasses.replace(BASE, zero_stage=2)).host_bytes == plan.host_bytes + total * 4
     four = plan_offload(dataclasses.replace(BASE, state_share=0.25))
-    assert four.host_bytes == total * (4 + 4 + 1 + 0.5) + BASE.staging_bytes
+    assert four.host_bytes == total * (4 + 4 + 1 + 0.5) + staging_bytes_for(BASE.layer_params * 4)
 
 
 def test_plan_moves_states_to_nvme_then_fails_naming_the_bytes_and_settings() -> None:
@@ -58,7 +58,7 @@ def test_weights_on_nvme_leave_host_memory_to_staging_and_are_priced_at_the_disk
     total = 32 * BASE.layer_params + BASE.root_params
     on_disk = plan_offload(dataclasses.replace(BASE, params="nvme", resident_layers=0))
     in_memory = plan_offload(dataclasses.replace(BASE, resident_layers=0))
-    assert on_disk.host_bytes == total * 2 + BASE.staging_bytes  # the fp8 states only
+    assert on_disk.host_bytes == total * 2 + staging_bytes_for(BASE.layer_params * 4)  # the fp8 states only
     assert on_disk.disk_bytes == total * 8 and "NVMe (mapped files)" in on_disk.report()
     assert on_disk.exposed_transfer_ms > in_memory.exposed_transfer_ms  # 2 GB/s disk instead of 50 GB/s PCIe
     with pytest.raises(OffloadPlanError, match=r"weights and gradients \(offload.params=nvme\) need .* offload.path"):

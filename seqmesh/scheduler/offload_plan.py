@@ -36,6 +36,12 @@ from typing import Any
 GB = 1e9
 
 
+def staging_bytes_for(layer_bytes: int) -> int:
+    """Pinned host bytes for gradients on their way to the host: two layers' worth (one landing while the next
+    is copied), each up to 1/8 larger in the pool's size classes, and at least 1 GiB."""
+    return max(1 << 30, -(-9 * 2 * layer_bytes // 8))
+
+
 class OffloadPlanError(ValueError):
     """The model does not fit the memory and disk the settings allow."""
 
@@ -64,7 +70,7 @@ class OffloadInputs:
     prefetch: int = 2
     resident_layers: int | None = None  # None: as many as fit
     optimizer: str = "auto"  # auto | cpu | nvme
-    staging_bytes: int = 1 << 30  # pinned staging of gradients in flight to the host
+    staging_bytes: int | None = None  # pinned staging of gradients in flight (None: ``staging_bytes_for`` a layer)
     zero_stage: int = 1
     params: str = "cpu"  # cpu: weights and gradients in host memory | nvme: in memory-mapped files on the disk
 
@@ -136,7 +142,8 @@ def plan_offload(x: OffloadInputs) -> OffloadPlan:
     # one buffer is both (ZeRO-1 on one rank); ZeRO-2 frees per-parameter gradients only after the reduction.
     grad_copies = 1.0 if x.zero_stage == 1 and x.state_share == 1.0 else 1.0 + x.state_share
     weights = total_params * x.param_bytes * (1 + grad_copies)
-    masters = (weights if x.params == "cpu" else 0.0) + x.staging_bytes
+    staging = x.staging_bytes if x.staging_bytes is not None else staging_bytes_for(layer_bytes)
+    masters = (weights if x.params == "cpu" else 0.0) + staging
     states = total_params * x.state_share * x.state_bytes
     place = x.optimizer
     if place == "auto":

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from seqmesh.parallel.offload.pool import HostPool
+from seqmesh.scheduler.offload_plan import staging_bytes_for
 
 _ATTR = "_seqmesh_param_offload"
 
@@ -102,7 +103,8 @@ class ParamOffload:
         device: where compute runs.
         resident_layers: how many of the first layers stay on the device for the whole step.
         prefetch: how many streamed layers ahead forward and backward fetch.
-        staging_bytes: pinned host bytes for gradients in flight to the host (CUDA only).
+        staging_bytes: pinned host bytes for gradients in flight to the host (CUDA only; at least
+            ``staging_bytes_for`` the largest streamed layer).
         pin_masters: page-lock ZeRO's host buffers in place (False for memory-mapped files, ``mapped.py``).
     """
 
@@ -135,7 +137,6 @@ class ParamOffload:
         if self.cuda:
             self.h2d = torch.cuda.Stream(self.device)
             self.d2h = torch.cuda.Stream(self.device)
-            self.staging = HostPool(staging_bytes, pin=True)
         self._worker = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="seqmesh-grad-d2h") if self.cuda else None
         self._pending: list[cf.Future] = []
         in_layers: set[int] = set()
@@ -147,6 +148,9 @@ class ParamOffload:
         root = [p for p in model.parameters() if p.requires_grad and id(p) not in in_layers]
         self.root = self._unit(-1, root, streamed=False)
         self.streamed = [u for u in self.layers if u.streamed]
+        if self.cuda:  # room for two layers' gradients in flight, whatever the layer size
+            largest = max((u.numel * u.device.element_size() for u in self.streamed), default=0)
+            self.staging = HostPool(max(staging_bytes, staging_bytes_for(largest)), pin=True)
         self._wrapped = [layer for unit, layer in zip(self.layers, layers) if unit.streamed]
         for unit, layer in zip(self.layers, layers):
             if unit.streamed:
@@ -171,13 +175,6 @@ class ParamOffload:
             offset += p.numel()
         _release_storage(unit.device)
         return unit
-
-    @property
-    def device_param_bytes(self) -> int:
-        """Bytes of parameters the device holds at most: the resident units and ``1 + prefetch`` streamed layers."""
-        size = lambda u: u.numel * u.device.element_size()  # noqa: E731
-        streamed = sorted((size(u) for u in self.streamed), reverse=True)[:1 + self.prefetch]
-        return size(self.root) + sum(size(u) for u in self.layers if not u.streamed) + sum(streamed)
 
     # ------------------------------------------------------------------ moving weights
 
@@ -257,7 +254,7 @@ class ParamOffload:
             buf = self.staging.acquire(nbytes)
         if buf is None:
             raise RuntimeError(f"offload.params: the gradients of one layer ({nbytes / 2**20:.1f} MiB) exceed the "
-                               "pinned staging buffers; raise ParamOffload's staging_bytes")
+                               f"pinned staging buffers ({self.staging.limit_bytes / 2**20:.0f} MiB)")
         self.d2h.wait_stream(torch.cuda.current_stream(self.device))
         host, offset = [], 0
         with torch.cuda.stream(self.d2h):
