@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_heads=32, num_kv_heads=8, vocab_size=128256,
                 num_layers=32)
 TINY = dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, vocab_size=512, num_layers=4)
+PARTS = ("max", "overhead", "sr")
 # Part (c)'s model: byte-level, small enough for a CPU (about 3.4M parameters).
 SR_SHAPE = dict(hidden_size=256, intermediate_size=688, num_heads=8, num_kv_heads=4, vocab_size=256, num_layers=4)
 
@@ -67,7 +69,7 @@ def run_config(shape: dict[str, int], tokens: int, offload: bool, resident: int 
     """The ``RunConfig`` of one trial: the run's own config path (schema, checks) for the model and the offload."""
     from seqmesh.trainer.config import config_from_dict
 
-    off = {"params": "cpu", "optimizer": "cpu", "path": path or tempfile.gettempdir(),
+    off = {"params": "cpu", "optimizer": "auto", "path": path or tempfile.gettempdir(),
            "resident_layers": "auto" if resident is None else str(resident)} if offload else {}
     return config_from_dict({
         "model": {"hidden_size": shape["hidden_size"], "intermediate_size": shape["intermediate_size"],
@@ -115,30 +117,43 @@ def trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, residen
     """One model trained ``1 + steps`` steps on one device: times, MFU, memory; raises on OOM."""
     import torch
 
-    from seqmesh.parallel.offload.params import attach_param_offload
+    device = torch.device(device_name)
+    path = tempfile.mkdtemp(prefix="seqmesh-bench-")  # offload files (NVMe states), removed with the trial
+    try:
+        return _train_trial(shape, tokens, steps, offload, resident, device, dtype, path)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, resident: int | None,
+                 device: "torch.device", dtype: str, path: str) -> dict[str, Any]:
+    import torch
+
     from seqmesh.parallel.sequence import make_sp_batch
+    from seqmesh.trainer.build import apply_weight_dtype, build_cost_model, build_model
     from seqmesh.trainer.data import pack
     from seqmesh.trainer.flops import device_name as dev_name, mfu, peak_flops, train_flops
     from seqmesh.trainer.microbatch import loss_sum_of
 
-    from seqmesh.trainer.build import apply_weight_dtype, build_cost_model, build_model
-
-    device = torch.device(device_name)
     cuda = device.type == "cuda"
-    with tempfile.TemporaryDirectory() as path:
-        cfg = run_config(shape, tokens, offload, resident, dtype, path)
-        torch.manual_seed(0)
-        # the run's own build: phase 1 transforms, on the host when the weights are offloaded
+    cfg = run_config(shape, tokens, offload, resident, dtype, path)
+    torch.manual_seed(0)
+    # the run's own build: phase 1 transforms, on the host when the weights are offloaded
+    # bf16 weights without masters are made in bf16 (an fp32 model of tens of billions would not fit the host)
+    torch.set_default_dtype(torch.float32 if cfg.optim.master_weights else torch.bfloat16)
+    try:
         model = build_model(cfg.model, shape["vocab_size"], torch.device("cpu") if offload else device)
-        apply_weight_dtype(model, cfg.optim)  # bf16 weights without masters (dtype="bf16")
-        nparams = sum(p.numel() for p in model.parameters())
-        opt = _zero(model, "fp8")
-        cost_model = build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=1, state_dtype="fp8")
-        plan = None
-        if offload:  # measured rates, the plan, its report, the transform: what a run does at start-up
-            from seqmesh.trainer.param_offload import apply_param_offload
+    finally:
+        torch.set_default_dtype(torch.float32)
+    apply_weight_dtype(model, cfg.optim)
+    nparams = sum(p.numel() for p in model.parameters())
+    opt = _zero(model, "fp8")
+    cost_model = build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=1, state_dtype="fp8")
+    plan = None
+    if offload:  # measured rates, the plan, its report, the transform: what a run does at start-up
+        from seqmesh.trainer.param_offload import apply_param_offload
 
-            _, plan, _ = apply_param_offload(model, opt, cfg, cost_model, device)
+        _, plan, _ = apply_param_offload(model, opt, cfg, cost_model, device)
     g = torch.Generator().manual_seed(0)
     docs = [torch.randint(0, shape["vocab_size"], (tokens,), generator=g)]
     packed = pack(docs)
@@ -171,12 +186,6 @@ def trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, residen
             "gpu_peak_GB": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None,
             "host_GB": plan.host_bytes / 1e9 if plan else None, "disk_GB": plan.disk_bytes / 1e9 if plan else 0.0,
             "plan": plan.as_dict() if plan else None, "losses": losses}
-
-
-def _host_available() -> int:
-    from seqmesh.parallel.offload.bandwidth import available_host_bytes
-
-    return available_host_bytes()
 
 
 def _child(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
@@ -282,6 +291,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--overhead-layers", type=int, default=32)
     ap.add_argument("--sr-steps", type=int, default=300)
     ap.add_argument("--sr-seeds", type=int, default=3)
+    ap.add_argument("--parts", default=",".join(PARTS), help="which of max, overhead, sr to run")
+    ap.add_argument("--merge", action="store_true", help="keep the other parts' rows of an earlier result file")
     ap.add_argument("--sr-only", action="store_true",
                     help="part (c) alone (any device, the CPU too): writes offload_params_sr_<device>.json")
     ap.add_argument("--sr-tokens", type=int, default=None, help="tokens per window in (c) (default 512; smoke 128)")
@@ -318,7 +329,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                            "sr_tokens": tokens, "smoke": args.smoke}, sr["per_seed"], summary,
                      out_dir=out_dir)
         return summary
-    rows: list[dict[str, Any]] = []
+    parts = set(args.parts.split(","))
+    if not parts <= set(PARTS):
+        raise SystemExit(f"--parts: choose among {','.join(PARTS)}, got {args.parts!r}")
     if args.smoke:
         sizes = [dict(TINY), dict(TINY, num_layers=6)]
         tokens, overhead_shape, overhead_tokens = 256, dict(TINY), (128, 256)
@@ -328,51 +341,69 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tokens, overhead_shape, overhead_tokens = args.tokens, dict(LLAMA_8B, num_layers=args.overhead_layers), \
             (8192, 32768)
         sr_tokens = args.sr_tokens or 512
-
-    best = None
-    for shape in sizes:  # (a): ascending sizes until one does not train
-        row = {"part": "max_model", **_child(dict(shape=shape, tokens=tokens, steps=args.steps, offload=True,
-                                                   resident=None, device_name=device), args.trial_timeout_s)}
-        rows.append(row)
-        if "error" in row:
-            break
-        best = (shape, row)
-    without = None
-    if best is not None:
-        without = {"part": "max_model_without_offload", **_child(
-            dict(shape=best[0], tokens=tokens, steps=args.steps, offload=False, resident=None, device_name=device),
-            args.trial_timeout_s)}
-        rows.append(without)
-    overhead = {}
-    for t in overhead_tokens:  # (b)
-        pair = {}
-        for offload in (False, True):
-            r = _child(dict(shape=overhead_shape, tokens=t, steps=max(args.steps, 3), offload=offload,
-                            resident=0 if offload else None, device_name=device), args.trial_timeout_s)
-            rows.append({"part": "overhead", **r})
-            pair[offload] = r
-        if all("error" not in r for r in pair.values()):
-            overhead[t] = 100 * (pair[True]["step_s"] / pair[False]["step_s"] - 1)
-    sr = sr_gap(sr_shape, 60 if args.smoke else args.sr_steps, 2 if args.smoke else args.sr_seeds, sr_tokens, device)
-    rows.append({"part": "bf16_sr", **sr})
-    t_small, t_large = overhead_tokens
-    summary = {
-        "max_params_billion": best[1]["params_billion"] if best else None,
-        "mfu_at_max": best[1]["mfu"] if best else None,
-        "fits_without_offload_at_max": None if without is None else "error" not in without,
-        "param_offload_overhead_pct_8b_8k": overhead.get(t_small),
-        "param_offload_overhead_pct_8b_32k": overhead.get(t_large),
-        "single_sequence_tokens": None,
-        "working_set_kb_per_token_512k": None,
-        "bf16_sr_loss_gap_pct": sr["mean_gap_pct"],
-    }
-    config = {"sizes": args.sizes if not args.smoke else "tiny", "tokens": tokens, "steps": args.steps,
-              "overhead_shape": overhead_shape, "overhead_tokens": list(overhead_tokens), "sr_shape": sr_shape,
-              "sr_steps": args.sr_steps, "sr_seeds": args.sr_seeds, "smoke": args.smoke,
+    rows: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
+    if "max" in parts:  # (a): ascending sizes until one does not train, then the largest without offload
+        best = None
+        for shape in sizes:
+            row = {"part": "max", **_child(dict(shape=shape, tokens=tokens, steps=args.steps, offload=True,
+                                                 resident=None, device_name=device), args.trial_timeout_s)}
+            rows.append(row)
+            if "error" in row:
+                break
+            best = (shape, row)
+        without = None
+        if best is not None:
+            without = {"part": "max", "without_offload": True, **_child(
+                dict(shape=best[0], tokens=tokens, steps=args.steps, offload=False, resident=None,
+                     device_name=device), args.trial_timeout_s)}
+            rows.append(without)
+        summary.update(max_params_billion=best[1]["params_billion"] if best else None,
+                       mfu_at_max=best[1]["mfu"] if best else None,
+                       fits_without_offload_at_max=None if without is None else "error" not in without)
+    if "overhead" in parts:  # (b)
+        for key, t in zip(("param_offload_overhead_pct_8b_8k", "param_offload_overhead_pct_8b_32k"), overhead_tokens):
+            pair = {}
+            for offload in (False, True):
+                r = _child(dict(shape=overhead_shape, tokens=t, steps=max(args.steps, 3), offload=offload,
+                                resident=0 if offload else None, device_name=device), args.trial_timeout_s)
+                rows.append({"part": "overhead", **r})
+                pair[offload] = r
+            ok = all("error" not in r for r in pair.values())
+            summary[key] = 100 * (pair[True]["step_s"] / pair[False]["step_s"] - 1) if ok else None
+    if "sr" in parts:  # (c)
+        sr = sr_gap(sr_shape, 60 if args.smoke else args.sr_steps, 2 if args.smoke else args.sr_seeds, sr_tokens,
+                    device)
+        rows += [{"part": "sr", **r} for r in sr["per_seed"]]
+        summary["bf16_sr_loss_gap_pct"] = sr["mean_gap_pct"]
+    summary.update(single_sequence_tokens=None, working_set_kb_per_token_512k=None)
+    config = {"parts": sorted(parts), "sizes": args.sizes if not args.smoke else "tiny", "tokens": tokens,
+              "steps": args.steps, "overhead_shape": overhead_shape, "overhead_tokens": list(overhead_tokens),
+              "sr_shape": sr_shape, "sr_steps": args.sr_steps, "sr_seeds": args.sr_seeds, "smoke": args.smoke,
               "not_measured": "single_sequence_tokens and working_set_kb_per_token_512k belong to the sequence "
                               "tiling of issue 20 (bench/offload.py), not to this script"}
-    write_result("offload_params", config, rows, summary, device="cpu" if args.smoke else None, out_dir=out_dir)
+    device_tag = "cpu" if args.smoke else None
+    if args.merge:
+        rows, summary, config = _merged(out_dir, device_tag, parts, rows, summary, config)
+    write_result("offload_params", config, rows, summary, device=device_tag, out_dir=out_dir)
     return summary
+
+
+def _merged(out_dir: Path | None, device: str | None, parts: set[str], rows: list[dict], summary: dict,
+            config: dict) -> tuple[list[dict], dict, dict]:
+    """This run's parts over an earlier result of the same device (each GPU command runs under 10 minutes, so
+    the parts run one at a time): rows and summary keys of the other parts are kept, with their configs."""
+    from bench.common import RESULTS, device_tag
+
+    path = (out_dir or RESULTS) / f"offload_params_{device or device_tag()}.json"
+    if not path.exists():
+        return rows, summary, config
+    old = json.loads(path.read_text())
+    kept = [r for r in old["rows"] if r.get("part") not in parts]
+    merged_summary = {**old["summary"], **summary}  # a part that ran replaces its keys, None included
+    runs = old["config"].get("runs", [old["config"]])
+    return kept + rows, merged_summary, {**config, "runs": runs + [config],
+                                         "parts": sorted(set(old["config"].get("parts", [])) | parts)}
 
 
 if __name__ == "__main__":
