@@ -20,6 +20,9 @@
 Not measured here: the longest single sequence and its working set per token (issue 20's sequence
 tiling of the recomputed layer, ``bench/offload.py``); their keys are null with a note.
 
+``--parts`` runs some of ``max``, ``overhead``, ``sr`` and ``--merge`` adds them to an earlier result
+file of the same device (a GPU command of the device tool runs at most 10 minutes; the host optimizer
+step of a model of billions of parameters takes minutes, so parts and sizes go one command at a time).
 ``--smoke`` runs every part on the CPU with tiny shapes (no memory limit there, so nothing fails to
 fit). Writes ``bench/results/offload_params_<device>.json`` (or ``--out``).
 """
@@ -289,6 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--overhead-layers", type=int, default=32)
+    ap.add_argument("--overhead-tokens", default="8192,32768", help="(b)'s lengths: 8192 and/or 32768")
     ap.add_argument("--sr-steps", type=int, default=300)
     ap.add_argument("--sr-seeds", type=int, default=3)
     ap.add_argument("--parts", default=",".join(PARTS), help="which of max, overhead, sr to run")
@@ -338,8 +342,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sr_shape, sr_tokens = dict(TINY, num_layers=2), 128
     else:
         sizes = [llama_shape(float(b)) for b in args.sizes.split(",")]
-        tokens, overhead_shape, overhead_tokens = args.tokens, dict(LLAMA_8B, num_layers=args.overhead_layers), \
-            (8192, 32768)
+        tokens, overhead_shape = args.tokens, dict(LLAMA_8B, num_layers=args.overhead_layers)
+        overhead_tokens = tuple(int(t) for t in args.overhead_tokens.split(","))
+        if not set(overhead_tokens) <= {8192, 32768}:
+            raise SystemExit(f"--overhead-tokens: the summary keys are for 8192 and 32768, got {args.overhead_tokens}")
         sr_tokens = args.sr_tokens or 512
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
@@ -362,10 +368,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        mfu_at_max=best[1]["mfu"] if best else None,
                        fits_without_offload_at_max=None if without is None else "error" not in without)
     if "overhead" in parts:  # (b)
-        for key, t in zip(("param_offload_overhead_pct_8b_8k", "param_offload_overhead_pct_8b_32k"), overhead_tokens):
+        lengths = (128, 256) if args.smoke else (8192, 32768)  # the smoke's stand-ins for 8K and 32K
+        keys = dict(zip(lengths, ("param_offload_overhead_pct_8b_8k", "param_offload_overhead_pct_8b_32k")))
+        for t in overhead_tokens:
+            key = keys[t]
             pair = {}
             for offload in (False, True):
-                r = _child(dict(shape=overhead_shape, tokens=t, steps=max(args.steps, 3), offload=offload,
+                r = _child(dict(shape=overhead_shape, tokens=t, steps=args.steps, offload=offload,
                                 resident=0 if offload else None, device_name=device), args.trial_timeout_s)
                 rows.append({"part": "overhead", **r})
                 pair[offload] = r
