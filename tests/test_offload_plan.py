@@ -72,7 +72,9 @@ def test_config_refuses_what_parameter_offload_does_not_compose_with() -> None:
                        ({"parallel": {"zero_stage": 1, "tp": 2}, "launch": {"num_workers": 2}}, "tp=1"),
                        ({"offload": {"params": "cpu", "target": "cpu"}}, "offload.target=none"),
                        ({"offload": {"params": "none", "optimizer": "nvme"}}, "needs offload.params=cpu"),
-                       ({"offload": {"params": "gpu"}}, "offload.params")]:
+                       ({"offload": {"params": "gpu"}}, "offload.params"),
+                       ({"offload": {"params": "cpu", "optimizer": "nvme"}, "optim": {"state_dtype": "fp32"}},
+                        "optim.state_dtype to fp8")]:
         merged = {k: {**ok.get(k, {}), **bad.get(k, {})} for k in set(ok) | set(bad)}
         with pytest.raises(ConfigError, match=match):
             config_from_dict(merged)

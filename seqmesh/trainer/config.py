@@ -355,6 +355,9 @@ class RunConfig:
                 raise ConfigError(f"offload.params={self.offload.params} with parallel.zero_stage={par.zero_stage}, "
                                   f"tp={par.tp}, pp={par.pp}: the master weights live in ZeRO-1/2's flat host buffer "
                                   "and are streamed for tp=pp=1; set parallel.zero_stage=1 (or 2), tp=1 and pp=1")
+            if self.offload.optimizer == "nvme" and self.optim.state_dtype == "fp32":
+                raise ConfigError("offload.optimizer=nvme keeps FP8AdamW's states in files; optim.state_dtype=fp32 is "
+                                  "torch's AdamW: set optim.state_dtype to fp8, int8 or bf16")
             if self.offload.target != "none":
                 raise ConfigError(f"offload.params={self.offload.params} with offload.target={self.offload.target}: "
                                   "streamed layers recompute in backward from their inputs, which activation offload "

@@ -38,7 +38,7 @@ def measure_host_adam_Mparams_s(state_dtype: str, numel: int = 1 << 22, repeats:
     """Millions of parameters per second one host ``FP8AdamW`` step (torch backend, chunked) updates here."""
     p = torch.zeros(numel)
     p.grad = torch.full((numel,), 1e-3)
-    opt = FP8AdamW([p], state_dtype=state_dtype if state_dtype in STATE_BYTES and state_dtype != "fp32" else "fp32")
+    opt = FP8AdamW([p], state_dtype=state_dtype)
     opt.step()  # state allocation
     best = float("inf")
     for _ in range(repeats):
@@ -96,6 +96,11 @@ def apply_param_offload(model: torch.nn.Module, optimizer: ZeroOptimizer, cfg: R
     log.info("%s", plan.report())
     if plan.optimizer == "nvme":
         from seqmesh.trainer.optim.state_files import swap_states_to_files
+
+        if not isinstance(optimizer.optimizer, FP8AdamW):
+            raise ValueError(f"the offload plan puts the optimizer states on NVMe (they need {plan.disk_bytes / 2**30:.1f}"
+                             " GiB there), which FP8AdamW's states support and torch's AdamW (optim.state_dtype=fp32) "
+                             "does not: set optim.state_dtype to fp8, int8 or bf16, or raise offload.host_mem_gb")
 
         swap_states_to_files(optimizer.optimizer, cfg.offload.path, engine=cfg.offload.engine)
     off = attach_param_offload(model, list(model.model.layers), optimizer, device,
