@@ -114,3 +114,26 @@ def test_nvme_states_are_bitwise_the_in_memory_ones_and_leave_no_file(tmp_path: 
     assert files.pool.in_use_bytes == 0
     files.close()
     assert os.listdir(tmp_path) == []
+
+
+def test_offload_dirs_of_killed_processes_are_removed(tmp_path: Path) -> None:
+    """A killed process (or one ending with ``os._exit``) runs no finalizer: the next file store on the host removes
+    directories whose process is gone, and keeps those of live processes and of other hosts."""
+    import socket
+    import subprocess
+    import sys
+
+    from seqmesh.parallel.offload.files import FileStore
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    host = socket.gethostname()
+    stale = tmp_path / f"seqmesh-offload-{host}-{dead}-00000000"
+    live = tmp_path / f"seqmesh-offload-{host}-{os.getppid()}-00000000"
+    other = tmp_path / f"seqmesh-offload-otherhost-{dead}-00000000"
+    for d in (stale, live, other):
+        d.mkdir()
+        (d / "blob-1.bin").write_bytes(b"x")
+    store = FileStore(tmp_path, engine="threads")
+    assert not stale.exists() and live.exists() and other.exists()
+    store.close()

@@ -191,16 +191,18 @@ def _train_loop(rank: int, world: int, overrides: dict, run_dir: str) -> list[fl
 
 
 def test_step_loop_with_parameter_offload_matches_and_resumes(tmp_path) -> None:
-    """The whole loop (config -> build -> plan -> steps -> checkpoints) over 2 ranks, ZeRO-1: offload gives the
-    losses of the resident run bit for bit, and a run stopped and resumed continues exactly."""
+    """The whole loop (config -> build -> plan -> steps -> checkpoints) over 2 ranks, ZeRO-1, optimizer states in
+    files: offload gives the losses of the resident run bit for bit, a run stopped and resumed continues exactly,
+    and no offload file outlives its process."""
     from tests.conftest import CORPUS_SIZES, tiny_overrides, write_corpus
     from tests.distributed import run_distributed
 
     src = write_corpus(tmp_path, CORPUS_SIZES)
 
     def overrides(offload: bool, stop_at: int | None = None, resume: bool = False) -> dict:
-        off = {"params": "cpu", "path": str(tmp_path / "off"), "h2d_GBps": 10.0, "adam_Mparams_s": 100.0,
-               "host_mem_gb": 4.0, "resident_layers": "1"} if offload else {}
+        off = {"params": "cpu", "optimizer": "nvme", "path": str(tmp_path / "off"), "h2d_GBps": 10.0,
+               "disk_GBps": 1.0, "adam_Mparams_s": 100.0, "host_mem_gb": 4.0, "resident_layers": "1"} \
+            if offload else {}
         return tiny_overrides(
             data={"source": str(src), "tokenizer": "byte", "max_seq_len": 96, "global_batch": 6,
                   "cache_dir": str(tmp_path / "cache")},
@@ -214,6 +216,7 @@ def test_step_loop_with_parameter_offload_matches_and_resumes(tmp_path) -> None:
     run_distributed(_train_loop, 2, overrides(True, stop_at=3), str(tmp_path / "c"))
     resumed = run_distributed(_train_loop, 2, overrides(True, resume=True), str(tmp_path / "c"))[0]
     assert resumed == offloaded
+    assert [p for p in (tmp_path / "off").rglob("*") if p.is_file()] == []
 
 
 def _gpu_run(model: Transformer, opt: ZeroOptimizer, steps: int = 2):

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from seqmesh.parallel.offload.bandwidth import available_host_bytes, measure_disk_GBps, measure_h2d_GBps
-from seqmesh.parallel.offload.params import ParamOffload, attach_param_offload
+from seqmesh.parallel.offload.params import ParamOffload, attach_param_offload, detach_param_offload
 from seqmesh.parallel.zero import ZeroOptimizer
 from seqmesh.scheduler import CostModel
 from seqmesh.scheduler.offload_plan import OffloadInputs, OffloadPlan, plan_offload
@@ -108,3 +108,13 @@ def apply_param_offload(model: torch.nn.Module, optimizer: ZeroOptimizer, cfg: R
                                pin_masters=cfg.offload.params == "cpu")
     # The cost model's static bytes become what the device holds (its tp x pp share is 1 x 1 here).
     return off, plan, dataclasses.replace(cost_model, mem_static_bytes=plan.device_bytes)
+
+
+def close_param_offload(model: torch.nn.Module, optimizer: ZeroOptimizer) -> None:
+    """The end of a run (or of its failure): parameters back on their host masters, the worker thread stopped,
+    the optimizer's state files deleted. A no-op without parameter offload. Explicit, because a worker process
+    may end with ``os._exit``, which runs no finalizer."""
+    detach_param_offload(model)
+    files = getattr(getattr(optimizer, "optimizer", None), "state_files", None)
+    if files is not None:
+        files.close()
