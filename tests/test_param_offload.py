@@ -90,6 +90,30 @@ def test_offloaded_gradients_and_updates_are_bitwise_resident(stage, resident, p
     assert get_param_offload(model) is None
 
 
+@pytest.mark.parametrize("prefetch", [0, 1, 2, 5])
+def test_each_layer_crosses_twice_per_micro_batch_except_those_kept_for_backward(prefetch: int) -> None:
+    """Forward copies every streamed layer once (ahead of use when ``prefetch`` > 0), backward again, except the
+    last ``prefetch`` layers, which forward leaves loaded for backward; nothing is loaded between steps."""
+    model = make_model(layers=4)
+    opt = make_zero(model, 1)
+    off = attach_param_offload(model, list(model.model.layers), opt, "cpu", resident_layers=1, prefetch=prefetch)
+    copies: list[int] = []
+    fetch = off.fetch
+
+    def counting(unit):
+        if not unit.loaded:
+            copies.append(unit.index)
+        fetch(unit)
+
+    off.fetch = counting
+    run(model, opt, steps=1, micro=2)
+    streamed = [u.index for u in off.streamed]  # layers 1, 2, 3
+    kept = streamed[max(0, len(streamed) - prefetch):] if prefetch else []
+    per_micro = streamed + [i for i in reversed(streamed) if i not in kept]
+    assert copies == [-1, 0] + per_micro * 2  # the root and the resident layer once per step
+    assert all(not u.loaded for u in [off.root, *off.layers])
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_weights_in_mapped_files_are_bitwise_and_leave_no_file(tmp_path, stage: int) -> None:
     """``offload.params=nvme``: ZeRO's host buffers are memory-mapped files (``offload/mapped.py``); the same bits,

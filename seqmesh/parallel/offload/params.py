@@ -14,7 +14,9 @@ on the device). The device holds only:
   backward fetches them again, recomputes the layer with autograd (activation checkpointing is
   implied; a checkpoint wrapper is looked through so the layer is not recomputed twice), takes
   the gradients of its input and weights, sends the weight gradients to the host and frees the
-  weights. Forward prefetches the next ``prefetch`` streamed layers, backward the previous ones.
+  weights. Forward prefetches the next ``prefetch`` streamed layers (the first ones when the model's
+  forward begins), backward the previous ones; the last ``prefetch`` layers of a forward with
+  autograd stay loaded for backward, which needs them first.
 
 Streams. On CUDA host-to-device copies run on one side stream and device-to-host gradient copies
 on another, into pinned staging buffers of a ``HostPool``; a single worker thread waits for each
@@ -156,14 +158,22 @@ class ParamOffload:
             if unit.streamed:
                 inner = getattr(layer, "_checkpoint_wrapped_module", layer)
                 layer.forward = _streamed_forward(self, unit, inner.forward)
-        resident = [self.root] + [u for u in self.layers if not u.streamed]
-        self._hook = model.register_forward_pre_hook(lambda *_: [self.acquire(u) for u in resident] and None)
+        self._resident = [self.root] + [u for u in self.layers if not u.streamed]
+        self._hook = model.register_forward_pre_hook(self._begin_forward)
         for module in model.modules():  # buffers (rotary tables) live on the device
             for name, buf in module._buffers.items():
                 if buf is not None:
                     module._buffers[name] = buf.to(self.device)
         zero.register_step_hooks(before_reduce=self.flush, after_step=self.release_all)
         self._finalizer = weakref.finalize(self, ParamOffload._close, self._worker, self._unpin)
+
+    def _begin_forward(self, *_: Any) -> None:
+        """Before the model's forward: the resident units on the device, the first streamed layers on their way
+        (their copies overlap the embedding and the resident layers)."""
+        for unit in self._resident:
+            self.acquire(unit)
+        for unit in self.streamed[:self.prefetch]:
+            self.fetch(unit)
 
     def _unit(self, index: int, params: list[nn.Parameter], streamed: bool) -> _Unit:
         unit = _Unit(index, params, [p.data for p in params], streamed, numel=sum(p.numel() for p in params))
@@ -212,13 +222,14 @@ class ParamOffload:
             p.data = view
         unit.in_use = True
 
-    def release(self, unit: _Unit) -> None:
-        """Point ``unit``'s parameters back at the masters and free its device buffer."""
+    def release(self, unit: _Unit, keep: bool = False) -> None:
+        """Point ``unit``'s parameters back at the masters and free its device buffer (``keep``: leave the device
+        copy loaded for a use that comes next, backward's first layers after forward's last)."""
         if unit.in_use:
             for p, host in zip(unit.params, unit.host):
                 p.data = host
             unit.in_use = False
-        if unit.loaded:
+        if unit.loaded and not keep:
             _release_storage(unit.device)
             unit.loaded = False
             unit.ready = None
@@ -337,7 +348,10 @@ def _accumulate(slots: list[Tensor | None], i: int, g: Tensor) -> None:
 
 def _streamed_forward(off: ParamOffload, unit: _Unit, forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
     def run(*args: Any) -> Tensor:
-        return _StreamedLayer.apply(off, unit, forward, *args)
+        # Backward starts with the last layers: with autograd on, forward leaves the last ``prefetch`` loaded.
+        keep = torch.is_grad_enabled() and off.prefetch > 0 and \
+            unit in off.streamed[max(0, len(off.streamed) - off.prefetch):]
+        return _StreamedLayer.apply(off, unit, forward, keep, *args)
     return run
 
 
@@ -345,7 +359,8 @@ class _StreamedLayer(torch.autograd.Function):
     """A decoder layer whose weights are on the device only inside its forward and its recomputing backward."""
 
     @staticmethod
-    def forward(ctx: Any, off: ParamOffload, unit: _Unit, forward: Callable[..., Tensor], *args: Any) -> Tensor:
+    def forward(ctx: Any, off: ParamOffload, unit: _Unit, forward: Callable[..., Tensor], keep: bool,
+                *args: Any) -> Tensor:
         device = off.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.off, ctx.unit, ctx.run = off, unit, forward
@@ -357,12 +372,12 @@ class _StreamedLayer(torch.autograd.Function):
         try:
             return forward(*args)
         finally:
-            off.release(unit)
+            off.release(unit, keep=keep)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         saved = iter(ctx.saved_tensors)
-        needs = ctx.needs_input_grad[3:]
+        needs = ctx.needs_input_grad[4:]
         args = [next(saved).detach().requires_grad_(need) if is_tensor else other
                 for is_tensor, other, need in zip(ctx.is_tensor, ctx.others, needs)]
         wants = [i for i, need in enumerate(needs) if need]
@@ -379,7 +394,7 @@ class _StreamedLayer(torch.autograd.Function):
         finally:
             off.release(unit)
         of_input = dict(zip(wants, grads[:len(wants)]))
-        return (None, None, None, *(of_input.get(i) for i in range(len(args))))
+        return (None, None, None, None, *(of_input.get(i) for i in range(len(args))))
 
 
 def attach_param_offload(model: nn.Module, layers: Sequence[nn.Module], zero: Any, device: torch.device | str, *,
