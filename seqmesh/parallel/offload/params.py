@@ -308,8 +308,8 @@ class ParamOffload:
                 for p in unit.params:
                     p.grad = None
                 for i, g in enumerate(device_grads):
-                    if g is not None:
-                        _accumulate(unit.grads, i, g.to("cpu"))
+                    if g is not None:  # one device-to-host copy: taken as the slot, or added into it
+                        _accumulate(unit.grads, i, g if unit.grads[i] is None else g.to("cpu"))
             self.release(unit)
             if unit.grads is not None:
                 for p, g in zip(unit.params, unit.grads):
