@@ -38,3 +38,26 @@ def test_sr_gap_pairs_the_two_runs_of_each_seed() -> None:
     out = sr_gap(dict(TINY, num_layers=1), steps=25, seeds=2, tokens=64, device_name="cpu")
     assert len(out["gaps_pct"]) == 2 and all(math.isfinite(g) for g in out["gaps_pct"])
     assert out["mean_gap_pct"] == pytest.approx(sum(out["gaps_pct"]) / 2)
+
+
+ISSUE_KEYS = {"max_params_billion", "mfu_at_max", "fits_without_offload_at_max", "param_offload_overhead_pct_8b_8k",
+              "param_offload_overhead_pct_8b_32k", "single_sequence_tokens", "working_set_kb_per_token_512k",
+              "bf16_sr_loss_gap_pct"}
+
+
+def test_smoke_run_writes_every_summary_key_of_the_issue(tmp_path) -> None:
+    """``--smoke`` end to end (trials in subprocesses, as on a GPU), then one part again with ``--merge``."""
+    import json
+
+    from bench.offload_params import main
+
+    summary = main(["--smoke", "--steps", "1", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "offload_params_cpu.json").read_text())
+    assert set(record["summary"]) == ISSUE_KEYS and record["summary"] == summary
+    assert summary["max_params_billion"] > 0 and summary["fits_without_offload_at_max"] is True  # no limit on a CPU
+    assert {r["part"] for r in record["rows"]} == {"max", "overhead", "sr"}
+    assert not any("error" in r for r in record["rows"])
+    main(["--smoke", "--steps", "1", "--parts", "sr", "--merge", "--out", str(tmp_path)])
+    merged = json.loads((tmp_path / "offload_params_cpu.json").read_text())
+    assert set(merged["summary"]) == ISSUE_KEYS and len(merged["config"]["runs"]) == 2
+    assert [r for r in merged["rows"] if r["part"] != "sr"] == [r for r in record["rows"] if r["part"] != "sr"]
