@@ -13,6 +13,10 @@ A Fuyou-style placement for ``offload.params=cpu|nvme``, decided once before the
    Optimizer states go to the host when they fit beside them, else to NVMe (``offload.optimizer=auto``).
 3. Disk. Whatever lives on NVMe needs its bytes free under ``offload.path``.
 
+The device's copies mirror host masters (a cache, refreshed every step), so device memory adds speed
+and not capacity: the model is bounded by host memory (or disk) alone. A disjoint placement (resident
+layers' masters, gradients and states on the device only) would add the device's memory to it.
+
 A placement that cannot hold the model raises ``OffloadPlanError`` naming the bytes needed, the
 bytes available and the settings that change either, before any step runs.
 
