@@ -259,13 +259,20 @@ class ZeroOptimizer:
     _before_reduce: tuple[Callable[[], None], ...] = ()
     _after_step: tuple[Callable[[], None], ...] = ()
 
-    def register_step_hooks(self, before_reduce: Callable[[], None], after_step: Callable[[], None]) -> None:
-        """Call ``before_reduce`` at the start of ``reduce_gradients`` and ``after_step`` at the end of ``step``."""
+    def register_step_hooks(self, before_reduce: Callable[[], None],
+                            after_step: Callable[[], None]) -> Callable[[], None]:
+        """Call ``before_reduce`` at the start of ``reduce_gradients`` and ``after_step`` at the end of ``step``;
+        returns the function that removes both again."""
         if self.reduction is not None and self.reduction.overlap:
             raise ValueError("a transform that moves gradients before the reduction cannot run with buckets reduced "
                              "during backward: set parallel.overlap_grad_reduce=false")
         self._before_reduce = (*self._before_reduce, before_reduce)
         self._after_step = (*self._after_step, after_step)
+
+        def remove() -> None:
+            self._before_reduce = tuple(h for h in self._before_reduce if h is not before_reduce)
+            self._after_step = tuple(h for h in self._after_step if h is not after_step)
+        return remove
 
     def overlap_next_backward(self) -> None:
         """The next backward is this rank's last of the step: reduce each bucket as soon as its gradients are

@@ -164,8 +164,9 @@ class ParamOffload:
             for name, buf in module._buffers.items():
                 if buf is not None:
                     module._buffers[name] = buf.to(self.device)
-        zero.register_step_hooks(before_reduce=self.flush, after_step=self.release_all)
-        self._finalizer = weakref.finalize(self, ParamOffload._close, self._worker, self._unpin)
+        self._unhook_zero = zero.register_step_hooks(before_reduce=self.flush, after_step=self.flush)
+        self._finalizer = weakref.finalize(self, ParamOffload._close, self._worker, self._unpin,
+                                           getattr(self, "staging", None))
 
     def _begin_forward(self, *_: Any) -> None:
         """Before the model's forward: the resident units on the device, the first streamed layers on their way
@@ -299,8 +300,9 @@ class ParamOffload:
 
     @torch.no_grad()
     def flush(self) -> None:
-        """Hand the step's gradients to the host: streamed ones landed, resident ones added now (ZeRO's
-        ``reduce_gradients`` calls this first, so the reduction sees every gradient on the host)."""
+        """Hand the step's gradients to the host: streamed ones landed, resident ones added now, and free every
+        device copy. ZeRO's ``reduce_gradients`` calls this first, so the reduction sees every gradient on the
+        host; its ``step`` calls it last, since the update makes every device copy stale."""
         self.drain()
         for unit in [self.root, *self.layers]:
             if unit.in_use:
@@ -316,23 +318,23 @@ class ParamOffload:
                     p.grad = g
                 unit.grads = None
 
-    def release_all(self) -> None:
-        """After the optimizer step every device copy is stale: free them all."""
-        self.flush()
-
     def close(self) -> None:
         """Stop streaming: parameters back on their masters, hooks and threads gone (idempotent)."""
         self.flush()
         self._hook.remove()
+        self._unhook_zero()
         for layer in self._wrapped:
             del layer.forward  # the class's forward again
         self._wrapped = []
         self._finalizer()
 
     @staticmethod
-    def _close(worker: cf.ThreadPoolExecutor | None, unpin: list[Callable[[], None]]) -> None:
+    def _close(worker: cf.ThreadPoolExecutor | None, unpin: list[Callable[[], None]],
+               staging: HostPool | None) -> None:
         if worker is not None:
             worker.shutdown(wait=True)
+        if staging is not None:
+            staging.close()
         for undo in unpin:
             undo()
         unpin.clear()
