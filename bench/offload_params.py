@@ -181,11 +181,12 @@ def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, 
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
         losses.append(loss.item() / tokens)
-    step_s = statistics.median(times[1:])
+    step_s = statistics.median(times[1:]) if steps else times[0]  # --steps 0: the first step only (cold)
     flops = train_flops(model.config, packed.seqlens)
     peak = peak_flops(dev_name(device)) if cuda else None
     return {"params_billion": nparams / 1e9, "layers": shape["num_layers"], "hidden": shape["hidden_size"],
-            "tokens": tokens, "offload": offload, "step_s": step_s, "mfu": mfu(flops, step_s, peak),
+            "tokens": tokens, "offload": offload, "timed_steps": steps or 1, "first_step_only": not steps,
+            "step_s": step_s, "mfu": mfu(flops, step_s, peak),
             "gpu_peak_GB": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None,
             "host_GB": plan.host_bytes / 1e9 if plan else None, "disk_GB": plan.disk_bytes / 1e9 if plan else 0.0,
             "plan": plan.as_dict() if plan else None, "losses": losses}
@@ -290,7 +291,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script")
     ap.add_argument("--sizes", default="13,20,30,34,40", help="model sizes to try, billions, ascending")
     ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=2,
+                    help="timed steps after a warm-up step (0: the warm-up step alone is timed)")
     ap.add_argument("--overhead-layers", type=int, default=32)
     ap.add_argument("--overhead-tokens", default="8192,32768", help="(b)'s lengths: 8192 and/or 32768")
     ap.add_argument("--sr-steps", type=int, default=300)
