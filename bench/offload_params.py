@@ -354,21 +354,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "max" in parts:  # (a): ascending sizes until one does not train, then the largest without offload
         best = None
         for shape in sizes:
-            row = {"part": "max", **_child(dict(shape=shape, tokens=tokens, steps=args.steps, offload=True,
-                                                 resident=None, device_name=device), args.trial_timeout_s)}
+            row = {"part": "max", "size": _billions(shape), **_child(
+                dict(shape=shape, tokens=tokens, steps=args.steps, offload=True, resident=None, device_name=device),
+                args.trial_timeout_s)}
             rows.append(row)
             if "error" in row:
                 break
             best = (shape, row)
-        without = None
         if best is not None:
-            without = {"part": "max", "without_offload": True, **_child(
+            rows.append({"part": "max", "without_offload": True, "size": best[1]["params_billion"], **_child(
                 dict(shape=best[0], tokens=tokens, steps=args.steps, offload=False, resident=None,
-                     device_name=device), args.trial_timeout_s)}
-            rows.append(without)
-        summary.update(max_params_billion=best[1]["params_billion"] if best else None,
-                       mfu_at_max=best[1]["mfu"] if best else None,
-                       fits_without_offload_at_max=None if without is None else "error" not in without)
+                     device_name=device), args.trial_timeout_s)})
+        summary.update(max_summary(rows))
     if "overhead" in parts:  # (b)
         lengths = (128, 256) if args.smoke else (8192, 32768)  # the smoke's stand-ins for 8K and 32K
         keys = dict(zip(lengths, ("param_offload_overhead_pct_8b_8k", "param_offload_overhead_pct_8b_32k")))
@@ -400,6 +397,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return summary
 
 
+def _billions(shape: dict[str, int]) -> float:
+    """Parameters of ``shape`` in billions (untied embeddings), what a trial reports as ``params_billion``."""
+    h, kv = shape["hidden_size"], shape["num_kv_heads"] * (shape["hidden_size"] // shape["num_heads"])
+    layer = 2 * h * h + 2 * h * kv + 3 * h * shape["intermediate_size"] + 2 * h
+    return (shape["num_layers"] * layer + 2 * shape["vocab_size"] * h + h) / 1e9
+
+
+def max_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Part (a)'s summary keys from all its rows (several commands' worth): the largest size that trained with
+    offload, its MFU, and whether the same size trained without offload (None: not tried)."""
+    trained = [r for r in rows if r.get("part") == "max" and not r.get("without_offload") and "error" not in r]
+    if not trained:
+        return {"max_params_billion": None, "mfu_at_max": None, "fits_without_offload_at_max": None}
+    best = max(trained, key=lambda r: r["params_billion"])
+    without = [r for r in rows if r.get("without_offload") and r.get("size") == best["params_billion"]]
+    return {"max_params_billion": best["params_billion"], "mfu_at_max": best["mfu"],
+            "fits_without_offload_at_max": ("error" not in without[-1]) if without else None}
+
+
 def _merged(out_dir: Path | None, device: str | None, parts: set[str], rows: list[dict], summary: dict,
             config: dict) -> tuple[list[dict], dict, dict]:
     """This run's parts over an earlier result of the same device (each GPU command runs under 10 minutes, so
@@ -410,8 +426,11 @@ def _merged(out_dir: Path | None, device: str | None, parts: set[str], rows: lis
     if not path.exists():
         return rows, summary, config
     old = json.loads(path.read_text())
-    kept = [r for r in old["rows"] if r.get("part") not in parts]
+    # (a)'s rows accumulate (one size per command, the largest that trained wins); other parts are replaced
+    kept = [r for r in old["rows"] if r.get("part") not in parts or r.get("part") == "max"]
     merged_summary = {**old["summary"], **summary}  # a part that ran replaces its keys, None included
+    if "max" in parts:
+        merged_summary.update(max_summary(kept + rows))
     runs = old["config"].get("runs", [old["config"]])
     return kept + rows, merged_summary, {**config, "runs": runs + [config],
                                          "parts": sorted(set(old["config"].get("parts", [])) | parts)}

@@ -61,3 +61,16 @@ def test_smoke_run_writes_every_summary_key_of_the_issue(tmp_path) -> None:
     merged = json.loads((tmp_path / "offload_params_cpu.json").read_text())
     assert set(merged["summary"]) == ISSUE_KEYS and len(merged["config"]["runs"]) == 2
     assert [r for r in merged["rows"] if r["part"] != "sr"] == [r for r in record["rows"] if r["part"] != "sr"]
+
+
+def test_max_summary_takes_the_largest_size_that_trained_over_several_commands() -> None:
+    from bench.offload_params import max_summary
+
+    rows = [{"part": "max", "size": 13.1, "params_billion": 13.1, "mfu": 0.2},
+            {"part": "max", "without_offload": True, "size": 13.1, "params_billion": 13.1, "mfu": 0.3},
+            {"part": "max", "size": 20.2, "params_billion": 20.2, "mfu": 0.1},
+            {"part": "max", "without_offload": True, "size": 20.2, "error": "CUDA out of memory"},
+            {"part": "max", "size": 30.1, "error": "offload.params=cpu: host memory must hold ..."}]
+    assert max_summary(rows) == {"max_params_billion": 20.2, "mfu_at_max": 0.1, "fits_without_offload_at_max": False}
+    assert max_summary(rows[:2])["fits_without_offload_at_max"] is True
+    assert max_summary(rows[4:]) == dict.fromkeys(("max_params_billion", "mfu_at_max", "fits_without_offload_at_max"))
