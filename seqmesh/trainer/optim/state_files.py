@@ -117,26 +117,25 @@ class StateFiles:
                               "state exceeds the staging budget; lower the optimizer's host_chunk_elems")
         return buf
 
-    def _read(self, views: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor, list[cf.Future]]]:
-        """Start reading the bytes of each meta view into a host buffer: (buffer, typed tensor, futures)."""
-        out = []
-        for v in views:
-            nbytes = v.numel() * v.element_size()
-            buf = self._acquire(nbytes)
-            typed = buf[:nbytes].view(v.dtype).view(v.shape)
-            path = self.written.get(self._key(v))
-            if path is None:
-                buf.zero_()
-                futures: list[cf.Future] = []
-            else:
-                futures = self.store.read(buf, path)
-            out.append((buf, typed, futures))
-        return out
+    def _read(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[cf.Future]]:
+        """Start reading the bytes of the meta view ``v`` into a host buffer: (buffer, typed tensor, futures)."""
+        nbytes = v.numel() * v.element_size()
+        buf = self._acquire(nbytes)
+        typed = buf[:nbytes].view(v.dtype).view(v.shape)
+        path = self.written.get(self._key(v))
+        if path is None:
+            buf.zero_()
+            return buf, typed, []
+        try:
+            return buf, typed, self.store.read(buf, path)
+        except BaseException:
+            self.pool.release(buf)
+            raise
 
     def run(self, pieces: list[Bucket], step: Callable[[Bucket], None]) -> None:
         """``step`` each piece on host copies of its moments, reading the next piece while one computes."""
         writes: list[tuple[torch.Tensor, list[cf.Future]]] = []
-        held: list[torch.Tensor] = []
+        held: dict[int, tuple[torch.Tensor, list[cf.Future]]] = {}  # id -> (buffer, its reads): not yet written
         try:
             pending = self._start(pieces[0], held) if pieces else None
             for i, piece in enumerate(pieces):
@@ -156,7 +155,7 @@ class StateFiles:
                         k = self._key(v)
                         path = self.written.get(k) or self.store.new_path()
                         writes.append((buf, self.store.write(buf, path)))
-                        held.remove(buf)
+                        del held[id(buf)]
                         self.written[k] = path
                 while len(writes) > 2 * sum(len(e) for e in loaded.values()):  # bound buffers in flight
                     self._finish(*writes.pop(0))
@@ -167,18 +166,19 @@ class StateFiles:
                     self._finish(buf, futures)
                 except BaseException as e:  # noqa: BLE001 - every buffer goes back before the first error is raised
                     errors.append(e)
-            for buf in held:
+            for buf, reads in held.values():  # after a failure: reads still in flight land before the buffer goes
+                cf.wait(reads)
                 self.pool.release(buf)
             if errors:
                 raise errors[0]
 
-    def _start(self, piece: Bucket, held: list[torch.Tensor]) -> dict[str, list]:
-        loaded = {}
+    def _start(self, piece: Bucket, held: dict[int, tuple[torch.Tensor, list[cf.Future]]]) -> dict[str, list]:
+        loaded: dict[str, list] = {}
         for key in STATE_KEYS:
-            views = getattr(piece, key)
-            if views:
-                loaded[key] = self._read(views)
-                held.extend(buf for buf, _, _ in loaded[key])
+            for v in getattr(piece, key):
+                entry = self._read(v)
+                held[id(entry[0])] = (entry[0], entry[2])  # from now on released whatever happens
+                loaded.setdefault(key, []).append(entry)
         return loaded
 
     def _finish(self, buf: torch.Tensor, futures: list[cf.Future]) -> None:
