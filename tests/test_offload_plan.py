@@ -70,7 +70,7 @@ def test_config_refuses_what_parameter_offload_does_not_compose_with() -> None:
     config_from_dict(ok)
     for bad, match in [({"parallel": {"zero_stage": 0}}, "zero_stage=1"),
                        ({"parallel": {"zero_stage": 1, "tp": 2}, "launch": {"num_workers": 2}}, "tp=1"),
-                       ({"offload": {"params": "cpu", "target": "cpu"}}, "offload.target=none"),
+                       ({"offload": {"params": "cpu", "target": "cpu"}}, "model.activation_checkpointing=true"),
                        ({"offload": {"params": "none", "optimizer": "nvme"}}, "needs offload.params=cpu"),
                        ({"offload": {"params": "gpu"}}, "offload.params"),
                        ({"offload": {"params": "cpu", "optimizer": "nvme"}, "optim": {"state_dtype": "fp32"}},

@@ -90,6 +90,47 @@ def test_offloaded_gradients_and_updates_are_bitwise_resident(stage, resident, p
     assert get_param_offload(model) is None
 
 
+@pytest.mark.parametrize("target", ["cpu", "nvme"])
+def test_activation_offload_composes_bitwise(tmp_path, target: str) -> None:
+    """Activation offload after parameter offload (checkpointed layers): a streamed layer's saved inputs go to the
+    host or to files like a checkpointed layer's, and every gradient, loss and update keeps its bits."""
+    from seqmesh.parallel.offload import attach_offload, offload_session
+    from seqmesh.parallel.sequence import make_sp_batch
+    from seqmesh.trainer.data import pack
+    from seqmesh.trainer.loss import token_loss_sum
+
+    def train(model, opt):
+        out = []
+        for step in range(2):
+            docs, denominator = step_docs(step), num_targets(STEPS[step])
+            for i in range(3):
+                packed = pack(docs[i::3])
+                meta = make_sp_batch(packed.seqlens, "local", None)
+                with offload_session(model, meta):
+                    loss = token_loss_sum(model.logits(model(packed.input_ids, meta)), packed.labels)
+                    (loss / denominator).backward()
+                out.append(loss.detach())
+            opt.reduce_gradients()
+            out.append(opt.shard_grad.clone())
+            opt.clip_grad_norm_(MAX_NORM)
+            opt.step()
+            opt.zero_grad()
+        return out + [p.detach().clone() for p in model.parameters()]
+
+    ref_model = make_model(checkpointing=True)
+    ref = train(ref_model, make_zero(ref_model, 1))
+    model = make_model(checkpointing=True)
+    opt = make_zero(model, 1)
+    attach_param_offload(model, list(model.model.layers), opt, "cpu", resident_layers=1, prefetch=1)
+    act = attach_offload(model, list(model.model.layers), device="cpu", target=target, ratio=1.0, min_bytes=0,
+                         path=str(tmp_path), engine="threads", host_limit_bytes=1 << 28)
+    got = train(model, opt)
+    for a, b in zip(ref, got, strict=True):
+        assert torch.equal(bits(a), bits(b))
+    assert act.stats.offloaded_tensors > 0 and act.stats.restored_bytes == act.stats.offloaded_bytes
+    assert act.files is None or act.files.files() == []
+
+
 @pytest.mark.parametrize("prefetch", [0, 1, 2, 5])
 def test_each_layer_crosses_twice_per_micro_batch_except_those_kept_for_backward(prefetch: int) -> None:
     """Forward copies every streamed layer once (ahead of use when ``prefetch`` > 0), backward again, except the

@@ -91,6 +91,7 @@ class OffloadPlan:
     compute_ms: float
     exposed_transfer_ms: float
     optimizer_ms: float
+    host_free: float = 0.0  # host memory the plan leaves of its budget (activation offload's buffers get it)
 
     @property
     def step_ms(self) -> float:
@@ -184,4 +185,5 @@ def plan_offload(x: OffloadInputs) -> OffloadPlan:
     if disk:  # every byte on the disk is read and written once by the step (through the page cache for weights)
         disk_rate = x.disk_GBps or x.h2d_GBps
         adam = max(adam, 2 * disk / (disk_rate * GB) * 1e3)
-    return OffloadPlan(x.params, resident, streamed, place, device, host, disk, compute, exposed, adam)
+    return OffloadPlan(x.params, resident, streamed, place, device, host, disk, compute, exposed, adam,
+                       host_free=x.host_bytes - host)

@@ -41,6 +41,9 @@ CPU_SUSTAINED_FLOPS = 2.0e10
 # per-layer messages of the default job's documents (a few hundred tokens per rank, latency-bound). With it
 # SP on CPUs pays for itself only where it evens out a step that one long document would dominate.
 CPU_LINK_GBPS = 0.2
+# Activation offload beside parameter offload needs at least this much host memory for its buffers (one
+# micro-batch's layer inputs of a few hundred MiB at long context; below it, every layer would stay put).
+ACTIVATION_HOST_MIN_BYTES = 256 << 20
 
 
 def hf_config(cfg: ModelConfig, vocab_size: int) -> transformers.PretrainedConfig:
@@ -83,13 +86,23 @@ def build_pipeline_model(cfg: ModelConfig, parallel: ParallelConfig, seq_len: in
 
 
 def apply_offload(model: Transformer, model_cfg: ModelConfig, off: OffloadConfig, cost_model: CostModel,
-                  device: torch.device) -> None:
+                  device: torch.device, host_left_bytes: float | None = None) -> None:
     """Phase 2 of ``parallelize`` (see ``build_parallel_model``), once the cost model exists: the tiled MLP
-    (``model.mlp_tile_tokens``) and activation offload (``offload``); parameter names are unchanged."""
+    (``model.mlp_tile_tokens``) and activation offload (``offload``); parameter names are unchanged.
+
+    ``host_left_bytes``: host memory that parameter offload's plan leaves (activation buffers get that)."""
     offload = None
     if off.target != "none":
+        host_limit = int(off.host_mem_gb * 2**30) if off.host_mem_gb else None
+        if host_left_bytes is not None:
+            if host_left_bytes < ACTIVATION_HOST_MIN_BYTES:
+                raise ValueError(f"offload.target={off.target}: parameter offload's plan leaves "
+                                 f"{max(0.0, host_left_bytes) / 2**30:.2f} GiB of host memory for activations; raise "
+                                 "offload.host_mem_gb, move the optimizer states to disk (offload.optimizer=nvme), or "
+                                 "set offload.target=none")
+            host_limit = int(host_left_bytes)
         offload = dict(device=device, target=off.target, ratio=off.ratio_value, cost_model=cost_model, path=off.path,
-                       engine=off.engine, host_limit_bytes=int(off.host_mem_gb * 2**30) if off.host_mem_gb else None,
+                       engine=off.engine, host_limit_bytes=host_limit,
                        h2d_GBps=off.h2d_GBps, disk_GBps=off.disk_GBps,
                        compute_dtype=torch.bfloat16 if model_cfg.dtype == "bf16" else None)
     apply_tiling_and_offload(model, mlp_tile_tokens=model_cfg.mlp_tile_tokens, offload=offload)
@@ -293,9 +306,11 @@ def build_parallel_model(cfg: RunConfig, vocab_size: int, mesh: Mesh,
                                         if cfg.offload.params == "nvme" else None)
     cost_model = build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=cfg.hdp,
                                   profile=cfg.scheduler.cost_model, state_dtype=cfg.optim.state_dtype)
+    host_left = None
     if host_params:  # step 8: parameter offload, planned from the cost model and measured rates
         from seqmesh.trainer.param_offload import apply_param_offload
 
-        _, _, cost_model = apply_param_offload(model, optimizer, cfg, cost_model, device)
-    apply_offload(model, cfg.model, cfg.offload, cost_model, device)
+        _, plan, cost_model = apply_param_offload(model, optimizer, cfg, cost_model, device)
+        host_left = plan.host_free
+    apply_offload(model, cfg.model, cfg.offload, cost_model, device, host_left_bytes=host_left)
     return model, optimizer, cost_model

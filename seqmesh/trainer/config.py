@@ -358,10 +358,11 @@ class RunConfig:
             if self.offload.optimizer == "nvme" and self.optim.state_dtype == "fp32":
                 raise ConfigError("offload.optimizer=nvme keeps FP8AdamW's states in files; optim.state_dtype=fp32 is "
                                   "torch's AdamW: set optim.state_dtype to fp8, int8 or bf16")
-            if self.offload.target != "none":
+            if self.offload.target != "none" and not model.activation_checkpointing:
                 raise ConfigError(f"offload.params={self.offload.params} with offload.target={self.offload.target}: "
-                                  "streamed layers recompute in backward from their inputs, which activation offload "
-                                  "does not scope yet; set offload.target=none")
+                                  "streamed layers keep only their inputs for backward, which activation offload "
+                                  "moves when every layer is checkpointed; set model.activation_checkpointing=true "
+                                  "or offload.target=none")
             if self.offload.resident_value is not None and self.offload.resident_value > model.num_layers \
                     and model.hf_path is None:
                 raise ConfigError(f"offload.resident_layers={self.offload.resident_layers} exceeds model.num_layers="

@@ -73,7 +73,7 @@ def plan_inputs(model: torch.nn.Module, cfg: RunConfig, cost_model: CostModel, d
         adam_Mparams_s=off.adam_Mparams_s or measure_host_adam_Mparams_s(cfg.optim.state_dtype),
         layer_ms=float(cost_model.seq_ms(tokens, 1)) / len(layers), prefetch=off.prefetch,
         resident_layers=off.resident_value, optimizer=off.optimizer, zero_stage=cfg.parallel.zero_stage,
-        params=off.params)
+        params=off.params, staging_bytes=None if device.type == "cuda" else 0)  # pinned staging: CUDA only
 
 
 def ranks_on_this_host() -> int:
