@@ -190,3 +190,46 @@ def torch_step(bucket: Bucket, hp: Hyper) -> None:
         _split_back(sm, bucket.exp_avg_scale, nblocks, nblocks)
         _split_back(sv, bucket.exp_avg_sq_scale, nblocks, nblocks)
     _split_back(qv.reshape(-1), bucket.exp_avg_sq, numels, padded)
+
+
+def chunks_of(bucket: Bucket, hp: Hyper, chunk_elems: int) -> list[Bucket]:
+    """``bucket`` cut into buckets of about ``chunk_elems`` elements, each piece a block-aligned slice of one tensor.
+
+    Every operation of ``torch_step`` acts on whole blocks (quantization scales) or single elements
+    (the update, the random bits, counted from ``key_base``), so stepping the pieces gives the same
+    bits as stepping the whole bucket, with temporaries of one piece instead of the whole bucket:
+    what a host step over tens of gigabytes of parameters needs.
+    """
+    block, packed = hp.block_size, hp.fmt.packed
+    if chunk_elems < block:
+        raise ValueError(f"chunk_elems={chunk_elems} must be at least one block ({block})")
+    step = chunk_elems // block * block
+    out: list[Bucket] = []
+    current, size = Bucket(), 0
+    for i, p in enumerate(bucket.params):
+        n = p.numel()
+        for o in range(0, n, step):
+            c = min(step, n - o)
+            pc = padded_numel(c, block)
+            current.params.append(p.view(-1)[o:o + c])
+            current.grads.append(bucket.grads[i].view(-1)[o:o + c])
+            current.exp_avg.append(bucket.exp_avg[i][o:o + c])
+            current.exp_avg_sq.append(bucket.exp_avg_sq[i][o:o + pc] if packed else bucket.exp_avg_sq[i][o:o + c])
+            if bucket.exp_avg_scale:
+                current.exp_avg_scale.append(bucket.exp_avg_scale[i][o // block:(o + pc) // block])
+                current.exp_avg_sq_scale.append(bucket.exp_avg_sq_scale[i][o // block:(o + pc) // block])
+            current.key_base.append(bucket.key_base[i] + o)
+            current.step.append(bucket.step[i])
+            size += pc
+            if size >= step:
+                out.append(current)
+                current, size = Bucket(), 0
+    if current.params:
+        out.append(current)
+    return out
+
+
+def chunked_step(bucket: Bucket, hp: Hyper, chunk_elems: int) -> None:
+    """``torch_step`` a piece at a time (``chunks_of``): the same bits in bounded memory."""
+    for piece in chunks_of(bucket, hp, chunk_elems):
+        torch_step(piece, hp)

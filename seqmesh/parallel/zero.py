@@ -88,6 +88,8 @@ class ZeroOptimizer:
             their buckets are reduced after backward only.
         grad_group: the group the buckets are reduced over (default: ``group``); a group that carries nothing
             else (``Mesh.grad_group``) keeps other collectives from interleaving with buckets in flight.
+        allocate: makes the zero-filled flat buffers of stages 1/2 (``(numel, dtype) -> Tensor``), for host
+            buffers that live elsewhere (``offload.params=nvme``: memory-mapped files); default ``torch.zeros``.
     """
 
     def __init__(self, param_groups: list[dict[str, Any]], make_optimizer: MakeOptimizer, *, stage: int,
@@ -95,7 +97,8 @@ class ZeroOptimizer:
                  norm_excluded: Collection[nn.Parameter] = (), align: int = 128,
                  bucket_bytes: int = BUCKET_BYTES, overlap: bool = False,
                  grad_order: Sequence[nn.Parameter] | None = None, deferred: Collection[nn.Parameter] = (),
-                 grad_group: dist.ProcessGroup | None = None) -> None:
+                 grad_group: dist.ProcessGroup | None = None,
+                 allocate: Callable[[int, torch.dtype], Tensor] | None = None) -> None:
         if stage not in STAGES:
             raise ValueError(f"ZeRO stage must be one of {STAGES}, got {stage!r} "
                              "(stage 3, parameter sharding, is seqmesh.parallel.zero3.Zero3Optimizer)")
@@ -125,11 +128,12 @@ class ZeroOptimizer:
                                              bucket_bytes)
                 self.reduction = BucketedReduction(buckets, overlap=overlap, deferred=deferred)
             return
-        self._build_flat(groups, excluded, make_optimizer)
+        self._build_flat(groups, excluded, make_optimizer, allocate)
         self.reduction = BucketedReduction(self._shard_buckets(bucket_bytes, rank_of), overlap=overlap,
                                            deferred=deferred)
 
-    def _build_flat(self, groups: list[dict[str, Any]], excluded: set[int], make_optimizer: MakeOptimizer) -> None:
+    def _build_flat(self, groups: list[dict[str, Any]], excluded: set[int], make_optimizer: MakeOptimizer,
+                    allocate: Callable[[int, torch.dtype], Tensor] | None = None) -> None:
         kinds = {(p.dtype, p.device) for p in self.params}
         if len(kinds) != 1:
             raise ValueError(f"ZeRO flattens all parameters into one buffer; they must share one dtype and device, "
@@ -156,14 +160,19 @@ class ZeroOptimizer:
         blocks = -(-offset // self.align)
         self.shard_size = -(-blocks // self.world) * self.align
         self.lo = self.rank * self.shard_size
-        self.flat = torch.zeros(self.world * self.shard_size, dtype=dtype, device=device)
+        if allocate is not None and device.type != "cpu":
+            raise ValueError(f"ZeRO: an allocator is for host buffers, but the parameters are on {device}")
+        zeros = allocate or (lambda n, dt: torch.zeros(n, dtype=dt, device=device))
+        self.flat = zeros(self.world * self.shard_size, dtype)
         with torch.no_grad():
             for p, o in zip(self._ordered, self._offsets):
                 self.flat[o:o + p.numel()].copy_(p.reshape(-1))
                 p.data = self.flat[o:o + p.numel()].view_as(p)
-        self.shard_grad = torch.zeros(self.shard_size, dtype=dtype, device=device)
+        self.shard_grad = zeros(self.shard_size, dtype)
         if self.stage == 1:
-            self.flat_grad = torch.zeros_like(self.flat)
+            # On one rank the shard is the whole flat space, so the accumulated gradient already is the reduced one:
+            # one buffer serves as both (a model-sized buffer less; a bucket's copy into the shard copies onto itself).
+            self.flat_grad = self.shard_grad if self.world == 1 else zeros(self.flat.numel(), dtype)
             self._attach_grad_views()
         hi = self.lo + self.shard_size
         self._excluded_local = [(max(a, self.lo) - self.lo, min(b, hi) - self.lo) for a, b in excluded_ranges
@@ -245,6 +254,26 @@ class ZeroOptimizer:
                                                if min(o + p.numel(), b) > max(o, a)]))
         return shards
 
+    # Callbacks of a transform that keeps parameters elsewhere between uses (``offload/params.py``): run
+    # before the reduction (gradients to where the reduction reads them) and after the update.
+    _before_reduce: tuple[Callable[[], None], ...] = ()
+    _after_step: tuple[Callable[[], None], ...] = ()
+
+    def register_step_hooks(self, before_reduce: Callable[[], None],
+                            after_step: Callable[[], None]) -> Callable[[], None]:
+        """Call ``before_reduce`` at the start of ``reduce_gradients`` and ``after_step`` at the end of ``step``;
+        returns the function that removes both again."""
+        if self.reduction is not None and self.reduction.overlap:
+            raise ValueError("a transform that moves gradients before the reduction cannot run with buckets reduced "
+                             "during backward: set parallel.overlap_grad_reduce=false")
+        self._before_reduce = (*self._before_reduce, before_reduce)
+        self._after_step = (*self._after_step, after_step)
+
+        def remove() -> None:
+            self._before_reduce = tuple(h for h in self._before_reduce if h is not before_reduce)
+            self._after_step = tuple(h for h in self._after_step if h is not after_step)
+        return remove
+
     def overlap_next_backward(self) -> None:
         """The next backward is this rank's last of the step: reduce each bucket as soon as its gradients are
         final (with ``overlap``; otherwise nothing changes). ``reduce_gradients`` still completes the step."""
@@ -255,6 +284,8 @@ class ZeroOptimizer:
     def reduce_gradients(self) -> None:
         """Sum the step's gradients over HDP: all of them (stage 0) or into this rank's shard (1, 2). Launches
         the buckets not yet launched during backward and waits for all of them."""
+        for hook in self._before_reduce:
+            hook()
         if self.reduction is not None:
             self.reduction.finish()
 
@@ -303,6 +334,8 @@ class ZeroOptimizer:
         if self.stage and self.world > 1:
             shard = self.flat[self.lo:self.lo + self.shard_size].clone()
             dist.all_gather_into_tensor(self.flat, shard, group=self.group)
+        for hook in self._after_step:
+            hook()
 
     def zero_grad(self) -> None:
         if self.stage == 0:

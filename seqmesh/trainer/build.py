@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import Callable
 
 import torch
 import transformers
@@ -40,6 +41,9 @@ CPU_SUSTAINED_FLOPS = 2.0e10
 # per-layer messages of the default job's documents (a few hundred tokens per rank, latency-bound). With it
 # SP on CPUs pays for itself only where it evens out a step that one long document would dominate.
 CPU_LINK_GBPS = 0.2
+# Activation offload beside parameter offload needs at least this much host memory for its buffers (one
+# micro-batch's layer inputs of a few hundred MiB at long context; below it, every layer would stay put).
+ACTIVATION_HOST_MIN_BYTES = 256 << 20
 
 
 def hf_config(cfg: ModelConfig, vocab_size: int) -> transformers.PretrainedConfig:
@@ -82,16 +86,33 @@ def build_pipeline_model(cfg: ModelConfig, parallel: ParallelConfig, seq_len: in
 
 
 def apply_offload(model: Transformer, model_cfg: ModelConfig, off: OffloadConfig, cost_model: CostModel,
-                  device: torch.device) -> None:
+                  device: torch.device, host_left_bytes: float | None = None) -> None:
     """Phase 2 of ``parallelize`` (see ``build_parallel_model``), once the cost model exists: the tiled MLP
-    (``model.mlp_tile_tokens``) and activation offload (``offload``); parameter names are unchanged."""
+    (``model.mlp_tile_tokens``) and activation offload (``offload``); parameter names are unchanged.
+
+    ``host_left_bytes``: host memory that parameter offload's plan leaves (activation buffers get that)."""
     offload = None
     if off.target != "none":
+        host_limit = int(off.host_mem_gb * 2**30) if off.host_mem_gb else None
+        if host_left_bytes is not None:
+            if host_left_bytes < ACTIVATION_HOST_MIN_BYTES:
+                raise ValueError(f"offload.target={off.target}: parameter offload's plan leaves "
+                                 f"{max(0.0, host_left_bytes) / 2**30:.2f} GiB of host memory for activations; raise "
+                                 "offload.host_mem_gb, move the optimizer states to disk (offload.optimizer=nvme), or "
+                                 "set offload.target=none")
+            host_limit = int(host_left_bytes)
         offload = dict(device=device, target=off.target, ratio=off.ratio_value, cost_model=cost_model, path=off.path,
-                       engine=off.engine, host_limit_bytes=int(off.host_mem_gb * 2**30) if off.host_mem_gb else None,
+                       engine=off.engine, host_limit_bytes=host_limit,
                        h2d_GBps=off.h2d_GBps, disk_GBps=off.disk_GBps,
                        compute_dtype=torch.bfloat16 if model_cfg.dtype == "bf16" else None)
     apply_tiling_and_offload(model, mlp_tile_tokens=model_cfg.mlp_tile_tokens, offload=offload)
+
+
+def apply_weight_dtype(model: torch.nn.Module, cfg: OptimConfig) -> None:
+    """``optim.master_weights=false``: the weights (and so their gradients) become bf16, with no fp32 copy anywhere;
+    FP8AdamW rounds each update stochastically, so small updates survive in expectation."""
+    if not cfg.master_weights:
+        model.to(torch.bfloat16)
 
 
 def _param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
@@ -118,7 +139,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
 
 def build_sharded_optimizer(model: torch.nn.Module, optim: OptimConfig, zero_stage: int, mesh: Mesh,
                             device: torch.device | None = None, *, overlap: bool = False,
-                            bucket_mb: float = 25.0, zero3_reduce_per_step: bool = False) -> ZeroOptimizer:
+                            bucket_mb: float = 25.0, zero3_reduce_per_step: bool = False, host_group: bool = False,
+                            allocate: Callable[[int, torch.dtype], torch.Tensor] | None = None) -> ZeroOptimizer:
     """The step loop's optimizer: ZeRO ``parallel.zero_stage`` over the HDP group, its gradient norm global
     over TP and PP (a pipeline rank's ``parameters()`` are the ones it owns, so stages count each once).
 
@@ -131,21 +153,33 @@ def build_sharded_optimizer(model: torch.nn.Module, optim: OptimConfig, zero_sta
     the model's parameter registration reversed (the order backward finishes them); ``overlap``
     (``parallel.overlap_grad_reduce``) reduces them during the step's last backward, over a group of their
     own (``Mesh.grad_group``). Not under PP: the pipeline reduces after its schedule (``PipelineRunner``).
-    TP-replicated parameters are summed over TP after backward, so their buckets wait for it."""
+    TP-replicated parameters are summed over TP after backward, so their buckets wait for it.
+
+    ``host_group``: the parameters and gradients live in host memory (``offload.params``) while the default
+    backend is NCCL: reduce and gather them over a gloo group of the same HDP ranks (tp = pp = 1).
+    ``allocate``: makes ZeRO-1/2's flat host buffers (``offload.params=nvme``: memory-mapped files)."""
     tp = tensor_parallel(model)
     norm_group = mesh.model_parallel_group if mesh.pp > 1 else None if tp is None else tp.group
     if zero_stage == 3:
         return Zero3Optimizer(model, _param_groups(model, optim), lambda groups: _make_optimizer(groups, optim),
                               device=device or next(model.parameters()).device, group=mesh.hdp_group,
                               tp_group=norm_group, tensor_parallel=tp, reduce_per_step=zero3_reduce_per_step)
+    hdp_group = torch.distributed.new_group(backend="gloo") if host_group else mesh.hdp_group
     overlap = overlap and mesh.pp == 1 and mesh.hdp > 1
     return ZeroOptimizer(_param_groups(model, optim), lambda groups: _make_optimizer(groups, optim),
-                         stage=zero_stage, group=mesh.hdp_group, tp_group=norm_group,
+                         stage=zero_stage, group=hdp_group, tp_group=norm_group,
                          norm_excluded=() if tp is None else tp.norm_excluded(),
                          bucket_bytes=max(1, int(bucket_mb * 2**20)), overlap=overlap,
                          grad_order=list(model.parameters())[::-1],
                          deferred=() if tp is None else tp.replicated + tp.kv_shared,
-                         grad_group=mesh.grad_group if overlap else None)
+                         grad_group=mesh.grad_group if overlap else None, allocate=allocate)
+
+
+def _mapped_allocator(path: str) -> Callable[[int, torch.dtype], torch.Tensor]:
+    """ZeRO's flat buffers as memory-mapped files under ``path`` (``offload.params=nvme``)."""
+    from seqmesh.parallel.offload.mapped import mapped_zeros
+
+    return lambda numel, dtype: mapped_zeros(numel, dtype, path)
 
 
 def apply_memory_limit(memory: MemoryConfig, device: torch.device) -> None:
@@ -254,23 +288,39 @@ def build_parallel_model(cfg: RunConfig, vocab_size: int, mesh: Mesh,
     then (4) pipeline stages: this rank keeps its chunks (``split_model``, ``parallel.pp > 1``);
     (5) ZeRO: the optimizer over the HDP group (stage 3 also shards the parameters and wraps each layer);
     the cost model, priced from what this rank now holds;
+    (8) parameter offload (``offload.params``, ``trainer/param_offload.py``): the plan from that cost model and
+    measured rates, master weights streamed from the host, the cost model reduced to what the device holds;
     phase 2 (``apply_tiling_and_offload``, in ``apply_offload``): (6) tiled MLP, (7) activation offload, whose
     ``ratio=auto`` policy needs that cost model.
     """
-    # ZeRO-3 builds (and pipeline-splits) on the host and moves only its shards to the device.
-    host = torch.device("cpu") if cfg.parallel.zero_stage == 3 else device
+    host_params = cfg.offload.params != "none"
+    # ZeRO-3 and parameter offload build (and pipeline-split) on the host; only shards or streamed layers go to
+    # the device.
+    host = torch.device("cpu") if cfg.parallel.zero_stage == 3 or host_params else device
     if mesh.pp > 1:
         model = build_pipeline_model(cfg.model, cfg.parallel, cfg.data.max_seq_len, vocab_size, host, mesh)
     else:
         model = build_model(cfg.model, vocab_size, host, mesh.tp_group)
+    apply_weight_dtype(model, cfg.optim)
+    # Host-resident gradients are reduced where they live: over gloo when the device's backend is NCCL, and after
+    # backward (the offload hands them to the host first).
     optimizer = build_sharded_optimizer(model, cfg.optim, cfg.parallel.zero_stage, mesh, device,
-                                        overlap=cfg.parallel.overlap_grad_reduce,
+                                        overlap=cfg.parallel.overlap_grad_reduce and not host_params,
                                         bucket_mb=cfg.parallel.grad_bucket_mb,
-                                        zero3_reduce_per_step=cfg.parallel.zero3_reduce_per_step)
+                                        zero3_reduce_per_step=cfg.parallel.zero3_reduce_per_step,
+                                        host_group=host_params and device.type == "cuda" and mesh.hdp > 1,
+                                        allocate=_mapped_allocator(cfg.offload.path)
+                                        if cfg.offload.params == "nvme" else None)
     copy = model.tied_copy if isinstance(model, PipelineModel) else None
     if copy is not None and copy.device != device:  # the last stage's tied copy is whole and not sharded
         copy.data = copy.data.to(device)
     cost_model = build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=cfg.hdp,
                                   profile=cfg.scheduler.cost_model, state_dtype=cfg.optim.state_dtype)
-    apply_offload(model, cfg.model, cfg.offload, cost_model, device)
+    host_left = None
+    if host_params:  # step 8: parameter offload, planned from the cost model and measured rates
+        from seqmesh.trainer.param_offload import apply_param_offload
+
+        _, plan, cost_model = apply_param_offload(model, optimizer, cfg, cost_model, device)
+        host_left = plan.host_free
+    apply_offload(model, cfg.model, cfg.offload, cost_model, device, host_left_bytes=host_left)
     return model, optimizer, cost_model

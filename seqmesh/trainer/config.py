@@ -185,9 +185,17 @@ class OptimConfig:
     grad_clip: float = 1.0
     state_dtype: str = "fp32"
     nonfinite: str = "abort"  # a NaN/Inf loss or gradient norm: abort | skip (seqmesh/trainer/guards.py)
+    # false: the weights themselves are bf16 (no fp32 master copy), updated with FP8AdamW's stochastic rounding;
+    # with fp8 states the whole training state is 6 bytes per parameter (weights, gradients, moments)
+    master_weights: bool = True
 
     def validate(self) -> None:
         _choice("optim.name", self.name, ("adamw",))
+        _choice("optim.master_weights", self.master_weights, (True, False))
+        if not self.master_weights and self.state_dtype == "fp32":
+            raise ConfigError("optim.master_weights=false keeps bf16 weights, which only FP8AdamW updates (with "
+                              "stochastic rounding); optim.state_dtype=fp32 is torch's AdamW: set optim.state_dtype "
+                              "to fp8, int8 or bf16")
         _choice("optim.nonfinite", self.nonfinite, ("abort", "skip"))
         _choice("optim.schedule", self.schedule, ("cosine", "linear", "constant"))
         _choice("optim.state_dtype", self.state_dtype, ("fp32", "bf16", "int8", "fp8"))
@@ -200,7 +208,8 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class OffloadConfig:
-    """Activation offload: where saved activations live (seqmesh/parallel/offload).
+    """Offload: where saved activations (``target``), parameters and gradients (``params``) and optimizer states
+    (``optimizer``) live (seqmesh/parallel/offload).
 
     Tiling, which changes the compute schedule and not where data lives, is ``model.*_tile_tokens``."""
 
@@ -211,6 +220,16 @@ class OffloadConfig:
     engine: str = "auto"
     h2d_GBps: float | None = None
     disk_GBps: float | None = None
+    params: str = "none"  # none | cpu | nvme: master weights and gradients in host memory (nvme: mapped files)
+    optimizer: str = "auto"  # auto | cpu | nvme: where the states of the host optimizer live (with params=cpu)
+    resident_layers: str = "auto"  # auto (as many as fit) | a count of decoder layers kept on the device
+    prefetch: int = 2  # streamed layers fetched ahead of use
+    adam_Mparams_s: float | None = None  # the host optimizer's rate for the plan (null: measured at start)
+
+    @property
+    def resident_value(self) -> int | None:
+        """The fixed number of resident decoder layers, or None for ``auto``."""
+        return None if self.resident_layers == "auto" else int(self.resident_layers)
 
     @property
     def ratio_value(self) -> float | None:
@@ -220,7 +239,17 @@ class OffloadConfig:
     def validate(self) -> None:
         _choice("offload.target", self.target, ("none", "cpu", "nvme"))
         _choice("offload.engine", self.engine, ("auto", "aio", "threads"))
-        for key in ("host_mem_gb", "h2d_GBps", "disk_GBps"):
+        _choice("offload.params", self.params, ("none", "cpu", "nvme"))
+        _choice("offload.optimizer", self.optimizer, ("auto", "cpu", "nvme"))
+        _positive("offload.prefetch", self.prefetch, zero_ok=True)
+        if self.resident_layers != "auto" and not (str(self.resident_layers).isdigit()):
+            raise ConfigError(f"offload.resident_layers={self.resident_layers!r} must be 'auto' or a count of decoder "
+                              "layers (>= 0)")
+        if self.params == "none" and self.optimizer != "auto":
+            raise ConfigError(f"offload.optimizer={self.optimizer} needs offload.params=cpu (or nvme): the host "
+                              "optimizer steps the master weights where they live; set offload.params=cpu or "
+                              "offload.optimizer=auto")
+        for key in ("host_mem_gb", "h2d_GBps", "disk_GBps", "adam_Mparams_s"):
             if getattr(self, key) is not None:
                 _positive(f"offload.{key}", getattr(self, key))
         if self.ratio != "auto":
@@ -330,6 +359,24 @@ class RunConfig:
             raise ConfigError("parallel.zero_stage=3 recomputes every decoder layer in backward (its weights are "
                               "gathered only then), which activation checkpointing would repeat and activation offload "
                               "cannot scope; set model.activation_checkpointing=false and offload.target=none")
+        if self.offload.params != "none":
+            par = self.parallel
+            if par.zero_stage not in (1, 2) or par.tp > 1 or par.pp > 1:
+                raise ConfigError(f"offload.params={self.offload.params} with parallel.zero_stage={par.zero_stage}, "
+                                  f"tp={par.tp}, pp={par.pp}: the master weights live in ZeRO-1/2's flat host buffer "
+                                  "and are streamed for tp=pp=1; set parallel.zero_stage=1 (or 2), tp=1 and pp=1")
+            if self.offload.optimizer == "nvme" and self.optim.state_dtype == "fp32":
+                raise ConfigError("offload.optimizer=nvme keeps FP8AdamW's states in files; optim.state_dtype=fp32 is "
+                                  "torch's AdamW: set optim.state_dtype to fp8, int8 or bf16")
+            if self.offload.target != "none" and not model.activation_checkpointing:
+                raise ConfigError(f"offload.params={self.offload.params} with offload.target={self.offload.target}: "
+                                  "streamed layers keep only their inputs for backward, which activation offload "
+                                  "moves when every layer is checkpointed; set model.activation_checkpointing=true "
+                                  "or offload.target=none")
+            if self.offload.resident_value is not None and self.offload.resident_value > model.num_layers \
+                    and model.hf_path is None:
+                raise ConfigError(f"offload.resident_layers={self.offload.resident_layers} exceeds model.num_layers="
+                                  f"{model.num_layers}")
         if self.parallel.pp > 1 and self.scheduler.refine_every:
             raise ConfigError(f"scheduler.refine_every={self.scheduler.refine_every} with parallel.pp="
                               f"{self.parallel.pp}: the cost model is refitted from each group's measured time, "

@@ -43,6 +43,7 @@ from seqmesh.trainer.flops import peak_flops, train_flops
 from seqmesh.trainer.guards import step_unless_nonfinite
 from seqmesh.trainer.metrics import MetricsLogger
 from seqmesh.trainer.microbatch import autocast, batch_layout, layout_group, loss_sum_of
+from seqmesh.trainer.param_offload import close_param_offload
 from seqmesh.trainer.plan_ahead import PlanAhead
 from seqmesh.trainer.reshard import load_resharded, save_resharded
 from seqmesh.trainer.step_telemetry import StepTelemetry
@@ -189,4 +190,5 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
                     "extra": {"step": step + 1, "plan_digest": plan.digest()}}, keep=cfg.ckpt_keep)
     finally:
         planner.close()
+        close_param_offload(run.model, optimizer)
     return run.metrics.close({"resumed_from": run.start, "world": run.mesh.world})

@@ -16,6 +16,9 @@ between the phases (``build.py``)
   5. ZeRO (the optimizer; ZeRO-3 also shards the parameters -- what this rank holds after steps 1 and 4:
      its TP shard of its stages -- over its HDP group and wraps each layer's forward);
   -  the cost model, priced from what this rank now holds (its TP shard, its stages);
+  8. parameter offload (``parallel/offload/params.py``, planned in ``trainer/param_offload.py``): with
+     ``offload.params``, ZeRO-1/2's flat buffers (built on the host) hold the master weights, decoder
+     layers are streamed to the device around each use, and the cost model keeps only what stays there;
 phase 2, ``apply_tiling_and_offload`` (on this rank's layers, once the cost model exists: ``build.apply_offload``)
   6. tiled MLP (``trainer/tiled.py``): the MLP run a tile of tokens at a time;
   7. activation offload (``parallel/offload``): saved activations to host memory or NVMe, as much as

@@ -21,6 +21,7 @@ import errno
 import glob
 import os
 import shutil
+import socket
 import uuid
 import weakref
 from pathlib import Path
@@ -155,6 +156,28 @@ class _AioEngine:
             pool.shutdown(wait=True)
 
 
+_PREFIX = "seqmesh-offload-"
+
+
+def _remove_stale(root: Path) -> None:
+    """Delete the offload directories under ``root`` that processes of this host left behind when they were
+    killed (a killed process runs no finalizer; workers that end with ``os._exit`` neither). A directory is
+    named after its host and process: one whose process no longer runs on this host is stale."""
+    if not root.is_dir():
+        return
+    host = socket.gethostname()
+    for d in root.glob(f"{_PREFIX}{host}-*"):
+        pid = d.name[len(_PREFIX) + len(host) + 1:].split("-")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:  # a live process of another user
+            pass
+
+
 def _probe_direct(directory: Path, align: int) -> bool:
     """Whether this file system accepts O_DIRECT writes of ``align``-aligned blocks."""
     if not hasattr(os, "O_DIRECT"):
@@ -186,8 +209,9 @@ class FileStore:
         if chunk_bytes <= 0 or chunk_bytes % align:
             raise ValueError(f"offload chunk_bytes={chunk_bytes} must be a positive multiple of {align}")
         self.root = Path(root)
-        self.dir = self.root / f"seqmesh-offload-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.dir = self.root / f"{_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
+            _remove_stale(self.root)
             self.dir.mkdir(parents=True, mode=0o700)
             probe = self.dir / "write-probe"
             probe.write_bytes(b"\0" * align)

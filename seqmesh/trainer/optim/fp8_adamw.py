@@ -102,7 +102,8 @@ from seqmesh.kernels.fp8_codec import (
     round_plain,
     unpack_flat,
 )
-from seqmesh.kernels.adam_update import Bucket, Hyper, padded_numel, torch_step
+from seqmesh.kernels.adam_update import Bucket, Hyper, chunked_step, chunks_of, padded_numel, torch_step
+from seqmesh.trainer.optim.state_files import StateFiles, materialized
 
 STATE_DTYPES = tuple(FORMATS)
 BACKENDS = ("auto", "torch", "triton")
@@ -167,15 +168,21 @@ class FP8AdamW(Optimizer):
         index_offset: position of the group's first element in a larger flat parameter space, for
             a ZeRO shard to draw the same random bits as an unsharded run.
         backend: ``auto`` (Triton on CUDA when importable, else torch), ``torch`` or ``triton``.
+        host_chunk_elems: the torch backend on a CPU steps this many elements at a time (the same bits,
+            temporaries of one chunk: parameters offloaded to the host are tens of gigabytes).
     """
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, *,
                  state_dtype: str = "fp8", block_size: int = 128, stochastic_rounding: bool = True, seed: int = 0,
-                 index_offset: int = 0, backend: str = "auto") -> None:
+                 index_offset: int = 0, backend: str = "auto", host_chunk_elems: int = 1 << 22) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if not isinstance(host_chunk_elems, int) or host_chunk_elems < 4096:
+            raise ValueError(f"host_chunk_elems must be an int >= 4096, got {host_chunk_elems!r}")
         self.backend = backend
+        self.host_chunk_elems = host_chunk_elems
+        self.state_files: StateFiles | None = None  # moments in files (``state_files.swap_states_to_files``)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, state_dtype=state_dtype,
                         block_size=block_size, stochastic_rounding=stochastic_rounding, seed=seed,
                         index_offset=index_offset)
@@ -220,7 +227,7 @@ class FP8AdamW(Optimizer):
                                    f"{tuple(p.shape)}; they must match")
             state = self.state[p]
             if not state:
-                _init_state(state, p, fmt, block)
+                _init_state(state, p, fmt, block, self.state_files)
             state["step"] += 1
             bucket = buckets.setdefault((p.device, p.dtype, grad.dtype), Bucket())
             bucket.params.append(p)
@@ -242,11 +249,15 @@ class FP8AdamW(Optimizer):
             from seqmesh.kernels.adam_triton import fused_step
 
             fused_step(bucket, hp)
+        elif device.type == "cpu" and self.state_files is not None:
+            self.state_files.run(chunks_of(bucket, hp, self.host_chunk_elems), lambda piece: torch_step(piece, hp))
+        elif device.type == "cpu":
+            chunked_step(bucket, hp, self.host_chunk_elems)
         else:
             torch_step(bucket, hp)
 
     def state_bytes_per_param(self) -> float:
-        """Bytes of optimizer state per parameter, summed over the actual state tensors (scales included)."""
+        """Bytes of optimizer state per parameter, summed over the state tensors (scales included; in files too)."""
         nbytes = numel = 0
         for p, state in self.state.items():
             numel += p.numel()
@@ -255,12 +266,20 @@ class FP8AdamW(Optimizer):
             raise RuntimeError("the optimizer has no state yet: call step() or load_state_dict() first")
         return nbytes / numel
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``state_dict``, with moments kept in files read into memory (each state its own dict)."""
+        with materialized(self):
+            sd = super().state_dict()
+            sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
+        return sd
+
     def block_state(self, p: torch.Tensor) -> dict[str, Any]:
         """``p``'s state with codes of ``p``'s length and, for quantized formats, one fp32 scale per block
         and moment (``exp_avg_scale``, ``exp_avg_sq_scale``), whatever the storage: the form a reader
         of codes and scales (a resharding checkpoint) needs. Empty if ``p`` has no state yet."""
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
-        return _block_state(self.state.get(p), p, FORMATS[group["state_dtype"]], group["block_size"])
+        with materialized(self):
+            return _block_state(self.state.get(p), p, FORMATS[group["state_dtype"]], group["block_size"])
 
     def state_codec(self, group: Mapping[str, Any] | str, block: int | None = None) -> BlockCodec:
         """How a param group (or the format ``group`` with ``block``) stores the moments: the codec a
@@ -276,6 +295,10 @@ class FP8AdamW(Optimizer):
 
         For inspection, conversion, or continuing with ``torch.optim.AdamW`` (``v`` is v itself, not a code).
         """
+        with materialized(self):
+            return self._dequantized_state_dict()
+
+    def _dequantized_state_dict(self) -> dict[str, Any]:
         state: dict[int, dict[str, torch.Tensor]] = {}
         groups = []
         index = 0
@@ -301,8 +324,13 @@ class FP8AdamW(Optimizer):
                            "params": ids})
         return {"state": state, "param_groups": groups}
 
-    @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """See ``_load_state_dict``; moments kept in files are written there again after loading."""
+        with materialized(self):
+            self._load_state_dict(state_dict)
+
+    @torch._disable_dynamo
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ``state_dict()`` of an FP8AdamW with the same groups, keeping every state tensor's bits.
 
         Unlike ``Optimizer.load_state_dict`` nothing is cast to the parameter dtype (that would turn
@@ -371,10 +399,11 @@ def _expected_state(p: torch.Tensor, fmt: StateFormat, block: int) -> dict[str, 
     return expected
 
 
-def _init_state(state: dict[str, Any], p: torch.Tensor, fmt: StateFormat, block: int) -> None:
+def _init_state(state: dict[str, Any], p: torch.Tensor, fmt: StateFormat, block: int,
+                files: StateFiles | None = None) -> None:
     state["step"] = 0
     for key, (dtype, n) in _expected_state(p, fmt, block).items():
-        state[key] = torch.zeros(n, dtype=dtype, device=p.device)
+        state[key] = torch.zeros(n, dtype=dtype, device=p.device) if files is None else files.fresh((n,), dtype)
 
 
 def _restore_state(saved: dict[str, Any], p: torch.Tensor, fmt: StateFormat, block: int,

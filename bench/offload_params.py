@@ -1,0 +1,440 @@
+"""Parameter offload benchmark (issue 20): the largest model one GPU trains, the cost of streaming, bf16 without masters.
+
+(a) Largest model: Llama-shaped models of growing size (``--sizes``, billions: hidden, layers and MLP
+    from ``llama_shape``), bf16 weights without master copies (FP8AdamW, fp8 moments, stochastic
+    rounding), ZeRO-1 on one rank, ``offload.params=cpu`` with the plan of
+    ``seqmesh/scheduler/offload_plan.py`` (rates measured in the trial), one document of ``--tokens``
+    (8K) per step, tiled loss. Each trial runs in a fresh subprocess under a time cap (an OOM leaves the
+    allocator fragmented): 1 warm-up step and ``--steps`` timed steps; MFU from ``trainer/flops.py``
+    (recomputation not counted). The largest size that trains is run again *without* offload, which
+    must fail to fit for the figure to mean anything (``fits_without_offload_at_max``).
+(b) Overhead: a Llama-3-8B shape (``--overhead-layers`` of its 32 layers) at 8K and 32K tokens, step
+    time with every layer streamed (``resident_layers=0``) vs the same model GPU-resident (ZeRO-1,
+    activation checkpointing: the same recomputation), median of the timed steps.
+(c) bf16 without master weights: a small byte-level model (``SR_SHAPE``) trained ``--sr-steps`` steps
+    on windows of the Python standard library's text with bf16 weights (stochastic rounding) and with
+    fp32 masters, for each of ``--sr-seeds`` paired seeds (same init, data and rounding seed per
+    seed); the gap is the mean over seeds of the relative difference of the held-out loss after the
+    last step, in percent (``sr_gap``). ``--sr-only`` runs this part alone, on a CPU too.
+
+Not measured here: the longest single sequence and its working set per token (issue 20's sequence
+tiling of the recomputed layer, ``bench/offload.py``); their keys are null with a note.
+
+``--parts`` runs some of ``max``, ``overhead``, ``sr`` and ``--merge`` adds them to an earlier result
+file of the same device (a GPU command of the device tool runs at most 10 minutes; the host optimizer
+step of a model of billions of parameters takes minutes, so parts and sizes go one command at a time).
+``--smoke`` runs every part on the CPU with tiny shapes (no memory limit there, so nothing fails to
+fit). Writes ``bench/results/offload_params_<device>.json`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_heads=32, num_kv_heads=8, vocab_size=128256,
+                num_layers=32)
+TINY = dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, vocab_size=512, num_layers=4)
+PARTS = ("max", "overhead", "sr")
+# Part (c)'s model: byte-level, small enough for a CPU (about 3.4M parameters).
+SR_SHAPE = dict(hidden_size=256, intermediate_size=688, num_heads=8, num_kv_heads=4, vocab_size=256, num_layers=4)
+
+
+def llama_shape(billions: float) -> dict[str, int]:
+    """A Llama-family shape of about ``billions`` parameters: Llama-3 proportions (MLP 3.5x hidden, head 128,
+    8 KV heads, 128K vocabulary); depth grows with width as in Llama-2/3 (64 layers at 8192 wide)."""
+    for hidden, layers in ((4096, 32), (5120, 40), (6144, 48), (7168, 56), (8192, 64), (8192, 80), (10240, 80)):
+        shape = dict(hidden_size=hidden, intermediate_size=int(hidden * 3.5) // 256 * 256, num_heads=hidden // 128,
+                     num_kv_heads=8, vocab_size=128256, num_layers=layers)
+        per_layer = 2 * hidden * hidden + 2 * hidden * 1024 + 3 * hidden * shape["intermediate_size"]
+        total = layers * per_layer + 2 * 128256 * hidden
+        if total >= billions * 1e9 * 0.97:
+            scale = billions * 1e9 / total
+            shape["num_layers"] = max(1, round(layers * scale))
+            return shape
+    raise ValueError(f"no Llama shape of {billions}B parameters in the table; choose at most 140")
+
+
+def run_config(shape: dict[str, int], tokens: int, offload: bool, resident: int | None, dtype: str = "bf16",
+               path: str | None = None):
+    """The ``RunConfig`` of one trial: the run's own config path (schema, checks) for the model and the offload."""
+    from seqmesh.trainer.config import config_from_dict
+
+    off = {"params": "cpu", "optimizer": "auto", "path": path or tempfile.gettempdir(),
+           "resident_layers": "auto" if resident is None else str(resident)} if offload else {}
+    return config_from_dict({
+        "model": {"hidden_size": shape["hidden_size"], "intermediate_size": shape["intermediate_size"],
+                  "num_layers": shape["num_layers"], "num_heads": shape["num_heads"],
+                  "num_kv_heads": shape["num_kv_heads"], "vocab_size": shape["vocab_size"], "tie_embeddings": False,
+                  "dtype": dtype, "activation_checkpointing": True, "rope_theta": 500000.0},
+        "parallel": {"zero_stage": 1, "overlap_grad_reduce": False},
+        "optim": {"state_dtype": "fp8", "master_weights": dtype != "bf16"},
+        "data": {"max_seq_len": tokens}, "launch": {"num_workers": 1}, "offload": off})
+
+
+def _model(shape: dict[str, int], dtype: str, device: str, checkpointing: bool, seed: int = 0):
+    """The plain model of ``shape`` (``sr_gap``: no transform beyond optional checkpointing), initialised from
+    ``seed``."""
+    import torch
+
+    from seqmesh.parallel.checkpointing import apply_activation_checkpointing
+    from seqmesh.trainer.model import Transformer, tiny_config
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
+                      intermediate_size=shape["intermediate_size"], num_hidden_layers=shape["num_layers"],
+                      num_attention_heads=shape["num_heads"], num_key_value_heads=shape["num_kv_heads"],
+                      tie_word_embeddings=False)
+    with torch.device(device):
+        model = Transformer(cfg)
+    model = model.to(torch.bfloat16 if dtype == "bf16" else torch.float32)
+    if checkpointing:
+        apply_activation_checkpointing(model.model.layers)
+    return model
+
+
+def _zero(model, state_dtype: str):
+    from seqmesh.parallel.zero import ZeroOptimizer
+    from seqmesh.trainer.optim import FP8AdamW
+
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return ZeroOptimizer(groups, lambda g: FP8AdamW(g, lr=3e-4, state_dtype=state_dtype), stage=1)
+
+
+def trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, resident: int | None,
+          device_name: str, dtype: str = "bf16") -> dict[str, Any]:
+    """One model trained ``1 + steps`` steps on one device: times, MFU, memory; raises on OOM."""
+    import torch
+
+    device = torch.device(device_name)
+    path = tempfile.mkdtemp(prefix="seqmesh-bench-")  # offload files (NVMe states), removed with the trial
+    try:
+        return _train_trial(shape, tokens, steps, offload, resident, device, dtype, path)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, resident: int | None,
+                 device: "torch.device", dtype: str, path: str) -> dict[str, Any]:
+    import torch
+
+    from seqmesh.parallel.sequence import make_sp_batch
+    from seqmesh.trainer.build import apply_weight_dtype, build_cost_model, build_model
+    from seqmesh.trainer.data import pack
+    from seqmesh.trainer.flops import device_name as dev_name, mfu, peak_flops, train_flops
+    from seqmesh.trainer.microbatch import loss_sum_of
+
+    cuda = device.type == "cuda"
+    cfg = run_config(shape, tokens, offload, resident, dtype, path)
+    torch.manual_seed(0)
+    # the run's own build: phase 1 transforms, on the host when the weights are offloaded
+    # bf16 weights without masters are made in bf16 (an fp32 model of tens of billions would not fit the host)
+    torch.set_default_dtype(torch.float32 if cfg.optim.master_weights else torch.bfloat16)
+    try:
+        model = build_model(cfg.model, shape["vocab_size"], torch.device("cpu") if offload else device)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    apply_weight_dtype(model, cfg.optim)
+    nparams = sum(p.numel() for p in model.parameters())
+    opt = _zero(model, "fp8")
+    cost_model = build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=1, state_dtype="fp8")
+    plan = None
+    if offload:  # measured rates, the plan, its report, the transform: what a run does at start-up
+        from seqmesh.trainer.param_offload import apply_param_offload
+
+        _, plan, _ = apply_param_offload(model, opt, cfg, cost_model, device)
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(0, shape["vocab_size"], (tokens,), generator=g)]
+    packed = pack(docs)
+    ids, labels = packed.input_ids.to(device), packed.labels.to(device)
+    meta = make_sp_batch(packed.seqlens, "local", None, device=device)
+    times, losses = [], []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(1 + steps):
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            hidden_states = model(ids, meta)
+        loss = loss_sum_of(model, hidden_states, labels, loss_tile_tokens=2048)
+        (loss / tokens).backward()
+        opt.reduce_gradients()
+        opt.clip_grad_norm_(1.0)
+        opt.step()
+        opt.zero_grad()
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item() / tokens)
+    step_s = statistics.median(times[1:]) if steps else times[0]  # --steps 0: the first step only (cold)
+    flops = train_flops(model.config, packed.seqlens)
+    peak = peak_flops(dev_name(device)) if cuda else None
+    return {"params_billion": nparams / 1e9, "layers": shape["num_layers"], "hidden": shape["hidden_size"],
+            "tokens": tokens, "offload": offload, "timed_steps": steps or 1, "first_step_only": not steps,
+            "step_s": step_s, "mfu": mfu(flops, step_s, peak),
+            "gpu_peak_GB": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None,
+            "host_GB": plan.host_bytes / 1e9 if plan else None, "disk_GB": plan.disk_bytes / 1e9 if plan else 0.0,
+            "plan": plan.as_dict() if plan else None, "losses": losses}
+
+
+def _child(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """``trial`` in a fresh interpreter: its row, or ``{"error": ...}`` (OOM, time cap, crash)."""
+    with tempfile.NamedTemporaryFile("w+", suffix=".json", delete=False) as f:
+        out = f.name
+    cmd = [sys.executable, __file__, "--child", json.dumps(spec), "--child-out", out]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            return {"error": tail[0][:300]}
+        return json.loads(Path(out).read_text())
+    except subprocess.TimeoutExpired:
+        return {"error": f"over the {timeout_s:.0f} s trial cap"}
+    finally:
+        Path(out).unlink(missing_ok=True)
+
+
+def stdlib_bytes(limit: int = 4 << 20) -> "torch.Tensor":
+    """Up to ``limit`` bytes of the Python standard library's .py files in sorted path order (every machine has
+    the same text for one Python version): a small, real, byte-level language-modelling corpus."""
+    import sysconfig
+
+    import torch
+
+    out, size = [], 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        data = path.read_bytes()
+        out.append(data)
+        size += len(data)
+        if size >= limit:
+            break
+    return torch.frombuffer(bytearray(b"".join(out)[:limit]), dtype=torch.uint8).long()
+
+
+def sr_gap(shape: dict[str, int], steps: int, seeds: int, tokens: int, device_name: str, batch: int = 4,
+           lr: float = 3e-3) -> dict[str, Any]:
+    """Loss gap (%) of bf16 weights with stochastic rounding against fp32 master weights, paired seeds.
+
+    Per seed both runs start from the same initial weights (the fp32 ones, rounded to bf16 for the second),
+    see the same byte windows of standard-library text in the same order and use the same rounding seed;
+    FP8AdamW with fp8 moments in both. The figure per seed is the relative difference of the held-out loss
+    (32 fixed windows from the last tenth of the corpus, never trained on) after the last step; the train
+    loss gap (mean of the last 20 steps) is reported beside it."""
+    import torch
+
+    from seqmesh.parallel.sequence import make_sp_batch
+    from seqmesh.trainer.data import pack
+    from seqmesh.trainer.optim import FP8AdamW
+
+    if shape["vocab_size"] < 256:
+        raise ValueError(f"the SR comparison reads bytes: vocab_size must be >= 256, got {shape['vocab_size']}")
+    device = torch.device(device_name)
+    text = stdlib_bytes()
+    split = len(text) * 9 // 10
+    held = torch.Generator().manual_seed(12345)
+    held_out = [text[o:o + tokens] for o in torch.randint(split, len(text) - tokens, (32,), generator=held).tolist()]
+
+    def loss_of(model, docs):
+        packed = pack(docs)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            hidden = model(packed.input_ids.to(device), make_sp_batch(packed.seqlens, "local", None, device=device))
+        return torch.nn.functional.cross_entropy(model.logits(hidden).float(), packed.labels.to(device),
+                                                 ignore_index=-100)
+
+    rows = []
+    for seed in range(seeds):
+        result = {}
+        for dtype in ("fp32", "bf16"):
+            model = _model(shape, "fp32", device_name, checkpointing=False, seed=seed)  # the same init for both
+            if dtype == "bf16":
+                model.to(torch.bfloat16)
+            opt = FP8AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, state_dtype="fp8",
+                           seed=seed)
+            g = torch.Generator().manual_seed(1000 + seed)
+            train = []
+            for _ in range(steps):
+                starts = torch.randint(0, split - tokens, (batch,), generator=g).tolist()
+                loss = loss_of(model, [text[o:o + tokens] for o in starts])
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                train.append(loss.item())
+            with torch.no_grad():
+                result[dtype] = (statistics.mean(train[-20:]), loss_of(model, held_out).item())
+        rows.append({"seed": seed, "fp32_train": result["fp32"][0], "bf16_train": result["bf16"][0],
+                     "fp32_heldout": result["fp32"][1], "bf16_heldout": result["bf16"][1],
+                     "heldout_gap_pct": 100 * (result["bf16"][1] / result["fp32"][1] - 1),
+                     "train_gap_pct": 100 * (result["bf16"][0] / result["fp32"][0] - 1)})
+    gaps = [r["heldout_gap_pct"] for r in rows]
+    sd = statistics.stdev(gaps) if len(gaps) > 1 else None
+    return {"per_seed": rows, "gaps_pct": gaps, "mean_gap_pct": statistics.mean(gaps), "sd_gap_pct": sd,
+            "mean_train_gap_pct": statistics.mean(r["train_gap_pct"] for r in rows)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script")
+    ap.add_argument("--sizes", default="13,20,30,34,40", help="model sizes to try, billions, ascending")
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--steps", type=int, default=2,
+                    help="timed steps after a warm-up step (0: the warm-up step alone is timed)")
+    ap.add_argument("--overhead-layers", type=int, default=32)
+    ap.add_argument("--overhead-tokens", default="8192,32768", help="(b)'s lengths: 8192 and/or 32768")
+    ap.add_argument("--sr-steps", type=int, default=300)
+    ap.add_argument("--sr-seeds", type=int, default=3)
+    ap.add_argument("--parts", default=",".join(PARTS), help="which of max, overhead, sr to run")
+    ap.add_argument("--merge", action="store_true", help="keep the other parts' rows of an earlier result file")
+    ap.add_argument("--sr-only", action="store_true",
+                    help="part (c) alone (any device, the CPU too): writes offload_params_sr_<device>.json")
+    ap.add_argument("--sr-tokens", type=int, default=None, help="tokens per window in (c) (default 512; smoke 128)")
+    ap.add_argument("--sr-hidden", type=int, default=SR_SHAPE["hidden_size"], help="width of (c)'s model")
+    ap.add_argument("--sr-layers", type=int, default=SR_SHAPE["num_layers"], help="depth of (c)'s model")
+    ap.add_argument("--trial-timeout-s", type=float, default=540)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        spec = json.loads(args.child)
+        Path(args.child_out).write_text(json.dumps(trial(**spec)))
+        return {}
+
+    import torch
+
+    from bench.common import write_result
+
+    device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    if device == "cpu" and not (args.smoke or args.sr_only):
+        raise SystemExit("bench/offload_params.py measures a GPU; on a CPU run it with --smoke or --sr-only")
+    out_dir = Path(args.out) if args.out else None
+    sr_shape = dict(SR_SHAPE, hidden_size=args.sr_hidden, num_layers=args.sr_layers,
+                    intermediate_size=args.sr_hidden * 11 // 4 // 8 * 8, num_heads=max(1, args.sr_hidden // 32),
+                    num_kv_heads=max(1, args.sr_hidden // 64))
+    if args.sr_only:
+        shape = sr_shape if not args.smoke else dict(TINY, num_layers=2)
+        steps, seeds = (60, 2) if args.smoke else (args.sr_steps, args.sr_seeds)
+        tokens = args.sr_tokens or (128 if args.smoke else 512)
+        sr = sr_gap(shape, steps, seeds, tokens, device)
+        summary = {"bf16_sr_loss_gap_pct": sr["mean_gap_pct"], "sd_gap_pct": sr["sd_gap_pct"], "seeds": seeds}
+        write_result("offload_params_sr", {"sr_shape": shape, "sr_steps": steps, "sr_seeds": seeds,
+                                           "sr_tokens": tokens, "smoke": args.smoke}, sr["per_seed"], summary,
+                     out_dir=out_dir)
+        return summary
+    parts = set(args.parts.split(","))
+    if not parts <= set(PARTS):
+        raise SystemExit(f"--parts: choose among {','.join(PARTS)}, got {args.parts!r}")
+    if args.smoke:
+        sizes = [dict(TINY), dict(TINY, num_layers=6)]
+        tokens, overhead_shape, overhead_tokens = 256, dict(TINY), (128, 256)
+        sr_shape, sr_tokens = dict(TINY, num_layers=2), 128
+    else:
+        sizes = [llama_shape(float(b)) for b in args.sizes.split(",")]
+        tokens, overhead_shape = args.tokens, dict(LLAMA_8B, num_layers=args.overhead_layers)
+        overhead_tokens = tuple(int(t) for t in args.overhead_tokens.split(","))
+        if not set(overhead_tokens) <= {8192, 32768}:
+            raise SystemExit(f"--overhead-tokens: the summary keys are for 8192 and 32768, got {args.overhead_tokens}")
+        sr_tokens = args.sr_tokens or 512
+    rows: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
+    if "max" in parts:  # (a): ascending sizes until one does not train, then the largest without offload
+        best = None
+        for shape in sizes:
+            row = {"part": "max", "size": _billions(shape), **_child(
+                dict(shape=shape, tokens=tokens, steps=args.steps, offload=True, resident=None, device_name=device),
+                args.trial_timeout_s)}
+            rows.append(row)
+            if "error" in row:
+                break
+            best = (shape, row)
+        if best is not None:
+            rows.append({"part": "max", "without_offload": True, "size": best[1]["params_billion"], **_child(
+                dict(shape=best[0], tokens=tokens, steps=args.steps, offload=False, resident=None,
+                     device_name=device), args.trial_timeout_s)})
+        summary.update(max_summary(rows))
+    if "overhead" in parts:  # (b)
+        lengths = (128, 256) if args.smoke else (8192, 32768)  # the smoke's stand-ins for 8K and 32K
+        keys = dict(zip(lengths, ("param_offload_overhead_pct_8b_8k", "param_offload_overhead_pct_8b_32k")))
+        for t in overhead_tokens:
+            key = keys[t]
+            pair = {}
+            for offload in (False, True):
+                r = _child(dict(shape=overhead_shape, tokens=t, steps=args.steps, offload=offload,
+                                resident=0 if offload else None, device_name=device), args.trial_timeout_s)
+                rows.append({"part": "overhead", **r})
+                pair[offload] = r
+            ok = all("error" not in r for r in pair.values())
+            summary[key] = 100 * (pair[True]["step_s"] / pair[False]["step_s"] - 1) if ok else None
+    if "sr" in parts:  # (c)
+        sr = sr_gap(sr_shape, 60 if args.smoke else args.sr_steps, 2 if args.smoke else args.sr_seeds, sr_tokens,
+                    device)
+        rows += [{"part": "sr", **r} for r in sr["per_seed"]]
+        summary["bf16_sr_loss_gap_pct"] = sr["mean_gap_pct"]
+    summary.update(single_sequence_tokens=None, working_set_kb_per_token_512k=None)
+    config = {"parts": sorted(parts), "sizes": args.sizes if not args.smoke else "tiny", "tokens": tokens,
+              "steps": args.steps, "overhead_shape": overhead_shape, "overhead_tokens": list(overhead_tokens),
+              "sr_shape": sr_shape, "sr_steps": args.sr_steps, "sr_seeds": args.sr_seeds, "smoke": args.smoke,
+              "not_measured": "single_sequence_tokens and working_set_kb_per_token_512k belong to the sequence "
+                              "tiling of issue 20 (bench/offload.py), not to this script"}
+    device_tag = "cpu" if args.smoke else None
+    if args.merge:
+        rows, summary, config = _merged(out_dir, device_tag, parts, rows, summary, config)
+    write_result("offload_params", config, rows, summary, device=device_tag, out_dir=out_dir)
+    return summary
+
+
+def _billions(shape: dict[str, int]) -> float:
+    """Parameters of ``shape`` in billions (untied embeddings), what a trial reports as ``params_billion``."""
+    h, kv = shape["hidden_size"], shape["num_kv_heads"] * (shape["hidden_size"] // shape["num_heads"])
+    layer = 2 * h * h + 2 * h * kv + 3 * h * shape["intermediate_size"] + 2 * h
+    return (shape["num_layers"] * layer + 2 * shape["vocab_size"] * h + h) / 1e9
+
+
+def max_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Part (a)'s summary keys from all its rows (several commands' worth): the largest size that trained with
+    offload, its MFU, and whether the same size trained without offload (None: not tried)."""
+    trained = [r for r in rows if r.get("part") == "max" and not r.get("without_offload") and "error" not in r]
+    if not trained:
+        return {"max_params_billion": None, "mfu_at_max": None, "fits_without_offload_at_max": None}
+    best = max(trained, key=lambda r: r["params_billion"])
+    without = [r for r in rows if r.get("without_offload") and r.get("size") == best["params_billion"]]
+    return {"max_params_billion": best["params_billion"], "mfu_at_max": best["mfu"],
+            "fits_without_offload_at_max": ("error" not in without[-1]) if without else None}
+
+
+def _merged(out_dir: Path | None, device: str | None, parts: set[str], rows: list[dict], summary: dict,
+            config: dict) -> tuple[list[dict], dict, dict]:
+    """This run's parts over an earlier result of the same device (each GPU command runs under 10 minutes, so
+    the parts run one at a time): rows and summary keys of the other parts are kept, with their configs."""
+    from bench.common import RESULTS, device_tag
+
+    path = (out_dir or RESULTS) / f"offload_params_{device or device_tag()}.json"
+    if not path.exists():
+        return rows, summary, config
+    old = json.loads(path.read_text())
+    # (a)'s rows accumulate (one size per command, the largest that trained wins); other parts are replaced
+    kept = [r for r in old["rows"] if r.get("part") not in parts or r.get("part") == "max"]
+    merged_summary = {**old["summary"], **summary}  # a part that ran replaces its keys, None included
+    if "max" in parts:
+        merged_summary.update(max_summary(kept + rows))
+    runs = old["config"].get("runs", [old["config"]])
+    return kept + rows, merged_summary, {**config, "runs": runs + [config],
+                                         "parts": sorted(set(old["config"].get("parts", [])) | parts)}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,422 @@
+"""Parameter offload: decoder-layer weights live in host memory and are streamed to the device around use.
+
+ZeRO-Offload / ZeRO-Infinity and Fuyou's idea, as a transform on the plain model after ZeRO-1/2
+(``attach_param_offload``). The model is built on the host, so ZeRO's flat parameter buffer (the
+master weights) and its gradient buffer are host memory, page-locked here on CUDA; the optimizer
+steps them on the CPU (``FP8AdamW``'s torch backend, chunked: the same math and state format as
+on the device). The device holds only:
+
+* the *resident* units, fetched at their first use in a step and kept until the gradients are
+  handed to the host: the root (embeddings, final norm, head) and the first ``resident_layers``
+  decoder layers (as many as device memory allows; ``offload_plan.plan_offload`` chooses);
+* the *streamed* layers, one at a time plus ``prefetch`` ahead: each runs inside ``_StreamedLayer``,
+  an autograd function that fetches the layer's weights, runs it without autograd and frees them;
+  backward fetches them again, recomputes the layer with autograd (activation checkpointing is
+  implied; a checkpoint wrapper is looked through so the layer is not recomputed twice), takes
+  the gradients of its input and weights, sends the weight gradients to the host and frees the
+  weights. Forward prefetches the next ``prefetch`` streamed layers (the first ones when the model's
+  forward begins), backward the previous ones; the last ``prefetch`` layers of a forward with
+  autograd stay loaded for backward, which needs them first.
+
+Streams. On CUDA host-to-device copies run on one side stream and device-to-host gradient copies
+on another, into pinned staging buffers of a ``HostPool``; a single worker thread waits for each
+copy and adds it into the host gradient, so the compute stream never waits for the host. On a CPU
+device the same code runs with synchronous copies and the addition done inline (what tests run).
+
+Why the gradients are bitwise those of the device-resident model (same kernels, same order):
+forward and the recomputation in backward run the layer's own forward on the same inputs with
+the same weights (copies are exact), so every gradient the layer produces is bit for bit the one
+the resident model's backward produces (which, under activation checkpointing, is also a
+recomputation). Each weight is used once per layer, so autograd sums nothing inside a layer. The
+host then accumulates the per-micro-batch gradients in micro-batch order, one addition each, in
+the parameter's dtype: exactly what autograd's ``AccumulateGrad`` does into ``p.grad`` (a ZeRO-1
+view of zeros: ``0 + g1 + g2 ...``; ZeRO-2: ``g1 + g2 ...``). A single worker thread applies them
+in submission order, so the order never depends on timing. Resident units accumulate on the
+device (``g1 + g2 + ...``) and that sum is added once to the host slot: for ZeRO-1 ``0 + (g1 + g2)``
+equals ``(0 + g1) + g2`` in IEEE arithmetic (adding to +0 changes only a zero's sign, and both
+forms end in an addition that maps -0 to +0), and for ZeRO-2 it is the same sum.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import weakref
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from seqmesh.parallel.offload.pool import HostPool
+from seqmesh.scheduler.offload_plan import staging_bytes_for
+
+_ATTR = "_seqmesh_param_offload"
+
+
+@dataclass
+class _Unit:
+    """The parameters moved as one: a decoder layer, or the root (everything outside the layers)."""
+
+    index: int  # position among the decoder layers; -1 for the root
+    params: list[nn.Parameter]
+    host: list[Tensor]  # the master values (views of ZeRO's flat buffer): ``p.data`` while not in use
+    streamed: bool
+    numel: int = 0
+    device: Tensor | None = None  # one buffer for all of the unit's parameters; storage released when idle
+    views: list[Tensor] = field(default_factory=list)
+    ready: Any = None  # CUDA event of the copy in flight, None once waited for (or on CPU)
+    loaded: bool = False  # the device buffer holds the current master values
+    in_use: bool = False  # ``p.data`` points at the device buffer
+    grads: list[Tensor | None] | None = None  # host gradient slots of the step, taken from ``p.grad``
+
+
+def _release_storage(t: Tensor) -> None:
+    t.untyped_storage().resize_(0)
+
+
+# Buffers at least this large are page-locked in place. glibc serves allocations above its mmap threshold
+# (at most 32 MiB) with mappings of their own, so such a buffer shares no page with another allocation;
+# registering a page twice fails (cudaErrorHostMemoryAlreadyRegistered), and that error would surface
+# at the next kernel launch. Smaller buffers stay pageable: their copies are synchronous, and small.
+PIN_MIN_BYTES = 64 << 20
+
+
+def _pin(t: Tensor) -> Callable[[], None] | None:
+    """Page-lock ``t``'s bytes in place (CUDA copies from it then run asynchronously); returns the undo, or
+    None where ``t`` stays pageable (small, or pinned already)."""
+    nbytes = t.numel() * t.element_size()
+    if nbytes < PIN_MIN_BYTES or t.is_pinned():
+        return None
+    ptr = t.data_ptr()
+    if int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)) != 0:
+        raise RuntimeError(f"offload.params: could not page-lock {nbytes / 2**30:.2f} GiB of host memory for the "
+                           "master weights; raise the locked-memory limit (ulimit -l) or free RAM")
+    return lambda: torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
+class ParamOffload:
+    """Host-resident master weights streamed to ``device``; see the module docstring.
+
+    Args:
+        model: the model after ZeRO-1/2 built its flat buffers on the host (``zero.flat``).
+        layers: the decoder layers as registered (checkpoint wrappers included), in forward order.
+        zero: the ``ZeroOptimizer`` whose flat buffers hold the masters and gradients.
+        device: where compute runs.
+        resident_layers: how many of the first layers stay on the device for the whole step.
+        prefetch: how many streamed layers ahead forward and backward fetch.
+        staging_bytes: pinned host bytes for gradients in flight to the host (CUDA only; at least
+            ``staging_bytes_for`` the largest streamed layer).
+        pin_masters: page-lock ZeRO's host buffers in place (False for memory-mapped files, ``mapped.py``).
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[nn.Module], zero: Any, device: torch.device, *,
+                 resident_layers: int = 0, prefetch: int = 2, staging_bytes: int = 1 << 30,
+                 pin_masters: bool = True) -> None:
+        if not 0 <= resident_layers <= len(layers):
+            raise ValueError(f"offload.resident_layers={resident_layers} must lie in [0, {len(layers)}] "
+                             f"(the model has {len(layers)} decoder layers)")
+        if prefetch < 0:
+            raise ValueError(f"offload.prefetch={prefetch} must be >= 0 (layers fetched ahead of use)")
+        flat = getattr(zero, "flat", None)
+        if flat is None or getattr(zero, "stage", None) not in (1, 2):
+            raise ValueError("offload.params keeps the master weights in ZeRO's flat buffer: set "
+                             "parallel.zero_stage=1 or 2 (on one rank this shards nothing)")
+        if flat.device.type != "cpu":
+            raise ValueError(f"offload.params needs the model built on the host (its ZeRO buffer is on {flat.device}); "
+                             "build it on the CPU and let the offload move layers to the device")
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.prefetch = prefetch
+        self._unpin: list[Callable[[], None]] = []
+        if self.cuda and pin_masters:
+            buffers = {t.data_ptr(): t for t in (flat, getattr(zero, "flat_grad", None), zero.shard_grad)
+                       if t is not None}  # one rank's ZeRO-1 shares one buffer for both gradients
+            for t in buffers.values():
+                undo = _pin(t)
+                if undo is not None:
+                    self._unpin.append(undo)
+        if self.cuda:
+            self.h2d = torch.cuda.Stream(self.device)
+            self.d2h = torch.cuda.Stream(self.device)
+        self._worker = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="seqmesh-grad-d2h") if self.cuda else None
+        self._pending: list[cf.Future] = []
+        in_layers: set[int] = set()
+        self.layers: list[_Unit] = []
+        for i, layer in enumerate(layers):
+            params = [p for p in layer.parameters() if p.requires_grad]
+            in_layers.update(id(p) for p in params)
+            self.layers.append(self._unit(i, params, streamed=i >= resident_layers))
+        root = [p for p in model.parameters() if p.requires_grad and id(p) not in in_layers]
+        self.root = self._unit(-1, root, streamed=False)
+        self.streamed = [u for u in self.layers if u.streamed]
+        if self.cuda:  # room for two layers' gradients in flight, whatever the layer size
+            largest = max((u.numel * u.device.element_size() for u in self.streamed), default=0)
+            self.staging = HostPool(max(staging_bytes, staging_bytes_for(largest)), pin=True)
+        self._wrapped = [layer for unit, layer in zip(self.layers, layers) if unit.streamed]
+        for unit, layer in zip(self.layers, layers):
+            if unit.streamed:
+                inner = getattr(layer, "_checkpoint_wrapped_module", layer)
+                layer.forward = _streamed_forward(self, unit, inner.forward)
+        self._resident = [self.root] + [u for u in self.layers if not u.streamed]
+        self._hook = model.register_forward_pre_hook(self._begin_forward)
+        for module in model.modules():  # buffers (rotary tables) live on the device
+            for name, buf in module._buffers.items():
+                if buf is not None:
+                    module._buffers[name] = buf.to(self.device)
+        self._unhook_zero = zero.register_step_hooks(before_reduce=self.flush, after_step=self.flush)
+        self._finalizer = weakref.finalize(self, ParamOffload._close, self._worker, self._unpin,
+                                           getattr(self, "staging", None))
+
+    def _begin_forward(self, *_: Any) -> None:
+        """Before the model's forward: the resident units on the device, the first streamed layers on their way
+        (their copies overlap the embedding and the resident layers)."""
+        for unit in self._resident:
+            self.acquire(unit)
+        for unit in self.streamed[:self.prefetch]:
+            self.fetch(unit)
+
+    def _unit(self, index: int, params: list[nn.Parameter], streamed: bool) -> _Unit:
+        unit = _Unit(index, params, [p.data for p in params], streamed, numel=sum(p.numel() for p in params))
+        dtype = params[0].dtype if params else torch.float32
+        unit.device = torch.empty(unit.numel, dtype=dtype, device=self.device)
+        offset = 0
+        for p in params:
+            unit.views.append(unit.device[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        _release_storage(unit.device)
+        return unit
+
+    # ------------------------------------------------------------------ moving weights
+
+    @torch.no_grad()
+    def fetch(self, unit: _Unit) -> None:
+        """Start copying ``unit``'s master values to the device (a no-op when they are there or on the way)."""
+        if unit.loaded:
+            return
+        unit.device.untyped_storage().resize_(unit.numel * unit.device.element_size())
+        if self.cuda:
+            # The buffer was (re)allocated on the compute stream: the copy waits for its earlier users.
+            self.h2d.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.h2d):
+                for view, host in zip(unit.views, unit.host):
+                    view.copy_(host, non_blocking=True)
+                unit.ready = torch.cuda.Event()
+                unit.ready.record(self.h2d)
+        else:
+            for view, host in zip(unit.views, unit.host):
+                view.copy_(host)
+        unit.loaded = True
+
+    def acquire(self, unit: _Unit) -> None:
+        """Make ``unit``'s parameters the device copies (fetching them if needed) for compute on this stream."""
+        self.fetch(unit)
+        if unit.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(unit.ready)
+            unit.ready = None
+        if unit.in_use:
+            return
+        if unit.grads is None:  # first use in this step: the host gradient slots (ZeRO-1 views, or None)
+            unit.grads = [p.grad for p in unit.params]
+        for p, view in zip(unit.params, unit.views):
+            p.grad = None  # the device accumulates resident gradients; streamed ones go to ``grads``
+            p.data = view
+        unit.in_use = True
+
+    def release(self, unit: _Unit, keep: bool = False) -> None:
+        """Point ``unit``'s parameters back at the masters and free its device buffer (``keep``: leave the device
+        copy loaded for a use that comes next, backward's first layers after forward's last)."""
+        if unit.in_use:
+            for p, host in zip(unit.params, unit.host):
+                p.data = host
+            unit.in_use = False
+        if unit.loaded and not keep:
+            _release_storage(unit.device)
+            unit.loaded = False
+            unit.ready = None
+
+    def prefetch_after(self, unit: _Unit, backward: bool) -> None:
+        """Fetch the next ``prefetch`` streamed layers in the direction the pass runs."""
+        at = self.streamed.index(unit)
+        ahead = self.streamed[max(0, at - self.prefetch):at] if backward else \
+            self.streamed[at + 1:at + 1 + self.prefetch]
+        for other in (reversed(ahead) if backward else ahead):
+            self.fetch(other)
+
+    # ------------------------------------------------------------------ gradients to the host
+
+    @torch.no_grad()
+    def send_grads(self, unit: _Unit, grads: Sequence[Tensor | None]) -> None:
+        """Add a streamed layer's weight gradients of one micro-batch into its host slots, in order."""
+        if unit.grads is None:
+            unit.grads = [p.grad for p in unit.params]
+            for p in unit.params:
+                p.grad = None
+        if not self.cuda:
+            for i, g in enumerate(grads):
+                if g is not None:
+                    _accumulate(unit.grads, i, g)
+            return
+        nbytes = sum(g.numel() * g.element_size() for g in grads if g is not None)
+        if nbytes == 0:
+            return
+        buf = self.staging.acquire(nbytes)
+        while buf is None and self._pending:  # staging is full: wait for the oldest copies
+            self._pending.pop(0).result()
+            buf = self.staging.acquire(nbytes)
+        if buf is None:
+            raise RuntimeError(f"offload.params: the gradients of one layer ({nbytes / 2**20:.1f} MiB) exceed the "
+                               f"pinned staging buffers ({self.staging.limit_bytes / 2**20:.0f} MiB)")
+        self.d2h.wait_stream(torch.cuda.current_stream(self.device))
+        host, offset = [], 0
+        with torch.cuda.stream(self.d2h):
+            for g in grads:
+                if g is None:
+                    host.append(None)
+                    continue
+                n = g.numel() * g.element_size()
+                h = buf[offset:offset + n].view(g.dtype).view(g.shape)
+                h.copy_(g, non_blocking=True)
+                g.record_stream(self.d2h)
+                host.append(h)
+                offset += n
+            done = torch.cuda.Event()
+            done.record(self.d2h)
+
+        def land() -> None:
+            done.synchronize()
+            for i, h in enumerate(host):
+                if h is not None:
+                    _accumulate(unit.grads, i, h)
+            self.staging.release(buf)
+
+        self._pending.append(self._worker.submit(land))
+
+    def drain(self) -> None:
+        """Wait for every gradient copy in flight (re-raising a failure of one)."""
+        pending, self._pending = self._pending, []
+        for f in pending:
+            f.result()
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Hand the step's gradients to the host: streamed ones landed, resident ones added now, and free every
+        device copy. ZeRO's ``reduce_gradients`` calls this first, so the reduction sees every gradient on the
+        host; its ``step`` calls it last, since the update makes every device copy stale."""
+        self.drain()
+        for unit in [self.root, *self.layers]:
+            if unit.in_use:
+                device_grads = [p.grad for p in unit.params]
+                for p in unit.params:
+                    p.grad = None
+                for i, g in enumerate(device_grads):
+                    if g is not None:  # one device-to-host copy: taken as the slot, or added into it
+                        _accumulate(unit.grads, i, g if unit.grads[i] is None else g.to("cpu"))
+            self.release(unit)
+            if unit.grads is not None:
+                for p, g in zip(unit.params, unit.grads):
+                    p.grad = g
+                unit.grads = None
+
+    def close(self) -> None:
+        """Stop streaming: parameters back on their masters, hooks and threads gone (idempotent)."""
+        self.flush()
+        self._hook.remove()
+        self._unhook_zero()
+        for layer in self._wrapped:
+            del layer.forward  # the class's forward again
+        self._wrapped = []
+        self._finalizer()
+
+    @staticmethod
+    def _close(worker: cf.ThreadPoolExecutor | None, unpin: list[Callable[[], None]],
+               staging: HostPool | None) -> None:
+        if worker is not None:
+            worker.shutdown(wait=True)
+        if staging is not None:
+            staging.close()
+        for undo in unpin:
+            undo()
+        unpin.clear()
+
+
+def _accumulate(slots: list[Tensor | None], i: int, g: Tensor) -> None:
+    """``AccumulateGrad``'s arithmetic on the host: the first gradient is taken (copied), later ones added."""
+    if slots[i] is None:
+        slots[i] = g.to("cpu", copy=True)
+    else:
+        slots[i].add_(g)
+
+
+def _streamed_forward(off: ParamOffload, unit: _Unit, forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    def run(*args: Any) -> Tensor:
+        # Backward starts with the last layers: with autograd on, forward leaves the last ``prefetch`` loaded.
+        keep = torch.is_grad_enabled() and off.prefetch > 0 and \
+            unit in off.streamed[max(0, len(off.streamed) - off.prefetch):]
+        return _StreamedLayer.apply(off, unit, forward, keep, *args)
+    return run
+
+
+class _StreamedLayer(torch.autograd.Function):
+    """A decoder layer whose weights are on the device only inside its forward and its recomputing backward."""
+
+    @staticmethod
+    def forward(ctx: Any, off: ParamOffload, unit: _Unit, forward: Callable[..., Tensor], keep: bool,
+                *args: Any) -> Tensor:
+        device = off.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.off, ctx.unit, ctx.run = off, unit, forward
+        ctx.is_tensor = [isinstance(a, Tensor) for a in args]
+        ctx.others = [None if t else a for a, t in zip(args, ctx.is_tensor)]
+        ctx.save_for_backward(*(a for a in args if isinstance(a, Tensor)))
+        off.acquire(unit)
+        off.prefetch_after(unit, backward=False)
+        try:
+            return forward(*args)
+        finally:
+            off.release(unit, keep=keep)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        saved = iter(ctx.saved_tensors)
+        needs = ctx.needs_input_grad[4:]
+        args = [next(saved).detach().requires_grad_(need) if is_tensor else other
+                for is_tensor, other, need in zip(ctx.is_tensor, ctx.others, needs)]
+        wants = [i for i, need in enumerate(needs) if need]
+        off, unit = ctx.off, ctx.unit
+        off.acquire(unit)
+        off.prefetch_after(unit, backward=True)
+        try:
+            device, enabled, dtype = ctx.autocast
+            autocast = torch.autocast(device, enabled=enabled, dtype=dtype) if enabled else nullcontext()
+            with torch.enable_grad(), autocast:
+                out = ctx.run(*args)
+            grads = torch.autograd.grad(out, [args[i] for i in wants] + unit.params, grad_out, allow_unused=True)
+            off.send_grads(unit, grads[len(wants):])
+        finally:
+            off.release(unit)
+        of_input = dict(zip(wants, grads[:len(wants)]))
+        return (None, None, None, None, *(of_input.get(i) for i in range(len(args))))
+
+
+def attach_param_offload(model: nn.Module, layers: Sequence[nn.Module], zero: Any, device: torch.device | str, *,
+                         resident_layers: int = 0, prefetch: int = 2, pin_masters: bool = True) -> ParamOffload:
+    """Stream ``layers``' weights from the host (apply after ZeRO-1/2 built its buffers on the host)."""
+    if getattr(model, _ATTR, None) is not None:
+        raise RuntimeError("parameter offload is already attached to this model")
+    off = ParamOffload(model, layers, zero, torch.device(device), resident_layers=resident_layers, prefetch=prefetch,
+                       pin_masters=pin_masters)
+    setattr(model, _ATTR, off)
+    return off
+
+
+def get_param_offload(model: nn.Module) -> ParamOffload | None:
+    return getattr(model, _ATTR, None)
+
+
+def detach_param_offload(model: nn.Module) -> None:
+    """Remove the model's parameter offload (parameters stay on their host masters)."""
+    off = getattr(model, _ATTR, None)
+    if off is not None:
+        off.close()
+        delattr(model, _ATTR)

@@ -1,0 +1,189 @@
+"""Where parameters, gradients and optimizer states live (GPU, host, NVMe), from sizes, capacities and rates.
+
+A Fuyou-style placement for ``offload.params=cpu|nvme``, decided once before the first step:
+
+1. Device. The root (embeddings, final norm, head) stays on the device with its gradients; the
+   activation working set of the longest micro-batch (``act_bytes``) and the streaming buffers
+   (``1 + prefetch`` layers of weights, one layer of gradients) are reserved; every decoder layer
+   that still fits (weights and gradients) stays *resident* for the step, the rest are *streamed*.
+2. Host. Every master weight and gradient lives in host memory (ZeRO's flat buffers: the weights,
+   the accumulated gradients and, except for ZeRO-1 on one rank, the reduced gradient shard).
+   With ``offload.params=nvme`` these buffers are memory-mapped files under ``offload.path`` instead
+   (the page cache holds what RAM allows) and streamed layers arrive at ``min(PCIe, disk)``.
+   Optimizer states go to the host when they fit beside them, else to NVMe (``offload.optimizer=auto``).
+3. Disk. Whatever lives on NVMe needs its bytes free under ``offload.path``.
+
+The device's copies mirror host masters (a cache, refreshed every step), so device memory adds speed
+and not capacity: the model is bounded by host memory (or disk) alone. A disjoint placement (resident
+layers' masters, gradients and states on the device only) would add the device's memory to it.
+
+A placement that cannot hold the model raises ``OffloadPlanError`` naming the bytes needed, the
+bytes available and the settings that change either, before any step runs.
+
+The step time it predicts (reported at start-up) is the compute of one step plus what is not
+hidden: a streamed layer's weights cross PCIe twice per micro-batch (forward and backward) and its
+gradients once; each crossing hides behind the compute of the layer in flight, so each layer's
+exposed time is ``max(0, transfer - compute)``, with backward's two crossings (weights in,
+gradients out) priced one after the other at the host-to-device rate (an upper bound: the link is
+full duplex, though both directions at once run slower than one alone). The host optimizer step does not overlap backward
+(global-norm clipping and the non-finite check need every gradient first); states on NVMe are read
+and written during it, overlapped chunk by chunk with the CPU arithmetic, so it takes the longer of
+the two (weights and gradients in mapped files are read and written once by the step too).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+GB = 1e9
+
+
+def staging_bytes_for(layer_bytes: int) -> int:
+    """Pinned host bytes for gradients on their way to the host: two layers' worth (one landing while the next
+    is copied), each up to 1/8 larger in the pool's size classes, and at least 1 GiB."""
+    return max(1 << 30, -(-9 * 2 * layer_bytes // 8))
+
+
+class OffloadPlanError(ValueError):
+    """The model does not fit the memory and disk the settings allow."""
+
+
+@dataclass(frozen=True)
+class OffloadInputs:
+    """What the plan is made of. Bytes are per rank; rates in GB/s (``adam_Mparams_s``: the CPU optimizer's
+    parameters per second, in millions); ``layer_ms``: one layer's forward + backward of the longest
+    micro-batch on the device (without the recomputation, which streaming adds: 1/3 more)."""
+
+    num_layers: int
+    layer_params: int  # weights of one decoder layer (this rank's TP shard)
+    root_params: int  # everything outside the layers
+    param_bytes: int  # bytes per weight (and per gradient): 4 fp32 masters, 2 bf16 without masters
+    state_bytes: float  # optimizer bytes per parameter this rank steps (after ZeRO sharding)
+    state_share: float  # the share of the parameters this rank steps (1 / HDP under ZeRO-1/2)
+    act_bytes: float  # activation working set of the longest micro-batch on the device
+    device_bytes: float  # device memory the run may use
+    host_bytes: float  # host memory this rank may use
+    disk_bytes: float | None  # free bytes under offload.path (None: not measured)
+    h2d_GBps: float
+    disk_GBps: float | None
+    adam_Mparams_s: float
+    layer_ms: float
+    micro_batches: int = 1
+    prefetch: int = 2
+    resident_layers: int | None = None  # None: as many as fit
+    optimizer: str = "auto"  # auto | cpu | nvme
+    staging_bytes: int | None = None  # pinned staging of gradients in flight (None: ``staging_bytes_for`` a layer)
+    zero_stage: int = 1
+    params: str = "cpu"  # cpu: weights and gradients in host memory | nvme: in memory-mapped files on the disk
+
+
+@dataclass(frozen=True)
+class OffloadPlan:
+    params: str  # cpu | nvme
+    resident_layers: int
+    streamed_layers: int
+    optimizer: str  # cpu | nvme
+    device_bytes: float  # weights, gradients and streaming buffers the device holds (activations not included)
+    host_bytes: float
+    disk_bytes: float
+    compute_ms: float
+    exposed_transfer_ms: float
+    optimizer_ms: float
+    host_free: float = 0.0  # host memory the plan leaves of its budget (activation offload's buffers get it)
+
+    @property
+    def step_ms(self) -> float:
+        return self.compute_ms + self.exposed_transfer_ms + self.optimizer_ms
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "step_ms": self.step_ms}
+
+    def report(self) -> str:
+        gib = 2**30
+        return (f"offload plan: {self.resident_layers} decoder layers resident on the device, {self.streamed_layers} "
+                f"streamed from {'host memory' if self.params == 'cpu' else 'NVMe (mapped files)'}; optimizer states "
+                f"on {self.optimizer}; device {self.device_bytes / gib:.2f} "
+                f"GiB of weights and gradients, host {self.host_bytes / gib:.2f} GiB, disk {self.disk_bytes / gib:.2f} GiB"
+                f"; predicted step {self.step_ms:.0f} ms = compute {self.compute_ms:.0f} + exposed transfers "
+                f"{self.exposed_transfer_ms:.0f} + host optimizer {self.optimizer_ms:.0f}")
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def plan_offload(x: OffloadInputs) -> OffloadPlan:
+    """The placement and its predicted step time; ``OffloadPlanError`` when the settings cannot hold the model."""
+    if x.optimizer not in ("auto", "cpu", "nvme"):
+        raise ValueError(f"offload.optimizer={x.optimizer!r} is not known; choose auto, cpu or nvme")
+    if x.params not in ("cpu", "nvme"):
+        raise ValueError(f"offload.params={x.params!r} is not planned here; choose cpu or nvme")
+    for key in ("h2d_GBps", "adam_Mparams_s", "layer_ms"):
+        if not getattr(x, key) > 0:
+            raise ValueError(f"offload plan: {key}={getattr(x, key)!r} must be > 0")
+    layer_bytes = x.layer_params * x.param_bytes
+    total_params = x.num_layers * x.layer_params + x.root_params
+    # Device: the root's weights and gradients, the activations, 1 + prefetch streamed layers of weights and one
+    # layer of gradients (backward's, on its way to the host).
+    fixed = 2 * x.root_params * x.param_bytes + x.act_bytes
+    stream = (1 + x.prefetch) * layer_bytes + layer_bytes
+    room = x.device_bytes - fixed - stream
+    fits = max(0, min(x.num_layers, math.floor(room / (2 * layer_bytes)))) if room > 0 else 0
+    if room <= 0 or (x.resident_layers is not None and x.resident_layers > fits):
+        want = x.resident_layers or 0
+        need = fixed + stream + 2 * want * layer_bytes
+        raise OffloadPlanError(
+            f"offload.params=cpu: the device needs {_gib(need)} (root weights and gradients "
+            f"{_gib(2 * x.root_params * x.param_bytes)}, activations {_gib(x.act_bytes)}, streaming buffers "
+            f"{_gib(stream)}{f', {want} resident layers' if want else ''}) but may use {_gib(x.device_bytes)}; lower "
+            "offload.resident_layers, offload.prefetch or data.max_seq_len, or raise memory.limit_gb")
+    resident = fits if x.resident_layers is None else x.resident_layers
+    streamed = x.num_layers - resident
+    device = 2 * x.root_params * x.param_bytes + 2 * resident * layer_bytes + (stream if streamed else 0)
+
+    # Weights and gradients: the accumulated gradients (full), and beside them this rank's reduced shard unless
+    # one buffer is both (ZeRO-1 on one rank); ZeRO-2 frees per-parameter gradients only after the reduction.
+    grad_copies = 1.0 if x.zero_stage == 1 and x.state_share == 1.0 else 1.0 + x.state_share
+    weights = total_params * x.param_bytes * (1 + grad_copies)
+    staging = x.staging_bytes if x.staging_bytes is not None else staging_bytes_for(layer_bytes)
+    masters = (weights if x.params == "cpu" else 0.0) + staging
+    states = total_params * x.state_share * x.state_bytes
+    place = x.optimizer
+    if place == "auto":
+        place = "cpu" if masters + states <= x.host_bytes else "nvme"
+    host = masters + (states if place == "cpu" else 0)
+    if host > x.host_bytes:
+        fixes = "raise offload.host_mem_gb (or free host memory)"
+        if place == "cpu":
+            fixes += ", set offload.optimizer=nvme"
+        if x.param_bytes == 4:
+            fixes += ", train bf16 weights without master copies (optim.master_weights=false)"
+        raise OffloadPlanError(
+            f"offload.params=cpu: host memory must hold {_gib(host)} (weights and gradients {_gib(masters)}"
+            f"{f', optimizer states {_gib(states)}' if place == 'cpu' else ''}) but offload.host_mem_gb allows "
+            f"{_gib(x.host_bytes)}; {fixes}, or spread the states over more ranks (parallel.zero_stage=1 with more "
+            "workers)")
+    disk = (states if place == "nvme" else 0.0) + (weights if x.params == "nvme" else 0.0)
+    if disk and x.disk_bytes is not None and disk > x.disk_bytes:
+        what = " and ".join(name for name, on in (("weights and gradients (offload.params=nvme)", x.params == "nvme"),
+                                                  ("optimizer states (offload.optimizer=nvme)", place == "nvme")) if on)
+        raise OffloadPlanError(
+            f"the {what} need {_gib(disk)} under offload.path but only {_gib(x.disk_bytes)} are free there; point "
+            "offload.path at a larger volume, choose a smaller optim.state_dtype (fp8: 2 bytes per parameter), "
+            "keep them in host memory (offload.params=cpu, offload.optimizer=cpu), or spread the states over more "
+            "ranks")
+
+    # Streaming adds the recomputation (activation checkpointing's 1/3 more) to every streamed layer.
+    compute = x.micro_batches * (x.num_layers * x.layer_ms + streamed * x.layer_ms / 3)
+    fwd_ms, bwd_ms = x.layer_ms / 3, x.layer_ms * 2 / 3 + x.layer_ms / 3
+    link = x.h2d_GBps if x.params == "cpu" else min(x.h2d_GBps, x.disk_GBps or x.h2d_GBps)
+    load_ms = layer_bytes / (link * GB) * 1e3
+    exposed = x.micro_batches * streamed * (max(0.0, load_ms - fwd_ms) + max(0.0, 2 * load_ms - bwd_ms))
+    adam = total_params * x.state_share / (x.adam_Mparams_s * 1e6) * 1e3
+    if disk:  # every byte on the disk is read and written once by the step (through the page cache for weights)
+        disk_rate = x.disk_GBps or x.h2d_GBps
+        adam = max(adam, 2 * disk / (disk_rate * GB) * 1e3)
+    return OffloadPlan(x.params, resident, streamed, place, device, host, disk, compute, exposed, adam,
+                       host_free=x.host_bytes - host)

@@ -1,0 +1,120 @@
+"""``offload.params=cpu|nvme`` for a run: measure the rates, plan the placement, report it, attach the transform.
+
+The plan (``seqmesh/scheduler/offload_plan.py``) is made before the first step from what this rank
+holds and what the machine measures now: pinned host-to-device bandwidth, the disk under
+``offload.path`` (when states may go there), and the host optimizer's own rate (one FP8AdamW step on
+the CPU, timed). A model that host memory or disk cannot hold stops here with the bytes needed and
+the setting to change. The cost model then counts only what stays on the device, so the planner
+places sequences in the memory that parameter offload frees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+
+from seqmesh.parallel.offload.bandwidth import available_host_bytes, measure_disk_GBps, measure_h2d_GBps
+from seqmesh.parallel.offload.params import ParamOffload, attach_param_offload, detach_param_offload
+from seqmesh.parallel.zero import ZeroOptimizer
+from seqmesh.scheduler import CostModel
+from seqmesh.scheduler.offload_plan import OffloadInputs, OffloadPlan, plan_offload
+from seqmesh.trainer.config import RunConfig
+from seqmesh.trainer.optim import FP8AdamW
+
+log = logging.getLogger(__name__)
+
+STATE_BYTES = {"fp32": 8.0, "bf16": 4.0, "int8": 2.0625, "fp8": 2.0}
+HOST_SHARE = 0.8  # of MemAvailable, shared by the ranks on this host, when offload.host_mem_gb is unset
+
+
+def measure_host_adam_Mparams_s(state_dtype: str, numel: int = 1 << 22, repeats: int = 2) -> float:
+    """Millions of parameters per second one host ``FP8AdamW`` step (torch backend, chunked) updates here."""
+    p = torch.zeros(numel)
+    p.grad = torch.full((numel,), 1e-3)
+    opt = FP8AdamW([p], state_dtype=state_dtype)
+    opt.step()  # state allocation
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        opt.step()
+        best = min(best, time.perf_counter() - t0)
+    return numel / best / 1e6
+
+
+def plan_inputs(model: torch.nn.Module, cfg: RunConfig, cost_model: CostModel, device: torch.device,
+                ranks_on_host: int) -> OffloadInputs:
+    """The plan's inputs for this rank: sizes from ``model``, rates measured (unless configured)."""
+    off = cfg.offload
+    layers = list(model.model.layers)
+    layer_params = max(sum(p.numel() for p in layer.parameters()) for layer in layers)
+    total = sum(p.numel() for p in model.parameters())
+    root = total - sum(sum(p.numel() for p in layer.parameters()) for layer in layers)
+    param_bytes = next(model.parameters()).element_size()
+    h2d = off.h2d_GBps or measure_h2d_GBps(device, 64 << 20)
+    os.makedirs(off.path, exist_ok=True)
+    disk_free = shutil.disk_usage(off.path).free
+    disk_rate = off.disk_GBps
+    if (off.optimizer != "cpu" or off.params == "nvme") and disk_rate is None:
+        disk_rate = min(measure_disk_GBps(off.path, 64 << 20))
+    host = off.host_mem_gb * 2**30 if off.host_mem_gb else HOST_SHARE * available_host_bytes() / ranks_on_host
+    tokens = cfg.data.max_seq_len
+    return OffloadInputs(
+        num_layers=len(layers), layer_params=layer_params, root_params=root, param_bytes=param_bytes,
+        state_bytes=STATE_BYTES[cfg.optim.state_dtype], state_share=1.0 / cfg.hdp,
+        act_bytes=cost_model.act_bytes_per_token * tokens, device_bytes=cost_model.mem_limit_bytes,
+        host_bytes=host, disk_bytes=disk_free, h2d_GBps=h2d, disk_GBps=disk_rate,
+        adam_Mparams_s=off.adam_Mparams_s or measure_host_adam_Mparams_s(cfg.optim.state_dtype),
+        layer_ms=float(cost_model.seq_ms(tokens, 1)) / len(layers), prefetch=off.prefetch,
+        resident_layers=off.resident_value, optimizer=off.optimizer, zero_stage=cfg.parallel.zero_stage,
+        params=off.params, staging_bytes=None if device.type == "cuda" else 0)  # pinned staging: CUDA only
+
+
+def ranks_on_this_host() -> int:
+    """How many ranks of the run share this machine's memory (``LOCAL_WORLD_SIZE`` under torchrun; otherwise
+    counted from every rank's host name, a collective)."""
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        return int(os.environ["LOCAL_WORLD_SIZE"])
+    if not dist.is_initialized():
+        return 1
+    names: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(names, socket.gethostname())
+    return names.count(socket.gethostname())
+
+
+def apply_param_offload(model: torch.nn.Module, optimizer: ZeroOptimizer, cfg: RunConfig, cost_model: CostModel,
+                        device: torch.device) -> tuple[ParamOffload, OffloadPlan, CostModel]:
+    """Plan, report and attach parameter offload; returns the transform, its plan and the cost model of what
+    the device now holds (weights, gradients and streaming buffers of the plan instead of the whole model)."""
+    plan = plan_offload(plan_inputs(model, cfg, cost_model, device, ranks_on_this_host()))
+    log.info("%s", plan.report())
+    if plan.optimizer == "nvme":
+        from seqmesh.trainer.optim.state_files import swap_states_to_files
+
+        if not isinstance(optimizer.optimizer, FP8AdamW):
+            raise ValueError(f"the offload plan puts the optimizer states on NVMe (they need {plan.disk_bytes / 2**30:.1f}"
+                             " GiB there), which FP8AdamW's states support and torch's AdamW (optim.state_dtype=fp32) "
+                             "does not: set optim.state_dtype to fp8, int8 or bf16, or raise offload.host_mem_gb")
+
+        swap_states_to_files(optimizer.optimizer, cfg.offload.path, engine=cfg.offload.engine)
+    off = attach_param_offload(model, list(model.model.layers), optimizer, device,
+                               resident_layers=plan.resident_layers, prefetch=cfg.offload.prefetch,
+                               pin_masters=cfg.offload.params == "cpu")
+    # The cost model's static bytes become what the device holds (its tp x pp share is 1 x 1 here).
+    return off, plan, dataclasses.replace(cost_model, mem_static_bytes=plan.device_bytes)
+
+
+def close_param_offload(model: torch.nn.Module, optimizer: ZeroOptimizer) -> None:
+    """The end of a run (or of its failure): parameters back on their host masters, the worker thread stopped,
+    the optimizer's state files deleted. A no-op without parameter offload. Explicit, because a worker process
+    may end with ``os._exit``, which runs no finalizer."""
+    detach_param_offload(model)
+    files = getattr(getattr(optimizer, "optimizer", None), "state_files", None)
+    if files is not None:
+        files.close()

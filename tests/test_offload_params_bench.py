@@ -1,0 +1,76 @@
+"""bench/offload_params.py's parts on the CPU: the shapes it sizes, a trial with and without offload, the SR gap."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bench.offload_params import TINY, llama_shape, sr_gap, trial
+
+
+@pytest.mark.parametrize("billions", [8, 13, 30, 70])
+def test_llama_shapes_have_the_size_asked_for(billions: float) -> None:
+    from seqmesh.trainer.model import Transformer, tiny_config
+
+    s = llama_shape(billions)
+    with torch.device("meta"):
+        model = Transformer(tiny_config(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
+                                        intermediate_size=s["intermediate_size"], num_hidden_layers=s["num_layers"],
+                                        num_attention_heads=s["num_heads"], num_key_value_heads=s["num_kv_heads"],
+                                        tie_word_embeddings=False))
+    n = sum(p.numel() for p in model.parameters())
+    # whole layers: within half a layer of the target, plus the table's 3% step
+    per_layer = (n - 2 * s["vocab_size"] * s["hidden_size"]) / s["num_layers"]
+    assert abs(n - billions * 1e9) <= per_layer / 2 + 0.03 * billions * 1e9
+
+
+def test_trial_with_offload_trains_the_resident_model_bit_for_bit() -> None:
+    resident = trial(dict(TINY), 128, 2, offload=False, resident=None, device_name="cpu")
+    offloaded = trial(dict(TINY), 128, 2, offload=True, resident=0, device_name="cpu")
+    assert offloaded["losses"] == resident["losses"] and len(resident["losses"]) == 3
+    assert offloaded["plan"]["streamed_layers"] == TINY["num_layers"] and resident["plan"] is None
+    assert offloaded["mfu"] is None  # no peak FLOP/s for a CPU
+
+
+def test_sr_gap_pairs_the_two_runs_of_each_seed() -> None:
+    out = sr_gap(dict(TINY, num_layers=1), steps=25, seeds=2, tokens=64, device_name="cpu")
+    assert len(out["gaps_pct"]) == 2 and all(math.isfinite(g) for g in out["gaps_pct"])
+    assert out["mean_gap_pct"] == pytest.approx(sum(out["gaps_pct"]) / 2)
+
+
+ISSUE_KEYS = {"max_params_billion", "mfu_at_max", "fits_without_offload_at_max", "param_offload_overhead_pct_8b_8k",
+              "param_offload_overhead_pct_8b_32k", "single_sequence_tokens", "working_set_kb_per_token_512k",
+              "bf16_sr_loss_gap_pct"}
+
+
+def test_smoke_run_writes_every_summary_key_of_the_issue(tmp_path) -> None:
+    """``--smoke`` end to end (trials in subprocesses, as on a GPU), then one part again with ``--merge``."""
+    import json
+
+    from bench.offload_params import main
+
+    summary = main(["--smoke", "--steps", "1", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "offload_params_cpu.json").read_text())
+    assert set(record["summary"]) == ISSUE_KEYS and record["summary"] == summary
+    assert summary["max_params_billion"] > 0 and summary["fits_without_offload_at_max"] is True  # no limit on a CPU
+    assert {r["part"] for r in record["rows"]} == {"max", "overhead", "sr"}
+    assert not any("error" in r for r in record["rows"])
+    main(["--smoke", "--steps", "1", "--parts", "sr", "--merge", "--out", str(tmp_path)])
+    merged = json.loads((tmp_path / "offload_params_cpu.json").read_text())
+    assert set(merged["summary"]) == ISSUE_KEYS and len(merged["config"]["runs"]) == 2
+    assert [r for r in merged["rows"] if r["part"] != "sr"] == [r for r in record["rows"] if r["part"] != "sr"]
+
+
+def test_max_summary_takes_the_largest_size_that_trained_over_several_commands() -> None:
+    from bench.offload_params import max_summary
+
+    rows = [{"part": "max", "size": 13.1, "params_billion": 13.1, "mfu": 0.2},
+            {"part": "max", "without_offload": True, "size": 13.1, "params_billion": 13.1, "mfu": 0.3},
+            {"part": "max", "size": 20.2, "params_billion": 20.2, "mfu": 0.1},
+            {"part": "max", "without_offload": True, "size": 20.2, "error": "CUDA out of memory"},
+            {"part": "max", "size": 30.1, "error": "offload.params=cpu: host memory must hold ..."}]
+    assert max_summary(rows) == {"max_params_billion": 20.2, "mfu_at_max": 0.1, "fits_without_offload_at_max": False}
+    assert max_summary(rows[:2])["fits_without_offload_at_max"] is True
+    assert max_summary(rows[4:]) == dict.fromkeys(("max_params_billion", "mfu_at_max", "fits_without_offload_at_max"))

@@ -1,0 +1,139 @@
+"""The parameter-offload plan and the host optimizer's NVMe states: placements, errors before the first step,
+states on disk bitwise those in memory, and no file left behind."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from seqmesh.scheduler.offload_plan import OffloadInputs, OffloadPlanError, plan_offload, staging_bytes_for
+from seqmesh.trainer.config import ConfigError, config_from_dict
+from seqmesh.trainer.optim import FP8AdamW
+from seqmesh.trainer.optim.state_files import swap_states_to_files
+
+GiB = 2**30
+# A Llama-8B-like shape: 32 layers of 218M weights, 1.05B outside them, fp32 masters, fp8 states.
+BASE = OffloadInputs(num_layers=32, layer_params=218_112_000, root_params=1_050_673_152, param_bytes=4,
+                     state_bytes=2.0, state_share=1.0, act_bytes=10 * GiB, device_bytes=60 * GiB, host_bytes=120 * GiB,
+                     disk_bytes=500 * GiB, h2d_GBps=50.0, disk_GBps=2.0, adam_Mparams_s=1000.0, layer_ms=30.0)
+
+
+def test_plan_keeps_what_fits_and_streams_the_rest() -> None:
+    plan = plan_offload(BASE)
+    layer = BASE.layer_params * 4
+    room = BASE.device_bytes - 2 * BASE.root_params * 4 - BASE.act_bytes - 4 * layer
+    assert plan.resident_layers == int(room // (2 * layer)) and plan.streamed_layers == 32 - plan.resident_layers
+    assert plan.device_bytes <= BASE.device_bytes - BASE.act_bytes
+    assert plan.optimizer == "cpu"  # 8.0B x (8 + 2) bytes fits 120 GiB
+    assert "resident" in plan.report() and plan.step_ms > plan.compute_ms
+    # host: weights, one gradient buffer (ZeRO-1 on one rank shares it with the shard), fp8 states, staging
+    total = 32 * BASE.layer_params + BASE.root_params
+    assert plan.host_bytes == total * (4 + 4 + 2) + staging_bytes_for(BASE.layer_params * 4)
+    # ZeRO-2 keeps the accumulated gradients until the reduction beside the reduced shard; over 4 ranks each
+    # rank's shard and states are a quarter
+    assert plan_offload(dataclasses.replace(BASE, zero_stage=2)).host_bytes == plan.host_bytes + total * 4
+    four = plan_offload(dataclasses.replace(BASE, state_share=0.25))
+    assert four.host_bytes == total * (4 + 4 + 1 + 0.5) + staging_bytes_for(BASE.layer_params * 4)
+
+
+def test_plan_moves_states_to_nvme_then_fails_naming_the_bytes_and_settings() -> None:
+    total = 32 * BASE.layer_params + BASE.root_params
+    tight = dataclasses.replace(BASE, host_bytes=total * 8 + 2 * GiB)  # weights + gradients, not the states
+    assert plan_offload(tight).optimizer == "nvme"
+    with pytest.raises(OffloadPlanError, match=r"offload.optimizer=nvme.*offload.path"):
+        plan_offload(dataclasses.replace(tight, disk_bytes=1 * GiB))
+    with pytest.raises(OffloadPlanError, match=r"host memory must hold .*offload.host_mem_gb.*optim.master_weights=false"):
+        plan_offload(dataclasses.replace(BASE, host_bytes=10 * GiB))
+    with pytest.raises(OffloadPlanError, match=r"the device needs .* memory.limit_gb"):
+        plan_offload(dataclasses.replace(BASE, device_bytes=12 * GiB))
+    with pytest.raises(OffloadPlanError, match="offload.resident_layers"):
+        plan_offload(dataclasses.replace(BASE, resident_layers=32))
+
+
+def test_weights_on_nvme_leave_host_memory_to_staging_and_are_priced_at_the_disk_rate() -> None:
+    total = 32 * BASE.layer_params + BASE.root_params
+    on_disk = plan_offload(dataclasses.replace(BASE, params="nvme", resident_layers=0))
+    in_memory = plan_offload(dataclasses.replace(BASE, resident_layers=0))
+    assert on_disk.host_bytes == total * 2 + staging_bytes_for(BASE.layer_params * 4)  # the fp8 states only
+    assert on_disk.disk_bytes == total * 8 and "NVMe (mapped files)" in on_disk.report()
+    assert on_disk.exposed_transfer_ms > in_memory.exposed_transfer_ms  # 2 GB/s disk instead of 50 GB/s PCIe
+    with pytest.raises(OffloadPlanError, match=r"weights and gradients \(offload.params=nvme\) need .* offload.path"):
+        plan_offload(dataclasses.replace(BASE, params="nvme", disk_bytes=10 * GiB))
+
+
+def test_config_refuses_what_parameter_offload_does_not_compose_with() -> None:
+    ok = {"offload": {"params": "cpu"}, "parallel": {"zero_stage": 1}, "launch": {"num_workers": 1}}
+    config_from_dict(ok)
+    for bad, match in [({"parallel": {"zero_stage": 0}}, "zero_stage=1"),
+                       ({"parallel": {"zero_stage": 1, "tp": 2}, "launch": {"num_workers": 2}}, "tp=1"),
+                       ({"offload": {"params": "cpu", "target": "cpu"}}, "model.activation_checkpointing=true"),
+                       ({"offload": {"params": "none", "optimizer": "nvme"}}, "needs offload.params=cpu"),
+                       ({"offload": {"params": "gpu"}}, "offload.params"),
+                       ({"offload": {"params": "cpu", "optimizer": "nvme"}, "optim": {"state_dtype": "fp32"}},
+                        "optim.state_dtype to fp8")]:
+        merged = {k: {**ok.get(k, {}), **bad.get(k, {})} for k in set(ok) | set(bad)}
+        with pytest.raises(ConfigError, match=match):
+            config_from_dict(merged)
+
+
+@pytest.mark.parametrize("state_dtype", ["fp8", "int8", "bf16"])
+def test_nvme_states_are_bitwise_the_in_memory_ones_and_leave_no_file(tmp_path: Path, state_dtype: str) -> None:
+    torch.manual_seed(0)
+    ps = [torch.randn(n) for n in (9000, 131, 5000)]
+    qs = [p.clone() for p in ps]
+    ref = FP8AdamW(ps, state_dtype=state_dtype, host_chunk_elems=4096)
+    opt = FP8AdamW(qs, state_dtype=state_dtype, host_chunk_elems=4096)
+    files = swap_states_to_files(opt, str(tmp_path), engine="threads")
+    for step in range(3):
+        for p, q in zip(ps, qs):
+            p.grad = torch.randn(p.shape)
+            q.grad = p.grad.clone()
+        ref.step()
+        opt.step()
+        if step == 1:  # a checkpoint round trip through files
+            opt.load_state_dict(opt.state_dict())
+        # between steps the moments exist only as files (meta placeholders in memory), one per nonzero piece
+        assert all(t.device.type == "meta" for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+        assert len(files.files()) == len(files.written) and opt.state_files.pool.in_use_bytes == 0
+    assert all(torch.equal(p, q) for p, q in zip(ps, qs))
+    a, b = ref.state_dict()["state"], opt.state_dict()["state"]
+    assert all(torch.equal(a[i][k].view(torch.uint8), b[i][k].view(torch.uint8))
+               for i in a for k in a[i] if torch.is_tensor(a[i][k]))
+    # an I/O failure inside a step raises, returns every staging buffer, and closing removes every file
+    for q in qs:
+        q.grad = torch.randn(q.shape)
+    real_write = files.store.write
+    files.store.write = lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+    with pytest.raises(OSError):
+        opt.step()
+    files.store.write = real_write
+    assert files.pool.in_use_bytes == 0
+    files.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_offload_dirs_of_killed_processes_are_removed(tmp_path: Path) -> None:
+    """A killed process (or one ending with ``os._exit``) runs no finalizer: the next file store on the host removes
+    directories whose process is gone, and keeps those of live processes and of other hosts."""
+    import socket
+    import subprocess
+    import sys
+
+    from seqmesh.parallel.offload.files import FileStore
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    host = socket.gethostname()
+    stale = tmp_path / f"seqmesh-offload-{host}-{dead}-00000000"
+    live = tmp_path / f"seqmesh-offload-{host}-{os.getppid()}-00000000"
+    other = tmp_path / f"seqmesh-offload-otherhost-{dead}-00000000"
+    for d in (stale, live, other):
+        d.mkdir()
+        (d / "blob-1.bin").write_bytes(b"x")
+    store = FileStore(tmp_path, engine="threads")
+    assert not stale.exists() and live.exists() and other.exists()
+    store.close()

@@ -1,0 +1,331 @@
+"""Parameter offload (``parallel/offload/params.py``): gradients and updates bitwise those of the resident model.
+
+Why bitwise (not a tolerance): the offloaded layers run the same forward ops on the same inputs and
+weights (copies are exact) and their recomputation in backward is the resident model's own
+backward under activation checkpointing; the host accumulates each micro-batch's gradient with one
+addition in micro-batch order, which is ``AccumulateGrad``'s arithmetic; the host step is
+``FP8AdamW``'s torch backend on the same flat buffer (chunked at block borders, which changes no
+bit). The module docstring of ``params.py`` gives the argument in full.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqmesh.parallel.checkpointing import apply_activation_checkpointing
+from seqmesh.parallel.offload.params import attach_param_offload, detach_param_offload, get_param_offload
+from seqmesh.parallel.zero import ZeroOptimizer
+from seqmesh.trainer.data import num_targets
+from seqmesh.trainer.model import Transformer, tiny_config
+from seqmesh.trainer.optim import FP8AdamW
+from tests.test_zero import STEPS, backward, param_groups, step_docs
+
+VOCAB = 97
+MAX_NORM = 0.2
+
+
+def make_model(layers: int = 3, dtype: torch.dtype = torch.float32, checkpointing: bool = False,
+               hidden: int = 32) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                                    num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2)).to(dtype)
+    if checkpointing:
+        apply_activation_checkpointing(model.model.layers)
+    return model
+
+
+def make_zero(model: Transformer, stage: int, state_dtype: str = "fp8", allocate=None) -> ZeroOptimizer:
+    return ZeroOptimizer(param_groups(model), lambda groups: FP8AdamW(groups, lr=1e-2, betas=(0.9, 0.95),
+                                                                     state_dtype=state_dtype, host_chunk_elems=4096),
+                         stage=stage, allocate=allocate)
+
+
+def run(model: Transformer, opt: ZeroOptimizer, steps: int = 3, micro: int = 3):
+    """Per step: the documents in ``micro`` micro-batches, reduce, record gradients, clip, step."""
+    losses, grads = [], []
+    for step in range(steps):
+        docs, denominator = step_docs(step), num_targets(STEPS[step])
+        losses.append([backward(model, docs[i::micro], denominator) for i in range(micro)])
+        opt.reduce_gradients()
+        grads.append([opt.shard_grad.clone()])  # the reduced gradients (stage 2 frees p.grad)
+        opt.clip_grad_norm_(MAX_NORM)
+        opt.step()
+        opt.zero_grad()
+    return losses, grads, [p.detach().clone() for p in model.parameters()]
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+@pytest.mark.parametrize("stage,resident,prefetch,dtype,state_dtype,checkpointed", [
+    (1, 0, 1, torch.float32, "fp8", False),  # every layer streamed
+    (2, 1, 2, torch.bfloat16, "fp8", True),  # bf16 weights without masters (stochastic rounding), ZeRO-2
+    (1, 0, 0, torch.float32, "int8", True),  # no prefetch: each layer fetched when it runs
+    (2, 0, 2, torch.float32, "fp8", False),
+    (1, 2, 1, torch.bfloat16, "bf16", False),
+    (1, 3, 2, torch.float32, "fp8", False),  # every layer resident: ZeRO-Offload's placement
+])
+def test_offloaded_gradients_and_updates_are_bitwise_resident(stage, resident, prefetch, dtype, state_dtype,
+                                                              checkpointed) -> None:
+    ref_model = make_model(dtype=dtype, checkpointing=checkpointed)
+    ref = run(ref_model, make_zero(ref_model, stage, state_dtype))
+    model = make_model(dtype=dtype, checkpointing=checkpointed)
+    opt = make_zero(model, stage, state_dtype)
+    off = attach_param_offload(model, list(model.model.layers), opt, "cpu", resident_layers=resident,
+                               prefetch=prefetch)
+    got = run(model, opt)
+    assert got[0] == ref[0]  # losses
+    for step_ref, step_got in zip(ref[1], got[1]):
+        for a, b in zip(step_ref, step_got):
+            assert torch.equal(bits(a), bits(b))
+    for a, b in zip(ref[2], got[2]):
+        assert torch.equal(bits(a), bits(b))
+    # between steps every parameter is its host master and no device copy is held
+    assert all(not u.loaded and not u.in_use for u in [off.root, *off.layers])
+    flat = opt.flat
+    assert all(p.data.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for p in model.parameters())
+    detach_param_offload(model)
+    assert get_param_offload(model) is None
+
+
+@pytest.mark.parametrize("target", ["cpu", "nvme"])
+def test_activation_offload_composes_bitwise(tmp_path, target: str) -> None:
+    """Activation offload after parameter offload (checkpointed layers): a streamed layer's saved inputs go to the
+    host or to files like a checkpointed layer's, and every gradient, loss and update keeps its bits."""
+    from seqmesh.parallel.offload import attach_offload, offload_session
+    from seqmesh.parallel.sequence import make_sp_batch
+    from seqmesh.trainer.data import pack
+    from seqmesh.trainer.loss import token_loss_sum
+
+    def train(model, opt):
+        out = []
+        for step in range(2):
+            docs, denominator = step_docs(step), num_targets(STEPS[step])
+            for i in range(3):
+                packed = pack(docs[i::3])
+                meta = make_sp_batch(packed.seqlens, "local", None)
+                with offload_session(model, meta):
+                    loss = token_loss_sum(model.logits(model(packed.input_ids, meta)), packed.labels)
+                    (loss / denominator).backward()
+                out.append(loss.detach())
+            opt.reduce_gradients()
+            out.append(opt.shard_grad.clone())
+            opt.clip_grad_norm_(MAX_NORM)
+            opt.step()
+            opt.zero_grad()
+        return out + [p.detach().clone() for p in model.parameters()]
+
+    ref_model = make_model(checkpointing=True)
+    ref = train(ref_model, make_zero(ref_model, 1))
+    model = make_model(checkpointing=True)
+    opt = make_zero(model, 1)
+    attach_param_offload(model, list(model.model.layers), opt, "cpu", resident_layers=1, prefetch=1)
+    act = attach_offload(model, list(model.model.layers), device="cpu", target=target, ratio=1.0, min_bytes=0,
+                         path=str(tmp_path), engine="threads", host_limit_bytes=1 << 28)
+    got = train(model, opt)
+    for a, b in zip(ref, got, strict=True):
+        assert torch.equal(bits(a), bits(b))
+    assert act.stats.offloaded_tensors > 0 and act.stats.restored_bytes == act.stats.offloaded_bytes
+    assert act.files is None or act.files.files() == []
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2, 5])
+def test_each_layer_crosses_twice_per_micro_batch_except_those_kept_for_backward(prefetch: int) -> None:
+    """Forward copies every streamed layer once (ahead of use when ``prefetch`` > 0), backward again, except the
+    last ``prefetch`` layers, which forward leaves loaded for backward; nothing is loaded between steps."""
+    model = make_model(layers=4)
+    opt = make_zero(model, 1)
+    off = attach_param_offload(model, list(model.model.layers), opt, "cpu", resident_layers=1, prefetch=prefetch)
+    copies: list[int] = []
+    fetch = off.fetch
+
+    def counting(unit):
+        if not unit.loaded:
+            copies.append(unit.index)
+        fetch(unit)
+
+    off.fetch = counting
+    run(model, opt, steps=1, micro=2)
+    streamed = [u.index for u in off.streamed]  # layers 1, 2, 3
+    kept = streamed[max(0, len(streamed) - prefetch):] if prefetch else []
+    per_micro = streamed + [i for i in reversed(streamed) if i not in kept]
+    assert copies == [-1, 0] + per_micro * 2  # the root and the resident layer once per step
+    assert all(not u.loaded for u in [off.root, *off.layers])
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_weights_in_mapped_files_are_bitwise_and_leave_no_file(tmp_path, stage: int) -> None:
+    """``offload.params=nvme``: ZeRO's host buffers are memory-mapped files (``offload/mapped.py``); the same bits,
+    and the files are unlinked as soon as they are mapped."""
+    from seqmesh.parallel.offload.mapped import mapped_zeros
+
+    ref_model = make_model()
+    ref = run(ref_model, make_zero(ref_model, stage))
+    model = make_model()
+    opt = make_zero(model, stage, allocate=lambda n, dtype: mapped_zeros(n, dtype, tmp_path / "w"))
+    attach_param_offload(model, list(model.model.layers), opt, "cpu", resident_layers=1, prefetch=1,
+                         pin_masters=False)
+    got = run(model, opt)
+    assert got[0] == ref[0]
+    flat = lambda r: [g for step in r[1] for g in step] + r[2]  # noqa: E731
+    for a, b in zip(flat(ref), flat(got), strict=True):
+        assert torch.equal(bits(a), bits(b))
+    assert list((tmp_path / "w").iterdir()) == []
+
+
+def test_mapped_weights_refuse_a_volume_too_small(tmp_path) -> None:
+    import shutil
+
+    from seqmesh.parallel.offload.errors import OffloadSpaceError
+    from seqmesh.parallel.offload.mapped import mapped_zeros
+
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(OffloadSpaceError, match=r"offload.path=.*larger volume or use offload.params=cpu"):
+        mapped_zeros(free + (1 << 30), torch.uint8, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _zero1_rank(rank: int, world: int, offload: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """ZeRO-1 over ``world`` ranks, rank r running documents r, r + world, ... as micro-batches; one step.
+    Returns the full reduced gradient (gathered) and the parameters after the step."""
+    import torch.distributed as dist
+
+    model = make_model()
+    opt = make_zero(model, 1)
+    if offload:
+        attach_param_offload(model, list(model.model.layers), opt, "cpu", resident_layers=1, prefetch=1)
+    docs, denominator = step_docs(0), num_targets(STEPS[0])
+    for d in docs[rank::world]:
+        backward(model, [d], denominator)
+    opt.reduce_gradients()
+    full = torch.empty(world * opt.shard_size)
+    dist.all_gather_into_tensor(full, opt.shard_grad.clone())
+    opt.clip_grad_norm_(float("inf"))
+    opt.step()
+    return [full], [p.detach().clone() for p in model.parameters()]
+
+
+def _per_document_grads(rank: int, world: int) -> list[torch.Tensor]:
+    """Each document's gradient alone, flattened in ZeRO's flat order (the terms every run sums); run in a
+    worker like the ranks, so that CPU kernels use the same threads (a GEMM's bits depend on them)."""
+    model = make_model()
+    opt = make_zero(model, 1)
+    docs, denominator = step_docs(0), num_targets(STEPS[0])
+    out = []
+    for d in docs:
+        backward(model, [d], denominator)
+        out.append(opt.flat_grad.clone())
+        opt.zero_grad()
+    return out
+
+
+def test_two_rank_zero1_offload_matches_single_process() -> None:
+    from tests.distributed import run_distributed
+
+    offloaded = run_distributed(_zero1_rank, 2, True)
+    resident = run_distributed(_zero1_rank, 2, False)
+    # Offload changes no bit of the distributed run (gradients and updates; see the module docstring).
+    for a, b in zip(offloaded[0][0] + offloaded[0][1], resident[0][0] + resident[0][1]):
+        assert torch.equal(a, b)
+    # Against one process the only difference is the order of the fp32 sum over documents: each of the k
+    # per-document gradients g_i is computed alike (one document per micro-batch, same bits), and any two
+    # summation orders of k terms differ by at most 2 (k - 1) u sum_i |g_i| elementwise (u = 2^-24, the
+    # unit roundoff; each order is within (k - 1) u sum |g_i| of the exact sum).
+    terms = run_distributed(_per_document_grads, 1)[0]
+    single = torch.zeros_like(terms[0])
+    for g in terms:
+        single += g
+    k, u = len(terms), 2.0**-24
+    bound = 2 * (k - 1) * u * torch.stack(terms).abs().sum(0)
+    got = offloaded[0][0][0][:single.numel()]
+    assert ((got - single).abs() <= bound).all()
+    assert not torch.equal(bound, torch.zeros_like(bound))
+
+
+def _train_loop(rank: int, world: int, overrides: dict, run_dir: str) -> list[float]:
+    import json
+    from pathlib import Path
+
+    from seqmesh.trainer.config import config_from_dict
+    from seqmesh.trainer.loop import train
+
+    train(config_from_dict(overrides), run_dir, torch.device("cpu"))
+    return [json.loads(line)["loss"] for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+
+
+def test_step_loop_with_parameter_offload_matches_and_resumes(tmp_path) -> None:
+    """The whole loop (config -> build -> plan -> steps -> checkpoints) over 2 ranks, ZeRO-1, optimizer states in
+    files: offload gives the losses of the resident run bit for bit, a run stopped and resumed continues exactly,
+    and no offload file outlives its process."""
+    from tests.conftest import CORPUS_SIZES, tiny_overrides, write_corpus
+    from tests.distributed import run_distributed
+
+    src = write_corpus(tmp_path, CORPUS_SIZES)
+
+    def overrides(offload: bool, stop_at: int | None = None, resume: bool = False) -> dict:
+        off = {"params": "cpu", "optimizer": "nvme", "path": str(tmp_path / "off"), "h2d_GBps": 10.0,
+               "disk_GBps": 1.0, "adam_Mparams_s": 100.0, "host_mem_gb": 4.0, "resident_layers": "1"} \
+            if offload else {}
+        return tiny_overrides(
+            data={"source": str(src), "tokenizer": "byte", "max_seq_len": 96, "global_batch": 6,
+                  "cache_dir": str(tmp_path / "cache")},
+            launch={"num_workers": 2}, optim={"warmup_steps": 2, "state_dtype": "fp8"},
+            parallel={"zero_stage": 1, "overlap_grad_reduce": False}, offload=off,
+            steps=6, stop_at=stop_at, ckpt_every=3, resume=resume, scheduler={"lookahead": 0})
+
+    resident = run_distributed(_train_loop, 2, overrides(False), str(tmp_path / "a"))[0]
+    offloaded = run_distributed(_train_loop, 2, overrides(True), str(tmp_path / "b"))[0]
+    assert len(offloaded) == 6 and offloaded == resident
+    run_distributed(_train_loop, 2, overrides(True, stop_at=3), str(tmp_path / "c"))
+    resumed = run_distributed(_train_loop, 2, overrides(True, resume=True), str(tmp_path / "c"))[0]
+    assert resumed == offloaded
+    assert [p for p in (tmp_path / "off").rglob("*") if p.is_file()] == []
+
+
+def _gpu_run(model: Transformer, opt: ZeroOptimizer, steps: int = 2):
+    """``run`` on CUDA with the deterministic ``math`` attention (PyTorch's flash backward is not reproducible)."""
+    from seqmesh.parallel.sequence import make_sp_batch
+    from seqmesh.trainer.data import pack
+    from seqmesh.trainer.loss import token_loss_sum
+
+    losses, grads = [], []
+    for step in range(steps):
+        docs, denominator = step_docs(step), num_targets(STEPS[step])
+        for i in range(3):
+            packed = pack(docs[i::3])
+            meta = make_sp_batch(packed.seqlens, "local", None, backend="math", device="cuda")
+            loss = token_loss_sum(model.logits(model(packed.input_ids.cuda(), meta)), packed.labels.cuda())
+            (loss / denominator).backward()
+            losses.append(loss.item())
+        opt.reduce_gradients()
+        grads.append(opt.shard_grad.detach().cpu().clone())
+        opt.clip_grad_norm_(MAX_NORM)
+        opt.step()
+        opt.zero_grad()
+    torch.cuda.synchronize()
+    return losses, grads, [p.detach().cpu().clone() for p in model.parameters()]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stage,hidden", [(1, 32), (2, 32), (1, 1536)])
+def test_gpu_offload_bitwise_resident(stage: int, hidden: int) -> None:
+    """On CUDA: masters pinned in place (hidden 1536: a flat buffer over ``PIN_MIN_BYTES``) or pageable, side-stream
+    fetches and prefetch, gradients landing through pinned staging on the worker thread, the host FP8AdamW step:
+    bitwise the device-resident run (Triton step on the device)."""
+    from seqmesh.parallel.offload.params import PIN_MIN_BYTES
+
+    ref_model = make_model(layers=4, hidden=hidden).cuda()
+    ref = _gpu_run(ref_model, make_zero(ref_model, stage))
+    model = make_model(layers=4, hidden=hidden)
+    opt = make_zero(model, stage)
+    off = attach_param_offload(model, list(model.model.layers), opt, "cuda", resident_layers=1, prefetch=2)
+    assert off.cuda and bool(off._unpin) == (opt.flat.numel() * 4 >= PIN_MIN_BYTES) and opt.flat.is_pinned() == \
+        bool(off._unpin)
+    got = _gpu_run(model, opt)
+    assert got[0] == ref[0]
+    for a, b in zip(ref[1] + ref[2], got[1] + got[2]):
+        assert torch.equal(bits(a), bits(b))
+    assert off.staging.in_use_bytes == 0 and not off._pending
+    detach_param_offload(model)
