@@ -46,7 +46,7 @@ def plannable_sizes(gpus: int, cost_model: CostModel, group_sizes: Sequence[int]
     never a guessed time. Without any all-to-all bandwidth (a profile taken on one device) only
     single-rank groups have a known time."""
     sizes = allowed_group_sizes(gpus, group_sizes)
-    if cost_model.a2a_GBps:
+    if cost_model.has_comm_prices():
         if group_sizes is None:
             return tuple(d for d in sizes if cost_model.priced(d))
         for d in sizes:
@@ -54,8 +54,9 @@ def plannable_sizes(gpus: int, cost_model: CostModel, group_sizes: Sequence[int]
                 raise cost_model.unpriced_error(d)
         return sizes
     if 1 not in sizes:
-        raise ValueError(f"group sizes {list(sizes)} need a2a_GBps in the cost model (none given); profile "
-                         "all-to-all with `torchrun --nproc-per-node N -m seqmesh profile` or allow size 1")
+        raise ValueError(f"group sizes {list(sizes)} need a2a_GBps in the cost model (attention.p2p_GBps for the ring "
+                         "modes; none given); profile all-to-all with `torchrun --nproc-per-node N -m seqmesh profile`, "
+                         "give a cluster file (scheduler.cluster) or allow size 1")
     return (1,)
 
 
@@ -97,7 +98,7 @@ def simulate(plan: Plan, lengths: Sequence[int], cost_model: CostModel) -> float
                 free[lo:hi] += np.where(drained, bubble * peak[lo:hi], 0.0)
                 peak[lo:hi] = np.where(drained, 0.0, peak[lo:hi])
             start = free[lo:hi].max()
-            t = cost_model.group_ms(lengths[list(g.sequences)], g.count, speed[lo:hi].min())
+            t = cost_model.group_ms(lengths[list(g.sequences)], g.count, speed[lo:hi].min(), first=g.first)
             free[lo:hi] = start + t
             if bubble:
                 peak[lo:hi] = np.maximum(peak[lo:hi], t)
@@ -149,7 +150,7 @@ def lower_bound(lengths: Sequence[int], gpus: int, cost_model: CostModel,
     compute = compute / (cm.tp * cm.pp)
     for d in sizes:
         holds = cm.fits(s, d)
-        comm_area = s * (cm.comm_ms_per_token(d) / cm.tp + cm.tp_comm_ms_per_token(d)) / cm.pp * d
+        comm_area = cm.comm_ms(s, d) * d
         least_comm = np.where(holds, np.minimum(least_comm, comm_area), least_comm)
         best_time = np.where(holds, np.minimum(best_time, compute / d + comm_area / d), best_time)
     if not np.isfinite(least_comm).all():
