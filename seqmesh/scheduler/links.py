@@ -108,7 +108,7 @@ class ClusterLinks:
     def hdp_nodes(self, hdp: int, tp: int = 1) -> np.ndarray:
         """Node of every HDP rank (first pipeline stage; TP innermost, so HDP rank h is world rank h * tp)."""
         if hdp * tp > self.world:
-            raise ValueError(f"cluster {self.source or '(unnamed)'} describes {len(self.nodes)} nodes x "
+            raise ValueError(f"{self.source or 'the cluster file'} describes {len(self.nodes)} nodes x "
                              f"{self.gpus_per_node} GPUs = {self.world} GPUs, but the plan needs {hdp} HDP ranks x "
                              f"tp {tp} = {hdp * tp}; list every node of the job in the cluster file")
         return (np.arange(hdp) * tp) // self.gpus_per_node
@@ -127,7 +127,7 @@ class ClusterLinks:
             busiest = np.nanmax(np.where(peers > 0, peers / size / bw, 0.0))
         hops = classes[np.arange(size), (np.arange(size) + 1) % size]
         spans = frozenset(LINK_CLASSES[c] for c in np.unique(classes))
-        return Block(first, size, 1.0 / busiest if busiest > 0 else math.inf, float(bw[hops].min()),
+        return Block(first, size, float(1.0 / busiest) if busiest > 0 else math.inf, float(bw[hops].min()),
                      classes, bw, spans)
 
     def slowest_class(self, block: Block) -> str:
@@ -261,7 +261,7 @@ def parse_cluster(text: str, where: str = "cluster file") -> ClusterLinks:
     fab = np.array(fabric)
     same = fab[:, None] == fab[None, :]
     nic_idx = np.array([cls_index[c] for c in nic])
-    node_class = np.where(same, nic_idx[:, None], cls_index[between])
+    node_class = np.where(same, nic_idx[:, None], cls_index[between]).astype(np.int8)
     np.fill_diagonal(node_class, cls_index[intra])
     for k, entry in enumerate(r.seq(top["links"], "links") if "links" in top else []):
         key = f"links[{k}]"

@@ -46,6 +46,8 @@ def plannable_sizes(gpus: int, cost_model: CostModel, group_sizes: Sequence[int]
     never a guessed time. Without any all-to-all bandwidth (a profile taken on one device) only
     single-rank groups have a known time."""
     sizes = allowed_group_sizes(gpus, group_sizes)
+    if cost_model.links is not None:
+        cost_model.links.hdp_nodes(gpus, cost_model.tp)  # the file must hold every rank of the plan
     if cost_model.has_comm_prices():
         if group_sizes is None:
             return tuple(d for d in sizes if cost_model.priced(d))
