@@ -108,7 +108,7 @@ class AttentionComm:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"mode": self.mode}
-        if self.mode != "ulysses":
+        if self.q_heads:
             out.update(q_heads=self.q_heads, kv_heads=self.kv_heads, head_dim=self.head_dim, layers=self.layers,
                        act_bytes=self.act_bytes, forward_passes=self.forward_passes)
         if self.p2p_GBps:
@@ -181,12 +181,12 @@ def ring_exposed_ms(attn: AttentionComm, s: np.ndarray, d: int, alpha1: float, b
                     cache: dict) -> np.ndarray:
     """Communication of the ring modes not hidden behind attention, per sequence (ms, one rank, TP 1).
 
-    ``cache`` keeps each link pattern's step rates (TokenRing's take ``O(d^2)`` to find)."""
+    ``cache`` (one per cost model) keeps each link pattern's step rates (TokenRing's take ``O(d^2)``)."""
     s = np.asarray(s, dtype=np.float64)
     x = s / d
     out = np.zeros_like(s)
     for k, p in enumerate(attn.passes()):
-        key = (attn, d, k, None if block is None else block.key)
+        key = (d, k, None if block is None else block.key)
         if key not in cache:
             rates, final = step_rates(attn, p, d, block)
             values, counts = np.unique(rates, return_counts=True)
