@@ -84,7 +84,13 @@ def smallest_holding_size(length: int, cost_model: CostModel, sizes: Sequence[in
 
 def simulate(plan: Plan, lengths: Sequence[int], cost_model: CostModel) -> float:
     """Step time of ``plan`` in ms under ``cost_model`` (makespan + gradient reduction)."""
+    return float(rank_finish(plan, lengths, cost_model)[0].max()) + cost_model.grad_reduce_ms
+
+
+def rank_finish(plan: Plan, lengths: Sequence[int], cost_model: CostModel) -> tuple[np.ndarray, np.ndarray]:
+    """Per rank, when its last group ends (ms, fill and drain included) and how long that group took."""
     lengths = np.asarray(lengths, dtype=np.int64)
+    last_ms = np.zeros(plan.gpus)
     speed = cost_model.rank_speed(plan.gpus)
     free = np.zeros(plan.gpus)
     bubble = cost_model.pp - 1
@@ -102,12 +108,40 @@ def simulate(plan: Plan, lengths: Sequence[int], cost_model: CostModel) -> float
             start = free[lo:hi].max()
             t = cost_model.group_ms(lengths[list(g.sequences)], g.count, speed[lo:hi].min(), first=g.first)
             free[lo:hi] = start + t
+            last_ms[lo:hi] = t
             if bubble:
                 peak[lo:hi] = np.maximum(peak[lo:hi], t)
                 last[lo:hi] = k
     if bubble:
         free += bubble * peak
-    return float(free.max()) + cost_model.grad_reduce_ms
+    return free, last_ms
+
+
+def overlapped_step_ms(plan: Plan, lengths: Sequence[int], cost_model: CostModel, *, reduce_ms: float,
+                       buckets: int, backward_share: float) -> float:
+    """Step time when ``reduce_ms`` of the gradient reduction runs in ``buckets`` equal buckets during
+    each rank's last backward (``parallel.overlap_grad_reduce``); the rest of ``grad_reduce_ms``
+    (ZeRO-1/2's parameter all-gather after the optimizer) stays after it.
+
+    The trainer's rule (``seqmesh.parallel.grad_reduce``): every rank launches the buckets in one
+    order, each as soon as its last backward has finished the bucket's gradients, and a collective
+    runs once every rank has launched it, one at a time on the reduction group. Backward is assumed
+    to finish the buckets at an even pace over the last group's ``backward_share`` of its time
+    (3/4 with activation checkpointing: recomputed forward and backward; 2/3 without), and the
+    collectives not to slow the compute they overlap. The result is at least the makespan plus one
+    bucket (the last bucket is ready only at the end) and at most ``simulate``'s step.
+    """
+    if not 0 <= reduce_ms <= cost_model.grad_reduce_ms:
+        raise ValueError(f"reduce_ms={reduce_ms} must lie in [0, grad_reduce_ms={cost_model.grad_reduce_ms}]")
+    if buckets < 1 or not 0 < backward_share <= 1:
+        raise ValueError(f"buckets={buckets} must be >= 1 and backward_share={backward_share} in (0, 1]")
+    finish, last_ms = rank_finish(plan, lengths, cost_model)
+    backward = backward_share * last_ms
+    k = np.arange(1, buckets + 1)
+    ready = ((finish - backward)[None, :] + np.outer(k / buckets, backward)).max(axis=1)  # all ranks launched
+    per = reduce_ms / buckets
+    end = float(np.max(ready + (buckets - k + 1) * per))
+    return max(end, float(finish.max())) + cost_model.grad_reduce_ms - reduce_ms
 
 
 def check_plan(plan: Plan, lengths: Sequence[int], cost_model: CostModel,
