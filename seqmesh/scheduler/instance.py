@@ -103,13 +103,21 @@ class Instance:
         A group's micro-batch index is one more than the latest index any of its ranks has used,
         so groups sharing a rank never share an index, and each rank meets its groups in exactly
         the order the planners priced.
+
+        Within a block the micro-batches run shortest first (without PP): every rank's finish is
+        the same in any order, but the gradient reduction overlaps only the rank's *last* backward
+        (``parallel.overlap_grad_reduce``), and a bucket's collective waits for the rank that
+        launches it last, so a short last micro-batch on a late rank would leave the reduction
+        exposed (``simulate.overlapped_step_ms``; bench/comm_sim.py measured it).
         """
         last = np.full(self.gpus, -1, dtype=np.int64)
         slots: list[list[tuple[int, int, list[int]]]] = []
         for (first, d) in sorted(schedule, key=lambda b: (-b[1], b[0])):
-            for ids in schedule[(first, d)]:
-                if not ids:
-                    continue
+            bins = [ids for ids in schedule[(first, d)] if ids]
+            if self.pp == 1:
+                t = self.t(d, first)
+                bins = sorted(bins, key=lambda ids: (float(t[ids].sum()), sorted(int(i) for i in ids)))
+            for ids in bins:
                 j = int(last[first:first + d].max()) + 1
                 last[first:first + d] = j
                 while len(slots) <= j:
