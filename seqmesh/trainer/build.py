@@ -21,6 +21,8 @@ from seqmesh.parallel.zero import ZeroOptimizer
 from seqmesh.parallel.zero3 import Zero3Optimizer
 from seqmesh.parallel.sequence import sp_degrees
 from seqmesh.scheduler import CostModel, default_cost_model
+from seqmesh.scheduler.links import load_cluster
+from seqmesh.scheduler.sp_comm import AttentionComm
 from seqmesh.scheduler.simulate import plannable_sizes
 from seqmesh.trainer.config import (MemoryConfig, ModelConfig, OffloadConfig, OptimConfig, ParallelConfig, RunConfig,
                                     SchedulerConfig)
@@ -165,6 +167,33 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
 
 def build_cost_model(model: Transformer, device: torch.device, model_cfg: ModelConfig, parallel: ParallelConfig,
                      memory: MemoryConfig, *, hdp: int, profile: str | None = None,
+                     state_dtype: str = "fp32", cluster: str | None = None) -> CostModel:
+    """The run's cost model (``_base_cost_model``), pricing the run's SP mode (``sp_attention``) on
+    the links of ``cluster`` (``scheduler.cluster``, a cluster file) when one is given."""
+    cm = _base_cost_model(model, device, model_cfg, parallel, memory, hdp=hdp, profile=profile,
+                          state_dtype=state_dtype)
+    cm = dataclasses.replace(cm, attention=sp_attention(cm, model, model_cfg, parallel))
+    return cm.with_links(load_cluster(cluster)) if cluster else cm
+
+
+def sp_attention(cm: CostModel, model: Transformer, model_cfg: ModelConfig, parallel: ParallelConfig) -> AttentionComm:
+    """What the planner prices SP attention by: Ulysses' all-to-all (also for ``hybrid``, whose
+    Ulysses part moves the same bytes), or the ring modes' overlapped transfers from the model's
+    head shapes. Their point-to-point bandwidth is taken as the all-to-all one the cost model
+    lists (``seqmesh profile`` measures all-to-all only; NOTES.md's p2p is faster at every size,
+    so this does not favour the ring modes); a cluster file replaces both."""
+    if parallel.sp_mode not in ("ring", "tokenring"):
+        return cm.attention
+    dims = model.dims
+    return AttentionComm(mode=parallel.sp_mode, q_heads=dims.num_heads, kv_heads=dims.num_kv_heads,
+                         head_dim=dims.head_dim, layers=dims.num_layers,
+                         act_bytes=2 if model_cfg.dtype == "bf16" else 4,
+                         forward_passes=2 if model_cfg.activation_checkpointing or parallel.zero_stage == 3 else 1,
+                         p2p_GBps=dict(cm.a2a_GBps))
+
+
+def _base_cost_model(model: Transformer, device: torch.device, model_cfg: ModelConfig, parallel: ParallelConfig,
+                     memory: MemoryConfig, *, hdp: int, profile: str | None = None,
                      state_dtype: str = "fp32") -> CostModel:
     """The profiled cost model when the config names one, else one derived from FLOPs and the device,
     priced for the run's TP x PP layout (``CostModel.with_layout``).
@@ -262,6 +291,7 @@ def build_parallel_model(cfg: RunConfig, vocab_size: int, mesh: Mesh,
                                         overlap=cfg.parallel.overlap_grad_reduce,
                                         bucket_mb=cfg.parallel.grad_bucket_mb)
     cost_model = build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=cfg.hdp,
-                                  profile=cfg.scheduler.cost_model, state_dtype=cfg.optim.state_dtype)
+                                  profile=cfg.scheduler.cost_model, state_dtype=cfg.optim.state_dtype,
+                                  cluster=cfg.scheduler.cluster)
     apply_offload(model, cfg.model, cfg.offload, cost_model, device)
     return model, optimizer, cost_model

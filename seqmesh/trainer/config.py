@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from seqmesh.scheduler.links import ClusterFileError, load_cluster
 from seqmesh.trainer.data.build import DataConfig
 
 
@@ -132,9 +133,15 @@ class SchedulerConfig:
     cost_model: str | None = None
     refine_every: int = 0
     lookahead: int = 1
+    cluster: str | None = None  # cluster file with link classes (seqmesh/scheduler/links.py; conf/clusters/)
 
     def validate(self) -> None:
         _choice("scheduler.policy", self.policy, ("static", "adaptive"))
+        if self.cluster is not None:
+            try:
+                load_cluster(self.cluster)  # in the driver, before any worker starts
+            except ClusterFileError as e:
+                raise ConfigError(f"scheduler.cluster: {e}") from None
         _positive("scheduler.sp", self.sp)
         _positive("scheduler.time_limit_s", self.time_limit_s)
         _positive("scheduler.refine_every", self.refine_every, zero_ok=True)
