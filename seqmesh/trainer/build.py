@@ -137,14 +137,15 @@ def build_sharded_optimizer(model: torch.nn.Module, optim: OptimConfig, zero_sta
                               device=device or next(model.parameters()).device, group=mesh.hdp_group)
     tp = tensor_parallel(model)
     norm_group = mesh.model_parallel_group if mesh.pp > 1 else None if tp is None else tp.group
-    overlap = overlap and mesh.pp == 1 and mesh.hdp > 1
+    overlap = overlap and mesh.pp == 1 and mesh.inner_size > 1
+    # under local updates (mesh.local_groups > 1) gradients and shards stay inside the node group
     return ZeroOptimizer(_param_groups(model, optim), lambda groups: _make_optimizer(groups, optim),
-                         stage=zero_stage, group=mesh.hdp_group, tp_group=norm_group,
+                         stage=zero_stage, group=mesh.inner_group, tp_group=norm_group,
                          norm_excluded=() if tp is None else tp.norm_excluded(),
                          bucket_bytes=max(1, int(bucket_mb * 2**20)), overlap=overlap,
                          grad_order=list(model.parameters())[::-1],
                          deferred=() if tp is None else tp.replicated + tp.kv_shared,
-                         grad_group=mesh.grad_group if overlap else None)
+                         grad_group=mesh.inner_grad_group if overlap else None)
 
 
 def apply_memory_limit(memory: MemoryConfig, device: torch.device) -> None:

@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from seqmesh.parallel.local_sgd import OuterConfig
 from seqmesh.scheduler.links import ClusterFileError, load_cluster
 from seqmesh.trainer.data.build import DataConfig
 
@@ -103,9 +104,30 @@ class ParallelConfig:
     zero_stage: int = 0
     overlap_grad_reduce: bool = True
     grad_bucket_mb: float = 25.0
+    # CO2 local updates (seqmesh/parallel/local_sgd.py): 0 off; else outer sync every N optimizer steps
+    local_sgd_every: int = 0
+    local_sgd_groups: int = 2
+    local_sgd_outer_lr: float = 1.0
+    local_sgd_outer_momentum: float = 0.0
+    local_sgd_staleness_penalty: float = 0.0
+    local_sgd_outer_clip: float = 0.0
 
     def validate(self) -> None:
         _positive("parallel.tp", self.tp)
+        _positive("parallel.local_sgd_every", self.local_sgd_every, zero_ok=True)
+        if self.local_sgd_every:
+            if self.local_sgd_groups < 2:
+                raise ConfigError(f"parallel.local_sgd_groups={self.local_sgd_groups}: local updates need at least 2 "
+                                  "node groups; set it to the number of nodes (or slow-link islands)")
+            if self.tp > 1 or self.pp > 1 or self.zero_stage == 3:
+                raise ConfigError(f"parallel.local_sgd_every={self.local_sgd_every} with tp={self.tp}, pp={self.pp}, "
+                                  f"zero_stage={self.zero_stage}: local updates are built for tp=1, pp=1 and ZeRO 0-2; "
+                                  "use that layout or set parallel.local_sgd_every=0")
+            try:
+                OuterConfig(self.local_sgd_every, self.local_sgd_outer_lr, self.local_sgd_outer_momentum,
+                            self.local_sgd_staleness_penalty, self.local_sgd_outer_clip)
+            except ValueError as e:
+                raise ConfigError(f"parallel.local_sgd_*: {e}") from None
         _positive("parallel.grad_bucket_mb", self.grad_bucket_mb)
         _choice("parallel.overlap_grad_reduce", self.overlap_grad_reduce, (True, False))
         _positive("parallel.pp", self.pp)
@@ -282,6 +304,27 @@ class RunConfig:
     eval_every: int = 0  # validation loss every N steps and at the end (seqmesh.trainer.evaluate); 0: never
     peak_tflops: float | None = None
 
+    def _validate_local_sgd(self, hdp: int) -> None:
+        """Local updates: node groups of equal size that hold every SP group whole, and no checkpoints."""
+        par, sch = self.parallel, self.scheduler
+        if not par.local_sgd_every:
+            return
+        groups = par.local_sgd_groups
+        if hdp % groups:
+            raise ConfigError(f"parallel.local_sgd_groups={groups} does not divide the {hdp} HDP ranks; choose a "
+                              "divisor (one group per node, or per island of fast links)")
+        size = hdp // groups
+        sizes = [sch.sp] if sch.policy == "static" else list(sch.group_sizes or ())
+        bad = [d for d in sizes if size % d]
+        if bad:
+            raise ConfigError(f"SP group sizes {bad} do not divide the node groups of {size} ranks "
+                              f"(parallel.local_sgd_groups={groups}): an SP group must lie inside one group, whose "
+                              "model differs from the others'; use sizes that divide it")
+        if self.ckpt_every:
+            raise ConfigError(f"ckpt_every={self.ckpt_every} with parallel.local_sgd_every={par.local_sgd_every}: the "
+                              "node groups hold different models and checkpoints do not yet save the outer state; "
+                              "set ckpt_every=0")
+
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -303,6 +346,7 @@ class RunConfig:
             raise ConfigError(f"launch.num_workers={world} is not divisible by parallel.tp x parallel.pp = "
                               f"{self.parallel.tp} x {self.parallel.pp}; change the worker count or the layout")
         hdp = world // (self.parallel.tp * self.parallel.pp)
+        self._validate_local_sgd(hdp)
         tp, model = self.parallel.tp, self.model
         if model.hf_path is None and (model.num_heads % tp or (model.num_kv_heads % tp and tp % model.num_kv_heads)
                                       or model.intermediate_size % tp):
