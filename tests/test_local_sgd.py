@@ -3,18 +3,53 @@ and the outer synchronisation overlapping local steps over a slow fake link (tim
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from seqmesh.parallel.local_sgd import AllReduceLink, DelayedLink, OuterConfig, OuterSync
+from seqmesh.parallel.local_sgd import AllReduceLink, OuterConfig, OuterSync, Pending
 from tests.distributed import run_distributed
 
 GROUPS, INNER = 2, 2          # 4 ranks: node groups {0, 1} and {2, 3}
 SIZE = 11                     # not a multiple of INNER: the last slice is padded
 CONFIG = OuterConfig(every=3, lr=0.8, momentum=0.5, staleness_penalty=2.0, clip=1.5)
+
+
+class DelayedLink:
+    """A slow fake link (an ``OuterLink``): the all-reduce runs on a background thread after
+    ``delay_s`` (a link that takes that long), with a trace of when it started and ended."""
+
+    def __init__(self, group: dist.ProcessGroup | None, delay_s: float) -> None:
+        self.group, self.delay_s = group, delay_s
+        self.trace: list[tuple[str, float]] = []
+
+    def start(self, tensor: torch.Tensor) -> Pending:
+        done = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.trace.append(("link-start", time.perf_counter()))
+                time.sleep(self.delay_s)
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+                self.trace.append(("link-end", time.perf_counter()))
+            except BaseException as e:  # surfaced by wait()
+                failure.append(e)
+            finally:
+                done.set()
+
+        threading.Thread(target=run, daemon=True).start()
+
+        class _Handle:
+            def wait(self) -> None:
+                done.wait()
+                if failure:
+                    raise failure[0]
+
+        return _Handle()
 
 
 def local_update(group: int, step: int) -> torch.Tensor:

@@ -35,7 +35,6 @@ above, not the paper's constants.
 from __future__ import annotations
 
 import math
-import threading
 import time
 from dataclasses import dataclass
 from typing import Protocol, Sequence
@@ -85,40 +84,6 @@ class AllReduceLink:
         return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
 
 
-class DelayedLink:
-    """A slow link for tests and experiments: the all-reduce runs on a background thread after
-    ``delay_s`` (a link that takes that long), with a trace of when it started and ended."""
-
-    def __init__(self, group: dist.ProcessGroup | None, delay_s: float) -> None:
-        self.group, self.delay_s = group, delay_s
-        self.trace: list[tuple[str, float]] = []
-
-    def start(self, tensor: Tensor) -> Pending:
-        done = threading.Event()
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                self.trace.append(("link-start", time.perf_counter()))
-                time.sleep(self.delay_s)
-                dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
-                self.trace.append(("link-end", time.perf_counter()))
-            except BaseException as e:  # surfaced by wait()
-                failure.append(e)
-            finally:
-                done.set()
-
-        threading.Thread(target=run, daemon=True).start()
-
-        class _Handle:
-            def wait(self) -> None:
-                done.wait()
-                if failure:
-                    raise failure[0]
-
-        return _Handle()
-
-
 class OuterSync:
     """CO2's outer loop over ``params`` (module docstring). ``groups``: number of node groups;
     ``inner_group``/``inner_size``/``inner_rank``: this rank's node group (the slices' all-gather)."""
@@ -138,7 +103,6 @@ class OuterSync:
         self.previous: Tensor | None = None       # the last applied round average (staleness gap)
         self.pending: tuple[Pending, Tensor] | None = None
         self.rounds = 0
-        self.last_penalty = 1.0
         self.trace: list[tuple[str, float]] = []
 
     def _flat(self) -> Tensor:
@@ -197,7 +161,6 @@ class OuterSync:
             base = float(self.previous.norm())
             if base > 0:
                 penalty = 1.0 / (1.0 + cfg.staleness_penalty * float((average - self.previous).norm()) / base)
-        self.last_penalty = penalty
         self.previous = average
         self.momentum.mul_(cfg.momentum).add_(average, alpha=penalty)
         if cfg.clip:

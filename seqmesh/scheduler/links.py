@@ -130,10 +130,6 @@ class ClusterLinks:
         return Block(first, size, float(1.0 / busiest) if busiest > 0 else math.inf, float(bw[hops].min()),
                      classes, bw, spans)
 
-    def slowest_class(self, block: Block) -> str:
-        """The slowest link class a block spans (its name)."""
-        return min(block.spans, key=lambda c: self.bandwidth_GBps[c])
-
 
 # ---- reading the file ---------------------------------------------------------------------------
 
