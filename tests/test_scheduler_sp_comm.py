@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from seqmesh.scheduler import check_plan, plan_step, simulate
+from seqmesh.scheduler import Plan, check_plan, plan_step, simulate
 from seqmesh.scheduler.cost_model import CostModel
 from seqmesh.scheduler.links import parse_cluster
 from seqmesh.scheduler.sp_comm import AttentionComm, step_rates
@@ -90,9 +90,9 @@ def test_modes_price_plans_from_the_same_inputs_and_round_trip():
 
 
 def test_ring_modes_without_bandwidth_or_shapes_say_what_to_add():
-    with pytest.raises(ValueError, match=r"attention.q_heads=0 must be an integer >= 1 for mode 'tokenring'"):
+    with pytest.raises(ValueError, match=r"attention.q_heads=0 must be an integer >= 1 for the ring modes"):
         AttentionComm(mode="tokenring")
-    with pytest.raises(ValueError, match="attention.mode='rings'; choose one of ulysses, ring, tokenring"):
+    with pytest.raises(ValueError, match="attention mode 'rings'; choose one of ulysses, ring, tokenring"):
         AttentionComm(mode="rings")
     cm = model("ring", HQ)
     cm = dataclasses.replace(cm, attention=dataclasses.replace(cm.attention, p2p_GBps={2: 50.0}))
@@ -103,3 +103,34 @@ def test_ring_modes_without_bandwidth_or_shapes_say_what_to_add():
     raw["attention"]["heads"] = 3
     with pytest.raises(ValueError, match=r"unknown key\(s\) 'heads' in 'attention'"):
         CostModel.from_dict(raw)
+
+
+def test_the_planner_picks_each_groups_mode_and_the_plan_names_it():
+    """``attention.choose``: every group is priced at its fastest mode and the plan records it, so the
+    trainer runs exactly what the simulator priced; Ulysses is never chosen wider than the heads."""
+    cm = model("ulysses", HQ, alpha1=2e-7)
+    auto = dataclasses.replace(cm, attention=dataclasses.replace(cm.attention, choose=("ulysses", "ring",
+                                                                                        "tokenring")))
+    assert auto.modes(8) == ("ulysses", "ring", "tokenring") and auto.modes(1) == ("ulysses",)
+    narrow = dataclasses.replace(auto, attention=dataclasses.replace(auto.attention, q_heads=4, kv_heads=2))
+    assert narrow.modes(8) == ("ring", "tokenring")  # 8 ranks, 4 heads: no Ulysses
+    rng = np.random.default_rng(3)
+    lengths = [40000, 30000] + rng.integers(300, 6000, 30).tolist()
+    plan = plan_step(lengths, 8, auto)
+    check_plan(plan, lengths, auto)
+    wide = [g for mb in plan.microbatches for g in mb.groups if g.count > 1]
+    assert wide and all(g.mode == auto.best_mode([lengths[s] for s in g.sequences], g.count, g.first) for g in wide)
+    assert all(not g.mode for mb in plan.microbatches for g in mb.groups if g.count == 1)
+    assert plan.predicted_ms == pytest.approx(simulate(plan, lengths, auto))
+    assert Plan.from_json(plan.to_json()) == plan
+    # each single mode prices this plan's groups no faster than the chosen modes
+    for mode in ("ulysses", "ring", "tokenring"):
+        forced = dataclasses.replace(plan, microbatches=tuple(
+            dataclasses.replace(mb, groups=tuple(dataclasses.replace(g, mode=mode if g.count > 1 else "")
+                                                 for g in mb.groups)) for mb in plan.microbatches))
+        assert simulate(forced, lengths, auto) >= plan.predicted_ms * (1 - 1e-12)
+    bad = dataclasses.replace(plan, microbatches=tuple(
+        dataclasses.replace(mb, groups=tuple(dataclasses.replace(g, mode="ulysses" if g.count > 1 else "")
+                                             for g in mb.groups)) for mb in plan.microbatches))
+    with pytest.raises(ValueError, match=r"runs SP mode 'ulysses'; the cost model allows \['ring', 'tokenring'\]"):
+        check_plan(bad, lengths, narrow)

@@ -192,14 +192,36 @@ class CostModel:
         lists ``d`` (Ulysses: or lists anything, under ``extrapolate_bandwidth``)."""
         if d == 1 or self.links is not None:
             return True
-        if self.attention.mode != "ulysses":
+        return any(self._table_prices(d, m) for m in self.attention.modes(d))
+
+    def _table_prices(self, d: int, mode: str) -> bool:
+        if mode != "ulysses":
             return d in self.attention.p2p_GBps
         return d in self.a2a_GBps or (self.extrapolate_bandwidth and bool(self._bw_sizes))
 
     def has_comm_prices(self) -> bool:
         """Whether any group wider than one rank can be priced (a table or a cluster file)."""
-        table = self.a2a_GBps if self.attention.mode == "ulysses" else self.attention.p2p_GBps
-        return self.links is not None or bool(table)
+        modes = self.attention.choose or (self.attention.mode,)
+        return self.links is not None or any(bool(self.a2a_GBps if m == "ulysses" else self.attention.p2p_GBps)
+                                             for m in modes)
+
+    def modes(self, d: int) -> tuple[str, ...]:
+        """The SP modes a group of ``d`` ranks may run that this model prices (``attention.choose``,
+        or its one ``mode``)."""
+        if d == 1:
+            return (self.attention.mode,)  # nothing to communicate: every mode is the same
+        allowed = self.attention.modes(d)
+        if self.links is not None:
+            return allowed
+        return tuple(m for m in allowed if self._table_prices(d, m)) or allowed
+
+    def best_mode(self, lengths: Sequence[int], d: int, first: int | None = None) -> str:
+        """The mode that runs ``lengths`` on a group of ``d`` soonest (ties: the order of ``modes``)."""
+        modes = self.modes(d)
+        if len(modes) == 1:
+            return modes[0]
+        s = np.asarray(lengths, dtype=np.float64)
+        return min(modes, key=lambda m: float(np.sum(self._mode_seq_ms(s, d, first, m))))
 
     # ---- links ------------------------------------------------------------------------------------
     def with_links(self, links: ClusterLinks | None) -> "CostModel":
@@ -256,9 +278,10 @@ class CostModel:
             return self.comm_bytes_per_token / d / (max(b.a2a_GBps for b in blocks) * 1e6)
         return self.comm_bytes_per_token / d / (self.bandwidth_GBps(d) * 1e6)
 
-    def ring_comm_ms(self, s: Any, d: int, first: int | None = None) -> np.ndarray:
-        """The ring modes' exposed communication per sequence (one device): at the group's links, or
-        the least of the aligned blocks' when ``first`` is None under a cluster file."""
+    def ring_comm_ms(self, s: Any, d: int, first: int | None = None, mode: str | None = None) -> np.ndarray:
+        """A ring mode's (``mode``, default ``attention.mode``) exposed communication per sequence (one
+        device): at the group's links, or the least of the aligned blocks' when ``first`` is None
+        under a cluster file."""
         s = np.asarray(s, dtype=np.float64)
         if d == 1:
             return np.zeros_like(s)
@@ -266,7 +289,8 @@ class CostModel:
             blocks: list[Block | None] = [None]
         else:
             blocks = [self.block(first, d)] if first is not None else self.aligned_blocks(d)
-        per_block = [ring_exposed_ms(self.attention, s, d, self.alpha1_ms_per_tok2, b, self._rates) for b in blocks]
+        attn = self.attention if mode in (None, self.attention.mode) else dataclasses.replace(self.attention, mode=mode)
+        per_block = [ring_exposed_ms(attn, s, d, self.alpha1_ms_per_tok2, b, self._rates) for b in blocks]
         return np.min(per_block, axis=0) / self.tp
 
     def tp_comm_ms_per_token(self, d: int) -> float:
@@ -275,28 +299,43 @@ class CostModel:
             return 0.0
         return self.comm_bytes_per_token * (self.tp - 1) / self.tp / d / (self.tp_GBps * 1e6)
 
-    def seq_ms(self, s: Any, d: int, first: int | None = None) -> Any:
+    def seq_ms(self, s: Any, d: int, first: int | None = None, mode: str | None = None) -> Any:
         """A sequence's (or an array of sequences') share of a group's time on one device, without
-        beta; ``first``: the group's first rank, which decides its links under a cluster file."""
+        beta; ``first``: the group's first rank, which decides its links under a cluster file;
+        ``mode``: its SP mode (None: the fastest of ``modes(d)`` for each sequence)."""
         s = np.asarray(s, dtype=np.float64) if not isinstance(s, (int, float)) else float(s)
+        modes = (mode,) if mode else self.modes(d)
+        if len(modes) == 1:
+            return self._mode_seq_ms(s, d, first, modes[0])
+        return np.minimum.reduce([self._mode_seq_ms(s, d, first, m) for m in modes])
+
+    def _mode_seq_ms(self, s: Any, d: int, first: int | None, mode: str) -> Any:
         compute = (self.alpha1_ms_per_tok2 * s * s + self.alpha2_ms_per_tok * s) / (d * self.tp)
-        if self.attention.mode != "ulysses":
-            ring = self.ring_comm_ms(s, d, first)
+        if mode != "ulysses":
+            ring = self.ring_comm_ms(s, d, first, mode)
             return (compute + s * self.tp_comm_ms_per_token(d) + (float(ring) if np.ndim(s) == 0 else ring)) / self.pp
         comm = self.comm_ms_per_token(d, first) / self.tp + self.tp_comm_ms_per_token(d)
         return (compute + s * comm) / self.pp
 
     def comm_ms(self, s: Any, d: int) -> Any:
-        """The communication share of ``seq_ms`` (SP and TP) at the fastest group of ``d`` ranks."""
-        if self.attention.mode != "ulysses":
-            return (s * self.tp_comm_ms_per_token(d) + self.ring_comm_ms(s, d)) / self.pp
-        return s * (self.comm_ms_per_token(d) / self.tp + self.tp_comm_ms_per_token(d)) / self.pp
+        """The communication share of ``seq_ms`` (SP and TP) at the fastest group of ``d`` ranks, in
+        the mode that communicates least."""
+        out = []
+        for mode in self.modes(d):
+            if mode != "ulysses":
+                out.append((s * self.tp_comm_ms_per_token(d) + self.ring_comm_ms(s, d, mode=mode)) / self.pp)
+            else:
+                out.append(s * (self.comm_ms_per_token(d) / self.tp + self.tp_comm_ms_per_token(d)) / self.pp)
+        return out[0] if len(out) == 1 else np.minimum.reduce(out)
 
-    def group_ms(self, lengths: Sequence[int], d: int, speed: float = 1.0, first: int | None = None) -> float:
-        """Time of one group running ``lengths`` in one micro-batch at the pace ``speed`` (one stage's)."""
+    def group_ms(self, lengths: Sequence[int], d: int, speed: float = 1.0, first: int | None = None,
+                 mode: str | None = None) -> float:
+        """Time of one group running ``lengths`` in one micro-batch at the pace ``speed`` (one stage's),
+        in ``mode`` (None: the group's best mode, ``best_mode``)."""
         if not len(lengths):
             return 0.0
-        return (float(np.sum(self.seq_ms(np.asarray(lengths), d, first))) + self.microbatch_ms) / speed
+        mode = mode or self.best_mode(lengths, d, first)
+        return (float(np.sum(self.seq_ms(np.asarray(lengths), d, first, mode))) + self.microbatch_ms) / speed
 
     def rank_speed(self, gpus: int) -> np.ndarray:
         """Per-rank speed factors for an HDP group of ``gpus`` ranks (all 1.0 unless given)."""

@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from seqmesh.scheduler.cost_model import CapacityError, CostModel
-from seqmesh.scheduler.plan import Plan
+from seqmesh.scheduler.plan import Plan, plan_from_assignment
 
 
 def allowed_group_sizes(gpus: int, group_sizes: Sequence[int] | None = None) -> tuple[int, ...]:
@@ -106,7 +106,8 @@ def rank_finish(plan: Plan, lengths: Sequence[int], cost_model: CostModel) -> tu
                 free[lo:hi] += np.where(drained, bubble * peak[lo:hi], 0.0)
                 peak[lo:hi] = np.where(drained, 0.0, peak[lo:hi])
             start = free[lo:hi].max()
-            t = cost_model.group_ms(lengths[list(g.sequences)], g.count, speed[lo:hi].min(), first=g.first)
+            t = cost_model.group_ms(lengths[list(g.sequences)], g.count, speed[lo:hi].min(), first=g.first,
+                                    mode=g.mode or None)
             free[lo:hi] = start + t
             last_ms[lo:hi] = t
             if bubble:
@@ -144,6 +145,20 @@ def overlapped_step_ms(plan: Plan, lengths: Sequence[int], cost_model: CostModel
     return max(end, float(finish.max())) + cost_model.grad_reduce_ms - reduce_ms
 
 
+def assign_modes(plan: Plan, lengths: Sequence[int], cost_model: CostModel) -> Plan:
+    """The plan with each multi-rank group's SP mode set to its fastest (``CostModel.best_mode``),
+    when the cost model chooses among several (``attention.choose``): the simulator priced each
+    group at that mode already, so the plan's time is unchanged; the trainer runs what it says."""
+    if not cost_model.attention.choose:
+        return plan
+    mbs = [[(g.first, g.count, g.sequences,
+             cost_model.best_mode([lengths[s] for s in g.sequences], g.count, g.first) if g.count > 1 else "")
+            for g in mb.groups] for mb in plan.microbatches]
+    out = plan_from_assignment(plan.gpus, mbs, plan.predicted_ms, plan.lower_bound_ms)
+    out.meta.update(plan.meta)
+    return out
+
+
 def check_plan(plan: Plan, lengths: Sequence[int], cost_model: CostModel,
                group_sizes: Sequence[int] | None = None) -> None:
     """Raise ValueError unless ``plan`` covers ``lengths`` exactly once, uses allowed sizes and fits memory."""
@@ -153,6 +168,9 @@ def check_plan(plan: Plan, lengths: Sequence[int], cost_model: CostModel,
         for g in mb.groups:
             if g.count not in sizes:
                 raise ValueError(f"micro-batch {i}: group of {g.count} ranks; allowed sizes are {sorted(sizes)}")
+            if g.mode and g.count > 1 and g.mode not in cost_model.modes(g.count):
+                raise ValueError(f"micro-batch {i}: group at ranks [{g.first}, {g.first + g.count}) runs SP mode "
+                                 f"{g.mode!r}; the cost model allows {list(cost_model.modes(g.count))} for it")
             tokens = int(sum(lengths[s] for s in g.sequences))
             if not cost_model.fits(tokens, g.count):
                 raise ValueError(f"micro-batch {i}: group at ranks [{g.first}, {g.first + g.count}) holds {tokens} "

@@ -73,16 +73,18 @@ class AttentionComm:
     act_bytes: int = 2
     forward_passes: int = 1
     p2p_GBps: dict[int, float] = field(default_factory=dict)
+    choose: tuple[str, ...] = ()  # modes the planner picks from per group (``parallel.sp_mode=auto``); (): ``mode``
 
     def __post_init__(self) -> None:
-        if self.mode not in SP_MODES:
-            raise ValueError(f"cost model: attention.mode={self.mode!r}; choose one of {', '.join(SP_MODES)}")
-        if self.mode != "ulysses":
+        for m in (self.mode, *self.choose):
+            if m not in SP_MODES:
+                raise ValueError(f"cost model: attention mode {m!r}; choose one of {', '.join(SP_MODES)}")
+        if any(m != "ulysses" for m in (self.mode, *self.choose)):
             for key in ("q_heads", "kv_heads", "head_dim", "layers", "act_bytes"):
                 v = getattr(self, key)
                 if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                    raise ValueError(f"cost model: attention.{key}={v!r} must be an integer >= 1 for mode "
-                                     f"{self.mode!r} (the ring modes' volumes come from the head shapes)")
+                    raise ValueError(f"cost model: attention.{key}={v!r} must be an integer >= 1 for the ring "
+                                     "modes (their volumes come from the head shapes)")
             if self.q_heads % self.kv_heads:
                 raise ValueError(f"cost model: attention.q_heads={self.q_heads} is not a multiple of "
                                  f"kv_heads={self.kv_heads}")
@@ -93,6 +95,13 @@ class AttentionComm:
             if not isinstance(d, int) or d < 2 or not (isinstance(bw, (int, float)) and bw > 0):
                 raise ValueError(f"cost model: attention.p2p_GBps[{d!r}]={bw!r}: keys are group sizes >= 2, "
                                  "values GB/s > 0")
+
+    def modes(self, d: int) -> tuple[str, ...]:
+        """The modes a group of ``d`` ranks may run: ``choose`` (or ``mode``), less Ulysses where the
+        group outnumbers the query heads (each rank needs one)."""
+        allowed = tuple(m for m in (self.choose or (self.mode,)) if m != "ulysses" or not self.q_heads
+                        or d <= self.q_heads)
+        return allowed or (self.mode,)
 
     def passes(self) -> list[Pass]:
         """The passes of one training step, with the bytes per token (all layers) each moves per step."""
@@ -113,6 +122,8 @@ class AttentionComm:
                        act_bytes=self.act_bytes, forward_passes=self.forward_passes)
         if self.p2p_GBps:
             out["p2p_GBps"] = {str(k): v for k, v in sorted(self.p2p_GBps.items())}
+        if self.choose:
+            out["choose"] = list(self.choose)
         return out
 
     @classmethod
@@ -120,7 +131,8 @@ class AttentionComm:
         if not isinstance(raw, dict):
             raise ValueError(f"{where}: key 'attention' must be an object, e.g. {{\"mode\": \"tokenring\", "
                              "\"q_heads\": 32, \"kv_heads\": 8, \"head_dim\": 128, \"layers\": 32, \"p2p_GBps\": {\"8\": 111}}")
-        known = {"mode", "q_heads", "kv_heads", "head_dim", "layers", "act_bytes", "forward_passes", "p2p_GBps"}
+        known = {"mode", "q_heads", "kv_heads", "head_dim", "layers", "act_bytes", "forward_passes", "p2p_GBps",
+                 "choose"}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))} in 'attention'; "
@@ -133,7 +145,8 @@ class AttentionComm:
         except ValueError:
             raise ValueError(f"{where}: attention.p2p_GBps has a non-integer group size in {list(p2p_raw)}") from None
         try:
-            return cls(**{k: v for k, v in raw.items() if k != "p2p_GBps"}, p2p_GBps=p2p)
+            return cls(**{k: v for k, v in raw.items() if k not in ("p2p_GBps", "choose")}, p2p_GBps=p2p,
+                       choose=tuple(raw.get("choose", ())))
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where}: {e}") from None
 
@@ -186,7 +199,7 @@ def ring_exposed_ms(attn: AttentionComm, s: np.ndarray, d: int, alpha1: float, b
     x = s / d
     out = np.zeros_like(s)
     for k, p in enumerate(attn.passes()):
-        key = (d, k, None if block is None else block.key)
+        key = (attn.mode, d, k, None if block is None else block.key)
         if key not in cache:
             rates, final = step_rates(attn, p, d, block)
             values, counts = np.unique(rates, return_counts=True)

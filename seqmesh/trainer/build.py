@@ -179,18 +179,20 @@ def build_cost_model(model: Transformer, device: torch.device, model_cfg: ModelC
 
 def sp_attention(cm: CostModel, model: Transformer, model_cfg: ModelConfig, parallel: ParallelConfig) -> AttentionComm:
     """What the planner prices SP attention by: Ulysses' all-to-all (also for ``hybrid``, whose
-    Ulysses part moves the same bytes), or the ring modes' overlapped transfers from the model's
-    head shapes. Their point-to-point bandwidth is taken as the all-to-all one the cost model
-    lists (``seqmesh profile`` measures all-to-all only; NOTES.md's p2p is faster at every size,
-    so this does not favour the ring modes); a cluster file replaces both."""
-    if parallel.sp_mode not in ("ring", "tokenring"):
+    Ulysses part moves the same bytes), the ring modes' overlapped transfers from the model's
+    head shapes, or under ``auto`` the fastest of the three for each group (the plan then names
+    each group's mode). The ring modes' point-to-point bandwidth is taken as the all-to-all one the
+    cost model lists (``seqmesh profile`` measures all-to-all only; NOTES.md's p2p is faster at
+    every size, so this does not favour the ring modes); a cluster file replaces both."""
+    if parallel.sp_mode not in ("ring", "tokenring", "auto"):
         return cm.attention
     dims = model.dims
-    return AttentionComm(mode=parallel.sp_mode, q_heads=dims.num_heads, kv_heads=dims.num_kv_heads,
-                         head_dim=dims.head_dim, layers=dims.num_layers,
+    auto = parallel.sp_mode == "auto"
+    return AttentionComm(mode="ulysses" if auto else parallel.sp_mode, q_heads=dims.num_heads,
+                         kv_heads=dims.num_kv_heads, head_dim=dims.head_dim, layers=dims.num_layers,
                          act_bytes=2 if model_cfg.dtype == "bf16" else 4,
                          forward_passes=2 if model_cfg.activation_checkpointing or parallel.zero_stage == 3 else 1,
-                         p2p_GBps=dict(cm.a2a_GBps))
+                         p2p_GBps=dict(cm.a2a_GBps), choose=("ulysses", "ring", "tokenring") if auto else ())
 
 
 def _base_cost_model(model: Transformer, device: torch.device, model_cfg: ModelConfig, parallel: ParallelConfig,
@@ -258,10 +260,11 @@ def warm_attention(model: torch.nn.Module, parallel: ParallelConfig, scheduler: 
         sizes = (scheduler.sp,)
     longest: dict[int, int] = {}
     for d in sizes:
-        u = 1 if d == 1 else sp_degrees(parallel.sp_mode, d, parallel.ulysses_degree, attn.num_heads)[0]
         top = min(max_seq_len, cost_model.capacity(d))
-        for heads in {attn.num_heads // u, -(-attn.num_heads // u)}:
-            longest[heads] = max(longest.get(heads, 0), top)
+        modes = cost_model.modes(d) if parallel.sp_mode == "auto" else (parallel.sp_mode,)
+        for u in {1 if d == 1 else sp_degrees(m, d, parallel.ulysses_degree, attn.num_heads)[0] for m in modes}:
+            for heads in {attn.num_heads // u, -(-attn.num_heads // u)}:
+                longest[heads] = max(longest.get(heads, 0), top)
     torch_dtype = torch.bfloat16 if dtype == "bf16" else next(model.parameters()).dtype
     t0 = time.perf_counter()
     built = warm_cudnn_graphs(longest, attn.head_dim, attn.head_dim**-0.5, torch_dtype, device, parallel.attn_backend)

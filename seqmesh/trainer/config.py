@@ -139,7 +139,7 @@ class ParallelConfig:
         if self.zero_stage == 3 and (self.tp > 1 or self.pp > 1):
             raise ConfigError(f"parallel.zero_stage=3 with parallel.tp={self.tp}, parallel.pp={self.pp}: parameter "
                               "sharding is built for tp=1 and pp=1 only; use zero_stage<=2 with TP/PP, or tp=pp=1")
-        _choice("parallel.sp_mode", self.sp_mode, ("ulysses", "ring", "tokenring", "hybrid"))
+        _choice("parallel.sp_mode", self.sp_mode, ("ulysses", "ring", "tokenring", "hybrid", "auto"))
         _choice("parallel.attn_backend", self.attn_backend, ("auto", "flash_attn", "cudnn", "torch_flash", "cpu_flash", "math"))
         _choice("parallel.warm_attention", self.warm_attention, (True, False))
 
