@@ -5,7 +5,8 @@ Three gains, each the ratio of summed simulated step times of the same batches, 
 
 * **TokenRing vs zigzag ring** (8-64 GPUs): the same cost model with ``attention.mode`` ring or
   tokenring (``seqmesh.scheduler.sp_comm``: each mode's volumes, transfers overlapped with the
-  attention of the step before, one port per link class); Ulysses beside them from the same inputs.
+  attention of the step before, one port per link class); Ulysses beside them from the same inputs,
+  and ``auto`` (the planner picks the mode per group) against the best single mode.
   Llama-3-8B heads (32 query, 8 KV, 128 wide: GQA 4) as in the projection; a multi-head variant
   (32 KV heads, the same compute) shows where TokenRing pays. Plus one document of ``gpus x T``
   tokens on one static group of all GPUs (long-context rows).
@@ -73,10 +74,15 @@ def uniform_cluster(gpus: int) -> ClusterLinks:
                          where=f"uniform cluster of {nodes} nodes")
 
 
+MODES = ("ulysses", "ring", "tokenring", "auto")
+
+
 def with_mode(cm: CostModel, mode: str, kv_heads: int = KV_HEADS) -> CostModel:
-    """``cm`` with the SP mode's term (Llama-3-8B's heads unless ``kv_heads``; three passes: checkpointing)."""
-    attn = AttentionComm(mode=mode, q_heads=Q_HEADS, kv_heads=kv_heads, head_dim=HEAD_DIM, layers=LAYERS,
-                         act_bytes=2, forward_passes=2)
+    """``cm`` with the SP mode's term (Llama-3-8B's heads unless ``kv_heads``; three passes: checkpointing);
+    ``auto``: the planner picks the fastest of the three per group (``parallel.sp_mode=auto``)."""
+    auto = mode == "auto"
+    attn = AttentionComm(mode="ulysses" if auto else mode, q_heads=Q_HEADS, kv_heads=kv_heads, head_dim=HEAD_DIM,
+                         layers=LAYERS, act_bytes=2, forward_passes=2, choose=MODES[:3] if auto else ())
     return dataclasses.replace(cm, attention=attn)
 
 
@@ -91,7 +97,7 @@ def tokenring_rows(gpu_counts: tuple[int, ...], n_batches: int, long_tokens: tup
     for gpus in gpu_counts:
         base = llama8b_32layers(gpus).with_links(uniform_cluster(gpus))
         for shape, kv in (("gqa4", KV_HEADS), ("mha", Q_HEADS)):
-            models = {mode: with_mode(base, mode, kv) for mode in ("ulysses", "ring", "tokenring")}
+            models = {mode: with_mode(base, mode, kv) for mode in MODES}
             for k, lengths in enumerate(batches(chunks, gpus, n_batches, TOKENS_PER_GPU)):
                 batch = lengths.tolist()
                 row = {"part": "tokenring", "workload": "wikipedia-128K", "gpus": gpus, "heads": shape, "batch": k}
@@ -197,6 +203,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             summary[f"tokenring_gain_vs_ring_{gpus}{suffix}"] = gain(wiki, "ring_ms", "tokenring_ms")
             summary[f"tokenring_gain_vs_ring_{gpus}{suffix}_long"] = gain(long, "ring_ms", "tokenring_ms")
             summary[f"ring_gain_vs_ulysses_{gpus}{suffix}"] = gain(wiki, "ulysses_ms", "ring_ms")
+            best = min(("ulysses_ms", "ring_ms", "tokenring_ms"), key=lambda k: sum(r[k] for r in wiki))
+            summary[f"auto_gain_vs_best_mode_{gpus}{suffix}"] = gain(wiki, best, "auto_ms")
     ov = [r for r in rows if r["part"] == "overlap"]
     for gpus in sorted({r["gpus"] for r in ov}):
         sel = [r for r in ov if r["gpus"] == gpus]

@@ -59,7 +59,7 @@ def quick_rows():
 
 def test_quick_run_reports_every_summary_key_as_ratios_of_its_rows(quick_rows):
     summary = comm_sim.summarise(quick_rows)
-    for key in ("tokenring_gain_vs_ring_16", "tokenring_gain_vs_ring_16_mha_long", "overlap_gain_64",
+    for key in ("tokenring_gain_vs_ring_16", "tokenring_gain_vs_ring_16_mha_long", "auto_gain_vs_best_mode_16", "overlap_gain_64",
                 "overlap_gain_64_measured_share", "link_aware_gain_two_nic", "link_aware_gain_two_nic_wikipedia"):
         assert key in summary and summary[key] > 0
     tr = [r for r in quick_rows if r["part"] == "tokenring" and r["gpus"] == 16 and r["heads"] == "gqa4"
