@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from seqmesh.scheduler import plan_step, simulate
+from seqmesh.scheduler import Plan, plan_step, simulate
+from seqmesh.scheduler.cli import plan_main
 from seqmesh.scheduler.cost_model import CostModel
 from seqmesh.scheduler.links import ClusterFileError, load_cluster, parse_cluster
 
@@ -128,3 +129,19 @@ def test_explicit_links_override_the_rules_and_missing_file_is_named():
         load_cluster(ROOT / "no_such_cluster.yaml")
     with pytest.raises(ValueError, match="describes 8 nodes x 2 GPUs = 16 GPUs, but the plan needs 32 HDP ranks"):
         plan_step([100] * 4, 32, cm)
+
+
+def test_plan_cli_takes_a_cluster_file(tmp_path, capsys):
+    (tmp_path / "lengths.txt").write_text("\n".join(str(n) for n in [9000, 8000, 7000] + [500] * 29) + "\n")
+    (tmp_path / "cost.json").write_text(small_model().to_json())
+    (tmp_path / "c.yaml").write_text(TWO_NIC)
+    base = ["--lengths", str(tmp_path / "lengths.txt"), "--gpus", "16", "--global-batch", "32",
+            "--cost-model", str(tmp_path / "cost.json"), "--out", str(tmp_path / "p.jsonl")]
+    assert plan_main(base + ["--cluster", str(tmp_path / "c.yaml")]) == 0
+    cm = small_model().with_links(parse_cluster(TWO_NIC))
+    plan = Plan.from_json((tmp_path / "p.jsonl").read_text().splitlines()[0])
+    assert all("ethernet" not in cm.block(g.first, g.count).spans for mb in plan.microbatches for g in mb.groups)
+    (tmp_path / "c.yaml").write_text(TWO_NIC.replace("roce: 20", "roce: fast"))
+    capsys.readouterr()
+    assert plan_main(base + ["--cluster", str(tmp_path / "c.yaml")]) == 2
+    assert "line 6: key 'bandwidth_GBps.roce': 'fast' is not a bandwidth" in capsys.readouterr().err
