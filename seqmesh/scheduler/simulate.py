@@ -4,7 +4,9 @@ One simulator prices every plan (planner, baselines, tests, benchmark), so that 
 means the same thing. Its rule mirrors the trainer: each rank walks its groups in micro-batch
 order, and a group's collectives start only when all of its ranks have arrived, so a group starts
 when the last of its ranks is free; the step ends when every rank is done and the gradients are
-reduced.
+reduced. A group is priced at its own ranks' links (under a cluster file) and in its SP mode (the
+plan's, or else the fastest the cost model allows); ``overlapped_step_ms`` prices the reduction
+overlapped with each rank's last backward instead.
 
 With pipeline stages (``cost_model.pp > 1``) an HDP rank is a pipeline, and the trainer runs every
 pipeline over the same item positions: plan micro-batch ``k`` is item ``k`` of every rank's 1F1B
