@@ -136,6 +136,9 @@ def overlapped_step_ms(plan: Plan, lengths: Sequence[int], cost_model: CostModel
     """
     if not 0 <= reduce_ms <= cost_model.grad_reduce_ms:
         raise ValueError(f"reduce_ms={reduce_ms} must lie in [0, grad_reduce_ms={cost_model.grad_reduce_ms}]")
+    if cost_model.pp > 1:
+        raise ValueError("overlapped_step_ms: the trainer does not overlap the reduction under PP (the pipeline "
+                         "reduces after its schedule); price PP plans with simulate")
     if buckets < 1 or not 0 < backward_share <= 1:
         raise ValueError(f"buckets={buckets} must be >= 1 and backward_share={backward_share} in (0, 1]")
     finish, last_ms = rank_finish(plan, lengths, cost_model)
