@@ -140,6 +140,7 @@ def overlap_rows(gpu_counts: tuple[int, ...], n_batches: int) -> list[dict[str, 
                              "buckets": buckets, "reduce_ms": round(reduce_ms, 2),
                              "gather_ms": round(cm.grad_reduce_ms - reduce_ms, 2), "no_overlap_ms": round(off, 2),
                              "overlap_ms": round(on, 2), "overlap_measured_share_ms": round(off - hidden * reduce_ms, 2),
+                             "fully_hidden_ms": round(off - reduce_ms, 2),
                              "hidden_pct": round(100 * (off - on) / reduce_ms, 1)})
                 print({k: v for k, v in rows[-1].items() if k != "part"}, flush=True)
     return rows
@@ -210,6 +211,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         sel = [r for r in ov if r["gpus"] == gpus]
         summary[f"overlap_gain_{gpus}"] = gain(sel, "no_overlap_ms", "overlap_ms")
         summary[f"overlap_gain_{gpus}_measured_share"] = gain(sel, "no_overlap_ms", "overlap_measured_share_ms")
+        summary[f"overlap_gain_{gpus}_if_fully_hidden"] = gain(sel, "no_overlap_ms", "fully_hidden_ms")
     li = [r for r in rows if r["part"] == "links"]
     if li:
         long = [r for r in li if r["workload"].startswith("long")] or li
