@@ -244,6 +244,14 @@ class CostModel:
         gpus = self.links.world // self.tp if gpus is None else gpus
         return [self.block(k * d, d) for k in range(gpus // d)]
 
+    def _link_patterns(self, d: int) -> list[Block]:
+        """One aligned block of ``d`` ranks per link pattern in the cluster: what ``first=None`` takes
+        the fastest of."""
+        key = ("patterns", d)
+        if key not in self._blocks:
+            self._blocks[key] = list({b.key: b for b in self.aligned_blocks(d)}.values())
+        return self._blocks[key]
+
     def unpriced_error(self, d: int) -> ValueError:
         """The error for a group size the model does not price: the size, the priced ones, the fixes."""
         return ValueError(
@@ -274,7 +282,7 @@ class CostModel:
         if d == 1:
             return 0.0
         if self.links is not None:
-            blocks = [self.block(first, d)] if first is not None else self.aligned_blocks(d)
+            blocks = [self.block(first, d)] if first is not None else self._link_patterns(d)
             return self.comm_bytes_per_token / d / (max(b.a2a_GBps for b in blocks) * 1e6)
         return self.comm_bytes_per_token / d / (self.bandwidth_GBps(d) * 1e6)
 
@@ -288,7 +296,7 @@ class CostModel:
         if self.links is None:
             blocks: list[Block | None] = [None]
         else:
-            blocks = [self.block(first, d)] if first is not None else self.aligned_blocks(d)
+            blocks = [self.block(first, d)] if first is not None else self._link_patterns(d)
         attn = self.attention if mode in (None, self.attention.mode) else dataclasses.replace(self.attention, mode=mode)
         per_block = [ring_exposed_ms(attn, s, d, self.alpha1_ms_per_tok2, b, self._rates) for b in blocks]
         return np.min(per_block, axis=0) / self.tp
