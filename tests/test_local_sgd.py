@@ -81,7 +81,7 @@ def _train(rank: int, world: int, steps: int, delay_s: float, step_s: float):
         sync.after_step(step + 1)
     sync.finish()
     return {"w": w.detach().clone(), "anchor": sync.anchor.clone(), "rounds": sync.rounds, "elapsed":
-            time.perf_counter() - t0, "sync": sync.trace, "link": getattr(link, "trace", []), "steps": steps_trace}
+            time.perf_counter() - t0, "sync": list(sync.trace), "link": getattr(link, "trace", []), "steps": steps_trace}
 
 
 def reference(steps: int) -> list[torch.Tensor]:

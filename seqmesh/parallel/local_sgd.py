@@ -34,6 +34,7 @@ above, not the paper's constants.
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from dataclasses import dataclass
@@ -43,6 +44,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+
+TRACE_LEN = 300  # (event, time) pairs kept: the last hundred rounds
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,10 @@ class AllReduceLink:
 
 class OuterSync:
     """CO2's outer loop over ``params`` (module docstring). ``groups``: number of node groups;
-    ``inner_group``/``inner_size``/``inner_rank``: this rank's node group (the slices' all-gather)."""
+    ``inner_group``/``inner_size``/``inner_rank``: this rank's node group (the slices' all-gather).
+
+    It holds four fp32 copies of the parameters (anchor, snapshot, outer momentum, the last average),
+    as CO2 does, and ``trace``: the times of its recent launches, waits and applications."""
 
     def __init__(self, params: Sequence[Tensor], config: OuterConfig, link: OuterLink, *, groups: int,
                  inner_group: dist.ProcessGroup | None, inner_size: int, inner_rank: int) -> None:
@@ -103,7 +110,7 @@ class OuterSync:
         self.previous: Tensor | None = None       # the last applied round average (staleness gap)
         self.pending: tuple[Pending, Tensor] | None = None
         self.rounds = 0
-        self.trace: list[tuple[str, float]] = []
+        self.trace: collections.deque[tuple[str, float]] = collections.deque(maxlen=TRACE_LEN)
 
     def _flat(self) -> Tensor:
         """A copy of the parameters as one fp32 vector (never a view: one tensor flattens to a view)."""
