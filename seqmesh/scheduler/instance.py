@@ -12,6 +12,9 @@ With arbitrary sizes the blocks may overlap without nesting; the simulator then 
 Under a cluster file (``CostModel.links``) blocks of one size differ by the links they span, so a
 sequence's time depends on the block (``block_times``, ``t``): blocks with one link pattern share
 one row of times, and ``times`` keeps each sequence's best block (what degree choices and bounds use).
+With several SP modes to choose from (``attention.choose``) a sequence's time is its fastest mode's;
+the simulator prices a group at the one mode fastest for all its sequences together (never less),
+and the planners keep whichever answer it finds fastest.
 Under PP (``cost_model.pp > 1``) times are stage times and every rank also pays the pipeline's fill
 and drain, ``pp - 1`` times its largest micro-batch (``pipeline_finish``); nested blocks keep each
 rank's micro-batches at consecutive positions, as the pipelined trainer needs.
