@@ -274,7 +274,8 @@ def parse_cluster(text: str, where: str = "cluster file") -> ClusterLinks:
         cls = r.choice(fields["class"], f"{key}.class", tuple(c for c in LINK_CLASSES if c not in INTRA_CLASSES))
         a, b = index[pair[0]], index[pair[1]]
         node_class[a, b] = node_class[b, a] = cls_index[cls]
-    used = {LINK_CLASSES[c] for c in np.unique(node_class)}
+    off_diagonal = node_class[~np.eye(len(names), dtype=bool)]
+    used = {LINK_CLASSES[c] for c in np.unique(off_diagonal)} | ({intra} if gpus_per_node > 1 else set())
     missing = sorted(used - set(bandwidth), key=LINK_CLASSES.index)
     if missing:
         raise r.fail(top["bandwidth_GBps"], "bandwidth_GBps",
