@@ -119,3 +119,50 @@ def test_resume_continues_exactly(tmp_path: Path, corpus: Path) -> None:
     assert all(isinstance(f["one_off"], dict) and not (f["one_off"] and f["fit"]) for f in feedback)
     assert resumed == straight
     assert straight[-1] < straight[0]
+
+
+# parallel.sp_mode=auto: the plan names each group's mode, and one step may mix them.
+MIXED = plan_from_assignment(4, [
+    [(0, 1, [0, 1]), (1, 1, [2]), (2, 2, [3, 4, 5], "tokenring")],
+    [(0, 2, [6], "ulysses"), (2, 1, [7])],
+    [(0, 2, [8], "ring")],
+])
+
+
+def _mixed_step(rank: int, world: int) -> tuple[float, dict[str, torch.Tensor]]:
+    import functools
+
+    from seqmesh.parallel.step_runner import forward_backward
+    from seqmesh.trainer.microbatch import autocast, batch_layout, loss_sum_of
+
+    cfg = config_from_dict({"parallel": {"sp_mode": "auto"}, "launch": {"num_workers": world}})
+    mesh = Mesh(world, rank)
+    mesh.ensure_sp_groups((g.first, g.count) for mb in MIXED.microbatches for g in mb.groups)
+    model, docs = _model(), _docs()
+    layout = batch_layout(lambda g: [docs[s] for s in g.sequences], cfg.parallel, torch.device("cpu"))
+    denominator = num_targets(LENGTHS)
+    loss_sum = torch.zeros(())
+    for _, group in MIXED.work_of(rank):
+        mb = layout(group, mesh.sp_group(group.first, group.count))
+        assert mb.meta.mode == (group.mode or "local")
+        loss_sum += forward_backward(model, mb, loss_sum_of, denominator,
+                                     functools.partial(autocast, cfg.model.dtype, torch.device("cpu")))
+    reduce_gradients(model.parameters())
+    dist.all_reduce(loss_sum)
+    return loss_sum.item() / denominator, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_groups_of_one_step_may_run_different_modes() -> None:
+    ref_loss, ref_grads = _reference()
+    for loss, grads in run_distributed(_mixed_step, 4):
+        assert loss == pytest.approx(ref_loss, rel=1e-6)
+        for name, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_auto_mode_needs_the_plan_to_name_it() -> None:
+    from seqmesh.trainer.microbatch import layout_group
+
+    cfg = config_from_dict({"parallel": {"sp_mode": "auto"}, "launch": {"num_workers": 2}})
+    with pytest.raises(ValueError, match="sp_mode=auto needs the plan to name each group's mode"):
+        layout_group(_docs()[:2], object(), cfg.parallel, torch.device("cpu"))

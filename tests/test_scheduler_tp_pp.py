@@ -231,15 +231,20 @@ def test_exact_milp_under_pp_equals_brute_force(seed):
 # ---- pp = tp = 1 is the model of before --------------------------------------------------------
 
 def test_pp_tp_1_plans_are_unchanged():
-    """Figures of the planner before TP/PP accounting existed (same inputs, same digests, same ms)."""
+    """Figures of the planner before TP/PP accounting existed (same inputs, same digests, same ms).
+
+    The adaptive digests changed once since, on purpose: a block's micro-batches now run shortest
+    first (``Instance.to_plan``), which leaves every rank's finish as it was (the last ms digit of
+    the 8-GPU case moved by summation order) and lets the gradient reduction hide behind longer
+    last backwards."""
     cm = CostModel(alpha1_ms_per_tok2=2e-4, alpha2_ms_per_tok=0.5, beta_ms=20.0,
                    a2a_GBps={2: 2.0, 4: 1.5, 8: 1.0}, comm_bytes_per_token=2e5,
                    mem_bytes_per_token=1e5, mem_static_bytes=1e8, mem_limit_bytes=1e8 + 1e5 * 4000, grad_reduce_ms=5.0)
     assert cm.with_layout(1, 1) == cm
     cases = [(2, [3000, 120, 800, 2500, 60, 4000, 1500],
-              (6466.6, "77939c97e5ff3aab", 6445.75, 6466.6, "1b3a74124b76ecfb")),
+              (6466.6, "277c72bfbe015921", 6445.75, 6466.6, "1b3a74124b76ecfb")),
              (8, [int(x) for x in np.random.default_rng(3).integers(20, 9000, 40)],
-              (37672.74510000001, "e34d2468bf8f17b6", 37381.75630000001, 38589.83505000001, "7ea4d010b0e5840a"))]
+              (37672.7451, "a48c56ca69185caf", 37381.75630000001, 38589.83505000001, "7ea4d010b0e5840a"))]
     for gpus, lengths, expected in cases:
         plan, static = plan_step(lengths, gpus, cm), best_static(lengths, gpus, cm)
         assert (plan.predicted_ms, plan.digest(), lower_bound(lengths, gpus, cm), static.predicted_ms,

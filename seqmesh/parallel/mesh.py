@@ -26,6 +26,7 @@ class Mesh:
     rank: int
     tp: int = 1
     pp: int = 1
+    local_groups: int = 1  # node groups of local updates (seqmesh.parallel.local_sgd); 1: none
     _sp_groups: dict[tuple[int, int], "dist.ProcessGroup"] = field(default_factory=dict, repr=False)
     _hdp_group: "dist.ProcessGroup | None" = field(default=None, repr=False)
     _grad_group: "dist.ProcessGroup | None" = field(default=None, repr=False)
@@ -34,6 +35,8 @@ class Mesh:
     _embedding_group: "dist.ProcessGroup | None" = field(default=None, repr=False)
     _embedding_made: bool = field(default=False, repr=False)  # middle stages hold no embedding group
     _channels: "tuple[dist.ProcessGroup, ...] | None" = field(default=None, repr=False)
+    _inner: "tuple[dist.ProcessGroup, dist.ProcessGroup] | None" = field(default=None, repr=False)
+    _outer_group: "dist.ProcessGroup | None" = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.tp < 1 or self.pp < 1:
@@ -41,6 +44,8 @@ class Mesh:
         if self.world % (self.tp * self.pp):
             raise ValueError(f"world size {self.world} is not divisible by tp x pp = {self.tp} x {self.pp}; "
                              f"change the number of ranks or the layout")
+        if self.local_groups < 1 or self.hdp % self.local_groups:
+            raise ValueError(f"local_groups={self.local_groups} must divide the {self.hdp} HDP ranks")
 
     @property
     def hdp(self) -> int:
@@ -92,6 +97,55 @@ class Mesh:
                     if p == self.pp_rank and t == self.tp_rank:
                         self._grad_group = g
         return self._grad_group
+
+    # ---- local updates: node groups of HDP ranks (seqmesh.parallel.local_sgd) ----------------------
+    @property
+    def inner_size(self) -> int:
+        """HDP ranks per node group (all of HDP without local updates)."""
+        return self.hdp // self.local_groups
+
+    @property
+    def inner_rank(self) -> int:
+        return self.hdp_rank % self.inner_size
+
+    def inner_index(self, hdp_rank: int) -> int:
+        """The node group holding an HDP rank."""
+        return hdp_rank // self.inner_size
+
+    def _inner_groups(self) -> "tuple[dist.ProcessGroup, dist.ProcessGroup]":
+        """(optimizer group, gradient-bucket group) of this rank's node group: two, as ``grad_group`` explains."""
+        if self._inner is None:
+            for p in range(self.pp):
+                for t in range(self.tp):
+                    for k in range(self.local_groups):
+                        ranks = [self.global_rank(p, k * self.inner_size + i, t) for i in range(self.inner_size)]
+                        pair = (_new_group(ranks), _new_group(ranks))
+                        if (p, t, k) == (self.pp_rank, self.tp_rank, self.inner_index(self.hdp_rank)):
+                            self._inner = pair
+        return self._inner
+
+    @property
+    def inner_group(self) -> "dist.ProcessGroup | None":
+        """The group gradients and ZeRO shards live in: the node group under local updates, else HDP."""
+        return self.hdp_group if self.local_groups == 1 else self._inner_groups()[0]
+
+    @property
+    def inner_grad_group(self) -> "dist.ProcessGroup":
+        """``grad_group``'s counterpart inside the node group."""
+        return self.grad_group if self.local_groups == 1 else self._inner_groups()[1]
+
+    @property
+    def outer_group(self) -> "dist.ProcessGroup":
+        """The ranks holding the same slice in every node group: the outer synchronisation's (slow) links."""
+        if self._outer_group is None:
+            for p in range(self.pp):
+                for t in range(self.tp):
+                    for i in range(self.inner_size):
+                        g = _new_group([self.global_rank(p, k * self.inner_size + i, t)
+                                        for k in range(self.local_groups)])
+                        if (p, t, i) == (self.pp_rank, self.tp_rank, self.inner_rank):
+                            self._outer_group = g
+        return self._outer_group
 
     def tp_ranks(self, pp_rank: int | None = None, hdp_rank: int | None = None) -> list[int]:
         """Global ranks of one TP group (this rank's by default): consecutive, so they share a node's links."""

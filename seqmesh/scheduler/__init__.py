@@ -10,7 +10,7 @@ from typing import Sequence
 
 from seqmesh.scheduler.cost_model import CostModel, default_cost_model
 from seqmesh.scheduler.plan import Group, MicroBatch, Plan
-from seqmesh.scheduler.simulate import check_plan, lower_bound, simulate
+from seqmesh.scheduler.simulate import assign_modes, check_plan, lower_bound, simulate
 from seqmesh.scheduler.static import static_plan
 
 __all__ = ["CostModel", "Group", "MicroBatch", "Plan", "check_plan", "default_cost_model", "lower_bound",
@@ -35,6 +35,7 @@ def plan_step(lengths: Sequence[int], gpus: int, cost_model: CostModel, *, polic
         plan = adaptive_plan(lengths, gpus, cost_model, group_sizes=group_sizes, time_limit_s=time_limit_s)
     else:
         raise ValueError(f"scheduler policy {policy!r} is not known; choose 'adaptive' or 'static'")
+    plan = assign_modes(plan, lengths, cost_model)
     if certify:
         from seqmesh.scheduler.bound import certified_bound
 

@@ -2,7 +2,7 @@
 
     seqmesh plan --lengths FILE --gpus N --global-batch B [--batches K] --cost-model FILE.json
                  --out plans.jsonl [--baseline static-sp=K|best-static] [--group-sizes 1,2,4]
-                 [--time-limit S] [--tp T] [--pp P] [--certify] [--extrapolate-bandwidth]
+                 [--time-limit S] [--tp T] [--pp P] [--certify] [--extrapolate-bandwidth] [--cluster FILE]
 
 FILE holds one length per line; batch k is lines k*B .. (k+1)*B-1 and sequence ids are indices
 within the batch. Each batch's plan goes to ``--out`` (one Plan JSON per line) and one summary line
@@ -13,6 +13,7 @@ must describe one device's whole model (a profile) or already that layout. ``--c
 certified lower bound (seqmesh.scheduler.bound) and the plan's gap to it to each summary line.
 ``--extrapolate-bandwidth`` lets group sizes missing from the cost model's ``a2a_GBps`` take the
 nearest listed size's bandwidth (an assumption; without it such sizes are refused or left out).
+``--cluster`` prices every group by the links of its own ranks (seqmesh.scheduler.links).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 from seqmesh.scheduler import plan_step
 from seqmesh.scheduler.bound import certified_bound
 from seqmesh.scheduler.cost_model import CostModel
+from seqmesh.scheduler.links import load_cluster
 from seqmesh.scheduler.plan import Plan
 from seqmesh.scheduler.static import baseline_plan
 
@@ -67,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of each HDP rank (default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages of each HDP rank (default 1)")
     p.add_argument("--certify", action="store_true", help="also solve the certified lower bound and report the gap")
+    p.add_argument("--cluster", default=None, help="cluster file with link classes (conf/clusters/two_nic.yaml): "
+                   "every group is priced by its own ranks' links")
     p.add_argument("--extrapolate-bandwidth", action="store_true",
                    help="price group sizes missing from a2a_GBps with the nearest listed size below (an assumption)")
     return p
@@ -90,6 +94,8 @@ def plan_main(argv: list[str]) -> int:
         cost_model = CostModel.load(args.cost_model).for_layout(args.tp, args.pp)
         if args.extrapolate_bandwidth:
             cost_model = dataclasses.replace(cost_model, extrapolate_bandwidth=True)
+        if args.cluster:
+            cost_model = cost_model.with_links(load_cluster(args.cluster))
         lengths = read_lengths(args.lengths)
         available = len(lengths) // args.global_batch
         batches = available if args.batches is None else args.batches

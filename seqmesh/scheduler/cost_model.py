@@ -49,6 +49,17 @@ rank does, so one profile prices every layout:
 With ``tp = pp = 1`` every figure is the formula above, bit for bit. ``group_ms`` and ``seq_ms``
 therefore always return one device's (one stage's) time.
 
+**SP mode** (``attention``; optional, Ulysses): ``{"mode": "ring" | "tokenring", "q_heads",
+"kv_heads", "head_dim", "layers", "act_bytes", "forward_passes", "p2p_GBps"}`` prices a group by
+the ring modes' overlapped transfers instead of Ulysses' all-to-all (``seqmesh.scheduler.sp_comm``
+derives the term from each mode's volumes); ``"mode": "ulysses"`` (or no key) is the formula above.
+
+**Links** (``links``, from a cluster file, ``scheduler.cluster``; never in the JSON): with a
+``seqmesh.scheduler.links.ClusterLinks`` every group is priced by the links its own ranks use
+(``block``): Ulysses by the all-to-all rate of its busiest port, the ring modes per hop and step;
+``a2a_GBps`` and ``p2p_GBps`` are then not read and every group size is priced. Times without a
+block (``first=None``) are those of the fastest aligned block of that size, so bounds stay bounds.
+
 seqmesh's own JSON is the external form plus ``"format": "seqmesh-cost-model/1"``, those
 extensions and a free-form ``"source"`` (where the coefficients came from).
 """
@@ -64,6 +75,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from seqmesh.scheduler.links import Block, ClusterLinks
+from seqmesh.scheduler.sp_comm import AttentionComm, ring_exposed_ms
 
 FORMAT = "seqmesh-cost-model/1"
 # A profiled cost model that ships with seqmesh (conf/cost_models/README.md says where its figures come from).
@@ -93,7 +107,11 @@ class CostModel:
     tp_GBps: float = 0.0
     source: str = ""
     extrapolate_bandwidth: bool = False
+    attention: AttentionComm = AttentionComm()
+    links: ClusterLinks | None = field(default=None, compare=False)
     _bw_sizes: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    _blocks: dict = field(init=False, repr=False, compare=False)
+    _rates: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for key in ("alpha1_ms_per_tok2", "alpha2_ms_per_tok", "beta_ms", "comm_bytes_per_token",
@@ -118,6 +136,8 @@ class CostModel:
         if any(not (isinstance(s, (int, float)) and s > 0) for s in self.speed):
             raise ValueError(f"cost model: speed factors must all be > 0, got {list(self.speed)}")
         object.__setattr__(self, "_bw_sizes", tuple(sorted(self.a2a_GBps)))
+        object.__setattr__(self, "_blocks", {})
+        object.__setattr__(self, "_rates", {})
 
     # ---- layout -----------------------------------------------------------------------------------
     @property
@@ -167,9 +187,70 @@ class CostModel:
 
     # ---- time -------------------------------------------------------------------------------------
     def priced(self, d: int) -> bool:
-        """Whether a group of ``d`` ranks has a time: one rank always, wider ones when ``a2a_GBps``
-        lists ``d`` (or lists anything, under ``extrapolate_bandwidth``)."""
-        return d == 1 or d in self.a2a_GBps or (self.extrapolate_bandwidth and bool(self._bw_sizes))
+        """Whether a group of ``d`` ranks has a time: one rank always; wider ones under a cluster file,
+        or when the mode's table (``a2a_GBps`` for Ulysses, ``attention.p2p_GBps`` for the ring modes)
+        lists ``d`` (Ulysses: or lists anything, under ``extrapolate_bandwidth``)."""
+        if d == 1 or self.links is not None:
+            return True
+        return any(self._table_prices(d, m) for m in self.attention.modes(d))
+
+    def _table_prices(self, d: int, mode: str) -> bool:
+        if mode != "ulysses":
+            return d in self.attention.p2p_GBps
+        return d in self.a2a_GBps or (self.extrapolate_bandwidth and bool(self._bw_sizes))
+
+    def has_comm_prices(self) -> bool:
+        """Whether any group wider than one rank can be priced (a table or a cluster file)."""
+        modes = self.attention.choose or (self.attention.mode,)
+        return self.links is not None or any(bool(self.a2a_GBps if m == "ulysses" else self.attention.p2p_GBps)
+                                             for m in modes)
+
+    def modes(self, d: int) -> tuple[str, ...]:
+        """The SP modes a group of ``d`` ranks may run that this model prices (``attention.choose``,
+        or its one ``mode``)."""
+        if d == 1:
+            return (self.attention.mode,)  # nothing to communicate: every mode is the same
+        allowed = self.attention.modes(d)
+        if self.links is not None:
+            return allowed
+        return tuple(m for m in allowed if self._table_prices(d, m)) or allowed
+
+    def best_mode(self, lengths: Sequence[int], d: int, first: int | None = None) -> str:
+        """The mode that runs ``lengths`` on a group of ``d`` soonest (ties: the order of ``modes``)."""
+        modes = self.modes(d)
+        if len(modes) == 1:
+            return modes[0]
+        s = np.asarray(lengths, dtype=np.float64)
+        return min(modes, key=lambda m: float(np.sum(self._mode_seq_ms(s, d, first, m))))
+
+    # ---- links ------------------------------------------------------------------------------------
+    def with_links(self, links: ClusterLinks | None) -> "CostModel":
+        """This model pricing every group by the links of its ranks (None: the tables again)."""
+        return dataclasses.replace(self, links=links)
+
+    def block(self, first: int, d: int) -> Block | None:
+        """The links of the group ``[first, first + d)`` of HDP ranks (None without a cluster file)."""
+        if self.links is None:
+            return None
+        key = (first, d)
+        if key not in self._blocks:
+            self._blocks[key] = self.links.block(self.links.hdp_nodes(first + d, self.tp), first, d)
+        return self._blocks[key]
+
+    def aligned_blocks(self, d: int, gpus: int | None = None) -> list[Block]:
+        """The aligned blocks of ``d`` ranks over ``gpus`` HDP ranks (the cluster's, None)."""
+        if self.links is None:
+            return []
+        gpus = self.links.world // self.tp if gpus is None else gpus
+        return [self.block(k * d, d) for k in range(gpus // d)]
+
+    def _link_patterns(self, d: int) -> list[Block]:
+        """One aligned block of ``d`` ranks per link pattern in the cluster: what ``first=None`` takes
+        the fastest of."""
+        key = ("patterns", d)
+        if key not in self._blocks:
+            self._blocks[key] = list({b.key: b for b in self.aligned_blocks(d)}.values())
+        return self._blocks[key]
 
     def unpriced_error(self, d: int) -> ValueError:
         """The error for a group size the model does not price: the size, the priced ones, the fixes."""
@@ -194,11 +275,31 @@ class CostModel:
         below = [k for k in self._bw_sizes if k < d]
         return self.a2a_GBps[below[-1] if below else self._bw_sizes[0]]
 
-    def comm_ms_per_token(self, d: int) -> float:
-        """Communication per token of a group of ``d``, already divided by ``d`` (per rank; whole model, TP 1)."""
+    def comm_ms_per_token(self, d: int, first: int | None = None) -> float:
+        """Ulysses' communication per token of a group of ``d``, already divided by ``d`` (per rank;
+        whole model, TP 1): at the group's links when a cluster file is given (the fastest aligned
+        block of ``d`` when ``first`` is None), else at ``a2a_GBps[d]``."""
         if d == 1:
             return 0.0
+        if self.links is not None:
+            blocks = [self.block(first, d)] if first is not None else self._link_patterns(d)
+            return self.comm_bytes_per_token / d / (max(b.a2a_GBps for b in blocks) * 1e6)
         return self.comm_bytes_per_token / d / (self.bandwidth_GBps(d) * 1e6)
+
+    def ring_comm_ms(self, s: Any, d: int, first: int | None = None, mode: str | None = None) -> np.ndarray:
+        """A ring mode's (``mode``, default ``attention.mode``) exposed communication per sequence (one
+        device): at the group's links, or the least of the aligned blocks' when ``first`` is None
+        under a cluster file."""
+        s = np.asarray(s, dtype=np.float64)
+        if d == 1:
+            return np.zeros_like(s)
+        if self.links is None:
+            blocks: list[Block | None] = [None]
+        else:
+            blocks = [self.block(first, d)] if first is not None else self._link_patterns(d)
+        attn = self.attention if mode in (None, self.attention.mode) else dataclasses.replace(self.attention, mode=mode)
+        per_block = [ring_exposed_ms(attn, s, d, self.alpha1_ms_per_tok2, b, self._rates) for b in blocks]
+        return np.min(per_block, axis=0) / self.tp
 
     def tp_comm_ms_per_token(self, d: int) -> float:
         """TP's all-gathers and reduce-scatters per token of a group of ``d`` (per rank; whole model)."""
@@ -206,17 +307,43 @@ class CostModel:
             return 0.0
         return self.comm_bytes_per_token * (self.tp - 1) / self.tp / d / (self.tp_GBps * 1e6)
 
-    def seq_ms(self, s: Any, d: int) -> Any:
-        """A sequence's (or an array of sequences') share of a group's time on one device, without beta."""
+    def seq_ms(self, s: Any, d: int, first: int | None = None, mode: str | None = None) -> Any:
+        """A sequence's (or an array of sequences') share of a group's time on one device, without
+        beta; ``first``: the group's first rank, which decides its links under a cluster file;
+        ``mode``: its SP mode (None: the fastest of ``modes(d)`` for each sequence)."""
         s = np.asarray(s, dtype=np.float64) if not isinstance(s, (int, float)) else float(s)
-        comm = self.comm_ms_per_token(d) / self.tp + self.tp_comm_ms_per_token(d)
-        return ((self.alpha1_ms_per_tok2 * s * s + self.alpha2_ms_per_tok * s) / (d * self.tp) + s * comm) / self.pp
+        modes = (mode,) if mode else self.modes(d)
+        if len(modes) == 1:
+            return self._mode_seq_ms(s, d, first, modes[0])
+        return np.minimum.reduce([self._mode_seq_ms(s, d, first, m) for m in modes])
 
-    def group_ms(self, lengths: Sequence[int], d: int, speed: float = 1.0) -> float:
-        """Time of one group running ``lengths`` in one micro-batch at the pace ``speed`` (one stage's)."""
+    def _mode_seq_ms(self, s: Any, d: int, first: int | None, mode: str) -> Any:
+        compute = (self.alpha1_ms_per_tok2 * s * s + self.alpha2_ms_per_tok * s) / (d * self.tp)
+        if mode != "ulysses":
+            ring = self.ring_comm_ms(s, d, first, mode)
+            return (compute + s * self.tp_comm_ms_per_token(d) + (float(ring) if np.ndim(s) == 0 else ring)) / self.pp
+        comm = self.comm_ms_per_token(d, first) / self.tp + self.tp_comm_ms_per_token(d)
+        return (compute + s * comm) / self.pp
+
+    def comm_ms(self, s: Any, d: int) -> Any:
+        """The communication share of ``seq_ms`` (SP and TP) at the fastest group of ``d`` ranks, in
+        the mode that communicates least."""
+        out = []
+        for mode in self.modes(d):
+            if mode != "ulysses":
+                out.append((s * self.tp_comm_ms_per_token(d) + self.ring_comm_ms(s, d, mode=mode)) / self.pp)
+            else:
+                out.append(s * (self.comm_ms_per_token(d) / self.tp + self.tp_comm_ms_per_token(d)) / self.pp)
+        return out[0] if len(out) == 1 else np.minimum.reduce(out)
+
+    def group_ms(self, lengths: Sequence[int], d: int, speed: float = 1.0, first: int | None = None,
+                 mode: str | None = None) -> float:
+        """Time of one group running ``lengths`` in one micro-batch at the pace ``speed`` (one stage's),
+        in ``mode`` (None: the group's best mode, ``best_mode``)."""
         if not len(lengths):
             return 0.0
-        return (float(np.sum(self.seq_ms(np.asarray(lengths), d))) + self.microbatch_ms) / speed
+        mode = mode or self.best_mode(lengths, d, first)
+        return (float(np.sum(self.seq_ms(np.asarray(lengths), d, first, mode))) + self.microbatch_ms) / speed
 
     def rank_speed(self, gpus: int) -> np.ndarray:
         """Per-rank speed factors for an HDP group of ``gpus`` ranks (all 1.0 unless given)."""
@@ -261,6 +388,8 @@ class CostModel:
             d["source"] = self.source
         if self.extrapolate_bandwidth:
             d["extrapolate_bandwidth"] = True
+        if self.attention != AttentionComm():
+            d["attention"] = self.attention.to_dict()
         return d
 
     def to_json(self) -> str:
@@ -282,7 +411,7 @@ class CostModel:
             raise ValueError(f"{where}: missing key{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} "
                              f"(a cost model needs {', '.join(_REQUIRED)}; `seqmesh profile` writes one)")
         unknown = sorted(set(raw) - set(_REQUIRED) - {"format", "speed", "grad_reduce_ms", "source", "tp", "pp",
-                                                      "tp_GBps", "extrapolate_bandwidth"})
+                                                      "tp_GBps", "extrapolate_bandwidth", "attention"})
         if unknown:
             raise ValueError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}")
 
@@ -321,7 +450,8 @@ class CostModel:
                        speed=tuple(number("speed", s) for s in speed),
                        grad_reduce_ms=number("grad_reduce_ms", raw.get("grad_reduce_ms", 0.0)),
                        tp=degree("tp"), pp=degree("pp"), tp_GBps=number("tp_GBps", raw.get("tp_GBps", 0.0)),
-                       source=str(raw.get("source", "")))
+                       source=str(raw.get("source", "")),
+                       attention=AttentionComm.from_dict(raw.get("attention", {}), where))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
 
@@ -345,7 +475,7 @@ class CostModel:
     def with_speed(self, speed: Sequence[float]) -> "CostModel":
         d = self.to_dict()
         d["speed"] = [float(s) for s in speed]
-        return CostModel.from_dict(d)
+        return CostModel.from_dict(d).with_links(self.links)
 
 
 def default_cost_model(*, params: float, hidden_size: int, num_layers: int, device_flops: float,

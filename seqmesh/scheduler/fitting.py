@@ -55,7 +55,8 @@ def _own_coefficients(cost_model: CostModel, sizes: Sequence[int]) -> np.ndarray
         alpha2 += cost_model.comm_bytes_per_token * (cost_model.tp - 1) / (cost_model.tp_GBps * 1e6)
     # an unpriced size has no prior (0: nothing pulls its fitted value)
     comm = [cost_model.comm_bytes_per_token / (cost_model.bandwidth_GBps(k) * 1e6)
-            if cost_model.a2a_GBps and cost_model.priced(k) else 0.0 for k in sizes]
+            if k in cost_model.a2a_GBps or (cost_model.a2a_GBps and cost_model.extrapolate_bandwidth) else 0.0
+            for k in sizes]
     return np.asarray([cost_model.alpha1_ms_per_tok2, alpha2, cost_model.beta_ms, *comm])
 
 
@@ -149,7 +150,9 @@ def refine(cost_model: CostModel, observations: Sequence[Observation], *, prior_
     d.update(alpha1_ms_per_tok2=float(coef[0]), alpha2_ms_per_tok=float(coef[1]), beta_ms=float(coef[2]),
              a2a_GBps={str(k): v for k, v in bw.items()}, tp_GBps=0.0,
              source=(cost_model.source + "; " if cost_model.source else "") + note)
-    return CostModel.from_dict(d)
+    # Under a cluster file the groups' links come from the file, not from a2a_GBps: the refit
+    # bandwidths are kept in the table but the file's link terms keep pricing the groups.
+    return CostModel.from_dict(d).with_links(cost_model.links)
 
 
 def predicted_error(cost_model: CostModel, observations: Sequence[Observation]) -> float:

@@ -65,9 +65,9 @@ class _Level:
             return per_rank[: self.nb]
         return per_rank[: self.nb * self.d].reshape(self.nb, self.d).max(axis=1)
 
-    def best(self, fin: np.ndarray, n: int, t: float, beta: float,
+    def best(self, fin: np.ndarray, n: int, t: np.ndarray, beta: float,
              drain: _Drain | None = None) -> tuple[int, float]:
-        """The block that would finish a sequence (n tokens, t ms) earliest, and that finish time."""
+        """The block that would finish a sequence (n tokens, ``t`` ms on each block) earliest, and that finish time."""
         start = self.starts(fin)
         finish = start + (t + beta * (self.most_free < n)) / self.speed
         if drain is not None:
@@ -75,7 +75,7 @@ class _Level:
         b = int(np.argmin(finish))
         return b, float(finish[b])
 
-    def best_open(self, fin: np.ndarray, n: int, t: float, drain: _Drain | None = None) -> tuple[int, float]:
+    def best_open(self, fin: np.ndarray, n: int, t: np.ndarray, drain: _Drain | None = None) -> tuple[int, float]:
         """Like ``best``, but only among blocks with a micro-batch that has room (no new beta)."""
         room = self.most_free >= n
         if not room.any():
@@ -112,7 +112,7 @@ class _Drain:
         self.factor, self.beta = inst.pp - 1, inst.beta
         self.peak = np.zeros(inst.gpus)
 
-    def cost(self, level: _Level, item_ms: float) -> np.ndarray:
+    def cost(self, level: _Level, item_ms: np.ndarray) -> np.ndarray:
         """Each block's fill and drain if it took a sequence whose micro-batch alone takes ``item_ms``."""
         return self.factor * np.maximum(level.starts(self.peak), item_ms / level.speed)
 
@@ -212,7 +212,7 @@ def place(inst: Instance, deg: np.ndarray, target_ms: float = np.inf,
         for i in ids:
             n = int(lengths[i])
             t = float(inst.times[d][i])
-            b, finish = heap.best(fin, n, t) if heap else levels[d].best(fin, n, t, beta, drain)
+            b, finish = heap.best(fin, n, t) if heap else levels[d].best(fin, n, inst.block_times(d, i), beta, drain)
             chosen = d
             # widen only a sequence that is long for the room left on the emptiest rank: others
             # overflow from packing, not from their length
@@ -222,19 +222,20 @@ def place(inst: Instance, deg: np.ndarray, target_ms: float = np.inf,
                     tw = float(inst.times[w][i])
                     if floor + tw / inst.speed.max() > target_ms:
                         continue
-                    bw, fw = levels[w].best(fin, n, tw, beta, drain)
+                    bw, fw = levels[w].best(fin, n, inst.block_times(w, i), beta, drain)
                     if fw <= target_ms:
                         chosen, b = w, bw
                         break
             elif ride_along and beta > 0 and _opens_bin(levels[d], b, n):
                 # riding along in a wider group's open micro-batch may beat paying a new beta
                 for w in (w for w in inst.sizes if w > d):
-                    bw, fw = levels[w].best_open(fin, n, float(inst.times[w][i]), drain)
+                    bw, fw = levels[w].best_open(fin, n, inst.block_times(w, i), drain)
                     if fw < finish:
                         chosen, b, finish = w, bw, fw
-            levels[chosen].add(b, i, n, float(inst.times[chosen][i]), beta, fin)
+            t_block = float(inst.t(chosen, b * chosen)[i])
+            levels[chosen].add(b, i, n, t_block, beta, fin)
             if drain is not None:
-                drain.add(levels[chosen], b, float(inst.times[chosen][i]) + beta)
+                drain.add(levels[chosen], b, t_block + beta)
             if heap:
                 heap.touch(fin, range(b * chosen, (b + 1) * chosen))
     sched: Schedule = {}
@@ -358,7 +359,7 @@ class _Repair:
             if not room:
                 continue
             ranks = slice(first, first + d)
-            add = float(inst.times[d][i]) / float(inst.block_speed[d][first // d])
+            add = float(inst.t(d, first)[i]) / float(inst.block_speed[d][first // d])
             after = self.fin[ranks] + add
             if first <= r < first + d:
                 after[r - first] -= saved
@@ -401,7 +402,8 @@ def finish_times(inst: Instance, sched: Schedule) -> tuple[np.ndarray, np.ndarra
     fin = np.zeros(inst.gpus)
     leaf = np.zeros(inst.gpus)
     for (first, d), bins in sorted(sched.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
-        load = sum(float(inst.times[d][ids].sum()) for ids in bins if ids) + inst.beta * sum(1 for ids in bins if ids)
+        t = inst.t(d, first)
+        load = sum(float(t[ids].sum()) for ids in bins if ids) + inst.beta * sum(1 for ids in bins if ids)
         pace = float(inst.speed[first:first + d].min())
         fin[first:first + d] = fin[first:first + d].max() + load / pace
         if d == 1:
@@ -415,7 +417,7 @@ def pipeline_finish(inst: Instance, sched: Schedule) -> np.ndarray:
     fin = np.zeros(inst.gpus)
     peak = np.zeros(inst.gpus)
     for (first, d), bins in sorted(sched.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
-        items = [float(inst.times[d][ids].sum()) + inst.beta for ids in bins if ids]
+        items = [float(inst.t(d, first)[ids].sum()) + inst.beta for ids in bins if ids]
         if not items:
             continue
         pace = float(inst.speed[first:first + d].min())
@@ -424,11 +426,12 @@ def pipeline_finish(inst: Instance, sched: Schedule) -> np.ndarray:
     return fin + (inst.pp - 1) * peak
 
 
-def _split_block(inst: Instance, d: int, ids: list[int], cap_ms: float) -> list[list[int]]:
+def _split_block(inst: Instance, block: tuple[int, int], ids: list[int], cap_ms: float) -> list[list[int]]:
     """One block's sequences as micro-batches of at most ``cap_ms`` (stage time with beta; a longer
     sequence alone), balanced (longest first into the least loaded micro-batch with room) and within
     the block's memory."""
-    t, lengths, capacity = inst.times[d], inst.lengths, inst.capacity[d]
+    first, d = block
+    t, lengths, capacity = inst.t(d, first), inst.lengths, inst.capacity[d]
     order = sorted(ids, key=lambda i: (-t[i], i))
     budget = cap_ms - inst.beta
     count = min(len(order), max(1, math.ceil(float(t[order].sum()) / max(budget, 1e-12))))
@@ -476,13 +479,14 @@ def pipeline_repack(inst: Instance, sched: Schedule) -> tuple[Schedule, float]:
     blocks = {(first, d): [i for ids in bins for i in ids] for (first, d), bins in sched.items() if any(bins)}
     largest = np.zeros(inst.gpus)  # stage time of each rank's largest sequence alone
     for (first, d), ids in blocks.items():
-        item = (float(inst.times[d][ids].max()) + inst.beta) / float(inst.speed[first:first + d].min())
+        item = (float(inst.t(d, first)[ids].max()) + inst.beta) / float(inst.speed[first:first + d].min())
         largest[first:first + d] = np.maximum(largest[first:first + d], item)
     floor = {(first, d): float(largest[first:first + d].min()) * float(inst.speed[first:first + d].min())
              for first, d in blocks}
-    cap = max(float(inst.times[d][ids].sum()) + inst.beta for (_, d), bins in sched.items() for ids in bins if ids)
+    cap = max(float(inst.t(d, first)[ids].sum()) + inst.beta for (first, d), bins in sched.items() for ids in bins
+              if ids)
     for _ in range(_REPACK_STEPS):
-        candidate = {blk: _split_block(inst, blk[1], ids, max(cap, floor[blk])) for blk, ids in blocks.items()}
+        candidate = {blk: _split_block(inst, blk, ids, max(cap, floor[blk])) for blk, ids in blocks.items()}
         ms = float(pipeline_finish(inst, candidate).max(initial=0.0))
         if ms < best[1] * (1 - 1e-12):
             best = (candidate, ms)

@@ -141,7 +141,7 @@ def _matrices(inst: Instance, model: _Model):
         terms = [(y, inst.beta / pace)]
         for c in by_slot.get(y, []):
             j = model.xcols[c][1]
-            terms.append((n_y + c, float(inst.times[d][model.buckets[j]].mean()) / pace))
+            terms.append((n_y + c, float(inst.t(d, first)[model.buckets[j]].mean()) / pace))
         for rank in range(first, first + d):
             for col, v in terms:
                 rows.append(rank_rows + rank), cols.append(col), vals.append(v)
@@ -156,7 +156,7 @@ def _matrices(inst: Instance, model: _Model):
             first, d = model.blocks[bi]
             pace = float(inst.block_speed[d][first // d])
             terms = [(y, inst.beta / pace)] + [
-                (n_y + c, float(inst.times[d][model.buckets[model.xcols[c][1]]].mean()) / pace)
+                (n_y + c, float(inst.t(d, first)[model.buckets[model.xcols[c][1]]].mean()) / pace)
                 for c in by_slot.get(y, [])]
             for rank in range(first, first + d):
                 for col, v in terms:
@@ -164,16 +164,17 @@ def _matrices(inst: Instance, model: _Model):
                 rows.append(r), cols.append(n_y + n_x + rank), vals.append(-1.0)
                 lo.append(-np.inf), hi.append(0.0)
                 r += 1
-    if np.ptp(inst.speed) == 0:
+    if np.ptp(inst.speed) == 0 and inst.cost_model.links is None:
         # Sibling blocks (the two halves of a block) with everything nested in them can be swapped
         # without changing any finish time; keep only the order whose left sibling is busier.
+        # (Not under a cluster file: the halves may sit behind different links.)
         own: dict[int, list[tuple[int, float]]] = {}
         for y, (bi, _) in enumerate(model.slots):
             first, d = model.blocks[bi]
             own.setdefault(bi, []).append((y, inst.beta))
             for c in by_slot.get(y, []):
                 j = model.xcols[c][1]
-                own[bi].append((n_y + c, float(inst.times[d][model.buckets[j]].mean())))
+                own[bi].append((n_y + c, float(inst.t(d, first)[model.buckets[j]].mean())))
         index = {blk: bi for bi, blk in enumerate(model.blocks)}
         for bi, (first, d) in enumerate(model.blocks):
             sib = index.get((first + d, d))
@@ -201,7 +202,7 @@ def _matrices(inst: Instance, model: _Model):
                         rows.append(r), cols.append(yy), vals.append(sign * inst.beta)
                         for c in by_slot.get(yy, []):
                             rows.append(r), cols.append(n_y + c)
-                            vals.append(sign * float(inst.times[d][model.buckets[model.xcols[c][1]]].mean()))
+                            vals.append(sign * float(inst.t(d, first)[model.buckets[model.xcols[c][1]]].mean()))
                     lo.append(0.0), hi.append(np.inf)
                     r += 1
     a = sparse.csc_matrix((vals, (rows, cols)), shape=(r, n_col))
@@ -240,7 +241,7 @@ def _warm_values(inst: Instance, model: _Model, sched: Schedule, a: sparse.csc_m
                 v[n_y + c] += 1.0
             if bubble and ids:
                 first, d = blk
-                item = (float(inst.times[d][ids].sum()) + inst.beta) / float(inst.block_speed[d][first // d])
+                item = (float(inst.t(d, first)[ids].sum()) + inst.beta) / float(inst.block_speed[d][first // d])
                 u = v[n_y + n_x + first:n_y + n_x + first + d]
                 np.maximum(u, item, out=u)
     if not model.exact:  # aggregate slots: enough micro-batches for the mean-length token count

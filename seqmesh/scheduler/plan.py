@@ -20,11 +20,13 @@ from typing import Any, Iterator, Sequence
 
 @dataclass(frozen=True)
 class Group:
-    """A contiguous rank range ``[first, first + count)`` running ``sequences`` together (SP degree = count)."""
+    """A contiguous rank range ``[first, first + count)`` running ``sequences`` together (SP degree = count),
+    in SP ``mode`` (``""``: the run's ``parallel.sp_mode``; set when the planner chooses per group)."""
 
     first: int
     count: int
     sequences: tuple[int, ...]
+    mode: str = ""
 
     @property
     def ranks(self) -> range:
@@ -48,7 +50,8 @@ class Plan:
         return {
             "gpus": self.gpus,
             "microbatches": [
-                {"groups": [{"ranks": [g.first, g.count], "sequences": list(g.sequences)} for g in mb.groups]}
+                {"groups": [{"ranks": [g.first, g.count], "sequences": list(g.sequences),
+                             **({"mode": g.mode} if g.mode else {})} for g in mb.groups]}
                 for mb in self.microbatches
             ],
             "predicted_ms": self.predicted_ms,
@@ -62,8 +65,8 @@ class Plan:
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
         try:
             mbs = tuple(
-                MicroBatch(tuple(Group(int(g["ranks"][0]), int(g["ranks"][1]), tuple(int(s) for s in g["sequences"]))
-                                 for g in mb["groups"]))
+                MicroBatch(tuple(Group(int(g["ranks"][0]), int(g["ranks"][1]), tuple(int(s) for s in g["sequences"]),
+                                       str(g.get("mode", ""))) for g in mb["groups"]))
                 for mb in d["microbatches"]
             )
             return cls(int(d["gpus"]), mbs, float(d.get("predicted_ms", 0.0)), float(d.get("lower_bound_ms", 0.0)))
@@ -116,8 +119,8 @@ class Plan:
             raise ValueError(f"plan names sequences outside 0..{num_sequences - 1}: {extra[:10]}")
 
 
-def plan_from_assignment(gpus: int, microbatches: Sequence[Sequence[tuple[int, int, Sequence[int]]]],
+def plan_from_assignment(gpus: int, microbatches: Sequence[Sequence[tuple]],
                          predicted_ms: float = 0.0, lower_bound_ms: float = 0.0) -> Plan:
-    """Build a Plan from nested ``(first, count, sequence_ids)`` tuples (planners' common exit)."""
-    return Plan(gpus, tuple(MicroBatch(tuple(Group(f, c, tuple(s)) for f, c, s in mb)) for mb in microbatches),
-                predicted_ms, lower_bound_ms)
+    """Build a Plan from nested ``(first, count, sequence_ids[, mode])`` tuples (planners' common exit)."""
+    return Plan(gpus, tuple(MicroBatch(tuple(Group(t[0], t[1], tuple(t[2]), *t[3:]) for t in mb))
+                            for mb in microbatches), predicted_ms, lower_bound_ms)

@@ -40,7 +40,7 @@ def _deal(lengths: list[int], times: np.ndarray, group_speed: np.ndarray, rounds
     bins: list[list[list[int]]] = [[[] for _ in range(rounds)] for _ in range(n_groups)]
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
         n = lengths[i]
-        finish = np.where(most_free >= n, (load + times[i]) / group_speed, np.inf)
+        finish = np.where(most_free >= n, (load + times[:, i]) / group_speed, np.inf)
         g = int(np.argmin(finish))
         if not np.isfinite(finish[g]):
             return None
@@ -48,10 +48,27 @@ def _deal(lengths: list[int], times: np.ndarray, group_speed: np.ndarray, rounds
         j = min(fitting, key=(lambda r: (round_load[g][r], r)) if balance else (lambda r: (free[g][r], r)))
         free[g][j] -= n
         most_free[g] = max(free[g])
-        load[g] += times[i]
-        round_load[g][j] += times[i]
+        load[g] += times[g, i]
+        round_load[g][j] += times[g, i]
         bins[g][j].append(i)
     return bins
+
+
+def group_times(lengths: list[int], gpus: int, sp: int, cost_model: CostModel) -> np.ndarray:
+    """[group, sequence] ms: every group prices by its own links under a cluster file (a row per
+    link pattern, shared), else one row for all."""
+    arr = np.asarray(lengths, dtype=np.float64)
+    n_groups = gpus // sp
+    if cost_model.links is None or sp == 1:
+        return np.broadcast_to(np.asarray(cost_model.seq_ms(arr, sp), dtype=np.float64), (n_groups, arr.size))
+    rows: dict[tuple, np.ndarray] = {}
+    out = np.empty((n_groups, arr.size))
+    for g in range(n_groups):
+        block = cost_model.block(g * sp, sp)
+        if block.key not in rows:
+            rows[block.key] = np.asarray(cost_model.seq_ms(arr, sp, g * sp), dtype=np.float64)
+        out[g] = rows[block.key]
+    return out
 
 
 def static_plan(lengths: Sequence[int], gpus: int, sp: int, cost_model: CostModel) -> Plan:
@@ -66,7 +83,7 @@ def static_plan(lengths: Sequence[int], gpus: int, sp: int, cost_model: CostMode
                          "scheduler, or truncate such sequences")
     n_groups = gpus // sp
     group_speed = cost_model.rank_speed(gpus).reshape(n_groups, sp).min(axis=1)
-    times = cost_model.seq_ms(np.asarray(lengths), sp) if lengths else np.zeros(0)
+    times = group_times(lengths, gpus, sp, cost_model)
     rounds = max(1, -(-len(best_fit_decreasing(range(len(lengths)), lengths, capacity)) // n_groups))
     while (bins := _deal(lengths, times, group_speed, rounds, capacity)) is None:
         rounds += 1

@@ -22,6 +22,8 @@ from seqmesh.parallel.zero import ZeroOptimizer
 from seqmesh.parallel.zero3 import Zero3Optimizer
 from seqmesh.parallel.sequence import sp_degrees
 from seqmesh.scheduler import CostModel, default_cost_model
+from seqmesh.scheduler.links import load_cluster
+from seqmesh.scheduler.sp_comm import AttentionComm
 from seqmesh.scheduler.simulate import plannable_sizes
 from seqmesh.trainer.config import (MemoryConfig, ModelConfig, OffloadConfig, OptimConfig, ParallelConfig, RunConfig,
                                     SchedulerConfig)
@@ -164,15 +166,16 @@ def build_sharded_optimizer(model: torch.nn.Module, optim: OptimConfig, zero_sta
         return Zero3Optimizer(model, _param_groups(model, optim), lambda groups: _make_optimizer(groups, optim),
                               device=device or next(model.parameters()).device, group=mesh.hdp_group,
                               tp_group=norm_group, tensor_parallel=tp, reduce_per_step=zero3_reduce_per_step)
-    hdp_group = torch.distributed.new_group(backend="gloo") if host_group else mesh.hdp_group
-    overlap = overlap and mesh.pp == 1 and mesh.hdp > 1
+    overlap = overlap and mesh.pp == 1 and mesh.inner_size > 1
+    # under local updates (mesh.local_groups > 1) gradients and shards stay inside the node group
+    hdp_group = torch.distributed.new_group(backend="gloo") if host_group else mesh.inner_group
     return ZeroOptimizer(_param_groups(model, optim), lambda groups: _make_optimizer(groups, optim),
                          stage=zero_stage, group=hdp_group, tp_group=norm_group,
                          norm_excluded=() if tp is None else tp.norm_excluded(),
                          bucket_bytes=max(1, int(bucket_mb * 2**20)), overlap=overlap,
                          grad_order=list(model.parameters())[::-1],
                          deferred=() if tp is None else tp.replicated + tp.kv_shared,
-                         grad_group=mesh.grad_group if overlap else None, allocate=allocate)
+                         grad_group=mesh.inner_grad_group if overlap else None, allocate=allocate)
 
 
 def _mapped_allocator(path: str) -> Callable[[int, torch.dtype], torch.Tensor]:
@@ -201,6 +204,35 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
 
 
 def build_cost_model(model: Transformer, device: torch.device, model_cfg: ModelConfig, parallel: ParallelConfig,
+                     memory: MemoryConfig, *, hdp: int, profile: str | None = None,
+                     state_dtype: str = "fp32", cluster: str | None = None) -> CostModel:
+    """The run's cost model (``_base_cost_model``), pricing the run's SP mode (``sp_attention``) on
+    the links of ``cluster`` (``scheduler.cluster``, a cluster file) when one is given."""
+    cm = _base_cost_model(model, device, model_cfg, parallel, memory, hdp=hdp, profile=profile,
+                          state_dtype=state_dtype)
+    cm = dataclasses.replace(cm, attention=sp_attention(cm, model, model_cfg, parallel))
+    return cm.with_links(load_cluster(cluster)) if cluster else cm
+
+
+def sp_attention(cm: CostModel, model: Transformer, model_cfg: ModelConfig, parallel: ParallelConfig) -> AttentionComm:
+    """What the planner prices SP attention by: Ulysses' all-to-all (also for ``hybrid``, whose
+    Ulysses part moves the same bytes), the ring modes' overlapped transfers from the model's
+    head shapes, or under ``auto`` the fastest of the three for each group (the plan then names
+    each group's mode). The ring modes' point-to-point bandwidth is taken as the all-to-all one the
+    cost model lists (``seqmesh profile`` measures all-to-all only; NOTES.md's p2p is faster at
+    every size, so this does not favour the ring modes); a cluster file replaces both."""
+    if parallel.sp_mode not in ("ring", "tokenring", "auto"):
+        return cm.attention
+    dims = model.dims
+    auto = parallel.sp_mode == "auto"
+    return AttentionComm(mode="ulysses" if auto else parallel.sp_mode, q_heads=dims.num_heads,
+                         kv_heads=dims.num_kv_heads, head_dim=dims.head_dim, layers=dims.num_layers,
+                         act_bytes=2 if model_cfg.dtype == "bf16" else 4,
+                         forward_passes=2 if model_cfg.activation_checkpointing or parallel.zero_stage == 3 else 1,
+                         p2p_GBps=dict(cm.a2a_GBps), choose=("ulysses", "ring", "tokenring") if auto else ())
+
+
+def _base_cost_model(model: Transformer, device: torch.device, model_cfg: ModelConfig, parallel: ParallelConfig,
                      memory: MemoryConfig, *, hdp: int, profile: str | None = None,
                      state_dtype: str = "fp32") -> CostModel:
     """The profiled cost model when the config names one, else one derived from FLOPs and the device,
@@ -266,10 +298,11 @@ def warm_attention(model: torch.nn.Module, parallel: ParallelConfig, scheduler: 
         sizes = (scheduler.sp,)
     longest: dict[int, int] = {}
     for d in sizes:
-        u = 1 if d == 1 else sp_degrees(parallel.sp_mode, d, parallel.ulysses_degree, attn.num_heads)[0]
         top = min(max_seq_len, cost_model.capacity(d))
-        for heads in {attn.num_heads // u, -(-attn.num_heads // u)}:
-            longest[heads] = max(longest.get(heads, 0), top)
+        modes = cost_model.modes(d) if parallel.sp_mode == "auto" else (parallel.sp_mode,)
+        for u in {1 if d == 1 else sp_degrees(m, d, parallel.ulysses_degree, attn.num_heads)[0] for m in modes}:
+            for heads in {attn.num_heads // u, -(-attn.num_heads // u)}:
+                longest[heads] = max(longest.get(heads, 0), top)
     torch_dtype = torch.bfloat16 if dtype == "bf16" else next(model.parameters()).dtype
     t0 = time.perf_counter()
     built = warm_cudnn_graphs(longest, attn.head_dim, attn.head_dim**-0.5, torch_dtype, device, parallel.attn_backend)
@@ -315,7 +348,8 @@ def build_parallel_model(cfg: RunConfig, vocab_size: int, mesh: Mesh,
     if copy is not None and copy.device != device:  # the last stage's tied copy is whole and not sharded
         copy.data = copy.data.to(device)
     cost_model = build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=cfg.hdp,
-                                  profile=cfg.scheduler.cost_model, state_dtype=cfg.optim.state_dtype)
+                                  profile=cfg.scheduler.cost_model, state_dtype=cfg.optim.state_dtype,
+                                  cluster=cfg.scheduler.cluster)
     host_left = None
     if host_params:  # step 8: parameter offload, planned from the cost model and measured rates
         from seqmesh.trainer.param_offload import apply_param_offload

@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from seqmesh.parallel.local_sgd import OuterConfig
+from seqmesh.scheduler.links import ClusterFileError, load_cluster
 from seqmesh.trainer.data.build import DataConfig
 
 
@@ -105,6 +107,13 @@ class ParallelConfig:
     # ZeRO-3: reduce-scatter a layer's gradient in every backward ("microbatch") or once after the step's
     # last micro-batch ("step", a full gradient of the rank's layers kept meanwhile); auto: step under PP.
     zero3_grad_reduce: str = "auto"
+    # CO2 local updates (seqmesh/parallel/local_sgd.py): 0 off; else outer sync every N optimizer steps
+    local_sgd_every: int = 0
+    local_sgd_groups: int = 2
+    local_sgd_outer_lr: float = 1.0
+    local_sgd_outer_momentum: float = 0.0
+    local_sgd_staleness_penalty: float = 0.0
+    local_sgd_outer_clip: float = 0.0
 
     @property
     def zero3_reduce_per_step(self) -> bool:
@@ -113,6 +122,20 @@ class ParallelConfig:
 
     def validate(self) -> None:
         _positive("parallel.tp", self.tp)
+        _positive("parallel.local_sgd_every", self.local_sgd_every, zero_ok=True)
+        if self.local_sgd_every:
+            if self.local_sgd_groups < 2:
+                raise ConfigError(f"parallel.local_sgd_groups={self.local_sgd_groups}: local updates need at least 2 "
+                                  "node groups; set it to the number of nodes (or slow-link islands)")
+            if self.tp > 1 or self.pp > 1 or self.zero_stage == 3:
+                raise ConfigError(f"parallel.local_sgd_every={self.local_sgd_every} with tp={self.tp}, pp={self.pp}, "
+                                  f"zero_stage={self.zero_stage}: local updates are built for tp=1, pp=1 and ZeRO 0-2; "
+                                  "use that layout or set parallel.local_sgd_every=0")
+            try:
+                OuterConfig(self.local_sgd_every, self.local_sgd_outer_lr, self.local_sgd_outer_momentum,
+                            self.local_sgd_staleness_penalty, self.local_sgd_outer_clip)
+            except ValueError as e:
+                raise ConfigError(f"parallel.local_sgd_*: {e}") from None
         _positive("parallel.grad_bucket_mb", self.grad_bucket_mb)
         _choice("parallel.overlap_grad_reduce", self.overlap_grad_reduce, (True, False))
         _positive("parallel.pp", self.pp)
@@ -124,9 +147,9 @@ class ParallelConfig:
         _choice("parallel.zero3_grad_reduce", self.zero3_grad_reduce, ("auto", "microbatch", "step"))
         if self.zero3_grad_reduce != "auto" and self.zero_stage != 3:
             raise ConfigError(f"parallel.zero3_grad_reduce={self.zero3_grad_reduce} applies to parameter sharding "
-                              f"only, but parallel.zero_stage={self.zero_stage}; set parallel.zero_stage=3 or leave "
-                              "parallel.zero3_grad_reduce=auto")
-        _choice("parallel.sp_mode", self.sp_mode, ("ulysses", "ring", "tokenring", "hybrid"))
+                              f"only, but parallel.zero_stage={self.zero_stage}; set parallel.zero3_grad_reduce=auto "
+                              "or parallel.zero_stage=3")
+        _choice("parallel.sp_mode", self.sp_mode, ("ulysses", "ring", "tokenring", "hybrid", "auto"))
         _choice("parallel.attn_backend", self.attn_backend, ("auto", "flash_attn", "cudnn", "torch_flash", "cpu_flash", "math"))
         _choice("parallel.warm_attention", self.warm_attention, (True, False))
 
@@ -142,9 +165,15 @@ class SchedulerConfig:
     cost_model: str | None = None
     refine_every: int = 0
     lookahead: int = 1
+    cluster: str | None = None  # cluster file with link classes (seqmesh/scheduler/links.py; conf/clusters/)
 
     def validate(self) -> None:
         _choice("scheduler.policy", self.policy, ("static", "adaptive"))
+        if self.cluster is not None:
+            try:
+                load_cluster(self.cluster)  # in the driver, before any worker starts
+            except ClusterFileError as e:
+                raise ConfigError(f"scheduler.cluster: {e}") from None
         _positive("scheduler.sp", self.sp)
         _positive("scheduler.time_limit_s", self.time_limit_s)
         _positive("scheduler.refine_every", self.refine_every, zero_ok=True)
@@ -314,6 +343,27 @@ class RunConfig:
     eval_every: int = 0  # validation loss every N steps and at the end (seqmesh.trainer.evaluate); 0: never
     peak_tflops: float | None = None
 
+    def _validate_local_sgd(self, hdp: int) -> None:
+        """Local updates: node groups of equal size that hold every SP group whole, and no checkpoints."""
+        par, sch = self.parallel, self.scheduler
+        if not par.local_sgd_every:
+            return
+        groups = par.local_sgd_groups
+        if hdp % groups:
+            raise ConfigError(f"parallel.local_sgd_groups={groups} does not divide the {hdp} HDP ranks; choose a "
+                              "divisor (one group per node, or per island of fast links)")
+        size = hdp // groups
+        sizes = [sch.sp] if sch.policy == "static" else list(sch.group_sizes or ())
+        bad = [d for d in sizes if size % d]
+        if bad:
+            raise ConfigError(f"SP group sizes {bad} do not divide the node groups of {size} ranks "
+                              f"(parallel.local_sgd_groups={groups}): an SP group must lie inside one group, whose "
+                              "model differs from the others'; use sizes that divide it")
+        if self.ckpt_every:
+            raise ConfigError(f"ckpt_every={self.ckpt_every} with parallel.local_sgd_every={par.local_sgd_every}: the "
+                              "node groups hold different models and checkpoints do not yet save the outer state; "
+                              "set ckpt_every=0")
+
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -335,6 +385,7 @@ class RunConfig:
             raise ConfigError(f"launch.num_workers={world} is not divisible by parallel.tp x parallel.pp = "
                               f"{self.parallel.tp} x {self.parallel.pp}; change the worker count or the layout")
         hdp = world // (self.parallel.tp * self.parallel.pp)
+        self._validate_local_sgd(hdp)
         tp, model = self.parallel.tp, self.model
         if model.hf_path is None and (model.num_heads % tp or (model.num_kv_heads % tp and tp % model.num_kv_heads)
                                       or model.intermediate_size % tp):
@@ -365,6 +416,10 @@ class RunConfig:
                 raise ConfigError(f"offload.params={self.offload.params} with parallel.zero_stage={par.zero_stage}, "
                                   f"tp={par.tp}, pp={par.pp}: the master weights live in ZeRO-1/2's flat host buffer "
                                   "and are streamed for tp=pp=1; set parallel.zero_stage=1 (or 2), tp=1 and pp=1")
+            if par.local_sgd_every:
+                raise ConfigError(f"offload.params={self.offload.params} with parallel.local_sgd_every="
+                                  f"{par.local_sgd_every}: host-resident gradients are reduced over every HDP rank, "
+                                  "not inside a node group; set offload.params=none or parallel.local_sgd_every=0")
             if self.offload.optimizer == "nvme" and self.optim.state_dtype == "fp32":
                 raise ConfigError("offload.optimizer=nvme keeps FP8AdamW's states in files; optim.state_dtype=fp32 is "
                                   "torch's AdamW: set optim.state_dtype to fp8, int8 or bf16")

@@ -105,7 +105,7 @@ class CostFeedback:
                 ms, pace = measured[k, g.first], float(speed[g.first:g.first + g.count].min())
                 free[g.first:g.first + g.count] = free[g.first:g.first + g.count].max() + ms
                 observations.append((lens, g.count, ms * pace))  # as if at nominal speed, as refine fits
-                predicted = model.group_ms(lens, g.count, pace)
+                predicted = model.group_ms(lens, g.count, pace, first=g.first)
                 rows.append([k, g.first, g.count, len(lens), sum(lens), round(ms, 2), round(predicted, 2)])
         makespan = float(free.max())
         tail = step_ms - makespan

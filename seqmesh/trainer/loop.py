@@ -21,6 +21,7 @@ One step:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from seqmesh.parallel.local_sgd import AllReduceLink, OuterConfig, OuterSync
 from seqmesh.parallel.mesh import Mesh
 from seqmesh.parallel.pipeline import PipelineModel
 from seqmesh.parallel.step_runner import LocalRunner, PipelineRunner, StepRunner, Zero3Runner, forward_backward
@@ -94,6 +96,7 @@ class Run:
     evaluator: Evaluator  # val_loss every eval_every steps and at the end (seqmesh.trainer.evaluate)
     metrics: MetricsLogger
     start: int  # the first step to run (0, or the restored checkpoint's step)
+    outer: OuterSync | None = None  # CO2 local updates (parallel.local_sgd_every)
 
 
 def make_planner(scheduler: SchedulerConfig, mesh: Mesh, cost_model: CostModel) -> PlanAhead:
@@ -118,7 +121,9 @@ def setup_run(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> Run:
     """Mesh, data, model, optimizer, cost model, planner and step runner of ``cfg``, restored from the newest
     checkpoint in ``run_dir`` when ``cfg.resume`` (at whatever layout it was saved)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    mesh = Mesh(world, rank, cfg.parallel.tp, cfg.parallel.pp)
+    par = cfg.parallel
+    mesh = Mesh(world, rank, par.tp, par.pp, local_groups=par.local_sgd_groups if par.local_sgd_every else 1)
+    cfg = local_group_sizes(cfg, mesh)
     torch.manual_seed(cfg.seed)
     apply_memory_limit(cfg.memory, device)
 
@@ -144,7 +149,35 @@ def setup_run(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> Run:
     evaluator = Evaluator(cfg, runner, val_set, mesh, cost_model, metrics)
     planner = make_planner(cfg.scheduler, mesh, cost_model)
     return Run(mesh, train_set, sampler, model, optimizer, schedule, runner, planner, telemetry, evaluator, metrics,
-               start)
+               start, make_outer_sync(model, par, mesh))
+
+
+def local_group_sizes(cfg: RunConfig, mesh: Mesh) -> RunConfig:
+    """Under local updates an SP group must lie inside one node group (the groups' models differ):
+    the adaptive planner's default sizes become the powers of two that divide a group (aligned
+    blocks of such a size never cross one); sizes given explicitly are checked by the config."""
+    if mesh.local_groups == 1 or cfg.scheduler.policy != "adaptive" or cfg.scheduler.group_sizes:
+        return cfg
+    sizes = tuple(2 ** k for k in range(mesh.inner_size.bit_length()) if mesh.inner_size % 2 ** k == 0)
+    return dataclasses.replace(cfg, scheduler=dataclasses.replace(cfg.scheduler, group_sizes=sizes))
+
+
+def make_outer_sync(model: torch.nn.Module, par: ParallelConfig, mesh: Mesh) -> OuterSync | None:
+    """CO2's outer synchronisation over the node groups (``parallel.local_sgd_every``), or None."""
+    if not par.local_sgd_every:
+        return None
+    config = OuterConfig(par.local_sgd_every, par.local_sgd_outer_lr, par.local_sgd_outer_momentum,
+                         par.local_sgd_staleness_penalty, par.local_sgd_outer_clip)
+    return OuterSync(list(model.parameters()), config, AllReduceLink(mesh.outer_group), groups=mesh.local_groups,
+                     inner_group=mesh.inner_group, inner_size=mesh.inner_size, inner_rank=mesh.inner_rank)
+
+
+def local_denominator(plan: Plan, lengths: list[int], mesh: Mesh) -> int:
+    """Under local updates each node group steps on the mean over its own targets: the targets of
+    the sequences the plan gives its ranks (at least 1: a group without any has no gradient)."""
+    mine = mesh.inner_index(mesh.hdp_rank)
+    return max(1, num_targets([lengths[s] for mb in plan.microbatches for g in mb.groups
+                               if mesh.inner_index(g.first) == mine for s in g.sequences]))
 
 
 def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str, Any]:
@@ -164,7 +197,8 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
             denominator = num_targets(lengths)
 
             layout = batch_layout(lambda g: [train_set[ids[s]] for s in g.sequences], cfg.parallel, device)
-            loss_sum = runner.run(plan, layout, denominator, span=telemetry.span)
+            scale = denominator if run.outer is None else local_denominator(plan, lengths, run.mesh)
+            loss_sum = runner.run(plan, layout, scale, span=telemetry.span)
             with telemetry.span("reduce"):
                 loss_sum = runner.reduce(loss_sum)
             with telemetry.span("optimizer"):
@@ -174,6 +208,8 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
                                                 run.schedule)
                 runner.sync_weights()
                 optimizer.zero_grad()
+                if run.outer is not None:
+                    run.outer.after_step(step + 1)
 
             record = telemetry.end_step(step, plan, lengths, planner.last_wait_ms)
             if record.refined is not None:
@@ -188,6 +224,8 @@ def train(cfg: RunConfig, run_dir: str | Path, device: torch.device) -> dict[str
                 save_resharded(run_dir, step + 1, run.model, optimizer, run.mesh, {
                     "lr_scheduler": run.schedule.state_dict(), "sampler": sampler.state_dict(),
                     "extra": {"step": step + 1, "plan_digest": plan.digest()}}, keep=cfg.ckpt_keep)
+        if run.outer is not None:
+            run.outer.finish()
     finally:
         planner.close()
         close_param_offload(run.model, optimizer)

@@ -30,10 +30,14 @@ def autocast(dtype: str, device: torch.device) -> ContextManager:
 
 
 def layout_group(docs: list[torch.Tensor], group: "dist.ProcessGroup | None", parallel: ParallelConfig,
-                 device: torch.device) -> StageMicroBatch:
-    """Pack one group's documents and lay them out over the group (its SP mode): this rank's ids and labels."""
+                 device: torch.device, mode: str = "") -> StageMicroBatch:
+    """Pack one group's documents and lay them out over the group in its SP mode (``mode``, the plan
+    group's; ``""``: ``parallel.sp_mode``): this rank's ids and labels."""
     packed = pack(docs)
-    mode = "local" if group is None else parallel.sp_mode
+    mode = "local" if group is None else mode or parallel.sp_mode
+    if mode == "auto":
+        raise ValueError("parallel.sp_mode=auto needs the plan to name each group's mode (plan_step does); this "
+                         "group has none: plan with seqmesh.scheduler.plan_step under the run's cost model")
     meta = make_sp_batch(packed.seqlens, mode, group, ulysses_degree=parallel.ulysses_degree,
                          backend=parallel.attn_backend, device=device)
     return StageMicroBatch(shard_tokens(meta, packed.input_ids.to(device), 0),
@@ -43,7 +47,7 @@ def layout_group(docs: list[torch.Tensor], group: "dist.ProcessGroup | None", pa
 def batch_layout(docs_of: Callable[[Group], list[torch.Tensor]], parallel: ParallelConfig,
                  device: torch.device) -> Layout:
     """The step runner's ``layout``: a plan group's documents (``docs_of``) packed and laid out over the group."""
-    return lambda group, process_group: layout_group(docs_of(group), process_group, parallel, device)
+    return lambda group, process_group: layout_group(docs_of(group), process_group, parallel, device, group.mode)
 
 
 def loss_sum_of(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,

@@ -3,6 +3,7 @@
     seqmesh profile --out cost.json [--hidden 4096 --layers 32 --heads 32 --ffn 11008 --vocab 32000]
                     [--lengths 1024,2048,...] [--checkpointing] [--dp-shards K] [--mem-limit-bytes X]
     torchrun --nproc-per-node N -m seqmesh profile ...   # also all-to-all bandwidth and speed factors
+    torchrun --nnodes M ... -m seqmesh profile ... --cluster-out cluster.yaml   # and a cluster file
 
 One decoder layer of the given shape (q/k/v/o projections, causal SDPA attention, SwiGLU MLP),
 built from plain torch ops, runs forward+backward at each length, and so does its attention
@@ -28,6 +29,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 
 from seqmesh.scheduler.cost_model import CostModel
 from seqmesh.scheduler.fitting import fit_linear, fit_quadratic
+from seqmesh.trainer.cluster_probe import probe_cluster
 
 
 def _median_ms(fn: Callable[[], None], repeats: int, device: torch.device) -> float:
@@ -162,6 +165,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dp-shards", type=int, default=1, help="ZeRO shards of the 16 B/parameter model states")
     p.add_argument("--mem-limit-bytes", type=float, default=None, help="default: 95%% of device memory")
     p.add_argument("--a2a-bytes", type=int, default=64 << 20, help="all-to-all message size per rank")
+    p.add_argument("--cluster-out", default=None, help="also write a cluster file (link classes and their measured "
+                   "bandwidths, seqmesh/trainer/cluster_probe.py) for scheduler.cluster; needs torchrun over "
+                   "every node of the job")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to measure (auto: this rank's GPU when there is one)")
@@ -201,6 +207,9 @@ def profile_main(argv: list[str]) -> int:
             raise ValueError(f"--lengths {args.lengths!r}: expected comma-separated integers") from None
         if len(lengths) < 3 or min(lengths) < 1:
             raise ValueError("--lengths needs at least 3 positive lengths to fit a quadratic")
+        if args.cluster_out and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            raise ValueError("--cluster-out measures links between ranks: run under torchrun over the job's nodes "
+                             "(torchrun --nnodes N --nproc-per-node G -m seqmesh profile ...)")
         cost = _profile(args, lengths, device, dtype)
     except ValueError as e:
         print(f"seqmesh profile: error: {e}", file=sys.stderr)
@@ -242,6 +251,10 @@ def _profile(args: argparse.Namespace, lengths: list[int], device: torch.device,
         per_rank = np.array([float(t.cpu()[0]) for t in every])
         speed = (np.median(per_rank) / per_rank).tolist()
         a2a = measure_a2a(args.a2a_bytes, args.repeats)
+        if args.cluster_out:
+            text = probe_cluster(device, args.a2a_bytes, args.repeats)
+            if rank == 0:
+                Path(args.cluster_out).write_text(text)
         dist.destroy_process_group()
     if rank != 0:
         return None

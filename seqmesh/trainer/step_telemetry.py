@@ -105,7 +105,7 @@ def rank_work_ms(plan: Plan, lengths: Sequence[int], cost_model: CostModel, mesh
     per_hdp = [0.0] * plan.gpus
     for mb in plan.microbatches:
         for g in mb.groups:
-            ms = cost_model.group_ms([lengths[s] for s in g.sequences], g.count)
+            ms = cost_model.group_ms([lengths[s] for s in g.sequences], g.count, first=g.first)
             for r in g.ranks:
                 per_hdp[r] += ms
     return [round(per_hdp[Mesh(mesh.world, r, mesh.tp, mesh.pp).hdp_rank], 3) for r in range(mesh.world)]
