@@ -563,10 +563,12 @@ def refill(inst: Instance, sched: Schedule, target_ms: float) -> Schedule:
                 kept.append(rest)
         if kept:
             wide[(first, d)] = kept
+    if not single:
+        return wide
     above = finish_times(inst, wide)[0]
     room = np.maximum((target_ms - above) * speed, 0.0)
     ids_arr = np.asarray(single, dtype=np.int64)
-    ms_per_token = float(t1[ids_arr].sum()) / max(float(lengths[ids_arr].sum()), 1.0)
+    ms_per_token = max(float(t1[ids_arr].sum()) / float(lengths[ids_arr].sum()), 1e-12)
     count = _counts(inst, room, ms_per_token)
     budget = room - count * beta  # ms of sequence time each rank may still take
     bins: list[list[list]] = [[[cap, []] for _ in range(int(count[r]))] for r in range(inst.gpus)]
