@@ -665,8 +665,13 @@ _WIDE_BELOW = 2048  # sequences x ranks under which every wide target is tried (
 _RIDE_BELOW = 2     # sequences per rank up to which riding along is tried (measured: never wins above)
 
 
-def heuristic(inst: Instance, lower_bound_ms: float, repair_top: int = 1) -> tuple[Schedule, float]:
-    """Best schedule over a few degree targets; returns it and its step time (without grad reduce)."""
+def heuristic(inst: Instance, lower_bound_ms: float, repair_top: int = 1,
+              refill_level: bool = True) -> tuple[Schedule, float]:
+    """Best schedule over a few degree targets; returns it and its step time (without grad reduce).
+
+    With ``refill_level`` (without pipeline stages) the best one's single-rank level is also
+    re-dealt (``refill``) and repaired, and kept only when faster: never worse than without it.
+    """
     if inst.lengths.size == 0:
         return {}, 0.0
     target = balanced_target(inst, lower_bound_ms)
@@ -696,7 +701,7 @@ def heuristic(inst: Instance, lower_bound_ms: float, repair_top: int = 1) -> tup
         return _pipelined_best(inst, placed, repair_top)
     repaired = [repair(inst, sched, fin, above) for _, _, sched, fin, above in placed[:repair_top]]
     best = min(repaired, key=lambda r: r[1])
-    if 1 in inst.sizes and best[1] > 0:
+    if refill_level and 1 in inst.sizes and best[1] > 0:
         # the same blocks with the single-rank level re-dealt to the micro-batch counts the step needs
         refilled = refill(inst, best[0], best[1])
         again = repair(inst, refilled, *finish_times(inst, refilled))
