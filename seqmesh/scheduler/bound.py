@@ -22,7 +22,11 @@ that split the LP filled such a rank's one wide micro-batch with pieces of seque
 cheaper sizes, and paid one beta for what real plans run as two groups: on real Wikipedia lengths
 at 1024 ranks it put 1.65 betas on a rank where every plan found pays 2, and the bound rose from
 1.06x to 1.10x of issue 4's with the split. Ranks with two or more wider micro-batches may mix
-sizes between them, so their classes keep every size.
+sizes between them, so their classes keep every size. A rank holds at most one piece of each
+sequence (a group's ranks are distinct), so a class's ranks hold at most ``count x n`` pieces of
+one length's sequences; written for the lengths that need more than 4 ranks, it stops the LP from
+stacking a long sequence's pieces on a few ranks (64 ranks of real Wikipedia lengths, a 93K-token
+sequence on 32 ranks: 1.09x -> 1.12x of issue 4's bound).
 Every plan of makespan ``<= T`` maps onto a feasible point (count its ranks per class), so when
 the LP needs more ranks than there are, no plan finishes within ``T``. The largest ``T`` proven
 infeasible this way (bisection, each step one HiGHS LP) is the bound; sequences of equal length
@@ -83,6 +87,12 @@ class _Data:
         speed = cm.rank_speed(gpus)
         self.speeds, self.speed_count = np.unique(speed, return_counts=True)
         wide = [d for d in sizes if d > 1]
+        # lengths no group of 4 holds: the rows that keep one rank to one piece of a sequence are
+        # written for these (long sequences, few of each length, spread over many ranks: where the
+        # LP stacked pieces on few ranks). For the many shorter wide ones the rows tightened nothing
+        # measurable on real Wikipedia lengths and tripled the LP's time at 1024 ranks.
+        small = [d for d in sizes if d <= 4]
+        self.wide_only = ~self.fits[max(small)] if small else np.ones(self.len.size, dtype=bool)
         self.wide = wide
 
 
@@ -156,6 +166,7 @@ def _ranks_needed(data: _Data, target_ms: float) -> float:
                     rows.extend((j, mem1, time_row)), cols.extend((c, c, c))
                     vals.extend((1.0, float(data.len[j]), float(data.t[1][j])))
                 covered[ok] = True
+            pieces: dict[int, list[int]] = {}
             if m:
                 for d in wide:
                     ok = np.flatnonzero(data.fits[d] & (per_item[d] <= room * (1 + 1e-12)))
@@ -164,10 +175,19 @@ def _ranks_needed(data: _Data, target_ms: float) -> float:
                         cols_cost.append(0.0)
                         rows.extend((j, mem2, time_row)), cols.extend((c, c, c))
                         vals.extend((1.0 / d, float(data.len[j]) / d, float(data.t[d][j])))
+                        if data.wide_only[j]:
+                            pieces.setdefault(j, []).append(c)
                     covered[ok] = True
             # an open-ended class ("this many or more") has no memory row: any count holds its tokens
             row_lo.extend((-np.inf,) * 3)
             row_hi.extend((np.inf if k_open else 0.0, np.inf if m_open else 0.0, 0.0))
+            # a rank holds at most one piece of each sequence (a group's ranks are distinct), so
+            # these ranks hold at most count x n pieces of a length's sequences
+            for j, piece_cols in pieces.items():
+                rows.extend([r] * (len(piece_cols) + 1)), cols.extend(piece_cols + [n_col])
+                vals.extend([1.0] * len(piece_cols) + [-float(data.count[j])])
+                row_lo.append(-np.inf), row_hi.append(0.0)
+                r += 1
     if not covered.all():
         return math.inf
     a = sparse.csc_matrix((vals, (rows, cols)), shape=(r, len(cols_cost)))
