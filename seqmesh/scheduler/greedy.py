@@ -12,6 +12,11 @@
 3. **Repair** (local search on the single-rank level, where nearly all sequences live): move a
    sequence off the rank that finishes last, or swap it for a shorter one elsewhere, while that
    lowers the step time; memory is checked for every move.
+4. **Refill** (``refill``; without pipeline stages), which matters when beta is large: LPT opens
+   a micro-batch wherever a sequence ends earliest, so ranks end up with three micro-batches
+   (three betas) where two would hold their tokens. The wider blocks stay, the single-rank level is dealt again with each rank's count of
+   micro-batches chosen for the time it has left, and what overflows rides along in a wider
+   micro-batch or opens one; repaired, it replaces the answer of 1-3 only when faster.
 
 With pipeline stages (``pp > 1``) a rank's step also pays the fill and drain of its largest
 micro-batch (seqmesh.scheduler.simulate), so a sequence's degree is chosen for ``pp`` times its
@@ -257,6 +262,59 @@ def place(inst: Instance, deg: np.ndarray, target_ms: float = np.inf,
     return sched, fin, above
 
 
+class _WideBins:
+    """The micro-batches of wider blocks as arrays, so a sequence riding along is priced against
+    all of them at once: a block's ranks all finish later by the sequence's time at its width
+    (blocks nest and run largest-first), so the ride ends at the block's latest rank plus that."""
+
+    def __init__(self, inst: Instance, wide: Schedule) -> None:
+        self.inst, self.wide = inst, wide  # the micro-batches' id lists, appended to in place
+        blocks = [blk for blk, bins in wide.items() if bins]
+        self.blocks = blocks
+        self.first = np.array([f for f, _ in blocks], dtype=np.int64)
+        self.d = np.array([d for _, d in blocks], dtype=np.int64)
+        self.pace = np.array([float(inst.block_speed[d][f // d]) for f, d in blocks])
+        self.size = np.array([inst.sizes.index(d) for _, d in blocks], dtype=np.int64)
+        self.ranks = np.concatenate([np.arange(f, f + d) for f, d in blocks]) if blocks else np.zeros(0, np.int64)
+        self.start = np.concatenate([[0], np.cumsum(self.d)[:-1]]).astype(np.int64) if blocks else self.d
+        self.mb_block = np.array([b for b, blk in enumerate(blocks) for _ in wide[blk]], dtype=np.int64)
+        self.mb_index = np.array([j for blk in blocks for j in range(len(wide[blk]))], dtype=np.int64)
+        self.mb_free = np.array([inst.capacity[blk[1]] - int(inst.lengths[ids].sum()) for blk in blocks
+                                 for ids in wide[blk]], dtype=np.int64)
+        self.times = np.stack([inst.times[d] for d in inst.sizes])
+
+    def ride(self, i: int, fin: np.ndarray, beat_ms: float,
+             leaving: tuple[int, float] | None = None) -> tuple[int, int, float] | None:
+        """Put sequence ``i`` in the micro-batch with room whose block then ends soonest (the fullest
+        such micro-batch), if that is before ``beat_ms``; ``fin`` (per-rank finish) is updated and
+        (first rank, size, added ms) returned. ``leaving=(rank, ms)``: the sequence leaves that rank,
+        which finishes ``ms`` sooner. None, and nothing changes, when no ride ends in time."""
+        if not self.blocks:
+            return None
+        n = int(self.inst.lengths[i])
+        cand = np.flatnonzero(self.mb_free >= n)
+        if not cand.size:
+            return None
+        add = self.times[self.size, i] / self.pace
+        end = np.maximum.reduceat(fin[self.ranks], self.start) + add
+        if leaving is not None:
+            r, saved = leaving
+            for b in np.flatnonzero((self.first <= r) & (r < self.first + self.d)).tolist():
+                others = np.delete(fin[self.first[b]:self.first[b] + self.d[b]], r - self.first[b])
+                end[b] = max(float(others.max(initial=-np.inf)), float(fin[r]) - saved) + add[b]
+        ends = end[self.mb_block[cand]]
+        k = int(np.lexsort((cand, self.mb_free[cand], ends))[0])
+        if ends[k] >= beat_ms * (1 - 1e-12):
+            return None
+        j = int(cand[k])
+        b = int(self.mb_block[j])
+        first, d = self.blocks[b]
+        self.mb_free[j] -= n
+        self.wide[(first, d)][int(self.mb_index[j])].append(i)
+        fin[first:first + d] += add[b]
+        return first, d, float(add[b])
+
+
 class _Repair:
     """Single-rank level state for local search: per rank its micro-batches and load."""
 
@@ -277,21 +335,8 @@ class _Repair:
                 self.bin_free[ids] = free
         self.most_free = np.array([max((f for f, _ in bs), default=-1) for bs in self.bins], dtype=np.int64)
         # wider blocks' micro-batches as [free tokens, ids]: a lone short sequence may ride along in one
-        self.wide = {blk: [[inst.capacity[blk[1]] - int(inst.lengths[ids].sum()), list(ids)] for ids in bins if ids]
-                     for blk, bins in sched.items() if blk[1] > 1}
-        # the same wide micro-batches as arrays, so a ride is priced against all of them at once
-        blocks = [blk for blk, bins in self.wide.items() if bins]
-        self.blocks = blocks
-        self.blk_first = np.array([f for f, _ in blocks], dtype=np.int64)
-        self.blk_d = np.array([d for _, d in blocks], dtype=np.int64)
-        self.blk_pace = np.array([float(inst.block_speed[d][f // d]) for f, d in blocks])
-        self.blk_size = np.array([inst.sizes.index(d) for _, d in blocks], dtype=np.int64)
-        self.blk_ranks = np.concatenate([np.arange(f, f + d) for f, d in blocks]) if blocks else np.zeros(0, np.int64)
-        self.blk_start = np.concatenate([[0], np.cumsum(self.blk_d)[:-1]]).astype(np.int64) if blocks else self.blk_d
-        self.mb_block = np.array([b for b, blk in enumerate(blocks) for _ in self.wide[blk]], dtype=np.int64)
-        self.mb_index = np.array([j for blk in blocks for j in range(len(self.wide[blk]))], dtype=np.int64)
-        self.mb_free = np.array([free for blk in blocks for free, _ in self.wide[blk]], dtype=np.int64)
-        self.times = np.stack([inst.times[d] for d in inst.sizes])
+        self.wide: Schedule = {blk: [list(ids) for ids in bins if ids] for blk, bins in sched.items() if blk[1] > 1}
+        self.rides = _WideBins(inst, self.wide)
 
     def _bin_of(self, r: int, i: int) -> int:
         return next(k for k, (_, ids) in enumerate(self.bins[r]) if i in ids)
@@ -366,33 +411,17 @@ class _Repair:
         time (and a beta when it was alone), the block's ranks pay its time at that width (every rank
         of a nested block finishes later by exactly that, blocks running largest-first). This is
         what empties the third, nearly empty micro-batch of a rank when beta is large."""
-        if not self.blocks:
-            return False
-        n, inst = int(self.inst.lengths[i]), self.inst
-        room = self.mb_free >= n
-        if not room.any():
+        if not self.rides.blocks:
             return False
         alone = len(self.bins[r][self._bin_of(r, i)][1]) == 1
-        saved = (float(self.t[i]) + (inst.beta if alone else 0.0)) / self.speed[r]
-        add = self.times[self.blk_size, i] / self.blk_pace
-        worst = np.maximum.reduceat(self.fin[self.blk_ranks], self.blk_start) + add
-        for b in np.flatnonzero((self.blk_first <= r) & (r < self.blk_first + self.blk_d)).tolist():
-            others = np.delete(self.fin[self.blk_first[b]:self.blk_first[b] + self.blk_d[b]], r - self.blk_first[b])
-            worst[b] = max(float(others.max(initial=-np.inf)), float(self.fin[r]) - saved) + add[b]
-        cand = np.flatnonzero(room & (worst[self.mb_block] < self.fin[r] * (1 - 1e-12)))
-        if not cand.size:
+        saved = (float(self.t[i]) + (self.inst.beta if alone else 0.0)) / self.speed[r]
+        joined = self.rides.ride(i, self.fin, float(self.fin[r]), leaving=(r, saved))
+        if joined is None:
             return False
-        # the block that finishes soonest, then its fullest micro-batch with room
-        j = int(cand[np.lexsort((cand, self.mb_free[cand], worst[self.mb_block[cand]]))[0]])
-        b = int(self.mb_block[j])
-        first, d = self.blocks[b]
+        first, d, add = joined
         self._remove(r, i)
         self.rank[i] = -1
-        self.mb_free[j] -= n
-        self.wide[(first, d)][int(self.mb_index[j])][0] -= n
-        self.wide[(first, d)][int(self.mb_index[j])][1].append(i)
-        self.above[first:first + d] += add[b]
-        self.fin[first:first + d] += add[b]
+        self.above[first:first + d] += add
         self._refresh(r)
         return True
 
@@ -408,7 +437,7 @@ class _Repair:
                 return
 
     def schedule(self, sched: Schedule) -> Schedule:
-        out = {b: [list(ids) for _, ids in bins] for b, bins in self.wide.items()}
+        out = {b: [list(ids) for ids in bins] for b, bins in self.wide.items()}
         for r in range(self.inst.gpus):
             if self.bins[r]:
                 out[(r, 1)] = [list(ids) for _, ids in self.bins[r]]
@@ -538,64 +567,20 @@ def _counts(inst: Instance, room: np.ndarray, ms_per_token: float) -> np.ndarray
     return best_c
 
 
-class _WideBins:
-    """The micro-batches of wider blocks as arrays, so a sequence riding along is priced against
-    all of them at once: a block's ranks all finish later by the sequence's time at its width
-    (blocks nest and run largest-first), so the ride ends at the block's latest rank plus that."""
-
-    def __init__(self, inst: Instance, wide: Schedule) -> None:
-        self.inst, self.wide = inst, wide
-        blocks = [blk for blk, bins in wide.items() if bins]
-        self.blocks = blocks
-        self.first = np.array([f for f, _ in blocks], dtype=np.int64)
-        self.d = np.array([d for _, d in blocks], dtype=np.int64)
-        self.pace = np.array([float(inst.block_speed[d][f // d]) for f, d in blocks])
-        self.size = np.array([inst.sizes.index(d) for _, d in blocks], dtype=np.int64)
-        self.ranks = np.concatenate([np.arange(f, f + d) for f, d in blocks]) if blocks else np.zeros(0, np.int64)
-        self.start = np.concatenate([[0], np.cumsum(self.d)[:-1]]).astype(np.int64) if blocks else self.d
-        self.mb_block = np.array([b for b, blk in enumerate(blocks) for _ in wide[blk]], dtype=np.int64)
-        self.mb_index = np.array([j for blk in blocks for j in range(len(wide[blk]))], dtype=np.int64)
-        self.mb_free = np.array([inst.capacity[d] - int(inst.lengths[ids].sum()) for (_, d) in blocks
-                                 for ids in wide[(_, d)]], dtype=np.int64) if blocks else np.zeros(0, np.int64)
-        self.times = np.stack([inst.times[d] for d in inst.sizes])
-
-    def ends(self, i: int, fin: np.ndarray) -> np.ndarray:
-        """Per block, when its latest rank would finish with sequence ``i`` riding along."""
-        return np.maximum.reduceat(fin[self.ranks], self.start) + self.times[self.size, i] / self.pace
-
-    def ride(self, i: int, fin: np.ndarray, beat_ms: float) -> bool:
-        """Put sequence ``i`` in the micro-batch with room whose block ends soonest, if before ``beat_ms``;
-        ``fin`` (per-rank finish) is updated. False, and nothing changes, otherwise."""
-        if not self.blocks:
-            return False
-        n = int(self.inst.lengths[i])
-        cand = np.flatnonzero(self.mb_free >= n)
-        if not cand.size:
-            return False
-        end = self.ends(i, fin)[self.mb_block[cand]]
-        j = int(cand[np.lexsort((cand, self.mb_free[cand], end))[0]])
-        b = int(self.mb_block[j])
-        if float(np.min(end)) >= beat_ms * (1 - 1e-12):
-            return False
-        first, d = self.blocks[b]
-        self.mb_free[j] -= n
-        self.wide[(first, d)][int(self.mb_index[j])].append(i)
-        fin[first:first + d] += self.times[self.size[b], i] / self.pace[b]
-        return True
-
-
 def refill(inst: Instance, sched: Schedule, target_ms: float) -> Schedule:
     """Re-deal the single-rank level of ``sched`` to the micro-batch counts a step of ``target_ms`` needs.
 
     LPT placement (``place``) opens a micro-batch whenever a sequence finishes earliest there, so
-    when beta is large it leaves many ranks with a third, nearly empty micro-batch and others with
-    one: on real Wikipedia lengths at 1024 ranks the plan paid 2.2 betas per rank where the
-    certified bound's LP pays 1.65. Here the wider blocks stay (only the short sequences that
-    rode along in them come back down, as the LP never puts them there), each rank gets the number
-    of micro-batches that holds the most tokens in the time it has left before ``target_ms``
-    (``_counts``), and sequences go longest-first to the rank with the most time left that has a
-    micro-batch with room (best fit within it). What does not fit goes where it finishes
-    earliest, opening a micro-batch if it must; the caller repairs and compares the result.
+    when beta is large it leaves many ranks with a third, nearly empty micro-batch: on real
+    Wikipedia lengths at 1024 ranks (FlexSP's GPT-7B model, beta 629 ms) the plan paid 2.17 betas
+    per rank, and 230 ranks ran three micro-batches, half empty; refilled, 2.0 and none (1.200x ->
+    1.139x of issue 4's bound on batch 0). Here the wider blocks stay (the short sequences that
+    rode along in them come back down: the certified bound's LP never puts them there), each
+    rank gets the number of micro-batches that holds the most tokens in the time it has left
+    before ``target_ms`` (``_counts``), and sequences go longest-first to the rank with the most
+    time left that has a micro-batch with room (best fit within it). What does not fit rides along
+    in a wider micro-batch with room or goes where it finishes earliest, opening a micro-batch if
+    it must, whichever ends sooner; the caller repairs and compares the result.
     """
     beta, lengths, t1, speed = inst.beta, inst.lengths, inst.times[1], inst.block_speed[1]
     cap = inst.capacity[1]
@@ -665,7 +650,7 @@ def refill(inst: Instance, sched: Schedule, target_ms: float) -> Schedule:
         n, ti = int(lengths[i]), float(t1[i])
         single_fin = fin + (ti + beta * (most_free < n)) / speed
         r = int(np.argmin(single_fin))
-        if rides.ride(i, fin, float(single_fin[r])):
+        if rides.ride(i, fin, float(single_fin[r])) is not None:
             continue
         fitting = [k for k, (free, _) in enumerate(bins[r]) if free >= n]
         if fitting:
