@@ -607,6 +607,19 @@ def refill(inst: Instance, sched: Schedule, target_ms: float) -> Schedule:
     ids_arr = np.asarray(single, dtype=np.int64)
     ms_per_token = max(float(t1[ids_arr].sum()) / float(lengths[ids_arr].sum()), 1e-12)
     count = _counts(inst, room, ms_per_token)
+    # A rank of a wide block with little time left gets more tokens done riding along in that
+    # block (no beta, the block's memory and its ranks' time shared) than in a micro-batch of its
+    # own: on a 16-rank group of a long sequence (FlexSP's GPT-7B model), 0.74 s left buys ~600
+    # tokens per rank alone, ~1.9K riding.
+    # Such ranks take no micro-batch of their own; the overflow rides along with them.
+    tokens = np.minimum(count * cap, np.maximum(room - count * beta, 0.0) / ms_per_token)
+    riding = np.zeros(inst.gpus)
+    for (first, d), mbs in wide.items():
+        rate = max(float(inst.times[d][ids_arr].sum()) / float(lengths[ids_arr].sum()), 1e-12)  # ms/token/rank
+        free = sum(inst.capacity[d] - int(lengths[ids].sum()) for ids in mbs)
+        share = min(free, float(room[first:first + d].min()) / rate) / d
+        riding[first:first + d] = np.maximum(riding[first:first + d], share)
+    count = np.where(riding > tokens, 0, count)
     budget = room - count * beta  # ms of sequence time each rank may still take
     bins: list[list[list]] = [[[cap, []] for _ in range(int(count[r]))] for r in range(inst.gpus)]
     ready = [(-float(budget[r]), r) for r in range(inst.gpus) if count[r]]
