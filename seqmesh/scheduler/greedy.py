@@ -573,8 +573,8 @@ def refill(inst: Instance, sched: Schedule, target_ms: float) -> Schedule:
     LPT placement (``place``) opens a micro-batch whenever a sequence finishes earliest there, so
     when beta is large it leaves many ranks with a third, nearly empty micro-batch: on real
     Wikipedia lengths at 1024 ranks (FlexSP's GPT-7B model, beta 629 ms) the plan paid 2.17 betas
-    per rank, and 230 ranks ran three micro-batches, half empty; refilled, 2.0 and none (1.200x ->
-    1.139x of issue 4's bound on batch 0). Here the wider blocks stay (the short sequences that
+    per rank, and 230 ranks ran three micro-batches, half empty; refilled, 1.88 and none (1.200x ->
+    1.135x of issue 4's bound on batch 0). Here the wider blocks stay (the short sequences that
     rode along in them come back down: the certified bound's LP never puts them there), each
     rank gets the number of micro-batches that holds the most tokens in the time it has left
     before ``target_ms`` (``_counts``), and sequences go longest-first to the rank with the most
