@@ -81,3 +81,14 @@ def test_plan_step_reports_the_gap_only_when_asked():
     cert = plan.meta["certified_bound_ms"]
     assert plan.lower_bound_ms <= cert <= plan.predicted_ms * (1 + 1e-9)
     assert plan.meta["gap_to_certified_bound"] == pytest.approx(plan.predicted_ms / cert, rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_bound_holds_with_a_sequence_spread_over_every_rank(seed):
+    # One sequence only a group of 8 holds, a few short ones: the rows that keep one rank to one
+    # piece of a sequence are written, and the bound stays between the simple bound and the optimum.
+    cm = model(300.0, 1500)
+    rng = np.random.default_rng(seed)
+    lengths = [int(rng.integers(cm.capacity(4) + 1, cm.capacity(8)))] + [int(x) for x in rng.integers(100, 1500, 5)]
+    bound = certified_bound(lengths, 8, cm)
+    assert bound.simple_ms < bound.certified_ms <= _optimum(lengths, 8, cm) * (1 + 1e-9)

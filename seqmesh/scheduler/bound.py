@@ -16,12 +16,24 @@ A sequence runs on a rank of that class only if ``(k + m)`` betas plus its own t
 variables are, per class (and per distinct rank speed), the number of ranks ``n``, the fraction of
 each length's sequences run alone on them, and the rank-participations of each length at each
 wider group size (a group of ``d`` counts ``d`` of them, each covering ``1/d`` of the sequence).
+A rank with exactly one wider micro-batch is in one group of one size ``d``, so its class is
+``(k, 1, d)``: only pieces at size ``d`` count on it, and its share is ``capacity(d) / d``. Without
+that split the LP filled such a rank's one wide micro-batch with pieces of sequences at other,
+cheaper sizes, and paid one beta for what real plans run as two groups: on real Wikipedia lengths
+at 1024 ranks it put 1.65 betas on a rank where every plan found pays 2, and the bound rose from
+1.06x to 1.10x of issue 4's with the split. Ranks with two or more wider micro-batches may mix
+sizes between them, so their classes keep every size. A rank holds at most one piece of each
+sequence (a group's ranks are distinct), so a class's ranks hold at most ``count x n`` pieces of
+one length's sequences; written for the lengths that need more than 4 ranks, it stops the LP from
+stacking a long sequence's pieces on a few ranks (64 ranks of real Wikipedia lengths, a 93K-token
+sequence on 32 ranks: 1.09x -> 1.12x of issue 4's bound).
 Every plan of makespan ``<= T`` maps onto a feasible point (count its ranks per class), so when
 the LP needs more ranks than there are, no plan finishes within ``T``. The largest ``T`` proven
 infeasible this way (bisection, each step one HiGHS LP) is the bound; sequences of equal length
 are one row, so the LP has (distinct lengths x group sizes x classes) columns. What it still
 relaxes: a sequence's time may be split between ranks of a class (exact for many short sequences
-per micro-batch, loose for a few long ones), and wide groups' ranks need not be the same ranks.
+per micro-batch, loose for a few long ones), wide groups' ranks need not be the same ranks, and
+ranks with several wide micro-batches may mix group sizes within one.
 
 The bound is >= issue 4's (it takes the larger) and <= the exact MILP's optimum on every
 instance the tests try. It costs a few LP solves, so it is opt-in (``plan_step(certify=True)``,
@@ -75,12 +87,22 @@ class _Data:
         speed = cm.rank_speed(gpus)
         self.speeds, self.speed_count = np.unique(speed, return_counts=True)
         wide = [d for d in sizes if d > 1]
-        self.share = max((self.cap[d] / d for d in wide), default=0.0)  # tokens per wide participation
+        # lengths no group of 4 holds: the rows that keep one rank to one piece of a sequence are
+        # written for these (long sequences, few of each length, spread over many ranks: where the
+        # LP stacked pieces on few ranks). For the many shorter wide ones the rows tightened nothing
+        # measurable on real Wikipedia lengths and tripled the LP's time at 1024 ranks.
+        small = [d for d in sizes if d <= 4]
+        self.wide_only = ~self.fits[max(small)] if small else np.ones(self.len.size, dtype=bool)
         self.wide = wide
 
 
-def _classes(data: _Data, budget: float) -> list[tuple[int, int, bool, bool]]:
-    """(k, m, k open-ended, m open-ended) classes whose betas fit ``budget`` (nominal ms)."""
+def _classes(data: _Data, budget: float) -> list[tuple[int, int, bool, bool, tuple[int, ...]]]:
+    """(k, m, k open-ended, m open-ended, wide sizes) classes whose betas fit ``budget`` (nominal ms).
+
+    A rank with exactly one wider micro-batch takes part in one group, of one size: its class
+    names that size (so the LP cannot fill the rest of that micro-batch with pieces of sequences run
+    at other, cheaper sizes). Ranks with several wider micro-batches may mix sizes between them,
+    so their classes keep every size (relaxed, still a bound)."""
     most = math.inf if data.beta <= 0 else math.floor(budget / data.beta * (1 + 1e-12))
     kmax = min(most, _MAX_COUNT) if 1 in data.sizes else 0
     mmax = min(most, _MAX_COUNT) if data.wide else 0
@@ -89,7 +111,11 @@ def _classes(data: _Data, budget: float) -> list[tuple[int, int, bool, bool]]:
         for m in range(mmax + 1):
             if k + m == 0 or (k + m) * data.beta > budget * (1 + 1e-12):
                 continue
-            out.append((k, m, k == _MAX_COUNT and most > _MAX_COUNT, m == _MAX_COUNT and most > _MAX_COUNT))
+            k_open, m_open = k == _MAX_COUNT and most > _MAX_COUNT, m == _MAX_COUNT and most > _MAX_COUNT
+            if m == 1 and not m_open:
+                out.extend((k, m, k_open, m_open, (d,)) for d in data.wide)
+            else:
+                out.append((k, m, k_open, m_open, tuple(data.wide)))
     return out
 
 
@@ -119,7 +145,7 @@ def _ranks_needed(data: _Data, target_ms: float) -> float:
         budget = target_ms * pace - bubble * data.beta  # each rank's items, nominal, less fill and drain
         if budget <= 0:
             continue
-        for k, m, k_open, m_open in _classes(data, budget):
+        for k, m, k_open, m_open, wide in _classes(data, budget):
             n_col = len(cols_cost)
             cols_cost.append(0.0)
             rows.append(speed_rows[v]), cols.append(n_col), vals.append(1.0)
@@ -127,7 +153,8 @@ def _ranks_needed(data: _Data, target_ms: float) -> float:
             r += 3
             room = target_ms * pace - (k + m) * data.beta  # for one item's own time, with its pipeline share
             per_item = {d: data.t[d] + bubble * (data.beta + data.t[d]) for d in data.sizes}
-            terms = [(mem1, -float(k * data.cap[1]) if k else 0.0), (mem2, -float(m * data.share)),
+            share = max((data.cap[d] / d for d in wide), default=0.0)  # tokens per wide participation
+            terms = [(mem1, -float(k * data.cap[1]) if k else 0.0), (mem2, -float(m * share)),
                      (time_row, (k + m) * data.beta - budget)]
             for row, val in terms:
                 rows.append(row), cols.append(n_col), vals.append(val)
@@ -139,18 +166,28 @@ def _ranks_needed(data: _Data, target_ms: float) -> float:
                     rows.extend((j, mem1, time_row)), cols.extend((c, c, c))
                     vals.extend((1.0, float(data.len[j]), float(data.t[1][j])))
                 covered[ok] = True
+            pieces: dict[int, list[int]] = {}
             if m:
-                for d in data.wide:
+                for d in wide:
                     ok = np.flatnonzero(data.fits[d] & (per_item[d] <= room * (1 + 1e-12)))
                     for j in ok.tolist():
                         c = len(cols_cost)
                         cols_cost.append(0.0)
                         rows.extend((j, mem2, time_row)), cols.extend((c, c, c))
                         vals.extend((1.0 / d, float(data.len[j]) / d, float(data.t[d][j])))
+                        if data.wide_only[j]:
+                            pieces.setdefault(j, []).append(c)
                     covered[ok] = True
             # an open-ended class ("this many or more") has no memory row: any count holds its tokens
             row_lo.extend((-np.inf,) * 3)
             row_hi.extend((np.inf if k_open else 0.0, np.inf if m_open else 0.0, 0.0))
+            # a rank holds at most one piece of each sequence (a group's ranks are distinct), so
+            # these ranks hold at most count x n pieces of a length's sequences
+            for j, piece_cols in pieces.items():
+                rows.extend([r] * (len(piece_cols) + 1)), cols.extend(piece_cols + [n_col])
+                vals.extend([1.0] * len(piece_cols) + [-float(data.count[j])])
+                row_lo.append(-np.inf), row_hi.append(0.0)
+                r += 1
     if not covered.all():
         return math.inf
     a = sparse.csc_matrix((vals, (rows, cols)), shape=(r, len(cols_cost)))

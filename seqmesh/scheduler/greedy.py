@@ -12,6 +12,11 @@
 3. **Repair** (local search on the single-rank level, where nearly all sequences live): move a
    sequence off the rank that finishes last, or swap it for a shorter one elsewhere, while that
    lowers the step time; memory is checked for every move.
+4. **Refill** (``refill``; without pipeline stages), which matters when beta is large: LPT opens
+   a micro-batch wherever a sequence ends earliest, so ranks end up with three micro-batches
+   (three betas) where two would hold their tokens. The wider blocks stay, the single-rank level is dealt again with each rank's count of
+   micro-batches chosen for the time it has left, and what overflows rides along in a wider
+   micro-batch or opens one; repaired, it replaces the answer of 1-3 only when faster.
 
 With pipeline stages (``pp > 1``) a rank's step also pays the fill and drain of its largest
 micro-batch (seqmesh.scheduler.simulate), so a sequence's degree is chosen for ``pp`` times its
@@ -58,6 +63,11 @@ class _Level:
         self.speed = inst.block_speed[d]
         self.most_free = np.zeros(nb, dtype=np.int64)
         self.bins: list[list[list]] = [[] for _ in range(nb)]  # per block: [free tokens, ids]
+        # the earliest block start seen by the last ``best``: finish times only grow while placing,
+        # so it stays a lower bound, and widening skips a level that cannot end in time without
+        # pricing every block again (at 1024 ranks nearly every short sequence asks, ~1% succeed)
+        self.start_floor = 0.0
+        self.fastest = float(self.speed.max())
 
     def starts(self, per_rank: np.ndarray) -> np.ndarray:
         """Per block, the largest of ``per_rank`` over its ranks (when all of them are free)."""
@@ -69,6 +79,7 @@ class _Level:
              drain: _Drain | None = None) -> tuple[int, float]:
         """The block that would finish a sequence (n tokens, ``t`` ms on each block) earliest, and that finish time."""
         start = self.starts(fin)
+        self.start_floor = float(start.min())
         finish = start + (t + beta * (self.most_free < n)) / self.speed
         if drain is not None:
             finish = finish + drain.cost(self, t + beta)
@@ -220,7 +231,7 @@ def place(inst: Instance, deg: np.ndarray, target_ms: float = np.inf,
             if finish > target_ms and t + beta > _LONG * (target_ms - floor) and floor + fastest[i] <= target_ms:
                 for w in (w for w in inst.sizes if w > d):
                     tw = float(inst.times[w][i])
-                    if floor + tw / inst.speed.max() > target_ms:
+                    if max(floor, levels[w].start_floor) + tw / levels[w].fastest > target_ms:
                         continue
                     bw, fw = levels[w].best(fin, n, inst.block_times(w, i), beta, drain)
                     if fw <= target_ms:
@@ -252,6 +263,61 @@ def place(inst: Instance, deg: np.ndarray, target_ms: float = np.inf,
     return sched, fin, above
 
 
+class _WideBins:
+    """The micro-batches of wider blocks as arrays, so a sequence riding along is priced against
+    all of them at once: a block's ranks all finish later by the sequence's time at its width
+    (blocks nest and run largest-first), so the ride ends at the block's latest rank plus that."""
+
+    def __init__(self, inst: Instance, wide: Schedule) -> None:
+        self.inst, self.wide = inst, wide  # the micro-batches' id lists, appended to in place
+        blocks = [blk for blk, bins in wide.items() if bins]
+        self.blocks = blocks
+        self.first = np.array([f for f, _ in blocks], dtype=np.int64)
+        self.d = np.array([d for _, d in blocks], dtype=np.int64)
+        self.pace = np.array([float(inst.block_speed[d][f // d]) for f, d in blocks])
+        # every size's link-pattern rows stacked, so a block's times are one row: its size's offset + its pattern
+        offset = np.cumsum([0] + [len(inst.profile_times[d]) for d in inst.sizes])
+        self.row = np.array([offset[inst.sizes.index(d)] + inst.profile[d][f // d] for f, d in blocks], dtype=np.int64)
+        self.ranks = np.concatenate([np.arange(f, f + d) for f, d in blocks]) if blocks else np.zeros(0, np.int64)
+        self.start = np.concatenate([[0], np.cumsum(self.d)[:-1]]).astype(np.int64) if blocks else self.d
+        self.mb_block = np.array([b for b, blk in enumerate(blocks) for _ in wide[blk]], dtype=np.int64)
+        self.mb_index = np.array([j for blk in blocks for j in range(len(wide[blk]))], dtype=np.int64)
+        self.mb_free = np.array([inst.capacity[blk[1]] - int(inst.lengths[ids].sum()) for blk in blocks
+                                 for ids in wide[blk]], dtype=np.int64)
+        self.times = np.concatenate([inst.profile_times[d] for d in inst.sizes])
+
+    def ride(self, i: int, fin: np.ndarray, beat_ms: float,
+             leaving: tuple[int, float] | None = None) -> tuple[int, int, float] | None:
+        """Put sequence ``i`` in the micro-batch with room whose block then ends soonest (the fullest
+        such micro-batch), if that is before ``beat_ms``; ``fin`` (per-rank finish) is updated and
+        (first rank, size, added ms) returned. ``leaving=(rank, ms)``: the sequence leaves that rank,
+        which finishes ``ms`` sooner. None, and nothing changes, when no ride ends in time."""
+        if not self.blocks:
+            return None
+        n = int(self.inst.lengths[i])
+        cand = np.flatnonzero(self.mb_free >= n)
+        if not cand.size:
+            return None
+        add = self.times[self.row, i] / self.pace
+        end = np.maximum.reduceat(fin[self.ranks], self.start) + add
+        if leaving is not None:
+            r, saved = leaving
+            for b in np.flatnonzero((self.first <= r) & (r < self.first + self.d)).tolist():
+                others = np.delete(fin[self.first[b]:self.first[b] + self.d[b]], r - self.first[b])
+                end[b] = max(float(others.max(initial=-np.inf)), float(fin[r]) - saved) + add[b]
+        ends = end[self.mb_block[cand]]
+        k = int(np.lexsort((cand, self.mb_free[cand], ends))[0])
+        if ends[k] >= beat_ms * (1 - 1e-12):
+            return None
+        j = int(cand[k])
+        b = int(self.mb_block[j])
+        first, d = self.blocks[b]
+        self.mb_free[j] -= n
+        self.wide[(first, d)][int(self.mb_index[j])].append(i)
+        fin[first:first + d] += add[b]
+        return first, d, float(add[b])
+
+
 class _Repair:
     """Single-rank level state for local search: per rank its micro-batches and load."""
 
@@ -272,8 +338,8 @@ class _Repair:
                 self.bin_free[ids] = free
         self.most_free = np.array([max((f for f, _ in bs), default=-1) for bs in self.bins], dtype=np.int64)
         # wider blocks' micro-batches as [free tokens, ids]: a lone short sequence may ride along in one
-        self.wide = {blk: [[inst.capacity[blk[1]] - int(inst.lengths[ids].sum()), list(ids)] for ids in bins if ids]
-                     for blk, bins in sched.items() if blk[1] > 1}
+        self.wide: Schedule = {blk: [list(ids) for ids in bins if ids] for blk, bins in sched.items() if blk[1] > 1}
+        self.rides = _WideBins(inst, self.wide)
 
     def _bin_of(self, r: int, i: int) -> int:
         return next(k for k, (_, ids) in enumerate(self.bins[r]) if i in ids)
@@ -348,33 +414,17 @@ class _Repair:
         time (and a beta when it was alone), the block's ranks pay its time at that width (every rank
         of a nested block finishes later by exactly that, blocks running largest-first). This is
         what empties the third, nearly empty micro-batch of a rank when beta is large."""
-        if not self.wide:
+        if not self.rides.blocks:
             return False
         alone = len(self.bins[r][self._bin_of(r, i)][1]) == 1
-        n, inst = int(self.inst.lengths[i]), self.inst
-        saved = (float(self.t[i]) + (inst.beta if alone else 0.0)) / self.speed[r]
-        best, best_fin = None, self.fin[r] * (1 - 1e-12)
-        for (first, d), bins in self.wide.items():
-            room = [j for j, (free, _) in enumerate(bins) if free >= n]
-            if not room:
-                continue
-            ranks = slice(first, first + d)
-            add = float(inst.t(d, first)[i]) / float(inst.block_speed[d][first // d])
-            after = self.fin[ranks] + add
-            if first <= r < first + d:
-                after[r - first] -= saved
-            worst = float(after.max())
-            if worst < best_fin:
-                best, best_fin = ((first, d), min(room, key=lambda j: (bins[j][0], j)), add), worst
-        if best is None:
+        saved = (float(self.t[i]) + (self.inst.beta if alone else 0.0)) / self.speed[r]
+        joined = self.rides.ride(i, self.fin, float(self.fin[r]), leaving=(r, saved))
+        if joined is None:
             return False
-        (first, d), j, add = best
+        first, d, add = joined
         self._remove(r, i)
         self.rank[i] = -1
-        self.wide[(first, d)][j][0] -= n
-        self.wide[(first, d)][j][1].append(i)
         self.above[first:first + d] += add
-        self.fin[first:first + d] += add
         self._refresh(r)
         return True
 
@@ -390,7 +440,7 @@ class _Repair:
                 return
 
     def schedule(self, sched: Schedule) -> Schedule:
-        out = {b: [list(ids) for _, ids in bins] for b, bins in self.wide.items()}
+        out = {b: [list(ids) for ids in bins] for b, bins in self.wide.items()}
         for r in range(self.inst.gpus):
             if self.bins[r]:
                 out[(r, 1)] = [list(ids) for _, ids in self.bins[r]]
@@ -505,6 +555,137 @@ def repair(inst: Instance, sched: Schedule, fin: np.ndarray, above: np.ndarray,
     return state.schedule(sched), float(state.fin.max())
 
 
+_MAX_COUNT = 4  # single-rank micro-batches per rank a refill considers (each costs a beta)
+
+
+def _counts(inst: Instance, room: np.ndarray, ms_per_token: float) -> np.ndarray:
+    """Per rank, the number of single-rank micro-batches that lets it take the most tokens within
+    ``room`` (nominal ms): each one holds ``capacity[1]`` tokens and costs a beta, so a rank with
+    little room left takes one (or none), an idle rank as many as memory or time allow."""
+    cap, beta = inst.capacity[1], inst.beta
+    best_c = np.zeros(room.size, dtype=np.int64)
+    best_tok = np.zeros(room.size)
+    for c in range(1, _MAX_COUNT + 1):
+        tok = np.minimum(c * cap, (room - c * beta) / ms_per_token)
+        better = tok > best_tok * (1 + 1e-9) + 1e-9
+        best_c = np.where(better, c, best_c)
+        best_tok = np.where(better, tok, best_tok)
+    return best_c
+
+
+def refill(inst: Instance, sched: Schedule, target_ms: float) -> Schedule:
+    """Re-deal the single-rank level of ``sched`` to the micro-batch counts a step of ``target_ms`` needs.
+
+    LPT placement (``place``) opens a micro-batch whenever a sequence finishes earliest there, so
+    when beta is large it leaves many ranks with a third, nearly empty micro-batch: on real
+    Wikipedia lengths at 1024 ranks (FlexSP's GPT-7B model, beta 629 ms) the plan paid 2.17 betas
+    per rank, and 230 ranks ran three micro-batches, half empty; refilled, 1.88 and none (1.200x ->
+    1.135x of issue 4's bound on batch 0). Here the wider blocks stay (the short sequences that
+    rode along in them come back down: the certified bound's LP never puts them there), each
+    rank gets the number of micro-batches that holds the most tokens in the time it has left
+    before ``target_ms`` (``_counts``), and sequences go longest-first to the rank with the most
+    time left that has a micro-batch with room (best fit within it). What does not fit rides along
+    in a wider micro-batch with room or goes where it finishes earliest, opening a micro-batch if
+    it must, whichever ends sooner; the caller repairs and compares the result.
+    """
+    beta, lengths, t1, speed = inst.beta, inst.lengths, inst.times[1], inst.block_speed[1]
+    cap = inst.capacity[1]
+    wide: Schedule = {}
+    single: list[int] = []
+    for (first, d), bins in sched.items():
+        if d == 1:
+            single.extend(i for ids in bins for i in ids)
+            continue
+        kept = []
+        for ids in bins:
+            # a rider: holds on one rank and runs there within the target (so no degree target widened it)
+            riders = [i for i in ids if inst.dmin[i] == 1 and t1[i] + beta <= target_ms * speed.max()]
+            single.extend(riders)
+            rest = [i for i in ids if i not in set(riders)]
+            if rest:
+                kept.append(rest)
+        if kept:
+            wide[(first, d)] = kept
+    if not single:
+        return wide
+    above = finish_times(inst, wide)[0]
+    room = np.maximum((target_ms - above) * speed, 0.0)
+    ids_arr = np.asarray(single, dtype=np.int64)
+    ms_per_token = max(float(t1[ids_arr].sum()) / float(lengths[ids_arr].sum()), 1e-12)
+    count = _counts(inst, room, ms_per_token)
+    # A rank of a wide block with little time left gets more tokens done riding along in that
+    # block (no beta, the block's memory and its ranks' time shared) than in a micro-batch of its
+    # own: on a 16-rank group of a long sequence (FlexSP's GPT-7B model), 0.74 s left buys ~600
+    # tokens per rank alone, ~1.9K riding.
+    # Such ranks take no micro-batch of their own; the overflow rides along with them.
+    tokens = np.minimum(count * cap, np.maximum(room - count * beta, 0.0) / ms_per_token)
+    riding = np.zeros(inst.gpus)
+    for (first, d), mbs in wide.items():
+        rate = max(float(inst.t(d, first)[ids_arr].sum()) / float(lengths[ids_arr].sum()), 1e-12)  # ms/token/rank
+        free = sum(inst.capacity[d] - int(lengths[ids].sum()) for ids in mbs)
+        share = min(free, float(room[first:first + d].min()) / rate) / d
+        riding[first:first + d] = np.maximum(riding[first:first + d], share)
+    count = np.where(riding > tokens, 0, count)
+    budget = room - count * beta  # ms of sequence time each rank may still take
+    bins: list[list[list]] = [[[cap, []] for _ in range(int(count[r]))] for r in range(inst.gpus)]
+    ready = [(-float(budget[r]), r) for r in range(inst.gpus) if count[r]]
+    heapq.heapify(ready)
+    parked: list[tuple[int, int]] = []  # (-most free tokens, rank): no micro-batch holds the current length
+    overflow: list[int] = []
+    for i in sorted(single, key=lambda i: (-t1[i], i)):  # time rises with length: lengths fall too
+        n, ti = int(lengths[i]), float(t1[i])
+        while parked and -parked[0][0] >= n:
+            r = heapq.heappop(parked)[1]
+            heapq.heappush(ready, (-float(budget[r]), r))
+        while ready and -ready[0][0] >= ti:
+            r = ready[0][1]
+            fitting = [k for k, (free, _) in enumerate(bins[r]) if free >= n]
+            if not fitting:
+                heapq.heappop(ready)
+                heapq.heappush(parked, (-max(free for free, _ in bins[r]), r))
+                continue
+            k = min(fitting, key=lambda k: (bins[r][k][0], k))
+            bins[r][k][0] -= n
+            bins[r][k][1].append(i)
+            budget[r] -= ti
+            heapq.heapreplace(ready, (-float(budget[r]), r))
+            break
+        else:
+            overflow.append(i)
+    out = dict(wide)
+    fin = above.copy()
+    most_free = np.full(inst.gpus, -1, dtype=np.int64)
+    for r in range(inst.gpus):
+        used = [b for b in bins[r] if b[1]]
+        if used:
+            out[(r, 1)] = [ids for _, ids in used]
+            fin[r] += (sum(float(t1[ids].sum()) for _, ids in used) + beta * len(used)) / speed[r]
+            most_free[r] = max(free for free, _ in used)
+        bins[r] = used
+    # what overflows rides along in a wider micro-batch with room when that ends sooner (cheap on
+    # 2-8 rank groups inside a node, and the only use of the idle end of a long sequence's group)
+    rides = _WideBins(inst, wide)
+    for i in overflow:
+        n, ti = int(lengths[i]), float(t1[i])
+        single_fin = fin + (ti + beta * (most_free < n)) / speed
+        r = int(np.argmin(single_fin))
+        if rides.ride(i, fin, float(single_fin[r])) is not None:
+            continue
+        fitting = [k for k, (free, _) in enumerate(bins[r]) if free >= n]
+        if fitting:
+            k = min(fitting, key=lambda k: (bins[r][k][0], k))
+        else:
+            bins[r].append([cap, []])
+            out.setdefault((r, 1), []).append(bins[r][-1][1])
+            k = len(bins[r]) - 1
+            fin[r] += beta / speed[r]
+        bins[r][k][0] -= n
+        bins[r][k][1].append(i)
+        fin[r] += ti / speed[r]
+        most_free[r] = max(free for free, _ in bins[r])
+    return out
+
+
 def balanced_target(inst: Instance, lower_bound_ms: float) -> float:
     """The smallest step time ``T`` whose degrees (``degrees_for(T)``) leave work that fits ``T``.
 
@@ -540,8 +721,13 @@ _WIDE_BELOW = 2048  # sequences x ranks under which every wide target is tried (
 _RIDE_BELOW = 2     # sequences per rank up to which riding along is tried (measured: never wins above)
 
 
-def heuristic(inst: Instance, lower_bound_ms: float, repair_top: int = 1) -> tuple[Schedule, float]:
-    """Best schedule over a few degree targets; returns it and its step time (without grad reduce)."""
+def heuristic(inst: Instance, lower_bound_ms: float, repair_top: int = 1,
+              refill_level: bool = True) -> tuple[Schedule, float]:
+    """Best schedule over a few degree targets; returns it and its step time (without grad reduce).
+
+    With ``refill_level`` (without pipeline stages) the best one's single-rank level is also
+    re-dealt (``refill``) and repaired, and kept only when faster: never worse than without it.
+    """
     if inst.lengths.size == 0:
         return {}, 0.0
     target = balanced_target(inst, lower_bound_ms)
@@ -570,7 +756,36 @@ def heuristic(inst: Instance, lower_bound_ms: float, repair_top: int = 1) -> tup
     if inst.pp > 1:
         return _pipelined_best(inst, placed, repair_top)
     repaired = [repair(inst, sched, fin, above) for _, _, sched, fin, above in placed[:repair_top]]
-    return min(repaired, key=lambda r: r[1])
+    best = min(repaired, key=lambda r: r[1])
+    if refill_level and 1 in inst.sizes and best[1] > 0:
+        again = repair(inst, *_best_refill(inst, best[0], best[1]))
+        if again[1] < best[1] * (1 - 1e-12):
+            best = again
+    return best
+
+
+_REFILL_TARGETS = (1.0, 1.003, 1.006, 1.01)  # x the mean finish of a refill at the heuristic's makespan
+
+
+def _best_refill(inst: Instance, sched: Schedule, ms: float) -> tuple[Schedule, np.ndarray, np.ndarray]:
+    """The fastest of a few refills of ``sched``, with its per-rank finish and finish before size 1.
+
+    The target decides the micro-batch counts and what overflows (and rides along or opens a
+    micro-batch): a refill at the heuristic's own makespan leaves memory-bound ranks early and
+    piles the rest on a few; just above its mean finish (what the ranks would reach if balanced)
+    the overflow lands where it costs least, and the repair after it has almost nothing to do
+    (measured on real Wikipedia lengths at 1024 ranks: 0.01 s of repair instead of 0.5 s).
+    """
+    loose = refill(inst, sched, ms)
+    fin, above = finish_times(inst, loose)
+    best = (float(fin.max()), loose, fin, above)
+    mean = float(fin.mean())
+    for f in _REFILL_TARGETS:
+        out = refill(inst, sched, mean * f)
+        fin, above = finish_times(inst, out)
+        if float(fin.max()) < best[0] * (1 - 1e-12):
+            best = (float(fin.max()), out, fin, above)
+    return best[1], best[2], best[3]
 
 
 def _pipelined_best(inst: Instance, placed: list, repair_top: int) -> tuple[Schedule, float]:
