@@ -24,6 +24,7 @@ from seqmesh.scheduler import CostModel, default_cost_model
 from seqmesh.scheduler.simulate import plannable_sizes
 from seqmesh.trainer.config import (MemoryConfig, ModelConfig, OffloadConfig, OptimConfig, ParallelConfig, RunConfig,
                                     SchedulerConfig)
+from seqmesh.trainer.float8 import apply_float8_linears
 from seqmesh.trainer.hf_io import load_hf
 from seqmesh.trainer.lr_schedule import build_lr_scheduler
 from seqmesh.trainer.model import Transformer
@@ -248,6 +249,7 @@ def build_parallel_model(cfg: RunConfig, vocab_size: int, mesh: Mesh,
     Phase 1 (``parallelize``, in ``build_model``): (1) tensor parallel, (2) sequence-parallel attention,
     (3) activation checkpointing, on the whole model;
     then (4) pipeline stages: this rank keeps its chunks (``split_model``, ``parallel.pp > 1``);
+    float8 linears (``model.linear_dtype=fp8``, ``trainer/float8.py``) on what this rank holds;
     (5) ZeRO: the optimizer over the HDP group (stage 3 also shards the parameters and wraps each layer);
     the cost model, priced from what this rank now holds;
     phase 2 (``apply_tiling_and_offload``, in ``apply_offload``): (6) tiled MLP, (7) activation offload, whose
@@ -258,6 +260,8 @@ def build_parallel_model(cfg: RunConfig, vocab_size: int, mesh: Mesh,
     else:  # ZeRO-3: built on the host, only shards go to the device
         host = cfg.parallel.zero_stage == 3
         model = build_model(cfg.model, vocab_size, torch.device("cpu") if host else device, mesh.tp_group)
+    if cfg.model.linear_dtype == "fp8":
+        log.info("float8 linears: %d modules", len(apply_float8_linears(model, device)))
     optimizer = build_sharded_optimizer(model, cfg.optim, cfg.parallel.zero_stage, mesh, device,
                                         overlap=cfg.parallel.overlap_grad_reduce,
                                         bucket_mb=cfg.parallel.grad_bucket_mb)
