@@ -17,7 +17,7 @@ seqmesh runs with the overrides of ``--seqmesh`` (its configuration under test),
 more with ``model.linear_dtype=fp8`` (torchao float8 linears): same seed, same documents, so the
 per-step losses are paired; ``fp8_linear_loss_gap_pct`` is the relative gap of their mean loss
 after warm-up, and ``--noise-seed`` adds a bf16 run with another seed whose gap to the first is the
-seed-to-seed noise at the same step count. ``--variant NAME=OVR,OVR`` adds seqmesh rows to compare.
+seed-to-seed noise at the same step count. ``--variant NAME[@LENGTH]=OVR,OVR`` adds seqmesh rows to compare.
 
     python bench/train.py --out DIR --seqmesh model.loss_kernel=liger        # on a GPU machine
 """
@@ -155,8 +155,8 @@ def main() -> None:
     ap.add_argument("--lengths", default="8192,32768")
     ap.add_argument("--no-ckpt-32k", action="store_true", help="no activation checkpointing above 8K either")
     ap.add_argument("--seqmesh", nargs="*", default=[], help="overrides of seqmesh's configuration under test")
-    ap.add_argument("--variant", action="append", default=[], metavar="NAME=OVR,OVR",
-                    help="another seqmesh configuration to measure alongside (repeatable)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME[@LENGTH]=OVR,OVR",
+                    help="another seqmesh configuration to measure alongside, at every length or one (repeatable)")
     ap.add_argument("--no-fp8", action="store_true", help="skip the float8-linear run at 8K")
     ap.add_argument("--noise-seed", action="store_true", help="at 8K, also run bf16 with seed=1 (loss noise)")
     ap.add_argument("--baselines", default=",".join(BASELINES))
@@ -171,12 +171,13 @@ def main() -> None:
     if args.baseline:
         print(json.dumps(hf_baseline(args.seq_len, args.docs, args.hf_steps, args.ckpt, args.baseline == "hf_liger")))
         return
-    variants = {}
+    variants: dict[str, tuple[int | None, list[str]]] = {}
     for spec in args.variant:
         name, _, overrides = spec.partition("=")
-        if not name or not overrides:
-            raise SystemExit(f"--variant {spec!r}: write NAME=key=value,key=value")
-        variants[name] = overrides.split(",")
+        name, _, only = name.partition("@")
+        if not name or not overrides or (only and not only.isdigit()):
+            raise SystemExit(f"--variant {spec!r}: write NAME=key=value,key=value or NAME@LENGTH=key=value,...")
+        variants[name] = (int(only) if only else None, overrides.split(","))
     baselines = [b for b in args.baselines.split(",") if b]
     if set(baselines) - set(BASELINES):
         raise SystemExit(f"--baselines: choose from {BASELINES}, got {baselines}")
@@ -197,8 +198,9 @@ def main() -> None:
                                "seqmesh_overrides": args.seqmesh}
         main_run = run("main", [])
         row["seqmesh"] = seqmesh_row(main_run)
-        for name, extra in variants.items():
-            row[f"seqmesh_{name}"] = {**seqmesh_row(run(name, extra)), "overrides": extra}
+        for name, (only, extra) in variants.items():
+            if only in (None, seq_len):
+                row[f"seqmesh_{name}"] = {**seqmesh_row(run(name, extra)), "overrides": extra}
         if seq_len == 8192 and not args.no_fp8:
             fp8 = run("fp8", ["model.linear_dtype=fp8"])
             row["seqmesh_fp8"] = {**seqmesh_row(fp8), "loss_gap_pct": loss_gap_pct(fp8, main_run)}
