@@ -75,6 +75,10 @@ def apply_float8_linears(model: nn.Module, device: torch.device) -> list[str]:
     convert_to_float8_training(model, module_filter_fn=float8_eligible,
                                config=Float8LinearConfig.from_recipe_name("tensorwise"))
     first_use.track_compiles()
+    # All converted linears share one code object (Module._call_impl): each weight shape, and each
+    # change from static to dynamic token counts, is a recompile of it, which must stay under Dynamo's
+    # per-code limit (8 by default) for a model with several linear shapes.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for module in model.modules():
         if isinstance(module, Float8Linear):
             module.compile()
