@@ -148,6 +148,44 @@ def seqmesh_row(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def summarize(rows: list[dict[str, Any]], variant_names: Sequence[str], steps: int) -> dict[str, Any]:
+    """The summary keys of the issue from the rows measured so far (None where a figure is missing)."""
+
+    def at(seq_len: int, key: str, field: str) -> Any:
+        row = next((r for r in rows if r["seq_len"] == seq_len), {})
+        return row.get(key, {}).get(field)
+
+    def ratio(a: Any, b: Any) -> float | None:
+        return a / b if a and b else None
+
+    def fastest_bf16(seq_len: int) -> str:
+        """The fastest seqmesh bf16 configuration measured at ``seq_len`` (main or a variant; not fp8 or seed1)."""
+        row = next((r for r in rows if r["seq_len"] == seq_len), {})
+        names = ["seqmesh", *(f"seqmesh_{n}" for n in variant_names)]
+        timed = [n for n in names if (row.get(n) or {}).get("tokens_per_s_per_device")]
+        return max(timed, key=lambda n: row[n]["tokens_per_s_per_device"]) if timed else "seqmesh"
+
+    summary: dict[str, Any] = {}
+    for seq_len in (8192, 32768):
+        k, name = f"{seq_len // 1024}k", fastest_bf16(seq_len)
+        ours = at(seq_len, name, "tokens_per_s_per_device")
+        summary[f"seqmesh_row_{k}"] = name
+        summary[f"mfu_{k}"] = at(seq_len, name, "mfu")
+        summary[f"tokens_per_s_{k}"] = ours
+        summary[f"speedup_vs_hf_transformers_{k}"] = ratio(ours, at(seq_len, "hf", "tokens_per_s"))
+        summary[f"speedup_vs_hf_liger_{k}"] = ratio(ours, at(seq_len, "hf_liger", "tokens_per_s"))
+    summary["fp8_linear_speedup_8k"] = ratio(at(8192, "seqmesh_fp8", "tokens_per_s_per_device"),
+                                             at(8192, "seqmesh", "tokens_per_s_per_device"))
+    summary["fp8_linear_loss_gap_pct"] = at(8192, "seqmesh_fp8", "loss_gap_pct")
+    summary["seed_loss_gap_pct"] = at(8192, "seqmesh_seed1", "loss_gap_pct")
+    summary["loss_gap_steps"] = max(0, steps - WARMUP)
+    best = max((m for m in (summary["mfu_8k"], summary["mfu_32k"]) if m), default=None)
+    summary["mfu"] = best  # the design's `train` keys: the better of the two lengths
+    summary["tokens_per_s_per_device"] = summary["tokens_per_s_8k"] if best == summary["mfu_8k"] else \
+        summary["tokens_per_s_32k"]
+    return summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="directory for the result JSON (default bench/results)")
@@ -184,7 +222,15 @@ def main() -> None:
     if set(baselines) - set(BASELINES):
         raise SystemExit(f"--baselines: choose from {BASELINES}, got {baselines}")
 
-    rows = []
+    rows: list[dict[str, Any]] = []
+    config = {"model": "llama-3.2-1b shape", "dtype": "bf16 autocast, fp32 master", "steps": args.steps,
+              "hf_steps": args.hf_steps, "warmup_steps_excluded": WARMUP, "optimizer": "AdamW fused",
+              "seqmesh_overrides": args.seqmesh, "variants": variants}
+
+    def save() -> None:
+        """Rewrite the result with what is measured so far: a run cut short keeps its finished rows."""
+        write_result("train", config, rows, summarize(rows, list(variants), args.steps), out_dir=args.out)
+
     for seq_len in (int(n) for n in args.lengths.split(",")):
         docs = max(1, 65536 // seq_len)
         ckpt = seq_len > 8192 and not args.no_ckpt_32k
@@ -198,57 +244,27 @@ def main() -> None:
 
         row: dict[str, Any] = {"seq_len": seq_len, "docs_per_step": docs, "activation_checkpointing": ckpt,
                                "seqmesh_overrides": args.seqmesh}
+        rows.append(row)
         main_run = run("main", [])
         row["seqmesh"] = seqmesh_row(main_run)
+        save()
         for name, (only, extra) in variants.items():
             if only in (None, seq_len):
                 row[f"seqmesh_{name}"] = {**seqmesh_row(run(name, extra)), "overrides": extra}
+                save()
         if seq_len == 8192 and not args.no_fp8:
             fp8 = run("fp8", ["model.linear_dtype=fp8"])
             row["seqmesh_fp8"] = {**seqmesh_row(fp8), "loss_gap_pct": loss_gap_pct(fp8, main_run)}
+            save()
             if args.noise_seed:
                 row["seqmesh_seed1"] = {**seqmesh_row(noise := run("seed1", ["seed=1"])),
                                         "loss_gap_pct": loss_gap_pct(noise, main_run)}
+                save()
         for kind in baselines:
             row[kind] = run_baseline(kind, seq_len, docs, args.hf_steps, ckpt, args.timeout)
             print(seq_len, kind, {k: v for k, v in row[kind].items() if k != "losses"}, flush=True)
-        rows.append(row)
+            save()
 
-    def at(seq_len: int, key: str, field: str) -> Any:
-        row = next((r for r in rows if r["seq_len"] == seq_len), {})
-        return row.get(key, {}).get(field)
-
-    def ratio(a: Any, b: Any) -> float | None:
-        return a / b if a and b else None
-
-    def fastest_bf16(seq_len: int) -> str:
-        """The fastest seqmesh bf16 configuration measured at ``seq_len`` (main or a variant; not fp8 or seed1)."""
-        row = next((r for r in rows if r["seq_len"] == seq_len), {})
-        names = ["seqmesh", *(f"seqmesh_{n}" for n in variants)]
-        timed = [n for n in names if (row.get(n) or {}).get("tokens_per_s_per_device")]
-        return max(timed, key=lambda n: row[n]["tokens_per_s_per_device"]) if timed else "seqmesh"
-
-    summary: dict[str, Any] = {}
-    for seq_len in (8192, 32768):
-        k, name = f"{seq_len // 1024}k", fastest_bf16(seq_len)
-        ours = at(seq_len, name, "tokens_per_s_per_device")
-        summary[f"seqmesh_row_{k}"] = name
-        summary[f"mfu_{k}"] = at(seq_len, name, "mfu")
-        summary[f"tokens_per_s_{k}"] = ours
-        summary[f"speedup_vs_hf_transformers_{k}"] = ratio(ours, at(seq_len, "hf", "tokens_per_s"))
-        summary[f"speedup_vs_hf_liger_{k}"] = ratio(ours, at(seq_len, "hf_liger", "tokens_per_s"))
-    summary["fp8_linear_speedup_8k"] = ratio(at(8192, "seqmesh_fp8", "tokens_per_s_per_device"),
-                                             at(8192, "seqmesh", "tokens_per_s_per_device"))
-    summary["fp8_linear_loss_gap_pct"] = at(8192, "seqmesh_fp8", "loss_gap_pct")
-    summary["seed_loss_gap_pct"] = at(8192, "seqmesh_seed1", "loss_gap_pct")
-    summary["loss_gap_steps"] = max(0, args.steps - WARMUP)
-    best = max((m for m in (summary["mfu_8k"], summary["mfu_32k"]) if m), default=None)
-    summary["mfu"] = best  # the design's `train` keys: the better of the two lengths
-    summary["tokens_per_s_per_device"] = summary["tokens_per_s_8k"] if best == summary["mfu_8k"] else \
-        summary["tokens_per_s_32k"]
-    write_result("train", {"model": "llama-3.2-1b shape", "dtype": "bf16 autocast, fp32 master", "steps": args.steps,
-                           "hf_steps": args.hf_steps, "warmup_steps_excluded": WARMUP, "optimizer": "AdamW fused",
-                           "seqmesh_overrides": args.seqmesh, "variants": variants}, rows, summary, out_dir=args.out)
 
 
 if __name__ == "__main__":

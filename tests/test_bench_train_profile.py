@@ -10,7 +10,7 @@ from torch.autograd import DeviceType
 
 from bench.composition import fitting_layouts
 from bench.profile_step import CATEGORIES, breakdown, classify, covered_us
-from bench.train import loss_gap_pct, merge_overrides, seqmesh_overrides
+from bench.train import loss_gap_pct, merge_overrides, seqmesh_overrides, summarize
 
 VOCAB = 128256
 
@@ -79,3 +79,14 @@ def test_composition_runs_the_layouts_the_gpus_present_can_hold() -> None:
     assert fitting_layouts(["1gpu", "tp2"], 2) == ["1gpu", "tp2"]
     with pytest.raises(SystemExit, match="add 1gpu"):
         fitting_layouts(["tp2", "pp2"], 1)
+
+
+def test_summary_takes_the_fastest_bf16_row_and_keeps_missing_figures_none() -> None:
+    rows = [{"seq_len": 32768, "seqmesh": {"tokens_per_s_per_device": 20.0, "mfu": 0.3},
+             "seqmesh_noreco": {"tokens_per_s_per_device": 25.0, "mfu": 0.375},
+             "hf": {"tokens_per_s": 20.0}, "hf_liger": {"error": "oom"}}]
+    out = summarize(rows, ["noreco"], steps=6)
+    assert out["seqmesh_row_32k"] == "seqmesh_noreco" and out["mfu_32k"] == 0.375
+    assert out["speedup_vs_hf_transformers_32k"] == pytest.approx(1.25) and out["speedup_vs_hf_liger_32k"] is None
+    assert out["mfu_8k"] is None and out["fp8_linear_speedup_8k"] is None and out["mfu"] == 0.375
+    assert out["loss_gap_steps"] == 4
