@@ -26,6 +26,7 @@ from seqmesh.trainer.config import (MemoryConfig, ModelConfig, OffloadConfig, Op
                                     SchedulerConfig)
 from seqmesh.trainer.float8 import apply_float8_linears
 from seqmesh.trainer.hf_io import load_hf
+from seqmesh.trainer.memory_model import activation_bytes_per_token, loss_working_bytes, mlp_tile_working_bytes
 from seqmesh.trainer.lr_schedule import build_lr_scheduler
 from seqmesh.trainer.model import Transformer
 from seqmesh.trainer.parallelize import apply_tiling_and_offload, parallelize
@@ -195,6 +196,9 @@ def build_cost_model(model: Transformer, device: torch.device, model_cfg: ModelC
     link = {} if device.type == "cuda" else {"link_GBps": CPU_LINK_GBPS}
     mem = limit or mem
     zero3 = parallel.zero_stage == 3  # everything sharded, and every layer recomputed in backward
+    # Activations counted from the model's own modules (trainer/memory_model.py), not a generic block;
+    # ZeRO-3 recomputes every layer, as checkpointing does.
+    counted_cfg = dataclasses.replace(model_cfg, activation_checkpointing=model_cfg.activation_checkpointing or zero3)
     # The cost model takes the whole model and divides by the layout itself: a TP shard multiplies
     # through 1/tp of the weights (each rank its heads and MLP slice) and a stage through ~1/pp of
     # the layers (stages are balanced by FLOPs), so tp x pp times this rank's count stands for the
@@ -206,7 +210,10 @@ def build_cost_model(model: Transformer, device: torch.device, model_cfg: ModelC
                               act_bytes=2 if model_cfg.dtype == "bf16" else 4,  # activations and SP messages
                               dp_shards=hdp, zero_stage=None if zero3 else parallel.zero_stage,
                               optim_state_bytes={"fp32": 8.0, "bf16": 4.0}.get(state_dtype, 2.0),
-                              checkpointing=model_cfg.activation_checkpointing or zero3).with_layout(tp, pp, tp_GBps=0.0)
+                              checkpointing=model_cfg.activation_checkpointing or zero3,
+                              mem_bytes_per_token=activation_bytes_per_token(model.dims, counted_cfg),
+                              mem_reserved_bytes=loss_working_bytes(model.dims, counted_cfg)
+                              + mlp_tile_working_bytes(model.dims, counted_cfg)).with_layout(tp, pp, tp_GBps=0.0)
 
 
 def warm_attention(model: torch.nn.Module, parallel: ParallelConfig, scheduler: SchedulerConfig, mesh: Mesh,
