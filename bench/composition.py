@@ -25,6 +25,7 @@ the predictions leave out the gradient reduction and the optimizer step (plan-in
 for this model a few percent of a step).
 
     python bench/composition.py --out DIR          # on 2 GPUs (~6 min on 2x H200)
+    python bench/composition.py --out DIR          # on 1 GPU: the 1gpu layout alone (summary mfu_1gpu)
     python bench/composition.py --smoke            # tiny model, CPU, gloo: checks the script only
 
 A layout that fails (e.g. out of memory) gets its error in its row; the others still run.
@@ -96,6 +97,20 @@ def measured(result: dict[str, Any], warmup: int) -> dict[str, Any]:
             "last_loss": result.get("last_loss")}
 
 
+def fitting_layouts(wanted: list[str], gpus: int) -> list[str]:
+    """The layouts of ``wanted`` that ``gpus`` devices can run (one GPU: ``1gpu`` alone); an error naming the
+    fix when none can."""
+    nproc = {name: n for name, n, *_ in LAYOUTS}
+    fitting = [name for name in wanted if nproc[name] <= gpus]
+    if not fitting:
+        raise SystemExit(f"--layouts {','.join(wanted)} need {min(nproc[w] for w in wanted)} GPUs but this machine "
+                         f"has {gpus}; add 1gpu to --layouts or run on more GPUs")
+    skipped = sorted(set(wanted) - set(fitting))
+    if skipped:
+        print(f"skipping layouts {skipped}: they need more than the {gpus} GPU(s) here", flush=True)
+    return fitting
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="directory for the result JSON (default bench/results)")
@@ -110,26 +125,30 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=240, help="seconds per layout before it counts as failed")
     ap.add_argument("--layouts", default=",".join(name for name, *_ in LAYOUTS), help="comma-separated subset")
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU over gloo (checks the script, not speed)")
+    ap.add_argument("--seqmesh", nargs="*", default=[], help="extra overrides for every layout (e.g. "
+                    "model.linear_dtype=fp8)")
     args = ap.parse_args()
     shape, device, layers = SHAPE, "cuda", args.layers
-    extra = ["model.loss_tile_tokens=0"]
+    extra = ["model.loss_tile_tokens=0", *args.seqmesh]
     if args.smoke:
         shape, device, layers = SMOKE_SHAPE, "cpu", 2
         args.seq_len, args.docs, args.steps, args.warmup = 512, 4, 3, 1
         extra.append("peak_tflops=0.1")  # a nominal CPU peak, so the MFU path runs; its value means nothing
-    elif torch.cuda.device_count() < 2:
-        raise SystemExit("bench/composition.py compares layouts over two GPUs; it needs 2 or more")
     wanted = args.layouts.split(",")
     unknown = sorted(set(wanted) - {name for name, *_ in LAYOUTS})
     if unknown:
         raise SystemExit(f"--layouts: unknown {unknown}; choose from {[name for name, *_ in LAYOUTS]}")
+    gpus = 2 if args.smoke else torch.cuda.device_count()
+    if gpus < 1:
+        raise SystemExit("bench/composition.py measures GPU layouts; run it on a GPU machine (or --smoke)")
+    wanted = fitting_layouts(wanted, gpus)
 
     lengths = [args.seq_len] * args.docs
     corpus = write_corpus(args.work / "corpus.jsonl", lengths * (args.steps + 2))
     mem_limit_gb = 0.2 if args.smoke else 0.85 * torch.cuda.get_device_properties(0).total_memory / 2**30
     # Both devices are of one kind, and a one-process run cannot use a two-device list of speed
     # factors: every layout plans with the profile at nominal speed.
-    profiled = profile(args.work, 2, mem_limit_gb, profile_shape(shape, layers, args.checkpointing))
+    profiled = profile(args.work, min(2, gpus), mem_limit_gb, profile_shape(shape, layers, args.checkpointing))
     cost = dataclasses.replace(CostModel.load(profiled),
                                speed=())
     cost_path = args.work / "cost_model_uniform.json"
@@ -181,7 +200,7 @@ def main() -> None:
               "seq_len": args.seq_len, "docs_per_step": args.docs, "steps": args.steps, "warmup": args.warmup,
               "dtype": "fp32 (smoke)" if args.smoke else "bf16 autocast, fp32 master",
               "activation_checkpointing": args.checkpointing,
-              "attention_backend": "auto", "optimizer": "FP8AdamW" if args.fp8 else "AdamW fp32 states",
+              "attention_backend": "auto", "overrides": args.seqmesh, "optimizer": "FP8AdamW" if args.fp8 else "AdamW fp32 states",
               "scheduler": "adaptive, cost model from seqmesh profile on these devices",
               "cost_model": {k: v for k, v in cost.to_dict().items() if k != "source"}}
     write_result("composition", config, rows, summary, out_dir=args.out, device="cpu-smoke" if args.smoke else None)

@@ -482,7 +482,8 @@ def default_cost_model(*, params: float, hidden_size: int, num_layers: int, devi
                        mem_limit_bytes: float, link_GBps: float = 10.0, max_group: int = 1024,
                        dp_shards: int = 1, act_bytes: int = 2, checkpointing: bool = True,
                        zero_stage: int | None = None, optim_state_bytes: float = 8.0,
-                       whole_grads: bool = False) -> CostModel:
+                       whole_grads: bool = False, mem_bytes_per_token: float | None = None,
+                       mem_reserved_bytes: float = 0.0) -> CostModel:
     """A cost model from first principles, for workers that have no profile yet.
 
     Every coefficient is a count divided by a rate the caller states, none is tuned:
@@ -506,6 +507,10 @@ def default_cost_model(*, params: float, hidden_size: int, num_layers: int, devi
       ``whole_grads`` (ZeRO-3 keeping the step's full layer gradients for one reduce-scatter per
       step); ZeRO stage 1 shards only the optimizer moments over ``dp_shards`` HDP ranks, stage 2
       the gradients too, stage 0 nothing.
+      A caller that knows its model's modules passes its own count instead (``mem_bytes_per_token``,
+      the whole model's activations per token) and the working set of a micro-batch that does not
+      grow with its tokens, such as a loss tile's logits (``mem_reserved_bytes``, held beside the
+      model states).
 
     The result describes the whole model on one device; ``CostModel.with_layout`` applies TP and PP.
     """
@@ -532,6 +537,12 @@ def default_cost_model(*, params: float, hidden_size: int, num_layers: int, devi
     per_layer_work = 34 * hidden_size * act_bytes // 2
     mem_per_token = (act_bytes * hidden_size * num_layers + per_layer_work) if checkpointing \
         else per_layer_work * num_layers
+    if mem_bytes_per_token is not None:
+        if not mem_bytes_per_token > 0 or mem_reserved_bytes < 0:
+            raise ValueError(f"default_cost_model: mem_bytes_per_token={mem_bytes_per_token!r} must be > 0 and "
+                             f"mem_reserved_bytes={mem_reserved_bytes!r} >= 0")
+        mem_per_token = mem_bytes_per_token
+    mem_static += mem_reserved_bytes
     sizes = [2 ** k for k in range(1, int(math.log2(max_group)) + 1)]
     return CostModel(
         alpha1_ms_per_tok2=6.0 * hidden_size * num_layers * recompute / device_flops * 1e3,

@@ -27,7 +27,9 @@ from seqmesh.scheduler.sp_comm import AttentionComm
 from seqmesh.scheduler.simulate import plannable_sizes
 from seqmesh.trainer.config import (MemoryConfig, ModelConfig, OffloadConfig, OptimConfig, ParallelConfig, RunConfig,
                                     SchedulerConfig)
+from seqmesh.trainer.float8 import apply_float8_linears
 from seqmesh.trainer.hf_io import load_hf
+from seqmesh.trainer.memory_model import activation_bytes_per_token, loss_working_bytes, mlp_tile_working_bytes
 from seqmesh.trainer.lr_schedule import build_lr_scheduler
 from seqmesh.trainer.model import Transformer
 from seqmesh.trainer.parallelize import apply_tiling_and_offload, parallelize
@@ -263,6 +265,9 @@ def _base_cost_model(model: Transformer, device: torch.device, model_cfg: ModelC
     link = {} if device.type == "cuda" else {"link_GBps": CPU_LINK_GBPS}
     mem = limit or mem
     zero3 = parallel.zero_stage == 3  # everything sharded, and every layer recomputed in backward
+    # Activations counted from the model's own modules (trainer/memory_model.py), not a generic block;
+    # ZeRO-3 recomputes every layer, as checkpointing does.
+    counted_cfg = dataclasses.replace(model_cfg, activation_checkpointing=model_cfg.activation_checkpointing or zero3)
     # The cost model takes the whole model and divides by the layout itself: a TP shard multiplies
     # through 1/tp of the weights (each rank its heads and MLP slice) and a stage through ~1/pp of
     # the layers (stages are balanced by FLOPs), so tp x pp times this rank's count stands for the
@@ -275,7 +280,10 @@ def _base_cost_model(model: Transformer, device: torch.device, model_cfg: ModelC
                               dp_shards=hdp, zero_stage=None if zero3 else parallel.zero_stage,
                               optim_state_bytes={"fp32": 8.0, "bf16": 4.0}.get(state_dtype, 2.0),
                               whole_grads=zero3 and parallel.zero3_reduce_per_step,
-                              checkpointing=model_cfg.activation_checkpointing or zero3).with_layout(tp, pp, tp_GBps=0.0)
+                              checkpointing=model_cfg.activation_checkpointing or zero3,
+                              mem_bytes_per_token=activation_bytes_per_token(model.dims, counted_cfg),
+                              mem_reserved_bytes=loss_working_bytes(model.dims, counted_cfg)
+                              + mlp_tile_working_bytes(model.dims, counted_cfg)).with_layout(tp, pp, tp_GBps=0.0)
 
 
 def warm_attention(model: torch.nn.Module, parallel: ParallelConfig, scheduler: SchedulerConfig, mesh: Mesh,
@@ -319,6 +327,7 @@ def build_parallel_model(cfg: RunConfig, vocab_size: int, mesh: Mesh,
     Phase 1 (``parallelize``, in ``build_model``): (1) tensor parallel, (2) sequence-parallel attention,
     (3) activation checkpointing, on the whole model;
     then (4) pipeline stages: this rank keeps its chunks (``split_model``, ``parallel.pp > 1``);
+    float8 linears (``model.linear_dtype=fp8``, ``trainer/float8.py``) on what this rank holds;
     (5) ZeRO: the optimizer over the HDP group (stage 3 also shards the parameters and wraps each layer);
     the cost model, priced from what this rank now holds;
     (8) parameter offload (``offload.params``, ``trainer/param_offload.py``): the plan from that cost model and
@@ -335,6 +344,8 @@ def build_parallel_model(cfg: RunConfig, vocab_size: int, mesh: Mesh,
     else:
         model = build_model(cfg.model, vocab_size, host, mesh.tp_group)
     apply_weight_dtype(model, cfg.optim)
+    if cfg.model.linear_dtype == "fp8":
+        log.info("float8 linears: %d modules", len(apply_float8_linears(model, device)))
     # Host-resident gradients are reduced where they live: over gloo when the device's backend is NCCL, and after
     # backward (the offload hands them to the host first).
     optimizer = build_sharded_optimizer(model, cfg.optim, cfg.parallel.zero_stage, mesh, device,

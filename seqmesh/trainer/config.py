@@ -74,10 +74,21 @@ class ModelConfig:
     activation_checkpointing: bool = False
     mlp_tile_tokens: int = 0   # the MLP a tile of this many tokens at a time (ALST's TiledMLP; 0: off)
     loss_tile_tokens: int = 0  # the loss a tile at a time, logits never whole (0: off)
+    # torch: the loss above; liger: Liger-Kernel's fused linear + cross-entropy (CUDA), chunks of
+    # loss_tile_tokens (or 8192) tokens, three head products instead of the tiled loss's four.
+    loss_kernel: str = "torch"
+    # bf16: the linears compute in model.dtype like the rest; fp8: the decoder layers' large linears in
+    # float8 (torchao's float8 training, tensorwise scales; CUDA, model.dtype=bf16), LM head kept in bf16.
+    linear_dtype: str = "bf16"
 
     def validate(self) -> None:
         _choice("model.arch", self.arch, ("llama", "qwen2"))
         _choice("model.dtype", self.dtype, ("fp32", "bf16"))
+        _choice("model.loss_kernel", self.loss_kernel, ("torch", "liger"))
+        _choice("model.linear_dtype", self.linear_dtype, ("bf16", "fp8"))
+        if self.linear_dtype == "fp8" and self.dtype != "bf16":
+            raise ConfigError(f"model.linear_dtype=fp8 with model.dtype={self.dtype}: float8 linears train with bf16 "
+                              "autocast around them; set model.dtype=bf16")
         _positive("model.mlp_tile_tokens", self.mlp_tile_tokens, zero_ok=True)
         _positive("model.loss_tile_tokens", self.loss_tile_tokens, zero_ok=True)
         for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
@@ -397,6 +408,22 @@ class RunConfig:
             raise ConfigError(f"model.loss_tile_tokens={model.loss_tile_tokens} with parallel.tp={tp}: the "
                               "tensor-parallel loss already splits the logits over the vocabulary and is not tiled; "
                               "set model.loss_tile_tokens=0")
+        if tp > 1 and model.loss_kernel != "torch":
+            raise ConfigError(f"model.loss_kernel={model.loss_kernel} with parallel.tp={tp}: the tensor-parallel "
+                              "loss splits the logits over the vocabulary with its own kernel; set "
+                              "model.loss_kernel=torch")
+        if model.linear_dtype == "fp8" and (tp > 1 or self.parallel.zero_stage == 3):
+            raise ConfigError(f"model.linear_dtype=fp8 with parallel.tp={tp}, parallel.zero_stage="
+                              f"{self.parallel.zero_stage}: float8 linears replace nn.Linear modules, which tensor "
+                              "parallelism and ZeRO-3 replace or shard themselves; use tp=1 and zero_stage<=2, or "
+                              "model.linear_dtype=bf16")
+        if model.linear_dtype == "fp8" and self.offload.params != "none":
+            raise ConfigError(f"model.linear_dtype=fp8 with offload.params={self.offload.params}: streamed layers run "
+                              "their weights outside the modules that float8 training converts; set "
+                              "model.linear_dtype=bf16 or offload.params=none")
+        if model.linear_dtype == "fp8" and self.launch.device == "cpu":
+            raise ConfigError("model.linear_dtype=fp8 needs CUDA GPUs with float8 matrix units (Hopper or newer); "
+                              "launch.device=cpu cannot run it: set model.linear_dtype=bf16")
         stages = self.parallel.pp * self.parallel.pp_virtual
         if model.hf_path is None and stages > model.num_layers:
             raise ConfigError(f"parallel.pp={self.parallel.pp} x parallel.pp_virtual={self.parallel.pp_virtual} = "

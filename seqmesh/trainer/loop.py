@@ -59,7 +59,8 @@ def make_step_runner(model: torch.nn.Module, optimizer: ZeroOptimizer | None, me
     """The run's step runner: pipeline stages (``parallel.pp > 1``), ZeRO-3's aligned items, or plain; its loss
     tiled by ``model.loss_tile_tokens``, its forward in ``model.dtype``."""
     kind = PipelineRunner if mesh.pp > 1 else Zero3Runner if zero_stage == 3 else LocalRunner
-    return kind(model, optimizer, mesh, functools.partial(loss_sum_of, loss_tile_tokens=model_cfg.loss_tile_tokens),
+    return kind(model, optimizer, mesh, functools.partial(loss_sum_of, loss_tile_tokens=model_cfg.loss_tile_tokens,
+                                       loss_kernel=model_cfg.loss_kernel),
                 device, forward_context=functools.partial(autocast, model_cfg.dtype, device))
 
 
@@ -67,7 +68,8 @@ def run_group(model: torch.nn.Module, docs: list[torch.Tensor], group: "dist.Pro
               model_cfg: ModelConfig, parallel: ParallelConfig, device: torch.device, denominator: int) -> torch.Tensor:
     """Forward + backward of one group's documents on this rank; returns the (undivided) loss sum."""
     return forward_backward(model, layout_group(docs, group, parallel, device),
-                            functools.partial(loss_sum_of, loss_tile_tokens=model_cfg.loss_tile_tokens),
+                            functools.partial(loss_sum_of, loss_tile_tokens=model_cfg.loss_tile_tokens,
+                                       loss_kernel=model_cfg.loss_kernel),
                             denominator, functools.partial(autocast, model_cfg.dtype, device))
 
 

@@ -51,10 +51,10 @@ def batch_layout(docs_of: Callable[[Group], list[torch.Tensor]], parallel: Paral
 
 
 def loss_sum_of(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
-                loss_tile_tokens: int = 0) -> torch.Tensor:
-    """Token loss sum of final hidden states (vocabulary parallel under TP, in tiles of ``model.loss_tile_tokens``
-    otherwise, 0: untiled)."""
+                loss_tile_tokens: int = 0, loss_kernel: str = "torch") -> torch.Tensor:
+    """Token loss sum of final hidden states (vocabulary parallel under TP; otherwise ``model.loss_kernel``, in
+    tiles of ``model.loss_tile_tokens``, 0: untiled)."""
     tp = tensor_parallel(model)
     if tp is None:
-        return lm_loss_sum(model, hidden, labels, loss_tile_tokens)
+        return lm_loss_sum(model, hidden, labels, loss_tile_tokens, loss_kernel)
     return vocab_parallel_cross_entropy(model.logits(hidden), labels, tp, IGNORE_INDEX)

@@ -21,7 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from seqmesh.kernels.fused_loss import liger_linear_cross_entropy_sum
+from seqmesh.trainer.data.packing import IGNORE_INDEX
 from seqmesh.trainer.loss import token_loss_sum
+
+# How the untensor-parallel loss is computed (``model.loss_kernel``): torch (logits whole, or tiled by
+# ``model.loss_tile_tokens``) or Liger-Kernel's fused linear + cross-entropy (CUDA only).
+LOSS_KERNELS = ("torch", "liger")
 
 
 def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
@@ -73,11 +79,20 @@ def tiled_token_loss_sum(hidden: Tensor, weight: Tensor, labels: Tensor, tile_to
     return _TiledLinearCrossEntropy.apply(hidden, weight, labels, int(tile_tokens))
 
 
-def lm_loss_sum(model: nn.Module, hidden: Tensor, labels: Tensor, tile_tokens: int = 0) -> Tensor:
-    """The step loop's loss: untiled (``tile_tokens`` 0, or a stream no longer than one tile) or tiled."""
+def lm_loss_sum(model: nn.Module, hidden: Tensor, labels: Tensor, tile_tokens: int = 0,
+                kernel: str = "torch") -> Tensor:
+    """The step loop's loss: Liger's fused linear + cross-entropy (``kernel="liger"``, chunks of
+    ``tile_tokens`` or 8192 tokens), else untiled (``tile_tokens`` 0, or a stream no longer than one
+    tile) or tiled."""
+    if kernel not in LOSS_KERNELS:
+        raise ValueError(f"loss kernel {kernel!r} is not one of {LOSS_KERNELS}")
+    head = model.lm_head
+    if kernel == "liger":
+        if getattr(head, "bias", None) is not None:
+            raise ValueError("model.loss_kernel=liger supports an lm_head without bias; set model.loss_kernel=torch")
+        return liger_linear_cross_entropy_sum(hidden, head.weight, labels, IGNORE_INDEX, tile_tokens or 8192)
     if not tile_tokens or hidden.shape[0] <= tile_tokens:
         return token_loss_sum(model.logits(hidden), labels)
-    head = model.lm_head
     if getattr(head, "bias", None) is not None:
         raise ValueError("the tiled loss supports an lm_head without bias; set model.loss_tile_tokens=0")
     return tiled_token_loss_sum(hidden, head.weight, labels, tile_tokens)

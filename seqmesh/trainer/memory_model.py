@@ -1,0 +1,86 @@
+"""How many bytes of device memory a token costs in this model's step, counted from its modules.
+
+The planner packs documents into a micro-batch until the cost model says memory is full, so an
+under-count is an out-of-memory error. The generic count (Korthikanti et al.: ~34 hidden-sized
+bf16 values per token and layer) describes a GPT block; seqmesh's Llama step keeps more:
+
+* under bf16 autocast the residual stream and the RMSNorm outputs are fp32 (the weights are fp32
+  masters and ``rms_norm`` runs in fp32 under autocast), and each linear casts its input to bf16
+  for itself, so Q, K and V each keep their own bf16 copy of the normed input (gate and up too);
+* the SwiGLU MLP keeps three ``intermediate_size`` tensors (gate, up, their product), 24 hidden
+  values per token for Llama-1B's 4x MLP instead of GPT's 8;
+* the loss's working set, which the generic count leaves out: the logits of a tile, of a Liger
+  chunk, or of every token when the loss is neither tiled nor fused.
+
+On one H200 the Llama-1B bench step (8 documents of 8K, no recompute, tiled loss of 8192) peaked at
+126-136 GiB with every document in one micro-batch (shared/NOTES.md); the generic count had
+predicted 87 GiB for it and this one predicts 128 GiB. On an H100 (79.2 GiB) the generic count
+let six such documents share a micro-batch (103 GiB by this count), and the step ran out of
+memory (bench/results/train_h100_partial.json); this count allows three (66 GiB).
+"""
+
+from __future__ import annotations
+
+from seqmesh.trainer.config import ModelConfig
+from seqmesh.trainer.model import ModelDims
+
+
+def layer_saved_bytes(dims: ModelDims, model_cfg: ModelConfig) -> float:
+    """Bytes one token keeps for backward in one decoder layer that is not recomputed."""
+    h, f = dims.hidden_size, dims.intermediate_size
+    q, kv = dims.num_heads * dims.head_dim, dims.num_kv_heads * dims.head_dim
+    autocast = model_cfg.dtype == "bf16"
+    act, stream = (2, 4) if autocast else (4, 4)
+    # Norm inputs (fp32 stream), each linear's own cast of the normed input (shared without autocast).
+    norms = 2 * stream * h
+    attn_inputs = 3 * act * h if autocast else stream * h
+    mlp_inputs = 2 * act * h if autocast else stream * h
+    # Attention keeps rotated q and k, v, its output (the o projection's input) and the LSE.
+    attention = act * (2 * q + 2 * kv) + 4 * dims.num_heads
+    # gate, up and their product; a tiled MLP keeps only its input (its tile is in mlp_tile_working_bytes).
+    mlp = stream * h if model_cfg.mlp_tile_tokens else mlp_inputs + 3 * act * f
+    return float(norms + attn_inputs + attention + mlp)
+
+
+def activation_bytes_per_token(dims: ModelDims, model_cfg: ModelConfig) -> float:
+    """Device bytes per token of a micro-batch, every layer together, at the step's peak.
+
+    Without recompute every layer's saved tensors, plus one layer's worth of gradients in flight
+    during its backward. With recompute each layer's fp32 input, plus the recomputed layer's saved
+    tensors and its gradients. An untiled, unfused loss adds the whole logits per token (bf16,
+    their fp32 copy and its gradient); Liger adds its fp32 gradient of the hidden states."""
+    saved = layer_saved_bytes(dims, model_cfg)
+    stream = 4
+    if model_cfg.activation_checkpointing:
+        per_token = dims.num_layers * stream * dims.hidden_size + 2 * saved
+    else:
+        per_token = (dims.num_layers + 1) * saved
+    if model_cfg.loss_kernel == "liger":
+        per_token += stream * dims.hidden_size
+    elif not model_cfg.loss_tile_tokens:
+        per_token += _logits_bytes(dims, model_cfg)
+    return float(per_token)
+
+
+def loss_working_bytes(dims: ModelDims, model_cfg: ModelConfig) -> float:
+    """Bytes of the loss's working set that do not grow with the micro-batch: a tile's logits (tiled loss),
+    or Liger's chunk of bf16 logits and its fp32 accumulator of the head's weight gradient."""
+    if model_cfg.loss_kernel == "liger":
+        chunk = model_cfg.loss_tile_tokens or 8192
+        return float(chunk * dims.vocab_size * 2 + 4 * dims.vocab_size * dims.hidden_size)
+    if model_cfg.loss_tile_tokens:
+        return float(model_cfg.loss_tile_tokens * _logits_bytes(dims, model_cfg))
+    return 0.0
+
+
+def mlp_tile_working_bytes(dims: ModelDims, model_cfg: ModelConfig) -> float:
+    """A tiled MLP's tile of intermediates, recomputed in backward with its gradients (twice its saved set)."""
+    if not model_cfg.mlp_tile_tokens:
+        return 0.0
+    act = 2 if model_cfg.dtype == "bf16" else 4
+    return float(model_cfg.mlp_tile_tokens * 2 * 3 * act * dims.intermediate_size)
+
+
+def _logits_bytes(dims: ModelDims, model_cfg: ModelConfig) -> int:
+    """Per token: the logits in the compute dtype, their fp32 copy for the softmax, and its fp32 gradient."""
+    return dims.vocab_size * ((2 if model_cfg.dtype == "bf16" else 4) + 4 + 4)
