@@ -95,13 +95,17 @@ def test_gradients_bitwise_equal_without_offload(tmp_path: Path, checkpointed: b
         _assert_bitwise(_step(model), ref)
         _no_leftovers(model)
         allocations.append(off.pool.allocations)
-    # The second step reuses the first step's host buffers. With files, a buffer returns when its
-    # write finishes, so under load a step can find one more write in flight than the last did.
-    extra = allocations[1] - allocations[0]
-    assert extra == 0 if target == "cpu" else 0 <= extra <= max(1, allocations[0] // 4), allocations
+    per_step = off.stats.offloaded_tensors // 2
+    # The second step reuses the first step's host buffers. In memory that is exact. With files a
+    # buffer returns only when its write finishes, so how many are live at once depends on the disk's
+    # timing; what holds on any machine is that each offloaded tensor holds at most one buffer, so
+    # the pool never grows past one step's tensors however many steps run.
+    if target == "cpu":
+        assert allocations[1] == allocations[0], allocations
+    else:
+        assert allocations[0] <= allocations[1] <= per_step, (allocations, per_step)
     # what was offloaded: the layer inputs (+ RoPE cos/sin, once) under checkpointing, else several
     # tensors per layer (attention's input, q, k, v, output, LSE)
-    per_step = off.stats.offloaded_tensors // 2
     if checkpointed:
         assert per_step == SMALL["num_hidden_layers"] + 2
     else:
