@@ -34,6 +34,7 @@ import math
 
 import numpy as np
 
+from seqmesh.scheduler.consolidate import consolidate
 from seqmesh.scheduler.instance import Instance, Schedule
 
 
@@ -588,8 +589,13 @@ def refill(inst: Instance, sched: Schedule, target_ms: float) -> Schedule:
     in a wider micro-batch with room or goes where it finishes earliest, opening a micro-batch if
     it must, whichever ends sooner; the caller repairs and compares the result.
     """
-    beta, lengths, t1, speed = inst.beta, inst.lengths, inst.times[1], inst.block_speed[1]
-    cap = inst.capacity[1]
+    return deal(inst, *split_level(inst, sched, target_ms), target_ms)
+
+
+def split_level(inst: Instance, sched: Schedule, target_ms: float) -> tuple[Schedule, list[int]]:
+    """The wider blocks of ``sched`` without their short riders, and the sequences of the
+    single-rank level with those riders (what ``refill`` deals again)."""
+    beta, t1, speed = inst.beta, inst.times[1], inst.block_speed[1]
     wide: Schedule = {}
     single: list[int] = []
     for (first, d), bins in sched.items():
@@ -606,6 +612,15 @@ def refill(inst: Instance, sched: Schedule, target_ms: float) -> Schedule:
                 kept.append(rest)
         if kept:
             wide[(first, d)] = kept
+    return wide, single
+
+
+def deal(inst: Instance, wide: Schedule, single: list[int], target_ms: float) -> Schedule:
+    """``refill``'s dealing of the single-rank sequences ``single`` around the wider blocks ``wide``
+    (copied: riders join copies of its micro-batches, so one ``wide`` serves several deals)."""
+    wide = {blk: [list(ids) for ids in mbs] for blk, mbs in wide.items()}
+    beta, lengths, t1, speed = inst.beta, inst.lengths, inst.times[1], inst.block_speed[1]
+    cap = inst.capacity[1]
     if not single:
         return wide
     above = finish_times(inst, wide)[0]
@@ -758,7 +773,21 @@ def heuristic(inst: Instance, lower_bound_ms: float, repair_top: int = 1,
     repaired = [repair(inst, sched, fin, above) for _, _, sched, fin, above in placed[:repair_top]]
     best = min(repaired, key=lambda r: r[1])
     if refill_level and 1 in inst.sizes and best[1] > 0:
-        again = repair(inst, *_best_refill(inst, best[0], best[1]))
+        best = _refilled(inst, best)
+    return best
+
+
+def _refilled(inst: Instance, best: tuple[Schedule, float]) -> tuple[Schedule, float]:
+    """``best`` with its single-rank level dealt again (``refill``), then with its wide level
+    consolidated (``consolidate``) and dealt again; each kept only when faster."""
+    wide, single = split_level(inst, best[0], best[1])
+    again = repair(inst, *_best_refill(inst, wide, single, best[1]))
+    if again[1] < best[1] * (1 - 1e-12):
+        best = again
+    merged = consolidate(inst, wide, finish_times(inst, wide)[0], best[1], np.asarray(single, dtype=np.int64),
+                         _MAX_COUNT)
+    if merged != wide:
+        again = repair(inst, *_best_refill(inst, merged, single, best[1]))
         if again[1] < best[1] * (1 - 1e-12):
             best = again
     return best
@@ -767,8 +796,11 @@ def heuristic(inst: Instance, lower_bound_ms: float, repair_top: int = 1,
 _REFILL_TARGETS = (1.0, 1.003, 1.006, 1.01)  # x the mean finish of a refill at the heuristic's makespan
 
 
-def _best_refill(inst: Instance, sched: Schedule, ms: float) -> tuple[Schedule, np.ndarray, np.ndarray]:
-    """The fastest of a few refills of ``sched``, with its per-rank finish and finish before size 1.
+def _best_refill(inst: Instance, wide: Schedule, single: list[int],
+                 ms: float) -> tuple[Schedule, np.ndarray, np.ndarray]:
+    """The fastest of a few deals (``deal``) of the single-rank sequences ``single`` around the
+    wider blocks ``wide`` of a schedule of makespan ``ms``, with its per-rank finish and finish
+    before size 1.
 
     The target decides the micro-batch counts and what overflows (and rides along or opens a
     micro-batch): a refill at the heuristic's own makespan leaves memory-bound ranks early and
@@ -776,12 +808,12 @@ def _best_refill(inst: Instance, sched: Schedule, ms: float) -> tuple[Schedule, 
     the overflow lands where it costs least, and the repair after it has almost nothing to do
     (measured on real Wikipedia lengths at 1024 ranks: 0.01 s of repair instead of 0.5 s).
     """
-    loose = refill(inst, sched, ms)
+    loose = deal(inst, wide, single, ms)
     fin, above = finish_times(inst, loose)
     best = (float(fin.max()), loose, fin, above)
     mean = float(fin.mean())
     for f in _REFILL_TARGETS:
-        out = refill(inst, sched, mean * f)
+        out = deal(inst, wide, single, mean * f)
         fin, above = finish_times(inst, out)
         if float(fin.max()) < best[0] * (1 - 1e-12):
             best = (float(fin.max()), out, fin, above)
