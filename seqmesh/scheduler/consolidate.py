@@ -189,6 +189,8 @@ def consolidate(inst: Instance, wide: Schedule, above: np.ndarray, target_ms: fl
     end by it: filling wide blocks up to a step time the single-rank level then beats would make
     them the step's end. Destinations are taken widest first (the widest groups pay most for short
     riders); into each micro-batch, the move that adds the most room is made while one adds any.
+    Returns ``wide`` itself unless the fluid step time (or the wide level's end, if later) falls:
+    the caller deals the single-rank level once, around whichever this returns.
     Deterministic: fixed orders, index tie-breaks.
     """
     if not short_ids.size:
@@ -200,6 +202,7 @@ def consolidate(inst: Instance, wide: Schedule, above: np.ndarray, target_ms: fl
     blocks.target = blocks.fluid_target(fluid, need, target_ms)
     if not math.isfinite(blocks.target):
         return wide
+    before = max(blocks.target, float(blocks.above.max()))
     blocks.widen_late()
     blocks.target = blocks.fluid_target(fluid, need, target_ms)
     if not math.isfinite(blocks.target):
@@ -212,7 +215,8 @@ def consolidate(inst: Instance, wide: Schedule, above: np.ndarray, target_ms: fl
         for mb in range(len(blocks.wide[(fd, dd)])):
             while (gain := _best_move(inst, fluid, blocks, dst, mb)) > 0:
                 blocks.target -= gain / slope
-    return blocks.schedule()
+    after = max(blocks.fluid_target(fluid, need, target_ms), float(blocks.above.max()))
+    return blocks.schedule() if after < before * (1 - 1e-9) else wide
 
 
 def _best_move(inst: Instance, fluid: _Fluid, blocks: _Blocks, dst: int, mb: int) -> float:

@@ -778,19 +778,13 @@ def heuristic(inst: Instance, lower_bound_ms: float, repair_top: int = 1,
 
 
 def _refilled(inst: Instance, best: tuple[Schedule, float]) -> tuple[Schedule, float]:
-    """``best`` with its single-rank level dealt again (``refill``), then with its wide level
-    consolidated (``consolidate``) and dealt again; each kept only when faster."""
+    """``best`` with its wide level consolidated (``consolidate``, where that promises a shorter
+    step) and its single-rank level dealt again around it (``refill``); kept only when faster."""
     wide, single = split_level(inst, best[0], best[1])
+    wide = consolidate(inst, wide, finish_times(inst, wide)[0], best[1], np.asarray(single, dtype=np.int64),
+                       _MAX_COUNT)
     again = repair(inst, *_best_refill(inst, wide, single, best[1]))
-    if again[1] < best[1] * (1 - 1e-12):
-        best = again
-    merged = consolidate(inst, wide, finish_times(inst, wide)[0], best[1], np.asarray(single, dtype=np.int64),
-                         _MAX_COUNT)
-    if merged != wide:
-        again = repair(inst, *_best_refill(inst, merged, single, best[1]))
-        if again[1] < best[1] * (1 - 1e-12):
-            best = again
-    return best
+    return again if again[1] < best[1] * (1 - 1e-12) else best
 
 
 _REFILL_TARGETS = (1.0, 1.003, 1.006, 1.01)  # x the mean finish of a refill at the heuristic's makespan
