@@ -17,6 +17,11 @@
    (three betas) where two would hold their tokens. The wider blocks stay, the single-rank level is dealt again with each rank's count of
    micro-batches chosen for the time it has left, and what overflows rides along in a wider
    micro-batch or opens one; repaired, it replaces the answer of 1-3 only when faster.
+   Before the deal, the wide level is **consolidated** (seqmesh.scheduler.consolidate): long
+   sequences join wider groups' micro-batches where their time left would otherwise go to short
+   riders (3x their cost at 64-128 ranks), freeing their own groups' ranks, and a wide block that
+   would end after the rest of the step moves its longest sequence to a wider block of idle ranks;
+   kept where a fluid count of the single-rank level's room says the step gets shorter.
 
 With pipeline stages (``pp > 1``) a rank's step also pays the fill and drain of its largest
 micro-batch (seqmesh.scheduler.simulate), so a sequence's degree is chosen for ``pp`` times its
