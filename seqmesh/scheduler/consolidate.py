@@ -106,6 +106,7 @@ class _Blocks:
         self._index()
 
     def _move_to_new(self, i: int, src: tuple[int, int], dst: tuple[int, int]) -> None:
+        """Move sequence ``i`` from block ``src`` to a micro-batch of its own in the new block ``dst``."""
         (fs, ds), (fd, dd) = src, dst
         bins = self.wide[src]
         k = next(k for k, ids in enumerate(bins) if i in ids)
@@ -175,6 +176,7 @@ class _Blocks:
         self.above[fd:fd + dd] += float(self.inst.t(dd, fd)[i]) / float(self.pace[dst])
 
     def schedule(self) -> Schedule:
+        """The wide level as it now stands (blocks left empty dropped)."""
         return {blk: mbs for blk, mbs in self.wide.items() if mbs}
 
 
