@@ -6,10 +6,10 @@ too little for a micro-batch of their own (one more beta), so the refill (``gree
 short sequences ride along there; at 64-128 ranks a short sequence's all-to-all makes it cost
 3x its single-rank time. A long sequence of a narrower group pays far less for the width (its
 attention dominates its all-to-all), and moving it frees its own group's ranks, beta and all, for
-the single-rank level. On real Wikipedia lengths at 1024 ranks (FlexSP's GPT-7B model) moving the
-two 50K-token sequences of 16-rank groups into the 128-rank group of a 179K-token one brings the
-plan from 2.9% to 2.0% over the certified bound. Which moves pay is judged by a fluid count of
-the single-rank level's room (``_room_tokens``): per rank, the short-sequence tokens its own
+the single-rank level. On real Wikipedia lengths at 1024 ranks (FlexSP's GPT-7B model, batch 2)
+consolidating (chiefly: long sequences of 16- and 32-rank groups into the 128-rank group of a
+179K-token one) brings the plan from 2.9% to 1.1% over the certified bound. Which moves pay is judged by a fluid count of
+the single-rank level's room (``_Fluid.tokens``): per rank, the short-sequence tokens its own
 micro-batches or a ride in its group would take within the target step time, the same count
 ``greedy.refill`` deals by. The refill then deals the single-rank level for real, and the
 caller keeps the result only when it is faster.
@@ -191,8 +191,9 @@ def consolidate(inst: Instance, wide: Schedule, above: np.ndarray, target_ms: fl
     end by it: filling wide blocks up to a step time the single-rank level then beats would make
     them the step's end. Destinations are taken widest first (the widest groups pay most for short
     riders); into each micro-batch, the move that adds the most room is made while one adds any.
-    Returns ``wide`` itself unless the fluid step time (or the wide level's end, if later) falls:
-    the caller deals the single-rank level once, around whichever this returns.
+    Passes of such moves run while the estimate (the fluid step time, or the wide level's end if
+    later) falls, each keeping every block within the last one's estimate (``_PASSES``). Returns
+    the best pass's wide level, or ``wide`` itself when none lowers the estimate.
     Deterministic: fixed orders, index tie-breaks.
     """
     if not short_ids.size:
