@@ -34,6 +34,7 @@ rank), so every GPU count can run every batch.
 
     python bench/scheduler.py            # full run, writes bench/results/scheduler_cpu.json
     python bench/scheduler.py --quick    # a few batches, for a smoke check
+    python bench/scheduler.py --only wiki_real   # the real-length cases alone, printed
 """
 
 from __future__ import annotations
@@ -195,6 +196,32 @@ def real_rows(quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
+def _real_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Per GPU count of the real-length rows: mean and max ratio to the simple bound, mean gap to the
+    certified bound, and the longest solve."""
+    out: dict[str, float] = {}
+    for gpus in sorted({r["gpus"] for r in rows}):
+        mine = [r for r in rows if r["gpus"] == gpus]
+        out[f"mean_ratio_to_lb_{gpus}_wiki_real"] = round(float(np.mean([r["ratio"] for r in mine])), 4)
+        out[f"max_ratio_to_lb_{gpus}_wiki_real"] = round(float(np.max([r["ratio"] for r in mine])), 4)
+        out[f"gap_to_certified_bound_{gpus}_wiki_real"] = round(float(np.mean([r["gap_to_certified_bound"]
+                                                                             for r in mine])), 4)
+        out[f"solve_s_{gpus}_wiki_real"] = round(float(np.max([r["solve_s"] for r in mine])), 4)
+    return out
+
+
+def _real_only(quick: bool, out: Path | None) -> None:
+    """``--only wiki_real``: the real-length cases alone (a few minutes instead of the full run)."""
+    rows = real_rows(quick)
+    summary = _real_summary(rows)
+    if out is None:
+        print(summary)
+        return
+    config = {"only": "wiki_real", "cases": [{"gpus": g, "global_batch": b, "batches": list(range(1 if quick else n))}
+                                             for g, b, n in WIKI_REAL_CASES]}
+    write_result("scheduler_wiki_real", config, rows, summary, device="cpu", out_dir=out)
+
+
 def moldable_bound(lengths: np.ndarray, gpus: int, cm: CostModel) -> float:
     """A tighter bound than issue 4's: in a plan of step time T, a sequence runs in a group whose
     time (with beta) is at most T, so its rank-milliseconds are at least its cheapest such group's;
@@ -253,7 +280,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="two batches per setting")
     ap.add_argument("--out", type=Path, default=None, help="results directory (default bench/results)")
+    ap.add_argument("--only", choices=("all", "wiki_real"), default="all",
+                    help="wiki_real: only the real-length cases, printed (with their summary) and written "
+                         "only under --out, so the full result file is never replaced by a partial one")
     args = ap.parse_args()
+    if args.only == "wiki_real":
+        _real_only(args.quick, args.out)
+        return
     rng = np.random.default_rng(0)
     corpora = {"python-stdlib": python_stdlib(), "usr-share-doc": usr_share_doc()}
     batches_per = {8: 6, 64: 16, 256: 3, 1024: 2} if not args.quick else {8: 1, 64: 2, 256: 1, 1024: 1}
