@@ -3,9 +3,9 @@
 The real step loop (``seqmesh.trainer.loop.train``, one process, NCCL world of 1) trains the same
 Llama-1B-shaped model and synthetic documents as ``bench/train.py``; the profiler records one step
 after ``--warmup`` steps (compiles, cuDNN graphs and allocator growth stay out). Each CUDA kernel is
-put in one category by its name and by the CPU operators that launched it (the profiler links every
-kernel to its launching operator; the operator's ancestors and input shapes say where in the model
-it was):
+put in one category by its name and by the CPU operators that launched it (the profiler lists under
+each CPU event the kernels it launched; the event's ancestors and input shapes say where in the
+model it was):
 
 * ``optimizer``: under ``Optimizer.step`` / ``zero_grad`` or gradient clipping;
 * ``lm_head_loss``: a loss kernel or one under a loss operator (cross-entropy, log-softmax, NLL, the
@@ -33,7 +33,7 @@ import os
 import subprocess
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -84,27 +84,46 @@ def covered_us(intervals: list[tuple[float, float]]) -> float:
 
 
 def breakdown(events: Any, wall_us: float, vocab: int) -> dict[str, Any]:
-    """Per-category kernel time (ms, share of the wall time) and the top kernels of a profiled step."""
+    """Per-category kernel time (ms, share of the wall time) and the top kernels of a profiled step.
+
+    Each CPU event lists the kernels it launched (``FunctionEvent.kernels``, the link every torch
+    release keeps; ``linked_correlation_id`` is not on torch 2.11's events); the launching event's
+    ancestors say where in the model a kernel ran. A device event that no CPU event claims (none
+    launched it under the profiler) is classified by its name alone.
+    """
     from torch.autograd import DeviceType
 
-    # Operators (not runtime calls such as cudaLaunchKernel, whose ids are CUPTI's): what kernels link to.
-    cpu = {e.id: e for e in events if e.device_type == DeviceType.CPU and e.linked_correlation_id == 0}
     per_cat: dict[str, float] = defaultdict(float)
     per_kernel: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
+    claimed: Counter[tuple[str, float]] = Counter()
+
+    def add(name: str, dur: float, ancestry: list[tuple[str, list]]) -> None:
+        cat = classify(name, ancestry, vocab)
+        per_cat[cat] += dur
+        per_kernel[(cat, name[:120])][0] += dur
+        per_kernel[(cat, name[:120])][1] += 1
+
+    for e in events:
+        if e.device_type != DeviceType.CPU or not e.kernels:
+            continue
+        ancestry, op = [], e
+        while op is not None:
+            ancestry.append((op.name, op.input_shapes))
+            op = op.cpu_parent
+        for k in e.kernels:
+            add(k.name, k.duration, ancestry)
+            claimed[(k.name, round(k.duration, 3))] += 1
     intervals = []
     for e in events:
         if e.device_type != DeviceType.CUDA:
             continue
-        ancestry, op = [], cpu.get(e.linked_correlation_id)
-        while op is not None:
-            ancestry.append((op.name, op.input_shapes))
-            op = op.cpu_parent
-        cat = classify(e.name, ancestry, vocab)
         dur = e.time_range.end - e.time_range.start
-        per_cat[cat] += dur
-        per_kernel[(cat, e.name[:120])][0] += dur
-        per_kernel[(cat, e.name[:120])][1] += 1
         intervals.append((e.time_range.start, e.time_range.end))
+        key = (e.name, round(dur, 3))
+        if claimed[key] > 0:
+            claimed[key] -= 1
+        else:
+            add(e.name, dur, [])
     busy = covered_us(intervals)
     per_cat["idle"] = max(0.0, wall_us - busy)
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:15]

@@ -51,22 +51,24 @@ def test_covered_time_counts_overlapping_kernels_once() -> None:
     assert covered_us([]) == 0.0
 
 
-def _event(id_: int, name: str, device: DeviceType, start: float = 0.0, end: float = 0.0, linked: int = 0,
-           parent=None, shapes=None):
-    return SimpleNamespace(id=id_, name=name, device_type=device, linked_correlation_id=linked, cpu_parent=parent,
-                           input_shapes=shapes or [], time_range=SimpleNamespace(start=start, end=end))
+def _event(name: str, device: DeviceType, start: float = 0.0, end: float = 0.0, parent=None, shapes=None,
+           kernels=()):
+    return SimpleNamespace(name=name, device_type=device, cpu_parent=parent, input_shapes=shapes or [],
+                           kernels=[SimpleNamespace(name=n, duration=d) for n, d in kernels],
+                           time_range=SimpleNamespace(start=start, end=end))
 
 
 def test_breakdown_links_kernels_to_their_operators_and_sums_to_the_wall_time() -> None:
-    step = _event(1, "Optimizer.step#AdamW.step", DeviceType.CPU)
-    adam = _event(2, "aten::_fused_adamw_", DeviceType.CPU, parent=step)
-    mm = _event(3, "aten::mm", DeviceType.CPU, shapes=[[4096, 2048], [2048, 8192]])
-    # A runtime call carries a CUPTI id that may equal an operator's; it must not shadow the operator.
-    launch = _event(2, "cudaLaunchKernel", DeviceType.CPU, linked=3)
-    events = [step, adam, mm, launch,
-              _event(10, "nvjet_gemm", DeviceType.CUDA, 0, 60, linked=3),
-              _event(11, "multi_tensor_apply_kernel", DeviceType.CUDA, 50, 70, linked=2),
-              _event(12, "unlinked_elementwise_kernel", DeviceType.CUDA, 80, 90, linked=99)]
+    step = _event("Optimizer.step#AdamW.step", DeviceType.CPU)
+    adam = _event("aten::_fused_adamw_", DeviceType.CPU, parent=step)
+    mm = _event("aten::mm", DeviceType.CPU, shapes=[[4096, 2048], [2048, 8192]])
+    # Kernels hang under the runtime call that launched them; its ancestors are the operators.
+    launches = [_event("cudaLaunchKernel", DeviceType.CPU, parent=mm, kernels=[("nvjet_gemm", 60.0)]),
+                _event("cudaLaunchKernel", DeviceType.CPU, parent=adam, kernels=[("multi_tensor_apply_kernel", 20.0)])]
+    events = [step, adam, mm, *launches,
+              _event("nvjet_gemm", DeviceType.CUDA, 0, 60),
+              _event("multi_tensor_apply_kernel", DeviceType.CUDA, 50, 70),
+              _event("unlinked_elementwise_kernel", DeviceType.CUDA, 80, 90)]
     out = breakdown(events, wall_us=100.0, vocab=VOCAB)
     assert out["ms"]["matmul"] == pytest.approx(0.060) and out["ms"]["optimizer"] == pytest.approx(0.020)
     assert out["ms"]["norms_elementwise"] == pytest.approx(0.010)
