@@ -31,7 +31,7 @@ def device_tag() -> str:
     return "cpu"
 
 
-def _commit() -> str:
+def head_commit() -> str:
     """HEAD of the checkout, or ``$SEQMESH_COMMIT`` where the tree travelled without its .git (GPU runs)."""
     if os.environ.get("SEQMESH_COMMIT"):
         return os.environ["SEQMESH_COMMIT"]
@@ -50,7 +50,7 @@ def write_result(name: str, config: dict[str, Any], rows: list[dict[str, Any]], 
         "benchmark": name,
         "device": device,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(),
+        "commit": head_commit(),
         "config": config,
         "rows": rows,
         "summary": summary,

@@ -186,6 +186,26 @@ def summarize(rows: list[dict[str, Any]], variant_names: Sequence[str], steps: i
     return summary
 
 
+def earlier_rows(out_dir: Path | None, lengths: Sequence[int], config: dict[str, Any]) -> tuple[list[dict], list[str]]:
+    """Rows of an earlier result in ``out_dir`` at lengths this run does not measure, and the variant names of
+    both runs; ``config`` gains the earlier run's. One GPU command (10 minutes) holds one length's runs, so
+    ``--merge`` puts 8K and 32K, measured by two commands of the same commit, in one result. Refused when
+    the earlier result is of another commit or another seqmesh configuration (their ratios would mix)."""
+    from bench.common import RESULTS, device_tag, head_commit
+
+    path = (out_dir or RESULTS) / f"train_{device_tag()}.json"
+    if not path.exists():
+        return [], list(config["variants"])
+    old = json.loads(path.read_text())
+    if old["commit"] != head_commit() or old["config"].get("seqmesh_overrides") != config["seqmesh_overrides"]:
+        raise SystemExit(f"--merge: {path} is of commit {old['commit']} with --seqmesh "
+                         f"{old['config'].get('seqmesh_overrides')}; this run is {head_commit()} with "
+                         f"{config['seqmesh_overrides']}. Move that file away or run without --merge.")
+    config["earlier_run"] = old["config"]
+    names = sorted({*old["config"].get("variants", {}), *config["variants"]})
+    return [r for r in old["rows"] if r["seq_len"] not in lengths], names
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="directory for the result JSON (default bench/results)")
@@ -200,6 +220,8 @@ def main() -> None:
     ap.add_argument("--no-fp8", action="store_true", help="skip the float8-linear run at 8K")
     ap.add_argument("--noise-seed", action="store_true", help="at 8K, also run bf16 with seed=1 (loss noise)")
     ap.add_argument("--baselines", default=",".join(BASELINES))
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other lengths' rows of an earlier result in --out (one length per GPU command)")
     ap.add_argument("--timeout", type=float, default=240, help="seconds per run before it counts as failed")
     ap.add_argument("--baseline", choices=BASELINES, help=argparse.SUPPRESS)
     ap.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
@@ -227,11 +249,14 @@ def main() -> None:
               "hf_steps": args.hf_steps, "warmup_steps_excluded": WARMUP, "optimizer": "AdamW fused",
               "seqmesh_overrides": args.seqmesh, "variants": variants}
 
+    lengths = [int(n) for n in args.lengths.split(",")]
+    kept, names = earlier_rows(args.out, lengths, config) if args.merge else ([], list(variants))
+
     def save() -> None:
         """Rewrite the result with what is measured so far: a run cut short keeps its finished rows."""
-        write_result("train", config, rows, summarize(rows, list(variants), args.steps), out_dir=args.out)
+        write_result("train", config, kept + rows, summarize(kept + rows, names, args.steps), out_dir=args.out)
 
-    for seq_len in (int(n) for n in args.lengths.split(",")):
+    for seq_len in lengths:
         docs = max(1, 65536 // seq_len)
         ckpt = seq_len > 8192 and not args.no_ckpt_32k
         corpus = write_corpus(args.work / f"corpus_{seq_len}.jsonl", [seq_len] * (docs * (args.steps + 2)))

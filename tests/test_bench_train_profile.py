@@ -92,3 +92,21 @@ def test_summary_takes_the_fastest_bf16_row_and_keeps_missing_figures_none() -> 
     assert out["speedup_vs_hf_transformers_32k"] == pytest.approx(1.25) and out["speedup_vs_hf_liger_32k"] is None
     assert out["mfu_8k"] is None and out["fp8_linear_speedup_8k"] is None and out["mfu"] == 0.375
     assert out["loss_gap_steps"] == 4
+
+
+def test_merge_keeps_the_other_lengths_of_the_same_commit_and_configuration(tmp_path, monkeypatch) -> None:
+    import json
+
+    import bench.train as train
+
+    monkeypatch.setattr("bench.common.head_commit", lambda: "abc1234")
+    monkeypatch.setattr("bench.common.device_tag", lambda: "h200")
+    old = {"commit": "abc1234", "config": {"seqmesh_overrides": ["model.loss_kernel=liger"], "variants": {"noreco": [32768, []]}},
+           "rows": [{"seq_len": 8192, "seqmesh": {}}, {"seq_len": 32768, "seqmesh": {}}]}
+    (tmp_path / "train_h200.json").write_text(json.dumps(old))
+    config = {"seqmesh_overrides": ["model.loss_kernel=liger"], "variants": {}}
+    kept, names = train.earlier_rows(tmp_path, [32768], config)
+    assert [r["seq_len"] for r in kept] == [8192] and names == ["noreco"] and config["earlier_run"] == old["config"]
+    with pytest.raises(SystemExit, match="without --merge"):
+        train.earlier_rows(tmp_path, [32768], {"seqmesh_overrides": [], "variants": {}})
+    assert train.earlier_rows(tmp_path / "none", [8192], config) == ([], [])
