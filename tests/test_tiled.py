@@ -330,3 +330,31 @@ def test_train_steps_with_tiled_layers_match_untiled(tmp_path: Path, corpus: Pat
         losses.append(run_distributed(_train_losses, 2, overrides, str(tmp_path / f"run{tile}"))[0])
     assert len(losses[1]) == 3
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_tiled_layers_working_set_and_gradients() -> None:
+    """On CUDA (bf16 weights, the torch flash kernel, compiled RoPE): a checkpointed step's allocator peak per
+    token shrinks with tiled layers, and the gradients stay those of the plain layers up to bf16 rounding."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(num_hidden_layers=2, vocab_size=1024, hidden_size=1024, intermediate_size=3584,
+                                    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=65536))
+    model = model.to(device="cuda", dtype=torch.bfloat16)
+    apply_activation_checkpointing(model.model.layers)
+    tokens = 32768
+    ids = torch.randint(0, 1024, (tokens,), device="cuda")
+    meta = make_sp_batch((tokens,), "local", None, backend="auto", device="cuda")
+    per_token, grads = [], []
+    for tile in (0, 4096):
+        m = copy.deepcopy(model)
+        if tile:
+            apply_tiled_layers(m.model.layers, tile)
+        with track_working_set(torch.device("cuda")) as ws:
+            m(ids, meta).float().square().mean().backward()
+        per_token.append(ws.kb_per_token(tokens))
+        grads.append({n.replace("_checkpoint_wrapped_module.", ""): p.grad.float() for n, p in m.named_parameters()})
+        del m
+    assert per_token[1] < 0.7 * per_token[0], per_token
+    eps = torch.finfo(torch.bfloat16).eps
+    for name, ref in grads[0].items():
+        assert (grads[1][name] - ref).abs().max() <= 8 * eps * ref.abs().max(), name
