@@ -93,8 +93,9 @@ def main() -> None:
             t0 = time.perf_counter()
             peaks[tokens] = working_set_bytes(dims, args.layers, tokens, tile, args.mlp_tile_tokens,
                                               args.loss_tile_tokens)
-            row = {"setting": name, "layer_tile_tokens": tile, "tokens": tokens, "peak_MB": round(peaks[tokens] / 1e6, 2),
-                   "kb_per_token": round(peaks[tokens] / tokens / 1e3, 3), "wall_s": round(time.perf_counter() - t0, 1)}
+            row = {"setting": name, "layer_tile_tokens": tile, "tokens": tokens,
+                   "peak_MB": round(peaks[tokens] / 1e6, 2), "kb_per_token": round(peaks[tokens] / tokens / 1e3, 3),
+                   "wall_s": round(time.perf_counter() - t0, 1)}
             rows.append(row)
             print(row, file=sys.stderr, flush=True)
         slope[name] = (peaks[long] - peaks[short]) / (long - short) / 1e3

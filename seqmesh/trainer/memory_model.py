@@ -39,7 +39,8 @@ def layer_saved_bytes(dims: ModelDims, model_cfg: ModelConfig) -> float:
     mlp_inputs = 2 * act * h if autocast else stream * h
     # Attention keeps rotated q and k, v, its output (the o projection's input) and the LSE.
     attention = act * (2 * q + 2 * kv) + 4 * dims.num_heads
-    if model_cfg.layer_tile_tokens:  # the layer's input, and attention's; the rest is a tile's (layer_tile_working_bytes)
+    # A tiled layer keeps its input and attention's tensors; the rest is a tile's (layer_tile_working_bytes).
+    if model_cfg.layer_tile_tokens:
         return float(stream * h + attention)
     # gate, up and their product; a tiled MLP keeps only its input (its tile is in mlp_tile_working_bytes).
     mlp = stream * h if model_cfg.mlp_tile_tokens else mlp_inputs + 3 * act * f
