@@ -1,10 +1,12 @@
-"""Sequence tiling for the longest contexts: the loss and the MLP computed a tile of tokens at a time.
+"""Sequence tiling for the longest contexts: the loss, the MLP and whole decoder layers a tile of tokens at a time.
 
 At 500K tokens the logits of a 128K vocabulary are 250 GB in fp32 and a Llama-8B MLP's
 intermediates tens of GB; both are token-wise, so computing them tile by tile (ALST's tiled loss and
 TiledMLP) makes the peak one tile's worth. Each is an autograd function that keeps only its input
 and recomputes a tile's forward inside backward (the MLP then runs twice, three times under
-checkpointing; the loss's extra cost is one more ``lm_head`` matmul).
+checkpointing; the loss's extra cost is one more ``lm_head`` matmul). ``TiledDecoderLayer`` does the
+same for everything in a layer but attention (norms, projections, RoPE, residuals), which is what a
+checkpointed layer's recompute and backward hold per token once the MLP and loss are tiled.
 
 Why not DeepSpeed's ``TiledFusedLogitsLoss``/``TiledMLP``: its loss computes the weight gradient
 inside forward assuming an upstream gradient of 1, which is wrong under seqmesh's division by the
