@@ -15,6 +15,11 @@
     none, cpu at ratio auto and 1.0, and nvme at ratio auto, in one process, median of timed steps.
 (c) Link rates: pinned host-to-device copy and offload-file write/read (the thread engine).
 
+``--layer-tile-tokens N`` tiles each decoder layer's per-token parts (``model.layer_tile_tokens``). Every
+trial reports its working set per token (``trainer/working_set.py``: peak memory above the footprint
+before the step, over the step's tokens); the summary names the longest one-sequence trial that trained
+(``single_sequence_tokens``, ``--doc-tokens 0``) and the working sets per token of it and at 524,288 tokens.
+
 ``--smoke`` runs the whole pipeline on CPU with a tiny model (no memory limit there, so the
 search stops at ``--max-tokens``). Writes ``bench/results/offload_<device>.json`` (or ``--out``).
 """
@@ -66,7 +71,8 @@ def _build(spec: dict[str, Any], target: str, ratio: str):
     cfg = config_from_dict({
         "model": {**dims, "num_layers": spec["layers"], "tie_embeddings": False, "activation_checkpointing": True,
                   "max_position_embeddings": max(spec["tokens"], 4096),
-                  "mlp_tile_tokens": spec["mlp_tile_tokens"], "loss_tile_tokens": spec["loss_tile_tokens"]},
+                  "mlp_tile_tokens": spec["mlp_tile_tokens"], "loss_tile_tokens": spec["loss_tile_tokens"],
+                  "layer_tile_tokens": spec.get("layer_tile_tokens", 0)},
         "parallel": {"attn_backend": "auto"},
         "launch": {"num_workers": 1},
         "offload": {"target": target, "ratio": ratio, "path": spec["nvme_path"], "engine": spec["engine"],
@@ -126,10 +132,12 @@ def _offload_stats(model) -> dict[str, Any]:
 
 
 def child_trial(spec: dict[str, Any]) -> dict[str, Any]:
-    """One training step at ``spec['tokens']``: does it fit, how long, how much memory."""
+    """One training step at ``spec['tokens']``: does it fit, how long, how much memory (the working set per token:
+    peak above the footprint before the step, over the step's tokens)."""
     import torch
 
     from seqmesh.parallel.offload import OffloadError
+    from seqmesh.trainer.working_set import track_working_set
 
     row: dict[str, Any] = {"phase": "max_context", "target": spec["target"], "tokens": spec["tokens"]}
     free_GB = round(torch.cuda.mem_get_info()[0] / 1e9, 3) if torch.cuda.is_available() else None
@@ -137,8 +145,10 @@ def child_trial(spec: dict[str, Any]) -> dict[str, Any]:
         model, optimizer, cfg, device, optim_name = _build(spec, spec["target"], spec["ratio"])
         row["optimizer"] = optim_name
         static = torch.cuda.memory_allocated() if device.type == "cuda" else 0
-        row["step_s"] = round(_step(model, optimizer, _docs(spec, model.dims.vocab_size), cfg, device), 3)
-        row.update(ok=True, **_offload_stats(model))
+        with track_working_set(device) as working_set:
+            row["step_s"] = round(_step(model, optimizer, _docs(spec, model.dims.vocab_size), cfg, device), 3)
+        row.update(ok=True, working_set_kb_per_token=round(working_set.kb_per_token(spec["tokens"]), 2),
+                   **_offload_stats(model))
         if device.type == "cuda":
             row.update(static_GB=round(static / 1e9, 3), peak_GB=round(torch.cuda.max_memory_allocated() / 1e9, 3),
                        reserved_GB=round(torch.cuda.max_memory_reserved() / 1e9, 3), free_GB=free_GB)
@@ -266,6 +276,18 @@ def predict_max_tokens(probes: list[dict[str, Any]]) -> int | None:
     return int((ok[1]["free_GB"] - ok[1]["peak_GB"]) / slope + ok[1]["tokens"])
 
 
+def single_sequence_summary(rows: list[dict[str, Any]], doc_tokens: int) -> dict[str, Any]:
+    """``single_sequence_tokens``: the longest trial of one sequence (``--doc-tokens 0``) that trained (None when
+    trials packed documents); ``working_set_kb_per_token``: that trial's working set per token, and
+    ``working_set_kb_per_token_512k`` the one at 524,288 tokens, where such a trial trained."""
+    trained = [r for r in rows if r.get("phase") in ("probe", "max_context") and r.get("ok")]
+    longest = max(trained, key=lambda r: r["tokens"], default=None)
+    at_512k = next((r for r in trained if r["tokens"] == 524288), None)
+    return {"single_sequence_tokens": longest["tokens"] if longest and doc_tokens == 0 else None,
+            "working_set_kb_per_token": longest.get("working_set_kb_per_token") if longest else None,
+            "working_set_kb_per_token_512k": at_512k.get("working_set_kb_per_token") if at_512k else None}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the pipeline, measures nothing")
@@ -281,6 +303,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per overhead setting (after one warm-up)")
     p.add_argument("--mlp-tile-tokens", type=int, default=8192)
     p.add_argument("--loss-tile-tokens", type=int, default=2048)
+    p.add_argument("--layer-tile-tokens", type=int, default=0,
+                   help="model.layer_tile_tokens: each layer's per-token parts a tile at a time (0: off)")
     p.add_argument("--nvme-path", default=os.path.join(tempfile.gettempdir(), "seqmesh-offload-bench"))
     p.add_argument("--engine", default="threads", choices=["auto", "aio", "threads"],
                    help="file I/O engine (auto builds DeepSpeed's aio op if libaio is present: minutes, once)")
@@ -305,7 +329,8 @@ def main() -> None:
         args.mlp_tile_tokens, args.loss_tile_tokens = 64, 64
     os.makedirs(args.nvme_path, exist_ok=True)
     base = {"smoke": args.smoke, "layers": args.layers, "doc_tokens": args.doc_tokens, "nvme_path": args.nvme_path,
-            "engine": args.engine, "mlp_tile_tokens": args.mlp_tile_tokens, "loss_tile_tokens": args.loss_tile_tokens}
+            "engine": args.engine, "mlp_tile_tokens": args.mlp_tile_tokens, "loss_tile_tokens": args.loss_tile_tokens,
+            "layer_tile_tokens": args.layer_tile_tokens}
     rows: list[dict[str, Any]] = []
 
     def log(row: dict[str, Any]) -> None:
@@ -369,6 +394,7 @@ def main() -> None:
     from bench.common import write_result
 
     summary = {
+        **single_sequence_summary(rows, args.doc_tokens),
         "max_context_tokens": max(best.get("cpu", (0,))[0], best.get("nvme", (0,))[0]),
         "overhead_auto_pct": pct.get(("cpu", "auto")),
         "h2d_GBps": h2d,

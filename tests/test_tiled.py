@@ -1,22 +1,28 @@
-"""Sequence tiling: the tiled loss and TiledMLP equal the untiled computation, and never hold a whole tensor."""
+"""Sequence tiling: the tiled loss, TiledMLP and tiled decoder layers equal the untiled computation, and hold less."""
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from seqmesh.parallel.checkpointing import apply_activation_checkpointing
 from seqmesh.parallel.offload import get_offloader
 from seqmesh.trainer.build import apply_offload
-from seqmesh.trainer.config import config_from_dict
+from seqmesh.parallel.sequence import make_sp_batch
+from seqmesh.trainer.config import ConfigError, config_from_dict
 from seqmesh.trainer.loss import token_loss_sum
 from seqmesh.trainer.model import MLP, Transformer, model_dims, tiny_config
-from seqmesh.trainer.tiled import TiledMLP, apply_tiled_mlp, lm_loss_sum, tiled_token_loss_sum
-from tests.conftest import cost_model_of
+from seqmesh.trainer.tiled import (TiledDecoderLayer, TiledMLP, apply_tiled_layers, apply_tiled_mlp, lm_loss_sum,
+                                   tiled_token_loss_sum)
+from seqmesh.trainer.working_set import track_working_set
+from tests.conftest import cost_model_of, merged, tiny_overrides, tiny_run_config
+from tests.distributed import run_distributed
 
 T, H, V = 50, 32, 97
 
@@ -167,3 +173,189 @@ def test_gpu_tiled_loss_peak_memory() -> None:
         peaks.append(torch.cuda.max_memory_allocated() - base)
         h.grad = w.grad = None
     assert peaks[1] < peaks[0] / 4
+
+
+# --------------------------------------------------------------------------- tiled decoder layers
+
+LAYER_DIMS = dict(vocab_size=V, hidden_size=H, intermediate_size=80, num_attention_heads=4, num_key_value_heads=2)
+DOCS = (23, 9, 18)  # packed documents: positions restart at each, attention stays inside each
+
+
+def _layer_and_inputs(seed: int = 0) -> tuple[nn.ModuleList, torch.Tensor, torch.Tensor, torch.Tensor, object]:
+    torch.manual_seed(seed)
+    model = Transformer(tiny_config(num_hidden_layers=1, **LAYER_DIMS))
+    meta = make_sp_batch(DOCS, "local", None, backend="math")
+    cos, sin = model.model.rotary_emb(meta.position_ids)
+    return model.model.layers, torch.randn(sum(DOCS), H), cos, sin, meta
+
+
+def _run_layer(layers: nn.ModuleList, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: object,
+               grad: torch.Tensor, autocast: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    layers.zero_grad(set_to_none=True)
+    xi = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = layers[0](xi, cos, sin, meta)
+    y.backward(grad)
+    return y.detach().float(), xi.grad, {n: p.grad for n, p in layers.named_parameters()}
+
+
+def _pairs(a: tuple, b: tuple) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    (ya, dxa, ga), (yb, dxb, gb) = a, b
+    return [("output", ya, yb), ("input grad", dxa, dxb)] + [(n, ga[n], gb[n]) for n in ga]
+
+
+@pytest.mark.parametrize("tile", [7, 16, 25, 49])
+def test_tiled_layer_equals_layer_in_fp32(tile: int) -> None:
+    """fp32: tiling only reorders sums, so the gap stays within the rounding of the longest reduction in the
+    layer (n terms: tokens for weight gradients, the MLP width for the down projection), n * eps * max|value|."""
+    layers, x, cos, sin, meta = _layer_and_inputs()
+    tiled = copy.deepcopy(layers)
+    apply_tiled_layers(tiled, tile)
+    assert isinstance(tiled[0], TiledDecoderLayer) and tiled.state_dict().keys() == layers.state_dict().keys()
+    grad = torch.randn_like(x)
+    n = max(sum(DOCS), LAYER_DIMS["intermediate_size"], H)
+    eps = torch.finfo(torch.float32).eps
+    for name, ref, got in _pairs(_run_layer(layers, x, cos, sin, meta, grad, False),
+                                 _run_layer(tiled, x, cos, sin, meta, grad, False)):
+        torch.testing.assert_close(got, ref, rtol=0, atol=n * eps * ref.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("tile", [7, 16])
+def test_tiled_layer_in_bf16_is_as_close_to_fp32_as_the_layer(tile: int) -> None:
+    """bf16 autocast: both the plain and the tiled layer round to bf16 where they differ only by tile boundaries;
+    measured against the fp32 layer, the tiled one's error stays within twice the plain one's plus one bf16
+    rounding of the largest value."""
+    layers, x, cos, sin, meta = _layer_and_inputs()
+    tiled = copy.deepcopy(layers)
+    apply_tiled_layers(tiled, tile)
+    grad = torch.randn_like(x)
+    reference = _run_layer(layers, x, cos, sin, meta, grad, False)
+    plain = _run_layer(layers, x, cos, sin, meta, grad, True)
+    got = _run_layer(tiled, x, cos, sin, meta, grad, True)
+    eps = torch.finfo(torch.bfloat16).eps
+    for (name, ref, base), (_, _, out) in zip(_pairs(reference, plain), _pairs(reference, got)):
+        bound = 2 * (base - ref).abs().max().item() + eps * ref.abs().max().item()
+        assert (out - ref).abs().max().item() <= bound, name
+
+
+def test_tiled_layer_composes_with_checkpointing_and_tiled_mlp() -> None:
+    layers, x, cos, sin, meta = _layer_and_inputs()
+    tiled = copy.deepcopy(layers)
+    apply_activation_checkpointing(tiled)
+    apply_tiled_mlp(tiled, 5)
+    apply_tiled_layers(tiled, 11)
+    apply_tiled_layers(tiled, 3)  # idempotent: an already tiled layer keeps its tiles
+    inner = tiled[0]._checkpoint_wrapped_module
+    assert isinstance(inner, TiledDecoderLayer) and inner.tile_tokens == 11 and isinstance(inner.mlp, TiledMLP)
+    grad = torch.randn_like(x)
+    n, eps = max(sum(DOCS), LAYER_DIMS["intermediate_size"], H), torch.finfo(torch.float32).eps
+    ref, got = _run_layer(layers, x, cos, sin, meta, grad, False), _run_layer(tiled, x, cos, sin, meta, grad, False)
+    got = (got[0], got[1], {k.replace("_checkpoint_wrapped_module.", ""): v for k, v in got[2].items()})
+    for name, a, b in _pairs(ref, got):
+        torch.testing.assert_close(b, a, rtol=0, atol=n * eps * a.abs().max().item(), msg=name)
+    with torch.no_grad():
+        short = x[:9]
+        assert torch.equal(tiled[0](short, cos[:9], sin[:9], make_sp_batch((9,), "local", None, backend="math")),
+                           layers[0](short, cos[:9], sin[:9], make_sp_batch((9,), "local", None, backend="math")))
+    with pytest.raises(ValueError, match="not seqmesh's DecoderLayer"):
+        apply_tiled_layers(nn.ModuleList([nn.Linear(2, 2)]), 4)
+
+
+def test_working_set_counts_live_storages_not_views() -> None:
+    with track_working_set(torch.device("cpu")) as ws:
+        a = torch.empty(1000)  # 4000 bytes
+        b = a[:10].view(2, 5)  # a view allocates nothing
+        c = torch.empty(500)  # 2000 bytes: 6000 held at once
+        del a, b
+        d = torch.empty(100)  # after a's release: 2400
+        del c, d
+    assert ws.peak_bytes == 6000 and ws.kb_per_token(6) == 1.0
+
+
+def test_tiled_layers_shrink_the_backward_working_set() -> None:
+    """The counted peak of a checkpointed step (recompute and backward of one layer at a time) per token: tiling
+    keeps whole-length only the layer's input, Q, K, V, attention output and gradients."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(num_hidden_layers=2, vocab_size=V, hidden_size=64, intermediate_size=176,
+                                    num_attention_heads=4, num_key_value_heads=2))
+    apply_activation_checkpointing(model.model.layers)
+    tokens = 1024
+    ids = torch.randint(0, V, (tokens,))
+    meta = make_sp_batch((tokens,), "local", None, backend="cpu_flash")
+    per_token = []
+    for tile in (0, 64):
+        m = copy.deepcopy(model)
+        if tile:
+            apply_tiled_layers(m.model.layers, tile)
+        with track_working_set(torch.device("cpu")) as ws:
+            m(ids, meta).square().mean().backward()
+        per_token.append(ws.kb_per_token(tokens))
+    assert per_token[1] < 0.6 * per_token[0], per_token
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"parallel": {"tp": 2}, "launch": {"num_workers": 2}}, "parallel.tp=1"),
+    ({"parallel": {"zero_stage": 3}, "launch": {"num_workers": 2}, "model": {"activation_checkpointing": False}},
+     "parallel.zero_stage to 0-2"),
+    ({"parallel": {"zero_stage": 1}, "offload": {"params": "cpu"}}, "offload.params=none"),
+    ({"offload": {"target": "cpu"}, "model": {"activation_checkpointing": False}},
+     "model.activation_checkpointing=true"),
+])
+def test_layer_tiling_refuses_what_it_does_not_support(overrides: dict, match: str) -> None:
+    base = {"model": {"layer_tile_tokens": 16, "activation_checkpointing": True}}
+    with pytest.raises(ConfigError, match=match):
+        tiny_run_config(**merged(base, **overrides))
+    assert tiny_run_config(**merged(base, offload={"target": "cpu"})).model.layer_tile_tokens == 16
+    with pytest.raises(ConfigError, match="model.layer_tile_tokens"):
+        tiny_run_config(model={"layer_tile_tokens": -1})
+
+
+def _train_losses(rank: int, world: int, overrides: dict, run_dir: str) -> list[float]:
+    from seqmesh.trainer.loop import train
+
+    train(config_from_dict(overrides), run_dir, torch.device("cpu"))
+    return [json.loads(line)["loss"] for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_steps_with_tiled_layers_match_untiled(tmp_path: Path, corpus: Path) -> None:
+    """The step loop on two CPU workers (documents up to 96 tokens, some over an SP group of 2) with
+    model.layer_tile_tokens: the same losses as without it, up to rounding."""
+    losses = []
+    for tile in (0, 16):
+        overrides = tiny_overrides(
+            model={"activation_checkpointing": True, "layer_tile_tokens": tile},
+            data={"source": str(corpus), "tokenizer": "byte", "max_seq_len": 96, "global_batch": 6,
+                  "cache_dir": str(tmp_path / "cache")},
+            launch={"num_workers": 2}, steps=3, ckpt_every=0, eval_every=0, scheduler={"lookahead": 0})
+        losses.append(run_distributed(_train_losses, 2, overrides, str(tmp_path / f"run{tile}"))[0])
+    assert len(losses[1]) == 3
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_tiled_layers_working_set_and_gradients() -> None:
+    """On CUDA (bf16 weights, the torch flash kernel, compiled RoPE): a checkpointed step's allocator peak per
+    token shrinks with tiled layers, and the gradients stay those of the plain layers up to bf16 rounding."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(num_hidden_layers=2, vocab_size=1024, hidden_size=1024, intermediate_size=3584,
+                                    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=65536))
+    model = model.to(device="cuda", dtype=torch.bfloat16)
+    apply_activation_checkpointing(model.model.layers)
+    tokens = 32768
+    ids = torch.randint(0, 1024, (tokens,), device="cuda")
+    meta = make_sp_batch((tokens,), "local", None, backend="auto", device="cuda")
+    per_token, grads = [], []
+    for tile in (0, 4096):
+        m = copy.deepcopy(model)
+        if tile:
+            apply_tiled_layers(m.model.layers, tile)
+        with track_working_set(torch.device("cuda")) as ws:
+            m(ids, meta).float().square().mean().backward()
+        per_token.append(ws.kb_per_token(tokens))
+        grads.append({n.replace("_checkpoint_wrapped_module.", ""): p.grad.float() for n, p in m.named_parameters()})
+        del m
+    assert per_token[1] < 0.7 * per_token[0], per_token
+    eps = torch.finfo(torch.bfloat16).eps
+    for name, ref in grads[0].items():
+        gap, scale = (grads[1][name] - ref).abs().max().item(), ref.abs().max().item()
+        assert gap <= 8 * eps * scale, (name, gap, scale)

@@ -29,7 +29,8 @@ from seqmesh.trainer.config import (MemoryConfig, ModelConfig, OffloadConfig, Op
                                     SchedulerConfig)
 from seqmesh.trainer.float8 import apply_float8_linears
 from seqmesh.trainer.hf_io import load_hf
-from seqmesh.trainer.memory_model import activation_bytes_per_token, loss_working_bytes, mlp_tile_working_bytes
+from seqmesh.trainer.memory_model import (activation_bytes_per_token, layer_tile_working_bytes, loss_working_bytes,
+                                         mlp_tile_working_bytes)
 from seqmesh.trainer.lr_schedule import build_lr_scheduler
 from seqmesh.trainer.model import Transformer
 from seqmesh.trainer.parallelize import apply_tiling_and_offload, parallelize
@@ -92,7 +93,8 @@ def build_pipeline_model(cfg: ModelConfig, parallel: ParallelConfig, seq_len: in
 def apply_offload(model: Transformer, model_cfg: ModelConfig, off: OffloadConfig, cost_model: CostModel,
                   device: torch.device, host_left_bytes: float | None = None) -> None:
     """Phase 2 of ``parallelize`` (see ``build_parallel_model``), once the cost model exists: the tiled MLP
-    (``model.mlp_tile_tokens``) and activation offload (``offload``); parameter names are unchanged.
+    (``model.mlp_tile_tokens``), tiled decoder layers (``model.layer_tile_tokens``) and activation offload
+    (``offload``); parameter names are unchanged.
 
     ``host_left_bytes``: host memory that parameter offload's plan leaves (activation buffers get that)."""
     offload = None
@@ -109,7 +111,8 @@ def apply_offload(model: Transformer, model_cfg: ModelConfig, off: OffloadConfig
                        engine=off.engine, host_limit_bytes=host_limit,
                        h2d_GBps=off.h2d_GBps, disk_GBps=off.disk_GBps,
                        compute_dtype=torch.bfloat16 if model_cfg.dtype == "bf16" else None)
-    apply_tiling_and_offload(model, mlp_tile_tokens=model_cfg.mlp_tile_tokens, offload=offload)
+    apply_tiling_and_offload(model, mlp_tile_tokens=model_cfg.mlp_tile_tokens,
+                             layer_tile_tokens=model_cfg.layer_tile_tokens, offload=offload)
 
 
 def apply_weight_dtype(model: torch.nn.Module, cfg: OptimConfig) -> None:
@@ -283,7 +286,8 @@ def _base_cost_model(model: Transformer, device: torch.device, model_cfg: ModelC
                               checkpointing=model_cfg.activation_checkpointing or zero3,
                               mem_bytes_per_token=activation_bytes_per_token(model.dims, counted_cfg),
                               mem_reserved_bytes=loss_working_bytes(model.dims, counted_cfg)
-                              + mlp_tile_working_bytes(model.dims, counted_cfg)).with_layout(tp, pp, tp_GBps=0.0)
+                              + mlp_tile_working_bytes(model.dims, counted_cfg)
+                              + layer_tile_working_bytes(model.dims, counted_cfg)).with_layout(tp, pp, tp_GBps=0.0)
 
 
 def warm_attention(model: torch.nn.Module, parallel: ParallelConfig, scheduler: SchedulerConfig, mesh: Mesh,
@@ -332,7 +336,7 @@ def build_parallel_model(cfg: RunConfig, vocab_size: int, mesh: Mesh,
     the cost model, priced from what this rank now holds;
     (8) parameter offload (``offload.params``, ``trainer/param_offload.py``): the plan from that cost model and
     measured rates, master weights streamed from the host, the cost model reduced to what the device holds;
-    phase 2 (``apply_tiling_and_offload``, in ``apply_offload``): (6) tiled MLP, (7) activation offload, whose
+    phase 2 (``apply_tiling_and_offload``, in ``apply_offload``): (6) tiled MLP and layers, (7) activation offload, whose
     ``ratio=auto`` policy needs that cost model.
     """
     host_params = cfg.offload.params != "none"

@@ -74,6 +74,9 @@ class ModelConfig:
     activation_checkpointing: bool = False
     mlp_tile_tokens: int = 0   # the MLP a tile of this many tokens at a time (ALST's TiledMLP; 0: off)
     loss_tile_tokens: int = 0  # the loss a tile at a time, logits never whole (0: off)
+    # each decoder layer's per-token parts (norms, projections, RoPE, residuals, MLP) a tile of this many
+    # tokens at a time, attention whole (trainer/tiled.py's TiledDecoderLayer; 0: off)
+    layer_tile_tokens: int = 0
     # torch: the loss above; liger: Liger-Kernel's fused linear + cross-entropy (CUDA), chunks of
     # loss_tile_tokens (or 8192) tokens, three head products instead of the tiled loss's four.
     loss_kernel: str = "torch"
@@ -91,6 +94,7 @@ class ModelConfig:
                               "autocast around them; set model.dtype=bf16")
         _positive("model.mlp_tile_tokens", self.mlp_tile_tokens, zero_ok=True)
         _positive("model.loss_tile_tokens", self.loss_tile_tokens, zero_ok=True)
+        _positive("model.layer_tile_tokens", self.layer_tile_tokens, zero_ok=True)
         for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
             _positive(f"model.{k}", getattr(self, k))
         if self.hf_path is None and self.hidden_size % self.num_heads and self.head_dim is None:
@@ -375,6 +379,33 @@ class RunConfig:
                               "node groups hold different models and checkpoints do not yet save the outer state; "
                               "set ckpt_every=0")
 
+    def _validate_layer_tiling(self) -> None:
+        """``model.layer_tile_tokens`` computes the plain layer's projections and passes its own parameters to
+        the tiled ops, and its attention core's saved tensors lie outside the modules activation offload scopes
+        without checkpointing: what would change either is refused here, with the setting to change."""
+        tile, par, off = self.model.layer_tile_tokens, self.parallel, self.offload
+        if not tile:
+            return
+        if par.tp > 1:
+            raise ConfigError(f"model.layer_tile_tokens={tile} with parallel.tp={par.tp}: tensor parallelism gathers "
+                              "a layer's whole token shard once for its projections, which tiles would repeat; set "
+                              "parallel.tp=1 or model.layer_tile_tokens=0")
+        if par.zero_stage == 3:
+            raise ConfigError(f"model.layer_tile_tokens={tile} with parallel.zero_stage=3: ZeRO-3 gathers a layer's "
+                              "weights around its forward and backward, while the tiled ops recompute the layer "
+                              "inside backward with the weights they were given; set parallel.zero_stage to 0-2 or "
+                              "model.layer_tile_tokens=0")
+        if off.params != "none":
+            raise ConfigError(f"model.layer_tile_tokens={tile} with offload.params={off.params}: streamed layers "
+                              "swap their weights around each use, while the tiled ops keep the weights of their "
+                              "forward for backward; set offload.params=none or model.layer_tile_tokens=0")
+        if off.target != "none" and not self.model.activation_checkpointing:
+            raise ConfigError(f"model.layer_tile_tokens={tile} with offload.target={off.target} and no activation "
+                              "checkpointing: without it activation offload moves what each attention module "
+                              "saves, and a tiled layer runs its attention core outside that module; set "
+                              "model.activation_checkpointing=true (recommended at long context) or "
+                              "offload.target=none")
+
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -459,6 +490,7 @@ class RunConfig:
                     and model.hf_path is None:
                 raise ConfigError(f"offload.resident_layers={self.offload.resident_layers} exceeds model.num_layers="
                                   f"{model.num_layers}")
+        self._validate_layer_tiling()
         if self.parallel.pp > 1 and self.scheduler.refine_every:
             raise ConfigError(f"scheduler.refine_every={self.scheduler.refine_every} with parallel.pp="
                               f"{self.parallel.pp}: the cost model is refitted from each group's measured time, "

@@ -21,6 +21,8 @@ memory (bench/results/train_h100_partial.json); this count allows three (66 GiB)
 
 from __future__ import annotations
 
+import dataclasses
+
 from seqmesh.trainer.config import ModelConfig
 from seqmesh.trainer.model import ModelDims
 
@@ -37,9 +39,22 @@ def layer_saved_bytes(dims: ModelDims, model_cfg: ModelConfig) -> float:
     mlp_inputs = 2 * act * h if autocast else stream * h
     # Attention keeps rotated q and k, v, its output (the o projection's input) and the LSE.
     attention = act * (2 * q + 2 * kv) + 4 * dims.num_heads
+    # A tiled layer keeps its input and attention's tensors; the rest is a tile's (layer_tile_working_bytes).
+    if model_cfg.layer_tile_tokens:
+        return float(stream * h + attention)
     # gate, up and their product; a tiled MLP keeps only its input (its tile is in mlp_tile_working_bytes).
     mlp = stream * h if model_cfg.mlp_tile_tokens else mlp_inputs + 3 * act * f
     return float(norms + attn_inputs + attention + mlp)
+
+
+def layer_tile_working_bytes(dims: ModelDims, model_cfg: ModelConfig) -> float:
+    """A tiled layer's tile: the untiled layer's per-token saved set besides attention's, recomputed in backward
+    with its gradients (twice), for ``model.layer_tile_tokens`` tokens."""
+    if not model_cfg.layer_tile_tokens:
+        return 0.0
+    untiled = layer_saved_bytes(dims, dataclasses.replace(model_cfg, layer_tile_tokens=0))
+    whole_length = layer_saved_bytes(dims, model_cfg) - 4 * dims.hidden_size  # attention's share of the tiled set
+    return float(model_cfg.layer_tile_tokens * 2 * (untiled - whole_length))
 
 
 def activation_bytes_per_token(dims: ModelDims, model_cfg: ModelConfig) -> float:

@@ -20,7 +20,8 @@ between the phases (``build.py``)
      ``offload.params``, ZeRO-1/2's flat buffers (built on the host) hold the master weights, decoder
      layers are streamed to the device around each use, and the cost model keeps only what stays there;
 phase 2, ``apply_tiling_and_offload`` (on this rank's layers, once the cost model exists: ``build.apply_offload``)
-  6. tiled MLP (``trainer/tiled.py``): the MLP run a tile of tokens at a time;
+  6. tiled MLP and tiled layers (``trainer/tiled.py``): the MLP, and each layer's per-token parts, run a tile
+     of tokens at a time;
   7. activation offload (``parallel/offload``): saved activations to host memory or NVMe, as much as
      the cost model says the transfers hide behind compute (``offload.ratio=auto``).
 
@@ -41,7 +42,7 @@ from seqmesh.parallel.model_protocol import CausalLM
 from seqmesh.parallel.offload import attach_offload
 from seqmesh.parallel.sequence import apply_sequence_parallel
 from seqmesh.parallel.tensor import apply_tensor_parallel
-from seqmesh.trainer.tiled import apply_tiled_mlp
+from seqmesh.trainer.tiled import apply_tiled_layers, apply_tiled_mlp
 
 
 def held_layers(model: CausalLM) -> list[nn.Module]:
@@ -66,15 +67,18 @@ def parallelize(model: CausalLM, *, tp_group: "torch.distributed.ProcessGroup | 
     return model
 
 
-def apply_tiling_and_offload(model: CausalLM, *, mlp_tile_tokens: int = 0,
+def apply_tiling_and_offload(model: CausalLM, *, mlp_tile_tokens: int = 0, layer_tile_tokens: int = 0,
                              offload: dict[str, Any] | None = None) -> CausalLM:
     """Phase 2 (steps 6-7 of the module docstring) on the layers ``model`` holds, in place; returns it.
 
-    ``mlp_tile_tokens``: tile the MLPs (0: no). ``offload``: keyword arguments of ``attach_offload``
+    ``mlp_tile_tokens``: tile the MLPs (0: no). ``layer_tile_tokens``: tile each layer's norms, projections,
+    residuals and MLP around its whole attention (0: no). ``offload``: keyword arguments of ``attach_offload``
     (``device``, ``target``, ``cost_model``, ...), or None for no offload.
     """
     if mlp_tile_tokens:
         apply_tiled_mlp(held_layers(model), mlp_tile_tokens)
+    if layer_tile_tokens:
+        apply_tiled_layers(held_layers(model), layer_tile_tokens)
     if offload is not None:
         attach_offload(model, held_layers(model), **offload)
     return model

@@ -1,10 +1,12 @@
-"""Sequence tiling for the longest contexts: the loss and the MLP computed a tile of tokens at a time.
+"""Sequence tiling for the longest contexts: the loss, the MLP and whole decoder layers a tile of tokens at a time.
 
 At 500K tokens the logits of a 128K vocabulary are 250 GB in fp32 and a Llama-8B MLP's
 intermediates tens of GB; both are token-wise, so computing them tile by tile (ALST's tiled loss and
 TiledMLP) makes the peak one tile's worth. Each is an autograd function that keeps only its input
 and recomputes a tile's forward inside backward (the MLP then runs twice, three times under
-checkpointing; the loss's extra cost is one more ``lm_head`` matmul).
+checkpointing; the loss's extra cost is one more ``lm_head`` matmul). ``TiledDecoderLayer`` does the
+same for everything in a layer but attention (norms, projections, RoPE, residuals), which is what a
+checkpointed layer's recompute and backward hold per token once the MLP and loss are tiled.
 
 Why not DeepSpeed's ``TiledFusedLogitsLoss``/``TiledMLP``: its loss computes the weight gradient
 inside forward assuming an upstream gradient of 1, which is wrong under seqmesh's division by the
@@ -24,6 +26,7 @@ from torch import Tensor, nn
 from seqmesh.kernels.fused_loss import liger_linear_cross_entropy_sum
 from seqmesh.trainer.data.packing import IGNORE_INDEX
 from seqmesh.trainer.loss import token_loss_sum
+from seqmesh.trainer.model import BatchMeta, DecoderLayer, apply_rotary
 
 # How the untensor-parallel loss is computed (``model.loss_kernel``): torch (logits whole, or tiled by
 # ``model.loss_tile_tokens``) or Liger-Kernel's fused linear + cross-entropy (CUDA only).
@@ -98,47 +101,71 @@ def lm_loss_sum(model: nn.Module, hidden: Tensor, labels: Tensor, tile_tokens: i
     return tiled_token_loss_sum(hidden, head.weight, labels, tile_tokens)
 
 
-class _TiledTokenwise(torch.autograd.Function):
-    """``fn`` applied to row tiles of ``x``; keeps only ``x``, recomputes each tile in backward."""
+class _TiledRows(torch.autograd.Function):
+    """``fn(*row tiles of inputs) -> outputs`` tile by tile; keeps only the inputs, recomputes each tile in backward.
+
+    ``fn`` must act on each row (token) on its own, so the tiles' outputs laid side by side are the
+    whole computation's. Forward runs without autograd, so no tile's intermediates survive it;
+    backward rebuilds one tile's graph at a time, so its peak is one tile's intermediates besides
+    the whole-length inputs, outputs and their gradients. Parameter gradients are summed over
+    tiles in fp32 and returned, so autograd scales and accumulates them like any other op's.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, fn: Callable[[Tensor], Tensor], tile: int, *params: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.fn, ctx.tile, ctx.params = fn, tile, params
-        ctx.autocast = _autocast_state(x.device.type)
-        out = None
+    def forward(ctx, n_inputs: int, fn: Callable[..., tuple[Tensor, ...]], tile: int,
+                *tensors: Tensor) -> tuple[Tensor, ...]:
+        inputs = tensors[:n_inputs]
+        ctx.save_for_backward(*inputs)
+        ctx.fn, ctx.tile, ctx.params = fn, tile, tensors[n_inputs:]
+        ctx.autocast = _autocast_state(inputs[0].device.type)
+        rows = inputs[0].shape[0]
+        outs: list[Tensor] = []
         with torch.no_grad():
-            for a, b in _tiles(x.shape[0], tile):
-                y = fn(x[a:b])
-                if out is None:
-                    out = y.new_empty((x.shape[0], *y.shape[1:]))
-                out[a:b] = y
-        return out
+            for a, b in _tiles(rows, tile):
+                ys = fn(*(t[a:b] for t in inputs))
+                if not outs:
+                    outs = [y.new_empty((rows, *y.shape[1:])) for y in ys]
+                for out, y in zip(outs, ys):
+                    out[a:b] = y
+        return tuple(outs)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        (x,) = ctx.saved_tensors
-        params = ctx.params
+    def backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        inputs, params = ctx.saved_tensors, ctx.params
         device_type, enabled, dtype = ctx.autocast
-        need_x = ctx.needs_input_grad[0]
-        need_p = ctx.needs_input_grad[3:]
-        dx = torch.empty_like(x) if need_x else None
+        need_in = ctx.needs_input_grad[3:3 + len(inputs)]
+        need_p = ctx.needs_input_grad[3 + len(inputs):]
+        dins = [torch.empty_like(t) if need else None for t, need in zip(inputs, need_in)]
         dps = [torch.zeros_like(p, dtype=torch.float32) if need else None for p, need in zip(params, need_p)]
-        wanted_params = [p for p, need in zip(params, need_p) if need]
         with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            for a, b in _tiles(x.shape[0], ctx.tile):
-                xt = x[a:b].detach().requires_grad_(need_x)
-                y = ctx.fn(xt)
-                grads = iter(torch.autograd.grad(y, ([xt] if need_x else []) + wanted_params, grad[a:b],
-                                                 allow_unused=True))
-                if dx is not None:
-                    dx[a:b] = next(grads)
+            for a, b in _tiles(inputs[0].shape[0], ctx.tile):
+                xs = [t[a:b].detach().requires_grad_(need) for t, need in zip(inputs, need_in)]
+                ys = ctx.fn(*xs)
+                wanted = [x for x in xs if x.requires_grad] + [p for p, dp in zip(params, dps) if dp is not None]
+                tile_grads = iter(torch.autograd.grad(ys, wanted, [g[a:b] for g in grads], allow_unused=True))
+                for din in dins:
+                    if din is not None:
+                        g = next(tile_grads)
+                        din[a:b] = 0 if g is None else g
                 for dp in dps:
                     if dp is not None:
-                        g = next(grads)
+                        g = next(tile_grads)
                         if g is not None:
                             dp += g
-        return (dx, None, None, *(None if dp is None else dp.to(p.dtype) for dp, p in zip(dps, params)))
+        return (None, None, None, *dins, *(None if dp is None else dp.to(p.dtype) for dp, p in zip(dps, params)))
+
+
+def tiled_rows(fn: Callable[..., tuple[Tensor, ...]], inputs: tuple[Tensor, ...], params: list[Tensor],
+               tile_tokens: int) -> tuple[Tensor, ...]:
+    """``fn(*inputs)`` computed ``tile_tokens`` rows at a time, differentiable in ``inputs`` and ``params``
+    (the parameters ``fn`` reads: their gradients are returned through this op, so list every one that
+    needs a gradient)."""
+    return _TiledRows.apply(len(inputs), fn, int(tile_tokens), *inputs, *params)
+
+
+def _grad_params(module: nn.Module) -> list[Tensor]:
+    """Parameters of ``module`` that the running forward must differentiate (none under no_grad)."""
+    return [p for p in module.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
 
 
 class TiledMLP(nn.Module):
@@ -164,8 +191,7 @@ class TiledMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[0] <= self.tile_tokens:
             return self.inner(x)
-        params = [p for p in self.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
-        return _TiledTokenwise.apply(x, self.inner, self.tile_tokens, *params)
+        return tiled_rows(lambda t: (self.inner(t),), (x,), _grad_params(self), self.tile_tokens)[0]
 
     def extra_repr(self) -> str:
         return f"tile_tokens={self.tile_tokens}"
@@ -179,3 +205,70 @@ def apply_tiled_mlp(layers: nn.ModuleList, tile_tokens: int) -> None:
             raise ValueError(f"apply_tiled_mlp: layer {type(inner).__name__} has no 'mlp' module to tile")
         if not isinstance(inner.mlp, TiledMLP):
             inner.mlp = TiledMLP(inner.mlp, tile_tokens)
+
+
+class TiledDecoderLayer(DecoderLayer):
+    """A decoder layer whose per-token work runs ``tile_tokens`` tokens at a time (ALST's sequence tiling).
+
+    Attention is the only part of a layer that mixes tokens, so the layer is computed as three
+    ops: (1) input norm, Q/K/V projections and RoPE, tiled; (2) attention over the whole Q, K, V
+    (the core, as the plain layer calls it: varlen kernels or sequence-parallel attention);
+    (3) O projection, residual, post-attention norm, MLP and residual, tiled. The tiled ops keep
+    only their inputs and recompute a tile inside backward, so a layer (or a checkpointed layer's
+    recompute and backward) holds the whole-length Q, K, V, attention output and residual stream,
+    never the whole-length norm outputs, projection inputs, RoPE temporaries or MLP intermediates.
+    The price is one more forward of the per-token parts in backward.
+
+    ``apply_tiled_layers`` turns a ``DecoderLayer`` into this class in place (as FSDP2's
+    ``fully_shard`` swaps a module's class), so children, hooks, parameter names and state dicts
+    stay those of the plain layer, and a tiled MLP inside (``model.mlp_tile_tokens``) still composes.
+    """
+
+    tile_tokens: int
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: BatchMeta) -> Tensor:
+        if x.shape[0] <= self.tile_tokens:
+            return super().forward(x, cos, sin, meta)
+        attn = self.self_attn
+        qkv_params = _grad_params(self.input_layernorm) + [
+            p for m in (attn.q_proj, attn.k_proj, attn.v_proj) for p in _grad_params(m)]
+        q, k, v = tiled_rows(self._qkv, (x, cos, sin), qkv_params, self.tile_tokens)
+        out = attn.core(q, k, v, meta, attn.head_dim**-0.5)
+        out_params = [p for m in (attn.o_proj, self.post_attention_layernorm, self.mlp) for p in _grad_params(m)]
+        return tiled_rows(self._residual_mlp, (x, out), out_params, self.tile_tokens)[0]
+
+    def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The attention's inputs for a tile of tokens, as ``Attention.forward`` computes them."""
+        attn, rows = self.self_attn, x.shape[0]
+        q, k, v = attn.project(self.input_layernorm(x), (attn.q_proj, attn.k_proj, attn.v_proj), rows)
+        q = apply_rotary(q.view(rows, attn.num_heads, attn.head_dim), cos, sin)
+        k = apply_rotary(k.view(rows, attn.num_kv_heads, attn.head_dim), cos, sin)
+        return q, k, v.view(rows, attn.num_kv_heads, attn.head_dim)
+
+    def _residual_mlp(self, x: Tensor, attn_out: Tensor) -> tuple[Tensor]:
+        """The rest of the layer for a tile of tokens, after attention."""
+        attn = self.self_attn
+        h = x + attn.o_proj(attn_out.reshape(x.shape[0], attn.num_heads * attn.head_dim))
+        return (h + self.mlp(self.post_attention_layernorm(h)),)
+
+    def extra_repr(self) -> str:
+        return f"tile_tokens={self.tile_tokens}"
+
+
+def apply_tiled_layers(layers: nn.ModuleList | nn.ModuleDict, tile_tokens: int) -> None:
+    """Tile every decoder layer of ``layers`` by ``tile_tokens`` tokens (``TiledDecoderLayer``), in place.
+
+    Before or after activation checkpointing (a wrapped layer is tiled inside its wrapper); a layer
+    already tiled keeps its tile size.
+    """
+    if tile_tokens < 1:
+        raise ValueError(f"apply_tiled_layers: tile_tokens must be >= 1, got {tile_tokens}")
+    for layer in (layers.values() if isinstance(layers, nn.ModuleDict) else layers):
+        inner = getattr(layer, "_checkpoint_wrapped_module", layer)
+        if isinstance(inner, TiledDecoderLayer):
+            continue
+        if type(inner) is not DecoderLayer:
+            raise ValueError(f"apply_tiled_layers: {type(inner).__name__} is not seqmesh's DecoderLayer; sequence "
+                             "tiling computes the plain layer's attention inputs and MLP itself")
+        inner.__class__ = TiledDecoderLayer
+        inner.tile_tokens = int(tile_tokens)
