@@ -178,7 +178,9 @@ def summarize(rows: list[dict[str, Any]], variant_names: Sequence[str], steps: i
                                              at(8192, "seqmesh", "tokens_per_s_per_device"))
     summary["fp8_linear_loss_gap_pct"] = at(8192, "seqmesh_fp8", "loss_gap_pct")
     summary["seed_loss_gap_pct"] = at(8192, "seqmesh_seed1", "loss_gap_pct")
-    summary["loss_gap_steps"] = max(0, steps - WARMUP)
+    # the loss gaps are of the 8K row, whose step count may differ from this command's (--merge)
+    summary["loss_gap_steps"] = max(0, next((r.get("steps", steps) for r in rows if r["seq_len"] == 8192), steps)
+                                    - WARMUP)
     best = max((m for m in (summary["mfu_8k"], summary["mfu_32k"]) if m), default=None)
     summary["mfu"] = best  # the design's `train` keys: the better of the two lengths
     summary["tokens_per_s_per_device"] = summary["tokens_per_s_8k"] if best == summary["mfu_8k"] else \
@@ -267,7 +269,8 @@ def main() -> None:
             print(seq_len, name, {k: v for k, v in seqmesh_row(result).items() if k != "losses"}, flush=True)
             return result
 
-        row: dict[str, Any] = {"seq_len": seq_len, "docs_per_step": docs, "activation_checkpointing": ckpt,
+        row: dict[str, Any] = {"seq_len": seq_len, "steps": args.steps, "docs_per_step": docs,
+                               "activation_checkpointing": ckpt,
                                "seqmesh_overrides": args.seqmesh}
         rows.append(row)
         main_run = run("main", [])

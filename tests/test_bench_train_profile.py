@@ -92,6 +92,7 @@ def test_summary_takes_the_fastest_bf16_row_and_keeps_missing_figures_none() -> 
     assert out["speedup_vs_hf_transformers_32k"] == pytest.approx(1.25) and out["speedup_vs_hf_liger_32k"] is None
     assert out["mfu_8k"] is None and out["fp8_linear_speedup_8k"] is None and out["mfu"] == 0.375
     assert out["loss_gap_steps"] == 4
+    assert summarize([{"seq_len": 8192, "steps": 8}, *rows], [], steps=6)["loss_gap_steps"] == 6
 
 
 def test_merge_keeps_the_other_lengths_of_the_same_commit_and_configuration(tmp_path, monkeypatch) -> None:
