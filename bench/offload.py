@@ -57,8 +57,9 @@ def _cost_model(cfg, model, device):
                             profile=cfg.scheduler.cost_model, state_dtype=cfg.optim.state_dtype)
 
 
-def _build(spec: dict[str, Any], target: str, ratio: str):
-    """Model (meta-initialised straight onto the device in bf16), optimizer and run config of a trial."""
+def build_trial(spec: dict[str, Any], target: str, ratio: str):
+    """Model (meta-initialised straight onto the device in bf16), optimizer and run config of a trial
+    (``spec['dims']``, where given, replaces the shape that ``spec['smoke']`` picks)."""
     import torch
 
     from seqmesh.parallel.checkpointing import apply_activation_checkpointing
@@ -67,7 +68,7 @@ def _build(spec: dict[str, Any], target: str, ratio: str):
     from seqmesh.trainer.model import Transformer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dims = TINY if spec["smoke"] else LLAMA_8B
+    dims = spec.get("dims") or (TINY if spec["smoke"] else LLAMA_8B)
     cfg = config_from_dict({
         "model": {**dims, "num_layers": spec["layers"], "tie_embeddings": False, "activation_checkpointing": True,
                   "max_position_embeddings": max(spec["tokens"], 4096),
@@ -93,7 +94,7 @@ def _build(spec: dict[str, Any], target: str, ratio: str):
     return model, optimizer, cfg, device, optim_name
 
 
-def _docs(spec: dict[str, Any], vocab: int) -> list:
+def trial_docs(spec: dict[str, Any], vocab: int) -> list:
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -142,11 +143,11 @@ def child_trial(spec: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {"phase": "max_context", "target": spec["target"], "tokens": spec["tokens"]}
     free_GB = round(torch.cuda.mem_get_info()[0] / 1e9, 3) if torch.cuda.is_available() else None
     try:
-        model, optimizer, cfg, device, optim_name = _build(spec, spec["target"], spec["ratio"])
+        model, optimizer, cfg, device, optim_name = build_trial(spec, spec["target"], spec["ratio"])
         row["optimizer"] = optim_name
         static = torch.cuda.memory_allocated() if device.type == "cuda" else 0
         with track_working_set(device) as working_set:
-            row["step_s"] = round(_step(model, optimizer, _docs(spec, model.dims.vocab_size), cfg, device), 3)
+            row["step_s"] = round(_step(model, optimizer, trial_docs(spec, model.dims.vocab_size), cfg, device), 3)
         row.update(ok=True, working_set_kb_per_token=round(working_set.kb_per_token(spec["tokens"]), 2),
                    **_offload_stats(model))
         if device.type == "cuda":
@@ -166,8 +167,8 @@ def child_overhead(spec: dict[str, Any]) -> list[dict[str, Any]]:
     from seqmesh.parallel.offload import detach_offload
     from seqmesh.trainer.build import apply_offload
 
-    model, optimizer, cfg, device, optim_name = _build(spec, "none", "auto")
-    docs = _docs(spec, model.dims.vocab_size)
+    model, optimizer, cfg, device, optim_name = build_trial(spec, "none", "auto")
+    docs = trial_docs(spec, model.dims.vocab_size)
     rows = []
     for target, ratio in spec["settings"]:
         detach_offload(model)

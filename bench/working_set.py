@@ -31,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.offload import LLAMA_8B  # noqa: E402
+from bench.offload import LLAMA_8B, build_trial, trial_docs  # noqa: E402
 
 
 def narrowed(divisor: int) -> dict[str, Any]:
@@ -44,31 +44,18 @@ def narrowed(divisor: int) -> dict[str, Any]:
 
 def working_set_bytes(dims: dict[str, Any], layers: int, tokens: int, layer_tile_tokens: int,
                       mlp_tile_tokens: int, loss_tile_tokens: int) -> int:
-    """Peak bytes above the model's footprint of one forward and backward of a ``tokens``-token sequence."""
-    import torch
-
-    from seqmesh.parallel.checkpointing import apply_activation_checkpointing
-    from seqmesh.trainer.build import apply_offload, build_cost_model, hf_config
-    from seqmesh.trainer.config import config_from_dict
+    """Peak bytes above the model's footprint of one forward and backward of a ``tokens``-token sequence, on
+    ``bench/offload.py``'s trial model (no activation offload)."""
     from seqmesh.trainer.loop import run_group
-    from seqmesh.trainer.model import Transformer
     from seqmesh.trainer.working_set import track_working_set
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = config_from_dict({
-        "model": {**dims, "num_layers": layers, "tie_embeddings": False, "activation_checkpointing": True,
-                  "max_position_embeddings": max(tokens, 4096), "mlp_tile_tokens": mlp_tile_tokens,
-                  "loss_tile_tokens": loss_tile_tokens, "layer_tile_tokens": layer_tile_tokens},
-        "launch": {"num_workers": 1},
-    })
-    torch.manual_seed(0)
-    model = Transformer(hf_config(cfg.model, dims["vocab_size"])).to(torch.bfloat16).to(device)
-    apply_activation_checkpointing(model.model.layers)
-    cost_model = build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=1)
-    apply_offload(model, cfg.model, cfg.offload, cost_model, device)
-    docs = [torch.randint(0, dims["vocab_size"], (tokens,), generator=torch.Generator().manual_seed(0))]
+    spec = {"smoke": False, "dims": dims, "layers": layers, "tokens": tokens, "doc_tokens": 0,
+            "mlp_tile_tokens": mlp_tile_tokens, "loss_tile_tokens": loss_tile_tokens,
+            "layer_tile_tokens": layer_tile_tokens, "nvme_path": None, "engine": "threads"}
+    model, _, cfg, device, _ = build_trial(spec, "none", "auto")
     with track_working_set(device) as working_set:
-        run_group(model, docs, None, cfg.model, cfg.parallel, device, denominator=tokens)
+        run_group(model, trial_docs(spec, dims["vocab_size"]), None, cfg.model, cfg.parallel, device,
+                  denominator=tokens)
     return working_set.peak_bytes
 
 

@@ -27,18 +27,27 @@ from seqmesh.trainer.config import ModelConfig
 from seqmesh.trainer.model import ModelDims
 
 
+def _activation_bytes(model_cfg: ModelConfig) -> int:
+    """Bytes of a saved activation: bf16 under autocast, else the fp32 of the weights."""
+    return 2 if model_cfg.dtype == "bf16" else 4
+
+
+def _attention_saved_bytes(dims: ModelDims, act: int) -> float:
+    """Attention keeps rotated q and k, v, its output (the o projection's input) and the LSE."""
+    q, kv = dims.num_heads * dims.head_dim, dims.num_kv_heads * dims.head_dim
+    return float(act * (2 * q + 2 * kv) + 4 * dims.num_heads)
+
+
 def layer_saved_bytes(dims: ModelDims, model_cfg: ModelConfig) -> float:
     """Bytes one token keeps for backward in one decoder layer that is not recomputed."""
     h, f = dims.hidden_size, dims.intermediate_size
-    q, kv = dims.num_heads * dims.head_dim, dims.num_kv_heads * dims.head_dim
     autocast = model_cfg.dtype == "bf16"
-    act, stream = (2, 4) if autocast else (4, 4)
+    act, stream = _activation_bytes(model_cfg), 4
     # Norm inputs (fp32 stream), each linear's own cast of the normed input (shared without autocast).
     norms = 2 * stream * h
     attn_inputs = 3 * act * h if autocast else stream * h
     mlp_inputs = 2 * act * h if autocast else stream * h
-    # Attention keeps rotated q and k, v, its output (the o projection's input) and the LSE.
-    attention = act * (2 * q + 2 * kv) + 4 * dims.num_heads
+    attention = _attention_saved_bytes(dims, act)
     # A tiled layer keeps its input and attention's tensors; the rest is a tile's (layer_tile_working_bytes).
     if model_cfg.layer_tile_tokens:
         return float(stream * h + attention)
@@ -53,8 +62,8 @@ def layer_tile_working_bytes(dims: ModelDims, model_cfg: ModelConfig) -> float:
     if not model_cfg.layer_tile_tokens:
         return 0.0
     untiled = layer_saved_bytes(dims, dataclasses.replace(model_cfg, layer_tile_tokens=0))
-    whole_length = layer_saved_bytes(dims, model_cfg) - 4 * dims.hidden_size  # attention's share of the tiled set
-    return float(model_cfg.layer_tile_tokens * 2 * (untiled - whole_length))
+    per_token = untiled - _attention_saved_bytes(dims, _activation_bytes(model_cfg))
+    return float(model_cfg.layer_tile_tokens * 2 * per_token)
 
 
 def activation_bytes_per_token(dims: ModelDims, model_cfg: ModelConfig) -> float:
