@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ def working_set_bytes(dims: dict[str, Any], layers: int, tokens: int, layer_tile
 
     spec = {"smoke": False, "dims": dims, "layers": layers, "tokens": tokens, "doc_tokens": 0,
             "mlp_tile_tokens": mlp_tile_tokens, "loss_tile_tokens": loss_tile_tokens,
-            "layer_tile_tokens": layer_tile_tokens, "nvme_path": None, "engine": "threads"}
+            "layer_tile_tokens": layer_tile_tokens, "nvme_path": tempfile.gettempdir(), "engine": "threads"}
     model, _, cfg, device, _ = build_trial(spec, "none", "auto")
     with track_working_set(device) as working_set:
         run_group(model, trial_docs(spec, dims["vocab_size"]), None, cfg.model, cfg.parallel, device,
