@@ -121,7 +121,7 @@ def round_magnitude(y: torch.Tensor, fmt: CodeFormat, bits: torch.Tensor | None)
     shifted = torch.where(sub, y + fmt.min_normal, y) if fmt.min_normal > 0 else y
     raw = shifted.view(torch.int32).to(torch.int64)
     offset = (bits & low) if bits is not None else (1 << (drop - 1))
-    rounded = ((raw + offset) & ~low).to(torch.int32).view(torch.float32)
+    rounded = ((raw + offset) & -(1 << drop)).to(torch.int32).view(torch.float32)
     if fmt.min_normal > 0:
         rounded = torch.where(sub, rounded - fmt.min_normal, rounded)
     return rounded
