@@ -3,6 +3,14 @@
     python bench/optim.py --out DIR                 # GPU: Llama-3.2-1B shapes, 1000-step convergence, 12 seeds
     python bench/optim.py --smoke --out DIR         # CPU: tiny sizes, checks that the script runs
     python bench/optim.py --quant-error --out DIR   # the quantization study behind fp8_adamw.py's formats
+    python bench/optim.py --host --out DIR          # any machine: the host step of offloaded parameters
+
+Host step (``--host``): what an offloaded model's optimizer costs on the CPU, every step. The first
+``--host-params`` parameters (default 512M) of a Llama-3-8B shape's decoder layers in model order (bf16 weights
+without masters, fp8 states, gradients fixed and random), stepped by FP8AdamW's eager torch backend
+(the baseline) and its ``compiled`` backend (the same ops fused by Inductor) with all of the host's
+cores, in the same run; the median of the timed steps after one warm-up step (the compile), and
+whether both gave the same bits (they must).
 
 Step time: every parameter tensor of a Llama-3.2-1B-shaped model (hidden 2048, 16 layers, GQA 32/8
 heads, intermediate 8192, tied vocab 128256: 148 tensors, 1.24B fp32 parameters) with fixed random
@@ -531,11 +539,59 @@ def bench_quant_error(steps: int, model: dict[str, int], block: int, betas2: tup
     return rows
 
 
+def cpu_model() -> str:
+    """The host CPU's model name (Linux), which sets the host step's rate."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+
+
+def bench_host_step(numel: int, steps: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows and summary of ``--host`` (see the module docstring)."""
+    from seqmesh.trainer.optim import FP8AdamW
+
+    shapes, total = [], 0
+    for shape in llama_shapes(hidden=4096, intermediate=14336, layers=32, vocab=128256, kv_dim=1024)[1:]:
+        n = math.prod(shape)
+        if total + n > numel:
+            break
+        shapes.append(shape)
+        total += n
+    if not shapes:
+        raise SystemExit(f"--host-params {numel}: the first tensor alone has {4096 * 4096} elements")
+    g = torch.Generator().manual_seed(0)
+    grads = [(torch.randn(s, generator=g) * 1e-3).to(torch.bfloat16) for s in shapes]
+    rows, finals = [], {}
+    for backend in ("torch", "compiled"):
+        params = [torch.zeros(s, dtype=torch.bfloat16) for s in shapes]
+        for p, grad in zip(params, grads):
+            p.grad = grad
+        opt = FP8AdamW(params, lr=1e-4, state_dtype="fp8", backend=backend)
+        t0 = time.perf_counter()
+        opt.step()  # states allocated, the compile
+        first_s = time.perf_counter() - t0
+        ms = time_steps(opt, torch.device("cpu"), warmup=0, steps=steps)
+        median_s = statistics.median(ms) / 1e3
+        rows.append({"section": "host_step", "backend": backend, "params": total, "tensors": len(shapes),
+                     "threads": torch.get_num_threads(), "first_step_s": first_s, "step_s_median": median_s,
+                     "Mparams_per_s": total / median_s / 1e6})
+        finals[backend] = [p.view(torch.int16).clone() for p in params]
+    same = all(torch.equal(a, b) for a, b in zip(finals["torch"], finals["compiled"]))
+    eager, compiled = rows
+    return rows, {"host_compiled_speedup": eager["step_s_median"] / compiled["step_s_median"],
+                  "host_compiled_Mparams_per_s": compiled["Mparams_per_s"],
+                  "host_eager_Mparams_per_s": eager["Mparams_per_s"], "host_bitwise_equal": same}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None, help="result folder (default bench/results)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: checks the script, measures nothing")
     parser.add_argument("--quant-error", action="store_true", help="run the quantization-format study instead")
+    parser.add_argument("--host", action="store_true", help="time the host (CPU) optimizer step instead")
+    parser.add_argument("--host-params", type=int, default=512 << 20, help="parameters of --host's step")
     parser.add_argument("--steps", type=int, default=None, help="convergence steps (default 1000; smoke 30)")
     parser.add_argument("--seeds", type=int, default=12,
                         help="convergence seeds (model init and batches) of fp32 AdamW and fp8 (default 12)")
@@ -561,6 +617,15 @@ def main() -> None:
         summary = {f"fp8_update_rel_err_beta2_{r['beta2']}": r["update_rel_err_last50"] for r in chosen}
         write_result("optim_quant_error", {"steps": steps, "model": model, "block_size": 128}, rows, summary,
                      device="cpu", out_dir=args.out)
+        return
+
+    if args.host:
+        steps = args.steps or (2 if args.smoke else 3)
+        rows, summary = bench_host_step(1 << 25 if args.smoke else args.host_params, steps)
+        write_result("optim_host", {"model": "llama-3-8b decoder-layer tensors in model order", "param_dtype": "bf16",
+                                    "state_dtype": "fp8", "timed_steps": steps, "smoke": args.smoke,
+                                    "cpu": cpu_model(), "cores": os.cpu_count()},
+                     rows, summary, out_dir=args.out)
         return
 
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
