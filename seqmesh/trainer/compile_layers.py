@@ -10,11 +10,12 @@ input norm, Q/K/V projections, RoPE; ``DecoderLayer.after_attention``: O project
 post-attention norm, MLP, residual), each one graph. The core itself stays eager between them, by
 design: it reads the micro-batch's document layout (Python ints per document, a process group for
 sequence parallelism) and runs backend kernels with their own autograd (varlen flash, cuDNN per
-length bucket, ring and Ulysses collectives); traced, its per-document ints would be guards that
-recompile for every micro-batch. Compiling the whole layer (``layer.compile()``) would break the
-graph there anyway, and since the break is nested two modules deep Dynamo would cut the layer into
-four graphs (the input norm alone, the projections, the O projection alone, the rest), materialising
-the norm's fp32 output and the residual stream's pre-norm sum in between.
+length bucket, ring and Ulysses collectives), nothing Inductor could fuse. Compiling the whole layer
+instead (``layer.compile(dynamic=True)``, tried on torch 2.13) cut it into 11 graphs with 10 graph
+breaks per forward: the input norm alone (the break is nested two modules deep, inside ``self_attn``,
+so Dynamo restarts at the outer call), the projections with RoPE, fragments of the core between its
+data-dependent ``cu_seqlens.tolist()`` reads (with the document lengths as symbols), the O
+projection alone, and the rest.
 
 As torchtitan compiles per transformer block, one compiled function serves every layer: the halves
 are the same code for each, the layer is an argument, so a model of any depth compiles each half
@@ -29,7 +30,12 @@ Composition (``apply_compile_layers`` runs last, on the layers a rank holds):
 * tiled decoder layers (``model.layer_tile_tokens``): each tile runs the compiled halves;
 * float8 linears: their own compiled modules are inlined into the halves' graphs;
 * tensor parallelism: the column- and row-parallel linears' collectives are traced into the halves;
-* sequence parallelism and every attention backend: the core is eager, whichever it is.
+* sequence parallelism and every attention backend: the core is eager, whichever it is;
+* pipeline stages: a stage calls its layers as the whole model does (not tested under PP).
+
+The memory model (``trainer/memory_model.py``) still counts what the eager layer saves for backward;
+Inductor's partitioner chooses its own saved tensors (it recomputes fused elementwise work in backward
+rather than save it), which has not been measured against that count yet.
 
 What does not compose is refused by the config (``RunConfig.validate``): the tiled MLP (a Python
 loop inside an autograd function that recomputes tiles in its backward), ZeRO-3 and parameter
