@@ -36,7 +36,7 @@ BATCHES = ([23, 9, 18], [31, 5], [12, 40, 7, 3])
 # rounding), with n <= 64 here (H, and T <= 62). Each layer has two norms; forward and backward pass
 # through 2 * LAYERS of them each, and independent errors add in quadrature: sqrt(4 * LAYERS * n) * u =
 # 1.4e-6. A factor 8 covers the error growth through the GEMMs and the loss of these O(1)-conditioned
-# layers (measured: 1e-6 on the outputs, 8e-7 of the largest gradient entry). Errors of sums scale with
+# layers (measured: 2.6e-7 of the outputs, 4.6e-7 of the largest gradient entry). Errors of sums scale with
 # their terms, not their (possibly cancelled) result, so the bound is relative to each tensor's largest
 # entry (normwise), not elementwise.
 FP32_RTOL = 8 * math.sqrt(4 * LAYERS * 64) * 2.0**-24
@@ -203,23 +203,29 @@ def test_tp2_compiled_layers_equal_eager() -> None:
 # rounds the output of every elementwise op to bf16 (RoPE: 4 ops, SwiGLU: 2, the norm's cast: 1), while
 # Inductor keeps each fused chain in fp32 and rounds once. That is a difference of a few half-ulps of bf16
 # (u = 2^-8) per fused chain, relative to the chain's values; the chains of 2 layers, forward and backward,
-# add in quadrature to sqrt(4 * LAYERS) * 4 * u / 2 = 4.4e-2 at most. Bounds are normwise (the largest entry
-# of each tensor), as for fp32; the loss, an fp32 mean over thousands of tokens, averages these out.
+# add in quadrature to sqrt(4 * LAYERS) * 4 * u / 2 = 2.2e-2. Bounds are normwise (the largest entry of each
+# tensor), as for fp32. Measured on an H200 (torch 2.11): outputs and losses bit-identical (the eager path's
+# RoPE and SwiGLU are Inductor kernels too), gradients within 3.3e-3.
 BF16_RTOL = math.sqrt(4 * LAYERS) * 4 * 2.0**-8 / 2
 # float8 linears quantise their bf16 inputs to e4m3 (3 mantissa bits, u = 2^-4) with scales from each tensor's
 # largest entry: an input that differs by the bf16 amounts above can round to the neighbouring float8 value, so
-# the two paths may differ by up to u of a linear's output scale wherever that happens.
+# the two paths may differ by up to u of a linear's output scale wherever that happens (measured on an H200:
+# gradients within 3.5e-2).
 FP8_RTOL = 2.0**-4
 GPU_DIMS = dict(vocab_size=1000, hidden_size=256, num_hidden_layers=LAYERS, num_attention_heads=4,
                 num_key_value_heads=2)
 GPU_BATCHES = ([300, 120, 77], [511, 13], [64, 200, 31, 5])
+# float8's weight gradient multiplies over the tokens, and _scaled_mm wants that dimension a multiple of 16
+# (eager float8 linears fail the same way at 497 tokens).
+FP8_BATCHES = ([300, 120, 76], [500, 12], [64, 200, 31, 9])
 
 
-def _assert_gpu_runs_match(base: Transformer, schedule: dict, rtol: float, fp8: bool = False) -> None:
+def _assert_gpu_runs_match(base: Transformer, schedule: dict, rtol: float, batches: tuple[list[int], ...],
+                           fp8: bool = False) -> None:
     device = torch.device("cuda")
-    _, losses0, hidden0, grads0, _ = _train(base, schedule, device, GPU_BATCHES, "bf16", fp8)
+    _, losses0, hidden0, grads0, _ = _train(base, schedule, device, batches, "bf16", fp8)
     breaks = _graph_breaks()
-    _, losses1, hidden1, grads1, events = _train(base, {**schedule, "compile_layers": True}, device, GPU_BATCHES,
+    _, losses1, hidden1, grads1, events = _train(base, {**schedule, "compile_layers": True}, device, batches,
                                                  "bf16", fp8)
     for step, (l0, l1, h0, h1) in enumerate(zip(losses0, losses1, hidden0, hidden1)):
         assert_normwise_close(l1, l0, rtol, f"loss of micro-batch {step}")
@@ -236,7 +242,8 @@ def test_gpu_compiled_layers_equal_eager_in_bf16(schedule: dict) -> None:
     """On CUDA under bf16 autocast (the model's fused RoPE and SwiGLU in the eager path, cuDNN or flash attention
     between the compiled halves): compiled layers train as eager ones do."""
     torch.manual_seed(0)
-    _assert_gpu_runs_match(Transformer(tiny_config(intermediate_size=512, **GPU_DIMS)), schedule, BF16_RTOL)
+    _assert_gpu_runs_match(Transformer(tiny_config(intermediate_size=512, **GPU_DIMS)), schedule, BF16_RTOL,
+                           GPU_BATCHES)
 
 
 @pytest.mark.gpu
@@ -246,4 +253,5 @@ def test_gpu_compiled_layers_inline_float8_linears() -> None:
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("float8 matrix units need compute capability 8.9 or newer")
     torch.manual_seed(0)  # gate/up (256 -> 2048) are large enough for float8
-    _assert_gpu_runs_match(Transformer(tiny_config(intermediate_size=2048, **GPU_DIMS)), {}, FP8_RTOL, fp8=True)
+    _assert_gpu_runs_match(Transformer(tiny_config(intermediate_size=2048, **GPU_DIMS)), {}, FP8_RTOL, FP8_BATCHES,
+                           fp8=True)
