@@ -19,7 +19,7 @@ from seqmesh.trainer.config import ConfigError, config_from_dict
 from seqmesh.trainer.loop import run_group
 from seqmesh.trainer.model import DecoderLayer, Transformer, tiny_config
 from seqmesh.trainer.tiled import TiledMLP, apply_tiled_mlp
-from tests.conftest import cost_model_of
+from tests.conftest import cost_model_of, merged
 from tests.distributed import run_distributed
 
 V, H, LAYERS = 97, 64, 2
@@ -117,9 +117,8 @@ def test_compiled_layers_equal_eager_over_packed_documents(schedule: dict) -> No
 
 def test_run_config_refuses_what_does_not_compose() -> None:
     def check(sections: dict, message: str) -> None:
-        base = {"launch": {"num_workers": 2}, "model": {"compile_layers": True}}
         with pytest.raises(ConfigError, match=message):
-            config_from_dict({**base, **sections, "model": {**base["model"], **sections.get("model", {})}})
+            config_from_dict(merged({"launch": {"num_workers": 2}, "model": {"compile_layers": True}}, **sections))
 
     check({"model": {"mlp_tile_tokens": 16}}, "model.mlp_tile_tokens=16: the tiled MLP .*model.layer_tile_tokens")
     check({"parallel": {"zero_stage": 3}}, "parallel.zero_stage=3: ZeRO-3 .* set parallel.zero_stage to 0-2")
