@@ -61,6 +61,17 @@ def merge_overrides(base: Sequence[str], extra: Sequence[str]) -> list[str]:
     return list(merged.values())
 
 
+def parse_variant(spec: str) -> tuple[str, int | None, list[str]]:
+    """``--variant NAME[@LENGTH]=key=value,key=value`` as (name, the one length it runs at or None, overrides):
+    the name ends at the first ``=``, and each override keeps its own ``=`` (``compiled=model.compile_layers=true``)."""
+    head, _, overrides = spec.partition("=")
+    name, _, only = head.partition("@")
+    items = overrides.split(",")
+    if not name or not overrides or (only and not only.isdigit()) or not all("=" in item for item in items):
+        raise ValueError(f"--variant {spec!r}: write NAME=key=value,key=value or NAME@LENGTH=key=value,...")
+    return name, int(only) if only else None, items
+
+
 def seqmesh_overrides(seq_len: int, docs: int, ckpt: bool, corpus: Path, steps: int, work: Path,
                       extra: Sequence[str] = ()) -> list[str]:
     """The step loop's configuration for this benchmark (the model and data of the module docstring)."""
@@ -237,11 +248,11 @@ def main() -> None:
         return
     variants: dict[str, tuple[int | None, list[str]]] = {}
     for spec in args.variant:
-        name, _, overrides = spec.partition("=")
-        name, _, only = name.partition("@")
-        if not name or not overrides or (only and not only.isdigit()):
-            raise SystemExit(f"--variant {spec!r}: write NAME=key=value,key=value or NAME@LENGTH=key=value,...")
-        variants[name] = (int(only) if only else None, overrides.split(","))
+        try:
+            name, only, overrides = parse_variant(spec)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        variants[name] = (only, overrides)
     baselines = [b for b in args.baselines.split(",") if b]
     if set(baselines) - set(BASELINES):
         raise SystemExit(f"--baselines: choose from {BASELINES}, got {baselines}")

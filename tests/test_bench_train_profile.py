@@ -10,7 +10,7 @@ from torch.autograd import DeviceType
 
 from bench.composition import fitting_layouts
 from bench.profile_step import CATEGORIES, breakdown, classify, covered_us
-from bench.train import loss_gap_pct, merge_overrides, seqmesh_overrides, summarize
+from bench.train import loss_gap_pct, merge_overrides, parse_variant, seqmesh_overrides, summarize
 
 VOCAB = 128256
 
@@ -22,6 +22,15 @@ def test_later_overrides_replace_earlier_ones_of_the_same_key(tmp_path) -> None:
     assert out[-1] == "model.loss_kernel=liger"
     with pytest.raises(ValueError, match="not key=value"):
         merge_overrides(["a=1"], ["oops"])
+
+
+def test_variants_keep_the_equals_signs_of_their_overrides() -> None:
+    assert parse_variant("compiled=model.compile_layers=true") == ("compiled", None, ["model.compile_layers=true"])
+    assert parse_variant("both@8192=model.compile_layers=true,model.loss_kernel=liger") == (
+        "both", 8192, ["model.compile_layers=true", "model.loss_kernel=liger"])
+    for bad in ("compiled", "compiled=", "=model.compile_layers=true", "x@8k=a=1", "x=a=1,oops"):
+        with pytest.raises(ValueError, match="write NAME=key=value"):
+            parse_variant(bad)
 
 
 def test_loss_gap_is_relative_over_the_paired_steps_after_warmup() -> None:

@@ -93,8 +93,8 @@ def build_pipeline_model(cfg: ModelConfig, parallel: ParallelConfig, seq_len: in
 def apply_offload(model: Transformer, model_cfg: ModelConfig, off: OffloadConfig, cost_model: CostModel,
                   device: torch.device, host_left_bytes: float | None = None) -> None:
     """Phase 2 of ``parallelize`` (see ``build_parallel_model``), once the cost model exists: the tiled MLP
-    (``model.mlp_tile_tokens``), tiled decoder layers (``model.layer_tile_tokens``) and activation offload
-    (``offload``); parameter names are unchanged.
+    (``model.mlp_tile_tokens``), tiled decoder layers (``model.layer_tile_tokens``), activation offload
+    (``offload``) and compiled layers (``model.compile_layers``); parameter names are unchanged.
 
     ``host_left_bytes``: host memory that parameter offload's plan leaves (activation buffers get that)."""
     offload = None
@@ -112,7 +112,8 @@ def apply_offload(model: Transformer, model_cfg: ModelConfig, off: OffloadConfig
                        h2d_GBps=off.h2d_GBps, disk_GBps=off.disk_GBps,
                        compute_dtype=torch.bfloat16 if model_cfg.dtype == "bf16" else None)
     apply_tiling_and_offload(model, mlp_tile_tokens=model_cfg.mlp_tile_tokens,
-                             layer_tile_tokens=model_cfg.layer_tile_tokens, offload=offload)
+                             layer_tile_tokens=model_cfg.layer_tile_tokens, offload=offload,
+                             compile_layers=model_cfg.compile_layers)
 
 
 def apply_weight_dtype(model: torch.nn.Module, cfg: OptimConfig) -> None:
@@ -337,7 +338,7 @@ def build_parallel_model(cfg: RunConfig, vocab_size: int, mesh: Mesh,
     (8) parameter offload (``offload.params``, ``trainer/param_offload.py``): the plan from that cost model and
     measured rates, master weights streamed from the host, the cost model reduced to what the device holds;
     phase 2 (``apply_tiling_and_offload``, in ``apply_offload``): (6) tiled MLP and layers, (7) activation offload, whose
-    ``ratio=auto`` policy needs that cost model.
+    ``ratio=auto`` policy needs that cost model, (9) compiled layers (``model.compile_layers``).
     """
     host_params = cfg.offload.params != "none"
     # ZeRO-3 and parameter offload build (and pipeline-split) on the host; only shards or streamed layers go to

@@ -83,12 +83,23 @@ class ModelConfig:
     # bf16: the linears compute in model.dtype like the rest; fp8: the decoder layers' large linears in
     # float8 (torchao's float8 training, tensorwise scales; CUDA, model.dtype=bf16), LM head kept in bf16.
     linear_dtype: str = "bf16"
+    # each decoder layer's per-token halves around its attention core compiled by torch.compile (Inductor
+    # fuses the norms, casts, residual adds, RoPE and SwiGLU around the GEMMs; trainer/compile_layers.py)
+    compile_layers: bool = False
 
     def validate(self) -> None:
         _choice("model.arch", self.arch, ("llama", "qwen2"))
         _choice("model.dtype", self.dtype, ("fp32", "bf16"))
         _choice("model.loss_kernel", self.loss_kernel, ("torch", "liger"))
         _choice("model.linear_dtype", self.linear_dtype, ("bf16", "fp8"))
+        _choice("model.compile_layers", self.compile_layers, (True, False))
+        if self.compile_layers and self.mlp_tile_tokens:
+            raise ConfigError(f"model.compile_layers=true with model.mlp_tile_tokens={self.mlp_tile_tokens}: the tiled "
+                              "MLP loops over tiles in Python inside an autograd function that recomputes them in "
+                              "backward, which Dynamo cannot trace into the layer's graph (it breaks the graph there "
+                              "and recompiles for every new token count); tile whole layers instead "
+                              "(model.layer_tile_tokens, whose tiles run the compiled parts), or set "
+                              "model.mlp_tile_tokens=0 or model.compile_layers=false")
         if self.linear_dtype == "fp8" and self.dtype != "bf16":
             raise ConfigError(f"model.linear_dtype=fp8 with model.dtype={self.dtype}: float8 linears train with bf16 "
                               "autocast around them; set model.dtype=bf16")
@@ -406,6 +417,29 @@ class RunConfig:
                               "model.activation_checkpointing=true (recommended at long context) or "
                               "offload.target=none")
 
+    def _validate_compile_layers(self) -> None:
+        """``model.compile_layers`` compiles the split layer's halves (trainer/compile_layers.py) when the step
+        runs the layer's own forward: what replaces that forward, or needs ``self_attn`` called as a module, is
+        refused here."""
+        if not self.model.compile_layers:
+            return
+        par, off = self.parallel, self.offload
+        if par.zero_stage == 3:
+            raise ConfigError("model.compile_layers=true with parallel.zero_stage=3: ZeRO-3 runs each layer's forward "
+                              "inside its own autograd function that gathers the weights around it (and recomputes "
+                              "it in backward), wrapped before the layers are compiled, so the compiled parts would "
+                              "never run; set parallel.zero_stage to 0-2 or model.compile_layers=false")
+        if off.params != "none":
+            raise ConfigError(f"model.compile_layers=true with offload.params={off.params}: streamed layers run their "
+                              "forward inside their own autograd function that moves the weights around it, wrapped "
+                              "before the layers are compiled, so the compiled parts would never run; set "
+                              "offload.params=none or model.compile_layers=false")
+        if off.target != "none" and not self.model.activation_checkpointing:
+            raise ConfigError(f"model.compile_layers=true with offload.target={off.target} and no activation "
+                              "checkpointing: without it activation offload moves what each attention module "
+                              "saves, and a compiled layer calls its attention core outside that module; set "
+                              "model.activation_checkpointing=true or offload.target=none")
+
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -491,6 +525,7 @@ class RunConfig:
                 raise ConfigError(f"offload.resident_layers={self.offload.resident_layers} exceeds model.num_layers="
                                   f"{model.num_layers}")
         self._validate_layer_tiling()
+        self._validate_compile_layers()
         if self.parallel.pp > 1 and self.scheduler.refine_every:
             raise ConfigError(f"scheduler.refine_every={self.scheduler.refine_every} with parallel.pp="
                               f"{self.parallel.pp}: the cost model is refitted from each group's measured time, "

@@ -221,6 +221,11 @@ def _fused(fn):
     GEMMs. Compiled lazily (first CUDA call) and with dynamic shapes, since every micro-batch has
     its own token count; CPU runs stay eager (Inductor would build C++ there for no gain in tests).
     Compiles and recompiles are one-off costs the step loop keeps out of the cost model's fit.
+
+    Inside a region that is being compiled already (``model.compile_layers``: the whole decoder layer's
+    per-token halves), ``apply_rotary`` and ``swiglu`` trace the plain function instead, so Inductor
+    fuses it with its neighbours (the casts, the norms, the residual adds) rather than Dynamo meeting
+    a second ``torch.compile`` (and this cache, and ``first_use``) inside the first.
     """
     first_use.track_compiles()
     return torch.compile(fn, dynamic=True)
@@ -232,12 +237,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     The angles are cast to x's dtype so that under autocast q and k stay in the same dtype as v
     (the attention kernels want one dtype), exactly as HF does for bf16 models.
     """
-    return (_fused(_rotary) if x.is_cuda else _rotary)(x, cos, sin)
+    return (_fused(_rotary) if x.is_cuda and not torch.compiler.is_compiling() else _rotary)(x, cos, sin)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SwiGLU's gating ``silu(gate) * up`` (fused into one kernel on CUDA)."""
-    return (_fused(_swiglu) if gate.is_cuda else _swiglu)(gate, up)
+    return (_fused(_swiglu) if gate.is_cuda and not torch.compiler.is_compiling() else _swiglu)(gate, up)
 
 
 class Projections(nn.Module):
@@ -266,14 +271,22 @@ class Attention(nn.Module):
         self.core = VarlenCausalAttention()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
-        tokens = meta.position_ids.shape[0]
+        q, k, v = self.inputs(x, cos, sin)
+        return self.output(self.core(q, k, v, meta, self.head_dim**-0.5))
+
+    def inputs(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q [T, Hq, D], k and v [T, Hkv, D] for the core, RoPE applied; T is the rows of cos (the tokens
+        attention sees), which under tensor parallelism are more than the rows of ``x`` (its token shard)."""
+        tokens = cos.shape[0]
         q, k, v = self.project(x, (self.q_proj, self.k_proj, self.v_proj), tokens)
         q = q.view(tokens, self.num_heads, self.head_dim)
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = self.core(q, k, v, meta, self.head_dim**-0.5)
-        return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """The O projection of the core's output [T, Hq, D]."""
+        return self.o_proj(out.reshape(out.shape[0], self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -302,6 +315,25 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    # The layer as its two per-token halves around the attention core, which is the only part that
+    # mixes tokens: what tiled layers run a tile at a time and compiled layers fuse (trainer/tiled.py,
+    # trainer/compile_layers.py). ``split_forward`` computes exactly ``forward``; it calls the core
+    # itself, so hooks on ``self_attn`` (activation offload's scopes without checkpointing) do not run.
+
+    def attention_inputs(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Input norm, Q/K/V projections and RoPE: the core's q, k, v."""
+        return self.self_attn.inputs(self.input_layernorm(x), cos, sin)
+
+    def after_attention(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """O projection, residual, post-attention norm, MLP and residual: the layer's output."""
+        h = x + self.self_attn.output(attn_out)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def split_forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
+        attn = self.self_attn
+        q, k, v = self.attention_inputs(x, cos, sin)
+        return self.after_attention(x, attn.core(q, k, v, meta, attn.head_dim**-0.5))
 
 
 class Backbone(nn.Module):

@@ -23,11 +23,16 @@ phase 2, ``apply_tiling_and_offload`` (on this rank's layers, once the cost mode
   6. tiled MLP and tiled layers (``trainer/tiled.py``): the MLP, and each layer's per-token parts, run a tile
      of tokens at a time;
   7. activation offload (``parallel/offload``): saved activations to host memory or NVMe, as much as
-     the cost model says the transfers hide behind compute (``offload.ratio=auto``).
+     the cost model says the transfers hide behind compute (``offload.ratio=auto``);
+  9. regional compilation (``trainer/compile_layers.py``, ``model.compile_layers``): each layer's per-token
+     halves around its attention core through Inductor, last, so that it compiles the layers as every
+     other transform left them (inside the checkpoint wrappers, tiled or not).
 
 Why two phases: TP and SP replace modules inside the layers, so they come before checkpointing
 wraps the layers; the offload policy needs the cost model, which needs the TP-sharded (and, under
-PP, split) model, so tiling and offload act last, on the wrapped layers this rank holds.
+PP, split) model, so tiling and offload act last, on the wrapped layers this rank holds. Compilation
+is traced at the first forward, which sees the modules as they are then, so its place only has to
+follow the transforms that swap the layer's class (tiling) and precede none that replaces its forward.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from seqmesh.parallel.model_protocol import CausalLM
 from seqmesh.parallel.offload import attach_offload
 from seqmesh.parallel.sequence import apply_sequence_parallel
 from seqmesh.parallel.tensor import apply_tensor_parallel
+from seqmesh.trainer.compile_layers import apply_compile_layers
 from seqmesh.trainer.tiled import apply_tiled_layers, apply_tiled_mlp
 
 
@@ -68,12 +74,13 @@ def parallelize(model: CausalLM, *, tp_group: "torch.distributed.ProcessGroup | 
 
 
 def apply_tiling_and_offload(model: CausalLM, *, mlp_tile_tokens: int = 0, layer_tile_tokens: int = 0,
-                             offload: dict[str, Any] | None = None) -> CausalLM:
-    """Phase 2 (steps 6-7 of the module docstring) on the layers ``model`` holds, in place; returns it.
+                             offload: dict[str, Any] | None = None, compile_layers: bool = False) -> CausalLM:
+    """Phase 2 (steps 6, 7 and 9 of the module docstring) on the layers ``model`` holds, in place; returns it.
 
     ``mlp_tile_tokens``: tile the MLPs (0: no). ``layer_tile_tokens``: tile each layer's norms, projections,
     residuals and MLP around its whole attention (0: no). ``offload``: keyword arguments of ``attach_offload``
-    (``device``, ``target``, ``cost_model``, ...), or None for no offload.
+    (``device``, ``target``, ``cost_model``, ...), or None for no offload. ``compile_layers``: compile each
+    layer's per-token halves.
     """
     if mlp_tile_tokens:
         apply_tiled_mlp(held_layers(model), mlp_tile_tokens)
@@ -81,4 +88,6 @@ def apply_tiling_and_offload(model: CausalLM, *, mlp_tile_tokens: int = 0, layer
         apply_tiled_layers(held_layers(model), layer_tile_tokens)
     if offload is not None:
         attach_offload(model, held_layers(model), **offload)
+    if compile_layers:
+        apply_compile_layers(held_layers(model))
     return model

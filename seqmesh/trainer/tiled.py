@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from seqmesh.kernels.fused_loss import liger_linear_cross_entropy_sum
 from seqmesh.trainer.data.packing import IGNORE_INDEX
 from seqmesh.trainer.loss import token_loss_sum
-from seqmesh.trainer.model import BatchMeta, DecoderLayer, apply_rotary
+from seqmesh.trainer.model import BatchMeta, DecoderLayer
 
 # How the untensor-parallel loss is computed (``model.loss_kernel``): torch (logits whole, or tiled by
 # ``model.loss_tile_tokens``) or Liger-Kernel's fused linear + cross-entropy (CUDA only).
@@ -211,13 +211,13 @@ class TiledDecoderLayer(DecoderLayer):
     """A decoder layer whose per-token work runs ``tile_tokens`` tokens at a time (ALST's sequence tiling).
 
     Attention is the only part of a layer that mixes tokens, so the layer is computed as three
-    ops: (1) input norm, Q/K/V projections and RoPE, tiled; (2) attention over the whole Q, K, V
-    (the core, as the plain layer calls it: varlen kernels or sequence-parallel attention);
-    (3) O projection, residual, post-attention norm, MLP and residual, tiled. The tiled ops keep
-    only their inputs and recompute a tile inside backward, so a layer (or a checkpointed layer's
-    recompute and backward) holds the whole-length Q, K, V, attention output and residual stream,
-    never the whole-length norm outputs, projection inputs, RoPE temporaries or MLP intermediates.
-    The price is one more forward of the per-token parts in backward.
+    ops: (1) input norm, Q/K/V projections and RoPE (``attention_inputs``), tiled; (2) attention over
+    the whole Q, K, V (the core, as the plain layer calls it: varlen kernels or sequence-parallel
+    attention); (3) O projection, residual, post-attention norm, MLP and residual (``after_attention``),
+    tiled. The tiled ops keep only their inputs and recompute a tile inside backward, so a layer (or
+    a checkpointed layer's recompute and backward) holds the whole-length Q, K, V, attention output
+    and residual stream, never the whole-length norm outputs, projection inputs, RoPE temporaries or
+    MLP intermediates. The price is one more forward of the per-token parts in backward.
 
     ``apply_tiled_layers`` turns a ``DecoderLayer`` into this class in place (as FSDP2's
     ``fully_shard`` swaps a module's class), so children, hooks, parameter names and state dicts
@@ -228,28 +228,14 @@ class TiledDecoderLayer(DecoderLayer):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: BatchMeta) -> Tensor:
         if x.shape[0] <= self.tile_tokens:
-            return super().forward(x, cos, sin, meta)
+            return self.split_forward(x, cos, sin, meta)
         attn = self.self_attn
         qkv_params = _grad_params(self.input_layernorm) + [
             p for m in (attn.q_proj, attn.k_proj, attn.v_proj) for p in _grad_params(m)]
-        q, k, v = tiled_rows(self._qkv, (x, cos, sin), qkv_params, self.tile_tokens)
+        q, k, v = tiled_rows(self.attention_inputs, (x, cos, sin), qkv_params, self.tile_tokens)
         out = attn.core(q, k, v, meta, attn.head_dim**-0.5)
         out_params = [p for m in (attn.o_proj, self.post_attention_layernorm, self.mlp) for p in _grad_params(m)]
-        return tiled_rows(self._residual_mlp, (x, out), out_params, self.tile_tokens)[0]
-
-    def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The attention's inputs for a tile of tokens, as ``Attention.forward`` computes them."""
-        attn, rows = self.self_attn, x.shape[0]
-        q, k, v = attn.project(self.input_layernorm(x), (attn.q_proj, attn.k_proj, attn.v_proj), rows)
-        q = apply_rotary(q.view(rows, attn.num_heads, attn.head_dim), cos, sin)
-        k = apply_rotary(k.view(rows, attn.num_kv_heads, attn.head_dim), cos, sin)
-        return q, k, v.view(rows, attn.num_kv_heads, attn.head_dim)
-
-    def _residual_mlp(self, x: Tensor, attn_out: Tensor) -> tuple[Tensor]:
-        """The rest of the layer for a tile of tokens, after attention."""
-        attn = self.self_attn
-        h = x + attn.o_proj(attn_out.reshape(x.shape[0], attn.num_heads * attn.head_dim))
-        return (h + self.mlp(self.post_attention_layernorm(h)),)
+        return tiled_rows(lambda h, o: (self.after_attention(h, o),), (x, out), out_params, self.tile_tokens)[0]
 
     def extra_repr(self) -> str:
         return f"tile_tokens={self.tile_tokens}"
