@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -131,8 +131,8 @@ def _per_tensor(values: list, padded: list[int], dtype: torch.dtype, block: int,
 def torch_step(bucket: Bucket, hp: Hyper, update: Callable[..., tuple] | None = None) -> None:
     """Update params and states of ``bucket`` in place (pure torch, any device).
 
-    ``update`` does the element-wise math: ``update_blocks`` (default), or its compiled form
-    (``compiled_update``), which gives the same bits.
+    ``update`` does the element-wise math for ``hp.fmt``: ``update_blocks`` (default), or its compiled
+    form (``compiled_update(hp.fmt)``), which gives the same bits.
     """
     fmt, block = hp.fmt, hp.block_size
     numels = [p.numel() for p in bucket.params]
@@ -151,10 +151,10 @@ def torch_step(bucket: Bucket, hp: Hyper, update: Callable[..., tuple] | None = 
         scales = (torch.cat(bucket.exp_avg_scale), torch.cat(bucket.exp_avg_sq_scale)) if fmt.scaled else ()
     # Random-bit counters: element i of tensor t is number key_base[t] + (i - the start of t in the buffer).
     starts = [sum(padded[:i]) for i in range(len(padded))]
-    out = (update or update_blocks)(
+    out = (update or functools.partial(update_blocks, fmt=fmt))(
         g, p, m, v, *scales,
         padding=None if numels == padded or not fmt.packed else ~_real(numels, padded, device).view(-1, block),
-        fmt=fmt, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps,
+        beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps,
         stochastic_p=hp.stochastic and p.dtype == torch.bfloat16, stochastic_v=hp.stochastic and fmt.v.dtype != f32,
         decay=torch.tensor(hp.decay, dtype=f32, device=device),
         step_size=_per_tensor([hp.step_size(s) for s in bucket.step], padded, f32, block, device),
@@ -238,16 +238,21 @@ def cpp_compiler_available() -> bool:
 
 
 @functools.cache
-def compiled_update() -> Callable[..., tuple]:
-    """``update_blocks`` compiled by Inductor: on a CPU, one vectorised OpenMP loop per output.
+def compiled_update(fmt: StateFormat) -> Callable[..., tuple]:
+    """``update_blocks`` for ``fmt``, compiled by Inductor: on a CPU, one vectorised OpenMP loop nest.
 
     The host optimizer step of an offloaded model runs over every parameter each step; eager it
-    managed a few million parameters per second on 2 cores, compiled it is several times faster (the
-    measured rate is in the offload plan's start-up line). Floating-point contraction stays off (Inductor's
-    default), so every operation rounds as in eager mode: ``tests/test_optim_fp8_adamw.py`` checks
-    the bits. Dynamic shapes: every chunk length shares one compiled graph per state format.
+    managed a few million parameters per second on 2 cores, compiled about seven times that
+    (``bench/optim.py --host``). Floating-point contraction stays off (Inductor's default), so every
+    operation rounds as in eager mode: ``tests/test_optim_fp8_adamw.py`` checks the bits. Shapes are
+    made dynamic only once a second chunk length appears (torch's default), and the format is a
+    closure constant, not an argument: its bit widths must stay plain integers (torch 2.11 fails on
+    shifts by symbolic ones, which ``dynamic=True`` made of them).
     """
-    return torch.compile(update_blocks, dynamic=True)
+    def update(*args: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        return update_blocks(*args, fmt=fmt, **kwargs)
+
+    return torch.compile(update)
 
 
 def chunks_of(bucket: Bucket, hp: Hyper, chunk_elems: int) -> list[Bucket]:
