@@ -275,6 +275,7 @@ class FP8AdamW(Optimizer):
             from seqmesh.kernels.adam_triton import fused_step
 
             fused_step(bucket, hp)
+            return
         update = compiled_update(hp.fmt) if compiles(self.backend, sum(p.numel() for p in bucket.params)) else None
         if device.type == "cpu" and self.state_files is not None:
             self.state_files.run(chunks_of(bucket, hp, self.host_chunk_elems),
