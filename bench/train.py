@@ -1,5 +1,6 @@
 """End-to-end training throughput and MFU of seqmesh's step loop on one GPU, against plain
-transformers and transformers + Liger-Kernel on the same model, tokens and optimizer, in the same run.
+transformers and transformers + Liger-Kernel on the same model, tokens per step and optimizer, in the same run
+(the baselines train on random token ids, seqmesh on its byte-level corpus: throughput compares, losses do not).
 
 Model: Llama-3.2-1B shape (hidden 2048, 16 layers, 32/8 heads of 64, vocab 128256, tied; 1.24B
 parameters), bf16 autocast with fp32 master weights, fused AdamW. Two context lengths: 8K tokens
