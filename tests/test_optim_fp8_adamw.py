@@ -367,3 +367,21 @@ def test_compiled_host_update_equals_eager_bitwise(state_dtype, param_dtype, chu
     for p, q in zip(eager.parameters(), compiled.parameters()):
         assert torch.equal(_bits(p.detach()), _bits(q.detach()))
     _assert_state_bitwise(opt_e, opt_c)
+
+
+def test_host_backend_choice_and_missing_compiler(monkeypatch):
+    """``auto`` compiles the host update only for large buckets and only with a C++ compiler; ``compiled``
+    without one stops with the fix named."""
+    from seqmesh.trainer.optim import fp8_adamw
+
+    monkeypatch.setattr(fp8_adamw, "cpp_compiler_available", lambda: True)
+    assert not fp8_adamw.compiles("auto", fp8_adamw.HOST_COMPILE_MIN_ELEMS - 1)
+    assert fp8_adamw.compiles("auto", fp8_adamw.HOST_COMPILE_MIN_ELEMS)
+    assert not fp8_adamw.compiles("torch", 1 << 40)
+    monkeypatch.setattr(fp8_adamw, "cpp_compiler_available", lambda: False)
+    assert not fp8_adamw.compiles("auto", 1 << 40)
+    p = nn.Parameter(torch.zeros(300))
+    p.grad = torch.ones(300)
+    opt = FP8AdamW([p], backend="compiled")
+    with pytest.raises(RuntimeError, match="C\\+\\+ compiler.*backend='torch'"):
+        opt.step()
