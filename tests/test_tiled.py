@@ -334,28 +334,39 @@ def test_train_steps_with_tiled_layers_match_untiled(tmp_path: Path, corpus: Pat
 
 @pytest.mark.gpu
 def test_gpu_tiled_layers_working_set_and_gradients() -> None:
-    """On CUDA (bf16 weights, the torch flash kernel, compiled RoPE): a checkpointed step's allocator peak per
-    token shrinks with tiled layers, and the gradients stay those of the plain layers up to bf16 rounding."""
+    """On CUDA (bf16 weights, the torch flash kernel, compiled RoPE and SwiGLU): a checkpointed step's allocator
+    peak per token shrinks with tiled layers, and the tiled gradients are as close to exact as the plain ones.
+
+    Why against an fp32 reference and not tiled against plain directly: the compiled element-wise kernels
+    round once to bf16 where eager rounds after each op, and tiling recomputes them in other groupings, so
+    the two bf16 runs differ by their own rounding noise; with a mean-square loss over 32M outputs the
+    gradients' sums cancel and that noise reaches several % of a gradient's largest entry (measured on a CPU
+    with the kernels compiled: 2-6%, the same distance from fp32 for tiled and plain). Tiling reorders and
+    regroups the same operations, so its distance from the fp32 result must be of the plain run's size:
+    at most twice it (two rounding patterns of the same size), plus one bf16 unit of the largest entry."""
     torch.manual_seed(0)
-    model = Transformer(tiny_config(num_hidden_layers=2, vocab_size=1024, hidden_size=1024, intermediate_size=3584,
-                                    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=65536))
-    model = model.to(device="cuda", dtype=torch.bfloat16)
-    apply_activation_checkpointing(model.model.layers)
+    base = Transformer(tiny_config(num_hidden_layers=2, vocab_size=1024, hidden_size=1024, intermediate_size=3584,
+                                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=65536))
+    apply_activation_checkpointing(base.model.layers)
     tokens = 32768
     ids = torch.randint(0, 1024, (tokens,), device="cuda")
     meta = make_sp_batch((tokens,), "local", None, backend="auto", device="cuda")
     per_token, grads = [], []
-    for tile in (0, 4096):
-        m = copy.deepcopy(model)
+    for dtype, tile in ((torch.float32, 0), (torch.bfloat16, 0), (torch.bfloat16, 4096)):
+        m = copy.deepcopy(base).to(device="cuda", dtype=dtype)
         if tile:
             apply_tiled_layers(m.model.layers, tile)
         with track_working_set(torch.device("cuda")) as ws:
             m(ids, meta).float().square().mean().backward()
-        per_token.append(ws.kb_per_token(tokens))
+        if dtype == torch.bfloat16:
+            per_token.append(ws.kb_per_token(tokens))
         grads.append({n.replace("_checkpoint_wrapped_module.", ""): p.grad.float() for n, p in m.named_parameters()})
         del m
     assert per_token[1] < 0.7 * per_token[0], per_token
     eps = torch.finfo(torch.bfloat16).eps
-    for name, ref in grads[0].items():
-        gap, scale = (grads[1][name] - ref).abs().max().item(), ref.abs().max().item()
-        assert gap <= 8 * eps * scale, (name, gap, scale)
+    exact, plain, tiled = grads
+    for name, ref in exact.items():
+        scale = ref.abs().max().item()
+        err_plain = (plain[name] - ref).abs().max().item()
+        err_tiled = (tiled[name] - ref).abs().max().item()
+        assert err_tiled <= 2 * err_plain + eps * scale, (name, err_tiled, err_plain, scale)
