@@ -375,11 +375,15 @@ def test_host_backend_choice_and_missing_compiler(monkeypatch):
     from seqmesh.trainer.optim import fp8_adamw
 
     monkeypatch.setattr(fp8_adamw, "cpp_compiler_available", lambda: True)
-    assert not fp8_adamw.compiles("auto", fp8_adamw.HOST_COMPILE_MIN_ELEMS - 1)
-    assert fp8_adamw.compiles("auto", fp8_adamw.HOST_COMPILE_MIN_ELEMS)
-    assert not fp8_adamw.compiles("torch", 1 << 40)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert not fp8_adamw.compiles("auto", fp8_adamw.HOST_COMPILE_MIN_ELEMS - 1, cpu)
+    assert fp8_adamw.compiles("auto", fp8_adamw.HOST_COMPILE_MIN_ELEMS, cpu)
+    assert not fp8_adamw.compiles("auto", fp8_adamw.HOST_COMPILE_MIN_ELEMS, gpu)
+    assert not fp8_adamw.compiles("torch", 1 << 40, cpu)
+    with pytest.raises(RuntimeError, match="on the host.*backend='auto'"):
+        fp8_adamw.compiles("compiled", 1, gpu)
     monkeypatch.setattr(fp8_adamw, "cpp_compiler_available", lambda: False)
-    assert not fp8_adamw.compiles("auto", 1 << 40)
+    assert not fp8_adamw.compiles("auto", 1 << 40, cpu)
     p = nn.Parameter(torch.zeros(300))
     p.grad = torch.ones(300)
     opt = FP8AdamW([p], backend="compiled")

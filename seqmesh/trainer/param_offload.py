@@ -40,7 +40,7 @@ def measure_host_adam_Mparams_s(state_dtype: str, host_numel: int, numel: int = 
     step over ``host_numel`` offloaded parameters will run (compiled or eager, ``fp8_adamw.compiles``)."""
     p = torch.zeros(numel)
     p.grad = torch.full((numel,), 1e-3)
-    opt = FP8AdamW([p], state_dtype=state_dtype, backend="compiled" if compiles("auto", host_numel) else "torch")
+    opt = FP8AdamW([p], state_dtype=state_dtype, backend="compiled" if compiles("auto", host_numel, p.device) else "torch")
     opt.step()  # state allocation (and the compile, which the run's first step then finds cached)
     best = float("inf")
     for _ in range(repeats):

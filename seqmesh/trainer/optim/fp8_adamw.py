@@ -133,14 +133,19 @@ def triton_available() -> bool:
     return True
 
 
-def compiles(backend: str, numel: int) -> bool:
-    """Whether ``backend``'s step over a bucket of ``numel`` elements, off Triton, runs the compiled update."""
+def compiles(backend: str, numel: int, device: torch.device) -> bool:
+    """Whether ``backend``'s step over a bucket of ``numel`` elements on ``device``, off Triton, runs the
+    compiled update (a host path: on a GPU the Triton kernel is the fused one)."""
     if backend == "compiled":
+        if device.type != "cpu":
+            raise RuntimeError(f"backend='compiled' steps parameters on the host, got some on {device}; "
+                               "use backend='auto' (Triton on CUDA)")
         if not cpp_compiler_available():
             raise RuntimeError("backend='compiled' needs the C++ compiler torch.compile builds host code with "
                                "(g++ or $CXX); install one or use backend='torch'")
         return True
-    return backend == "auto" and numel >= HOST_COMPILE_MIN_ELEMS and cpp_compiler_available()
+    return backend == "auto" and device.type == "cpu" and numel >= HOST_COMPILE_MIN_ELEMS and \
+        cpp_compiler_available()
 
 
 def _check_group(group: dict[str, Any]) -> None:
@@ -276,7 +281,8 @@ class FP8AdamW(Optimizer):
 
             fused_step(bucket, hp)
             return
-        update = compiled_update(hp.fmt) if compiles(self.backend, sum(p.numel() for p in bucket.params)) else None
+        update = compiled_update(hp.fmt) if compiles(self.backend, sum(p.numel() for p in bucket.params),
+                                                         device) else None
         if device.type == "cpu" and self.state_files is not None:
             self.state_files.run(chunks_of(bucket, hp, self.host_chunk_elems),
                                  lambda piece: torch_step(piece, hp, update))
