@@ -48,6 +48,9 @@ LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_heads=32, num_kv_
                 num_layers=32)
 TINY = dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, vocab_size=512, num_layers=4)
 PARTS = ("max", "overhead", "sr")
+# a step's parts, timed apart in every trial: forward + backward (with the streaming of offloaded weights and
+# gradients), gradient reduction + global-norm clipping, the optimizer step (the host step of offloaded layers)
+PHASES = ("forward_backward", "reduce_clip", "optimizer")
 # Part (c)'s model: byte-level, small enough for a CPU (about 3.4M parameters).
 SR_SHAPE = dict(hidden_size=256, intermediate_size=688, num_heads=8, num_kv_heads=4, vocab_size=256, num_layers=4)
 
@@ -162,26 +165,33 @@ def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, 
     packed = pack(docs)
     ids, labels = packed.input_ids.to(device), packed.labels.to(device)
     meta = make_sp_batch(packed.seqlens, "local", None, device=device)
-    times, losses = [], []
+    times, losses, phases = [], [], []
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(1 + steps):
+
+    def mark() -> float:
         if cuda:
             torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+        return time.perf_counter()
+
+    for _ in range(1 + steps):
+        t = [mark()]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             hidden_states = model(ids, meta)
         loss = loss_sum_of(model, hidden_states, labels, loss_tile_tokens=2048)
         (loss / tokens).backward()
+        t.append(mark())
         opt.reduce_gradients()
         opt.clip_grad_norm_(1.0)
+        t.append(mark())
         opt.step()
         opt.zero_grad()
-        if cuda:
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
+        t.append(mark())
+        times.append(t[-1] - t[0])
+        phases.append({name: b - a for name, a, b in zip(PHASES, t, t[1:])})
         losses.append(loss.item() / tokens)
     step_s = statistics.median(times[1:]) if steps else times[0]  # --steps 0: the first step only (cold)
+    timed = phases[1:] or phases
     flops = train_flops(model.config, packed.seqlens)
     peak = peak_flops(dev_name(device)) if cuda else None
     return {"params_billion": nparams / 1e9, "layers": shape["num_layers"], "hidden": shape["hidden_size"],
@@ -189,7 +199,8 @@ def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, 
             "step_s": step_s, "mfu": mfu(flops, step_s, peak),
             "gpu_peak_GB": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None,
             "host_GB": plan.host_bytes / 1e9 if plan else None, "disk_GB": plan.disk_bytes / 1e9 if plan else 0.0,
-            "plan": plan.as_dict() if plan else None, "losses": losses}
+            "plan": plan.as_dict() if plan else None, "losses": losses,
+            "phase_s": {name: statistics.median(p[name] for p in timed) for name in PHASES}}
 
 
 def _child(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
@@ -316,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    from bench.common import write_result
+    from bench.common import head_commit, write_result
 
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not (args.smoke or args.sr_only):
@@ -385,7 +396,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows += [{"part": "sr", **r} for r in sr["per_seed"]]
         summary["bf16_sr_loss_gap_pct"] = sr["mean_gap_pct"]
     summary.update(single_sequence_tokens=None, working_set_kb_per_token_512k=None)
-    config = {"parts": sorted(parts), "sizes": args.sizes if not args.smoke else "tiny", "tokens": tokens,
+    config = {"commit": head_commit(), "parts": sorted(parts), "sizes": args.sizes if not args.smoke else "tiny",
+              "tokens": tokens,
               "steps": args.steps, "overhead_shape": overhead_shape, "overhead_tokens": list(overhead_tokens),
               "sr_shape": sr_shape, "sr_steps": args.sr_steps, "sr_seeds": args.sr_seeds, "smoke": args.smoke,
               "not_measured": "single_sequence_tokens and working_set_kb_per_token_512k belong to the sequence "
@@ -426,12 +438,15 @@ def _merged(out_dir: Path | None, device: str | None, parts: set[str], rows: lis
     if not path.exists():
         return rows, summary, config
     old = json.loads(path.read_text())
-    # (a)'s rows accumulate (one size per command, the largest that trained wins); other parts are replaced
-    kept = [r for r in old["rows"] if r.get("part") not in parts or r.get("part") == "max"]
+    # (a)'s rows accumulate (one size per command, the largest that trained wins); (b)'s are replaced at the
+    # lengths this run measured (one length per command); (c)'s are replaced
+    measured = {r["tokens"] for r in rows if r.get("part") == "overhead"}
+    kept = [r for r in old["rows"] if r.get("part") not in parts or r.get("part") == "max"
+            or (r.get("part") == "overhead" and r.get("tokens") not in measured)]
     merged_summary = {**old["summary"], **summary}  # a part that ran replaces its keys, None included
     if "max" in parts:
         merged_summary.update(max_summary(kept + rows))
-    runs = old["config"].get("runs", [old["config"]])
+    runs = old["config"].get("runs", [{"commit": old["commit"], **old["config"]}])  # each run's commit
     return kept + rows, merged_summary, {**config, "runs": runs + [config],
                                          "parts": sorted(set(old["config"].get("parts", [])) | parts)}
 
