@@ -58,3 +58,48 @@ def test_the_planner_packs_three_8k_documents_on_an_h100_where_the_generic_count
     assert generic.capacity(1) // 8192 == 6 and counted.capacity(1) // 8192 == 3
     with pytest.raises(ValueError, match="mem_bytes_per_token"):
         default_cost_model(**common, mem_bytes_per_token=0.0)
+
+
+def _compiled_layer_saved_bytes_per_token(lengths: tuple[int, int] = (256, 512)) -> float:
+    """Bytes one token adds to what a compiled decoder layer saves for backward under bf16 autocast (fp32 weights),
+    counted by storage as autograd saves them (their growth between two lengths: weight casts drop out)."""
+    import torch
+
+    from seqmesh.parallel.sequence import make_sp_batch
+    from seqmesh.trainer.compile_layers import apply_compile_layers
+    from seqmesh.trainer.model import Transformer, tiny_config
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(vocab_size=64, hidden_size=256, intermediate_size=1024, num_hidden_layers=1,
+                                    num_attention_heads=8, num_key_value_heads=2))
+    apply_compile_layers(model.model.layers)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    totals = []
+    for tokens in lengths:
+        meta = make_sp_batch((tokens,), "local", None, backend="auto", device="cpu")
+        cos, sin = model.model.rotary_emb(meta.position_ids)
+        saved: dict[int, int] = {}
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        x = torch.randn(tokens, 256, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            model.model.layers[0](x, cos, sin, meta)
+        totals.append(sum(n for ptr, n in saved.items() if ptr not in params))
+    return (totals[1] - totals[0]) / (lengths[1] - lengths[0])
+
+
+def test_a_compiled_layer_saves_what_the_count_says() -> None:
+    """Inductor's partitioner chooses what a compiled layer keeps; the planner's count must be that, byte for
+    byte (an under-count is an out-of-memory error), and it is about 0.83x the eager layer's at Llama-1B."""
+    from seqmesh.trainer.model import tiny_config
+
+    dims = model_dims(tiny_config(vocab_size=64, hidden_size=256, intermediate_size=1024, num_hidden_layers=1,
+                                  num_attention_heads=8, num_key_value_heads=2))
+    cfg = ModelConfig(name="tiny", hidden_size=256, intermediate_size=1024, num_layers=1, num_heads=8,
+                      num_kv_heads=2, vocab_size=64, dtype="bf16", compile_layers=True)
+    assert _compiled_layer_saved_bytes_per_token() == layer_saved_bytes(dims, cfg)
+    compiled_1b = layer_saved_bytes(DIMS, dataclasses.replace(LLAMA_1B, compile_layers=True))
+    assert 0.8 < compiled_1b / layer_saved_bytes(DIMS, LLAMA_1B) < 0.85

@@ -43,14 +43,20 @@ def layer_saved_bytes(dims: ModelDims, model_cfg: ModelConfig) -> float:
     h, f = dims.hidden_size, dims.intermediate_size
     autocast = model_cfg.dtype == "bf16"
     act, stream = _activation_bytes(model_cfg), 4
-    # Norm inputs (fp32 stream), each linear's own cast of the normed input (shared without autocast).
-    norms = 2 * stream * h
-    attn_inputs = 3 * act * h if autocast else stream * h
-    mlp_inputs = 2 * act * h if autocast else stream * h
     attention = _attention_saved_bytes(dims, act)
     # A tiled layer keeps its input and attention's tensors; the rest is a tile's (layer_tile_working_bytes).
     if model_cfg.layer_tile_tokens:
         return float(stream * h + attention)
+    if model_cfg.compile_layers and autocast:
+        # Inductor's partitioner (counted: tests/test_memory_model.py) keeps no fp32 tensor but the layer's
+        # input and each norm's 1/rms: besides attention's, three hidden-sized bf16 tensors (each norm's
+        # output once, shared by its linears), three of the MLP's width and RoPE's cos and sin in bf16;
+        # it recomputes the residual adds and casts in backward.
+        return float(stream * h + 3 * act * h + 3 * act * f + 2 * stream + 2 * act * dims.head_dim + attention)
+    # Norm inputs (fp32 stream), each linear's own cast of the normed input (shared without autocast).
+    norms = 2 * stream * h
+    attn_inputs = 3 * act * h if autocast else stream * h
+    mlp_inputs = 2 * act * h if autocast else stream * h
     # gate, up and their product; a tiled MLP keeps only its input (its tile is in mlp_tile_working_bytes).
     mlp = stream * h if model_cfg.mlp_tile_tokens else mlp_inputs + 3 * act * f
     return float(norms + attn_inputs + attention + mlp)
