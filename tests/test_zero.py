@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from seqmesh.parallel.sequence import make_sp_batch
-from seqmesh.parallel.zero import ZeroOptimizer
+from seqmesh.parallel.zero import ZeroOptimizer, sum_of_squares
 from seqmesh.trainer.data import num_targets, pack
 from seqmesh.trainer.loss import token_loss_sum
 from seqmesh.trainer.model import Transformer, tiny_config
@@ -162,3 +162,15 @@ def test_bad_input_fails_clearly() -> None:
     state["zero"] = {**state["zero"], "world": 2}
     with pytest.raises(ValueError, match="same HDP size"):
         sharded.load_state_dict(state)
+
+
+def test_sum_of_squares_in_chunks() -> None:
+    """One chunk: the whole reduction's bits (0 + s is s). Many chunks, a ragged last one: within the
+    recursive-summation bound n u sum(x^2) of the fp64 value (u = 2^-24), as any fp32 order of the same
+    terms is; the squares of bf16 values are exact in fp32, so the terms are the same in every order."""
+    x = (torch.randn(10_007, generator=torch.Generator().manual_seed(0)) * 1e-2).to(torch.bfloat16).view(1, -1)
+    whole = x.float().square().sum()
+    assert torch.equal(sum_of_squares(x, chunk=1 << 20), whole)
+    exact = x.double().square().sum().item()
+    got = sum_of_squares(x, chunk=1000).item()
+    assert abs(got - exact) <= x.numel() * 2.0**-24 * exact

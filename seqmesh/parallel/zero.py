@@ -59,6 +59,20 @@ STAGES = (0, 1, 2)
 MakeOptimizer = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 
 
+def sum_of_squares(x: Tensor, chunk: int = 1 << 24) -> Tensor:
+    """The fp32 sum of ``x``'s squared elements, ``chunk`` elements at a time.
+
+    Why chunks: ``x.float().square()`` of a whole gradient buffer makes two fp32 temporaries of its size;
+    with parameter offload the buffer is the host's (billions of bf16 elements: 4 B + 4 B per parameter of
+    transient host memory at every clip, beside a plan that budgets host memory byte by byte). Each
+    chunk's sum is taken as before; adding the chunk sums is no less accurate than one long reduction
+    (a single fp32 ``vector_norm`` over 218M elements was 6% off on CPU)."""
+    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    for piece in x.reshape(-1).split(chunk):
+        total += piece.float().square().sum()
+    return total
+
+
 def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
     """(size, rank) of ``group``; a process without torch.distributed is a world of one."""
     if not dist.is_initialized():
@@ -306,11 +320,11 @@ class ZeroOptimizer:
         ``max_norm`` (``inf``: no scaling); returns the norm before scaling, as ``torch.nn.utils.clip_grad_norm_``."""
         if self.stage == 0:
             grads = [p.grad for p in self._counted if p.grad is not None]
-            sq = sum((g.float().square().sum() for g in grads), torch.zeros((), device=self._device()))
+            sq = sum((sum_of_squares(g) for g in grads), torch.zeros((), device=self._device()))
         else:
-            sq = self.shard_grad.float().square().sum()
+            sq = sum_of_squares(self.shard_grad)
             for a, b in self._excluded_local:
-                sq = sq - self.shard_grad[a:b].float().square().sum()
+                sq = sq - sum_of_squares(self.shard_grad[a:b])
             if self.world > 1:
                 dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.group)
         if self.tp_group is not None:
