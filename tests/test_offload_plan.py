@@ -65,6 +65,27 @@ def test_weights_on_nvme_leave_host_memory_to_staging_and_are_priced_at_the_disk
         plan_offload(dataclasses.replace(BASE, params="nvme", disk_bytes=10 * GiB))
 
 
+def test_the_update_runs_where_the_measured_rates_make_it_faster() -> None:
+    """Host: the measured CPU rate. Device: each parameter's weight and gradient in, weight out and the states
+    both ways over the link (bf16 weights, fp8 states: 10 bytes). The 16-core H100 host measured 499M
+    parameters/s compiled, pinned copies ~50 GB/s: the device wins; a slow link (or a fast host) turns it."""
+    bf16 = dataclasses.replace(BASE, param_bytes=2, adam_Mparams_s=499.0, update="auto")
+    total = 32 * BASE.layer_params + BASE.root_params
+    plan = plan_offload(bf16)
+    assert plan.update == "device" and "update on the device" in plan.report()
+    assert plan.optimizer_ms == pytest.approx(total * (3 * 2 + 2 * 2.0) / 50e9 * 1e3)
+    assert plan_offload(dataclasses.replace(bf16, h2d_GBps=2.0)).update == "host"
+    host = plan_offload(dataclasses.replace(bf16, update="host"))
+    assert host.update == "host" and host.optimizer_ms == pytest.approx(total / 499e6 * 1e3)
+    assert plan_offload(dataclasses.replace(bf16, h2d_GBps=2.0, update="device")).update == "device"
+    tight = dataclasses.replace(bf16, host_bytes=total * 4 + 2 * GiB)  # states go to NVMe: updated on the host
+    assert plan_offload(tight).optimizer == "nvme" and plan_offload(tight).update == "host"
+    with pytest.raises(OffloadPlanError, match="offload.update=auto or host"):
+        plan_offload(dataclasses.replace(tight, update="device"))
+    with pytest.raises(ValueError, match="choose auto, host or device"):
+        plan_offload(dataclasses.replace(bf16, update="gpu"))
+
+
 def test_config_refuses_what_parameter_offload_does_not_compose_with() -> None:
     ok = {"offload": {"params": "cpu"}, "parallel": {"zero_stage": 1}, "launch": {"num_workers": 1}}
     config_from_dict(ok)
@@ -74,7 +95,11 @@ def test_config_refuses_what_parameter_offload_does_not_compose_with() -> None:
                        ({"offload": {"params": "none", "optimizer": "nvme"}}, "needs offload.params=cpu"),
                        ({"offload": {"params": "gpu"}}, "offload.params"),
                        ({"offload": {"params": "cpu", "optimizer": "nvme"}, "optim": {"state_dtype": "fp32"}},
-                        "optim.state_dtype to fp8")]:
+                        "optim.state_dtype to fp8"),
+                       ({"offload": {"params": "cpu", "update": "device"}, "optim": {"state_dtype": "fp32"}},
+                        "offload.update=auto"),
+                       ({"offload": {"params": "none", "update": "host"}}, "needs offload.params=cpu"),
+                       ({"offload": {"params": "cpu", "update": "gpu"}}, "offload.update")]:
         merged = {k: {**ok.get(k, {}), **bad.get(k, {})} for k in set(ok) | set(bad)}
         with pytest.raises(ConfigError, match=match):
             config_from_dict(merged)

@@ -348,6 +348,21 @@ def test_zero1_sharded_step_equals_unsharded_bitwise():
 
 
 
+def _assert_trained_alike(state_dtype: str, param_dtype: torch.dtype, a: dict, b: dict) -> None:
+    """Two FP8AdamW configurations (keyword arguments ``a``, ``b``) train the same model 4 steps under a
+    halving lr (a bias skips step 1, so its step count lags) to the same bits: parameters and states."""
+    runs = []
+    for kwargs in (a, b):
+        model = _model(dtype=param_dtype)
+        opt = FP8AdamW(_groups(model), lr=1e-2, state_dtype=state_dtype, seed=5, **kwargs)
+        _train(model, opt, range(4), torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5))
+        runs.append((model, opt))
+    (model_a, opt_a), (model_b, opt_b) = runs
+    for p, q in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(_bits(p.detach()), _bits(q.detach()))
+    _assert_state_bitwise(opt_a, opt_b)
+
+
 @pytest.mark.skipif(not cpp_compiler_available(), reason="torch.compile needs a C++ compiler for host code")
 @pytest.mark.parametrize("state_dtype,param_dtype,chunk", [("fp8", torch.bfloat16, 4096), ("int8", torch.float32, 1 << 22),
                                                            ("bf16", torch.bfloat16, 1 << 22)])
@@ -356,17 +371,8 @@ def test_compiled_host_update_equals_eager_bitwise(state_dtype, param_dtype, chu
     eager torch ops give the same bits: every operation rounds once to fp32 in both (no contraction),
     the random bits are integer arithmetic. Covers the packed fp8 format with padding lanes and chunks
     cut inside tensors, a parameter whose step count lags (per-tensor values) and a changing lr."""
-    runs = []
-    for backend in ("torch", "compiled"):
-        model = _model(dtype=param_dtype)
-        opt = FP8AdamW(_groups(model), lr=1e-2, state_dtype=state_dtype, seed=5, backend=backend,
-                       host_chunk_elems=chunk)
-        _train(model, opt, range(4), torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5))
-        runs.append((model, opt))
-    (eager, opt_e), (compiled, opt_c) = runs
-    for p, q in zip(eager.parameters(), compiled.parameters()):
-        assert torch.equal(_bits(p.detach()), _bits(q.detach()))
-    _assert_state_bitwise(opt_e, opt_c)
+    _assert_trained_alike(state_dtype, param_dtype, dict(backend="torch", host_chunk_elems=chunk),
+                          dict(backend="compiled", host_chunk_elems=chunk))
 
 
 def test_host_backend_choice_and_missing_compiler(monkeypatch):
@@ -389,3 +395,27 @@ def test_host_backend_choice_and_missing_compiler(monkeypatch):
     opt = FP8AdamW([p], backend="compiled")
     with pytest.raises(RuntimeError, match="C\\+\\+ compiler.*backend='torch'"):
         opt.step()
+
+
+@pytest.mark.parametrize("state_dtype,param_dtype", [("fp8", torch.bfloat16), ("int8", torch.float32)])
+def test_update_staged_on_another_device_equals_the_host_update_bitwise(state_dtype, param_dtype):
+    """``update_device``: each chunk's parameters, gradients and states are copied out, stepped there and
+    copied back (here to the CPU itself, as copies: what the GPU path does over PCIe). Chunks cut inside
+    tensors, a lagging step count and a changing lr give the host update's bits, parameters and states."""
+    _assert_trained_alike(state_dtype, param_dtype, dict(backend="torch", host_chunk_elems=4096),
+                          dict(backend="torch", host_chunk_elems=4096, update_device="cpu"))
+
+
+def test_update_device_refuses_states_in_files(tmp_path):
+    from seqmesh.trainer.optim.state_files import swap_states_to_files
+
+    p = nn.Parameter(torch.zeros(4096))
+    p.grad = torch.ones(4096)
+    opt = FP8AdamW([p], update_device="cpu")
+    opt.step()
+    swap_states_to_files(opt, str(tmp_path))
+    try:
+        with pytest.raises(RuntimeError, match="update_device=None"):
+            opt.step()
+    finally:
+        opt.state_files.close()

@@ -26,11 +26,11 @@ def _grads(step: int, dtypes: list[torch.dtype]) -> list[torch.Tensor]:
 
 
 def _run(backend: str, device: str, state_dtype: str, dtypes: list[torch.dtype], stochastic: bool,
-         steps: int = 3) -> FP8AdamW:
+         steps: int = 3, update_device: str | None = None) -> FP8AdamW:
     params = _tensors(device, dtypes)
     opt = FP8AdamW([{"params": params[:4]}, {"params": params[4:], "weight_decay": 0.0, "lr": 3e-3}], lr=1e-2,
                    betas=(0.9, 0.95), weight_decay=0.1, state_dtype=state_dtype, stochastic_rounding=stochastic,
-                   seed=11, backend=backend)
+                   seed=11, backend=backend, host_chunk_elems=4096, update_device=update_device)
     for step in range(steps):
         for p, g in zip(params, _grads(step, dtypes)):
             p.grad = None if (step == 1 and p.numel() == 5) else g.to(device)
@@ -91,3 +91,13 @@ def test_many_tensors_in_one_launch():
 
     for a, b in zip(run("triton", "cuda"), run("torch", "cpu")):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("state_dtype", STATE_DTYPES)
+def test_host_parameters_updated_on_the_gpu_equal_the_host_update_bitwise(state_dtype):
+    """``update_device='cuda'`` (parameter offload's update on the GPU): host tensors staged a chunk at a time
+    through the Triton kernel give the host update's bits, parameters and states (so checkpoints and
+    resumed runs do not depend on where the update ran)."""
+    dtypes = [torch.bfloat16] * len(SHAPES)
+    _assert_same(_run("auto", "cpu", state_dtype, dtypes, True), _run("auto", "cpu", state_dtype, dtypes, True,
+                                                                      update_device="cuda"))

@@ -59,20 +59,22 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
 
 
-@pytest.mark.parametrize("stage,resident,prefetch,dtype,state_dtype,checkpointed", [
-    (1, 0, 1, torch.float32, "fp8", False),  # every layer streamed
-    (2, 1, 2, torch.bfloat16, "fp8", True),  # bf16 weights without masters (stochastic rounding), ZeRO-2
-    (1, 0, 0, torch.float32, "int8", True),  # no prefetch: each layer fetched when it runs
-    (2, 0, 2, torch.float32, "fp8", False),
-    (1, 2, 1, torch.bfloat16, "bf16", False),
-    (1, 3, 2, torch.float32, "fp8", False),  # every layer resident: ZeRO-Offload's placement
+@pytest.mark.parametrize("stage,resident,prefetch,dtype,state_dtype,checkpointed,update_device", [
+    (1, 0, 1, torch.float32, "fp8", False, None),  # every layer streamed
+    (2, 1, 2, torch.bfloat16, "fp8", True, None),  # bf16 weights without masters (stochastic rounding), ZeRO-2
+    (1, 0, 0, torch.float32, "int8", True, None),  # no prefetch: each layer fetched when it runs
+    (2, 0, 2, torch.float32, "fp8", False, None),
+    (1, 2, 1, torch.bfloat16, "bf16", False, None),
+    (1, 3, 2, torch.float32, "fp8", False, None),  # every layer resident: ZeRO-Offload's placement
+    (2, 0, 2, torch.bfloat16, "fp8", True, "cpu"),  # the update staged (offload.update=device), here as copies
 ])
 def test_offloaded_gradients_and_updates_are_bitwise_resident(stage, resident, prefetch, dtype, state_dtype,
-                                                              checkpointed) -> None:
+                                                              checkpointed, update_device) -> None:
     ref_model = make_model(dtype=dtype, checkpointing=checkpointed)
     ref = run(ref_model, make_zero(ref_model, stage, state_dtype))
     model = make_model(dtype=dtype, checkpointing=checkpointed)
     opt = make_zero(model, stage, state_dtype)
+    opt.optimizer.update_device = torch.device(update_device) if update_device else None
     off = attach_param_offload(model, list(model.model.layers), opt, "cpu", resident_layers=resident,
                                prefetch=prefetch)
     got = run(model, opt)
@@ -309,17 +311,21 @@ def _gpu_run(model: Transformer, opt: ZeroOptimizer, steps: int = 2):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("stage,hidden", [(1, 32), (2, 32), (1, 1536)])
-def test_gpu_offload_bitwise_resident(stage: int, hidden: int) -> None:
+@pytest.mark.parametrize("stage,hidden,update", [(1, 32, "host"), (2, 32, "host"), (1, 1536, "host"),
+                                                 (1, 1536, "device")])
+def test_gpu_offload_bitwise_resident(stage: int, hidden: int, update: str) -> None:
     """On CUDA: masters pinned in place (hidden 1536: a flat buffer over ``PIN_MIN_BYTES``) or pageable, side-stream
-    fetches and prefetch, gradients landing through pinned staging on the worker thread, the host FP8AdamW step:
-    bitwise the device-resident run (Triton step on the device)."""
+    fetches and prefetch, gradients landing through pinned staging on the worker thread, the FP8AdamW update on
+    the host or staged on the GPU (``offload.update=device``): bitwise the device-resident run (Triton step on
+    the device)."""
     from seqmesh.parallel.offload.params import PIN_MIN_BYTES
 
     ref_model = make_model(layers=4, hidden=hidden).cuda()
     ref = _gpu_run(ref_model, make_zero(ref_model, stage))
     model = make_model(layers=4, hidden=hidden)
     opt = make_zero(model, stage)
+    if update == "device":
+        opt.optimizer.update_device = torch.device("cuda")
     off = attach_param_offload(model, list(model.model.layers), opt, "cuda", resident_layers=1, prefetch=2)
     assert off.cuda and bool(off._unpin) == (opt.flat.numel() * 4 >= PIN_MIN_BYTES) and opt.flat.is_pinned() == \
         bool(off._unpin)

@@ -292,6 +292,32 @@ def chunks_of(bucket: Bucket, hp: Hyper, chunk_elems: int) -> list[Bucket]:
     return out
 
 
+# What a staged piece takes to the device, and what comes back (everything the update writes).
+_STAGED_IN = ("params", "grads", "exp_avg", "exp_avg_scale", "exp_avg_sq", "exp_avg_sq_scale")
+_STAGED_OUT = ("params", "exp_avg", "exp_avg_scale", "exp_avg_sq", "exp_avg_sq_scale")
+
+
+def staged_step(bucket: Bucket, hp: Hyper, chunk_elems: int, device: torch.device,
+                step_on_device: Callable[[Bucket], None]) -> None:
+    """A host-resident ``bucket`` stepped on ``device`` a piece at a time (``chunks_of``): each piece's
+    parameters, gradients and states copied there, stepped by ``step_on_device``, parameters and states
+    copied back into the host tensors.
+
+    Why: under parameter offload the update of every parameter runs each step; the host's compiled
+    update reaches about 0.5G parameters/s on 16 cores (``bench/optim.py --host``), while a piece's round
+    trip moves about 10 bytes per parameter (bf16 weights and gradients in, weights out, fp8 moments both
+    ways), some 5G parameters/s over a 50 GB/s link, and the GPU's kernel is bit for bit the host's, so
+    states and checkpoints do not depend on where the update ran. The copies back are blocking, so the
+    host tensors hold the update when this returns."""
+    for piece in chunks_of(bucket, hp, chunk_elems):
+        staged = Bucket(**{name: [t.to(device, copy=True) for t in getattr(piece, name)] for name in _STAGED_IN},
+                        key_base=piece.key_base, step=piece.step)
+        step_on_device(staged)
+        for name in _STAGED_OUT:
+            for host, moved in zip(getattr(piece, name), getattr(staged, name)):
+                host.copy_(moved)
+
+
 def chunked_step(bucket: Bucket, hp: Hyper, chunk_elems: int, update: Callable[..., tuple] | None = None) -> None:
     """``torch_step`` a piece at a time (``chunks_of``): the same bits in bounded memory."""
     for piece in chunks_of(bucket, hp, chunk_elems):

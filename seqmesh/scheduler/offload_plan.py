@@ -25,10 +25,13 @@ hidden: a streamed layer's weights cross PCIe twice per micro-batch (forward and
 gradients once; each crossing hides behind the compute of the layer in flight, so each layer's
 exposed time is ``max(0, transfer - compute)``, with backward's two crossings (weights in,
 gradients out) priced one after the other at the host-to-device rate (an upper bound: the link is
-full duplex, though both directions at once run slower than one alone). The host optimizer step does not overlap backward
-(global-norm clipping and the non-finite check need every gradient first); states on NVMe are read
-and written during it, overlapped chunk by chunk with the CPU arithmetic, so it takes the longer of
-the two (weights and gradients in mapped files are read and written once by the step too).
+full duplex, though both directions at once run slower than one alone). The optimizer step does not overlap
+backward (global-norm clipping and the non-finite check need every gradient first). Its update runs
+where it is faster (``offload.update=auto``): on the host at the measured CPU rate, or on the device,
+each chunk of weights, gradients and states copied over and back (10 bytes per parameter with bf16
+weights and fp8 states) at the measured link rate; states on NVMe are read and written during a host
+update, overlapped chunk by chunk with the CPU arithmetic, so it takes the longer of the two (weights
+and gradients in mapped files are read and written once by the step too).
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ class OffloadInputs:
     staging_bytes: int | None = None  # pinned staging of gradients in flight (None: ``staging_bytes_for`` a layer)
     zero_stage: int = 1
     params: str = "cpu"  # cpu: weights and gradients in host memory | nvme: in memory-mapped files on the disk
+    update: str = "host"  # where the optimizer's update runs: host | device (staged over the link) | auto (faster)
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,7 @@ class OffloadPlan:
     exposed_transfer_ms: float
     optimizer_ms: float
     host_free: float = 0.0  # host memory the plan leaves of its budget (activation offload's buffers get it)
+    update: str = "host"  # host | device: where the optimizer's update runs
 
     @property
     def step_ms(self) -> float:
@@ -107,7 +112,7 @@ class OffloadPlan:
                 f"on {self.optimizer}; device {self.device_bytes / gib:.2f} "
                 f"GiB of weights and gradients, host {self.host_bytes / gib:.2f} GiB, disk {self.disk_bytes / gib:.2f} GiB"
                 f"; predicted step {self.step_ms:.0f} ms = compute {self.compute_ms:.0f} + exposed transfers "
-                f"{self.exposed_transfer_ms:.0f} + host optimizer {self.optimizer_ms:.0f}")
+                f"{self.exposed_transfer_ms:.0f} + optimizer {self.optimizer_ms:.0f} (update on the {self.update})")
 
 
 def _gib(n: float) -> str:
@@ -118,6 +123,8 @@ def plan_offload(x: OffloadInputs) -> OffloadPlan:
     """The placement and its predicted step time; ``OffloadPlanError`` when the settings cannot hold the model."""
     if x.optimizer not in ("auto", "cpu", "nvme"):
         raise ValueError(f"offload.optimizer={x.optimizer!r} is not known; choose auto, cpu or nvme")
+    if x.update not in ("auto", "host", "device"):
+        raise ValueError(f"offload.update={x.update!r} is not known; choose auto, host or device")
     if x.params not in ("cpu", "nvme"):
         raise ValueError(f"offload.params={x.params!r} is not planned here; choose cpu or nvme")
     for key in ("h2d_GBps", "adam_Mparams_s", "layer_ms"):
@@ -181,9 +188,19 @@ def plan_offload(x: OffloadInputs) -> OffloadPlan:
     link = x.h2d_GBps if x.params == "cpu" else min(x.h2d_GBps, x.disk_GBps or x.h2d_GBps)
     load_ms = layer_bytes / (link * GB) * 1e3
     exposed = x.micro_batches * streamed * (max(0.0, load_ms - fwd_ms) + max(0.0, 2 * load_ms - bwd_ms))
-    adam = total_params * x.state_share / (x.adam_Mparams_s * 1e6) * 1e3
+    stepped = total_params * x.state_share
+    host_update = stepped / (x.adam_Mparams_s * 1e6) * 1e3
+    # staged on the device a chunk at a time: weight and gradient in, weight out, the states both ways
+    device_update = stepped * (3 * x.param_bytes + 2 * x.state_bytes) / (x.h2d_GBps * GB) * 1e3
+    if x.update == "device" and place == "nvme":
+        raise OffloadPlanError("offload.update=device stages optimizer states held in host memory, and the plan puts "
+                               "them on NVMe; set offload.update=auto or host, or offload.optimizer=cpu with more "
+                               "host memory (offload.host_mem_gb)")
+    update = "device" if x.update == "device" or (x.update == "auto" and place == "cpu"
+                                                  and device_update < host_update) else "host"
+    adam = device_update if update == "device" else host_update
     if disk:  # every byte on the disk is read and written once by the step (through the page cache for weights)
         disk_rate = x.disk_GBps or x.h2d_GBps
         adam = max(adam, 2 * disk / (disk_rate * GB) * 1e3)
     return OffloadPlan(x.params, resident, streamed, place, device, host, disk, compute, exposed, adam,
-                       host_free=x.host_bytes - host)
+                       host_free=x.host_bytes - host, update=update)

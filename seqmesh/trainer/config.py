@@ -277,6 +277,7 @@ class OffloadConfig:
     disk_GBps: float | None = None
     params: str = "none"  # none | cpu | nvme: master weights and gradients in host memory (nvme: mapped files)
     optimizer: str = "auto"  # auto | cpu | nvme: where the states of the host optimizer live (with params=cpu)
+    update: str = "auto"  # auto | host | device: where the optimizer's update runs (device: staged on CUDA)
     resident_layers: str = "auto"  # auto (as many as fit) | a count of decoder layers kept on the device
     prefetch: int = 2  # streamed layers fetched ahead of use
     adam_Mparams_s: float | None = None  # the host optimizer's rate for the plan (null: measured at start)
@@ -296,10 +297,14 @@ class OffloadConfig:
         _choice("offload.engine", self.engine, ("auto", "aio", "threads"))
         _choice("offload.params", self.params, ("none", "cpu", "nvme"))
         _choice("offload.optimizer", self.optimizer, ("auto", "cpu", "nvme"))
+        _choice("offload.update", self.update, ("auto", "host", "device"))
         _positive("offload.prefetch", self.prefetch, zero_ok=True)
         if self.resident_layers != "auto" and not (str(self.resident_layers).isdigit()):
             raise ConfigError(f"offload.resident_layers={self.resident_layers!r} must be 'auto' or a count of decoder "
                               "layers (>= 0)")
+        if self.params == "none" and self.update != "auto":
+            raise ConfigError(f"offload.update={self.update} needs offload.params=cpu (or nvme): it places the update "
+                              "of offloaded parameters; set offload.params=cpu or offload.update=auto")
         if self.params == "none" and self.optimizer != "auto":
             raise ConfigError(f"offload.optimizer={self.optimizer} needs offload.params=cpu (or nvme): the host "
                               "optimizer steps the master weights where they live; set offload.params=cpu or "
@@ -515,6 +520,9 @@ class RunConfig:
             if self.offload.optimizer == "nvme" and self.optim.state_dtype == "fp32":
                 raise ConfigError("offload.optimizer=nvme keeps FP8AdamW's states in files; optim.state_dtype=fp32 is "
                                   "torch's AdamW: set optim.state_dtype to fp8, int8 or bf16")
+            if self.offload.update == "device" and self.optim.state_dtype == "fp32":
+                raise ConfigError("offload.update=device stages FP8AdamW's update on the GPU; optim.state_dtype=fp32 is "
+                                  "torch's AdamW: set optim.state_dtype to fp8, int8 or bf16, or offload.update=auto")
             if self.offload.target != "none" and not model.activation_checkpointing:
                 raise ConfigError(f"offload.params={self.offload.params} with offload.target={self.offload.target}: "
                                   "streamed layers keep only their inputs for backward, which activation offload "

@@ -67,6 +67,12 @@ def plan_inputs(model: torch.nn.Module, cfg: RunConfig, cost_model: CostModel, d
         disk_rate = min(measure_disk_GBps(off.path, 64 << 20))
     host = off.host_mem_gb * 2**30 if off.host_mem_gb else HOST_SHARE * available_host_bytes() / ranks_on_host
     tokens = cfg.data.max_seq_len
+    update = off.update
+    if update != "host" and (device.type != "cuda" or cfg.optim.state_dtype == "fp32"):  # FP8AdamW on CUDA only
+        if update == "device":
+            raise ValueError(f"offload.update=device stages the update on a CUDA device; this run's device is "
+                             f"{device.type}: set offload.update=auto or host")
+        update = "host"
     return OffloadInputs(
         num_layers=len(layers), layer_params=layer_params, root_params=root, param_bytes=param_bytes,
         state_bytes=STATE_BYTES[cfg.optim.state_dtype], state_share=1.0 / cfg.hdp,
@@ -75,7 +81,8 @@ def plan_inputs(model: torch.nn.Module, cfg: RunConfig, cost_model: CostModel, d
         adam_Mparams_s=off.adam_Mparams_s or measure_host_adam_Mparams_s(cfg.optim.state_dtype, total),
         layer_ms=float(cost_model.seq_ms(tokens, 1)) / len(layers), prefetch=off.prefetch,
         resident_layers=off.resident_value, optimizer=off.optimizer, zero_stage=cfg.parallel.zero_stage,
-        params=off.params, staging_bytes=None if device.type == "cuda" else 0)  # pinned staging: CUDA only
+        params=off.params, staging_bytes=None if device.type == "cuda" else 0,  # pinned staging: CUDA only
+        update=update)
 
 
 def ranks_on_this_host() -> int:
@@ -105,6 +112,8 @@ def apply_param_offload(model: torch.nn.Module, optimizer: ZeroOptimizer, cfg: R
                              "does not: set optim.state_dtype to fp8, int8 or bf16, or raise offload.host_mem_gb")
 
         swap_states_to_files(optimizer.optimizer, cfg.offload.path, engine=cfg.offload.engine)
+    if plan.update == "device":
+        optimizer.optimizer.update_device = device
     off = attach_param_offload(model, list(model.model.layers), optimizer, device,
                                resident_layers=plan.resident_layers, prefetch=cfg.offload.prefetch,
                                pin_masters=cfg.offload.params == "cpu")

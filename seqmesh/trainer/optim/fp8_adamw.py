@@ -109,6 +109,7 @@ from seqmesh.kernels.adam_update import (
     Hyper,
     chunked_step,
     chunks_of,
+    staged_step,
     compiled_update,
     cpp_compiler_available,
     padded_numel,
@@ -206,13 +207,17 @@ class FP8AdamW(Optimizer):
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, *,
                  state_dtype: str = "fp8", block_size: int = 128, stochastic_rounding: bool = True, seed: int = 0,
-                 index_offset: int = 0, backend: str = "auto", host_chunk_elems: int = 1 << 22) -> None:
+                 index_offset: int = 0, backend: str = "auto", host_chunk_elems: int = 1 << 22,
+                 update_device: torch.device | str | None = None) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if not isinstance(host_chunk_elems, int) or host_chunk_elems < 4096:
             raise ValueError(f"host_chunk_elems must be an int >= 4096, got {host_chunk_elems!r}")
         self.backend = backend
         self.host_chunk_elems = host_chunk_elems
+        # where host-resident parameters are updated: None on the host, else copied to this device a chunk at a
+        # time and back (``staged_step``; parameter offload's plan picks it when the link beats the host's update)
+        self.update_device = torch.device(update_device) if update_device is not None else None
         self.state_files: StateFiles | None = None  # moments in files (``state_files.swap_states_to_files``)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, state_dtype=state_dtype,
                         block_size=block_size, stochastic_rounding=stochastic_rounding, seed=seed,
@@ -229,6 +234,9 @@ class FP8AdamW(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        if self.update_device is not None and self.state_files is not None:
+            raise RuntimeError("FP8AdamW: update_device stages states held in host memory, and these are in files "
+                               "(state_files); set update_device=None or keep the states in memory")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -274,6 +282,13 @@ class FP8AdamW(Optimizer):
             self._run(bucket, hp, device)
 
     def _run(self, bucket: Bucket, hp: Hyper, device: torch.device) -> None:
+        if device.type == "cpu" and self.update_device is not None:
+            staged_step(bucket, hp, self.host_chunk_elems, self.update_device,
+                        lambda piece: self._step_on(piece, hp, self.update_device))
+            return
+        self._step_on(bucket, hp, device)
+
+    def _step_on(self, bucket: Bucket, hp: Hyper, device: torch.device) -> None:
         if self.backend == "triton" and device.type != "cuda":
             raise RuntimeError(f"backend='triton' needs CUDA parameters, got some on {device}; use backend='auto'")
         if self.backend == "triton" or (self.backend == "auto" and device.type == "cuda" and triton_available()):
