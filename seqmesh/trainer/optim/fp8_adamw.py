@@ -266,7 +266,7 @@ class FP8AdamW(Optimizer):
                                    f"{tuple(p.shape)}; they must match")
             state = self.state[p]
             if not state:
-                _init_state(state, p, fmt, block, self.state_files)
+                _init_state(state, p, fmt, block, self.state_files, pin=self._stages_to_cuda(p))
             state["step"] += 1
             bucket = buckets.setdefault((p.device, p.dtype, grad.dtype), Bucket())
             bucket.params.append(p)
@@ -280,6 +280,11 @@ class FP8AdamW(Optimizer):
             bucket.step.append(state["step"])
         for (device, _, _), bucket in buckets.items():
             self._run(bucket, hp, device)
+
+    def _stages_to_cuda(self, p: torch.Tensor) -> bool:
+        """Whether ``p``'s update is staged on a GPU: its states then live in pinned memory, which the link
+        copies at full rate (pageable memory goes through a driver bounce buffer)."""
+        return p.device.type == "cpu" and self.update_device is not None and self.update_device.type == "cuda"
 
     def _run(self, bucket: Bucket, hp: Hyper, device: torch.device) -> None:
         if device.type == "cpu" and self.update_device is not None:
@@ -418,6 +423,8 @@ class FP8AdamW(Optimizer):
             p = id_map[saved_id]
             fmt, block = format_of[id(p)]
             state[p] = _restore_state(saved_state, p, fmt, block, saved_id)
+            if self._stages_to_cuda(p):
+                state[p] = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in state[p].items()}
         for group, saved in zip(groups, saved_groups):
             saved["params"] = group["params"]
             if "param_names" in group and "param_names" not in saved:
@@ -450,10 +457,11 @@ def _expected_state(p: torch.Tensor, fmt: StateFormat, block: int) -> dict[str, 
 
 
 def _init_state(state: dict[str, Any], p: torch.Tensor, fmt: StateFormat, block: int,
-                files: StateFiles | None = None) -> None:
+                files: StateFiles | None = None, pin: bool = False) -> None:
     state["step"] = 0
     for key, (dtype, n) in _expected_state(p, fmt, block).items():
-        state[key] = torch.zeros(n, dtype=dtype, device=p.device) if files is None else files.fresh((n,), dtype)
+        state[key] = torch.zeros(n, dtype=dtype, device=p.device, pin_memory=pin) if files is None else \
+            files.fresh((n,), dtype)
 
 
 def _restore_state(saved: dict[str, Any], p: torch.Tensor, fmt: StateFormat, block: int,
