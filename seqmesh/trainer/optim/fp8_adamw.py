@@ -186,8 +186,8 @@ def _check_group(group: dict[str, Any]) -> None:
 class FP8AdamW(Optimizer):
     """AdamW keeping m and v in ``state_dtype`` (fp8 | int8 | bf16 | fp32); see the module docstring.
 
-    Every constructor setting after ``*`` except ``backend`` is a param-group default, stored in
-    each group (and so in checkpoints); a group may override any of them.
+    Every constructor setting after ``*`` except ``backend``, ``host_chunk_elems`` and ``update_device`` is a
+    param-group default, stored in each group (and so in checkpoints); a group may override any of them.
 
     Args:
         state_dtype: storage format of both moments.
@@ -202,6 +202,8 @@ class FP8AdamW(Optimizer):
             ``compiled`` or ``triton``.
         host_chunk_elems: the torch backend on a CPU steps this many elements at a time (the same bits,
             temporaries of one chunk: parameters offloaded to the host are tens of gigabytes).
+        update_device: step host parameters on this device instead, a chunk at a time copied there and
+            back (``staged_step``: the same bits; their states then live in pinned memory); None: on the host.
     """
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
@@ -215,8 +217,7 @@ class FP8AdamW(Optimizer):
             raise ValueError(f"host_chunk_elems must be an int >= 4096, got {host_chunk_elems!r}")
         self.backend = backend
         self.host_chunk_elems = host_chunk_elems
-        # where host-resident parameters are updated: None on the host, else copied to this device a chunk at a
-        # time and back (``staged_step``; parameter offload's plan picks it when the link beats the host's update)
+        # parameter offload's plan sets it when the link beats the host's update (trainer/param_offload.py)
         self.update_device = torch.device(update_device) if update_device is not None else None
         self.state_files: StateFiles | None = None  # moments in files (``state_files.swap_states_to_files``)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, state_dtype=state_dtype,
