@@ -10,7 +10,9 @@
     must fail to fit for the figure to mean anything (``fits_without_offload_at_max``).
 (b) Overhead: a Llama-3-8B shape (``--overhead-layers`` of its 32 layers) at 8K and 32K tokens, step
     time with every layer streamed (``resident_layers=0``) vs the same model GPU-resident (ZeRO-1,
-    activation checkpointing: the same recomputation), median of the timed steps.
+    activation checkpointing: the same recomputation), median of the timed steps. The streamed run
+    updates where the plan puts the update (``offload.update=auto``); on a GPU it runs once more with
+    the update on the host, and ``host_over_planned_update_step_<len>`` is that run's step over the planned one.
 (c) bf16 without master weights: a small byte-level model (``SR_SHAPE``) trained ``--sr-steps`` steps
     on windows of the Python standard library's text with bf16 weights (stochastic rounding) and with
     fp32 masters, for each of ``--sr-seeds`` paired seeds (same init, data and rounding seed per
@@ -71,11 +73,11 @@ def llama_shape(billions: float) -> dict[str, int]:
 
 
 def run_config(shape: dict[str, int], tokens: int, offload: bool, resident: int | None, dtype: str = "bf16",
-               path: str | None = None):
+               path: str | None = None, update: str = "auto"):
     """The ``RunConfig`` of one trial: the run's own config path (schema, checks) for the model and the offload."""
     from seqmesh.trainer.config import config_from_dict
 
-    off = {"params": "cpu", "optimizer": "auto", "path": path or tempfile.gettempdir(),
+    off = {"params": "cpu", "optimizer": "auto", "update": update, "path": path or tempfile.gettempdir(),
            "resident_layers": "auto" if resident is None else str(resident)} if offload else {}
     return config_from_dict({
         "model": {"hidden_size": shape["hidden_size"], "intermediate_size": shape["intermediate_size"],
@@ -119,20 +121,20 @@ def _zero(model, state_dtype: str):
 
 
 def trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, resident: int | None,
-          device_name: str, dtype: str = "bf16") -> dict[str, Any]:
+          device_name: str, dtype: str = "bf16", update: str = "auto") -> dict[str, Any]:
     """One model trained ``1 + steps`` steps on one device: times, MFU, memory; raises on OOM."""
     import torch
 
     device = torch.device(device_name)
     path = tempfile.mkdtemp(prefix="seqmesh-bench-")  # offload files (NVMe states), removed with the trial
     try:
-        return _train_trial(shape, tokens, steps, offload, resident, device, dtype, path)
+        return _train_trial(shape, tokens, steps, offload, resident, device, dtype, path, update)
     finally:
         shutil.rmtree(path, ignore_errors=True)
 
 
 def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, resident: int | None,
-                 device: "torch.device", dtype: str, path: str) -> dict[str, Any]:
+                 device: "torch.device", dtype: str, path: str, update: str) -> dict[str, Any]:
     import torch
 
     from seqmesh.parallel.sequence import make_sp_batch
@@ -142,7 +144,7 @@ def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, 
     from seqmesh.trainer.microbatch import loss_sum_of
 
     cuda = device.type == "cuda"
-    cfg = run_config(shape, tokens, offload, resident, dtype, path)
+    cfg = run_config(shape, tokens, offload, resident, dtype, path, update)
     torch.manual_seed(0)
     # the run's own build: phase 1 transforms, on the host when the weights are offloaded
     # bf16 weights without masters are made in bf16 (an fp32 model of tens of billions would not fit the host)
@@ -380,16 +382,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "overhead" in parts:  # (b)
         lengths = (128, 256) if args.smoke else (8192, 32768)  # the smoke's stand-ins for 8K and 32K
         keys = dict(zip(lengths, ("param_offload_overhead_pct_8b_8k", "param_offload_overhead_pct_8b_32k")))
+        # the offloaded runs: the plan's choice of where the update runs, and (on a GPU) the host update
+        updates = ("auto",) if args.smoke else ("auto", "host")
         for t in overhead_tokens:
-            key = keys[t]
-            pair = {}
-            for offload in (False, True):
+            runs = {}
+            for name, offload, update in [("resident", False, "auto"), *((u, True, u) for u in updates)]:
                 r = _child(dict(shape=overhead_shape, tokens=t, steps=args.steps, offload=offload,
-                                resident=0 if offload else None, device_name=device), args.trial_timeout_s)
-                rows.append({"part": "overhead", **r})
-                pair[offload] = r
-            ok = all("error" not in r for r in pair.values())
-            summary[key] = 100 * (pair[True]["step_s"] / pair[False]["step_s"] - 1) if ok else None
+                                resident=0 if offload else None, device_name=device, update=update),
+                           args.trial_timeout_s)
+                rows.append({"part": "overhead", "update": update if offload else None, **r})
+                runs[name] = r
+            ok = all("error" not in runs[n] for n in ("resident", "auto"))
+            summary[keys[t]] = 100 * (runs["auto"]["step_s"] / runs["resident"]["step_s"] - 1) if ok else None
+            if "host" in runs and ok and "error" not in runs["host"]:
+                summary[f"host_over_planned_update_step_{keys[t].rsplit('_', 1)[1]}"] = \
+                    runs["host"]["step_s"] / runs["auto"]["step_s"]
     if "sr" in parts:  # (c)
         sr = sr_gap(sr_shape, 60 if args.smoke else args.sr_steps, 2 if args.smoke else args.sr_seeds, sr_tokens,
                     device)
