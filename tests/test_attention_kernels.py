@@ -169,8 +169,9 @@ def test_cudnn_backend_logic_on_cpu_stand_ins(monkeypatch):
     monkeypatch.setattr(cpu, "_torch_flash_backward", cpu._cpu_flash_backward)
     monkeypatch.setattr(cpu, "CUDNN_MIN_DOC_TOKENS", 30)
     monkeypatch.setitem(cpu._REGISTRY, "cudnn", cpu._Backend(cpu._cudnn_forward, cpu._cudnn_backward, lambda q: True))
-    lens = [37, 2, 5, 101, 3, 64]  # 37 -> 38 and 101 -> 104 padded; 64 exact; the rest on the varlen kernel
-    for hq, hkv in ((4, 4), (6, 2)):
+    # 37 -> 38 and 101 -> 104 padded; 64 exact; the rest on the varlen kernel; one long document alone
+    for lens, (hq, hkv) in [([37, 2, 5, 101, 3, 64], (4, 4)), ([37, 2, 5, 101, 3, 64], (6, 2)), ([101], (6, 2)),
+                            ([64], (4, 4))]:
         q, k, v, dout = _qkvd(lens, hq, hkv, torch.float32)
         qkv = [x.clone().requires_grad_(True) for x in (q, k, v)]
         out, lse = varlen_attention(*qkv, _cu(lens), max(lens), True, backend="cudnn")

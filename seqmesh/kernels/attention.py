@@ -309,6 +309,8 @@ def _cudnn_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
     runs = doc_runs(oq, ok, max(CUDNN_MIN_DOC_TOKENS, _CUDNN_SHORTEST))
     if not causal or (len(runs) == 1 and not runs[0][0]):
         return _torch_flash_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
+    if len(runs) == 1:  # one long document: cuDNN's own outputs, without a second buffer to copy them into
+        return tuple(t.contiguous() for t in _cudnn_doc_forward(q, k, v, scale))
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
     for long, a, b in runs:
@@ -326,6 +328,8 @@ def _cudnn_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, s
     runs = doc_runs(oq, ok, max(CUDNN_MIN_DOC_TOKENS, _CUDNN_SHORTEST))
     if not causal or (len(runs) == 1 and not runs[0][0]):
         return _torch_flash_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale)
+    if len(runs) == 1:  # one long document (the longest-sequence case): no dq, dk, dv beside cuDNN's
+        return tuple(t.contiguous() for t in _cudnn_doc_backward(dout, q, k, v, out, lse, scale))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     for long, a, b in runs:
         qs, ks = slice(oq[a], oq[b]), slice(ok[a], ok[b])
