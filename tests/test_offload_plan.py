@@ -84,6 +84,11 @@ def test_the_update_runs_where_the_measured_rates_make_it_faster() -> None:
         plan_offload(dataclasses.replace(tight, update="device"))
     with pytest.raises(ValueError, match="choose auto, host or device"):
         plan_offload(dataclasses.replace(bf16, update="gpu"))
+    # the host rate is measured only where the host may run the update
+    unmeasured = dataclasses.replace(bf16, adam_Mparams_s=None)
+    assert plan_offload(dataclasses.replace(unmeasured, update="device")).optimizer_ms == plan.optimizer_ms
+    with pytest.raises(ValueError, match="adam_Mparams_s=None must be > 0"):
+        plan_offload(unmeasured)
 
 
 def test_config_refuses_what_parameter_offload_does_not_compose_with() -> None:

@@ -364,7 +364,8 @@ def _assert_trained_alike(state_dtype: str, param_dtype: torch.dtype, a: dict, b
 
 
 @pytest.mark.skipif(not cpp_compiler_available(), reason="torch.compile needs a C++ compiler for host code")
-@pytest.mark.parametrize("state_dtype,param_dtype,chunk", [("fp8", torch.bfloat16, 4096), ("int8", torch.float32, 1 << 22),
+@pytest.mark.parametrize("state_dtype,param_dtype,chunk", [("fp8", torch.bfloat16, 4096),
+                                                           ("int8", torch.float32, 1 << 22),
                                                            ("bf16", torch.bfloat16, 1 << 22)])
 def test_compiled_host_update_equals_eager_bitwise(state_dtype, param_dtype, chunk):
     """The compiled host update (``backend='compiled'``, what offloaded parameters step with) and the

@@ -243,8 +243,8 @@ def compiled_update(fmt: StateFormat) -> Callable[..., tuple]:
 
     The host optimizer step of an offloaded model runs over every parameter each step; eager it
     managed a few million parameters per second on 2 cores; compiled it is 8.5x faster there and
-    14.7x on a 16-core host (``bench/optim.py --host``, README). Floating-point contraction stays off (Inductor's default), so every
-    operation rounds as in eager mode: ``tests/test_optim_fp8_adamw.py`` checks the bits. Shapes are
+    14.7x on a 16-core host (``bench/optim.py --host``, README). Floating-point contraction stays off
+    (Inductor's default), so every operation rounds as in eager mode: ``tests/test_optim_fp8_adamw.py`` checks the bits. Shapes are
     made dynamic only once a second chunk length appears (torch's default), and the format is a
     closure constant, not an argument: its bit widths must stay plain integers (torch 2.11 fails on
     shifts by symbolic ones, which ``dynamic=True`` made of them).

@@ -71,7 +71,7 @@ class OffloadInputs:
     disk_bytes: float | None  # free bytes under offload.path (None: not measured)
     h2d_GBps: float
     disk_GBps: float | None
-    adam_Mparams_s: float
+    adam_Mparams_s: float | None  # None only with update=device (the host never runs it)
     layer_ms: float
     micro_batches: int = 1
     prefetch: int = 2
@@ -127,8 +127,8 @@ def plan_offload(x: OffloadInputs) -> OffloadPlan:
         raise ValueError(f"offload.update={x.update!r} is not known; choose auto, host or device")
     if x.params not in ("cpu", "nvme"):
         raise ValueError(f"offload.params={x.params!r} is not planned here; choose cpu or nvme")
-    for key in ("h2d_GBps", "adam_Mparams_s", "layer_ms"):
-        if not getattr(x, key) > 0:
+    for key in ("h2d_GBps", "layer_ms") + (() if x.update == "device" else ("adam_Mparams_s",)):
+        if not (getattr(x, key) or 0) > 0:
             raise ValueError(f"offload plan: {key}={getattr(x, key)!r} must be > 0")
     layer_bytes = x.layer_params * x.param_bytes
     total_params = x.num_layers * x.layer_params + x.root_params
@@ -189,7 +189,7 @@ def plan_offload(x: OffloadInputs) -> OffloadPlan:
     load_ms = layer_bytes / (link * GB) * 1e3
     exposed = x.micro_batches * streamed * (max(0.0, load_ms - fwd_ms) + max(0.0, 2 * load_ms - bwd_ms))
     stepped = total_params * x.state_share
-    host_update = stepped / (x.adam_Mparams_s * 1e6) * 1e3
+    host_update = stepped / (x.adam_Mparams_s * 1e6) * 1e3 if x.adam_Mparams_s else math.inf
     # staged on the device a chunk at a time: weight and gradient in, weight out, the states both ways
     device_update = stepped * (3 * x.param_bytes + 2 * x.state_bytes) / (x.h2d_GBps * GB) * 1e3
     if x.update == "device" and place == "nvme":

@@ -521,8 +521,8 @@ class RunConfig:
                 raise ConfigError("offload.optimizer=nvme keeps FP8AdamW's states in files; optim.state_dtype=fp32 is "
                                   "torch's AdamW: set optim.state_dtype to fp8, int8 or bf16")
             if self.offload.update == "device" and self.optim.state_dtype == "fp32":
-                raise ConfigError("offload.update=device stages FP8AdamW's update on the GPU; optim.state_dtype=fp32 is "
-                                  "torch's AdamW: set optim.state_dtype to fp8, int8 or bf16, or offload.update=auto")
+                raise ConfigError("offload.update=device stages FP8AdamW's update on the GPU; optim.state_dtype=fp32 "
+                                  "is torch's AdamW: set optim.state_dtype to fp8, int8 or bf16, or offload.update=auto")
             if self.offload.target != "none" and not model.activation_checkpointing:
                 raise ConfigError(f"offload.params={self.offload.params} with offload.target={self.offload.target}: "
                                   "streamed layers keep only their inputs for backward, which activation offload "

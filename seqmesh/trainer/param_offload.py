@@ -40,7 +40,8 @@ def measure_host_adam_Mparams_s(state_dtype: str, host_numel: int, numel: int = 
     step over ``host_numel`` offloaded parameters will run (compiled or eager, ``fp8_adamw.compiles``)."""
     p = torch.zeros(numel)
     p.grad = torch.full((numel,), 1e-3)
-    opt = FP8AdamW([p], state_dtype=state_dtype, backend="compiled" if compiles("auto", host_numel, p.device) else "torch")
+    backend = "compiled" if compiles("auto", host_numel, p.device) else "torch"
+    opt = FP8AdamW([p], state_dtype=state_dtype, backend=backend)
     opt.step()  # state allocation (and the compile, which the run's first step then finds cached)
     best = float("inf")
     for _ in range(repeats):
@@ -78,7 +79,9 @@ def plan_inputs(model: torch.nn.Module, cfg: RunConfig, cost_model: CostModel, d
         state_bytes=STATE_BYTES[cfg.optim.state_dtype], state_share=1.0 / cfg.hdp,
         act_bytes=cost_model.act_bytes_per_token * tokens, device_bytes=cost_model.mem_limit_bytes,
         host_bytes=host, disk_bytes=disk_free, h2d_GBps=h2d, disk_GBps=disk_rate,
-        adam_Mparams_s=off.adam_Mparams_s or measure_host_adam_Mparams_s(cfg.optim.state_dtype, total),
+        # a host rate only where the host may run the update (measuring it compiles the host update)
+        adam_Mparams_s=None if update == "device" else
+        off.adam_Mparams_s or measure_host_adam_Mparams_s(cfg.optim.state_dtype, total),
         layer_ms=float(cost_model.seq_ms(tokens, 1)) / len(layers), prefetch=off.prefetch,
         resident_layers=off.resident_value, optimizer=off.optimizer, zero_stage=cfg.parallel.zero_stage,
         params=off.params, staging_bytes=None if device.type == "cuda" else 0,  # pinned staging: CUDA only

@@ -109,10 +109,10 @@ from seqmesh.kernels.adam_update import (
     Hyper,
     chunked_step,
     chunks_of,
-    staged_step,
     compiled_update,
     cpp_compiler_available,
     padded_numel,
+    staged_step,
     torch_step,
 )
 from seqmesh.trainer.optim.state_files import StateFiles, materialized
