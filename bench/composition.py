@@ -151,13 +151,11 @@ def main() -> None:
     profiled = profile(args.work, min(2, gpus), mem_limit_gb, profile_shape(shape, layers, args.checkpointing))
     cost = dataclasses.replace(CostModel.load(profiled),
                                speed=())
-    cost_path = args.work / "cost_model_uniform.json"
-    cost.save(cost_path)
     common = [*model_overrides(shape, layers, args.smoke, args.checkpointing), f"data.source={corpus}",
               "data.tokenizer=byte",
               f"data.max_seq_len={args.seq_len}", f"data.global_batch={args.docs}", "data.val_fraction=0",
               f"data.cache_dir={args.work / 'cache'}", f"steps={args.steps}", "optim.warmup_steps=2",
-              "scheduler=adaptive", f"scheduler.cost_model={cost_path}", "scheduler.refine_every=0",
+              "scheduler=adaptive", "scheduler.refine_every=0",
               "scheduler.lookahead=1", *(["optim=fp8"] if args.fp8 else []), *extra]
 
     rows = []
@@ -166,6 +164,10 @@ def main() -> None:
             continue
         zero = 1 if "parallel.zero_stage=1" in overrides else 0
         cm = layout_cost_model(cost, tp, pp, hdp, zero, 2.0 if args.fp8 else 8.0)
+        # The run plans with the model this prediction used: its states' bytes follow the layout's ZeRO
+        # stage and the optimizer (the profile alone counts fp32 Adam, which refused 32K with FP8 states).
+        cost_path = args.work / f"cost_model_{name}.json"
+        cm.save(cost_path)
         plan = plan_step(lengths, hdp, cm, policy="adaptive")
         row: dict[str, Any] = {"layout": name, "devices": nproc, "tp": tp, "pp": pp, "hdp": hdp, "zero_stage": zero,
                                "predicted_step_ms": plan.predicted_ms,
@@ -173,7 +175,7 @@ def main() -> None:
                                "predicted_microbatches": len(plan.microbatches),
                                "predicted_group_sizes": sorted(plan.group_sizes())}
         try:
-            result = run_loop([*common, *overrides], nproc, args.work / f"run_{name}", timeout_s=args.timeout,
+            result = run_loop([*common, f"scheduler.cost_model={cost_path}", *overrides], nproc, args.work / f"run_{name}", timeout_s=args.timeout,
                               device=device)
         except Exception as e:  # a hung layout (timeout) or a launcher failure: record it, run the others
             result = {"error": f"{type(e).__name__}: {e}"}

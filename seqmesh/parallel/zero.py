@@ -60,16 +60,19 @@ MakeOptimizer = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 
 
 def sum_of_squares(x: Tensor, chunk: int = 1 << 24) -> Tensor:
-    """The fp32 sum of ``x``'s squared elements, ``chunk`` elements at a time.
+    """The sum of ``x``'s squared elements as an fp64 scalar, ``chunk`` elements at a time.
 
-    Why chunks: ``x.float().square()`` of a whole gradient buffer makes two fp32 temporaries of its size;
-    with parameter offload the buffer is the host's (billions of bf16 elements: 4 B + 4 B per parameter of
-    transient host memory at every clip, beside a plan that budgets host memory byte by byte). Each
-    chunk's sum is taken as before; adding the chunk sums is no less accurate than one long reduction
-    (a single fp32 ``vector_norm`` over 218M elements was 6% off on CPU)."""
-    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    Why fp64: with parameter offload the gradients of offloaded layers are summed by the host's CPU and the
+    rest by the GPU, in different orders. Squares of fp32 (or bf16) values are exact in fp64 and their fp64
+    sums agree to ~1e-16 relative, so the clip norm rounded to fp32, and hence every clipped gradient and
+    update, comes out the same wherever the buffer lives (an fp32 sum differs by an ulp between devices,
+    which moved some updated weights by one ulp on an H100). ``torch.linalg.vector_norm`` with
+    ``dtype=float64`` widens inside the reduction, so no fp64 copy of a chunk is made. Why chunks: the host
+    buffer of an offloaded model is billions of elements, and one long reduction of it is no more accurate
+    than the sum of its chunks' sums."""
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
     for piece in x.reshape(-1).split(chunk):
-        total += piece.float().square().sum()
+        total += torch.linalg.vector_norm(piece, 2, dtype=torch.float64).square()
     return total
 
 
@@ -320,7 +323,7 @@ class ZeroOptimizer:
         ``max_norm`` (``inf``: no scaling); returns the norm before scaling, as ``torch.nn.utils.clip_grad_norm_``."""
         if self.stage == 0:
             grads = [p.grad for p in self._counted if p.grad is not None]
-            sq = sum((sum_of_squares(g) for g in grads), torch.zeros((), device=self._device()))
+            sq = sum((sum_of_squares(g) for g in grads), torch.zeros((), dtype=torch.float64, device=self._device()))
         else:
             sq = sum_of_squares(self.shard_grad)
             for a, b in self._excluded_local:
@@ -329,7 +332,7 @@ class ZeroOptimizer:
                 dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.group)
         if self.tp_group is not None:
             dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.tp_group)
-        norm = sq.clamp(min=0).sqrt()
+        norm = sq.clamp(min=0).sqrt().float()
         if not math.isinf(max_norm):
             coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
             if self.stage == 0:
