@@ -175,7 +175,8 @@ def main() -> None:
                                "predicted_microbatches": len(plan.microbatches),
                                "predicted_group_sizes": sorted(plan.group_sizes())}
         try:
-            result = run_loop([*common, f"scheduler.cost_model={cost_path}", *overrides], nproc, args.work / f"run_{name}", timeout_s=args.timeout,
+            result = run_loop([*common, f"scheduler.cost_model={cost_path}", *overrides], nproc,
+                              args.work / f"run_{name}", timeout_s=args.timeout,
                               device=device)
         except Exception as e:  # a hung layout (timeout) or a launcher failure: record it, run the others
             result = {"error": f"{type(e).__name__}: {e}"}

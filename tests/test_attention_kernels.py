@@ -151,7 +151,7 @@ def test_bucket_lengths_pad_at_most_a_sixteenth_and_keep_sixteen_per_octave():
 
 def test_cudnn_backend_logic_on_cpu_stand_ins(monkeypatch):
     """The cudnn backend's own logic (runs of short documents, causal documents padded to their
-    bucket, GQA expansion and the dk/dv head sums) with the CPU flash op standing in for cuDNN's
+    bucket, GQA passed through or expanded with the dk/dv head sums) with the CPU flash op standing in for cuDNN's
     dense kernel and for the varlen flash kernel: equal to the math backend, forward and backward."""
     cpu = attention_module
 
@@ -169,9 +169,12 @@ def test_cudnn_backend_logic_on_cpu_stand_ins(monkeypatch):
     monkeypatch.setattr(cpu, "_torch_flash_backward", cpu._cpu_flash_backward)
     monkeypatch.setattr(cpu, "CUDNN_MIN_DOC_TOKENS", 30)
     monkeypatch.setitem(cpu._REGISTRY, "cudnn", cpu._Backend(cpu._cudnn_forward, cpu._cudnn_backward, lambda q: True))
-    # 37 -> 38 and 101 -> 104 padded; 64 exact; the rest on the varlen kernel; one long document alone
-    for lens, (hq, hkv) in [([37, 2, 5, 101, 3, 64], (4, 4)), ([37, 2, 5, 101, 3, 64], (6, 2)), ([101], (6, 2)),
-                            ([64], (4, 4))]:
+    # 37 -> 38 and 101 -> 104 padded; 64 exact; the rest on the varlen kernel; one long document alone;
+    # K/V passed with their own head count (torch >= 2.11) or repeated for every query head (earlier)
+    for gqa, lens, (hq, hkv) in [(True, [37, 2, 5, 101, 3, 64], (4, 4)), (True, [37, 2, 5, 101, 3, 64], (6, 2)),
+                                 (False, [37, 2, 5, 101, 3, 64], (6, 2)), (True, [101], (6, 2)),
+                                 (False, [101], (6, 2)), (True, [64], (4, 4))]:
+        monkeypatch.setattr(cpu, "_CUDNN_GQA", gqa)
         q, k, v, dout = _qkvd(lens, hq, hkv, torch.float32)
         qkv = [x.clone().requires_grad_(True) for x in (q, k, v)]
         out, lse = varlen_attention(*qkv, _cu(lens), max(lens), True, backend="cudnn")

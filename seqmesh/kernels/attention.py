@@ -206,10 +206,17 @@ def doc_runs(cu_q: Sequence[int], cu_k: Sequence[int], min_tokens: int) -> list[
     return runs
 
 
-def _expand_heads(x: Tensor, group: int) -> Tensor:
-    """KV heads repeated for their query heads (cuDNN's dense kernels take one head count):
-    query head h reads KV head h // group, the convention of GQA and of the flash kernels."""
-    return x if group == 1 else x.repeat_interleave(group, dim=1)
+def _kv_heads_for_cudnn(x: Tensor, group: int) -> Tensor:
+    """K or V as cuDNN's dense kernels take them. From torch 2.11 they take fewer KV heads than query heads
+    (query head h reads KV head h // group, the GQA convention of the flash kernels): measured on an H100
+    with cuDNN 9.19 (``bench/cudnn_gqa_probe.py``), outputs and dk/dv equal to the expanded call's bit for
+    bit, dq within an ulp (another summation order), and no K/V copies of every query head's size (16 KB
+    per token at the Llama-8B shape, ~12 KB of it still held in backward). Earlier torch versions get the
+    heads repeated, their dk/dv summed back by the caller."""
+    return x if group == 1 or _CUDNN_GQA else x.repeat_interleave(group, dim=1)
+
+
+_CUDNN_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 11)
 
 
 def bucket_length(n: int) -> int:
@@ -265,7 +272,8 @@ def _pad_tokens(x: Tensor, length: int) -> Tensor:
 
 
 def _cudnn_dense_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """Causal attention of one document, equal head counts: (out [S, H, D], lse [H, S])."""
+    """Causal attention of one document, K/V of H or fewer heads (``_kv_heads_for_cudnn``):
+    (out [S, H, D], lse [H, S])."""
     res = torch.ops.aten._scaled_dot_product_cudnn_attention(_bhsd(q), _bhsd(k), _bhsd(v), None, True, 0.0, True,
                                                              False, scale=scale)
     return res[0][0].transpose(0, 1), res[1].view(q.shape[1], q.shape[0])
@@ -286,8 +294,8 @@ def _cudnn_doc_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[T
     n, group = q.shape[0], q.shape[1] // k.shape[1]
     m = bucket_length(n)
     first_use.first("cudnn_graph", ("forward", m, *q.shape[1:], q.dtype, q.device))
-    out, lse = _cudnn_dense_forward(*(_pad_tokens(x, m) for x in (q, _expand_heads(k, group),
-                                                                   _expand_heads(v, group))), scale)
+    out, lse = _cudnn_dense_forward(*(_pad_tokens(x, m) for x in (q, _kv_heads_for_cudnn(k, group),
+                                                                   _kv_heads_for_cudnn(v, group))), scale)
     return out[:n], lse[:, :n]
 
 
@@ -298,10 +306,12 @@ def _cudnn_doc_backward(dout, q, k, v, out, lse, scale) -> tuple[Tensor, Tensor,
     (n, hkv, d), group = k.shape, q.shape[1] // k.shape[1]
     m = bucket_length(n)
     first_use.first("cudnn_graph", ("backward", m, *q.shape[1:], q.dtype, q.device))
-    padded = (_pad_tokens(x, m) for x in (dout, q, _expand_heads(k, group), _expand_heads(v, group), out))
+    padded = (_pad_tokens(x, m) for x in (dout, q, _kv_heads_for_cudnn(k, group), _kv_heads_for_cudnn(v, group),
+                                          out))
     dq, dk, dv = _cudnn_dense_backward(*padded, F.pad(lse, (0, m - n)), scale)
-    dk, dv = (x[:n].reshape(n, hkv, group, d).sum(2) for x in (dk, dv))
-    return dq[:n], dk, dv
+    if dk.shape[1] != hkv:
+        dk, dv = (x[:n].reshape(n, hkv, group, d).sum(2) for x in (dk, dv))
+    return dq[:n], dk[:n], dv[:n]
 
 
 def _cudnn_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
