@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 from seqmesh import first_use
 from seqmesh.kernels import attention as attention_module
-from seqmesh.kernels.attention import (attention_backward, attention_forward, bucket_length, cudnn_buckets,
-                                      doc_runs, resolve_backend, varlen_attention, warm_cudnn_graphs)
+from seqmesh.kernels.attention import (attention_backward, attention_forward, bucket_length, cu_seqlens_table,
+                                      cudnn_buckets, doc_runs, host_offsets, resolve_backend, varlen_attention,
+                                      warm_cudnn_graphs)
 
 SEQLENS = [1, 5, 2, 9, 3]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -184,6 +185,59 @@ def test_cudnn_backend_logic_on_cpu_stand_ins(monkeypatch):
         _assert_close(lse, ref[1], torch.float32, "lse")
         for name, x, r in zip(("dq", "dk", "dv"), qkv, ref[2:]):
             _assert_close(x.grad, r, torch.float32, name)
+
+
+def test_boundary_tables_carry_their_host_offsets(monkeypatch):
+    """Tables from ``cu_seqlens_table`` (the SP batch's, the ring's parts) are never read back from the
+    device: on CUDA that read waits for the queue. The cudnn backend's own logic, forward and backward
+    under activation checkpointing, runs with ``Tensor.tolist`` failing outside the CPU ops that stand in
+    for cuDNN's and the flash kernels (which read no boundaries on the host), and gives the reference's
+    results."""
+    table = cu_seqlens_table([3, 0, 5], "cpu")
+    assert table.dtype == torch.int32 and table.tolist() == [0, 3, 3, 8] and host_offsets(table) == (0, 3, 3, 8)
+    assert host_offsets(_cu([3, 0, 5])) == [0, 3, 3, 8]  # a plain table is read back
+    cpu, real_tolist, in_stand_in = attention_module, torch.Tensor.tolist, []
+
+    def read_back(self, *args, **kwargs):
+        assert in_stand_in, "a boundary table was read back from the device"
+        return real_tolist(self, *args, **kwargs)
+
+    def stand_in(kernel):
+        def run(*args):
+            in_stand_in.append(kernel)
+            try:
+                return kernel(*args)
+            finally:
+                in_stand_in.pop()
+        return run
+
+    def dense_forward(q, k, v, scale):
+        return cpu._cpu_flash_forward(q, k, v, _cu([q.shape[0]]), _cu([k.shape[0]]), q.shape[0], k.shape[0], True,
+                                      scale)
+
+    def dense_backward(dout, q, k, v, out, lse, scale):
+        return cpu._cpu_flash_backward(dout, q, k, v, out, lse, _cu([q.shape[0]]), _cu([k.shape[0]]), q.shape[0],
+                                       k.shape[0], True, scale)
+
+    for name, kernel in (("_cudnn_dense_forward", dense_forward), ("_cudnn_dense_backward", dense_backward),
+                         ("_torch_flash_forward", cpu._cpu_flash_forward),
+                         ("_torch_flash_backward", cpu._cpu_flash_backward)):
+        monkeypatch.setattr(cpu, name, stand_in(kernel))
+    monkeypatch.setattr(cpu, "CUDNN_MIN_DOC_TOKENS", 30)
+    monkeypatch.setitem(cpu._REGISTRY, "cudnn", cpu._Backend(cpu._cudnn_forward, cpu._cudnn_backward, lambda q: True))
+    lens = [37, 2, 5, 101, 3]
+    q, k, v, dout = _qkvd(lens, 6, 2, torch.float32)
+    qkv = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    table = cu_seqlens_table(lens, "cpu")
+    monkeypatch.setattr(torch.Tensor, "tolist", read_back)
+    out = torch.utils.checkpoint.checkpoint(
+        lambda *x: varlen_attention(*x, table, max(lens), True, backend="cudnn")[0], *qkv, use_reentrant=False)
+    out.backward(dout)
+    monkeypatch.setattr(torch.Tensor, "tolist", real_tolist)
+    ref = _reference(q, k, v, dout, lens, True)
+    _assert_close(out, ref[0], torch.float32, "out")
+    for name, x, r in zip(("dq", "dk", "dv"), qkv, ref[2:]):
+        _assert_close(x.grad, r, torch.float32, name)
 
 
 def _stub_cudnn(monkeypatch) -> None:

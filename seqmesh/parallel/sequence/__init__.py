@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from seqmesh.kernels.attention import BACKENDS, varlen_attention
+from seqmesh.kernels.attention import BACKENDS, cu_seqlens_table, varlen_attention
 from seqmesh.parallel.sequence.comm import global_rank
 from seqmesh.parallel.sequence.layout import Layout
 from seqmesh.parallel.sequence.ring import Part, ring_attention, ring_parts
@@ -72,8 +72,7 @@ class SPBatch:
         """int32 cumulative document lengths of the whole packed batch, cached per device."""
         key = ("cu", device)
         if key not in self._tables:
-            lens = torch.tensor((0, *self.seqlens), dtype=torch.int64).cumsum(0)
-            self._tables[key] = lens.to(device=device, dtype=torch.int32)
+            self._tables[key] = cu_seqlens_table(self.seqlens, device)
         return self._tables[key]
 
     @property

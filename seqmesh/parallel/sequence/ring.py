@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from seqmesh.kernels.attention import attention_backward, attention_forward
+from seqmesh.kernels.attention import attention_backward, attention_forward, cu_seqlens_table
 from seqmesh.parallel.sequence.comm import RingExchange
 from seqmesh.parallel.sequence.layout import Layout
 
@@ -57,8 +57,7 @@ def ring_parts(layout: Layout, device: torch.device) -> list[tuple[Part, Part]]:
     parts = []
     for pos in range(layout.ring):
         p = layout.ring_position(pos)
-        cu = [torch.tensor((0, *sizes), dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
-              for sizes in (p.a, p.b)]
+        cu = [cu_seqlens_table(sizes, device) for sizes in (p.a, p.b)]
         parts.append((Part(0, p.len_a, cu[0], max(p.a)), Part(p.len_a, p.len_a + p.len_b, cu[1], max(p.b))))
     return parts
 
