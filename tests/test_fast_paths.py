@@ -69,6 +69,8 @@ def test_float8_refuses_a_cpu_device_naming_the_fix() -> None:
     ({"linear_dtype": "fp8", "dtype": "bf16"}, {"zero_stage": 3}, {}, "tp=1 and zero_stage<=2"),
     ({"loss_kernel": "liger"}, {"tp": 2}, {"num_workers": 2}, "model.loss_kernel=torch"),
     ({"loss_kernel": "cut"}, {}, {}, "choose one of torch, liger"),
+    ({"residual_dtype": "bf16"}, {}, {}, "set model.dtype=bf16 or model.residual_dtype=fp32"),
+    ({"residual_dtype": "fp16", "dtype": "bf16"}, {}, {}, "choose one of fp32, bf16"),
 ])
 def test_config_refuses_what_the_fast_paths_cannot_run(model: dict, parallel: dict, launch: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):

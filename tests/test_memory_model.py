@@ -60,7 +60,7 @@ def test_the_planner_packs_three_8k_documents_on_an_h100_where_the_generic_count
         default_cost_model(**common, mem_bytes_per_token=0.0)
 
 
-def _compiled_layer_saved_bytes_per_token(lengths: tuple[int, int] = (256, 512)) -> float:
+def _compiled_layer_saved_bytes_per_token(lengths: tuple[int, int] = (256, 512), residual: str = "fp32") -> float:
     """Bytes one token adds to what a compiled decoder layer saves for backward under bf16 autocast (fp32 weights),
     counted by storage as autograd saves them (their growth between two lengths: weight casts drop out)."""
     import torch
@@ -84,7 +84,7 @@ def _compiled_layer_saved_bytes_per_token(lengths: tuple[int, int] = (256, 512))
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
-        x = torch.randn(tokens, 256, requires_grad=True)
+        x = torch.randn(tokens, 256, dtype=torch.bfloat16 if residual == "bf16" else torch.float32, requires_grad=True)
         with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
             model.model.layers[0](x, cos, sin, meta)
         totals.append(sum(n for ptr, n in saved.items() if ptr not in params))
@@ -101,5 +101,9 @@ def test_a_compiled_layer_saves_what_the_count_says() -> None:
     cfg = ModelConfig(name="tiny", hidden_size=256, intermediate_size=1024, num_layers=1, num_heads=8,
                       num_kv_heads=2, vocab_size=64, dtype="bf16", compile_layers=True)
     assert _compiled_layer_saved_bytes_per_token() == layer_saved_bytes(dims, cfg)
+    # a bf16 residual stream: the layer's input is the one fp32 tensor that becomes bf16
+    bf16_stream = dataclasses.replace(cfg, residual_dtype="bf16")
+    assert _compiled_layer_saved_bytes_per_token(residual="bf16") == layer_saved_bytes(dims, bf16_stream)
+    assert layer_saved_bytes(dims, cfg) - layer_saved_bytes(dims, bf16_stream) == 2 * 256
     compiled_1b = layer_saved_bytes(DIMS, dataclasses.replace(LLAMA_1B, compile_layers=True))
     assert 0.8 < compiled_1b / layer_saved_bytes(DIMS, LLAMA_1B) < 0.85

@@ -150,6 +150,28 @@ def test_pp2_and_interleaved_equal_one_process_and_resume_exactly(workspace) -> 
         assert torch.equal(value, straight[key]), key
 
 
+def test_a_bf16_residual_stream_crosses_pipeline_stages_as_bf16(workspace) -> None:
+    """``model.residual_dtype=bf16`` under bf16 autocast: stage boundaries carry the stream in bf16. The
+    first step's loss (the same kernels on the same values, summed in the same order) is then the
+    one-process run's bit for bit, and differs from the fp32 stream's; a boundary in fp32 would run the
+    second stage's residual adds in fp32, a loss between the two. Its gradient norm agrees within bf16
+    rounding of reordered gradient sums (2^-8 of an element; far less of the norm); later steps are not
+    compared: Adam turns such last-bit differences of near-zero gradients into visible ones."""
+    src, tmp, _ = workspace
+
+    def bf16(overrides: dict, residual: str) -> dict:
+        overrides["model"].update(dtype="bf16", residual_dtype=residual)
+        return overrides
+
+    one = run_distributed(_runs, 1, [("bf16", "bf16_one", bf16(_overrides(src, tmp, 1), "bf16")),
+                                     ("fp32", "fp32_one", bf16(_overrides(src, tmp, 1), "fp32"))], tmp)[0]
+    pp2 = run_distributed(_runs, 2, [("bf16", "bf16_pp2", bf16(_overrides(src, tmp, 2, pp=2), "bf16"))], tmp)[0]
+    first = {key: runs[stream]["records"][0] for key, runs, stream in
+             (("one", one, "bf16"), ("pp2", pp2, "bf16"), ("fp32", one, "fp32"))}
+    assert first["pp2"]["loss"] == first["one"]["loss"] != first["fp32"]["loss"]
+    assert first["pp2"]["grad_norm"] == pytest.approx(first["one"]["grad_norm"], rel=2.0**-8)
+
+
 # Two HDP ranks in a pipeline of two: rank 1 sits out micro-batches 0 and 2, and the SP group of
 # both ranks is rank 1's first work item but rank 0's second. Taking items by position in the
 # plan (placeholders for idle micro-batches) keeps both ranks' SP collectives in the same order

@@ -85,6 +85,7 @@ class CausalLM(Protocol):
     config: Any
     model: Backbone
     lm_head: nn.Module
+    residual_dtype: torch.dtype | None  # the residual stream's dtype; None: the embedding's
 
     def __call__(self, input_ids: torch.Tensor, meta: Any) -> torch.Tensor: ...
 

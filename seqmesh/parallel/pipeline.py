@@ -72,6 +72,7 @@ class PipelineStage(nn.Module):
         if not layers or layers.start < 0 or layers.stop > model.dims.num_layers:
             raise ValueError(f"layer range {layers} is empty or outside the model's {model.dims.num_layers} layers")
         self.stage, self.num_stages, self.dims = stage, num_stages, model.dims
+        self.residual_dtype = model.residual_dtype
         self.model = nn.Module()
         self.model.rotary_emb = model.model.rotary_emb
         self.model.layers = nn.ModuleDict({str(i): model.model.layers[i] for i in layers})
@@ -101,6 +102,7 @@ class PipelineStage(nn.Module):
         """Token ids [T] on the first stage, hidden states [rows, hidden] elsewhere; final-normed [T, hidden] on the last."""
         if self.is_first:
             x = self.model.embed_tokens(x)
+            x = x if self.residual_dtype is None else x.to(self.residual_dtype)  # as the unsplit model's forward
         cos, sin = self.model.rotary_emb(meta.position_ids)
         for layer in self.model.layers.values():
             x = layer(x, cos, sin, meta)
@@ -127,7 +129,7 @@ class PipelineModel(nn.Module):
     def __init__(self, model: CausalLM, chunks: list[PipelineStage],
                  tied_group: "dist.ProcessGroup | None" = None) -> None:
         super().__init__()
-        self.dims, self.config = model.dims, model.config
+        self.dims, self.config, self.residual_dtype = model.dims, model.config, model.residual_dtype
         self.chunks = list(chunks)  # a plain list: the modules are registered below under their full names
         self.tied_group = tied_group
         first, last = self.chunks[0], self.chunks[-1]

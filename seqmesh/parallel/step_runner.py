@@ -219,7 +219,7 @@ class PipelineRunner:
             items = [None if g is None else layout(g, mesh.sp_group(g.first, g.count))
                      for g in aligned_items(plan, mesh.hdp_rank)]
             return run_pipeline(self.model.chunks, items, self.loss_fn, denominator, mesh.pp_ranks(),
-                                activation_dtype=next(self.model.parameters()).dtype,
+                                activation_dtype=self.model.residual_dtype or next(self.model.parameters()).dtype,
                                 channels=mesh.pipeline_channels, forward_context=self.forward_context, idle=idle)
 
     def reduce(self, loss_sum: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device,
     if model.dims.vocab_size < vocab_size:
         raise ValueError(f"the model's vocabulary ({model.dims.vocab_size}) is smaller than the tokenizer's "
                          f"({vocab_size}); set model.vocab_size >= {vocab_size} or data.vocab_size lower")
+    model.residual_dtype = torch.bfloat16 if cfg.residual_dtype == "bf16" else None
     parallelize(model, tp_group=tp_group, activation_checkpointing=cfg.activation_checkpointing)
     return model.to(device)
 

@@ -86,6 +86,11 @@ class ModelConfig:
     # each decoder layer's per-token halves around its attention core compiled by torch.compile (Inductor
     # fuses the norms, casts, residual adds, RoPE and SwiGLU around the GEMMs; trainer/compile_layers.py)
     compile_layers: bool = False
+    # The residual stream (the embedding's output, each layer's input and output): fp32, as autocast over fp32
+    # weights leaves it, or bf16 as Megatron-LM keeps it by default (no fp32_residual_connection) and as models
+    # with bf16 weights do: half the bytes of every layer's saved input and of the stream's memory passes.
+    # Needs model.dtype=bf16 (under fp32 the stream is fp32).
+    residual_dtype: str = "fp32"
 
     def validate(self) -> None:
         _choice("model.arch", self.arch, ("llama", "qwen2"))
@@ -100,6 +105,10 @@ class ModelConfig:
                               "and recompiles for every new token count); tile whole layers instead "
                               "(model.layer_tile_tokens, whose tiles run the compiled parts), or set "
                               "model.mlp_tile_tokens=0 or model.compile_layers=false")
+        _choice("model.residual_dtype", self.residual_dtype, ("fp32", "bf16"))
+        if self.residual_dtype == "bf16" and self.dtype != "bf16":
+            raise ConfigError(f"model.residual_dtype=bf16 with model.dtype={self.dtype}: a bf16 residual stream is a "
+                              "choice under bf16 autocast; set model.dtype=bf16 or model.residual_dtype=fp32")
         if self.linear_dtype == "fp8" and self.dtype != "bf16":
             raise ConfigError(f"model.linear_dtype=fp8 with model.dtype={self.dtype}: float8 linears train with bf16 "
                               "autocast around them; set model.dtype=bf16")

@@ -38,22 +38,29 @@ def _attention_saved_bytes(dims: ModelDims, act: int) -> float:
     return float(act * (2 * q + 2 * kv) + 4 * dims.num_heads)
 
 
+def _residual_bytes(model_cfg: ModelConfig) -> int:
+    """Bytes of a residual-stream value: a layer's input, which checkpointing and tiled layers keep."""
+    return 2 if model_cfg.residual_dtype == "bf16" else 4
+
+
 def layer_saved_bytes(dims: ModelDims, model_cfg: ModelConfig) -> float:
     """Bytes one token keeps for backward in one decoder layer that is not recomputed."""
     h, f = dims.hidden_size, dims.intermediate_size
     autocast = model_cfg.dtype == "bf16"
-    act, stream = _activation_bytes(model_cfg), 4
+    act, stream, residual = _activation_bytes(model_cfg), 4, _residual_bytes(model_cfg)
     attention = _attention_saved_bytes(dims, act)
     # A tiled layer keeps its input and attention's tensors; the rest is a tile's (layer_tile_working_bytes).
     if model_cfg.layer_tile_tokens:
-        return float(stream * h + attention)
+        return float(residual * h + attention)
     if model_cfg.compile_layers and autocast:
         # Inductor's partitioner (counted: tests/test_memory_model.py) keeps no fp32 tensor but the layer's
-        # input and each norm's 1/rms: besides attention's, three hidden-sized bf16 tensors (each norm's
-        # output once, shared by its linears), three of the MLP's width and RoPE's cos and sin in bf16;
-        # it recomputes the residual adds and casts in backward.
-        return float(stream * h + 3 * act * h + 3 * act * f + 2 * stream + 2 * act * dims.head_dim + attention)
-    # Norm inputs (fp32 stream), each linear's own cast of the normed input (shared without autocast).
+        # input (bf16 with model.residual_dtype=bf16) and each norm's 1/rms: besides attention's, three
+        # hidden-sized bf16 tensors (each norm's output once, shared by its linears), three of the MLP's width
+        # and RoPE's cos and sin in bf16; it recomputes the residual adds and casts in backward.
+        return float(residual * h + 3 * act * h + 3 * act * f + 2 * stream + 2 * act * dims.head_dim + attention)
+    # Norm inputs (fp32 stream; an eager norm of a bf16 stream under autocast still keeps fp32 copies, so
+    # a bf16 residual is not counted smaller here), each linear's own cast of the normed input (shared
+    # without autocast).
     norms = 2 * stream * h
     attn_inputs = 3 * act * h if autocast else stream * h
     mlp_inputs = 2 * act * h if autocast else stream * h
@@ -76,13 +83,14 @@ def activation_bytes_per_token(dims: ModelDims, model_cfg: ModelConfig) -> float
     """Device bytes per token of a micro-batch, every layer together, at the step's peak.
 
     Without recompute every layer's saved tensors, plus one layer's worth of gradients in flight
-    during its backward. With recompute each layer's fp32 input, plus the recomputed layer's saved
-    tensors and its gradients. An untiled, unfused loss adds the whole logits per token (bf16,
-    their fp32 copy and its gradient); Liger adds its fp32 gradient of the hidden states."""
+    during its backward. With recompute each layer's input (fp32, or bf16 under
+    ``model.residual_dtype=bf16``), plus the recomputed layer's saved tensors and its gradients. An
+    untiled, unfused loss adds the whole logits per token (bf16, their fp32 copy and its gradient); Liger
+    adds its fp32 gradient of the hidden states."""
     saved = layer_saved_bytes(dims, model_cfg)
     stream = 4
     if model_cfg.activation_checkpointing:
-        per_token = dims.num_layers * stream * dims.hidden_size + 2 * saved
+        per_token = dims.num_layers * _residual_bytes(model_cfg) * dims.hidden_size + 2 * saved
     else:
         per_token = (dims.num_layers + 1) * saved
     if model_cfg.loss_kernel == "liger":

@@ -347,8 +347,19 @@ class Backbone(nn.Module):
         self.rotary_emb = RotaryEmbedding(config, dims.head_dim)
 
 
+def to_residual(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``x`` as the residual stream carries it (``Transformer.residual_dtype``; None: as it is)."""
+    return x if dtype is None else x.to(dtype)
+
+
 class Transformer(nn.Module):
     """Llama / Qwen2 causal LM over one packed token stream (see the module docstring)."""
+
+    # The residual stream's dtype (``model.residual_dtype``). None keeps what the embedding gives: fp32
+    # with fp32 weights, under autocast too, since each residual add promotes the bf16 projection output.
+    # bf16 casts the embedding's output once; every add is then bf16 + bf16, so each layer's saved input,
+    # the gradient flowing down the stream and every memory pass over it take half the bytes.
+    residual_dtype: torch.dtype | None = None
 
     def __init__(self, config: transformers.PretrainedConfig) -> None:
         super().__init__()
@@ -406,7 +417,7 @@ class Transformer(nn.Module):
                 f"meta.position_ids has shape {tuple(meta.position_ids.shape)} but input_ids has "
                 f"{tuple(input_ids.shape)}; build both from the same batch layout (shard_tokens)"
             )
-        x = self.model.embed_tokens(input_ids)
+        x = to_residual(self.model.embed_tokens(input_ids), self.residual_dtype)
         cos, sin = self.model.rotary_emb(meta.position_ids)
         for layer in self.model.layers:
             x = layer(x, cos, sin, meta)
