@@ -270,16 +270,18 @@ def test_cudnn_buckets_cover_every_length_once():
 
 
 def test_warming_builds_every_graph_training_meets(monkeypatch):
-    """After ``warm_cudnn_graphs`` up to 110 tokens for 4 heads and 90 for 2, no document within those
-    lengths builds a graph; longer ones and other head counts still do."""
-    assert warm_cudnn_graphs({4: 110}, 16, 0.25, torch.float32, torch.device("cpu")) == 0  # auto: not cuDNN on CPU
+    """After ``warm_cudnn_graphs`` up to 110 tokens for 4 query / 4 KV heads and 90 for 2 / 1, no document
+    within those lengths builds a graph; longer ones and other head counts (query or KV) still do."""
+    assert warm_cudnn_graphs({(4, 4): 110}, 16, 0.25, torch.float32, torch.device("cpu")) == 0  # not cuDNN on CPU
     _stub_cudnn(monkeypatch)
-    built = warm_cudnn_graphs({4: 110, 2: 90}, 16, 0.25, torch.float32, torch.device("cpu"), backend="cudnn")
+    built = warm_cudnn_graphs({(4, 4): 110, (2, 1): 90}, 16, 0.25, torch.float32, torch.device("cpu"),
+                              backend="cudnn")
     assert built == len(cudnn_buckets(110)) + len(cudnn_buckets(90))
     assert new_graphs([37, 2, 5, 101, 3, 64, 110], 4, 4) == {}
     assert new_graphs([31, 55, 90], 2, 1) == {}
     assert new_graphs([100], 2, 1) == {"cudnn_graph": 2}  # longer than warmed for 2 heads
     assert new_graphs([37], 8, 8) == {"cudnn_graph": 2}
+    assert new_graphs([37], 4, 2) == {"cudnn_graph": 2}  # cuDNN takes KV heads as they are: another graph
 
 
 def test_cudnn_graph_builds_are_noted_once_per_bucket_and_direction(monkeypatch):

@@ -26,8 +26,8 @@ def _setup(monkeypatch, **sections):
 
 
 def test_each_group_size_warms_its_heads_up_to_what_it_holds(monkeypatch):
-    """Adaptive over 4 ranks: sizes 1, 2, 4 run 8, 4, 2 heads per rank (Ulysses), each up to the
-    longest document its memory holds, capped by data.max_seq_len."""
+    """Adaptive over 4 ranks: sizes 1, 2, 4 run 8/4, 4/2, 2/1 query/KV heads per rank (Ulysses), each up
+    to the longest document its memory holds, capped by data.max_seq_len."""
     cfg, net, cost_model, _ = _setup(monkeypatch, scheduler={"policy": "adaptive"})
     cap = {d: cost_model.capacity(d) for d in (1, 2, 4)}
     assert cap[1] < cap[2] < cap[4]
@@ -35,7 +35,7 @@ def test_each_group_size_warms_its_heads_up_to_what_it_holds(monkeypatch):
                                          data={"max_seq_len": cap[2]})
     assert warm(net, cfg, Mesh(4, 0), cost_model, torch.device("cuda")) == 3
     (longest, head_dim, scale, dtype, device, backend), = calls
-    assert longest == {8: cap[1], 4: cap[2], 2: cap[2]}
+    assert longest == {(8, 4): cap[1], (4, 2): cap[2], (2, 1): cap[2]}
     assert (head_dim, scale, dtype, backend) == (32, 32**-0.5, torch.bfloat16, "auto")
 
 
@@ -43,8 +43,21 @@ def test_static_policy_warms_its_one_degree_and_the_switch_turns_it_off(monkeypa
     cfg, net, cost_model, calls = _setup(monkeypatch, scheduler={"policy": "static", "sp": 2},
                                          data={"max_seq_len": 4096})
     warm(net, cfg, Mesh(4, 0), cost_model, torch.device("cuda"))
-    assert calls[0][0] == {4: 4096}
+    assert calls[0][0] == {(4, 2): 4096}
     cfg, net, cost_model, calls = _setup(monkeypatch, parallel={"warm_attention": False})
     assert warm(net, cfg, Mesh(4, 0), cost_model, torch.device("cuda")) == 0
     assert warm(net, config_from_dict({}), Mesh(1, 0), cost_model, torch.device("cpu")) == 0
     assert calls == []
+
+
+def test_rank_head_counts_follow_the_ulysses_head_split():
+    """32/8 heads: halves and sixteenths keep GQA groups whole; thirds (11, 11, 10 query heads) cut through
+    groups of 4, so those ranks get their KV heads repeated to one per query head; 6/2 over 4 ranks mixes
+    whole groups (2/1), a cut group (2/2 regular after the cut) and single heads."""
+    from seqmesh.parallel.sequence.ulysses import rank_head_counts
+
+    assert rank_head_counts(32, 8, 1) == {(32, 8)}
+    assert rank_head_counts(32, 8, 2) == {(16, 4)}
+    assert rank_head_counts(32, 8, 16) == {(2, 1)}
+    assert rank_head_counts(32, 8, 3) == {(11, 11), (10, 10)}
+    assert rank_head_counts(6, 2, 4) == {(2, 1), (2, 2), (1, 1)}

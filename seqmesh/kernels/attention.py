@@ -231,6 +231,10 @@ def doc_runs(cu_q: Sequence[int], cu_k: Sequence[int], min_tokens: int) -> list[
     return runs
 
 
+# Whether cuDNN's dense attention ops take K/V with fewer heads than Q (``_kv_heads_for_cudnn``).
+_CUDNN_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 11)
+
+
 def _kv_heads_for_cudnn(x: Tensor, group: int) -> Tensor:
     """K or V as cuDNN's dense kernels take them. From torch 2.11 they take fewer KV heads than query heads
     (query head h reads KV head h // group, the GQA convention of the flash kernels): measured on an H100
@@ -239,9 +243,6 @@ def _kv_heads_for_cudnn(x: Tensor, group: int) -> Tensor:
     per token at the Llama-8B shape, ~12 KB of it still held in backward). Earlier torch versions get the
     heads repeated, their dk/dv summed back by the caller."""
     return x if group == 1 or _CUDNN_GQA else x.repeat_interleave(group, dim=1)
-
-
-_CUDNN_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 11)
 
 
 def bucket_length(n: int) -> int:
@@ -265,10 +266,10 @@ def cudnn_buckets(max_tokens: int) -> list[int]:
     return buckets
 
 
-def warm_cudnn_graphs(longest: Mapping[int, int], head_dim: int, scale: float, dtype: torch.dtype,
+def warm_cudnn_graphs(longest: Mapping[tuple[int, int], int], head_dim: int, scale: float, dtype: torch.dtype,
                       device: torch.device, backend: str = "auto") -> int:
-    """Build the cuDNN graphs (forward and backward) of every bucket up to ``longest[h]`` tokens for
-    each per-rank head count ``h``, before training; returns how many buckets were run.
+    """Build the cuDNN graphs (forward and backward) of every bucket up to ``longest[(hq, hkv)]`` tokens for
+    each per-rank pair of query and KV head counts, before training; returns how many buckets were run.
 
     Why up front: a long-tail length mix keeps meeting new buckets for many steps. On 2x H200
     (Llama-1B shape, 14 steps, longest 98K) 13 steps built 4-24 graphs each at ~40-60 ms a graph,
@@ -280,14 +281,15 @@ def warm_cudnn_graphs(longest: Mapping[int, int], head_dim: int, scale: float, d
     131 s with the warm-up against 122 s without it, its steps no longer paying for graphs.
     """
     built = 0
-    for h, top in sorted(longest.items()):
-        if resolve_backend(backend, torch.empty(1, h, head_dim, dtype=dtype, device=device)) != "cudnn":
+    for (hq, hkv), top in sorted(longest.items()):
+        if resolve_backend(backend, torch.empty(1, hq, head_dim, dtype=dtype, device=device)) != "cudnn":
             continue
         for m in cudnn_buckets(top):
-            x = torch.zeros(m, h, head_dim, dtype=dtype, device=device)
+            q = torch.zeros(m, hq, head_dim, dtype=dtype, device=device)
+            kv = torch.zeros(m, hkv, head_dim, dtype=dtype, device=device)
             cu = cu_seqlens_table([m], device)
-            out, lse = attention_forward(x, x, x, cu, cu, m, m, causal=True, scale=scale, backend="cudnn")
-            attention_backward(x, x, x, x, out, lse, cu, cu, m, m, causal=True, scale=scale, backend="cudnn")
+            out, lse = attention_forward(q, kv, kv, cu, cu, m, m, causal=True, scale=scale, backend="cudnn")
+            attention_backward(q, q, kv, kv, out, lse, cu, cu, m, m, causal=True, scale=scale, backend="cudnn")
             built += 1
     return built
 
@@ -318,7 +320,7 @@ def _cudnn_doc_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[T
     real query sees a padding key, so the real rows come out as without padding."""
     n, group = q.shape[0], q.shape[1] // k.shape[1]
     m = bucket_length(n)
-    first_use.first("cudnn_graph", ("forward", m, *q.shape[1:], q.dtype, q.device))
+    first_use.first("cudnn_graph", ("forward", m, *q.shape[1:], k.shape[1], q.dtype, q.device))
     out, lse = _cudnn_dense_forward(*(_pad_tokens(x, m) for x in (q, _kv_heads_for_cudnn(k, group),
                                                                    _kv_heads_for_cudnn(v, group))), scale)
     return out[:n], lse[:, :n]
@@ -330,7 +332,7 @@ def _cudnn_doc_backward(dout, q, k, v, out, lse, scale) -> tuple[Tensor, Tensor,
     so they add nothing to the real rows' gradients."""
     (n, hkv, d), group = k.shape, q.shape[1] // k.shape[1]
     m = bucket_length(n)
-    first_use.first("cudnn_graph", ("backward", m, *q.shape[1:], q.dtype, q.device))
+    first_use.first("cudnn_graph", ("backward", m, *q.shape[1:], hkv, q.dtype, q.device))
     padded = (_pad_tokens(x, m) for x in (dout, q, _kv_heads_for_cudnn(k, group), _kv_heads_for_cudnn(v, group),
                                           out))
     dq, dk, dv = _cudnn_dense_backward(*padded, F.pad(lse, (0, m - n)), scale)

@@ -21,6 +21,7 @@ from seqmesh.parallel.tensor import tensor_parallel
 from seqmesh.parallel.zero import ZeroOptimizer
 from seqmesh.parallel.zero3 import Zero3Optimizer
 from seqmesh.parallel.sequence import sp_degrees
+from seqmesh.parallel.sequence.ulysses import rank_head_counts
 from seqmesh.scheduler import CostModel, default_cost_model
 from seqmesh.scheduler.links import load_cluster
 from seqmesh.scheduler.sp_comm import AttentionComm
@@ -310,12 +311,12 @@ def warm_attention(model: torch.nn.Module, parallel: ParallelConfig, scheduler: 
         sizes = plannable_sizes(mesh.hdp, cost_model, scheduler.group_sizes)
     else:
         sizes = (scheduler.sp,)
-    longest: dict[int, int] = {}
+    longest: dict[tuple[int, int], int] = {}
     for d in sizes:
         top = min(max_seq_len, cost_model.capacity(d))
         modes = cost_model.modes(d) if parallel.sp_mode == "auto" else (parallel.sp_mode,)
         for u in {1 if d == 1 else sp_degrees(m, d, parallel.ulysses_degree, attn.num_heads)[0] for m in modes}:
-            for heads in {attn.num_heads // u, -(-attn.num_heads // u)}:
+            for heads in rank_head_counts(attn.num_heads, attn.num_kv_heads, u):
                 longest[heads] = max(longest.get(heads, 0), top)
     torch_dtype = torch.bfloat16 if dtype == "bf16" else next(model.parameters()).dtype
     t0 = time.perf_counter()

@@ -89,6 +89,17 @@ def head_split(hq: int, hkv: int, degree: int) -> HeadSplit:
     return HeadSplit(q, kv, group)
 
 
+def rank_head_counts(hq: int, hkv: int, degree: int) -> set[tuple[int, int]]:
+    """The (query heads, KV heads) pairs the attention kernels of a Ulysses group of ``degree`` ranks are
+    called with: each rank's share of the heads, its KV heads repeated where its query heads cut through a
+    GQA group (``kv_expand_index``). What ahead-of-time kernel set-up (cuDNN graphs) must cover."""
+    split = head_split(hq, hkv, degree)
+    pairs = set()
+    for rank, ((qs, qe), (ks, ke)) in enumerate(zip(split.q, split.kv)):
+        pairs.add((qe - qs, qe - qs if split.kv_expand_index(rank) is not None else ke - ks))
+    return pairs
+
+
 @dataclass(frozen=True)
 class Row:
     """One Ulysses row: its ranks (global ranks, row order), this rank's index, tokens held by
