@@ -347,11 +347,6 @@ class Backbone(nn.Module):
         self.rotary_emb = RotaryEmbedding(config, dims.head_dim)
 
 
-def to_residual(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """``x`` as the residual stream carries it (``Transformer.residual_dtype``; None: as it is)."""
-    return x if dtype is None else x.to(dtype)
-
-
 class Transformer(nn.Module):
     """Llama / Qwen2 causal LM over one packed token stream (see the module docstring)."""
 
@@ -417,7 +412,8 @@ class Transformer(nn.Module):
                 f"meta.position_ids has shape {tuple(meta.position_ids.shape)} but input_ids has "
                 f"{tuple(input_ids.shape)}; build both from the same batch layout (shard_tokens)"
             )
-        x = to_residual(self.model.embed_tokens(input_ids), self.residual_dtype)
+        x = self.model.embed_tokens(input_ids)
+        x = x if self.residual_dtype is None else x.to(self.residual_dtype)
         cos, sin = self.model.rotary_emb(meta.position_ids)
         for layer in self.model.layers:
             x = layer(x, cos, sin, meta)

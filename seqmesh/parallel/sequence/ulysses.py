@@ -223,14 +223,16 @@ class _Ulysses(torch.autograd.Function):
             returning.append(row.to_tokens([oh], [cq], [out], [False]))
         for finish in returning:
             finish()
-        ctx.save_for_backward(*saved, cu)
-        ctx.args = (plan, max_len, causal, scale, backend, k.shape)
+        ctx.save_for_backward(*saved)
+        # The boundary table itself (as ``_VarlenAttention`` keeps it): a saved-tensor hook's copy would
+        # lose its host offsets and read them back from the device in backward.
+        ctx.args = (cu, plan, max_len, causal, scale, backend, k.shape)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        *saved, cu = ctx.saved_tensors
-        plan, max_len, causal, scale, backend, kv_shape = ctx.args
+        saved = ctx.saved_tensors
+        cu, plan, max_len, causal, scale, backend, kv_shape = ctx.args
         row = plan.row
         incoming = [row.to_heads([dout], [cq]) for cq, _ in plan.chunks]
         replicated = not plan.split.kv_disjoint
