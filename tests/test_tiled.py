@@ -18,8 +18,8 @@ from seqmesh.parallel.sequence import make_sp_batch
 from seqmesh.trainer.config import ConfigError, config_from_dict
 from seqmesh.trainer.loss import token_loss_sum
 from seqmesh.trainer.model import MLP, Transformer, model_dims, tiny_config
-from seqmesh.trainer.tiled import (TiledDecoderLayer, TiledMLP, apply_tiled_layers, apply_tiled_mlp, lm_loss_sum,
-                                   tiled_token_loss_sum)
+from seqmesh.trainer.tiled import TiledMLP, apply_tiled_mlp, lm_loss_sum, tiled_token_loss_sum
+from seqmesh.trainer.tiled_layer import TiledDecoderLayer, apply_tiled_layers, tile_blocks
 from seqmesh.trainer.working_set import track_working_set
 from tests.conftest import cost_model_of, merged, tiny_overrides, tiny_run_config
 from tests.distributed import run_distributed
@@ -253,12 +253,53 @@ def test_tiled_layer_composes_with_checkpointing_and_tiled_mlp() -> None:
     got = (got[0], got[1], {k.replace("_checkpoint_wrapped_module.", ""): v for k, v in got[2].items()})
     for name, a, b in _pairs(ref, got):
         torch.testing.assert_close(b, a, rtol=0, atol=n * eps * a.abs().max().item(), msg=name)
-    with torch.no_grad():
+    with torch.no_grad():  # a stream no longer than a tile: the plain layer's forward (its MLP still tiled by 5
+        # rows, whose GEMMs may round otherwise than the 9-row one's on some CPUs: the same bound)
         short = x[:9]
-        assert torch.equal(tiled[0](short, cos[:9], sin[:9], make_sp_batch((9,), "local", None, backend="math")),
-                           layers[0](short, cos[:9], sin[:9], make_sp_batch((9,), "local", None, backend="math")))
+        want = layers[0](short, cos[:9], sin[:9], make_sp_batch((9,), "local", None, backend="math"))
+        got = tiled[0](short, cos[:9], sin[:9], make_sp_batch((9,), "local", None, backend="math"))
+        torch.testing.assert_close(got, want, rtol=0, atol=n * eps * want.abs().max().item())
     with pytest.raises(ValueError, match="not seqmesh's DecoderLayer"):
         apply_tiled_layers(nn.ModuleList([nn.Linear(2, 2)]), 4)
+
+
+def test_tile_blocks_split_a_query_tile_into_its_own_documents_and_one_prefix() -> None:
+    """Queries [16, 32) of documents at 0, 23, 32: the tile against itself (documents cut at 23, causal) and
+    the first document's rows of the tile against that document's keys before the tile."""
+    diag, prefix = tile_blocks([0, 23, 32, 50], 16, 32, torch.device("cpu"))
+    assert (diag.q, diag.k, diag.causal, diag.cu_q.tolist(), diag.max_q) == (slice(16, 32), slice(16, 32), True,
+                                                                             [0, 7, 16], 9)
+    assert (prefix.q, prefix.k, prefix.causal, prefix.cu_q.tolist(), prefix.cu_k.tolist()) == (
+        slice(16, 23), slice(0, 16), False, [0, 7], [0, 16])
+    assert len(tile_blocks([0, 16, 50], 16, 32, torch.device("cpu"))) == 1  # a document starts with the tile
+    assert tile_blocks([0, 50], 32, 48, torch.device("cpu"))[1].k == slice(0, 32)
+
+
+@pytest.mark.parametrize("docs,tile", [((50,), 16), ((50,), 7), ((23, 9, 18), 16), ((5, 40, 5), 8)])
+def test_query_tiled_attention_matches_the_layer_on_the_cpu_kernel(monkeypatch: pytest.MonkeyPatch,
+                                                                  docs: tuple[int, ...], tile: int) -> None:
+    """The local-attention path on the CPU flash kernel: no attention call sees more queries than a tile, and
+    the output and every gradient equal the plain layer's within fp32 rounding of the longest sum (the merge
+    of a tile's two blocks is one more rounded combination per query row)."""
+    import seqmesh.trainer.tiled_layer as tiled_layer
+
+    layers, x, _, _, _ = _layer_and_inputs()
+    meta = make_sp_batch(docs, "local", None, backend="cpu_flash")
+    cos, sin = Transformer(tiny_config(num_hidden_layers=1, **LAYER_DIMS)).model.rotary_emb(meta.position_ids)
+    x = x[:sum(docs)]
+    tiled = copy.deepcopy(layers)
+    apply_tiled_layers(tiled, tile)
+    rows = []
+    for name, q_arg in (("attention_forward", 0), ("attention_backward", 1)):
+        kernel = getattr(tiled_layer, name)
+        monkeypatch.setattr(tiled_layer, name,
+                            lambda *a, _k=kernel, _i=q_arg, **kw: (rows.append(a[_i].shape[0]), _k(*a, **kw))[1])
+    grad = torch.randn_like(x)
+    n, eps = max(sum(docs), LAYER_DIMS["intermediate_size"], H), torch.finfo(torch.float32).eps
+    for name, ref, got in _pairs(_run_layer(layers, x, cos, sin, meta, grad, False),
+                                 _run_layer(tiled, x, cos, sin, meta, grad, False)):
+        torch.testing.assert_close(got, ref, rtol=0, atol=n * eps * ref.abs().max().item(), msg=name)
+    assert rows and max(rows) <= tile, rows
 
 
 def test_working_set_counts_live_storages_not_views() -> None:

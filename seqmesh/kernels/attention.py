@@ -500,6 +500,16 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                                                            causal, scale)
 
 
+def merge_partial(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> None:
+    """Fold one key block's ``(out, lse)`` into the running result of the same query rows, in place and in
+    fp32 (``acc_out`` [Tq, Hq, D] fp32, ``acc_lse`` [Hq, Tq]): softmax-weighted by the blocks' LSEs, written as
+    sigmoid/logsigmoid of their difference so that a block with LSE -inf (no keys) changes nothing. In bf16
+    the error would grow with the number of blocks merged."""
+    diff = lse - acc_lse
+    acc_out.lerp_(out.float(), torch.sigmoid(diff).t().unsqueeze(-1))
+    acc_lse.sub_(F.logsigmoid(-diff))
+
+
 class _VarlenAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, scale, backend):

@@ -58,7 +58,8 @@ from torch import Tensor, nn
 
 from seqmesh import first_use
 from seqmesh.trainer.model import BatchMeta, DecoderLayer
-from seqmesh.trainer.tiled import TiledDecoderLayer, TiledMLP
+from seqmesh.trainer.tiled import TiledMLP
+from seqmesh.trainer.tiled_layer import TiledDecoderLayer
 
 
 @functools.cache

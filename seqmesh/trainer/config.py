@@ -74,8 +74,8 @@ class ModelConfig:
     activation_checkpointing: bool = False
     mlp_tile_tokens: int = 0   # the MLP a tile of this many tokens at a time (ALST's TiledMLP; 0: off)
     loss_tile_tokens: int = 0  # the loss a tile at a time, logits never whole (0: off)
-    # each decoder layer's per-token parts (norms, projections, RoPE, residuals, MLP) a tile of this many
-    # tokens at a time, attention whole (trainer/tiled.py's TiledDecoderLayer; 0: off)
+    # each decoder layer a tile of this many tokens at a time: its per-token parts, and attention too a tile
+    # of queries at a time where it runs on this process (trainer/tiled_layer.py's TiledDecoderLayer; 0: off)
     layer_tile_tokens: int = 0
     # torch: the loss above; liger: Liger-Kernel's fused linear + cross-entropy (CUDA), chunks of
     # loss_tile_tokens (or 8192) tokens, three head products instead of the tiled loss's four.

@@ -20,8 +20,8 @@ between the phases (``build.py``)
      ``offload.params``, ZeRO-1/2's flat buffers (built on the host) hold the master weights, decoder
      layers are streamed to the device around each use, and the cost model keeps only what stays there;
 phase 2, ``apply_tiling_and_offload`` (on this rank's layers, once the cost model exists: ``build.apply_offload``)
-  6. tiled MLP and tiled layers (``trainer/tiled.py``): the MLP, and each layer's per-token parts, run a tile
-     of tokens at a time;
+  6. tiled MLP and tiled layers (``trainer/tiled.py``, ``trainer/tiled_layer.py``): the MLP, and each layer
+     (its attention a tile of queries at a time where it is local), run a tile of tokens at a time;
   7. activation offload (``parallel/offload``): saved activations to host memory or NVMe, as much as
      the cost model says the transfers hide behind compute (``offload.ratio=auto``);
   9. regional compilation (``trainer/compile_layers.py``, ``model.compile_layers``): each layer's per-token
@@ -48,7 +48,8 @@ from seqmesh.parallel.offload import attach_offload
 from seqmesh.parallel.sequence import apply_sequence_parallel
 from seqmesh.parallel.tensor import apply_tensor_parallel
 from seqmesh.trainer.compile_layers import apply_compile_layers
-from seqmesh.trainer.tiled import apply_tiled_layers, apply_tiled_mlp
+from seqmesh.trainer.tiled import apply_tiled_mlp
+from seqmesh.trainer.tiled_layer import apply_tiled_layers
 
 
 def held_layers(model: CausalLM) -> list[nn.Module]:

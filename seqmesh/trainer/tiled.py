@@ -1,12 +1,11 @@
-"""Sequence tiling for the longest contexts: the loss, the MLP and whole decoder layers a tile of tokens at a time.
+"""Sequence tiling for the longest contexts: the loss and the MLP a tile of tokens at a time.
 
 At 500K tokens the logits of a 128K vocabulary are 250 GB in fp32 and a Llama-8B MLP's
 intermediates tens of GB; both are token-wise, so computing them tile by tile (ALST's tiled loss and
 TiledMLP) makes the peak one tile's worth. Each is an autograd function that keeps only its input
 and recomputes a tile's forward inside backward (the MLP then runs twice, three times under
-checkpointing; the loss's extra cost is one more ``lm_head`` matmul). ``TiledDecoderLayer`` does the
-same for everything in a layer but attention (norms, projections, RoPE, residuals), which is what a
-checkpointed layer's recompute and backward hold per token once the MLP and loss are tiled.
+checkpointing; the loss's extra cost is one more ``lm_head`` matmul). Whole decoder layers are tiled
+the same way in ``trainer/tiled_layer.py``, on the helpers here.
 
 Why not DeepSpeed's ``TiledFusedLogitsLoss``/``TiledMLP``: its loss computes the weight gradient
 inside forward assuming an upstream gradient of 1, which is wrong under seqmesh's division by the
@@ -26,18 +25,17 @@ from torch import Tensor, nn
 from seqmesh.kernels.fused_loss import liger_linear_cross_entropy_sum
 from seqmesh.trainer.data.packing import IGNORE_INDEX
 from seqmesh.trainer.loss import token_loss_sum
-from seqmesh.trainer.model import BatchMeta, DecoderLayer
 
 # How the untensor-parallel loss is computed (``model.loss_kernel``): torch (logits whole, or tiled by
 # ``model.loss_tile_tokens``) or Liger-Kernel's fused linear + cross-entropy (CUDA only).
 LOSS_KERNELS = ("torch", "liger")
 
 
-def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
+def autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
     return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
-def _tiles(n: int, tile: int) -> list[tuple[int, int]]:
+def tiles(n: int, tile: int) -> list[tuple[int, int]]:
     return [(a, min(a + tile, n)) for a in range(0, n, tile)]
 
 
@@ -47,9 +45,9 @@ class _TiledLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, tile: int) -> Tensor:
         ctx.save_for_backward(hidden, weight, labels)
-        ctx.tile, ctx.autocast = tile, _autocast_state(hidden.device.type)
+        ctx.tile, ctx.autocast = tile, autocast_state(hidden.device.type)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for a, b in _tiles(hidden.shape[0], tile):
+        for a, b in tiles(hidden.shape[0], tile):
             total += token_loss_sum(F.linear(hidden[a:b], weight), labels[a:b])
         return total
 
@@ -61,7 +59,7 @@ class _TiledLinearCrossEntropy(torch.autograd.Function):
         dw = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         w = weight.detach().requires_grad_(dw is not None)
         with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            for a, b in _tiles(hidden.shape[0], ctx.tile):
+            for a, b in tiles(hidden.shape[0], ctx.tile):
                 h = hidden[a:b].detach().requires_grad_(dh is not None)
                 loss = token_loss_sum(F.linear(h, w), labels[a:b])
                 wanted = [t for t in (h, w) if t.requires_grad]
@@ -117,11 +115,11 @@ class _TiledRows(torch.autograd.Function):
         inputs = tensors[:n_inputs]
         ctx.save_for_backward(*inputs)
         ctx.fn, ctx.tile, ctx.params = fn, tile, tensors[n_inputs:]
-        ctx.autocast = _autocast_state(inputs[0].device.type)
+        ctx.autocast = autocast_state(inputs[0].device.type)
         rows = inputs[0].shape[0]
         outs: list[Tensor] = []
         with torch.no_grad():
-            for a, b in _tiles(rows, tile):
+            for a, b in tiles(rows, tile):
                 ys = fn(*(t[a:b] for t in inputs))
                 if not outs:
                     outs = [y.new_empty((rows, *y.shape[1:])) for y in ys]
@@ -138,7 +136,7 @@ class _TiledRows(torch.autograd.Function):
         dins = [torch.empty_like(t) if need else None for t, need in zip(inputs, need_in)]
         dps = [torch.zeros_like(p, dtype=torch.float32) if need else None for p, need in zip(params, need_p)]
         with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            for a, b in _tiles(inputs[0].shape[0], ctx.tile):
+            for a, b in tiles(inputs[0].shape[0], ctx.tile):
                 xs = [t[a:b].detach().requires_grad_(need) for t, need in zip(inputs, need_in)]
                 ys = ctx.fn(*xs)
                 wanted = [x for x in xs if x.requires_grad] + [p for p, dp in zip(params, dps) if dp is not None]
@@ -163,7 +161,7 @@ def tiled_rows(fn: Callable[..., tuple[Tensor, ...]], inputs: tuple[Tensor, ...]
     return _TiledRows.apply(len(inputs), fn, int(tile_tokens), *inputs, *params)
 
 
-def _grad_params(module: nn.Module) -> list[Tensor]:
+def grad_params(module: nn.Module) -> list[Tensor]:
     """Parameters of ``module`` that the running forward must differentiate (none under no_grad)."""
     return [p for p in module.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
 
@@ -191,7 +189,7 @@ class TiledMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[0] <= self.tile_tokens:
             return self.inner(x)
-        return tiled_rows(lambda t: (self.inner(t),), (x,), _grad_params(self), self.tile_tokens)[0]
+        return tiled_rows(lambda t: (self.inner(t),), (x,), grad_params(self), self.tile_tokens)[0]
 
     def extra_repr(self) -> str:
         return f"tile_tokens={self.tile_tokens}"
@@ -205,56 +203,3 @@ def apply_tiled_mlp(layers: nn.ModuleList, tile_tokens: int) -> None:
             raise ValueError(f"apply_tiled_mlp: layer {type(inner).__name__} has no 'mlp' module to tile")
         if not isinstance(inner.mlp, TiledMLP):
             inner.mlp = TiledMLP(inner.mlp, tile_tokens)
-
-
-class TiledDecoderLayer(DecoderLayer):
-    """A decoder layer whose per-token work runs ``tile_tokens`` tokens at a time (ALST's sequence tiling).
-
-    Attention is the only part of a layer that mixes tokens, so the layer is computed as three
-    ops: (1) input norm, Q/K/V projections and RoPE (``attention_inputs``), tiled; (2) attention over
-    the whole Q, K, V (the core, as the plain layer calls it: varlen kernels or sequence-parallel
-    attention); (3) O projection, residual, post-attention norm, MLP and residual (``after_attention``),
-    tiled. The tiled ops keep only their inputs and recompute a tile inside backward, so a layer (or
-    a checkpointed layer's recompute and backward) holds the whole-length Q, K, V, attention output
-    and residual stream, never the whole-length norm outputs, projection inputs, RoPE temporaries or
-    MLP intermediates. The price is one more forward of the per-token parts in backward.
-
-    ``apply_tiled_layers`` turns a ``DecoderLayer`` into this class in place (as FSDP2's
-    ``fully_shard`` swaps a module's class), so children, hooks, parameter names and state dicts
-    stay those of the plain layer, and a tiled MLP inside (``model.mlp_tile_tokens``) still composes.
-    """
-
-    tile_tokens: int
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta: BatchMeta) -> Tensor:
-        if x.shape[0] <= self.tile_tokens:
-            return self.split_forward(x, cos, sin, meta)
-        attn = self.self_attn
-        qkv_params = _grad_params(self.input_layernorm) + [
-            p for m in (attn.q_proj, attn.k_proj, attn.v_proj) for p in _grad_params(m)]
-        q, k, v = tiled_rows(self.attention_inputs, (x, cos, sin), qkv_params, self.tile_tokens)
-        out = attn.core(q, k, v, meta, attn.head_dim**-0.5)
-        out_params = [p for m in (attn.o_proj, self.post_attention_layernorm, self.mlp) for p in _grad_params(m)]
-        return tiled_rows(lambda h, o: (self.after_attention(h, o),), (x, out), out_params, self.tile_tokens)[0]
-
-    def extra_repr(self) -> str:
-        return f"tile_tokens={self.tile_tokens}"
-
-
-def apply_tiled_layers(layers: nn.ModuleList | nn.ModuleDict, tile_tokens: int) -> None:
-    """Tile every decoder layer of ``layers`` by ``tile_tokens`` tokens (``TiledDecoderLayer``), in place.
-
-    Before or after activation checkpointing (a wrapped layer is tiled inside its wrapper); a layer
-    already tiled keeps its tile size.
-    """
-    if tile_tokens < 1:
-        raise ValueError(f"apply_tiled_layers: tile_tokens must be >= 1, got {tile_tokens}")
-    for layer in (layers.values() if isinstance(layers, nn.ModuleDict) else layers):
-        inner = getattr(layer, "_checkpoint_wrapped_module", layer)
-        if isinstance(inner, TiledDecoderLayer):
-            continue
-        if type(inner) is not DecoderLayer:
-            raise ValueError(f"apply_tiled_layers: {type(inner).__name__} is not seqmesh's DecoderLayer; sequence "
-                             "tiling computes the plain layer's attention inputs and MLP itself")
-        inner.__class__ = TiledDecoderLayer
-        inner.tile_tokens = int(tile_tokens)

@@ -22,10 +22,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
-from seqmesh.kernels.attention import attention_backward, attention_forward, cu_seqlens_table
+from seqmesh.kernels.attention import attention_backward, attention_forward, cu_seqlens_table, merge_partial
 from seqmesh.parallel.sequence.comm import RingExchange
 from seqmesh.parallel.sequence.layout import Layout
 
@@ -76,14 +75,6 @@ def blocks(parts: list[tuple[Part, Part]], r: int, s: int, causal: bool) -> list
     return [Block(qb, ka, False, False), Block(qb, kb, False, False)]
 
 
-def _merge(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> None:
-    """acc <- softmax-weighted combination of acc and a new block, in place, in fp32; written as
-    sigmoid/logsigmoid of the LSE difference so a block with LSE -inf (no keys) is a no-op."""
-    diff = lse - acc_lse
-    acc_out.lerp_(out.float(), torch.sigmoid(diff).t().unsqueeze(-1))
-    acc_lse.sub_(F.logsigmoid(-diff))
-
-
 def _kv_numel(parts: list[tuple[Part, Part]], pos: int, heads: int, dim: int) -> int:
     return 2 * parts[pos][1].stop * heads * dim
 
@@ -117,7 +108,7 @@ class _ZigzagRingAttention(torch.autograd.Function):
                     acc_out[b.q.rows] = o
                     acc_lse[:, b.q.rows] = lse
                 else:
-                    _merge(acc_out[b.q.rows], acc_lse[:, b.q.rows], o, lse)
+                    merge_partial(acc_out[b.q.rows], acc_lse[:, b.q.rows], o, lse)
             if t + 1 < world:
                 comm.wait()
                 cur = nxt
