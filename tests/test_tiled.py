@@ -272,7 +272,9 @@ def test_tile_blocks_split_a_query_tile_into_its_own_documents_and_one_prefix() 
     assert (prefix.q, prefix.k, prefix.causal, prefix.cu_q.tolist(), prefix.cu_k.tolist()) == (
         slice(16, 23), slice(0, 16), False, [0, 7], [0, 16])
     assert len(tile_blocks([0, 16, 50], 16, 32, torch.device("cpu"))) == 1  # a document starts with the tile
-    assert tile_blocks([0, 50], 32, 48, torch.device("cpu"))[1].k == slice(0, 32)
+    # a longer prefix: a tile of keys a call, the last one shorter
+    assert [blk.k for blk in tile_blocks([0, 2, 50], 40, 48, torch.device("cpu"))[1:]] == [
+        slice(2, 10), slice(10, 18), slice(18, 26), slice(26, 34), slice(34, 40)]
 
 
 @pytest.mark.parametrize("docs,tile", [((50,), 16), ((50,), 7), ((23, 9, 18), 16), ((5, 40, 5), 8)])

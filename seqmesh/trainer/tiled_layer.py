@@ -13,9 +13,9 @@ LSE; and in backward the output gradient (given), the input gradient (returned) 
 and dV. Backward walks the tiles last to first: causal keys are attended only by their own and later
 queries, so when a tile is reached its dK and dV are complete and its Q/K/V projections can be
 differentiated at once, so Q, dQ, the attention output's gradient and the projections' inputs never
-exist at full length. The query tile's attention is two kernel calls (its own tokens, causally; the
-prefix of the document that crosses its start, not causally) merged by their LSEs as ring attention
-merges its blocks; no attention is recomputed. At the Llama-8B shape that is ~44 KB per token in
+exist at full length. A query tile's attention is its own tokens, causally, and the prefix of the
+document that crosses its start, not causally, a tile of keys a call, merged by their LSEs as ring
+attention merges its blocks; no attention is recomputed. At the Llama-8B shape that is ~44 KB per token in
 bf16 against ~90 for attention over the whole sequence.
 """
 
@@ -51,7 +51,10 @@ class _Block:
 def tile_blocks(offsets: Sequence[int], a: int, b: int, device: torch.device) -> list[_Block]:
     """The attention calls of queries ``[a, b)`` of a packed stream whose documents start at ``offsets``
     (cumulative, last = length): the tile against itself, causal within each document it holds, and, if
-    a document began before ``a``, that document's rows of the tile against its keys before ``a``."""
+    a document began before ``a``, that document's rows of the tile against its keys before ``a``, at most
+    ``b - a`` keys a call. Why the key chunks: a call's transient buffers grow with its keys (FlashAttention-2's
+    backward expands dK and dV to every query head, 16 KB per key at the Llama-8B shape), and a whole
+    prefix of a million keys would add that much per token to the peak."""
     cuts = [a, *(o for o in offsets if a < o < b), b]
     lengths = [e - s for s, e in itertools.pairwise(cuts)]
     diag = cu_seqlens_table(lengths, device)
@@ -59,8 +62,11 @@ def tile_blocks(offsets: Sequence[int], a: int, b: int, device: torch.device) ->
     start = max(o for o in offsets if o <= a)
     if start < a:
         end = min(next(o for o in offsets if o > a), b)
-        cu_q, cu_k = cu_seqlens_table([end - a], device), cu_seqlens_table([a - start], device)
-        blocks.append(_Block(slice(a, end), slice(start, a), cu_q, cu_k, end - a, a - start, False))
+        cu_q = cu_seqlens_table([end - a], device)
+        for c in range(start, a, b - a):
+            keys = min(b - a, a - c)
+            blocks.append(_Block(slice(a, end), slice(c, c + keys), cu_q, cu_seqlens_table([keys], device), end - a,
+                                 keys, False))
     return blocks
 
 
@@ -146,15 +152,16 @@ class _QueryTiledLayer(torch.autograd.Function):
 def _tile_attention(q: Tensor, keys: Tensor, values: Tensor, blocks: list[_Block], scale: float,
                     backend: str) -> tuple[Tensor, Tensor]:
     """A query tile's attention output and LSE: its blocks' results merged in fp32."""
-    diag, *rest = blocks
+    diag, *prefix = blocks
     out, lse = attention_forward(q, keys[diag.k], values[diag.k], diag.cu_q, diag.cu_k, diag.max_q, diag.max_k,
                                  causal=True, scale=scale, backend=backend)
-    for blk in rest:
-        rows = _rows(blk.q, diag.q.start)
+    if prefix:  # every prefix block has the same query rows: one fp32 accumulator for them all
+        rows = _rows(prefix[0].q, diag.q.start)
         acc_out, acc_lse = out[rows].float(), lse[:, rows].clone()
-        part = attention_forward(q[rows], keys[blk.k], values[blk.k], blk.cu_q, blk.cu_k, blk.max_q, blk.max_k,
-                                 causal=False, scale=scale, backend=backend)
-        merge_partial(acc_out, acc_lse, *part)
+        for blk in prefix:
+            merge_partial(acc_out, acc_lse, *attention_forward(q[rows], keys[blk.k], values[blk.k], blk.cu_q,
+                                                               blk.cu_k, blk.max_q, blk.max_k, causal=False,
+                                                               scale=scale, backend=backend))
         out[rows], lse[:, rows] = acc_out.to(out.dtype), acc_lse
     return out, lse
 
