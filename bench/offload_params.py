@@ -370,14 +370,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row = {"part": "max", "size": _billions(shape), **_child(
                 dict(shape=shape, tokens=tokens, steps=args.steps, offload=True, resident=None, device_name=device),
                 args.trial_timeout_s)}
-            rows.append(row)
+            rows.append(_shown(row))
             if "error" in row:
                 break
             best = (shape, row)
         if best is not None:
-            rows.append({"part": "max", "without_offload": True, "size": best[1]["params_billion"], **_child(
+            rows.append(_shown({"part": "max", "without_offload": True, "size": best[1]["params_billion"], **_child(
                 dict(shape=best[0], tokens=tokens, steps=args.steps, offload=False, resident=None,
-                     device_name=device), args.trial_timeout_s)})
+                     device_name=device), args.trial_timeout_s)}))
         summary.update(max_summary(rows))
     if "overhead" in parts:  # (b)
         lengths = (128, 256) if args.smoke else (8192, 32768)  # the smoke's stand-ins for 8K and 32K
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 r = _child(dict(shape=overhead_shape, tokens=t, steps=args.steps, offload=offload,
                                 resident=0 if offload else None, device_name=device, update=update),
                            args.trial_timeout_s)
-                rows.append({"part": "overhead", "update": update if offload else None, **r})
+                rows.append(_shown({"part": "overhead", "update": update if offload else None, **r}))
                 runs[name] = r
             ok = all("error" not in runs[n] for n in ("resident", "auto"))
             summary[keys[t]] = 100 * (runs["auto"]["step_s"] / runs["resident"]["step_s"] - 1) if ok else None
@@ -414,6 +414,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows, summary, config = _merged(out_dir, device_tag, parts, rows, summary, config)
     write_result("offload_params", config, rows, summary, device=device_tag, out_dir=out_dir)
     return summary
+
+
+def _shown(row: dict[str, Any]) -> dict[str, Any]:
+    """``row``, printed at once: a run that a time cap kills still leaves the rows it finished."""
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def _billions(shape: dict[str, int]) -> float:
