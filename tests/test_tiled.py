@@ -336,6 +336,39 @@ def test_tiled_layers_shrink_the_backward_working_set() -> None:
     assert per_token[1] < 0.6 * per_token[0], per_token
 
 
+def test_query_tiled_attention_holds_less_than_whole_length_attention() -> None:
+    """Per token of context (slope of the counted peak between two lengths, so constants drop out), a
+    checkpointed step whose tiled layers tile attention too holds at least two whole-length query-sized tensors
+    fewer than the same layers around one whole-length attention call (Q, dQ and the output's gradient are
+    a tile's; it adds fp32 sums of dK and dV, here half a query's size together)."""
+    from seqmesh.kernels.attention import VarlenCausalAttention
+
+    class WholeAttention(VarlenCausalAttention):  # not the local core by type: the three-op path
+        pass
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(num_hidden_layers=2, vocab_size=V, hidden_size=64, intermediate_size=176,
+                                    num_attention_heads=4, num_key_value_heads=2))
+    apply_activation_checkpointing(model.model.layers)
+    apply_tiled_layers(model.model.layers, 64)
+    peaks: dict[str, list[int]] = {"query": [], "whole": []}
+    lengths = (1024, 2048)
+    for tokens in lengths:
+        ids = torch.randint(0, V, (tokens,))
+        meta = make_sp_batch((tokens,), "local", None, backend="cpu_flash")
+        for name in peaks:
+            m = copy.deepcopy(model)
+            if name == "whole":
+                for layer in m.model.layers:
+                    layer._checkpoint_wrapped_module.self_attn.core = WholeAttention()
+            with track_working_set(torch.device("cpu")) as ws:
+                m(ids, meta).square().mean().backward()
+            peaks[name].append(ws.peak_bytes)
+    slope = {name: (p[1] - p[0]) / (lengths[1] - lengths[0]) for name, p in peaks.items()}
+    query_bytes = 64 * 4  # hidden 64 in fp32
+    assert slope["query"] <= slope["whole"] - 2 * query_bytes, slope
+
+
 @pytest.mark.parametrize("overrides,match", [
     ({"parallel": {"tp": 2}, "launch": {"num_workers": 2}}, "parallel.tp=1"),
     ({"parallel": {"zero_stage": 3}, "launch": {"num_workers": 2}, "model": {"activation_checkpointing": False}},
