@@ -35,8 +35,8 @@ def _config(mode: str = "ulysses", zero_stage: int = 0, world: int = 1, tp: int 
                              "launch": {"num_workers": world}, "optim": {"lr": 1e-2}})
 
 
-def _reference() -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
-    """Losses, clipped norms and final parameters of three single-process steps."""
+def _reference() -> tuple[list[float], list[float]]:
+    """Losses and clipped norms of three single-process steps."""
     model = make_model(CASE)
     opt = build_optimizer(model, _config().optim)
     losses, norms = [], []
@@ -45,7 +45,7 @@ def _reference() -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM).item())
         opt.step()
         opt.zero_grad()
-    return losses, norms, {n: p.detach().clone() for n, p in model.named_parameters()}
+    return losses, norms
 
 
 def _backward(model: torch.nn.Module, step: int) -> torch.Tensor:
@@ -73,6 +73,20 @@ def _grad_atol(ref: torch.Tensor, tokens: int) -> float:
     walk, about eps * sqrt(tokens) of the largest value, and the two layers' forward and backward chain
     a few such sums (4x). An element whose exact value cancels to ~0 gets this absolute margin too."""
     return 4 * torch.finfo(torch.float32).eps * tokens**0.5 * ref.abs().max().item()
+
+
+def _replayed(grads: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Final parameters of one process's AdamW fed the given per-step (unclipped) gradients, clipped as the
+    step clips them: the same elementwise optimizer math on the same inputs as the composed run's."""
+    model = make_model(CASE)
+    opt = build_optimizer(model, _config().optim)
+    for step_grads in grads:
+        for name, p in model.named_parameters():
+            p.grad = step_grads[name].clone()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+        opt.step()
+        opt.zero_grad()
+    return {n: p.detach() for n, p in model.named_parameters()}
 
 
 def _composed(rank: int, world: int) -> dict:
@@ -116,8 +130,9 @@ def _composed(rank: int, world: int) -> dict:
 
 
 def test_tp2_hdp2_adaptive_sp_zero_equals_single_process() -> None:
-    ref_losses, ref_norms, ref_params = _reference()
+    ref_losses, ref_norms = _reference()
     assert ref_norms[0] > MAX_NORM  # clipping is active, so the global norm over shards matters
+    lr, eps = _config().optim.lr, torch.finfo(torch.float32).eps
     for results in run_distributed(_composed, 4):
         for scenario in SCENARIOS:
             losses, norms, grads, params_before, params = results[scenario]
@@ -132,10 +147,19 @@ def test_tp2_hdp2_adaptive_sp_zero_equals_single_process() -> None:
                 for name, g in step_grads.items():
                     torch.testing.assert_close(g, ref_grads[name], rtol=0, atol=_grad_atol(ref_grads[name], tokens),
                                                msg=where(f"{scenario} step {step}: {name}"))
-            for name, p in params.items():
-                # Adam moves every element by ~lr whatever its gradient, so an element whose gradient
-                # is near zero turns last-bit differences of the sharded sums into ~1e-5 differences.
-                torch.testing.assert_close(p, ref_params[name], rtol=1e-3, atol=1e-4, msg=where(f"{scenario}: {name}"))
+            # The optimizer: replayed on one process with the composed run's own gradients, the final
+            # parameters match up to the rounding of Adam's elementwise math and of the clipping factor
+            # (a norm summed in another order): a few ulps of each step's update (at most ~lr) and of the
+            # parameter. Comparing with the reference's own trajectory would not be arithmetic: Adam turns
+            # a last-bit difference in a near-zero gradient into up to 2 lr, and the next step's gradients
+            # then differ everywhere (on an AMD EPYC, 1.2% of lr in one element of the MLP after 3 steps).
+            # ZeRO-2's sharded step (no whole gradients here) is checked against one process in test_zero.py.
+            if grads:
+                replayed = _replayed(grads)
+                for name, p in params.items():
+                    atol = len(grads) * 64 * eps * (lr + replayed[name].abs().max().item())
+                    torch.testing.assert_close(p, replayed[name], rtol=0, atol=atol,
+                                               msg=where(f"{scenario}: {name}"))
 
 
 def _train_runs(rank: int, world: int, src: str, tmp: str) -> dict[str, list[float]]:
