@@ -152,11 +152,13 @@ def test_pp2_and_interleaved_equal_one_process_and_resume_exactly(workspace) -> 
 
 def test_a_bf16_residual_stream_crosses_pipeline_stages_as_bf16(workspace) -> None:
     """``model.residual_dtype=bf16`` under bf16 autocast: stage boundaries carry the stream in bf16. The
-    first step's loss (the same kernels on the same values, summed in the same order) is then the
-    one-process run's bit for bit, and differs from the fp32 stream's; a boundary in fp32 would run the
-    second stage's residual adds in fp32, a loss between the two. Its gradient norm agrees within bf16
-    rounding of reordered gradient sums (2^-8 of an element; far less of the norm); later steps are not
-    compared: Adam turns such last-bit differences of near-zero gradients into visible ones."""
+    first step's loss is then the one-process bf16 run's up to the accumulation order of its fp32 GEMM sums
+    (a process with fewer threads splits them otherwise: on an AMD EPYC 1e-7 of the loss, bitwise on the
+    Intel machines this ran on before), far closer to it than the fp32 stream's loss is; a boundary in fp32 would run the
+    second stage's residual adds in fp32, a loss about midway between the two, so the test asks for less
+    than an eighth of that distance. Its gradient norm agrees within bf16 rounding of reordered gradient
+    sums (2^-8 of an element; far less of the norm); later steps are not compared: Adam turns such
+    last-bit differences of near-zero gradients into visible ones."""
     src, tmp, _ = workspace
 
     def bf16(overrides: dict, residual: str) -> dict:
@@ -168,7 +170,9 @@ def test_a_bf16_residual_stream_crosses_pipeline_stages_as_bf16(workspace) -> No
     pp2 = run_distributed(_runs, 2, [("bf16", "bf16_pp2", bf16(_overrides(src, tmp, 2, pp=2), "bf16"))], tmp)[0]
     first = {key: runs[stream]["records"][0] for key, runs, stream in
              (("one", one, "bf16"), ("pp2", pp2, "bf16"), ("fp32", one, "fp32"))}
-    assert first["pp2"]["loss"] == first["one"]["loss"] != first["fp32"]["loss"]
+    stream_effect = abs(first["fp32"]["loss"] - first["one"]["loss"])
+    assert stream_effect > 0
+    assert abs(first["pp2"]["loss"] - first["one"]["loss"]) < stream_effect / 8, first
     assert first["pp2"]["grad_norm"] == pytest.approx(first["one"]["grad_norm"], rel=2.0**-8)
 
 
