@@ -156,9 +156,9 @@ def test_a_bf16_residual_stream_crosses_pipeline_stages_as_bf16(workspace) -> No
     (a process with fewer threads splits them otherwise: on an AMD EPYC 1e-7 of the loss, bitwise on the
     Intel machines this ran on before), far closer to it than the fp32 stream's loss is; a boundary in
     fp32 would run the second stage's residual adds in fp32, a loss about midway between the two, so the
-    test asks for less than an eighth of that distance. Its gradient norm agrees within bf16 rounding of reordered gradient
-    sums (2^-8 of an element; far less of the norm); later steps are not compared: Adam turns such
-    last-bit differences of near-zero gradients into visible ones."""
+    test asks for less than an eighth of that distance. Its gradient norm agrees within bf16 rounding of
+    reordered gradient sums (2^-8 of an element; far less of the norm); later steps are not compared: Adam
+    turns such last-bit differences of near-zero gradients into visible ones."""
     src, tmp, _ = workspace
 
     def bf16(overrides: dict, residual: str) -> dict:
