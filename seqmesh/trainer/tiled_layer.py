@@ -83,12 +83,12 @@ class _QueryTiledLayer(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, layer: DecoderLayer, tile_blocks_: list[list[_Block]], backend: str, x: Tensor, cos: Tensor,
+    def forward(ctx, layer: DecoderLayer, blocks_per_tile: list[list[_Block]], backend: str, x: Tensor, cos: Tensor,
                 sin: Tensor, *params: Tensor) -> Tensor:
         attn, n = layer.self_attn, x.shape[0]
         scale = attn.head_dim**-0.5
         with torch.no_grad():
-            for i, blocks in enumerate(tile_blocks_):
+            for i, blocks in enumerate(blocks_per_tile):
                 a, b = blocks[0].q.start, blocks[0].q.stop
                 q, k, v = layer.attention_inputs(x[a:b], cos[a:b], sin[a:b])
                 if i == 0:
@@ -102,7 +102,7 @@ class _QueryTiledLayer(torch.autograd.Function):
                     ys = y.new_empty((n, *y.shape[1:]))
                 ys[a:b] = y
         ctx.save_for_backward(x, cos, sin, keys, values, outs, lses)
-        ctx.layer, ctx.tile_blocks, ctx.backend, ctx.params = layer, tile_blocks_, backend, params
+        ctx.layer, ctx.blocks_per_tile, ctx.backend, ctx.params = layer, blocks_per_tile, backend, params
         ctx.autocast = autocast_state(x.device.type)
         return ys
 
@@ -125,7 +125,7 @@ class _QueryTiledLayer(torch.autograd.Function):
                     dp += g
 
         with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            for blocks in reversed(ctx.tile_blocks):
+            for blocks in reversed(ctx.blocks_per_tile):
                 a, b = blocks[0].q.start, blocks[0].q.stop
                 # O projection, norm, MLP and residuals: the gradient of the attention output and of x.
                 x_out = x[a:b].detach().requires_grad_(need_x)
