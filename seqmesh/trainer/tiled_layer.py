@@ -48,25 +48,35 @@ class _Block:
     causal: bool
 
 
-def tile_blocks(offsets: Sequence[int], a: int, b: int, device: torch.device) -> list[_Block]:
+def tile_blocks(offsets: Sequence[int], a: int, b: int, device: torch.device,
+                tables: dict[tuple[int, ...], Tensor] | None = None) -> list[_Block]:
     """The attention calls of queries ``[a, b)`` of a packed stream whose documents start at ``offsets``
     (cumulative, last = length): the tile against itself, causal within each document it holds, and, if
     a document began before ``a``, that document's rows of the tile against its keys before ``a``, at most
     ``b - a`` keys a call. Why the key chunks: a call's transient buffers grow with its keys (FlashAttention-2's
     backward expands dK and dV to every query head, 16 KB per key at the Llama-8B shape), and a whole
-    prefix of a million keys would add that much per token to the peak."""
+    prefix of a million keys would add that much per token to the peak. ``tables`` keeps the boundary
+    tables already made (by their lengths), so the tiles of a long document share one per length instead
+    of copying a new one to the device for every call."""
+    tables = {} if tables is None else tables
+
+    def table(lengths: list[int]) -> Tensor:
+        key = tuple(lengths)
+        if key not in tables:
+            tables[key] = cu_seqlens_table(lengths, device)
+        return tables[key]
+
     cuts = [a, *(o for o in offsets if a < o < b), b]
     lengths = [e - s for s, e in itertools.pairwise(cuts)]
-    diag = cu_seqlens_table(lengths, device)
+    diag = table(lengths)
     blocks = [_Block(slice(a, b), slice(a, b), diag, diag, max(lengths), max(lengths), True)]
     start = max(o for o in offsets if o <= a)
     if start < a:
         end = min(next(o for o in offsets if o > a), b)
-        cu_q = cu_seqlens_table([end - a], device)
+        cu_q = table([end - a])
         for c in range(start, a, b - a):
             keys = min(b - a, a - c)
-            blocks.append(_Block(slice(a, end), slice(c, c + keys), cu_q, cu_seqlens_table([keys], device), end - a,
-                                 keys, False))
+            blocks.append(_Block(slice(a, end), slice(c, c + keys), cu_q, table([keys]), end - a, keys, False))
     return blocks
 
 
@@ -206,7 +216,8 @@ class TiledDecoderLayer(DecoderLayer):
         attn = self.self_attn
         if type(attn.core) is VarlenCausalAttention and x.shape[0] == cos.shape[0] == sum(meta.seqlens):
             offsets = list(itertools.accumulate(meta.seqlens, initial=0))
-            blocks = [tile_blocks(offsets, a, b, x.device) for a, b in tiles(x.shape[0], self.tile_tokens)]
+            tables: dict[tuple[int, ...], Tensor] = {}
+            blocks = [tile_blocks(offsets, a, b, x.device, tables) for a, b in tiles(x.shape[0], self.tile_tokens)]
             return _QueryTiledLayer.apply(self, blocks, meta.backend, x, cos, sin, *grad_params(self))
         qkv_params = grad_params(self.input_layernorm) + [
             p for m in (attn.q_proj, attn.k_proj, attn.v_proj) for p in grad_params(m)]
