@@ -20,7 +20,10 @@
     last step, in percent (``sr_gap``). ``--sr-only`` runs this part alone, on a CPU too.
 
 Not measured here: the longest single sequence and its working set per token (issue 20's sequence
-tiling of the recomputed layer, ``bench/offload.py``); their keys are null with a note.
+tiling of the recomputed layer, measured by ``bench/offload.py --doc-tokens 0``). Their summary keys are
+copied from that script's result files of the same device under ``bench/results`` (``sequence_summary``:
+the longest sequence any of them trained, the 512K working set of the newest that measured it), each
+with its file and commit in ``config.sequence_from``; null where no such file exists.
 
 ``--parts`` runs some of ``max``, ``overhead``, ``sr`` and ``--merge`` adds them to an earlier result
 file of the same device (a GPU command of the device tool runs at most 10 minutes; the host optimizer
@@ -329,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
 
-    from bench.common import head_commit, write_result
+    from bench.common import RESULTS, device_tag, head_commit, write_result
 
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     if device == "cpu" and not (args.smoke or args.sr_only):
@@ -402,17 +405,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     device)
         rows += [{"part": "sr", **r} for r in sr["per_seed"]]
         summary["bf16_sr_loss_gap_pct"] = sr["mean_gap_pct"]
-    summary.update(single_sequence_tokens=None, working_set_kb_per_token_512k=None)
+    sequence, sources = sequence_summary(RESULTS, "cpu" if args.smoke else device_tag())
+    summary.update(sequence)
     config = {"commit": head_commit(), "parts": sorted(parts), "sizes": args.sizes if not args.smoke else "tiny",
               "tokens": tokens,
               "steps": args.steps, "overhead_shape": overhead_shape, "overhead_tokens": list(overhead_tokens),
               "sr_shape": sr_shape, "sr_steps": args.sr_steps, "sr_seeds": args.sr_seeds, "smoke": args.smoke,
-              "not_measured": "single_sequence_tokens and working_set_kb_per_token_512k belong to the sequence "
-                              "tiling of issue 20 (bench/offload.py), not to this script"}
-    device_tag = "cpu" if args.smoke else None
+              "sequence_from": sources}
+    tag = "cpu" if args.smoke else None
     if args.merge:
-        rows, summary, config = _merged(out_dir, device_tag, parts, rows, summary, config)
-    write_result("offload_params", config, rows, summary, device=device_tag, out_dir=out_dir)
+        rows, summary, config = _merged(out_dir, tag, parts, rows, summary, config)
+        summary.update(sequence)
+    write_result("offload_params", config, rows, summary, device=tag, out_dir=out_dir)
     return summary
 
 
@@ -439,6 +443,29 @@ def max_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     without = [r for r in rows if r.get("without_offload") and r.get("size") == best["params_billion"]]
     return {"max_params_billion": best["params_billion"], "mfu_at_max": best["mfu"],
             "fits_without_offload_at_max": ("error" not in without[-1]) if without else None}
+
+
+def sequence_summary(results: Path, device: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Issue 20's single-sequence keys from ``bench/offload.py``'s results of ``device`` under ``results`` (runs
+    of one whole sequence, ``--doc-tokens 0``): the longest sequence that trained in any of them, and the
+    working set per token at 512K of the newest run that measured it (the code changes between runs, and the
+    newest is what the code does now). Also the files they came from, with commits and dates."""
+    runs = []
+    for path in sorted(results.glob(f"offload_{device}*.json")):
+        record = json.loads(path.read_text())
+        if (record.get("benchmark"), record.get("device"), record["config"].get("doc_tokens")) == ("offload", device, 0):
+            runs.append((path.name, record))
+    trained = [(n, r) for n, r in runs if r["summary"].get("single_sequence_tokens")]
+    at_512k = [(n, r) for n, r in runs if r["summary"].get("working_set_kb_per_token_512k") is not None]
+    longest = max(trained, key=lambda nr: nr[1]["summary"]["single_sequence_tokens"], default=None)
+    newest = max(at_512k, key=lambda nr: nr[1]["date"], default=None)
+    summary = {"single_sequence_tokens": longest[1]["summary"]["single_sequence_tokens"] if longest else None,
+               "working_set_kb_per_token_512k":
+                   newest[1]["summary"]["working_set_kb_per_token_512k"] if newest else None}
+    sources = [{"key": key, "file": n, "commit": r["commit"], "date": r["date"]}
+               for key, nr in (("single_sequence_tokens", longest), ("working_set_kb_per_token_512k", newest))
+               if nr for n, r in [nr]]
+    return summary, sources
 
 
 def _merged(out_dir: Path | None, device: str | None, parts: set[str], rows: list[dict], summary: dict,

@@ -74,3 +74,30 @@ def test_max_summary_takes_the_largest_size_that_trained_over_several_commands()
     assert max_summary(rows) == {"max_params_billion": 20.2, "mfu_at_max": 0.1, "fits_without_offload_at_max": False}
     assert max_summary(rows[:2])["fits_without_offload_at_max"] is True
     assert max_summary(rows[4:]) == dict.fromkeys(("max_params_billion", "mfu_at_max", "fits_without_offload_at_max"))
+
+
+def test_sequence_keys_come_from_the_devices_single_sequence_runs(tmp_path) -> None:
+    """The longest sequence of any ``bench/offload.py --doc-tokens 0`` run of the device, the 512K working set of
+    the newest that measured it; packed-document runs, other devices and other benchmarks are not read."""
+    import json
+
+    from bench.offload_params import sequence_summary
+
+    def record(name: str, device: str, doc_tokens: int, date: str, tokens: int | None, kb: float | None,
+               benchmark: str = "offload") -> None:
+        (tmp_path / name).write_text(json.dumps({
+            "benchmark": benchmark, "device": device, "date": date, "commit": name[:7],
+            "config": {"doc_tokens": doc_tokens},
+            "summary": {"single_sequence_tokens": tokens, "working_set_kb_per_token_512k": kb}}))
+
+    assert sequence_summary(tmp_path, "h100") == (
+        {"single_sequence_tokens": None, "working_set_kb_per_token_512k": None}, [])
+    record("offload_h100_a.json", "h100", 0, "2026-12-05T18:00:00+00:00", 524288, 127.3)
+    record("offload_h100_b.json", "h100", 0, "2026-12-06T20:00:00+00:00", 1048576, None)
+    record("offload_h100_c.json", "h100", 0, "2026-12-06T21:00:00+00:00", 524288, 80.1)
+    record("offload_h100_docs.json", "h100", 16384, "2026-12-07T00:00:00+00:00", 2097152, 10.0)
+    record("offload_h100x2.json", "h100x2", 0, "2026-12-07T00:00:00+00:00", 4194304, 5.0)
+    summary, sources = sequence_summary(tmp_path, "h100")
+    assert summary == {"single_sequence_tokens": 1048576, "working_set_kb_per_token_512k": 80.1}
+    assert [(s["key"], s["file"]) for s in sources] == [("single_sequence_tokens", "offload_h100_b.json"),
+                                                       ("working_set_kb_per_token_512k", "offload_h100_c.json")]
