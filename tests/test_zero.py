@@ -167,20 +167,23 @@ def test_bad_input_fails_clearly() -> None:
 
 
 def test_sum_of_squares_in_chunks() -> None:
-    """One chunk: the fp64 reduction's bits. Many chunks, a ragged last one: within the recursive-summation
-    bound n u sum(x^2) of the exact value (u = 2^-53; the squares are exact in fp64), so any device's order
-    of the same terms gives the same fp32 norm wherever that bound is far from an fp32 rounding boundary,
-    which is checked for this data rather than assumed."""
+    """One chunk: BLAS ``dot`` of the widened values (the CPU's way). Many chunks, a ragged last one, and the
+    GPU's way (``vector_norm`` in fp64, squared): each within the recursive-summation bound n u sum(x^2) of the
+    exact value (u = 2^-53; the squares are exact in fp64), so any device's order of the same terms gives the
+    same fp32 norm wherever that bound is far from an fp32 rounding boundary, which is checked for this data
+    rather than assumed."""
     x = (torch.randn(10_007, generator=torch.Generator().manual_seed(0)) * 1e-2).to(torch.bfloat16).view(1, -1)
     one = sum_of_squares(x, chunk=1 << 20)
     assert one.dtype == torch.float64
-    assert torch.equal(one, torch.linalg.vector_norm(x.reshape(-1), 2, dtype=torch.float64).square())
+    wide = x.reshape(-1).double()
+    assert torch.equal(one, torch.dot(wide, wide))
     exact = math.fsum(v * v for v in x.double().reshape(-1).tolist())  # correctly rounded: fsum of exact squares
     bound = x.numel() * 2.0**-53 * exact * 4  # 4: vector_norm's sqrt and the square round once each too
-    got = sum_of_squares(x, chunk=1000).item()
-    assert abs(got - exact) <= bound
     norm = math.sqrt(exact)
     f = torch.tensor(norm).float()
     half_ulp = (torch.nextafter(f, torch.tensor(float("inf"))) - f).item() / 2
     assert half_ulp - abs(norm - f.item()) > bound / norm, "this data lies too close to an fp32 rounding boundary"
-    assert torch.tensor(math.sqrt(got)).float() == f
+    gpu_way = torch.linalg.vector_norm(x.reshape(-1), 2, dtype=torch.float64).square().item()
+    for got in (one.item(), sum_of_squares(x, chunk=1000).item(), gpu_way):
+        assert abs(got - exact) <= bound
+        assert torch.tensor(math.sqrt(got)).float() == f
