@@ -14,12 +14,13 @@ difficulty) cancels within a pair. Summary (``fp8_linear_loss_{device}.json``):
 * ``seed_loss_gap_pct``: the mean |gap| between the bf16 runs of consecutive seeds: how far two runs
   that differ only by their seed end apart over the same tail, the yardstick for the gap above.
 
-Budget on an H100: about 0.1 s per step at 2,048 tokens (launch-bound) plus ~40 s of start-up and
-compilation per run, so 2 seeds (4 runs of 1000 steps) take ~9 minutes: one device command. More
-seeds go in further commands of the same commit with ``--merge`` (``--seeds 2,3``).
+Budget on an H100 (6284ad7): a seed's bf16 run of 1000 steps finished inside a 320 s command, its fp8
+run did not, so give each seed a 10-minute device command of its own. The seeds of one commit go into
+one result with ``--merge``, which reads the earlier result from ``--out`` (copy it there first on a
+machine whose ``--out`` starts empty).
 
-    python bench/fp8_linear_loss.py --out DIR --seeds 0,1          # GPU (float8 needs Hopper or Ada)
-    python bench/fp8_linear_loss.py --out DIR --seeds 2,3 --merge  # more pairs into the same result
+    python bench/fp8_linear_loss.py --out DIR --seeds 0            # GPU (float8 needs Hopper or Ada)
+    python bench/fp8_linear_loss.py --out DIR --seeds 1 --merge    # more pairs into the same result
     python bench/fp8_linear_loss.py --smoke --out DIR              # CPU: tiny model, both arms bf16
 """
 
