@@ -2,8 +2,8 @@
 
 The plan (``seqmesh/scheduler/offload_plan.py``) is made before the first step from what this rank
 holds and what the machine measures now: pinned host-to-device bandwidth, the disk under
-``offload.path`` (when states may go there), and the host optimizer's own rate (one FP8AdamW step on
-the CPU, timed). A model that host memory or disk cannot hold stops here with the bytes needed and
+``offload.path`` (when states may go there), the host optimizer's own rate (one FP8AdamW step on
+the CPU, timed) and the rate of the host's pass over the gradients for the clip norm. A model that host memory or disk cannot hold stops here with the bytes needed and
 the setting to change. The cost model then counts only what stays on the device, so the planner
 places sequences in the memory that parameter offload frees.
 """
@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from seqmesh.parallel.offload.bandwidth import available_host_bytes, measure_disk_GBps, measure_h2d_GBps
 from seqmesh.parallel.offload.params import ParamOffload, attach_param_offload, detach_param_offload
-from seqmesh.parallel.zero import ZeroOptimizer
+from seqmesh.parallel.zero import ZeroOptimizer, sum_of_squares
 from seqmesh.scheduler import CostModel
 from seqmesh.scheduler.offload_plan import OffloadInputs, OffloadPlan, plan_offload
 from seqmesh.trainer.config import RunConfig
@@ -47,6 +47,17 @@ def measure_host_adam_Mparams_s(state_dtype: str, host_numel: int, numel: int = 
     for _ in range(repeats):
         t0 = time.perf_counter()
         opt.step()
+        best = min(best, time.perf_counter() - t0)
+    return numel / best / 1e6
+
+
+def measure_host_norm_Mparams_s(dtype: torch.dtype, numel: int = 1 << 24, repeats: int = 2) -> float:
+    """Millions of gradient elements per second the host's ``sum_of_squares`` (the clip norm) reads here."""
+    g = torch.full((numel,), 1e-3, dtype=dtype)
+    best = float("inf")
+    for _ in range(1 + repeats):  # the first also faults in the pages of its fp64 buffer
+        t0 = time.perf_counter()
+        sum_of_squares(g)
         best = min(best, time.perf_counter() - t0)
     return numel / best / 1e6
 
@@ -83,6 +94,7 @@ def plan_inputs(model: torch.nn.Module, cfg: RunConfig, cost_model: CostModel, d
         adam_Mparams_s=None if update == "device" else
         off.adam_Mparams_s or measure_host_adam_Mparams_s(cfg.optim.state_dtype, total),
         layer_ms=float(cost_model.seq_ms(tokens, 1)) / len(layers), prefetch=off.prefetch,
+        norm_Mparams_s=measure_host_norm_Mparams_s(next(model.parameters()).dtype),
         resident_layers=off.resident_value, optimizer=off.optimizer, zero_stage=cfg.parallel.zero_stage,
         params=off.params, staging_bytes=None if device.type == "cuda" else 0,  # pinned staging: CUDA only
         update=update)
