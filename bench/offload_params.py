@@ -12,7 +12,9 @@
     time with every layer streamed (``resident_layers=0``) vs the same model GPU-resident (ZeRO-1,
     activation checkpointing: the same recomputation), median of the timed steps. The streamed run
     updates where the plan puts the update (``offload.update=auto``); on a GPU it runs once more with
-    the update on the host, and ``host_over_planned_update_step_<len>`` is that run's step over the planned one.
+    the update on the host, and ``host_over_planned_update_step_<len>`` is that run's step over the planned one
+    (``--no-host-rerun`` leaves it out: each trial's start-up takes minutes on a GPU machine's host, and the
+    three trials of one length may not fit a 10-minute command).
 (c) bf16 without master weights: a small byte-level model (``SR_SHAPE``) trained ``--sr-steps`` steps
     on windows of the Python standard library's text with bf16 weights (stochastic rounding) and with
     fp32 masters, for each of ``--sr-seeds`` paired seeds (same init, data and rounding seed per
@@ -310,6 +312,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=2,
                     help="timed steps after a warm-up step (0: the warm-up step alone is timed)")
     ap.add_argument("--overhead-layers", type=int, default=32)
+    ap.add_argument("--no-host-rerun", action="store_true",
+                    help="(b): skip the streamed run with the update on the host (only the plan's choice runs)")
     ap.add_argument("--overhead-tokens", default="8192,32768", help="(b)'s lengths: 8192 and/or 32768")
     ap.add_argument("--sr-steps", type=int, default=300)
     ap.add_argument("--sr-seeds", type=int, default=3)
@@ -386,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         lengths = (128, 256) if args.smoke else (8192, 32768)  # the smoke's stand-ins for 8K and 32K
         keys = dict(zip(lengths, ("param_offload_overhead_pct_8b_8k", "param_offload_overhead_pct_8b_32k")))
         # the offloaded runs: the plan's choice of where the update runs, and (on a GPU) the host update
-        updates = ("auto",) if args.smoke else ("auto", "host")
+        updates = ("auto",) if args.smoke or args.no_host_rerun else ("auto", "host")
         for t in overhead_tokens:
             runs = {}
             for name, offload, update in [("resident", False, "auto"), *((u, True, u) for u in updates)]:
