@@ -457,7 +457,8 @@ def sequence_summary(results: Path, device: str) -> tuple[dict[str, Any], list[d
     runs = []
     for path in sorted(results.glob(f"offload_{device}*.json")):
         record = json.loads(path.read_text())
-        if (record.get("benchmark"), record.get("device"), record["config"].get("doc_tokens")) == ("offload", device, 0):
+        kind = (record.get("benchmark"), record.get("device"), record["config"].get("doc_tokens"))
+        if kind == ("offload", device, 0):
             runs.append((path.name, record))
     trained = [(n, r) for n, r in runs if r["summary"].get("single_sequence_tokens")]
     at_512k = [(n, r) for n, r in runs if r["summary"].get("working_set_kb_per_token_512k") is not None]

@@ -73,10 +73,10 @@ def sum_of_squares(x: Tensor, chunk: int | None = None) -> Tensor:
 
     Why two ways: on a GPU ``torch.linalg.vector_norm`` with ``dtype=float64`` widens inside the reduction
     (no fp64 copy). On a CPU that widening reduction runs on one core, unvectorised: ~5 ns per element,
-    which made the clip of an offloaded 2.8B-parameter model take 7.7 s of an H100 step (its host is a
-    16-core Xeon). There each chunk is widened into one reused fp64 buffer (a vectorised, parallel copy) and
-    summed by BLAS ``dot``: 0.27 ns per element on two cores with 1M-element chunks (0.89 with 16M, whose
-    buffer falls out of cache), and it scales with them."""
+    the bulk of the 7.7 s that reduction and clipping took in an H100 step of an offloaded 2.8B-parameter
+    model (its host is a 16-core Xeon). There each chunk is widened into one reused fp64 buffer (a
+    vectorised, parallel copy) and summed by BLAS ``dot``: 0.27 ns per element on two cores with 1M-element
+    chunks (0.89 with 16M, whose buffer falls out of cache), and it scales with them."""
     flat = x.reshape(-1)
     total = torch.zeros((), dtype=torch.float64, device=x.device)
     if x.device.type != "cpu":

@@ -25,15 +25,16 @@ hidden: a streamed layer's weights cross PCIe twice per micro-batch (forward and
 gradients once; each crossing hides behind the compute of the layer in flight, so each layer's
 exposed time is ``max(0, transfer - compute)``, with backward's two crossings (weights in,
 gradients out) priced one after the other at the host-to-device rate (an upper bound: the link is
-full duplex, though both directions at once run slower than one alone). The optimizer step does not overlap
-backward (global-norm clipping and the non-finite check need every gradient first), and before it the host
-takes the sum of squares of every gradient it holds, at its measured rate (``norm_Mparams_s``): on an
-H100's host that pass, unpriced, was 7.7 of a 9.0 s step for a 2.8B model. The update runs
-where it is faster (``offload.update=auto``): on the host at the measured CPU rate, or on the device,
-each chunk of weights, gradients and states copied over and back (10 bytes per parameter with bf16
-weights and fp8 states) at the measured link rate; states on NVMe are read and written during a host
-update, overlapped chunk by chunk with the CPU arithmetic, so it takes the longer of the two (weights
-and gradients in mapped files are read and written once by the step too).
+full duplex, though both directions at once run slower than one alone). The optimizer step does not
+overlap backward (global-norm clipping and the non-finite check need every gradient first), and before
+it the host takes the sum of squares of every gradient it holds, at its measured rate
+(``norm_Mparams_s``): on an H100's host the phase holding that pass, unpriced, took 7.7 s of a 9.0 s
+step of a 2.8B model. The update runs where it is faster (``offload.update=auto``): on the host at the
+measured CPU rate, or on the device, each chunk of weights, gradients and states copied over and back
+(10 bytes per parameter with bf16 weights and fp8 states) at the measured link rate; states on NVMe are
+read and written during a host update, overlapped chunk by chunk with the CPU arithmetic, so it takes
+the longer of the two (weights and gradients in mapped files are read and written once by the step
+too).
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 The plan (``seqmesh/scheduler/offload_plan.py``) is made before the first step from what this rank
 holds and what the machine measures now: pinned host-to-device bandwidth, the disk under
 ``offload.path`` (when states may go there), the host optimizer's own rate (one FP8AdamW step on
-the CPU, timed) and the rate of the host's pass over the gradients for the clip norm. A model that host memory or disk cannot hold stops here with the bytes needed and
-the setting to change. The cost model then counts only what stays on the device, so the planner
-places sequences in the memory that parameter offload frees.
+the CPU, timed) and the rate of the host's pass over the gradients for the clip norm. A model that
+host memory or disk cannot hold stops here with the bytes needed and the setting to change. The cost
+model then counts only what stays on the device, so the planner places sequences in the memory that
+parameter offload frees.
 """
 
 from __future__ import annotations
