@@ -467,9 +467,9 @@ def sequence_summary(results: Path, device: str) -> tuple[dict[str, Any], list[d
     summary = {"single_sequence_tokens": longest[1]["summary"]["single_sequence_tokens"] if longest else None,
                "working_set_kb_per_token_512k":
                    newest[1]["summary"]["working_set_kb_per_token_512k"] if newest else None}
-    sources = [{"key": key, "file": n, "commit": r["commit"], "date": r["date"]}
-               for key, nr in (("single_sequence_tokens", longest), ("working_set_kb_per_token_512k", newest))
-               if nr for n, r in [nr]]
+    picked = (("single_sequence_tokens", longest), ("working_set_kb_per_token_512k", newest))
+    sources = [{"key": key, "file": run[0], "commit": run[1]["commit"], "date": run[1]["date"]}
+               for key, run in picked if run]
     return summary, sources
 
 

@@ -17,6 +17,7 @@ import os
 import shutil
 import socket
 import time
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -36,31 +37,33 @@ STATE_BYTES = {"fp32": 8.0, "bf16": 4.0, "int8": 2.0625, "fp8": 2.0}
 HOST_SHARE = 0.8  # of MemAvailable, shared by the ranks on this host, when offload.host_mem_gb is unset
 
 
+def _best_seconds(run: Callable[[], object], repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls of ``run``, after one untimed call (allocation, page faults,
+    compiles: what a run pays once, not every step)."""
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def measure_host_adam_Mparams_s(state_dtype: str, host_numel: int, numel: int = 1 << 22, repeats: int = 2) -> float:
     """Millions of parameters per second one host ``FP8AdamW`` step updates here, with the update the
-    step over ``host_numel`` offloaded parameters will run (compiled or eager, ``fp8_adamw.compiles``)."""
+    step over ``host_numel`` offloaded parameters will run (compiled or eager, ``fp8_adamw.compiles``);
+    the compile of the untimed first step is found cached by the run's first step."""
     p = torch.zeros(numel)
     p.grad = torch.full((numel,), 1e-3)
     backend = "compiled" if compiles("auto", host_numel, p.device) else "torch"
     opt = FP8AdamW([p], state_dtype=state_dtype, backend=backend)
-    opt.step()  # state allocation (and the compile, which the run's first step then finds cached)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        opt.step()
-        best = min(best, time.perf_counter() - t0)
-    return numel / best / 1e6
+    return numel / _best_seconds(opt.step, repeats) / 1e6
 
 
 def measure_host_norm_Mparams_s(dtype: torch.dtype, numel: int = 1 << 25, repeats: int = 2) -> float:
     """Millions of gradient elements per second the host's ``sum_of_squares`` (the clip norm) reads here."""
     g = torch.full((numel,), 1e-3, dtype=dtype)
-    best = float("inf")
-    for _ in range(1 + repeats):  # the first also faults in the pages of its buffer
-        t0 = time.perf_counter()
-        sum_of_squares(g)
-        best = min(best, time.perf_counter() - t0)
-    return numel / best / 1e6
+    return numel / _best_seconds(lambda: sum_of_squares(g), repeats) / 1e6
 
 
 def plan_inputs(model: torch.nn.Module, cfg: RunConfig, cost_model: CostModel, device: torch.device,
