@@ -15,18 +15,21 @@ difficulty) cancels within a pair. Summary (``fp8_linear_loss_{device}.json``):
   that differ only by their seed end apart over the same tail, the yardstick for the gap above.
 
 Budget on an H100 (6284ad7): a seed's bf16 run of 1000 steps finished inside a 320 s command, its fp8
-run did not, so give each seed a 10-minute device command of its own. The seeds of one commit go into
-one result with ``--merge``, which reads the earlier result from ``--out`` (copy it there first on a
-machine whose ``--out`` starts empty).
+run did not. A run of this small model at 2048 tokens is bound by start-up, compilation and launch
+overhead, not by the GPU, so ``--jobs 2`` runs a seed's two arms side by side (each process holds about
+a quarter of an 80 GB card): one seed per 10-minute command. The seeds of one commit go into one result
+with ``--merge``, which reads the earlier result from ``--out`` (copy it there first on a machine whose
+``--out`` starts empty). Concurrency changes no loss: each run is its own process with its own seed.
 
-    python bench/fp8_linear_loss.py --out DIR --seeds 0            # GPU (float8 needs Hopper or Ada)
-    python bench/fp8_linear_loss.py --out DIR --seeds 1 --merge    # more pairs into the same result
+    python bench/fp8_linear_loss.py --out DIR --seeds 0 --jobs 2            # GPU (float8: Hopper or Ada)
+    python bench/fp8_linear_loss.py --out DIR --seeds 1 --jobs 2 --merge    # more pairs into one result
     python bench/fp8_linear_loss.py --smoke --out DIR              # CPU: tiny model, both arms bf16
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import json
 import statistics
 import sys
@@ -101,12 +104,15 @@ def main() -> None:
     ap.add_argument("--seqmesh", nargs="*", default=["model.compile_layers=true", "model.loss_kernel=liger"],
                     help="overrides of both arms")
     ap.add_argument("--timeout", type=float, default=280, help="seconds per run before it counts as failed")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once on the one GPU (2: a seed's arms together)")
     ap.add_argument("--merge", action="store_true", help="add these seeds to the result of the same commit")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU, tiny model, 20 steps, both arms bf16 (float8 needs a GPU): checks the script only")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s]
     steps, tail = (20, 5) if args.smoke else (args.steps, args.tail)
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs {args.jobs} must be 1 or more")
     if not 0 < tail <= steps:
         raise SystemExit(f"--tail {tail} must be between 1 and --steps {steps}")
     arms = {"bf16": [], "fp8": []} if args.smoke else ARMS
@@ -117,23 +123,27 @@ def main() -> None:
               "arms": arms, "seqmesh_overrides": extra, "optimizer": "AdamW fused"}
     rows = earlier_rows(args.out, config) if args.merge else []
     corpus = write_text_corpus(args.work / f"text_{args.tokens}.jsonl", args.tokens, steps + 2)
-    for seed in seeds:
-        for arm, overrides in arms.items():
-            run = seqmesh_overrides(args.tokens, 1, False, corpus, steps, args.work,
-                                    [*extra, *overrides, f"seed={seed}", "optim.warmup_steps=20"])
-            result = run_loop(run, 1,
-                              args.work / f"run_{arm}_{seed}", timeout_s=args.timeout,
-                              device="cpu" if args.smoke else "cuda")
-            row: dict[str, Any] = {"arm": arm, "seed": seed, "overrides": overrides}
-            if "error" in result:
-                row["error"] = result["error"][-1500:]
-            else:
-                row["losses"] = [r["loss"] for r in result["records"]]
-                row["tail_mean_loss"] = tail_mean(row["losses"], tail)
-            print(arm, seed, {k: v for k, v in row.items() if k != "losses"}, flush=True)
+
+    def one(seed: int, arm: str) -> dict[str, Any]:
+        run = seqmesh_overrides(args.tokens, 1, False, corpus, steps, args.work,
+                                [*extra, *arms[arm], f"seed={seed}", "optim.warmup_steps=20"])
+        result = run_loop(run, 1, args.work / f"run_{arm}_{seed}", timeout_s=args.timeout,
+                          device="cpu" if args.smoke else "cuda")
+        row: dict[str, Any] = {"arm": arm, "seed": seed, "overrides": arms[arm]}
+        if "error" in result:
+            row["error"] = result["error"][-1500:]
+        else:
+            row["losses"] = [r["loss"] for r in result["records"]]
+            row["tail_mean_loss"] = tail_mean(row["losses"], tail)
+        return row
+
+    with cf.ThreadPoolExecutor(max_workers=args.jobs) as pool:  # threads only wait on the run's subprocess
+        runs = [pool.submit(one, seed, arm) for seed in seeds for arm in arms]
+        for done in runs:  # in submission order, so the rows' order does not depend on timing
+            row = done.result()
+            print(row["arm"], row["seed"], {k: v for k, v in row.items() if k != "losses"}, flush=True)
             rows.append(row)
             write_result("fp8_linear_loss", config, rows, summarize(rows, tail), out_dir=args.out)
-
 
 if __name__ == "__main__":
     main()
