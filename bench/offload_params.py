@@ -56,8 +56,9 @@ LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_heads=32, num_kv_
 TINY = dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, vocab_size=512, num_layers=4)
 PARTS = ("max", "overhead", "sr")
 # a step's parts, timed apart in every trial: forward + backward (with the streaming of offloaded weights and
-# gradients), gradient reduction + global-norm clipping, the optimizer step (the host step of offloaded layers)
-PHASES = ("forward_backward", "reduce_clip", "optimizer")
+# gradients), gradient reduction (the offloaded gradients handed to the host), global-norm clipping, the
+# optimizer step (the host or staged step of offloaded layers)
+PHASES = ("forward_backward", "reduce", "clip", "optimizer")
 # Part (c)'s model: byte-level, small enough for a CPU (about 3.4M parameters).
 SR_SHAPE = dict(hidden_size=256, intermediate_size=688, num_heads=8, num_kv_heads=4, vocab_size=256, num_layers=4)
 
@@ -189,6 +190,7 @@ def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, 
         (loss / tokens).backward()
         t.append(mark())
         opt.reduce_gradients()
+        t.append(mark())
         opt.clip_grad_norm_(1.0)
         t.append(mark())
         opt.step()
