@@ -311,12 +311,14 @@ def _gpu_run(model: Transformer, opt: ZeroOptimizer, steps: int = 2):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("stage,hidden,update", [(1, 32, "host"), (2, 32, "host"), (1, 1536, "host"),
-                                                 (1, 1536, "device")])
-def test_gpu_offload_bitwise_resident(stage: int, hidden: int, update: str) -> None:
+@pytest.mark.parametrize("stage,hidden,update,piece_bytes", [
+    (1, 32, "host", None), (2, 32, "host", None), (1, 32, "host", 4096), (2, 32, "host", 4096),
+    (1, 1536, "host", None), (1, 1536, "device", None)])
+def test_gpu_offload_bitwise_resident(stage: int, hidden: int, update: str, piece_bytes: int | None) -> None:
     """On CUDA: masters pinned in place (hidden 1536: a flat buffer over ``PIN_MIN_BYTES``) or pageable, side-stream
-    fetches and prefetch, gradients landing through pinned staging on the worker thread, the FP8AdamW update on
-    the host or staged on the GPU (``offload.update=device``): bitwise the device-resident run (Triton step on
+    fetches and prefetch, gradients landing through pinned staging on the worker thread (the resident ones in
+    one piece, or in many: ``piece_bytes``; added into ZeRO-1's slots, taken into ZeRO-2's), the FP8AdamW update
+    on the host or staged on the GPU (``offload.update=device``): bitwise the device-resident run (Triton step on
     the device)."""
     from seqmesh.parallel.offload.params import PIN_MIN_BYTES
 
@@ -327,6 +329,8 @@ def test_gpu_offload_bitwise_resident(stage: int, hidden: int, update: str) -> N
     if update == "device":
         opt.optimizer.update_device = torch.device("cuda")
     off = attach_param_offload(model, list(model.model.layers), opt, "cuda", resident_layers=1, prefetch=2)
+    if piece_bytes is not None:
+        off.piece_bytes = piece_bytes
     assert off.cuda and bool(off._unpin) == (opt.flat.numel() * 4 >= PIN_MIN_BYTES) and opt.flat.is_pinned() == \
         bool(off._unpin)
     got = _gpu_run(model, opt)

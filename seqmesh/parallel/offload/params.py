@@ -19,8 +19,9 @@ on the device). The device holds only:
   autograd stay loaded for backward, which needs them first.
 
 Streams. On CUDA host-to-device copies run on one side stream and device-to-host gradient copies
-on another, into pinned staging buffers of a ``HostPool``; a single worker thread waits for each
-copy and adds it into the host gradient, so the compute stream never waits for the host. On a CPU
+on another, into pinned staging buffers of a ``HostPool`` (the resident units' gradients too, in pieces,
+when the step's gradients are handed over); a single worker thread waits for each copy and adds it
+into the host gradient, so the compute stream never waits for the host. On a CPU
 device the same code runs with synchronous copies and the addition done inline (what tests run).
 
 Why the gradients are bitwise those of the device-resident model (same kernels, same order):
@@ -153,6 +154,7 @@ class ParamOffload:
         if self.cuda:  # room for two layers' gradients in flight, whatever the layer size
             largest = max((u.numel * u.device.element_size() for u in self.streamed), default=0)
             self.staging = HostPool(max(staging_bytes, staging_bytes_for(largest)), pin=True)
+            self.piece_bytes = self.staging.limit_bytes // 4  # a resident gradient's pieces: several in flight
         self._wrapped = [layer for unit, layer in zip(self.layers, layers) if unit.streamed]
         for unit, layer in zip(self.layers, layers):
             if unit.streamed:
@@ -257,9 +259,39 @@ class ParamOffload:
                 if g is not None:
                     _accumulate(unit.grads, i, g)
             return
-        nbytes = sum(g.numel() * g.element_size() for g in grads if g is not None)
-        if nbytes == 0:
+        sent = [(i, g) for i, g in enumerate(grads) if g is not None and g.numel()]
+        slots = unit.grads
+
+        def land(host: list[Tensor]) -> None:
+            for (i, _), h in zip(sent, host):
+                _accumulate(slots, i, h)
+
+        if sent:
+            self._to_host([g for _, g in sent], land)
+
+    def _hand_over(self, slots: list[Tensor | None], i: int, g: Tensor) -> None:
+        """Add a resident unit's step gradient ``g`` (on the device) into host slot ``i``. On CUDA it goes in
+        pieces through the pinned staging buffers, landing while the next piece copies: the root alone is a
+        billion parameters in a Llama-3-8B shape, and one pageable ``g.to("cpu")`` of it runs at a fraction
+        of pinned bandwidth and blocks the host meanwhile. Each element meets the same single addition (or
+        copy, into an empty slot) as on a CPU, so the bits are the same."""
+        if not self.cuda:
+            _accumulate(slots, i, g)
             return
+        take = slots[i] is None  # the first gradient is taken, as ``_accumulate`` does
+        if take:
+            slots[i] = torch.empty(g.shape, dtype=g.dtype)
+        dst, src = slots[i].view(-1), g.reshape(-1)
+        piece = max(1, self.piece_bytes // g.element_size())
+        for a in range(0, src.numel(), piece):
+            into = dst[a:a + piece]
+            self._to_host([src[a:a + piece]],
+                          lambda host, into=into: into.copy_(host[0]) if take else into.add_(host[0]))
+
+    def _to_host(self, tensors: Sequence[Tensor], land: Callable[[list[Tensor]], None]) -> None:
+        """Copy device ``tensors`` into one pinned staging buffer on the gradient stream; the worker thread waits
+        for the copy, calls ``land`` with the host copies and frees the buffer (in submission order)."""
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
         buf = self.staging.acquire(nbytes)
         while buf is None and self._pending:  # staging is full: wait for the oldest copies
             self._pending.pop(0).result()
@@ -270,27 +302,22 @@ class ParamOffload:
         self.d2h.wait_stream(torch.cuda.current_stream(self.device))
         host, offset = [], 0
         with torch.cuda.stream(self.d2h):
-            for g in grads:
-                if g is None:
-                    host.append(None)
-                    continue
-                n = g.numel() * g.element_size()
-                h = buf[offset:offset + n].view(g.dtype).view(g.shape)
-                h.copy_(g, non_blocking=True)
-                g.record_stream(self.d2h)
+            for t in tensors:
+                n = t.numel() * t.element_size()
+                h = buf[offset:offset + n].view(t.dtype).view(t.shape)
+                h.copy_(t, non_blocking=True)
+                t.record_stream(self.d2h)
                 host.append(h)
                 offset += n
             done = torch.cuda.Event()
             done.record(self.d2h)
 
-        def land() -> None:
+        def run() -> None:
             done.synchronize()
-            for i, h in enumerate(host):
-                if h is not None:
-                    _accumulate(unit.grads, i, h)
+            land(host)
             self.staging.release(buf)
 
-        self._pending.append(self._worker.submit(land))
+        self._pending.append(self._worker.submit(run))
 
     def drain(self) -> None:
         """Wait for every gradient copy in flight (re-raising a failure of one)."""
@@ -310,13 +337,14 @@ class ParamOffload:
                 for p in unit.params:
                     p.grad = None
                 for i, g in enumerate(device_grads):
-                    if g is not None:  # one device-to-host copy: taken as the slot, or added into it
-                        _accumulate(unit.grads, i, g if unit.grads[i] is None else g.to("cpu"))
+                    if g is not None:
+                        self._hand_over(unit.grads, i, g)
             self.release(unit)
             if unit.grads is not None:
                 for p, g in zip(unit.params, unit.grads):
                     p.grad = g
                 unit.grads = None
+        self.drain()  # the resident gradients' pieces
 
     def close(self) -> None:
         """Stop streaming: parameters back on their masters, hooks and threads gone (idempotent)."""
