@@ -206,3 +206,19 @@ def test_sum_of_squares_in_chunks() -> None:
     for got in (one.item(), sum_of_squares(x, chunk=1000).item(), gpu_way):
         assert abs(got - exact) <= bound
         assert torch.tensor(math.sqrt(got)).float() == f
+
+def test_clip_under_the_limit_leaves_host_gradients_and_nan_still_spreads() -> None:
+    """A host shard skips the scaling when the factor is exactly 1 (the norm under the limit): the same bits as
+    multiplying by 1, signed zeros included. A non-finite norm still scales, so NaN reaches every gradient as
+    it does on a GPU (the step loop's non-finite policy sees the same gradients either way)."""
+    model = make_model()
+    opt = ZeroOptimizer(param_groups(model), make_optimizer("adamw"), stage=1)
+    g = torch.randn(opt.shard_grad.numel(), generator=torch.Generator().manual_seed(0)) * 1e-3
+    g[0] = -0.0
+    opt.shard_grad.copy_(g)
+    norm = opt.clip_grad_norm_(1e6)
+    assert torch.equal(opt.shard_grad.view(torch.int32), (g * 1.0).view(torch.int32))
+    assert norm.item() == pytest.approx(g.double().norm().item(), rel=1e-6)
+    opt.shard_grad[1] = float("nan")
+    opt.clip_grad_norm_(1e6)
+    assert torch.isnan(opt.shard_grad).all()

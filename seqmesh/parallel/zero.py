@@ -352,7 +352,9 @@ class ZeroOptimizer:
             coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
             if self.stage == 0:
                 torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], coef)
-            else:
+            elif self.shard_grad.device.type != "cpu" or coef.item() != 1.0:
+                # a host buffer (parameter offload: billions of elements) skips the pass that would multiply by
+                # exactly 1 (a norm under the limit), which changes no bit; on a GPU reading it would wait for the device
                 self.shard_grad.mul_(coef.to(self.shard_grad.dtype))
         return norm
 
