@@ -170,30 +170,27 @@ def test_offload_dirs_of_killed_processes_are_removed(tmp_path: Path) -> None:
 
 
 def test_the_host_gradient_passes_are_part_of_the_predicted_step() -> None:
-    """Before the update the host hands over the resident gradients, sums the squares of every gradient it steps
-    and scales them: the step prices each at its measured rate (on an H100's host the unpriced passes were most
-    of a 9.0 s step, and at 31715d5 1.1 s of a 2.7 s one), the norm and scaling over this rank's share under
-    ZeRO, the hand-over over the resident units at the slower of the link and the addition."""
-    from seqmesh.trainer.param_offload import measure_host_norm_Mparams_s, measure_host_scale_Mparams_s
+    """Before the update the host takes the resident gradients and sums the squares of every gradient it steps:
+    the step prices each at its measured rate (on an H100's host the unpriced norm pass was most of a 9.0 s
+    step), the norm over this rank's share under ZeRO, the hand-over over the resident units at the slower of
+    the link and the addition. The clip's scaling is no pass of its own (the update scales as it reads)."""
+    from seqmesh.trainer.param_offload import measure_host_add_Mparams_s, measure_host_norm_Mparams_s
 
     total = 32 * BASE.layer_params + BASE.root_params
     plain = plan_offload(BASE)
-    assert plain.grad_norm_ms == 0.0 and plain.grad_scale_ms == 0.0  # a rate not given is not priced
+    assert plain.grad_norm_ms == 0.0  # a rate not given is not priced
     kept = BASE.root_params + plain.resident_layers * BASE.layer_params
     assert plain.handover_ms == pytest.approx(kept * 4 / 50e9 * 1e3)  # the link alone
-    priced = plan_offload(dataclasses.replace(BASE, norm_Mparams_s=500.0, scale_Mparams_s=250.0))
+    priced = plan_offload(dataclasses.replace(BASE, norm_Mparams_s=500.0, add_Mparams_s=250.0))
     assert priced.grad_norm_ms == pytest.approx(total / 500e6 * 1e3)
-    assert priced.grad_scale_ms == pytest.approx(total / 250e6 * 1e3)
     assert priced.handover_ms == pytest.approx(max(kept * 4 / 50e9, kept / 250e6) * 1e3)
     assert priced.step_ms == pytest.approx(plain.step_ms - plain.handover_ms + priced.handover_ms
-                                           + priced.grad_norm_ms + priced.grad_scale_ms)
+                                           + priced.grad_norm_ms)
     report = priced.report()
-    for what, ms in (("gradient hand-over", priced.handover_ms), ("gradient norm", priced.grad_norm_ms),
-                     ("clip scaling", priced.grad_scale_ms)):
+    for what, ms in (("gradient hand-over", priced.handover_ms), ("gradient norm", priced.grad_norm_ms)):
         assert f"{what} {ms:.0f}" in report
-    half = plan_offload(dataclasses.replace(BASE, norm_Mparams_s=500.0, scale_Mparams_s=250.0, state_share=0.5))
+    half = plan_offload(dataclasses.replace(BASE, norm_Mparams_s=500.0, add_Mparams_s=250.0, state_share=0.5))
     assert half.grad_norm_ms == pytest.approx(priced.grad_norm_ms / 2)
-    assert half.grad_scale_ms == pytest.approx(priced.grad_scale_ms / 2)
     assert half.handover_ms == pytest.approx(priced.handover_ms)  # every rank hands over its whole resident units
     assert measure_host_norm_Mparams_s(torch.bfloat16, numel=1 << 16, repeats=1) > 0
-    assert measure_host_scale_Mparams_s(torch.bfloat16, numel=1 << 16, repeats=1) > 0
+    assert measure_host_add_Mparams_s(torch.bfloat16, numel=1 << 16, repeats=1) > 0

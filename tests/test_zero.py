@@ -222,3 +222,31 @@ def test_clip_under_the_limit_leaves_host_gradients_and_nan_still_spreads() -> N
     opt.shard_grad[1] = float("nan")
     opt.clip_grad_norm_(1e6)
     assert torch.isnan(opt.shard_grad).all()
+
+
+@pytest.mark.parametrize("update_device", [None, "cpu"])  # the host update, and the staged one (as copies)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8adamw_scales_host_gradients_inside_its_step(update_device: str | None, dtype: torch.dtype) -> None:
+    """On a host shard the clip hands its factor to ``FP8AdamW``, which scales each piece as its update reads it
+    (several pieces here): the updated weights are bitwise those of scaling the whole buffer first."""
+    stepped = []
+    for deferred in (True, False):
+        model = make_model().to(dtype)
+        opt = ZeroOptimizer(param_groups(model), lambda g: FP8AdamW(g, lr=LR, state_dtype="fp8",
+                                                                      host_chunk_elems=4096), stage=1)
+        opt.optimizer.update_device = torch.device(update_device) if update_device else None
+        g = (torch.randn(opt.shard_grad.numel(), generator=torch.Generator().manual_seed(1)) * 0.1).to(dtype)
+        opt.shard_grad.copy_(g)
+        if deferred:
+            norm = opt.clip_grad_norm_(MAX_NORM)
+            assert torch.equal(opt.shard_grad, g)  # not scaled by a pass of its own
+        else:
+            norm = opt.clip_grad_norm_(float("inf"))
+            opt.shard_grad.mul_((MAX_NORM / (norm + 1e-6)).clamp(max=1.0).to(dtype))
+        assert norm.item() > MAX_NORM  # the clip acts
+        opt.step()
+        opt.zero_grad()
+        stepped.append([p.detach().clone() for p in model.parameters()])
+    int_type = torch.int32 if dtype == torch.float32 else torch.int16
+    for a, b in zip(*stepped):
+        assert torch.equal(a.view(int_type), b.view(int_type))

@@ -297,11 +297,22 @@ _STAGED_IN = ("params", "grads", "exp_avg", "exp_avg_scale", "exp_avg_sq", "exp_
 _STAGED_OUT = ("params", "exp_avg", "exp_avg_scale", "exp_avg_sq", "exp_avg_sq_scale")
 
 
+def scale_grads(bucket: Bucket, factor: torch.Tensor | None) -> Bucket:
+    """``bucket`` with its gradients multiplied in place by ``factor`` (a 0-dim tensor in the gradients' dtype;
+    None: unchanged): the clip's scaling done on the piece the update is about to read (see
+    ``FP8AdamW.scale_grads_in_step``)."""
+    if factor is not None:
+        for g in bucket.grads:
+            g.mul_(factor.to(g.device))
+    return bucket
+
+
 def staged_step(bucket: Bucket, hp: Hyper, chunk_elems: int, device: torch.device,
-                step_on_device: Callable[[Bucket], None]) -> None:
+                step_on_device: Callable[[Bucket], None], grad_scale: torch.Tensor | None = None) -> None:
     """A host-resident ``bucket`` stepped on ``device`` a piece at a time (``chunks_of``): each piece's
     parameters, gradients and states copied there, stepped by ``step_on_device``, parameters and states
-    copied back into the host tensors.
+    copied back into the host tensors. ``grad_scale`` multiplies each piece's gradients on ``device``, where it
+    costs nothing next to the copies.
 
     Why: under parameter offload the update of every parameter runs each step; the host's compiled
     update reaches about 0.5G parameters/s on 16 cores (``bench/optim.py --host``), while a piece's round
@@ -312,13 +323,15 @@ def staged_step(bucket: Bucket, hp: Hyper, chunk_elems: int, device: torch.devic
     for piece in chunks_of(bucket, hp, chunk_elems):
         staged = Bucket(**{name: [t.to(device, copy=True) for t in getattr(piece, name)] for name in _STAGED_IN},
                         key_base=piece.key_base, step=piece.step)
-        step_on_device(staged)
+        step_on_device(scale_grads(staged, grad_scale))
         for name in _STAGED_OUT:
             for host, moved in zip(getattr(piece, name), getattr(staged, name)):
                 host.copy_(moved)
 
 
-def chunked_step(bucket: Bucket, hp: Hyper, chunk_elems: int, update: Callable[..., tuple] | None = None) -> None:
-    """``torch_step`` a piece at a time (``chunks_of``): the same bits in bounded memory."""
+def chunked_step(bucket: Bucket, hp: Hyper, chunk_elems: int, update: Callable[..., tuple] | None = None,
+                 grad_scale: torch.Tensor | None = None) -> None:
+    """``torch_step`` a piece at a time (``chunks_of``): the same bits in bounded memory (``grad_scale``: each
+    piece's gradients scaled first, while they are in cache)."""
     for piece in chunks_of(bucket, hp, chunk_elems):
-        torch_step(piece, hp, update)
+        torch_step(scale_grads(piece, grad_scale), hp, update)

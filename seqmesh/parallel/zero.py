@@ -335,7 +335,8 @@ class ZeroOptimizer:
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
         """Scale the reduced gradients so their global L2 norm (over HDP shards and TP ranks) is at most
-        ``max_norm`` (``inf``: no scaling); returns the norm before scaling, as ``torch.nn.utils.clip_grad_norm_``."""
+        ``max_norm`` (``inf``: no scaling); returns the norm before scaling, as ``torch.nn.utils.clip_grad_norm_``.
+        A host shard stepped by ``FP8AdamW`` is scaled inside its next ``step`` instead (same bits)."""
         if self.stage == 0:
             grads = [p.grad for p in self._counted if p.grad is not None]
             sq = sum((sum_of_squares(g) for g in grads), torch.zeros((), dtype=torch.float64, device=self._device()))
@@ -352,10 +353,16 @@ class ZeroOptimizer:
             coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
             if self.stage == 0:
                 torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], coef)
-            elif self.shard_grad.device.type != "cpu" or coef.item() != 1.0:
-                # a host buffer (parameter offload: billions of elements) skips the pass that would multiply by
-                # exactly 1 (a norm under the limit), which changes no bit; on a GPU reading it would wait for the device
+            elif self.shard_grad.device.type != "cpu":
                 self.shard_grad.mul_(coef.to(self.shard_grad.dtype))
+            else:  # a host buffer (parameter offload: billions of elements): no pass of its own
+                # a factor of exactly 1 (a norm under the limit) changes no bit, and otherwise the optimizer scales
+                # each piece as its update reads it, where it can (``FP8AdamW.scale_grads_in_step``)
+                factor = None if coef.item() == 1.0 else coef.to(self.shard_grad.dtype)
+                if hasattr(self.optimizer, "scale_grads_in_step"):
+                    self.optimizer.scale_grads_in_step(factor)
+                elif factor is not None:
+                    self.shard_grad.mul_(factor)
         return norm
 
     def _device(self) -> torch.device:
@@ -372,6 +379,8 @@ class ZeroOptimizer:
             hook()
 
     def zero_grad(self) -> None:
+        if hasattr(self.optimizer, "scale_grads_in_step"):  # a step skipped (non-finite) leaves no factor behind
+            self.optimizer.scale_grads_in_step(None)
         if self.stage == 0:
             self.optimizer.zero_grad(set_to_none=True)
         elif self.stage == 1:

@@ -27,13 +27,12 @@ exposed time is ``max(0, transfer - compute)``, with backward's two crossings (w
 gradients out) priced one after the other at the host-to-device rate (an upper bound: the link is
 full duplex, though both directions at once run slower than one alone). The optimizer step does not
 overlap backward (global-norm clipping and the non-finite check need every gradient first). Before it
-come three host passes, each at a rate measured at start-up: the resident units' gradients (the root's
+come two host passes, each at a rate measured at start-up: the resident units' gradients (the root's
 and the resident layers') cross to the host and are added into its buffer (``handover_ms``: the link
-and the addition overlap piece by piece, so the slower of the two); the sum of squares of every
-gradient the rank steps (``grad_norm_ms``, ``norm_Mparams_s``: on an H100's host this pass, unpriced and
-single-threaded, took 7.7 s of a 9.0 s step of a 2.8B model); and the clip's scaling of the same
-gradients (``grad_scale_ms``, ``scale_Mparams_s``; an upper bound: a step whose norm is under the limit
-skips it). The update runs where it is faster (``offload.update=auto``): on the host at the
+and the addition, ``add_Mparams_s``, overlap piece by piece, so the slower of the two), and the sum of
+squares of every gradient the rank steps (``grad_norm_ms``, ``norm_Mparams_s``: on an H100's host this
+pass, unpriced and single-threaded, took 7.7 s of a 9.0 s step of a 2.8B model). The clip's scaling
+has no pass of its own: the update scales each piece as it reads it (``FP8AdamW.scale_grads_in_step``). The update runs where it is faster (``offload.update=auto``): on the host at the
 measured CPU rate, or on the device, each chunk of weights, gradients and states copied over and back
 (10 bytes per parameter with bf16 weights and fp8 states) at the measured link rate; states on NVMe are
 read and written during a host update, overlapped chunk by chunk with the CPU arithmetic, so it takes
@@ -81,7 +80,7 @@ class OffloadInputs:
     adam_Mparams_s: float | None  # None only with update=device (the host never runs it)
     layer_ms: float
     norm_Mparams_s: float | None = None  # the host's sum of squares of gradients (clip norm); None: not priced
-    scale_Mparams_s: float | None = None  # the host's in-place pass over gradients (clip scale, addition); None: not priced
+    add_Mparams_s: float | None = None  # the host's addition of one gradient buffer into another; None: not priced
     micro_batches: int = 1
     prefetch: int = 2
     resident_layers: int | None = None  # None: as many as fit
@@ -105,15 +104,13 @@ class OffloadPlan:
     exposed_transfer_ms: float
     optimizer_ms: float
     grad_norm_ms: float = 0.0  # the host's pass over its gradients for the global norm
-    grad_scale_ms: float = 0.0  # the host's pass scaling them when the norm is over the limit
     handover_ms: float = 0.0  # the resident units' gradients to the host, added into its buffer
     host_free: float = 0.0  # host memory the plan leaves of its budget (activation offload's buffers get it)
     update: str = "host"  # host | device: where the optimizer's update runs
 
     @property
     def step_ms(self) -> float:
-        return (self.compute_ms + self.exposed_transfer_ms + self.handover_ms + self.grad_norm_ms + self.grad_scale_ms
-                + self.optimizer_ms)
+        return self.compute_ms + self.exposed_transfer_ms + self.handover_ms + self.grad_norm_ms + self.optimizer_ms
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "step_ms": self.step_ms}
@@ -126,7 +123,7 @@ class OffloadPlan:
                 f"GiB of weights and gradients, host {self.host_bytes / gib:.2f} GiB, disk {self.disk_bytes / gib:.2f} GiB"
                 f"; predicted step {self.step_ms:.0f} ms = compute {self.compute_ms:.0f} + exposed transfers "
                 f"{self.exposed_transfer_ms:.0f} + gradient hand-over {self.handover_ms:.0f} + gradient norm "
-                f"{self.grad_norm_ms:.0f} + clip scaling {self.grad_scale_ms:.0f} + optimizer "
+                f"{self.grad_norm_ms:.0f} + optimizer "
                 f"{self.optimizer_ms:.0f} (update on the {self.update})")
 
 
@@ -221,8 +218,7 @@ def plan_offload(x: OffloadInputs) -> OffloadPlan:
         return elements / (Mparams_s * 1e6) * 1e3 if Mparams_s else 0.0
 
     kept = x.root_params + resident * x.layer_params  # gradients accumulated on the device, handed over once
-    handover = max(kept * x.param_bytes / (x.h2d_GBps * GB) * 1e3, host_pass_ms(kept, x.scale_Mparams_s))
+    handover = max(kept * x.param_bytes / (x.h2d_GBps * GB) * 1e3, host_pass_ms(kept, x.add_Mparams_s))
     return OffloadPlan(x.params, resident, streamed, place, device, host, disk, compute, exposed, adam,
-                       grad_norm_ms=host_pass_ms(stepped, x.norm_Mparams_s),
-                       grad_scale_ms=host_pass_ms(stepped, x.scale_Mparams_s), handover_ms=handover,
+                       grad_norm_ms=host_pass_ms(stepped, x.norm_Mparams_s), handover_ms=handover,
                        host_free=x.host_bytes - host, update=update)

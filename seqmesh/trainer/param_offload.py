@@ -66,12 +66,11 @@ def measure_host_norm_Mparams_s(dtype: torch.dtype, numel: int = 1 << 25, repeat
     return numel / _best_seconds(lambda: sum_of_squares(g), repeats) / 1e6
 
 
-def measure_host_scale_Mparams_s(dtype: torch.dtype, numel: int = 1 << 25, repeats: int = 2) -> float:
-    """Millions of gradient elements per second the host scales in place here (the clip's ``mul_``, which
-    also stands for the addition of handed-over gradients: one read-modify-write pass each)."""
-    g = torch.full((numel,), 1e-3, dtype=dtype)
-    one = torch.ones((), dtype=dtype)
-    return numel / _best_seconds(lambda: g.mul_(one), repeats) / 1e6
+def measure_host_add_Mparams_s(dtype: torch.dtype, numel: int = 1 << 25, repeats: int = 2) -> float:
+    """Millions of gradient elements per second the host adds into another buffer here (the resident
+    gradients handed over at the end of backward)."""
+    g, h = torch.full((numel,), 1e-3, dtype=dtype), torch.zeros((numel,), dtype=dtype)
+    return numel / _best_seconds(lambda: h.add_(g), repeats) / 1e6
 
 
 def plan_inputs(model: torch.nn.Module, cfg: RunConfig, cost_model: CostModel, device: torch.device,
@@ -107,7 +106,7 @@ def plan_inputs(model: torch.nn.Module, cfg: RunConfig, cost_model: CostModel, d
         off.adam_Mparams_s or measure_host_adam_Mparams_s(cfg.optim.state_dtype, total),
         layer_ms=float(cost_model.seq_ms(tokens, 1)) / len(layers), prefetch=off.prefetch,
         norm_Mparams_s=measure_host_norm_Mparams_s(next(model.parameters()).dtype),
-        scale_Mparams_s=measure_host_scale_Mparams_s(next(model.parameters()).dtype),
+        add_Mparams_s=measure_host_add_Mparams_s(next(model.parameters()).dtype),
         resident_layers=off.resident_value, optimizer=off.optimizer, zero_stage=cfg.parallel.zero_stage,
         params=off.params, staging_bytes=None if device.type == "cuda" else 0,  # pinned staging: CUDA only
         update=update)

@@ -110,6 +110,7 @@ from seqmesh.kernels.adam_update import (
     chunked_step,
     chunks_of,
     compiled_update,
+    scale_grads,
     cpp_compiler_available,
     padded_numel,
     staged_step,
@@ -220,6 +221,7 @@ class FP8AdamW(Optimizer):
         # parameter offload's plan sets it when the link beats the host's update (trainer/param_offload.py)
         self.update_device = torch.device(update_device) if update_device is not None else None
         self.state_files: StateFiles | None = None  # moments in files (``state_files.swap_states_to_files``)
+        self._grad_scale: torch.Tensor | None = None  # ``scale_grads_in_step``
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, state_dtype=state_dtype,
                         block_size=block_size, stochastic_rounding=stochastic_rounding, seed=seed,
                         index_offset=index_offset)
@@ -242,11 +244,23 @@ class FP8AdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        scale, self._grad_scale = self._grad_scale, None
         for group in self.param_groups:
-            self._step_group(group)
+            self._step_group(group, scale)
         return loss
 
-    def _step_group(self, group: dict[str, Any]) -> None:
+    def scale_grads_in_step(self, factor: torch.Tensor | None) -> None:
+        """Multiply every gradient by ``factor`` (0-dim, the gradients' dtype; None: no scaling) inside the next
+        ``step``, a piece at a time as the update reads it, instead of in a pass of its own.
+
+        Why: with parameter offload the gradients are a host buffer of billions of elements, and the clip's
+        ``mul_`` over it took about as long as the whole staged update's copies on an H100's host. A staged
+        update scales each piece on the GPU after copying it there; a host update scales each piece while it is
+        in cache. Each element meets the same one multiplication in its own dtype, so the bits are those of
+        scaling first. ``ZeroOptimizer.clip_grad_norm_`` calls this for host shards; ``zero_grad`` clears it."""
+        self._grad_scale = factor
+
+    def _step_group(self, group: dict[str, Any], scale: torch.Tensor | None) -> None:
         fmt: StateFormat = FORMATS[group["state_dtype"]]
         block = group["block_size"]
         beta1, beta2 = group["betas"]
@@ -280,37 +294,37 @@ class FP8AdamW(Optimizer):
             bucket.key_base.append(key_base)
             bucket.step.append(state["step"])
         for (device, _, _), bucket in buckets.items():
-            self._run(bucket, hp, device)
+            self._run(bucket, hp, device, scale)
 
     def _stages_to_cuda(self, p: torch.Tensor) -> bool:
         """Whether ``p``'s update is staged on a GPU: its states then live in pinned memory, which the link
         copies at full rate (pageable memory goes through a driver bounce buffer)."""
         return p.device.type == "cpu" and self.update_device is not None and self.update_device.type == "cuda"
 
-    def _run(self, bucket: Bucket, hp: Hyper, device: torch.device) -> None:
+    def _run(self, bucket: Bucket, hp: Hyper, device: torch.device, scale: torch.Tensor | None) -> None:
         if device.type == "cpu" and self.update_device is not None:
             staged_step(bucket, hp, self.host_chunk_elems, self.update_device,
-                        lambda piece: self._step_on(piece, hp, self.update_device))
+                        lambda piece: self._step_on(piece, hp, self.update_device), grad_scale=scale)
             return
-        self._step_on(bucket, hp, device)
+        self._step_on(bucket, hp, device, scale)
 
-    def _step_on(self, bucket: Bucket, hp: Hyper, device: torch.device) -> None:
+    def _step_on(self, bucket: Bucket, hp: Hyper, device: torch.device, scale: torch.Tensor | None = None) -> None:
         if self.backend == "triton" and device.type != "cuda":
             raise RuntimeError(f"backend='triton' needs CUDA parameters, got some on {device}; use backend='auto'")
         if self.backend == "triton" or (self.backend == "auto" and device.type == "cuda" and triton_available()):
             from seqmesh.kernels.adam_triton import fused_step
 
-            fused_step(bucket, hp)
+            fused_step(scale_grads(bucket, scale), hp)
             return
         update = compiled_update(hp.fmt) if compiles(self.backend, sum(p.numel() for p in bucket.params),
                                                          device) else None
         if device.type == "cpu" and self.state_files is not None:
             self.state_files.run(chunks_of(bucket, hp, self.host_chunk_elems),
-                                 lambda piece: torch_step(piece, hp, update))
+                                 lambda piece: torch_step(scale_grads(piece, scale), hp, update))
         elif device.type == "cpu":
-            chunked_step(bucket, hp, self.host_chunk_elems, update)
+            chunked_step(bucket, hp, self.host_chunk_elems, update, grad_scale=scale)
         else:
-            torch_step(bucket, hp, update)
+            torch_step(scale_grads(bucket, scale), hp, update)
 
     def state_bytes_per_param(self) -> float:
         """Bytes of optimizer state per parameter, summed over the state tensors (scales included; in files too)."""
