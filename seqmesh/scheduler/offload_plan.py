@@ -32,12 +32,12 @@ and the resident layers') cross to the host and are added into its buffer (``han
 and the addition, ``add_Mparams_s``, overlap piece by piece, so the slower of the two), and the sum of
 squares of every gradient the rank steps (``grad_norm_ms``, ``norm_Mparams_s``: on an H100's host this
 pass, unpriced and single-threaded, took 7.7 s of a 9.0 s step of a 2.8B model). The clip's scaling
-has no pass of its own: the update scales each piece as it reads it (``FP8AdamW.scale_grads_in_step``). The update runs where it is faster (``offload.update=auto``): on the host at the
-measured CPU rate, or on the device, each chunk of weights, gradients and states copied over and back
-(10 bytes per parameter with bf16 weights and fp8 states) at the measured link rate; states on NVMe are
-read and written during a host update, overlapped chunk by chunk with the CPU arithmetic, so it takes
-the longer of the two (weights and gradients in mapped files are read and written once by the step
-too).
+has no pass of its own: the update scales each piece as it reads it (``FP8AdamW.scale_grads_in_step``).
+The update runs where it is faster (``offload.update=auto``): on the host at the measured CPU rate, or
+on the device, each chunk of weights, gradients and states copied over and back (10 bytes per parameter
+with bf16 weights and fp8 states) at the measured link rate; states on NVMe are read and written during
+a host update, overlapped chunk by chunk with the CPU arithmetic, so it takes the longer of the two
+(weights and gradients in mapped files are read and written once by the step too).
 """
 
 from __future__ import annotations
@@ -131,6 +131,11 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+def _host_pass_ms(elements: float, Mparams_s: float | None) -> float:
+    """One host pass over ``elements`` at a measured rate (None: not measured, not priced)."""
+    return elements / (Mparams_s * 1e6) * 1e3 if Mparams_s else 0.0
+
+
 def plan_offload(x: OffloadInputs) -> OffloadPlan:
     """The placement and its predicted step time; ``OffloadPlanError`` when the settings cannot hold the model."""
     if x.optimizer not in ("auto", "cpu", "nvme"):
@@ -214,11 +219,8 @@ def plan_offload(x: OffloadInputs) -> OffloadPlan:
     if disk:  # every byte on the disk is read and written once by the step (through the page cache for weights)
         disk_rate = x.disk_GBps or x.h2d_GBps
         adam = max(adam, 2 * disk / (disk_rate * GB) * 1e3)
-    def host_pass_ms(elements: float, Mparams_s: float | None) -> float:
-        return elements / (Mparams_s * 1e6) * 1e3 if Mparams_s else 0.0
-
     kept = x.root_params + resident * x.layer_params  # gradients accumulated on the device, handed over once
-    handover = max(kept * x.param_bytes / (x.h2d_GBps * GB) * 1e3, host_pass_ms(kept, x.add_Mparams_s))
+    handover = max(kept * x.param_bytes / (x.h2d_GBps * GB) * 1e3, _host_pass_ms(kept, x.add_Mparams_s))
     return OffloadPlan(x.params, resident, streamed, place, device, host, disk, compute, exposed, adam,
-                       grad_norm_ms=host_pass_ms(stepped, x.norm_Mparams_s), handover_ms=handover,
+                       grad_norm_ms=_host_pass_ms(stepped, x.norm_Mparams_s), handover_ms=handover,
                        host_free=x.host_bytes - host, update=update)

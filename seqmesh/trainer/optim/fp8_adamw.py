@@ -110,9 +110,9 @@ from seqmesh.kernels.adam_update import (
     chunked_step,
     chunks_of,
     compiled_update,
-    scale_grads,
     cpp_compiler_available,
     padded_numel,
+    scale_grads,
     staged_step,
     torch_step,
 )
