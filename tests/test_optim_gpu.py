@@ -101,3 +101,32 @@ def test_host_parameters_updated_on_the_gpu_equal_the_host_update_bitwise(state_
     dtypes = [torch.bfloat16] * len(SHAPES)
     _assert_same(_run("auto", "cpu", state_dtype, dtypes, True), _run("auto", "cpu", state_dtype, dtypes, True,
                                                                       update_device="cuda"))
+
+
+def test_staged_update_holds_a_few_pieces_on_the_gpu_and_matches_the_host_update():
+    """The staged update overlaps a piece's copies in, its update and its copies out on three streams; the
+    host throttles itself so that only a few pieces occupy the device (a 2.8B-parameter model's states
+    would not fit), and the overlap changes no bit of the host update."""
+    numel, chunk = 16 << 20, 1 << 20
+    gen = torch.Generator().manual_seed(3)
+    weights = (torch.randn(numel, generator=gen) * 0.05).to(torch.bfloat16)
+    grads = [(torch.randn(numel, generator=gen) * 1e-2).to(torch.bfloat16) for _ in range(2)]
+
+    def run(update_device: str | None) -> tuple[FP8AdamW, int]:
+        p = weights.clone().pin_memory()
+        opt = FP8AdamW([p], lr=1e-2, state_dtype="fp8", seed=5, host_chunk_elems=chunk, update_device=update_device)
+        peak = 0
+        for g in grads:
+            p.grad = g.clone().pin_memory()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            opt.step()
+            peak = max(peak, torch.cuda.max_memory_allocated() - base)
+        return opt, peak
+
+    host, _ = run(None)
+    staged, peak = run("cuda")
+    _assert_same(host, staged)
+    piece_bytes = chunk * (2 + 2 + 1 + 1) + chunk // 128 * 2 * 4  # weights, gradients, fp8 moments, block scales
+    assert peak <= 4 * piece_bytes, f"the staged update held {peak / piece_bytes:.1f} pieces on the GPU"

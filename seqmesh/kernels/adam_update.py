@@ -13,6 +13,7 @@ It sits beside the kernel for that reason (the kernel takes ``Bucket`` and ``Hyp
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 from dataclasses import dataclass, field
@@ -318,15 +319,55 @@ def staged_step(bucket: Bucket, hp: Hyper, chunk_elems: int, device: torch.devic
     update reaches about 0.5G parameters/s on 16 cores (``bench/optim.py --host``), while a piece's round
     trip moves about 10 bytes per parameter (bf16 weights and gradients in, weights out, fp8 moments both
     ways), some 5G parameters/s over a 50 GB/s link, and the GPU's kernel is bit for bit the host's, so
-    states and checkpoints do not depend on where the update ran. The copies back are blocking, so the
-    host tensors hold the update when this returns."""
-    for piece in chunks_of(bucket, hp, chunk_elems):
+    states and checkpoints do not depend on where the update ran. On a GPU the copies in, the update and
+    the copies out run on three streams (``_pipelined_on_cuda``). The host tensors hold the update when
+    this returns."""
+    pieces = chunks_of(bucket, hp, chunk_elems)
+    if device.type == "cuda":
+        _pipelined_on_cuda(pieces, device, step_on_device, grad_scale)
+        return
+    for piece in pieces:
         staged = Bucket(**{name: [t.to(device, copy=True) for t in getattr(piece, name)] for name in _STAGED_IN},
                         key_base=piece.key_base, step=piece.step)
         step_on_device(scale_grads(staged, grad_scale))
         for name in _STAGED_OUT:
             for host, moved in zip(getattr(piece, name), getattr(staged, name)):
                 host.copy_(moved)
+
+
+def _pipelined_on_cuda(pieces: list[Bucket], device: torch.device, step_on_device: Callable[[Bucket], None],
+                       grad_scale: torch.Tensor | None, in_flight: int = 2) -> None:
+    """``staged_step``'s loop with piece i+1 copied in while piece i is updated and piece i-1 copied out.
+
+    Why: the link copies each direction on its own engine, so in sequence the step costs the copies in
+    plus the copies out, while overlapped it costs the larger of the two (the update kernel is a few
+    percent of either). The host waits for piece i's copy back before it stages piece i+``in_flight``, so
+    at most ``in_flight`` + 1 pieces occupy the device whatever the bucket's size."""
+    compute = torch.cuda.current_stream(device)
+    inbound, outbound = torch.cuda.Stream(device), torch.cuda.Stream(device)
+    inbound.wait_stream(compute)
+    if grad_scale is not None:
+        grad_scale = grad_scale.to(device)  # once, not a blocking copy per piece
+    returned: collections.deque[torch.cuda.Event] = collections.deque()
+    for piece in pieces:
+        if len(returned) >= in_flight:
+            returned.popleft().synchronize()
+        with torch.cuda.stream(inbound):
+            staged = Bucket(**{name: [t.to(device, non_blocking=True) for t in getattr(piece, name)]
+                               for name in _STAGED_IN}, key_base=piece.key_base, step=piece.step)
+        compute.wait_stream(inbound)
+        for name in _STAGED_IN:
+            for moved in getattr(staged, name):
+                moved.record_stream(compute)
+        step_on_device(scale_grads(staged, grad_scale))
+        outbound.wait_stream(compute)
+        with torch.cuda.stream(outbound):
+            for name in _STAGED_OUT:
+                for host, moved in zip(getattr(piece, name), getattr(staged, name)):
+                    host.copy_(moved, non_blocking=True)
+                    moved.record_stream(outbound)
+            returned.append(outbound.record_event())
+    outbound.synchronize()
 
 
 def chunked_step(bucket: Bucket, hp: Hyper, chunk_elems: int, update: Callable[..., tuple] | None = None,
