@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -127,20 +127,21 @@ def _zero(model, state_dtype: str):
 
 
 def trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, resident: int | None,
-          device_name: str, dtype: str = "bf16", update: str = "auto") -> dict[str, Any]:
-    """One model trained ``1 + steps`` steps on one device: times, MFU, memory; raises on OOM."""
+          device_name: str, dtype: str = "bf16", update: str = "auto", profile: str | None = None) -> dict[str, Any]:
+    """One model trained ``1 + steps`` steps on one device: times, MFU, memory; raises on OOM. ``profile``: a
+    path for the profile of one more step (``_profiled``), after the timed ones."""
     import torch
 
     device = torch.device(device_name)
     path = tempfile.mkdtemp(prefix="seqmesh-bench-")  # offload files (NVMe states), removed with the trial
     try:
-        return _train_trial(shape, tokens, steps, offload, resident, device, dtype, path, update)
+        return _train_trial(shape, tokens, steps, offload, resident, device, dtype, path, update, profile)
     finally:
         shutil.rmtree(path, ignore_errors=True)
 
 
 def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, resident: int | None,
-                 device: "torch.device", dtype: str, path: str, update: str) -> dict[str, Any]:
+                 device: "torch.device", dtype: str, path: str, update: str, profile: str | None) -> dict[str, Any]:
     import torch
 
     from seqmesh.parallel.sequence import make_sp_batch
@@ -182,7 +183,7 @@ def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, 
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
-    for _ in range(1 + steps):
+    def step() -> list[float]:
         t = [mark()]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             hidden_states = model(ids, meta)
@@ -196,9 +197,15 @@ def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, 
         opt.step()
         opt.zero_grad()
         t.append(mark())
+        losses.append(loss.item() / tokens)
+        return t
+
+    for _ in range(1 + steps):
+        t = step()
         times.append(t[-1] - t[0])
         phases.append({name: b - a for name, a, b in zip(PHASES, t, t[1:])})
-        losses.append(loss.item() / tokens)
+    if profile:
+        _profiled(step, Path(profile), cuda)
     step_s = statistics.median(times[1:]) if steps else times[0]  # --steps 0: the first step only (cold)
     timed = phases[1:] or phases
     flops = train_flops(model.config, packed.seqlens)
@@ -210,6 +217,26 @@ def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, 
             "host_GB": plan.host_bytes / 1e9 if plan else None, "disk_GB": plan.disk_bytes / 1e9 if plan else 0.0,
             "plan": plan.as_dict() if plan else None, "losses": losses,
             "phase_s": {name: statistics.median(p[name] for p in timed) for name in PHASES}}
+
+
+def _profiled(step: Callable[[], list[float]], path: Path, cuda: bool) -> None:
+    """One ``step`` under torch.profiler, its phase times and the operators' totals written to ``path``.
+
+    Why: the phases say how long each part of a streamed step took, not what it waited for (a copy over
+    the link, the host's additions of landed gradients, an event); the tables (by GPU time, by the
+    host's own time, which includes each thread's waits) say which."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        t = step()
+    averages = prof.key_averages()
+    orders = ("self_cuda_time_total", "self_cpu_time_total") if cuda else ("self_cpu_time_total",)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([
+        "phases (s, profiled): " + ", ".join(f"{n} {b - a:.3f}" for n, a, b in zip(PHASES, t, t[1:])),
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+        *(averages.table(sort_by=order, row_limit=25) for order in orders)]))
 
 
 def _child(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
@@ -327,6 +354,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--sr-hidden", type=int, default=SR_SHAPE["hidden_size"], help="width of (c)'s model")
     ap.add_argument("--sr-layers", type=int, default=SR_SHAPE["num_layers"], help="depth of (c)'s model")
     ap.add_argument("--trial-timeout-s", type=float, default=540)
+    ap.add_argument("--profile", action="store_true",
+                    help="(b): profile one more step of each streamed trial into offload_params_profile_<tokens>_<update>.txt")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -396,9 +425,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for t in overhead_tokens:
             runs = {}
             for name, offload, update in [("resident", False, "auto"), *((u, True, u) for u in updates)]:
+                profile = (out_dir or RESULTS) / f"offload_params_profile_{t}_{update}.txt" if args.profile and offload \
+                    else None
                 r = _child(dict(shape=overhead_shape, tokens=t, steps=args.steps, offload=offload,
-                                resident=0 if offload else None, device_name=device, update=update),
-                           args.trial_timeout_s)
+                                resident=0 if offload else None, device_name=device, update=update,
+                                profile=str(profile) if profile else None), args.trial_timeout_s)
                 rows.append(_shown({"part": "overhead", "update": update if offload else None, **r}))
                 runs[name] = r
             ok = all("error" not in runs[n] for n in ("resident", "auto"))
