@@ -163,7 +163,8 @@ def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, 
     apply_weight_dtype(model, cfg.optim)
     nparams = sum(p.numel() for p in model.parameters())
     opt = _zero(model, "fp8")
-    cost_model = build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=1, state_dtype="fp8")
+    cost_model = build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=1, state_dtype="fp8",
+                                  params_offloaded=offload)
     plan = None
     if offload:  # measured rates, the plan, its report, the transform: what a run does at start-up
         from seqmesh.trainer.param_offload import apply_param_offload

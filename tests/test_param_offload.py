@@ -339,3 +339,26 @@ def test_gpu_offload_bitwise_resident(stage: int, hidden: int, update: str, piec
         assert torch.equal(bits(a), bits(b))
     assert off.staging.in_use_bytes == 0 and not off._pending
     detach_param_offload(model)
+
+
+def test_a_model_larger_than_the_device_is_priced_without_its_states_under_offload():
+    """The run's cost model is built before the offload plan: counting the whole model's states on the
+    device there refused every model that offload exists to fit (a 13B shape on an 80 GB GPU). Under
+    ``offload.params`` it counts none (the plan adds what the device keeps); without offload the same
+    limit is still refused, naming the fix."""
+    from seqmesh.trainer.build import build_cost_model
+    from seqmesh.trainer.config import config_from_dict
+
+    model = Transformer(tiny_config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2))
+    states = 10 * model.num_params(exclude_embeddings=True)  # fp32 weights and gradients, fp8 moments
+    cfg = config_from_dict({"memory": {"limit_gb": states / 2 / 2**30}})
+
+    def build(offloaded: bool):
+        return build_cost_model(model, torch.device("cpu"), cfg.model, cfg.parallel, cfg.memory, hdp=1,
+                                state_dtype="fp8", params_offloaded=offloaded)
+
+    with pytest.raises(ValueError, match="leaves no room.*shard model states further or raise the limit"):
+        build(False)
+    offloaded = build(True)
+    assert offloaded.mem_static_bytes < states / 10 < offloaded.mem_limit_bytes

@@ -483,7 +483,7 @@ def default_cost_model(*, params: float, hidden_size: int, num_layers: int, devi
                        dp_shards: int = 1, act_bytes: int = 2, checkpointing: bool = True,
                        zero_stage: int | None = None, optim_state_bytes: float = 8.0,
                        whole_grads: bool = False, mem_bytes_per_token: float | None = None,
-                       mem_reserved_bytes: float = 0.0) -> CostModel:
+                       mem_reserved_bytes: float = 0.0, model_states: bool = True) -> CostModel:
     """A cost model from first principles, for workers that have no profile yet.
 
     Every coefficient is a count divided by a rate the caller states, none is tuned:
@@ -506,7 +506,8 @@ def default_cost_model(*, params: float, hidden_size: int, num_layers: int, devi
       divides all of it over ``dp_shards`` (fully sharded states) -- but the gradients with
       ``whole_grads`` (ZeRO-3 keeping the step's full layer gradients for one reduce-scatter per
       step); ZeRO stage 1 shards only the optimizer moments over ``dp_shards`` HDP ranks, stage 2
-      the gradients too, stage 0 nothing.
+      the gradients too, stage 0 nothing. ``model_states=False``: they live off the device (parameter
+      offload, whose plan then adds what the device holds of them), so none is counted here.
       A caller that knows its model's modules passes its own count instead (``mem_bytes_per_token``,
       the whole model's activations per token) and the working set of a micro-batch that does not
       grow with its tokens, such as a loss tile's logits (``mem_reserved_bytes``, held beside the
@@ -532,6 +533,8 @@ def default_cost_model(*, params: float, hidden_size: int, num_layers: int, devi
         grads = 4.0 / (dp_shards if zero_stage >= 2 else 1)
         moments = optim_state_bytes / (dp_shards if zero_stage >= 1 else 1)
         mem_static = (4.0 + grads + moments) * params
+    if not model_states:
+        mem_static = 0.0
     recompute = 4 / 3 if checkpointing else 1.0
     passes = 3 if checkpointing else 2
     per_layer_work = 34 * hidden_size * act_bytes // 2

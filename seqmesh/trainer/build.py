@@ -213,11 +213,15 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
 
 def build_cost_model(model: Transformer, device: torch.device, model_cfg: ModelConfig, parallel: ParallelConfig,
                      memory: MemoryConfig, *, hdp: int, profile: str | None = None,
-                     state_dtype: str = "fp32", cluster: str | None = None) -> CostModel:
+                     state_dtype: str = "fp32", cluster: str | None = None,
+                     params_offloaded: bool = False) -> CostModel:
     """The run's cost model (``_base_cost_model``), pricing the run's SP mode (``sp_attention``) on
-    the links of ``cluster`` (``scheduler.cluster``, a cluster file) when one is given."""
+    the links of ``cluster`` (``scheduler.cluster``, a cluster file) when one is given.
+    ``params_offloaded``: the weights, gradients and optimizer states live off the device
+    (``offload.params``); the offload plan adds what the device holds of them (``apply_param_offload``),
+    so a model larger than the device is not refused here."""
     cm = _base_cost_model(model, device, model_cfg, parallel, memory, hdp=hdp, profile=profile,
-                          state_dtype=state_dtype)
+                          state_dtype=state_dtype, params_offloaded=params_offloaded)
     cm = dataclasses.replace(cm, attention=sp_attention(cm, model, model_cfg, parallel))
     return cm.with_links(load_cluster(cluster)) if cluster else cm
 
@@ -242,14 +246,16 @@ def sp_attention(cm: CostModel, model: Transformer, model_cfg: ModelConfig, para
 
 def _base_cost_model(model: Transformer, device: torch.device, model_cfg: ModelConfig, parallel: ParallelConfig,
                      memory: MemoryConfig, *, hdp: int, profile: str | None = None,
-                     state_dtype: str = "fp32") -> CostModel:
+                     state_dtype: str = "fp32", params_offloaded: bool = False) -> CostModel:
     """The profiled cost model when the config names one, else one derived from FLOPs and the device,
     priced for the run's TP x PP layout (``CostModel.with_layout``).
 
     ``memory.limit_gb`` replaces the device's memory in either (``apply_memory_limit``
     enforces the same figure on CUDA), less ``memory.headroom``. ``model`` is what this
     rank holds: its TP shard, and under PP its stages (``PipelineModel``). ``profile``: the
-    ``scheduler.cost_model`` file; ``hdp``: the HDP size; ``state_dtype``: ``optim.state_dtype``.
+    ``scheduler.cost_model`` file; ``hdp``: the HDP size; ``state_dtype``: ``optim.state_dtype``;
+    ``params_offloaded``: no model states on the device (a profile's static bytes, which measured them, are
+    dropped).
     """
     tp, pp = parallel.tp, parallel.pp
     # The planner fills memory only up to (1 - memory.headroom) of the limit: the allocator's slack and
@@ -259,6 +265,8 @@ def _base_cost_model(model: Transformer, device: torch.device, model_cfg: ModelC
     limit = None if memory.limit_gb is None else memory.limit_gb * 2**30 * usable
     if profile:
         model_cm = CostModel.load(profile).for_layout(tp, pp)
+        if params_offloaded:
+            model_cm = dataclasses.replace(model_cm, mem_static_bytes=0.0)
         return model_cm if limit is None else dataclasses.replace(model_cm, mem_limit_bytes=limit)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -290,7 +298,8 @@ def _base_cost_model(model: Transformer, device: torch.device, model_cfg: ModelC
                               mem_bytes_per_token=activation_bytes_per_token(model.dims, counted_cfg),
                               mem_reserved_bytes=loss_working_bytes(model.dims, counted_cfg)
                               + mlp_tile_working_bytes(model.dims, counted_cfg)
-                              + layer_tile_working_bytes(model.dims, counted_cfg)).with_layout(tp, pp, tp_GBps=0.0)
+                              + layer_tile_working_bytes(model.dims, counted_cfg),
+                              model_states=not params_offloaded).with_layout(tp, pp, tp_GBps=0.0)
 
 
 def warm_attention(model: torch.nn.Module, parallel: ParallelConfig, scheduler: SchedulerConfig, mesh: Mesh,
@@ -367,7 +376,7 @@ def build_parallel_model(cfg: RunConfig, vocab_size: int, mesh: Mesh,
         copy.data = copy.data.to(device)
     cost_model = build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=cfg.hdp,
                                   profile=cfg.scheduler.cost_model, state_dtype=cfg.optim.state_dtype,
-                                  cluster=cfg.scheduler.cluster)
+                                  cluster=cfg.scheduler.cluster, params_offloaded=host_params)
     host_left = None
     if host_params:  # step 8: parameter offload, planned from the cost model and measured rates
         from seqmesh.trainer.param_offload import apply_param_offload

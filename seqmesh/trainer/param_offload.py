@@ -144,8 +144,9 @@ def apply_param_offload(model: torch.nn.Module, optimizer: ZeroOptimizer, cfg: R
     off = attach_param_offload(model, list(model.model.layers), optimizer, device,
                                resident_layers=plan.resident_layers, prefetch=cfg.offload.prefetch,
                                pin_masters=cfg.offload.params == "cpu")
-    # The cost model's static bytes become what the device holds (its tp x pp share is 1 x 1 here).
-    return off, plan, dataclasses.replace(cost_model, mem_static_bytes=plan.device_bytes)
+    # What the device holds of the model states joins the cost model's static bytes (built without them,
+    # ``build_cost_model(params_offloaded=True)``; its tp x pp share is 1 x 1 here).
+    return off, plan, dataclasses.replace(cost_model, mem_static_bytes=cost_model.mem_static_bytes + plan.device_bytes)
 
 
 def close_param_offload(model: torch.nn.Module, optimizer: ZeroOptimizer) -> None:
