@@ -298,6 +298,26 @@ def test_host_pool_classes_alignment_budget() -> None:
     assert pool.allocated_bytes == 0
 
 
+def test_host_pool_hands_out_a_larger_free_buffer_rather_than_free_it_for_a_new_size() -> None:
+    """Alternating sizes that do not fit the budget together (a layer's gradients, then a resident unit's in
+    pieces and their shorter last piece) reuse the buffers already made: freeing and page-locking anew costs
+    tens of milliseconds per buffer on a GPU host. With room in the budget a new size still gets its own
+    class (no waste where memory is free)."""
+    pool = HostPool(1 << 20, pin=False)
+    big = [pool.acquire(400_000) for _ in range(2)]
+    for b in big:
+        pool.release(b)
+    for _ in range(3):  # a step: pieces of another size, a short last piece, then the big size again
+        held = [pool.acquire(300_000), pool.acquire(200_000)]
+        assert all(h is not None and h.numel() >= size_class(400_000) for h in held)
+        for h in held:
+            pool.release(h)
+    assert pool.allocations == 2 and pool.allocated_bytes == 2 * size_class(400_000)
+    small = pool.acquire(100_000)  # fits beside the two: its own class
+    assert small is not None and small.numel() == size_class(100_000) and pool.allocations == 3
+    pool.close()
+
+
 @pytest.mark.parametrize("engine", ["threads", pytest.param("aio", marks=pytest.mark.skipif(
     not _aio_built(), reason="DeepSpeed async I/O (libaio) is not built here"))])
 def test_file_store_roundtrip_and_cleanup(tmp_path: Path, engine: str) -> None:
