@@ -66,14 +66,14 @@ def test_weights_on_nvme_leave_host_memory_to_staging_and_are_priced_at_the_disk
 
 
 def test_the_update_runs_where_the_measured_rates_make_it_faster() -> None:
-    """Host: the measured CPU rate. Device: each parameter's weight and gradient in, weight out and the states
-    both ways over the link (bf16 weights, fp8 states: 10 bytes). The 16-core H100 host measured 499M
+    """Host: the measured CPU rate. Device: each parameter's weight, gradient and states in, weight and states
+    out over the link, the two directions overlapped (bf16 weights, fp8 states: 6 bytes in). The 16-core H100 host measured 499M
     parameters/s compiled, pinned copies ~50 GB/s: the device wins; a slow link (or a fast host) turns it."""
     bf16 = dataclasses.replace(BASE, param_bytes=2, adam_Mparams_s=499.0, update="auto")
     total = 32 * BASE.layer_params + BASE.root_params
     plan = plan_offload(bf16)
     assert plan.update == "device" and "update on the device" in plan.report()
-    assert plan.optimizer_ms == pytest.approx(total * (3 * 2 + 2 * 2.0) / 50e9 * 1e3)
+    assert plan.optimizer_ms == pytest.approx(total * (2 * 2 + 2.0) / 50e9 * 1e3)  # the larger direction
     assert plan_offload(dataclasses.replace(bf16, h2d_GBps=2.0)).update == "host"
     host = plan_offload(dataclasses.replace(bf16, update="host"))
     assert host.update == "host" and host.optimizer_ms == pytest.approx(total / 499e6 * 1e3)

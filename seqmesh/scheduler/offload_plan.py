@@ -207,8 +207,9 @@ def plan_offload(x: OffloadInputs) -> OffloadPlan:
     exposed = x.micro_batches * streamed * (max(0.0, load_ms - fwd_ms) + max(0.0, 2 * load_ms - bwd_ms))
     stepped = total_params * x.state_share
     host_update = stepped / (x.adam_Mparams_s * 1e6) * 1e3 if x.adam_Mparams_s else math.inf
-    # staged on the device a chunk at a time: weight and gradient in, weight out, the states both ways
-    device_update = stepped * (3 * x.param_bytes + 2 * x.state_bytes) / (x.h2d_GBps * GB) * 1e3
+    # staged on the device a chunk at a time: weight, gradient and states in, weight and states out; the two
+    # directions overlap (``adam_update.staged_step``), so the larger one (in) sets the time
+    device_update = stepped * (2 * x.param_bytes + x.state_bytes) / (x.h2d_GBps * GB) * 1e3
     if x.update == "device" and place == "nvme":
         raise OffloadPlanError("offload.update=device stages optimizer states held in host memory, and the plan puts "
                                "them on NVMe; set offload.update=auto or host, or offload.optimizer=cpu with more "
