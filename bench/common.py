@@ -32,12 +32,18 @@ def device_tag() -> str:
 
 
 def head_commit() -> str:
-    """HEAD of the checkout, or ``$SEQMESH_COMMIT`` where the tree travelled without its .git (GPU runs)."""
+    """HEAD of the checkout, ``-dirty`` when tracked files differ from it; ``$SEQMESH_COMMIT`` where the tree
+    travelled without its .git or with a stale one (GPU runs: a copy's HEAD once named a commit sessions
+    older than the files that ran, so a result would have named code it did not measure)."""
     if os.environ.get("SEQMESH_COMMIT"):
         return os.environ["SEQMESH_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=RESULTS.parent, check=True).stdout.strip()
+        git = ["git", "-C", str(RESULTS.parent)]
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        changed = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, check=True).stdout.strip()
+        return f"{head}-dirty" if changed else head
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
