@@ -356,7 +356,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--sr-layers", type=int, default=SR_SHAPE["num_layers"], help="depth of (c)'s model")
     ap.add_argument("--trial-timeout-s", type=float, default=540)
     ap.add_argument("--profile", action="store_true",
-                    help="(b): profile one more step of each streamed trial into offload_params_profile_<tokens>_<update>.txt")
+                    help="(b): one more step of each streamed trial under torch.profiler, its tables written to "
+                         "offload_params_profile_<tokens>_<update>.txt")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -426,8 +427,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for t in overhead_tokens:
             runs = {}
             for name, offload, update in [("resident", False, "auto"), *((u, True, u) for u in updates)]:
-                profile = (out_dir or RESULTS) / f"offload_params_profile_{t}_{update}.txt" if args.profile and offload \
-                    else None
+                profile = None
+                if args.profile and offload:
+                    profile = (out_dir or RESULTS) / f"offload_params_profile_{t}_{update}.txt"
                 r = _child(dict(shape=overhead_shape, tokens=t, steps=args.steps, offload=offload,
                                 resident=0 if offload else None, device_name=device, update=update,
                                 profile=str(profile) if profile else None), args.trial_timeout_s)

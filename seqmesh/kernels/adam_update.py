@@ -341,8 +341,9 @@ def _pipelined_on_cuda(pieces: list[Bucket], device: torch.device, step_on_devic
 
     Why: the link copies each direction on its own engine, so in sequence the step costs the copies in
     plus the copies out, while overlapped it costs the larger of the two (the update kernel is a few
-    percent of either): 0.90 -> 0.42 s for 2.8B parameters on an H100 (``bench/offload_params.py``). The host waits for piece i's copy back before it stages piece i+``in_flight``, so
-    at most ``in_flight`` + 1 pieces occupy the device whatever the bucket's size."""
+    percent of either): 0.90 -> 0.42 s for 2.8B parameters on an H100 (``bench/offload_params.py``). The
+    host waits for piece i's copy back before it stages piece i+``in_flight``, so at most ``in_flight`` + 1
+    pieces occupy the device whatever the bucket's size."""
     compute = torch.cuda.current_stream(device)
     inbound, outbound = torch.cuda.Stream(device), torch.cuda.Stream(device)
     inbound.wait_stream(compute)
