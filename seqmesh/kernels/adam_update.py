@@ -327,12 +327,26 @@ def staged_step(bucket: Bucket, hp: Hyper, chunk_elems: int, device: torch.devic
         _pipelined_on_cuda(pieces, device, step_on_device, grad_scale)
         return
     for piece in pieces:
-        staged = Bucket(**{name: [t.to(device, copy=True) for t in getattr(piece, name)] for name in _STAGED_IN},
-                        key_base=piece.key_base, step=piece.step)
+        staged = _copied_in(piece, device)
         step_on_device(scale_grads(staged, grad_scale))
-        for name in _STAGED_OUT:
-            for host, moved in zip(getattr(piece, name), getattr(staged, name)):
-                host.copy_(moved)
+        _copy_back(piece, staged)
+
+
+def _copied_in(piece: Bucket, device: torch.device, non_blocking: bool = False) -> Bucket:
+    """What the update reads of ``piece`` (``_STAGED_IN``), copied to ``device``."""
+    return Bucket(**{name: [t.to(device, copy=True, non_blocking=non_blocking) for t in getattr(piece, name)]
+                     for name in _STAGED_IN}, key_base=piece.key_base, step=piece.step)
+
+
+def _copy_back(piece: Bucket, staged: Bucket, non_blocking: bool = False) -> list[torch.Tensor]:
+    """What the update wrote (``_STAGED_OUT``) copied from ``staged`` into ``piece``'s host tensors; returns the
+    staged tensors read."""
+    read = []
+    for name in _STAGED_OUT:
+        for host, moved in zip(getattr(piece, name), getattr(staged, name)):
+            host.copy_(moved, non_blocking=non_blocking)
+            read.append(moved)
+    return read
 
 
 def _pipelined_on_cuda(pieces: list[Bucket], device: torch.device, step_on_device: Callable[[Bucket], None],
@@ -354,8 +368,7 @@ def _pipelined_on_cuda(pieces: list[Bucket], device: torch.device, step_on_devic
         if len(returned) >= in_flight:
             returned.popleft().synchronize()
         with torch.cuda.stream(inbound):
-            staged = Bucket(**{name: [t.to(device, non_blocking=True) for t in getattr(piece, name)]
-                               for name in _STAGED_IN}, key_base=piece.key_base, step=piece.step)
+            staged = _copied_in(piece, device, non_blocking=True)
         compute.wait_stream(inbound)
         for name in _STAGED_IN:
             for moved in getattr(staged, name):
@@ -363,10 +376,8 @@ def _pipelined_on_cuda(pieces: list[Bucket], device: torch.device, step_on_devic
         step_on_device(scale_grads(staged, grad_scale))
         outbound.wait_stream(compute)
         with torch.cuda.stream(outbound):
-            for name in _STAGED_OUT:
-                for host, moved in zip(getattr(piece, name), getattr(staged, name)):
-                    host.copy_(moved, non_blocking=True)
-                    moved.record_stream(outbound)
+            for moved in _copy_back(piece, staged, non_blocking=True):
+                moved.record_stream(outbound)
             returned.append(outbound.record_event())
     outbound.synchronize()
 

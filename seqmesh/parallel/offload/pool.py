@@ -97,11 +97,12 @@ class HostPool:
         size = size_class(nbytes, self.align)
         with self._lock:
             free = self._free[size]
-            larger = [s for s, slabs in self._free.items() if s > size and slabs]
+            over = self.allocated_bytes + size > self.limit_bytes
+            larger = min((s for s, slabs in self._free.items() if s > size and slabs), default=None) if over else None
             if free:
                 slab = free.pop()
-            elif larger and self.allocated_bytes + size > self.limit_bytes:
-                slab = self._free[min(larger)].pop()
+            elif larger is not None:
+                slab = self._free[larger].pop()
             else:
                 if not self._make_room(size):
                     return None
