@@ -116,14 +116,22 @@ def _model(shape: dict[str, int], dtype: str, device: str, checkpointing: bool, 
     return model
 
 
-def _zero(model, state_dtype: str):
-    from seqmesh.parallel.zero import ZeroOptimizer
+def _groups(model) -> list[dict]:
+    params = list(model.parameters())
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def _fp8_adamw(groups: list[dict]):
     from seqmesh.trainer.optim import FP8AdamW
 
-    params = list(model.parameters())
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return ZeroOptimizer(groups, lambda g: FP8AdamW(g, lr=3e-4, state_dtype=state_dtype), stage=1)
+    return FP8AdamW(groups, lr=3e-4, state_dtype="fp8")
+
+
+def _zero(model):
+    from seqmesh.parallel.zero import ZeroOptimizer
+
+    return ZeroOptimizer(_groups(model), _fp8_adamw, stage=1)
 
 
 def trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, resident: int | None,
@@ -162,14 +170,15 @@ def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, 
         torch.set_default_dtype(torch.float32)
     apply_weight_dtype(model, cfg.optim)
     nparams = sum(p.numel() for p in model.parameters())
-    opt = _zero(model, "fp8")
     cost_model = build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=1, state_dtype="fp8",
                                   params_offloaded=offload)
     plan = None
-    if offload:  # measured rates, the plan, its report, the transform: what a run does at start-up
+    if offload:  # measured rates, the plan, its report, the optimizer over both places, the transform: a run's start-up
         from seqmesh.trainer.param_offload import apply_param_offload
 
-        _, plan, _ = apply_param_offload(model, opt, cfg, cost_model, device)
+        opt, plan, _ = apply_param_offload(model, cfg, cost_model, device, _groups(model), _fp8_adamw)
+    else:
+        opt = _zero(model)
     g = torch.Generator().manual_seed(0)
     docs = [torch.randint(0, shape["vocab_size"], (tokens,), generator=g)]
     packed = pack(docs)

@@ -1,11 +1,14 @@
-"""Parameter offload (``parallel/offload/params.py``): gradients and updates bitwise those of the resident model.
+"""Parameter offload (``parallel/offload/params.py``, ``parallel/placed_zero.py``): streaming changes no bit.
 
 Why bitwise (not a tolerance): the offloaded layers run the same forward ops on the same inputs and
 weights (copies are exact) and their recomputation in backward is the resident model's own
 backward under activation checkpointing; the host accumulates each micro-batch's gradient with one
 addition in micro-batch order, which is ``AccumulateGrad``'s arithmetic; the host step is
 ``FP8AdamW``'s torch backend on the same flat buffer (chunked at block borders, which changes no
-bit). The module docstring of ``params.py`` gives the argument in full.
+bit). The module docstring of ``params.py`` gives the argument in full. The placement itself (root and
+resident layers in one ZeRO flat space on the device, the streamed layers in another on the host) equals
+one flat space bit for bit with fp32 weights: every parameter starts on a quantization block, and the
+clip norm is summed in fp64 (``zero.sum_of_squares``).
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import torch
 
 from seqmesh.parallel.checkpointing import apply_activation_checkpointing
 from seqmesh.parallel.offload.params import attach_param_offload, detach_param_offload, get_param_offload
+from seqmesh.parallel.placed_zero import PlacedZero
 from seqmesh.parallel.zero import ZeroOptimizer
 from seqmesh.trainer.data import num_targets
 from seqmesh.trainer.model import Transformer, tiny_config
 from seqmesh.trainer.optim import FP8AdamW
+from seqmesh.trainer.param_offload import device_owned
 from tests.test_zero import STEPS, backward, param_groups, step_docs
 
 VOCAB = 97
@@ -35,20 +40,45 @@ def make_model(layers: int = 3, dtype: torch.dtype = torch.float32, checkpointin
     return model
 
 
-def make_zero(model: Transformer, stage: int, state_dtype: str = "fp8", allocate=None) -> ZeroOptimizer:
-    return ZeroOptimizer(param_groups(model), lambda groups: FP8AdamW(groups, lr=1e-2, betas=(0.9, 0.95),
-                                                                     state_dtype=state_dtype, host_chunk_elems=4096),
-                         stage=stage, allocate=allocate)
+def _fp8_adamw(state_dtype: str):
+    return lambda groups: FP8AdamW(groups, lr=1e-2, betas=(0.9, 0.95), state_dtype=state_dtype, host_chunk_elems=4096)
 
 
-def run(model: Transformer, opt: ZeroOptimizer, steps: int = 3, micro: int = 3):
+def make_zero(model: Transformer, stage: int, state_dtype: str = "fp8") -> ZeroOptimizer:
+    return ZeroOptimizer(param_groups(model), _fp8_adamw(state_dtype), stage=stage)
+
+
+def make_placed(model: Transformer, stage: int, resident: int, state_dtype: str = "fp8", device: str = "cpu",
+                allocate=None) -> PlacedZero:
+    """The offload's optimizer: the root and the first ``resident`` layers in a flat space on ``device``, the rest
+    in one on the host."""
+    kept = {id(p) for p in device_owned(model, resident)}
+    placed = PlacedZero(param_groups(model), lambda p: id(p) in kept, _fp8_adamw(state_dtype), stage=stage,
+                        device=torch.device(device), host_allocate=allocate)
+    for module in model.modules():  # what ZeRO does not move (rotary tables)
+        for name, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[name] = buf.to(device)
+    return placed
+
+
+def stream(model: Transformer, opt: PlacedZero, resident: int, device: str = "cpu", **kw):
+    return attach_param_offload(model, list(model.model.layers)[resident:], opt.host_part, device, **kw)
+
+
+def reduced(opt) -> torch.Tensor:
+    """The reduced gradients of this rank's shard(s), one tensor (stage 2 frees ``p.grad``)."""
+    return torch.cat([p.shard_grad.detach().cpu() for p in getattr(opt, "parts", (opt,))])
+
+
+def run(model: Transformer, opt, steps: int = 3, micro: int = 3):
     """Per step: the documents in ``micro`` micro-batches, reduce, record gradients, clip, step."""
     losses, grads = [], []
     for step in range(steps):
         docs, denominator = step_docs(step), num_targets(STEPS[step])
         losses.append([backward(model, docs[i::micro], denominator) for i in range(micro)])
         opt.reduce_gradients()
-        grads.append([opt.shard_grad.clone()])  # the reduced gradients (stage 2 frees p.grad)
+        grads.append([reduced(opt)])
         opt.clip_grad_norm_(MAX_NORM)
         opt.step()
         opt.zero_grad()
@@ -65,18 +95,16 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     (1, 0, 0, torch.float32, "int8", True, None),  # no prefetch: each layer fetched when it runs
     (2, 0, 2, torch.float32, "fp8", False, None),
     (1, 2, 1, torch.bfloat16, "bf16", False, None),
-    (1, 3, 2, torch.float32, "fp8", False, None),  # every layer resident: ZeRO-Offload's placement
     (2, 0, 2, torch.bfloat16, "fp8", True, "cpu"),  # the update staged (offload.update=device), here as copies
 ])
-def test_offloaded_gradients_and_updates_are_bitwise_resident(stage, resident, prefetch, dtype, state_dtype,
-                                                              checkpointed, update_device) -> None:
+def test_streamed_gradients_and_updates_are_bitwise_those_of_the_same_placement_kept(
+        stage, resident, prefetch, dtype, state_dtype, checkpointed, update_device) -> None:
     ref_model = make_model(dtype=dtype, checkpointing=checkpointed)
-    ref = run(ref_model, make_zero(ref_model, stage, state_dtype))
+    ref = run(ref_model, make_placed(ref_model, stage, resident, state_dtype))
     model = make_model(dtype=dtype, checkpointing=checkpointed)
-    opt = make_zero(model, stage, state_dtype)
+    opt = make_placed(model, stage, resident, state_dtype)
     opt.optimizer.update_device = torch.device(update_device) if update_device else None
-    off = attach_param_offload(model, list(model.model.layers), opt, "cpu", resident_layers=resident,
-                               prefetch=prefetch)
+    off = stream(model, opt, resident, prefetch=prefetch)
     got = run(model, opt)
     assert got[0] == ref[0]  # losses
     for step_ref, step_got in zip(ref[1], got[1]):
@@ -84,12 +112,32 @@ def test_offloaded_gradients_and_updates_are_bitwise_resident(stage, resident, p
             assert torch.equal(bits(a), bits(b))
     for a, b in zip(ref[2], got[2]):
         assert torch.equal(bits(a), bits(b))
-    # between steps every parameter is its host master and no device copy is held
-    assert all(not u.loaded and not u.in_use for u in [off.root, *off.layers])
-    flat = opt.flat
-    assert all(p.data.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for p in model.parameters())
+    # between steps every streamed parameter is its host master and no device copy is held
+    assert all(not u.loaded and not u.in_use for u in off.streamed)
+    flat = opt.host_part.flat
+    assert all(p.data.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+               for layer in list(model.model.layers)[resident:] for p in layer.parameters())
     detach_param_offload(model)
     assert get_param_offload(model) is None
+
+
+@pytest.mark.parametrize("stage,resident,state_dtype", [(1, 0, "fp8"), (2, 1, "int8"), (1, 3, "fp8"),
+                                                        (2, 2, "bf16")])
+def test_the_placement_is_bitwise_one_flat_space(stage: int, resident: int, state_dtype: str) -> None:
+    """fp32 weights: the two flat spaces (root and ``resident`` layers; the rest) step every parameter as one ZeRO
+    flat space does, clipping and stochastic rounding included (every element keeps its key)."""
+    ref_model = make_model()
+    ref = run(ref_model, make_zero(ref_model, stage, state_dtype))
+    model = make_model()
+    opt = make_placed(model, stage, resident, state_dtype)
+    assert (opt.host_part is None) == (resident == 3)
+    got = run(model, opt)
+    assert got[0] == ref[0]
+    for a, b in zip(ref[2], got[2]):
+        assert torch.equal(bits(a), bits(b))
+    whole = make_zero(make_model(), stage, state_dtype).optimizer.param_groups
+    starts = sorted(g["index_offset"] for g in opt.optimizer.param_groups)
+    assert starts[0] == 0 and len(starts) > len(whole) if resident < 3 else len(starts) == len(whole)
 
 
 @pytest.mark.parametrize("target", ["cpu", "nvme"])
@@ -113,17 +161,17 @@ def test_activation_offload_composes_bitwise(tmp_path, target: str) -> None:
                     (loss / denominator).backward()
                 out.append(loss.detach())
             opt.reduce_gradients()
-            out.append(opt.shard_grad.clone())
+            out.append(reduced(opt))
             opt.clip_grad_norm_(MAX_NORM)
             opt.step()
             opt.zero_grad()
         return out + [p.detach().clone() for p in model.parameters()]
 
     ref_model = make_model(checkpointing=True)
-    ref = train(ref_model, make_zero(ref_model, 1))
+    ref = train(ref_model, make_placed(ref_model, 1, 1))
     model = make_model(checkpointing=True)
-    opt = make_zero(model, 1)
-    attach_param_offload(model, list(model.model.layers), opt, "cpu", resident_layers=1, prefetch=1)
+    opt = make_placed(model, 1, 1)
+    stream(model, opt, 1, prefetch=1)
     act = attach_offload(model, list(model.model.layers), device="cpu", target=target, ratio=1.0, min_bytes=0,
                          path=str(tmp_path), engine="threads", host_limit_bytes=1 << 28)
     got = train(model, opt)
@@ -138,8 +186,8 @@ def test_each_layer_crosses_twice_per_micro_batch_except_those_kept_for_backward
     """Forward copies every streamed layer once (ahead of use when ``prefetch`` > 0), backward again, except the
     last ``prefetch`` layers, which forward leaves loaded for backward; nothing is loaded between steps."""
     model = make_model(layers=4)
-    opt = make_zero(model, 1)
-    off = attach_param_offload(model, list(model.model.layers), opt, "cpu", resident_layers=1, prefetch=prefetch)
+    opt = make_placed(model, 1, 1)
+    off = stream(model, opt, 1, prefetch=prefetch)
     copies: list[int] = []
     fetch = off.fetch
 
@@ -151,10 +199,11 @@ def test_each_layer_crosses_twice_per_micro_batch_except_those_kept_for_backward
     off.fetch = counting
     run(model, opt, steps=1, micro=2)
     streamed = [u.index for u in off.streamed]  # layers 1, 2, 3
+    assert streamed == [0, 1, 2]
     kept = streamed[max(0, len(streamed) - prefetch):] if prefetch else []
     per_micro = streamed + [i for i in reversed(streamed) if i not in kept]
-    assert copies == [-1, 0] + per_micro * 2  # the root and the resident layer once per step
-    assert all(not u.loaded for u in [off.root, *off.layers])
+    assert copies == per_micro * 2  # the root and the resident layer live on the device: never copied
+    assert all(not u.loaded for u in off.streamed)
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -164,11 +213,10 @@ def test_weights_in_mapped_files_are_bitwise_and_leave_no_file(tmp_path, stage: 
     from seqmesh.parallel.offload.mapped import mapped_zeros
 
     ref_model = make_model()
-    ref = run(ref_model, make_zero(ref_model, stage))
+    ref = run(ref_model, make_placed(ref_model, stage, 1))
     model = make_model()
-    opt = make_zero(model, stage, allocate=lambda n, dtype: mapped_zeros(n, dtype, tmp_path / "w"))
-    attach_param_offload(model, list(model.model.layers), opt, "cpu", resident_layers=1, prefetch=1,
-                         pin_masters=False)
+    opt = make_placed(model, stage, 1, allocate=lambda n, dtype: mapped_zeros(n, dtype, tmp_path / "w"))
+    stream(model, opt, 1, prefetch=1, pin_masters=False)
     got = run(model, opt)
     assert got[0] == ref[0]
     flat = lambda r: [g for step in r[1] for g in step] + r[2]  # noqa: E731
@@ -191,34 +239,36 @@ def test_mapped_weights_refuse_a_volume_too_small(tmp_path) -> None:
 
 def _zero1_rank(rank: int, world: int, offload: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """ZeRO-1 over ``world`` ranks, rank r running documents r, r + world, ... as micro-batches; one step.
-    Returns the full reduced gradient (gathered) and the parameters after the step."""
+    Returns each flat space's full reduced gradient (gathered) and the parameters after the step."""
     import torch.distributed as dist
 
     model = make_model()
-    opt = make_zero(model, 1)
+    opt = make_placed(model, 1, 1)
     if offload:
-        attach_param_offload(model, list(model.model.layers), opt, "cpu", resident_layers=1, prefetch=1)
+        stream(model, opt, 1, prefetch=1)
     docs, denominator = step_docs(0), num_targets(STEPS[0])
     for d in docs[rank::world]:
         backward(model, [d], denominator)
     opt.reduce_gradients()
-    full = torch.empty(world * opt.shard_size)
-    dist.all_gather_into_tensor(full, opt.shard_grad.clone())
+    full = []
+    for part in opt.parts:
+        full.append(torch.empty(world * part.shard_size))
+        dist.all_gather_into_tensor(full[-1], part.shard_grad.clone())
     opt.clip_grad_norm_(float("inf"))
     opt.step()
-    return [full], [p.detach().clone() for p in model.parameters()]
+    return full, [p.detach().clone() for p in model.parameters()]
 
 
-def _per_document_grads(rank: int, world: int) -> list[torch.Tensor]:
-    """Each document's gradient alone, flattened in ZeRO's flat order (the terms every run sums); run in a
-    worker like the ranks, so that CPU kernels use the same threads (a GEMM's bits depend on them)."""
+def _per_document_grads(rank: int, world: int) -> list[list[torch.Tensor]]:
+    """Each document's gradient alone, per flat space in its order (the terms every run sums); run in a worker
+    like the ranks, so that CPU kernels use the same threads (a GEMM's bits depend on them)."""
     model = make_model()
-    opt = make_zero(model, 1)
+    opt = make_placed(model, 1, 1)
     docs, denominator = step_docs(0), num_targets(STEPS[0])
     out = []
     for d in docs:
         backward(model, [d], denominator)
-        out.append(opt.flat_grad.clone())
+        out.append([part.flat_grad.clone() for part in opt.parts])
         opt.zero_grad()
     return out
 
@@ -229,21 +279,22 @@ def test_two_rank_zero1_offload_matches_single_process() -> None:
     offloaded = run_distributed(_zero1_rank, 2, True)
     resident = run_distributed(_zero1_rank, 2, False)
     # Offload changes no bit of the distributed run (gradients and updates; see the module docstring).
-    for a, b in zip(offloaded[0][0] + offloaded[0][1], resident[0][0] + resident[0][1]):
+    for a, b in zip(offloaded[0][0] + offloaded[0][1], resident[0][0] + resident[0][1], strict=True):
         assert torch.equal(a, b)
     # Against one process the only difference is the order of the fp32 sum over documents: each of the k
     # per-document gradients g_i is computed alike (one document per micro-batch, same bits), and any two
     # summation orders of k terms differ by at most 2 (k - 1) u sum_i |g_i| elementwise (u = 2^-24, the
     # unit roundoff; each order is within (k - 1) u sum |g_i| of the exact sum).
     terms = run_distributed(_per_document_grads, 1)[0]
-    single = torch.zeros_like(terms[0])
-    for g in terms:
-        single += g
     k, u = len(terms), 2.0**-24
-    bound = 2 * (k - 1) * u * torch.stack(terms).abs().sum(0)
-    got = offloaded[0][0][0][:single.numel()]
-    assert ((got - single).abs() <= bound).all()
-    assert not torch.equal(bound, torch.zeros_like(bound))
+    for space in range(2):
+        single = torch.zeros_like(terms[0][space])
+        for g in terms:
+            single += g[space]
+        bound = 2 * (k - 1) * u * torch.stack([g[space] for g in terms]).abs().sum(0)
+        got = offloaded[0][0][space][:single.numel()]
+        assert ((got - single).abs() <= bound).all()
+        assert not torch.equal(bound, torch.zeros_like(bound))
 
 
 def _train_loop(rank: int, world: int, overrides: dict, run_dir: str) -> list[float]:
@@ -286,7 +337,7 @@ def test_step_loop_with_parameter_offload_matches_and_resumes(tmp_path) -> None:
     assert [p for p in (tmp_path / "off").rglob("*") if p.is_file()] == []
 
 
-def _gpu_run(model: Transformer, opt: ZeroOptimizer, steps: int = 2):
+def _gpu_run(model: Transformer, opt, steps: int = 2):
     """``run`` on CUDA with the deterministic ``math`` attention (PyTorch's flash backward is not reproducible)."""
     from seqmesh.parallel.sequence import make_sp_batch
     from seqmesh.trainer.data import pack
@@ -302,7 +353,7 @@ def _gpu_run(model: Transformer, opt: ZeroOptimizer, steps: int = 2):
             (loss / denominator).backward()
             losses.append(loss.item())
         opt.reduce_gradients()
-        grads.append(opt.shard_grad.detach().cpu().clone())
+        grads.append(reduced(opt))
         opt.clip_grad_norm_(MAX_NORM)
         opt.step()
         opt.zero_grad()
@@ -311,28 +362,28 @@ def _gpu_run(model: Transformer, opt: ZeroOptimizer, steps: int = 2):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("stage,hidden,update,piece_bytes", [
-    (1, 32, "host", None), (2, 32, "host", None), (1, 32, "host", 4096), (2, 32, "host", 4096),
-    (1, 1536, "host", None), (1, 1536, "device", None)])
-def test_gpu_offload_bitwise_resident(stage: int, hidden: int, update: str, piece_bytes: int | None) -> None:
-    """On CUDA: masters pinned in place (hidden 1536: a flat buffer over ``PIN_MIN_BYTES``) or pageable, side-stream
-    fetches and prefetch, gradients landing through pinned staging on the worker thread (the resident ones in
-    one piece, or in many: ``piece_bytes``; added into ZeRO-1's slots, taken into ZeRO-2's), the FP8AdamW update
-    on the host or staged on the GPU (``offload.update=device``): bitwise the device-resident run (Triton step on
-    the device)."""
+@pytest.mark.parametrize("stage,hidden,update,resident", [
+    (1, 32, "host", 1), (2, 32, "host", 1), (1, 32, "host", 0), (2, 32, "host", 2),
+    (1, 1536, "host", 1), (1, 1536, "device", 1)])
+def test_gpu_offload_bitwise_resident(stage: int, hidden: int, update: str, resident: int) -> None:
+    """On CUDA: the root and ``resident`` layers in a flat space on the GPU, the rest streamed from masters pinned
+    in place (hidden 1536: a flat buffer over ``PIN_MIN_BYTES``) or pageable, side-stream fetches and prefetch,
+    gradients landing through pinned staging on the worker thread (added into ZeRO-1's slots, taken into
+    ZeRO-2's), the streamed layers' FP8AdamW update on the host or staged on the GPU (``offload.update=device``):
+    bitwise the device-resident run (one flat space, Triton step on the device)."""
     from seqmesh.parallel.offload.params import PIN_MIN_BYTES
 
     ref_model = make_model(layers=4, hidden=hidden).cuda()
     ref = _gpu_run(ref_model, make_zero(ref_model, stage))
     model = make_model(layers=4, hidden=hidden)
-    opt = make_zero(model, stage)
+    opt = make_placed(model, stage, resident, device="cuda")
     if update == "device":
         opt.optimizer.update_device = torch.device("cuda")
-    off = attach_param_offload(model, list(model.model.layers), opt, "cuda", resident_layers=1, prefetch=2)
-    if piece_bytes is not None:
-        off.piece_bytes = piece_bytes
-    assert off.cuda and bool(off._unpin) == (opt.flat.numel() * 4 >= PIN_MIN_BYTES) and opt.flat.is_pinned() == \
+    off = stream(model, opt, resident, "cuda", prefetch=2)
+    host = opt.host_part.flat
+    assert off.cuda and bool(off._unpin) == (host.numel() * 4 >= PIN_MIN_BYTES) and host.is_pinned() == \
         bool(off._unpin)
+    assert opt.device_part.flat.is_cuda
     got = _gpu_run(model, opt)
     assert got[0] == ref[0]
     for a, b in zip(ref[1] + ref[2], got[1] + got[2]):

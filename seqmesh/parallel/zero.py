@@ -122,6 +122,12 @@ class ZeroOptimizer:
             else (``Mesh.grad_group``) keeps other collectives from interleaving with buckets in flight.
         allocate: makes the zero-filled flat buffers of stages 1/2 (``(numel, dtype) -> Tensor``), for host
             buffers that live elsewhere (``offload.params=nvme``: memory-mapped files); default ``torch.zeros``.
+        device: where the flat buffers of stages 1/2 live (default: where the parameters are); parameters
+            elsewhere are copied into it one at a time, so a model built on the host reaches the device
+            without a second copy of it there.
+        group_keys: the key (the inner optimizer's ``index_offset``: stochastic rounding draws by it) of each
+            group's first element, where it is not its position here: ``PlacedZero`` cuts one flat space into
+            two and keeps every element's key of the uncut one, so the draws do not depend on the placement.
     """
 
     def __init__(self, param_groups: list[dict[str, Any]], make_optimizer: MakeOptimizer, *, stage: int,
@@ -130,7 +136,8 @@ class ZeroOptimizer:
                  bucket_bytes: int = BUCKET_BYTES, overlap: bool = False,
                  grad_order: Sequence[nn.Parameter] | None = None, deferred: Collection[nn.Parameter] = (),
                  grad_group: dist.ProcessGroup | None = None,
-                 allocate: Callable[[int, torch.dtype], Tensor] | None = None) -> None:
+                 allocate: Callable[[int, torch.dtype], Tensor] | None = None, device: torch.device | None = None,
+                 group_keys: Sequence[int] | None = None) -> None:
         if stage not in STAGES:
             raise ValueError(f"ZeRO stage must be one of {STAGES}, got {stage!r} "
                              "(stage 3, parameter sharding, is seqmesh.parallel.zero3.Zero3Optimizer)")
@@ -160,19 +167,24 @@ class ZeroOptimizer:
                                              bucket_bytes)
                 self.reduction = BucketedReduction(buckets, overlap=overlap, deferred=deferred)
             return
-        self._build_flat(groups, excluded, make_optimizer, allocate)
+        if group_keys is not None and len(group_keys) != len(groups):
+            raise ValueError(f"group_keys: one key per param group, got {len(group_keys)} for {len(groups)}")
+        self._build_flat(groups, excluded, make_optimizer, allocate, device, group_keys)
         self.reduction = BucketedReduction(self._shard_buckets(bucket_bytes, rank_of), overlap=overlap,
                                            deferred=deferred)
 
     def _build_flat(self, groups: list[dict[str, Any]], excluded: set[int], make_optimizer: MakeOptimizer,
-                    allocate: Callable[[int, torch.dtype], Tensor] | None = None) -> None:
-        kinds = {(p.dtype, p.device) for p in self.params}
+                    allocate: Callable[[int, torch.dtype], Tensor] | None = None,
+                    device: torch.device | None = None, group_keys: Sequence[int] | None = None) -> None:
+        kinds = {(p.dtype, p.device if device is None else device) for p in self.params}
         if len(kinds) != 1:
             raise ValueError(f"ZeRO flattens all parameters into one buffer; they must share one dtype and device, "
                              f"got {sorted(map(str, kinds))}")
         (dtype, device), = kinds
         # Each group is a segment of the flat space: parameters counted in the norm first, then the
-        # excluded ones (one contiguous range to leave out), padded to a whole number of ``align``.
+        # excluded ones (one contiguous range to leave out). Every parameter starts on a multiple of ``align``
+        # (FP8AdamW's block), so no quantization block spans two parameters: a parameter's states then do not
+        # depend on its neighbours, i.e. on the layout (``PlacedZero`` splits the model into two flat spaces).
         self._offsets: list[int] = []
         self._ordered: list[nn.Parameter] = []
         segments, excluded_ranges = [], []
@@ -184,7 +196,7 @@ class ZeroOptimizer:
                     excluded_start = offset
                 self._offsets.append(offset)
                 self._ordered.append(p)
-                offset += p.numel()
+                offset += _round_up(p.numel(), self.align)
             if excluded_start is not None:
                 excluded_ranges.append((excluded_start, offset))
             offset = start + _round_up(offset - start, self.align)
@@ -210,12 +222,15 @@ class ZeroOptimizer:
         self._excluded_local = [(max(a, self.lo) - self.lo, min(b, hi) - self.lo) for a, b in excluded_ranges
                                 if min(b, hi) > max(a, self.lo)]
         pieces = []
-        for g, (start, end) in zip(groups, segments):
+        self._piece_at: dict[int, int] = {}  # id of a piece -> its position in this flat space
+        keys = group_keys if group_keys is not None else [start for start, _ in segments]
+        for g, (start, end), key in zip(groups, segments, keys):
             a = min(max(start, self.lo), hi)
             b = max(min(end, hi), a)
             piece = self.flat[a:b]
             piece.grad = self.shard_grad[a - self.lo:b - self.lo]
-            pieces.append({**g, "params": [piece], "index_offset": a})
+            pieces.append({**g, "params": [piece], "index_offset": key + a - start})
+            self._piece_at[id(piece)] = a
         self.optimizer = make_optimizer(pieces)
 
     def _shard_buckets(self, bucket_bytes: int, rank_of: dict[int, int]) -> list["_ShardBucket"]:
@@ -280,7 +295,10 @@ class ZeroOptimizer:
         shards = []
         for g, group in enumerate(self.optimizer.param_groups):
             piece, = group["params"]
-            a, b = group["index_offset"], group["index_offset"] + piece.numel()
+            if id(piece) not in self._piece_at:  # another flat space's piece (``PlacedZero``)
+                continue
+            a = self._piece_at[id(piece)]
+            b = a + piece.numel()
             shards.append(FlatShard(piece, g, [(p, max(o, a) - o, min(o + p.numel(), b) - o, max(o, a) - a)
                                                for p, o in zip(self._ordered, self._offsets)
                                                if min(o + p.numel(), b) > max(o, a)]))
@@ -337,6 +355,14 @@ class ZeroOptimizer:
         """Scale the reduced gradients so their global L2 norm (over HDP shards and TP ranks) is at most
         ``max_norm`` (``inf``: no scaling); returns the norm before scaling, as ``torch.nn.utils.clip_grad_norm_``.
         A host shard stepped by ``FP8AdamW`` is scaled inside its next ``step`` instead (same bits)."""
+        norm = self.squared_norm().clamp(min=0).sqrt().float()
+        if not math.isinf(max_norm):
+            self.scale_grads(clip_coefficient(norm, max_norm))
+        return norm
+
+    @torch.no_grad()
+    def squared_norm(self) -> Tensor:
+        """The squared L2 norm (fp64) of the reduced gradients, summed over HDP shards and TP ranks."""
         if self.stage == 0:
             grads = [p.grad for p in self._counted if p.grad is not None]
             sq = sum((sum_of_squares(g) for g in grads), torch.zeros((), dtype=torch.float64, device=self._device()))
@@ -348,22 +374,23 @@ class ZeroOptimizer:
                 dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.group)
         if self.tp_group is not None:
             dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.tp_group)
-        norm = sq.clamp(min=0).sqrt().float()
-        if not math.isinf(max_norm):
-            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-            if self.stage == 0:
-                torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], coef)
-            elif self.shard_grad.device.type != "cpu":
-                self.shard_grad.mul_(coef.to(self.shard_grad.dtype))
-            else:  # a host buffer (parameter offload: billions of elements): no pass of its own
-                # a factor of exactly 1 (a norm under the limit) changes no bit, and otherwise the optimizer scales
-                # each piece as its update reads it, where it can (``FP8AdamW.scale_grads_in_step``)
-                factor = None if coef.item() == 1.0 else coef.to(self.shard_grad.dtype)
-                if hasattr(self.optimizer, "scale_grads_in_step"):
-                    self.optimizer.scale_grads_in_step(factor)
-                elif factor is not None:
-                    self.shard_grad.mul_(factor)
-        return norm
+        return sq
+
+    @torch.no_grad()
+    def scale_grads(self, coef: Tensor) -> None:
+        """Multiply the reduced gradients by ``coef`` (``clip_coefficient``), now or inside the next ``step``."""
+        if self.stage == 0:
+            torch._foreach_mul_([p.grad for p in self.params if p.grad is not None], coef)
+        elif self.shard_grad.device.type != "cpu":
+            self.shard_grad.mul_(coef.to(self.shard_grad.device, self.shard_grad.dtype))
+        else:  # a host buffer (parameter offload: billions of elements): no pass of its own
+            # a factor of exactly 1 (a norm under the limit) changes no bit, and otherwise the optimizer scales
+            # each piece as its update reads it, where it can (``FP8AdamW.scale_grads_in_step``)
+            factor = None if coef.item() == 1.0 else coef.to(self.shard_grad.dtype)
+            if hasattr(self.optimizer, "scale_grads_in_step"):
+                self.optimizer.scale_grads_in_step(factor)
+            elif factor is not None:
+                self.shard_grad.mul_(factor)
 
     def _device(self) -> torch.device:
         return self.params[0].device if self.params else torch.device("cpu")
@@ -372,6 +399,11 @@ class ZeroOptimizer:
     def step(self) -> None:
         """Step this rank's parameters (all of them at stage 0), then gather everyone's updated shards."""
         self.optimizer.step()
+        self.finish_step()
+
+    @torch.no_grad()
+    def finish_step(self) -> None:
+        """After the inner optimizer's step: everyone's updated shards gathered, the step hooks run."""
         if self.stage and self.world > 1:
             shard = self.flat[self.lo:self.lo + self.shard_size].clone()
             dist.all_gather_into_tensor(self.flat, shard, group=self.group)
@@ -414,6 +446,11 @@ class ZeroOptimizer:
                              "resume with the same HDP size, TP degree and model, or resume through the run directory "
                              "(train() loads it with seqmesh.trainer.reshard.load_resharded, at any layout)")
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def clip_coefficient(norm: Tensor, max_norm: float) -> Tensor:
+    """The factor that brings gradients of L2 ``norm`` to at most ``max_norm`` (1 when they are under it)."""
+    return (max_norm / (norm + 1e-6)).clamp(max=1.0)
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -2,20 +2,21 @@
 
 A Fuyou-style placement for ``offload.params=cpu|nvme``, decided once before the first step:
 
-1. Device. The root (embeddings, final norm, head) stays on the device with its gradients; the
-   activation working set of the longest micro-batch (``act_bytes``) and the streaming buffers
-   (``1 + prefetch`` layers of weights, one layer of gradients) are reserved; every decoder layer
-   that still fits (weights and gradients) stays *resident* for the step, the rest are *streamed*.
-2. Host. Every master weight and gradient lives in host memory (ZeRO's flat buffers: the weights,
-   the accumulated gradients and, except for ZeRO-1 on one rank, the reduced gradient shard).
-   With ``offload.params=nvme`` these buffers are memory-mapped files under ``offload.path`` instead
-   (the page cache holds what RAM allows) and streamed layers arrive at ``min(PCIe, disk)``.
-   Optimizer states go to the host when they fit beside them, else to NVMe (``offload.optimizer=auto``).
+1. Device. The root (embeddings, final norm, head) lives on the device with its gradients and
+   optimizer states; the activation working set of the longest micro-batch (``act_bytes``) and the
+   streaming buffers (``1 + prefetch`` layers of weights, one layer of gradients) are reserved; every
+   decoder layer that still fits with its weights, gradients and states is *resident* (lives on the
+   device only: ``parallel/placed_zero.py``), the rest are *streamed*.
+2. Host. The streamed layers' master weights and gradients live in host memory (ZeRO's flat buffers:
+   the weights, the accumulated gradients and, except for ZeRO-1 on one rank, the reduced gradient
+   shard). With ``offload.params=nvme`` these buffers are memory-mapped files under ``offload.path``
+   instead (the page cache holds what RAM allows) and streamed layers arrive at ``min(PCIe, disk)``.
+   Their optimizer states go to the host when they fit beside them, else to NVMe
+   (``offload.optimizer=auto``).
 3. Disk. Whatever lives on NVMe needs its bytes free under ``offload.path``.
 
-The device's copies mirror host masters (a cache, refreshed every step), so device memory adds speed
-and not capacity: the model is bounded by host memory (or disk) alone. A disjoint placement (resident
-layers' masters, gradients and states on the device only) would add the device's memory to it.
+The placement is disjoint, so the model is bounded by device, host and disk memory together, and
+the more layers the device keeps the less the host and the link carry.
 
 A placement that cannot hold the model raises ``OffloadPlanError`` naming the bytes needed, the
 bytes available and the settings that change either, before any step runs.
@@ -27,13 +28,12 @@ exposed time is ``max(0, transfer - compute)``, with backward's two crossings (w
 gradients out) priced one after the other at the host-to-device rate (an upper bound: the link is
 full duplex, though both directions at once run slower than one alone). The optimizer step does not
 overlap backward (global-norm clipping and the non-finite check need every gradient first). Before it
-come two host passes, each at a rate measured at start-up: the resident units' gradients (the root's
-and the resident layers') cross to the host and are added into its buffer (``handover_ms``: the link
-and the addition, ``add_Mparams_s``, overlap piece by piece, so the slower of the two), and the sum of
-squares of every gradient the rank steps (``grad_norm_ms``, ``norm_Mparams_s``: on an H100's host this
-pass, unpriced and single-threaded, took 7.7 s of a 9.0 s step of a 2.8B model). The clip's scaling
+comes the host's sum of squares of the streamed layers' gradients, at a rate measured at start-up
+(``grad_norm_ms``, ``norm_Mparams_s``: on an H100's host this pass, unpriced and single-threaded, took
+7.7 s of a 9.0 s step of a 2.8B model). The device's own parameters (root and resident layers) are
+updated there by the fused kernel at memory speed, milliseconds, not priced. The clip's scaling
 has no pass of its own: the update scales each piece as it reads it (``FP8AdamW.scale_grads_in_step``).
-The update runs where it is faster (``offload.update=auto``): on the host at the measured CPU rate, or
+The streamed layers' update runs where it is faster (``offload.update=auto``): on the host at the measured CPU rate, or
 on the device, each chunk of weights, gradients and states copied over and back (10 bytes per parameter
 with bf16 weights and fp8 states) at the measured link rate; states on NVMe are read and written during
 a host update, overlapped chunk by chunk with the CPU arithmetic, so it takes the longer of the two
@@ -80,7 +80,6 @@ class OffloadInputs:
     adam_Mparams_s: float | None  # None only with update=device (the host never runs it)
     layer_ms: float
     norm_Mparams_s: float | None = None  # the host's sum of squares of gradients (clip norm); None: not priced
-    add_Mparams_s: float | None = None  # the host's addition of one gradient buffer into another; None: not priced
     micro_batches: int = 1
     prefetch: int = 2
     resident_layers: int | None = None  # None: as many as fit
@@ -104,13 +103,12 @@ class OffloadPlan:
     exposed_transfer_ms: float
     optimizer_ms: float
     grad_norm_ms: float = 0.0  # the host's pass over its gradients for the global norm
-    handover_ms: float = 0.0  # the resident units' gradients to the host, added into its buffer
     host_free: float = 0.0  # host memory the plan leaves of its budget (activation offload's buffers get it)
     update: str = "host"  # host | device: where the optimizer's update runs
 
     @property
     def step_ms(self) -> float:
-        return self.compute_ms + self.exposed_transfer_ms + self.handover_ms + self.grad_norm_ms + self.optimizer_ms
+        return self.compute_ms + self.exposed_transfer_ms + self.grad_norm_ms + self.optimizer_ms
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "step_ms": self.step_ms}
@@ -122,7 +120,7 @@ class OffloadPlan:
                 f"on {self.optimizer}; device {self.device_bytes / gib:.2f} "
                 f"GiB of weights and gradients, host {self.host_bytes / gib:.2f} GiB, disk {self.disk_bytes / gib:.2f} GiB"
                 f"; predicted step {self.step_ms:.0f} ms = compute {self.compute_ms:.0f} + exposed transfers "
-                f"{self.exposed_transfer_ms:.0f} + gradient hand-over {self.handover_ms:.0f} + gradient norm "
+                f"{self.exposed_transfer_ms:.0f} + gradient norm "
                 f"{self.grad_norm_ms:.0f} + optimizer "
                 f"{self.optimizer_ms:.0f} (update on the {self.update})")
 
@@ -148,32 +146,39 @@ def plan_offload(x: OffloadInputs) -> OffloadPlan:
         if not (getattr(x, key) or 0) > 0:
             raise ValueError(f"offload plan: {key}={getattr(x, key)!r} must be > 0")
     layer_bytes = x.layer_params * x.param_bytes
-    total_params = x.num_layers * x.layer_params + x.root_params
-    # Device: the root's weights and gradients, the activations, 1 + prefetch streamed layers of weights and one
-    # layer of gradients (backward's, on its way to the host).
-    fixed = 2 * x.root_params * x.param_bytes + x.act_bytes
+    # Weights and gradients: the accumulated gradients (full), and beside them this rank's reduced shard unless
+    # one buffer is both (ZeRO-1 on one rank); ZeRO-2 frees per-parameter gradients only after the reduction.
+    grad_copies = 1.0 if x.zero_stage == 1 and x.state_share == 1.0 else 1.0 + x.state_share
+    per_param = x.param_bytes * (1 + grad_copies) + x.state_share * x.state_bytes  # weights, gradients, states
+    # Device: the root's and every resident layer's weights, gradients and states (they live there only), the
+    # activations, and 1 + prefetch streamed layers of weights and one layer of gradients (backward's, on its way
+    # to the host).
+    fixed = x.root_params * per_param + x.act_bytes
+    per_layer = x.layer_params * per_param
     stream = (1 + x.prefetch) * layer_bytes + layer_bytes
-    room = x.device_bytes - fixed - stream
-    fits = max(0, min(x.num_layers, math.floor(room / (2 * layer_bytes)))) if room > 0 else 0
-    if room <= 0 or (x.resident_layers is not None and x.resident_layers > fits):
+    if x.device_bytes - fixed - x.num_layers * per_layer >= 0:
+        fits = x.num_layers  # every layer resident: nothing streams
+    else:
+        room = x.device_bytes - fixed - stream
+        fits = max(0, min(x.num_layers - 1, math.floor(room / per_layer))) if room > 0 else -1
+    if fits < 0 or (x.resident_layers is not None and x.resident_layers > fits):
         want = x.resident_layers or 0
-        need = fixed + stream + 2 * want * layer_bytes
+        need = fixed + stream + want * per_layer
         raise OffloadPlanError(
-            f"offload.params=cpu: the device needs {_gib(need)} (root weights and gradients "
-            f"{_gib(2 * x.root_params * x.param_bytes)}, activations {_gib(x.act_bytes)}, streaming buffers "
+            f"offload.params=cpu: the device needs {_gib(need)} (root weights, gradients and optimizer states "
+            f"{_gib(x.root_params * per_param)}, activations {_gib(x.act_bytes)}, streaming buffers "
             f"{_gib(stream)}{f', {want} resident layers' if want else ''}) but may use {_gib(x.device_bytes)}; lower "
             "offload.resident_layers, offload.prefetch or data.max_seq_len, or raise memory.limit_gb")
     resident = fits if x.resident_layers is None else x.resident_layers
     streamed = x.num_layers - resident
-    device = 2 * x.root_params * x.param_bytes + 2 * resident * layer_bytes + (stream if streamed else 0)
+    device = x.root_params * per_param + resident * per_layer + (stream if streamed else 0)
 
-    # Weights and gradients: the accumulated gradients (full), and beside them this rank's reduced shard unless
-    # one buffer is both (ZeRO-1 on one rank); ZeRO-2 frees per-parameter gradients only after the reduction.
-    grad_copies = 1.0 if x.zero_stage == 1 and x.state_share == 1.0 else 1.0 + x.state_share
-    weights = total_params * x.param_bytes * (1 + grad_copies)
-    staging = x.staging_bytes if x.staging_bytes is not None else staging_bytes_for(layer_bytes)
+    # Host: the streamed layers' weights and gradients (ZeRO's flat buffers) and their states.
+    host_params = streamed * x.layer_params
+    weights = host_params * x.param_bytes * (1 + grad_copies)
+    staging = 0 if not streamed else x.staging_bytes if x.staging_bytes is not None else staging_bytes_for(layer_bytes)
     masters = (weights if x.params == "cpu" else 0.0) + staging
-    states = total_params * x.state_share * x.state_bytes
+    states = host_params * x.state_share * x.state_bytes
     place = x.optimizer
     if place == "auto":
         place = "cpu" if masters + states <= x.host_bytes else "nvme"
@@ -185,10 +190,10 @@ def plan_offload(x: OffloadInputs) -> OffloadPlan:
         if x.param_bytes == 4:
             fixes += ", train bf16 weights without master copies (optim.master_weights=false)"
         raise OffloadPlanError(
-            f"offload.params=cpu: host memory must hold {_gib(host)} (weights and gradients {_gib(masters)}"
-            f"{f', optimizer states {_gib(states)}' if place == 'cpu' else ''}) but offload.host_mem_gb allows "
-            f"{_gib(x.host_bytes)}; {fixes}, or spread the states over more ranks (parallel.zero_stage=1 with more "
-            "workers)")
+            f"offload.params=cpu: host memory must hold {_gib(host)} for the {streamed} streamed layers (weights and "
+            f"gradients {_gib(masters)}{f', optimizer states {_gib(states)}' if place == 'cpu' else ''}) but "
+            f"offload.host_mem_gb allows {_gib(x.host_bytes)}; {fixes}, or spread the states over more ranks "
+            "(parallel.zero_stage=1 with more workers)")
     disk = (states if place == "nvme" else 0.0) + (weights if x.params == "nvme" else 0.0)
     if disk and x.disk_bytes is not None and disk > x.disk_bytes:
         what = " and ".join(name for name, on in (("weights and gradients (offload.params=nvme)", x.params == "nvme"),
@@ -205,23 +210,21 @@ def plan_offload(x: OffloadInputs) -> OffloadPlan:
     link = x.h2d_GBps if x.params == "cpu" else min(x.h2d_GBps, x.disk_GBps or x.h2d_GBps)
     load_ms = layer_bytes / (link * GB) * 1e3
     exposed = x.micro_batches * streamed * (max(0.0, load_ms - fwd_ms) + max(0.0, 2 * load_ms - bwd_ms))
-    stepped = total_params * x.state_share
+    stepped = host_params * x.state_share  # the device's own parameters update there, in milliseconds (unpriced)
     host_update = stepped / (x.adam_Mparams_s * 1e6) * 1e3 if x.adam_Mparams_s else math.inf
     # staged on the device a chunk at a time: weight, gradient and states in, weight and states out; the two
     # directions overlap (``adam_update.staged_step``), so the larger one (in) sets the time
     device_update = stepped * (2 * x.param_bytes + x.state_bytes) / (x.h2d_GBps * GB) * 1e3
-    if x.update == "device" and place == "nvme":
+    if x.update == "device" and place == "nvme" and streamed:
         raise OffloadPlanError("offload.update=device stages optimizer states held in host memory, and the plan puts "
                                "them on NVMe; set offload.update=auto or host, or offload.optimizer=cpu with more "
                                "host memory (offload.host_mem_gb)")
     update = "device" if x.update == "device" or (x.update == "auto" and place == "cpu"
                                                   and device_update < host_update) else "host"
-    adam = device_update if update == "device" else host_update
+    adam = (device_update if update == "device" else host_update) if streamed else 0.0
     if disk:  # every byte on the disk is read and written once by the step (through the page cache for weights)
         disk_rate = x.disk_GBps or x.h2d_GBps
         adam = max(adam, 2 * disk / (disk_rate * GB) * 1e3)
-    kept = x.root_params + resident * x.layer_params  # gradients accumulated on the device, handed over once
-    handover = max(kept * x.param_bytes / (x.h2d_GBps * GB) * 1e3, _host_pass_ms(kept, x.add_Mparams_s))
     return OffloadPlan(x.params, resident, streamed, place, device, host, disk, compute, exposed, adam,
-                       grad_norm_ms=_host_pass_ms(stepped, x.norm_Mparams_s), handover_ms=handover,
-                       host_free=x.host_bytes - host, update=update)
+                       grad_norm_ms=_host_pass_ms(stepped, x.norm_Mparams_s), host_free=x.host_bytes - host,
+                       update=update)

@@ -149,8 +149,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
 
 def build_sharded_optimizer(model: torch.nn.Module, optim: OptimConfig, zero_stage: int, mesh: Mesh,
                             device: torch.device | None = None, *, overlap: bool = False,
-                            bucket_mb: float = 25.0, zero3_reduce_per_step: bool = False, host_group: bool = False,
-                            allocate: Callable[[int, torch.dtype], torch.Tensor] | None = None) -> ZeroOptimizer:
+                            bucket_mb: float = 25.0, zero3_reduce_per_step: bool = False) -> ZeroOptimizer:
     """The step loop's optimizer: ZeRO ``parallel.zero_stage`` over the HDP group, its gradient norm global
     over TP and PP (a pipeline rank's ``parameters()`` are the ones it owns, so stages count each once).
 
@@ -165,9 +164,7 @@ def build_sharded_optimizer(model: torch.nn.Module, optim: OptimConfig, zero_sta
     own (``Mesh.grad_group``). Not under PP: the pipeline reduces after its schedule (``PipelineRunner``).
     TP-replicated parameters are summed over TP after backward, so their buckets wait for it.
 
-    ``host_group``: the parameters and gradients live in host memory (``offload.params``) while the default
-    backend is NCCL: reduce and gather them over a gloo group of the same HDP ranks (tp = pp = 1).
-    ``allocate``: makes ZeRO-1/2's flat host buffers (``offload.params=nvme``: memory-mapped files)."""
+    Under parameter offload the optimizer is built by the plan instead (``trainer/param_offload.py``)."""
     tp = tensor_parallel(model)
     norm_group = mesh.model_parallel_group if mesh.pp > 1 else None if tp is None else tp.group
     if zero_stage == 3:
@@ -176,14 +173,13 @@ def build_sharded_optimizer(model: torch.nn.Module, optim: OptimConfig, zero_sta
                               tp_group=norm_group, tensor_parallel=tp, reduce_per_step=zero3_reduce_per_step)
     overlap = overlap and mesh.pp == 1 and mesh.inner_size > 1
     # under local updates (mesh.local_groups > 1) gradients and shards stay inside the node group
-    hdp_group = torch.distributed.new_group(backend="gloo") if host_group else mesh.inner_group
     return ZeroOptimizer(_param_groups(model, optim), lambda groups: _make_optimizer(groups, optim),
-                         stage=zero_stage, group=hdp_group, tp_group=norm_group,
+                         stage=zero_stage, group=mesh.inner_group, tp_group=norm_group,
                          norm_excluded=() if tp is None else tp.norm_excluded(),
                          bucket_bytes=max(1, int(bucket_mb * 2**20)), overlap=overlap,
                          grad_order=list(model.parameters())[::-1],
                          deferred=() if tp is None else tp.replicated + tp.kv_shared,
-                         grad_group=mesh.inner_grad_group if overlap else None, allocate=allocate)
+                         grad_group=mesh.inner_grad_group if overlap else None)
 
 
 def _mapped_allocator(path: str) -> Callable[[int, torch.dtype], torch.Tensor]:
@@ -362,26 +358,31 @@ def build_parallel_model(cfg: RunConfig, vocab_size: int, mesh: Mesh,
     apply_weight_dtype(model, cfg.optim)
     if cfg.model.linear_dtype == "fp8":
         log.info("float8 linears: %d modules", len(apply_float8_linears(model, device)))
-    # Host-resident gradients are reduced where they live: over gloo when the device's backend is NCCL, and after
-    # backward (the offload hands them to the host first).
-    optimizer = build_sharded_optimizer(model, cfg.optim, cfg.parallel.zero_stage, mesh, device,
-                                        overlap=cfg.parallel.overlap_grad_reduce and not host_params,
-                                        bucket_mb=cfg.parallel.grad_bucket_mb,
-                                        zero3_reduce_per_step=cfg.parallel.zero3_reduce_per_step,
-                                        host_group=host_params and device.type == "cuda" and mesh.hdp > 1,
-                                        allocate=_mapped_allocator(cfg.offload.path)
-                                        if cfg.offload.params == "nvme" else None)
-    copy = model.tied_copy if isinstance(model, PipelineModel) else None
-    if copy is not None and copy.device != device:  # the last stage's tied copy is whole and not sharded
-        copy.data = copy.data.to(device)
-    cost_model = build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=cfg.hdp,
-                                  profile=cfg.scheduler.cost_model, state_dtype=cfg.optim.state_dtype,
-                                  cluster=cfg.scheduler.cluster, params_offloaded=host_params)
     host_left = None
-    if host_params:  # step 8: parameter offload, planned from the cost model and measured rates
+    if host_params:  # step 8: parameter offload, planned from the cost model and measured rates, builds the optimizer
+        cost_model = build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=cfg.hdp,
+                                      profile=cfg.scheduler.cost_model, state_dtype=cfg.optim.state_dtype,
+                                      cluster=cfg.scheduler.cluster, params_offloaded=True)
         from seqmesh.trainer.param_offload import apply_param_offload
 
-        _, plan, cost_model = apply_param_offload(model, optimizer, cfg, cost_model, device)
+        # host-resident gradients are reduced where they live: over gloo when the device's backend is NCCL
+        host_group = torch.distributed.new_group(backend="gloo") if device.type == "cuda" and mesh.hdp > 1 \
+            else mesh.inner_group
+        optimizer, plan, cost_model = apply_param_offload(
+            model, cfg, cost_model, device, _param_groups(model, cfg.optim),
+            lambda groups: _make_optimizer(groups, cfg.optim), device_group=mesh.inner_group, host_group=host_group,
+            host_allocate=_mapped_allocator(cfg.offload.path) if cfg.offload.params == "nvme" else None)
         host_left = plan.host_free
+    else:
+        optimizer = build_sharded_optimizer(model, cfg.optim, cfg.parallel.zero_stage, mesh, device,
+                                            overlap=cfg.parallel.overlap_grad_reduce,
+                                            bucket_mb=cfg.parallel.grad_bucket_mb,
+                                            zero3_reduce_per_step=cfg.parallel.zero3_reduce_per_step)
+        copy = model.tied_copy if isinstance(model, PipelineModel) else None
+        if copy is not None and copy.device != device:  # the last stage's tied copy is whole and not sharded
+            copy.data = copy.data.to(device)
+        cost_model = build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=cfg.hdp,
+                                      profile=cfg.scheduler.cost_model, state_dtype=cfg.optim.state_dtype,
+                                      cluster=cfg.scheduler.cluster)
     apply_offload(model, cfg.model, cfg.offload, cost_model, device, host_left_bytes=host_left)
     return model, optimizer, cost_model

@@ -23,8 +23,9 @@ import torch
 import torch.distributed as dist
 
 from seqmesh.parallel.offload.bandwidth import available_host_bytes, measure_disk_GBps, measure_h2d_GBps
-from seqmesh.parallel.offload.params import ParamOffload, attach_param_offload, detach_param_offload
-from seqmesh.parallel.zero import ZeroOptimizer, sum_of_squares
+from seqmesh.parallel.offload.params import attach_param_offload, detach_param_offload
+from seqmesh.parallel.placed_zero import PlacedZero
+from seqmesh.parallel.zero import MakeOptimizer, ZeroOptimizer, sum_of_squares
 from seqmesh.scheduler import CostModel
 from seqmesh.scheduler.offload_plan import OffloadInputs, OffloadPlan, plan_offload
 from seqmesh.trainer.config import RunConfig
@@ -66,13 +67,6 @@ def measure_host_norm_Mparams_s(dtype: torch.dtype, numel: int = 1 << 25, repeat
     return numel / _best_seconds(lambda: sum_of_squares(g), repeats) / 1e6
 
 
-def measure_host_add_Mparams_s(dtype: torch.dtype, numel: int = 1 << 25, repeats: int = 2) -> float:
-    """Millions of gradient elements per second the host adds into another buffer here (the resident
-    gradients handed over at the end of backward)."""
-    g, h = torch.full((numel,), 1e-3, dtype=dtype), torch.zeros((numel,), dtype=dtype)
-    return numel / _best_seconds(lambda: h.add_(g), repeats) / 1e6
-
-
 def plan_inputs(model: torch.nn.Module, cfg: RunConfig, cost_model: CostModel, device: torch.device,
                 ranks_on_host: int) -> OffloadInputs:
     """The plan's inputs for this rank: sizes from ``model``, rates measured (unless configured)."""
@@ -106,7 +100,6 @@ def plan_inputs(model: torch.nn.Module, cfg: RunConfig, cost_model: CostModel, d
         off.adam_Mparams_s or measure_host_adam_Mparams_s(cfg.optim.state_dtype, total),
         layer_ms=float(cost_model.seq_ms(tokens, 1)) / len(layers), prefetch=off.prefetch,
         norm_Mparams_s=measure_host_norm_Mparams_s(next(model.parameters()).dtype),
-        add_Mparams_s=measure_host_add_Mparams_s(next(model.parameters()).dtype),
         resident_layers=off.resident_value, optimizer=off.optimizer, zero_stage=cfg.parallel.zero_stage,
         params=off.params, staging_bytes=None if device.type == "cuda" else 0,  # pinned staging: CUDA only
         update=update)
@@ -124,32 +117,58 @@ def ranks_on_this_host() -> int:
     return names.count(socket.gethostname())
 
 
-def apply_param_offload(model: torch.nn.Module, optimizer: ZeroOptimizer, cfg: RunConfig, cost_model: CostModel,
-                        device: torch.device) -> tuple[ParamOffload, OffloadPlan, CostModel]:
-    """Plan, report and attach parameter offload; returns the transform, its plan and the cost model of what
-    the device now holds (weights, gradients and streaming buffers of the plan instead of the whole model)."""
+def device_owned(model: torch.nn.Module, resident_layers: int) -> list[torch.nn.Parameter]:
+    """The parameters that live on the device for the whole run: the root's (everything outside the decoder
+    layers) and those of the first ``resident_layers`` layers."""
+    layers = list(model.model.layers)
+    streamed = {id(p) for layer in layers[resident_layers:] for p in layer.parameters()}
+    return [p for p in model.parameters() if id(p) not in streamed]
+
+
+def apply_param_offload(model: torch.nn.Module, cfg: RunConfig, cost_model: CostModel, device: torch.device,
+                        param_groups: list[dict], make_optimizer: MakeOptimizer, *,
+                        device_group: dist.ProcessGroup | None = None, host_group: dist.ProcessGroup | None = None,
+                        host_allocate: Callable[[int, torch.dtype], torch.Tensor] | None = None
+                        ) -> tuple[PlacedZero, OffloadPlan, CostModel]:
+    """Plan and report the placement, move the device's share there, build the optimizer over both places
+    (``PlacedZero`` over ``param_groups``, ``make_optimizer`` over the pieces of both) and attach the streaming;
+    returns the optimizer, the plan and the cost model of what the device now holds (the plan's weights,
+    gradients, states and streaming buffers instead of the whole model). ``model`` was built on the host."""
     plan = plan_offload(plan_inputs(model, cfg, cost_model, device, ranks_on_this_host()))
     log.info("%s", plan.report())
+    kept = {id(p) for p in device_owned(model, plan.resident_layers)}
+    # the device part's flat buffers are made on the device and filled from the host parameters
+    optimizer = PlacedZero(param_groups, lambda p: id(p) in kept, make_optimizer, stage=cfg.parallel.zero_stage,
+                           device=device, device_group=device_group, host_group=host_group,
+                           host_allocate=host_allocate)
+    with torch.no_grad():  # what ZeRO did not move: frozen parameters of the device's share, buffers (rotary tables)
+        for p in device_owned(model, plan.resident_layers):
+            p.data = p.data.to(device)
+        for module in model.modules():
+            for name, buf in module._buffers.items():
+                if buf is not None:
+                    module._buffers[name] = buf.to(device)
+    inner = optimizer.optimizer
     if plan.optimizer == "nvme":
         from seqmesh.trainer.optim.state_files import swap_states_to_files
 
-        if not isinstance(optimizer.optimizer, FP8AdamW):
+        if not isinstance(inner, FP8AdamW):
             raise ValueError(f"the offload plan puts the optimizer states on NVMe (they need {plan.disk_bytes / 2**30:.1f}"
                              " GiB there), which FP8AdamW's states support and torch's AdamW (optim.state_dtype=fp32) "
                              "does not: set optim.state_dtype to fp8, int8 or bf16, or raise offload.host_mem_gb")
-
-        swap_states_to_files(optimizer.optimizer, cfg.offload.path, engine=cfg.offload.engine)
+        swap_states_to_files(inner, cfg.offload.path, engine=cfg.offload.engine)
     if plan.update == "device":
-        optimizer.optimizer.update_device = device
-    off = attach_param_offload(model, list(model.model.layers), optimizer, device,
-                               resident_layers=plan.resident_layers, prefetch=cfg.offload.prefetch,
-                               pin_masters=cfg.offload.params == "cpu")
+        inner.update_device = device
+    if optimizer.host_part is not None:
+        attach_param_offload(model, list(model.model.layers)[plan.resident_layers:], optimizer.host_part, device,
+                             prefetch=cfg.offload.prefetch, pin_masters=cfg.offload.params == "cpu")
     # What the device holds of the model states joins the cost model's static bytes (built without them,
     # ``build_cost_model(params_offloaded=True)``; its tp x pp share is 1 x 1 here).
-    return off, plan, dataclasses.replace(cost_model, mem_static_bytes=cost_model.mem_static_bytes + plan.device_bytes)
+    return optimizer, plan, dataclasses.replace(cost_model,
+                                                mem_static_bytes=cost_model.mem_static_bytes + plan.device_bytes)
 
 
-def close_param_offload(model: torch.nn.Module, optimizer: ZeroOptimizer) -> None:
+def close_param_offload(model: torch.nn.Module, optimizer: ZeroOptimizer | PlacedZero) -> None:
     """The end of a run (or of its failure): parameters back on their host masters, the worker thread stopped,
     the optimizer's state files deleted. A no-op without parameter offload. Explicit, because a worker process
     may end with ``os._exit``, which runs no finalizer."""

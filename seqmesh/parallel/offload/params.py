@@ -1,27 +1,25 @@
 """Parameter offload: decoder-layer weights live in host memory and are streamed to the device around use.
 
-ZeRO-Offload / ZeRO-Infinity and Fuyou's idea, as a transform on the plain model after ZeRO-1/2
-(``attach_param_offload``). The model is built on the host, so ZeRO's flat parameter buffer (the
-master weights) and its gradient buffer are host memory, page-locked here on CUDA; the optimizer
-steps them on the CPU (``FP8AdamW``'s torch backend, chunked: the same math and state format as
-on the device). The device holds only:
+ZeRO-Offload / ZeRO-Infinity and Fuyou's idea, as a transform on the plain model
+(``attach_param_offload``) over the host part of a ``PlacedZero``: the *streamed* layers were built
+on the host, so that part's flat parameter buffer (their master weights) and gradient buffer are
+host memory, page-locked here on CUDA; the optimizer steps them on the CPU or staged through the
+device (``FP8AdamW``: the same math and state format as on the device). Everything else -- the root
+(embeddings, final norm, head) and the *resident* layers the plan keeps (``offload_plan.plan_offload``)
+-- is the device part's: ordinary device parameters with their gradients and states on the device,
+which this transform never touches.
 
-* the *resident* units, fetched at their first use in a step and kept until the gradients are
-  handed to the host: the root (embeddings, final norm, head) and the first ``resident_layers``
-  decoder layers (as many as device memory allows; ``offload_plan.plan_offload`` chooses);
-* the *streamed* layers, one at a time plus ``prefetch`` ahead: each runs inside ``_StreamedLayer``,
-  an autograd function that fetches the layer's weights, runs it without autograd and frees them;
-  backward fetches them again, recomputes the layer with autograd (activation checkpointing is
-  implied; a checkpoint wrapper is looked through so the layer is not recomputed twice), takes
-  the gradients of its input and weights, sends the weight gradients to the host and frees the
-  weights. Forward prefetches the next ``prefetch`` streamed layers (the first ones when the model's
-  forward begins), backward the previous ones; the last ``prefetch`` layers of a forward with
-  autograd stay loaded for backward, which needs them first.
+Each streamed layer runs inside ``_StreamedLayer``, an autograd function that fetches the layer's
+weights, runs it without autograd and frees them; backward fetches them again, recomputes the layer
+with autograd (activation checkpointing is implied; a checkpoint wrapper is looked through so the
+layer is not recomputed twice), takes the gradients of its input and weights, sends the weight
+gradients to the host and frees the weights. Forward prefetches the next ``prefetch`` streamed
+layers (the first ones when the model's forward begins), backward the previous ones; the last
+``prefetch`` layers of a forward with autograd stay loaded for backward, which needs them first.
 
 Streams. On CUDA host-to-device copies run on one side stream and device-to-host gradient copies
-on another, into pinned staging buffers of a ``HostPool`` (the resident units' gradients too, in pieces,
-when the step's gradients are handed over); a single worker thread waits for each copy and adds it
-into the host gradient, so the compute stream never waits for the host. On a CPU
+on another, into pinned staging buffers of a ``HostPool``; a single worker thread waits for each copy
+and adds it into the host gradient, so the compute stream never waits for the host. On a CPU
 device the same code runs with synchronous copies and the addition done inline (what tests run).
 
 Why the gradients are bitwise those of the device-resident model (same kernels, same order):
@@ -32,10 +30,7 @@ recomputation). Each weight is used once per layer, so autograd sums nothing ins
 host then accumulates the per-micro-batch gradients in micro-batch order, one addition each, in
 the parameter's dtype: exactly what autograd's ``AccumulateGrad`` does into ``p.grad`` (a ZeRO-1
 view of zeros: ``0 + g1 + g2 ...``; ZeRO-2: ``g1 + g2 ...``). A single worker thread applies them
-in submission order, so the order never depends on timing. Resident units accumulate on the
-device (``g1 + g2 + ...``) and that sum is added once to the host slot: for ZeRO-1 ``0 + (g1 + g2)``
-equals ``(0 + g1) + g2`` in IEEE arithmetic (adding to +0 changes only a zero's sign, and both
-forms end in an addition that maps -0 to +0), and for ZeRO-2 it is the same sum.
+in submission order, so the order never depends on timing.
 """
 
 from __future__ import annotations
@@ -57,12 +52,11 @@ _ATTR = "_seqmesh_param_offload"
 
 @dataclass
 class _Unit:
-    """The parameters moved as one: a decoder layer, or the root (everything outside the layers)."""
+    """A streamed decoder layer's parameters, moved as one."""
 
-    index: int  # position among the decoder layers; -1 for the root
+    index: int  # position among the streamed layers
     params: list[nn.Parameter]
     host: list[Tensor]  # the master values (views of ZeRO's flat buffer): ``p.data`` while not in use
-    streamed: bool
     numel: int = 0
     device: Tensor | None = None  # one buffer for all of the unit's parameters; storage released when idle
     views: list[Tensor] = field(default_factory=list)
@@ -97,14 +91,14 @@ def _pin(t: Tensor) -> Callable[[], None] | None:
 
 
 class ParamOffload:
-    """Host-resident master weights streamed to ``device``; see the module docstring.
+    """Host-resident master weights of ``layers`` streamed to ``device``; see the module docstring.
 
     Args:
-        model: the model after ZeRO-1/2 built its flat buffers on the host (``zero.flat``).
-        layers: the decoder layers as registered (checkpoint wrappers included), in forward order.
-        zero: the ``ZeroOptimizer`` whose flat buffers hold the masters and gradients.
+        model: the model, all but ``layers`` on ``device`` (buffers too).
+        layers: the streamed decoder layers as registered (checkpoint wrappers included), in forward order.
+        zero: the ``ZeroOptimizer`` (``PlacedZero.host_part``) whose flat buffers hold their masters and
+            gradients, and nothing else.
         device: where compute runs.
-        resident_layers: how many of the first layers stay on the device for the whole step.
         prefetch: how many streamed layers ahead forward and backward fetch.
         staging_bytes: pinned host bytes for gradients in flight to the host (CUDA only; at least
             ``staging_bytes_for`` the largest streamed layer).
@@ -112,11 +106,7 @@ class ParamOffload:
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[nn.Module], zero: Any, device: torch.device, *,
-                 resident_layers: int = 0, prefetch: int = 2, staging_bytes: int = 1 << 30,
-                 pin_masters: bool = True) -> None:
-        if not 0 <= resident_layers <= len(layers):
-            raise ValueError(f"offload.resident_layers={resident_layers} must lie in [0, {len(layers)}] "
-                             f"(the model has {len(layers)} decoder layers)")
+                 prefetch: int = 2, staging_bytes: int = 1 << 30, pin_masters: bool = True) -> None:
         if prefetch < 0:
             raise ValueError(f"offload.prefetch={prefetch} must be >= 0 (layers fetched ahead of use)")
         flat = getattr(zero, "flat", None)
@@ -124,8 +114,12 @@ class ParamOffload:
             raise ValueError("offload.params keeps the master weights in ZeRO's flat buffer: set "
                              "parallel.zero_stage=1 or 2 (on one rank this shards nothing)")
         if flat.device.type != "cpu":
-            raise ValueError(f"offload.params needs the model built on the host (its ZeRO buffer is on {flat.device}); "
-                             "build it on the CPU and let the offload move layers to the device")
+            raise ValueError(f"offload.params needs the streamed layers built on the host (their ZeRO buffer is on "
+                             f"{flat.device}); build them on the CPU and let the offload move them to the device")
+        streamed = [p for layer in layers for p in layer.parameters() if p.requires_grad]
+        if {id(p) for p in streamed} != {id(p) for p in zero.params}:
+            raise ValueError("parameter offload: the host ZeRO buffer must hold exactly the streamed layers' "
+                             "parameters (build it with PlacedZero over the plan's placement)")
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.prefetch = prefetch
@@ -142,44 +136,28 @@ class ParamOffload:
             self.d2h = torch.cuda.Stream(self.device)
         self._worker = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="seqmesh-grad-d2h") if self.cuda else None
         self._pending: list[cf.Future] = []
-        in_layers: set[int] = set()
-        self.layers: list[_Unit] = []
-        for i, layer in enumerate(layers):
-            params = [p for p in layer.parameters() if p.requires_grad]
-            in_layers.update(id(p) for p in params)
-            self.layers.append(self._unit(i, params, streamed=i >= resident_layers))
-        root = [p for p in model.parameters() if p.requires_grad and id(p) not in in_layers]
-        self.root = self._unit(-1, root, streamed=False)
-        self.streamed = [u for u in self.layers if u.streamed]
+        self.streamed = [self._unit(i, [p for p in layer.parameters() if p.requires_grad])
+                         for i, layer in enumerate(layers)]
         if self.cuda:  # room for two layers' gradients in flight, whatever the layer size
             largest = max((u.numel * u.device.element_size() for u in self.streamed), default=0)
             self.staging = HostPool(max(staging_bytes, staging_bytes_for(largest)), pin=True)
-            self.piece_bytes = self.staging.limit_bytes // 4  # a resident gradient's pieces: several in flight
-        self._wrapped = [layer for unit, layer in zip(self.layers, layers) if unit.streamed]
-        for unit, layer in zip(self.layers, layers):
-            if unit.streamed:
-                inner = getattr(layer, "_checkpoint_wrapped_module", layer)
-                layer.forward = _streamed_forward(self, unit, inner.forward)
-        self._resident = [self.root] + [u for u in self.layers if not u.streamed]
+        self._wrapped = list(layers)
+        for unit, layer in zip(self.streamed, layers):
+            inner = getattr(layer, "_checkpoint_wrapped_module", layer)
+            layer.forward = _streamed_forward(self, unit, inner.forward)
         self._hook = model.register_forward_pre_hook(self._begin_forward)
-        for module in model.modules():  # buffers (rotary tables) live on the device
-            for name, buf in module._buffers.items():
-                if buf is not None:
-                    module._buffers[name] = buf.to(self.device)
         self._unhook_zero = zero.register_step_hooks(before_reduce=self.flush, after_step=self.flush)
         self._finalizer = weakref.finalize(self, ParamOffload._close, self._worker, self._unpin,
                                            getattr(self, "staging", None))
 
     def _begin_forward(self, *_: Any) -> None:
-        """Before the model's forward: the resident units on the device, the first streamed layers on their way
-        (their copies overlap the embedding and the resident layers)."""
-        for unit in self._resident:
-            self.acquire(unit)
+        """Before the model's forward: the first streamed layers on their way (their copies overlap the embedding
+        and the resident layers)."""
         for unit in self.streamed[:self.prefetch]:
             self.fetch(unit)
 
-    def _unit(self, index: int, params: list[nn.Parameter], streamed: bool) -> _Unit:
-        unit = _Unit(index, params, [p.data for p in params], streamed, numel=sum(p.numel() for p in params))
+    def _unit(self, index: int, params: list[nn.Parameter]) -> _Unit:
+        unit = _Unit(index, params, [p.data for p in params], numel=sum(p.numel() for p in params))
         dtype = params[0].dtype if params else torch.float32
         unit.device = torch.empty(unit.numel, dtype=dtype, device=self.device)
         offset = 0
@@ -221,7 +199,7 @@ class ParamOffload:
         if unit.grads is None:  # first use in this step: the host gradient slots (ZeRO-1 views, or None)
             unit.grads = [p.grad for p in unit.params]
         for p, view in zip(unit.params, unit.views):
-            p.grad = None  # the device accumulates resident gradients; streamed ones go to ``grads``
+            p.grad = None  # the layer's gradients go to ``grads``, on the host
             p.data = view
         unit.in_use = True
 
@@ -269,25 +247,6 @@ class ParamOffload:
         if sent:
             self._to_host([g for _, g in sent], land)
 
-    def _hand_over(self, slots: list[Tensor | None], i: int, g: Tensor) -> None:
-        """Add a resident unit's step gradient ``g`` (on the device) into host slot ``i``. On CUDA it goes in
-        pieces through the pinned staging buffers, landing while the next piece copies: the root alone is a
-        billion parameters in a Llama-3-8B shape, and one pageable ``g.to("cpu")`` of it runs at a fraction
-        of pinned bandwidth and blocks the host meanwhile. Each element meets the same single addition (or
-        copy, into an empty slot) as on a CPU, so the bits are the same."""
-        if not self.cuda:
-            _accumulate(slots, i, g)
-            return
-        take = slots[i] is None  # the first gradient is taken, as ``_accumulate`` does
-        if take:
-            slots[i] = torch.empty(g.shape, dtype=g.dtype)
-        dst, src = slots[i].view(-1), g.reshape(-1)
-        piece = max(1, self.piece_bytes // g.element_size())
-        for a in range(0, src.numel(), piece):
-            into = dst[a:a + piece]
-            self._to_host([src[a:a + piece]],
-                          lambda host, into=into: into.copy_(host[0]) if take else into.add_(host[0]))
-
     def _to_host(self, tensors: Sequence[Tensor], land: Callable[[list[Tensor]], None]) -> None:
         """Copy device ``tensors`` into one pinned staging buffer on the gradient stream; the worker thread waits
         for the copy, calls ``land`` with the host copies and frees the buffer (in submission order)."""
@@ -327,24 +286,16 @@ class ParamOffload:
 
     @torch.no_grad()
     def flush(self) -> None:
-        """Hand the step's gradients to the host: streamed ones landed, resident ones added now, and free every
-        device copy. ZeRO's ``reduce_gradients`` calls this first, so the reduction sees every gradient on the
-        host; its ``step`` calls it last, since the update makes every device copy stale."""
+        """The streamed layers' gradients landed on the host and every device copy freed. ZeRO's
+        ``reduce_gradients`` calls this first, so the reduction sees every gradient on the host; its ``step``
+        calls it last, since the update makes every device copy stale."""
         self.drain()
-        for unit in [self.root, *self.layers]:
-            if unit.in_use:
-                device_grads = [p.grad for p in unit.params]
-                for p in unit.params:
-                    p.grad = None
-                for i, g in enumerate(device_grads):
-                    if g is not None:
-                        self._hand_over(unit.grads, i, g)
+        for unit in self.streamed:
             self.release(unit)
             if unit.grads is not None:
                 for p, g in zip(unit.params, unit.grads):
                     p.grad = g
                 unit.grads = None
-        self.drain()  # the resident gradients' pieces
 
     def close(self) -> None:
         """Stop streaming: parameters back on their masters, hooks and threads gone (idempotent)."""
@@ -428,12 +379,12 @@ class _StreamedLayer(torch.autograd.Function):
 
 
 def attach_param_offload(model: nn.Module, layers: Sequence[nn.Module], zero: Any, device: torch.device | str, *,
-                         resident_layers: int = 0, prefetch: int = 2, pin_masters: bool = True) -> ParamOffload:
-    """Stream ``layers``' weights from the host (apply after ZeRO-1/2 built its buffers on the host)."""
+                         prefetch: int = 2, pin_masters: bool = True) -> ParamOffload:
+    """Stream ``layers``' weights from the host (apply after ``zero``, the host ZeRO-1/2 part of a ``PlacedZero``
+    over exactly these layers, built its buffers on the host)."""
     if getattr(model, _ATTR, None) is not None:
         raise RuntimeError("parameter offload is already attached to this model")
-    off = ParamOffload(model, layers, zero, torch.device(device), resident_layers=resident_layers, prefetch=prefetch,
-                       pin_masters=pin_masters)
+    off = ParamOffload(model, layers, zero, torch.device(device), prefetch=prefetch, pin_masters=pin_masters)
     setattr(model, _ATTR, off)
     return off
 

@@ -281,7 +281,9 @@ class FP8AdamW(Optimizer):
                                    f"{tuple(p.shape)}; they must match")
             state = self.state[p]
             if not state:
-                _init_state(state, p, fmt, block, self.state_files, pin=self._stages_to_cuda(p))
+                # states in files are the host's (a device parameter's stay beside it, ``PlacedZero``)
+                _init_state(state, p, fmt, block, self.state_files if p.device.type == "cpu" else None,
+                            pin=self._stages_to_cuda(p))
             state["step"] += 1
             bucket = buckets.setdefault((p.device, p.dtype, grad.dtype), Bucket())
             bucket.params.append(p)

@@ -211,7 +211,7 @@ def _to_files(opt: Any, files: StateFiles) -> None:
     for state in opt.state.values():
         for key in STATE_KEYS:
             t = state.get(key)
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":  # device states stay (``PlacedZero``)
                 state[key] = files.placeholder(t, key)
 
 
