@@ -413,3 +413,27 @@ def test_a_model_larger_than_the_device_is_priced_without_its_states_under_offlo
         build(False)
     offloaded = build(True)
     assert offloaded.mem_static_bytes < states / 10 < offloaded.mem_limit_bytes
+
+
+@pytest.mark.parametrize("saved_placed", [True, False])
+def test_checkpoints_move_between_the_placement_and_one_flat_space(tmp_path, saved_placed: bool) -> None:
+    """A layout-free checkpoint of the offload's optimizer resumes a run without offload, and the other way
+    round; the step after the resume is bitwise the uninterrupted run's (each element's state and key are the
+    same in both layouts)."""
+    from seqmesh.parallel.mesh import Mesh
+    from seqmesh.trainer.reshard import load_resharded, save_resharded
+
+    def build(placed: bool):
+        model = make_model()
+        return model, (make_placed(model, 1, 1) if placed else make_zero(model, 1))
+
+    model, opt = build(saved_placed)
+    run(model, opt, steps=2)
+    save_resharded(tmp_path, 2, model, opt, Mesh(1, 0), {})
+    uninterrupted = run(model, opt, steps=1)
+    resumed_model, resumed_opt = build(not saved_placed)
+    assert load_resharded(tmp_path, resumed_model, resumed_opt, Mesh(1, 0))[0] == 2
+    resumed = run(resumed_model, resumed_opt, steps=1)
+    assert resumed[0] == uninterrupted[0]
+    for a, b in zip(uninterrupted[2], resumed[2], strict=True):
+        assert torch.equal(bits(a), bits(b))

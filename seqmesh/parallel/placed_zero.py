@@ -71,15 +71,16 @@ class PlacedZero:
         if stage not in (1, 2):
             raise ValueError(f"PlacedZero shards flat buffers: ZeRO stage 1 or 2, got {stage!r}")
         self.stage = stage
-        runs: dict[bool, tuple[list[dict[str, Any]], list[int]]] = {True: ([], []), False: ([], [])}
-        for group, key, there in _runs(param_groups, on_device, align):
-            runs[there][0].append(group)
-            runs[there][1].append(key)
+        runs: dict[bool, tuple[list[dict[str, Any]], list[int], list[int]]] = {True: ([], [], []),
+                                                                               False: ([], [], [])}
+        for group, key, origin, there in _runs(param_groups, on_device, align):
+            for into, item in zip(runs[there], (group, key, origin)):
+                into.append(item)
         collected: list[dict[str, Any]] = []
 
         def part(there: bool, group: dist.ProcessGroup | None, where: torch.device,
                  allocate: Callable[[int, torch.dtype], Tensor] | None) -> ZeroOptimizer | None:
-            groups, keys = runs[there]
+            groups, keys, _ = runs[there]
             if not groups:
                 return None
             pieces = _Pieces()
@@ -90,6 +91,9 @@ class PlacedZero:
 
         self.device_part = part(True, device_group, torch.device(device), None)
         self.host_part = part(False, host_group, torch.device("cpu"), host_allocate)
+        # which of ``param_groups`` each inner group was cut from: a checkpoint stores the groups' settings per
+        # param group, the same for every layout (``trainer/reshard.py``)
+        self.group_origins = runs[True][2] + runs[False][2]
         self.parts = tuple(p for p in (self.device_part, self.host_part) if p is not None)
         if not self.parts:
             raise ValueError("PlacedZero: no trainable parameters in either place")
@@ -172,20 +176,20 @@ class PlacedZero:
 
 
 def _runs(param_groups: Sequence[dict[str, Any]], on_device: Callable[[nn.Parameter], bool],
-          align: int) -> list[tuple[dict[str, Any], int, bool]]:
+          align: int) -> list[tuple[dict[str, Any], int, int, bool]]:
     """Each group cut into runs of consecutive trainable parameters of one place: (run, the key of its first
-    element in the single flat space of ``param_groups``, on the device?)."""
-    out: list[tuple[dict[str, Any], int, bool]] = []
+    element in the single flat space of ``param_groups``, the index of its group, on the device?)."""
+    out: list[tuple[dict[str, Any], int, int, bool]] = []
     key = 0
-    for group in param_groups:
+    for index, group in enumerate(param_groups):
         run: list[nn.Parameter] = []
         start = key
         for p in (p for p in group["params"] if p.requires_grad):
             if run and on_device(p) != on_device(run[0]):
-                out.append(({**group, "params": run}, start, on_device(run[0])))
+                out.append(({**group, "params": run}, start, index, on_device(run[0])))
                 run, start = [], key
             run.append(p)
             key += -(-p.numel() // align) * align
         if run:
-            out.append(({**group, "params": run}, start, on_device(run[0])))
+            out.append(({**group, "params": run}, start, index, on_device(run[0])))
     return out

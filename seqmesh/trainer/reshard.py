@@ -131,6 +131,8 @@ class _Optimizer:
         self.shards_state = bool(sharded and optimizer.shards_state)  # each element's state on one HDP rank
         self.shards_params = bool(sharded and optimizer.shards_params)  # the slots are the only copy of values
         self.state_params = {id(p) for p in optimizer.params} if self.shards_state else set()
+        # the param group (as built, layout-free) each inner group belongs to: ``PlacedZero`` cuts groups in runs
+        self.origins: list[int] = list(getattr(optimizer, "group_origins", range(len(self.inner.param_groups))))
         shards = sharded() if sharded else [FlatShard(p, g, [(p, 0, p.numel(), 0)])
                                              for g, group in enumerate(self.inner.param_groups)
                                              for p in group["params"]]
@@ -217,8 +219,8 @@ def layout_free_state(model: Model, optimizer: Any, mesh: Mesh) -> LayoutFreeSta
             meta["state"] = {"step": int(step.item() if isinstance(step, Tensor) else step), "format": codec.name,
                              "block": codec.block, "block_first": first}
         tensors[name], metas[name] = piece, meta
-    groups = [{k: (list(g[k]) if isinstance(g[k], tuple) else g[k]) for k in HYPER if k in g}
-              for g in opt.inner.param_groups]
+    firsts = [opt.inner.param_groups[opt.origins.index(i)] for i in range(max(opt.origins, default=-1) + 1)]
+    groups = [{k: (list(g[k]) if isinstance(g[k], tuple) else g[k]) for k in HYPER if k in g} for g in firsts]
     layout = {"world": mesh.world, "rank": mesh.rank, "tp": mesh.tp, "pp": mesh.pp, "hdp": mesh.hdp,
               "zero_stage": opt.stage}
     return LayoutFreeState(tensors, {"layout": layout, "groups": groups, "params": metas})
@@ -482,9 +484,9 @@ def _restore(payloads: Mapping[str, Any], sources: Mapping[str, list[_Source]], 
              where: Mapping[str, ShardSpec], params: Mapping[str, nn.Parameter], opt: _Optimizer) -> None:
     inner = opt.inner
     saved_groups = next(iter(index.values()))["groups"]
-    if len(saved_groups) != len(inner.param_groups):
+    if len(saved_groups) != max(opt.origins, default=-1) + 1:
         raise ValueError(f"the checkpoint's optimizer has {len(saved_groups)} parameter groups, this one "
-                         f"{len(inner.param_groups)}; build the optimizer as the checkpointed run did")
+                         f"{max(opt.origins, default=-1) + 1}; build the optimizer as the checkpointed run did")
     asm = _Assembler(payloads, sources)
     for name, spec in where.items():
         p = params[name]
@@ -510,6 +512,6 @@ def _restore(payloads: Mapping[str, Any], sources: Mapping[str, list[_Source]], 
         st = _slot_state(slot, codecs[slot.group], names)
         if st is not None:
             state_dict["state"][i] = st
-    for group, saved in zip(state_dict["param_groups"], saved_groups):
-        group.update({k: tuple(v) if k == "betas" else v for k, v in saved.items()})
+    for group, origin in zip(state_dict["param_groups"], opt.origins, strict=True):
+        group.update({k: tuple(v) if k == "betas" else v for k, v in saved_groups[origin].items()})
     inner.load_state_dict(state_dict)
