@@ -342,8 +342,9 @@ def build_parallel_model(cfg: RunConfig, vocab_size: int, mesh: Mesh,
     float8 linears (``model.linear_dtype=fp8``, ``trainer/float8.py``) on what this rank holds;
     (5) ZeRO: the optimizer over the HDP group (stage 3 also shards the parameters and wraps each layer);
     the cost model, priced from what this rank now holds;
-    (8) parameter offload (``offload.params``, ``trainer/param_offload.py``): the plan from that cost model and
-    measured rates, master weights streamed from the host, the cost model reduced to what the device holds;
+    (8) parameter offload (``offload.params``, ``trainer/param_offload.py``), in place of (5): the plan from the
+    cost model and measured rates, the optimizer over the device's share and the host's (``PlacedZero``), the host
+    layers streamed, the cost model reduced to what the device holds;
     phase 2 (``apply_tiling_and_offload``, in ``apply_offload``): (6) tiled MLP and layers, (7) activation offload, whose
     ``ratio=auto`` policy needs that cost model, (9) compiled layers (``model.compile_layers``).
     """

@@ -16,9 +16,10 @@ between the phases (``build.py``)
   5. ZeRO (the optimizer; ZeRO-3 also shards the parameters -- what this rank holds after steps 1 and 4:
      its TP shard of its stages -- over its HDP group and wraps each layer's forward);
   -  the cost model, priced from what this rank now holds (its TP shard, its stages);
-  8. parameter offload (``parallel/offload/params.py``, planned in ``trainer/param_offload.py``): with
-     ``offload.params``, ZeRO-1/2's flat buffers (built on the host) hold the master weights, decoder
-     layers are streamed to the device around each use, and the cost model keeps only what stays there;
+  8. parameter offload (``parallel/offload/params.py``, planned in ``trainer/param_offload.py``), in place of 5:
+     with ``offload.params``, the plan splits the model (built on the host) between a ZeRO-1/2 flat space on
+     the device (root, resident layers) and one on the host (``parallel/placed_zero.py``), the host's layers
+     are streamed to the device around each use, and the cost model keeps only what stays there;
 phase 2, ``apply_tiling_and_offload`` (on this rank's layers, once the cost model exists: ``build.apply_offload``)
   6. tiled MLP and tiled layers (``trainer/tiled.py``, ``trainer/tiled_layer.py``): the MLP, and each layer
      (its attention a tile of queries at a time where it is local), run a tile of tokens at a time;
