@@ -82,7 +82,10 @@ def plan_inputs(model: torch.nn.Module, cfg: RunConfig, cost_model: CostModel, d
     disk_rate = off.disk_GBps
     if (off.optimizer != "cpu" or off.params == "nvme") and disk_rate is None:
         disk_rate = min(measure_disk_GBps(off.path, 64 << 20))
-    host = off.host_mem_gb * 2**30 if off.host_mem_gb else HOST_SHARE * available_host_bytes() / ranks_on_host
+    # the model was built in host memory, which the placement hands on (to the device, or to ZeRO's host buffers)
+    built = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cpu")
+    host = off.host_mem_gb * 2**30 if off.host_mem_gb else \
+        HOST_SHARE * (available_host_bytes() + built) / ranks_on_host
     tokens = cfg.data.max_seq_len
     update = off.update
     if update != "host" and (device.type != "cuda" or cfg.optim.state_dtype == "fp32"):  # FP8AdamW on CUDA only
