@@ -71,12 +71,23 @@ def reduced(opt) -> torch.Tensor:
     return torch.cat([p.shard_grad.detach().cpu() for p in getattr(opt, "parts", (opt,))])
 
 
+EARLY_NORMS: list[bool] = []  # per step of ``run``: the host's squared norm was summed during the last backward
+
+
 def run(model: Transformer, opt, steps: int = 3, micro: int = 3):
-    """Per step: the documents in ``micro`` micro-batches, reduce, record gradients, clip, step."""
+    """Per step: the documents in ``micro`` micro-batches (the last announced, as the step runner does), reduce,
+    record gradients, clip, step."""
     losses, grads = [], []
+    EARLY_NORMS.clear()
     for step in range(steps):
         docs, denominator = step_docs(step), num_targets(STEPS[step])
-        losses.append([backward(model, docs[i::micro], denominator) for i in range(micro)])
+        losses.append([])
+        for i in range(micro):
+            if i == micro - 1:
+                opt.overlap_next_backward()
+            losses[-1].append(backward(model, docs[i::micro], denominator))
+        host = getattr(opt, "host_part", None)
+        EARLY_NORMS.append(host is not None and host._ready_sq is not None)
         opt.reduce_gradients()
         grads.append([reduced(opt)])
         opt.clip_grad_norm_(MAX_NORM)
@@ -106,6 +117,8 @@ def test_streamed_gradients_and_updates_are_bitwise_those_of_the_same_placement_
     opt.optimizer.update_device = torch.device(update_device) if update_device else None
     off = stream(model, opt, resident, prefetch=prefetch)
     got = run(model, opt)
+    # one rank's ZeRO-1 sums the host's squares while the rest of the last backward runs (the same bits)
+    assert EARLY_NORMS == [stage == 1] * 3
     assert got[0] == ref[0]  # losses
     for step_ref, step_got in zip(ref[1], got[1]):
         for a, b in zip(step_ref, step_got):
@@ -347,6 +360,8 @@ def _gpu_run(model: Transformer, opt, steps: int = 2):
     for step in range(steps):
         docs, denominator = step_docs(step), num_targets(STEPS[step])
         for i in range(3):
+            if i == 2:
+                opt.overlap_next_backward()  # ZeRO-1 on one rank: the host's squares summed on the worker thread
             packed = pack(docs[i::3])
             meta = make_sp_batch(packed.seqlens, "local", None, backend="math", device="cuda")
             loss = token_loss_sum(model.logits(model(packed.input_ids.cuda(), meta)), packed.labels.cuda())

@@ -308,25 +308,39 @@ class ZeroOptimizer:
     # before the reduction (gradients to where the reduction reads them) and after the update.
     _before_reduce: tuple[Callable[[], None], ...] = ()
     _after_step: tuple[Callable[[], None], ...] = ()
+    _before_last_backward: tuple[Callable[[], None], ...] = ()
+    # this rank's local squared norm, summed before ``squared_norm`` asks for it (``provide_squared_norm``)
+    _ready_sq: Callable[[], Tensor] | None = None
 
-    def register_step_hooks(self, before_reduce: Callable[[], None],
-                            after_step: Callable[[], None]) -> Callable[[], None]:
-        """Call ``before_reduce`` at the start of ``reduce_gradients`` and ``after_step`` at the end of ``step``;
-        returns the function that removes both again."""
+    def register_step_hooks(self, before_reduce: Callable[[], None], after_step: Callable[[], None],
+                            before_last_backward: Callable[[], None] | None = None) -> Callable[[], None]:
+        """Call ``before_reduce`` at the start of ``reduce_gradients``, ``after_step`` at the end of ``step`` and
+        ``before_last_backward`` in ``overlap_next_backward``; returns the function that removes them again."""
         if self.reduction is not None and self.reduction.overlap:
             raise ValueError("a transform that moves gradients before the reduction cannot run with buckets reduced "
                              "during backward: set parallel.overlap_grad_reduce=false")
         self._before_reduce = (*self._before_reduce, before_reduce)
         self._after_step = (*self._after_step, after_step)
+        if before_last_backward is not None:
+            self._before_last_backward = (*self._before_last_backward, before_last_backward)
 
         def remove() -> None:
             self._before_reduce = tuple(h for h in self._before_reduce if h is not before_reduce)
             self._after_step = tuple(h for h in self._after_step if h is not after_step)
+            self._before_last_backward = tuple(h for h in self._before_last_backward if h is not before_last_backward)
         return remove
+
+    def provide_squared_norm(self, ready: Callable[[], Tensor]) -> None:
+        """``ready()`` gives ``sum_of_squares(self.shard_grad)`` of this step's final gradients, started early (a
+        transform that knows when they are final: ``offload/params.py`` sums the host's while the device runs the
+        rest of backward); ``squared_norm`` takes it instead of summing. Cleared by ``zero_grad``."""
+        self._ready_sq = ready
 
     def overlap_next_backward(self) -> None:
         """The next backward is this rank's last of the step: reduce each bucket as soon as its gradients are
         final (with ``overlap``; otherwise nothing changes). ``reduce_gradients`` still completes the step."""
+        for hook in self._before_last_backward:
+            hook()
         if self.reduction is not None:
             self.reduction.arm()
 
@@ -367,7 +381,8 @@ class ZeroOptimizer:
             grads = [p.grad for p in self._counted if p.grad is not None]
             sq = sum((sum_of_squares(g) for g in grads), torch.zeros((), dtype=torch.float64, device=self._device()))
         else:
-            sq = sum_of_squares(self.shard_grad)
+            ready, self._ready_sq = self._ready_sq, None
+            sq = ready() if ready is not None else sum_of_squares(self.shard_grad)
             for a, b in self._excluded_local:
                 sq = sq - sum_of_squares(self.shard_grad[a:b])
             if self.world > 1:
@@ -411,6 +426,7 @@ class ZeroOptimizer:
             hook()
 
     def zero_grad(self) -> None:
+        self._ready_sq = None
         if hasattr(self.optimizer, "scale_grads_in_step"):  # a step skipped (non-finite) leaves no factor behind
             self.optimizer.scale_grads_in_step(None)
         if self.stage == 0:

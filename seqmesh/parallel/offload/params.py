@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from seqmesh.parallel.offload.pool import HostPool
+from seqmesh.parallel.zero import sum_of_squares
 from seqmesh.scheduler.offload_plan import staging_bytes_for
 
 _ATTR = "_seqmesh_param_offload"
@@ -146,9 +147,31 @@ class ParamOffload:
             inner = getattr(layer, "_checkpoint_wrapped_module", layer)
             layer.forward = _streamed_forward(self, unit, inner.forward)
         self._hook = model.register_forward_pre_hook(self._begin_forward)
-        self._unhook_zero = zero.register_step_hooks(before_reduce=self.flush, after_step=self.flush)
+        # one rank's ZeRO-1 accumulates into the very buffer it steps: once the last backward's streamed gradients
+        # have landed, the host sums their squares (the clip norm) while the device runs the resident layers
+        self._zero = zero
+        self._early_norm = zero.stage == 1 and getattr(zero, "world", 1) == 1
+        self._last_backward = False
+        self._unhook_zero = zero.register_step_hooks(before_reduce=self.flush, after_step=self.flush,
+                                                     before_last_backward=self._arm_norm)
         self._finalizer = weakref.finalize(self, ParamOffload._close, self._worker, self._unpin,
                                            getattr(self, "staging", None))
+
+    def _arm_norm(self) -> None:
+        self._last_backward = self._early_norm
+
+    def _sum_squares_when_landed(self) -> None:
+        """The last streamed gradient of the step is on its way: sum the host shard's squares after it lands (on
+        the worker thread, in order; inline on a CPU device) and hand the result to ZeRO's ``squared_norm``."""
+        self._last_backward = False
+        shard = self._zero.shard_grad
+        if not self.cuda:
+            sq = sum_of_squares(shard)
+            self._zero.provide_squared_norm(lambda: sq)
+            return
+        future = self._worker.submit(sum_of_squares, shard)
+        self._pending.append(future)
+        self._zero.provide_squared_norm(future.result)
 
     def _begin_forward(self, *_: Any) -> None:
         """Before the model's forward: the first streamed layers on their way (their copies overlap the embedding
@@ -236,6 +259,8 @@ class ParamOffload:
             for i, g in enumerate(grads):
                 if g is not None:
                     _accumulate(unit.grads, i, g)
+            if self._last_backward and unit is self.streamed[0]:
+                self._sum_squares_when_landed()
             return
         sent = [(i, g) for i, g in enumerate(grads) if g is not None and g.numel()]
         slots = unit.grads
@@ -246,6 +271,8 @@ class ParamOffload:
 
         if sent:
             self._to_host([g for _, g in sent], land)
+        if self._last_backward and unit is self.streamed[0]:
+            self._sum_squares_when_landed()
 
     def _to_host(self, tensors: Sequence[Tensor], land: Callable[[list[Tensor]], None]) -> None:
         """Copy device ``tensors`` into one pinned staging buffer on the gradient stream; the worker thread waits
