@@ -66,9 +66,14 @@ def stream(model: Transformer, opt: PlacedZero, resident: int, device: str = "cp
     return attach_param_offload(model, list(model.model.layers)[resident:], opt.host_part, device, **kw)
 
 
-def reduced(opt) -> torch.Tensor:
-    """The reduced gradients of this rank's shard(s), one tensor (stage 2 frees ``p.grad``)."""
-    return torch.cat([p.shard_grad.detach().cpu() for p in getattr(opt, "parts", (opt,))])
+def reduced(opt, model: Transformer) -> list[torch.Tensor]:
+    """Each parameter's reduced gradient on one rank, in the model's order whatever the flat layout (stage 2
+    frees ``p.grad``, so it is read from the flat shards)."""
+    where = {}
+    for part in getattr(opt, "parts", (opt,)):
+        for p, o in zip(part._ordered, part._offsets):
+            where[id(p)] = part.shard_grad[o:o + p.numel()]
+    return [where[id(p)].detach().cpu().clone() for p in model.parameters()]
 
 
 EARLY_NORMS: list[bool] = []  # per step of ``run``: the host's squared norm was summed during the last backward
@@ -89,7 +94,7 @@ def run(model: Transformer, opt, steps: int = 3, micro: int = 3):
         host = getattr(opt, "host_part", None)
         EARLY_NORMS.append(host is not None and host._ready_sq is not None)
         opt.reduce_gradients()
-        grads.append([reduced(opt)])
+        grads.append(reduced(opt, model))
         opt.clip_grad_norm_(MAX_NORM)
         opt.step()
         opt.zero_grad()
@@ -174,7 +179,7 @@ def test_activation_offload_composes_bitwise(tmp_path, target: str) -> None:
                     (loss / denominator).backward()
                 out.append(loss.detach())
             opt.reduce_gradients()
-            out.append(reduced(opt))
+            out.extend(reduced(opt, model))
             opt.clip_grad_norm_(MAX_NORM)
             opt.step()
             opt.zero_grad()
@@ -368,7 +373,7 @@ def _gpu_run(model: Transformer, opt, steps: int = 2):
             (loss / denominator).backward()
             losses.append(loss.item())
         opt.reduce_gradients()
-        grads.append(reduced(opt))
+        grads.append(reduced(opt, model))
         opt.clip_grad_norm_(MAX_NORM)
         opt.step()
         opt.zero_grad()
@@ -401,7 +406,8 @@ def test_gpu_offload_bitwise_resident(stage: int, hidden: int, update: str, resi
     assert opt.device_part.flat.is_cuda
     got = _gpu_run(model, opt)
     assert got[0] == ref[0]
-    for a, b in zip(ref[1] + ref[2], got[1] + got[2]):
+    for a, b in zip([g for step in ref[1] for g in step] + ref[2], [g for step in got[1] for g in step] + got[2],
+                    strict=True):
         assert torch.equal(bits(a), bits(b))
     assert off.staging.in_use_bytes == 0 and not off._pending
     detach_param_offload(model)
