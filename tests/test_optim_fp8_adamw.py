@@ -404,7 +404,8 @@ def test_update_staged_on_another_device_equals_the_host_update_bitwise(state_dt
     copied back (here to the CPU itself, as copies: what the GPU path does over PCIe). Chunks cut inside
     tensors, a lagging step count and a changing lr give the host update's bits, parameters and states."""
     _assert_trained_alike(state_dtype, param_dtype, dict(backend="torch", host_chunk_elems=4096),
-                          dict(backend="torch", host_chunk_elems=4096, update_device="cpu"))
+                          dict(backend="torch", host_chunk_elems=4096, update_device="cpu",
+                               staged_chunk_elems=4096))
 
 
 def test_update_device_refuses_states_in_files(tmp_path):

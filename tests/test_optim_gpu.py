@@ -30,7 +30,8 @@ def _run(backend: str, device: str, state_dtype: str, dtypes: list[torch.dtype],
     params = _tensors(device, dtypes)
     opt = FP8AdamW([{"params": params[:4]}, {"params": params[4:], "weight_decay": 0.0, "lr": 3e-3}], lr=1e-2,
                    betas=(0.9, 0.95), weight_decay=0.1, state_dtype=state_dtype, stochastic_rounding=stochastic,
-                   seed=11, backend=backend, host_chunk_elems=4096, update_device=update_device)
+                   seed=11, backend=backend, host_chunk_elems=4096, update_device=update_device,
+                   staged_chunk_elems=4096)
     for step in range(steps):
         for p, g in zip(params, _grads(step, dtypes)):
             p.grad = None if (step == 1 and p.numel() == 5) else g.to(device)
@@ -114,7 +115,8 @@ def test_staged_update_holds_a_few_pieces_on_the_gpu_and_matches_the_host_update
 
     def run(update_device: str | None) -> tuple[FP8AdamW, int]:
         p = weights.clone().pin_memory()
-        opt = FP8AdamW([p], lr=1e-2, state_dtype="fp8", seed=5, host_chunk_elems=chunk, update_device=update_device)
+        opt = FP8AdamW([p], lr=1e-2, state_dtype="fp8", seed=5, host_chunk_elems=chunk, update_device=update_device,
+                      staged_chunk_elems=chunk)
         peak = 0
         for g in grads:
             p.grad = g.clone().pin_memory()

@@ -41,7 +41,8 @@ def make_model(layers: int = 3, dtype: torch.dtype = torch.float32, checkpointin
 
 
 def _fp8_adamw(state_dtype: str):
-    return lambda groups: FP8AdamW(groups, lr=1e-2, betas=(0.9, 0.95), state_dtype=state_dtype, host_chunk_elems=4096)
+    return lambda groups: FP8AdamW(groups, lr=1e-2, betas=(0.9, 0.95), state_dtype=state_dtype, host_chunk_elems=4096,
+                                     staged_chunk_elems=4096)
 
 
 def make_zero(model: Transformer, stage: int, state_dtype: str = "fp8") -> ZeroOptimizer:

@@ -187,7 +187,7 @@ def _check_group(group: dict[str, Any]) -> None:
 class FP8AdamW(Optimizer):
     """AdamW keeping m and v in ``state_dtype`` (fp8 | int8 | bf16 | fp32); see the module docstring.
 
-    Every constructor setting after ``*`` except ``backend``, ``host_chunk_elems`` and ``update_device`` is a
+    Every constructor setting after ``*`` except ``backend``, the chunk sizes and ``update_device`` is a
     param-group default, stored in each group (and so in checkpoints); a group may override any of them.
 
     Args:
@@ -205,19 +205,25 @@ class FP8AdamW(Optimizer):
             temporaries of one chunk: parameters offloaded to the host are tens of gigabytes).
         update_device: step host parameters on this device instead, a chunk at a time copied there and
             back (``staged_step``: the same bits; their states then live in pinned memory); None: on the host.
+        staged_chunk_elems: elements per chunk staged on ``update_device``. Larger than the host's: each
+            chunk costs the host a fixed few launches and syncs (0.22 s for 668 chunks of 4M elements against
+            0.31 s of link time on an H100), and three chunks in flight of 16M take ~0.3 GB of the device.
     """
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, *,
                  state_dtype: str = "fp8", block_size: int = 128, stochastic_rounding: bool = True, seed: int = 0,
                  index_offset: int = 0, backend: str = "auto", host_chunk_elems: int = 1 << 22,
-                 update_device: torch.device | str | None = None) -> None:
+                 update_device: torch.device | str | None = None, staged_chunk_elems: int = 1 << 24) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if not isinstance(host_chunk_elems, int) or host_chunk_elems < 4096:
             raise ValueError(f"host_chunk_elems must be an int >= 4096, got {host_chunk_elems!r}")
+        if not isinstance(staged_chunk_elems, int) or staged_chunk_elems < 4096:
+            raise ValueError(f"staged_chunk_elems must be an int >= 4096, got {staged_chunk_elems!r}")
         self.backend = backend
         self.host_chunk_elems = host_chunk_elems
+        self.staged_chunk_elems = staged_chunk_elems
         # parameter offload's plan sets it when the link beats the host's update (trainer/param_offload.py)
         self.update_device = torch.device(update_device) if update_device is not None else None
         self.state_files: StateFiles | None = None  # moments in files (``state_files.swap_states_to_files``)
@@ -305,7 +311,7 @@ class FP8AdamW(Optimizer):
 
     def _run(self, bucket: Bucket, hp: Hyper, device: torch.device, scale: torch.Tensor | None) -> None:
         if device.type == "cpu" and self.update_device is not None:
-            staged_step(bucket, hp, self.host_chunk_elems, self.update_device,
+            staged_step(bucket, hp, self.staged_chunk_elems, self.update_device,
                         lambda piece: self._step_on(piece, hp, self.update_device), grad_scale=scale)
             return
         self._step_on(bucket, hp, device, scale)
