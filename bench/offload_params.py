@@ -159,6 +159,11 @@ def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, 
     from seqmesh.trainer.microbatch import loss_sum_of
 
     cuda = device.type == "cuda"
+    began = time.perf_counter()
+
+    def progress(what: str) -> None:  # to stderr: what a trial cut by its time cap had reached (``_child``)
+        print(f"[{time.perf_counter() - began:7.1f} s] {what}", file=sys.stderr, flush=True)
+
     cfg = run_config(shape, tokens, offload, resident, dtype, path, update)
     torch.manual_seed(0)
     # the run's own build: phase 1 transforms, on the host when the weights are offloaded
@@ -170,6 +175,7 @@ def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, 
         torch.set_default_dtype(torch.float32)
     apply_weight_dtype(model, cfg.optim)
     nparams = sum(p.numel() for p in model.parameters())
+    progress(f"built {nparams / 1e9:.2f}B parameters")
     cost_model = build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=1, state_dtype="fp8",
                                   params_offloaded=offload)
     plan = None
@@ -177,6 +183,7 @@ def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, 
         from seqmesh.trainer.param_offload import apply_param_offload
 
         opt, plan, _ = apply_param_offload(model, cfg, cost_model, device, _groups(model), _fp8_adamw)
+        progress(plan.report())
     else:
         opt = _zero(model)
     g = torch.Generator().manual_seed(0)
@@ -211,10 +218,11 @@ def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, 
         losses.append(loss.item() / tokens)
         return t
 
-    for _ in range(1 + steps):
+    for i in range(1 + steps):
         t = step()
         times.append(t[-1] - t[0])
         phases.append({name: b - a for name, a, b in zip(PHASES, t, t[1:])})
+        progress(f"step {i}: {times[-1]:.2f} s " + json.dumps({k: round(v, 3) for k, v in phases[-1].items()}))
     if profile:
         _profiled(step, Path(profile), cuda)
     step_s = statistics.median(times[1:]) if steps else times[0]  # --steps 0: the first step only (cold)
@@ -261,8 +269,10 @@ def _child(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             return {"error": tail[0][:300]}
         return json.loads(Path(out).read_text())
-    except subprocess.TimeoutExpired:
-        return {"error": f"over the {timeout_s:.0f} s trial cap"}
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        reached = [line for line in err.splitlines() if line.startswith("[")][-3:]  # the trial's ``progress``
+        return {"error": f"over the {timeout_s:.0f} s trial cap", "reached": reached}
     finally:
         Path(out).unlink(missing_ok=True)
 
