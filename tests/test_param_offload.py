@@ -324,6 +324,8 @@ def _train_loop(rank: int, world: int, overrides: dict, run_dir: str) -> list[fl
     from seqmesh.trainer.loop import train
 
     train(config_from_dict(overrides), run_dir, torch.device("cpu"))
+    if rank:  # rank 0 writes the metrics and may still be writing them when another rank returns
+        return []
     return [json.loads(line)["loss"] for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
 
 
