@@ -14,7 +14,8 @@ runs each piece where it lives: the Triton kernel for device pieces, the host or
 host ones), so the lr schedule, checkpoints and resharding see a single optimizer whose groups are
 the device part's followed by the host part's. Every element keeps the key (``index_offset``) it has in one
 flat space of the whole model, so stochastic rounding draws the same bits wherever it lives, and the
-placement steps every parameter exactly as ``ZeroOptimizer`` over the whole model does.
+placement steps every parameter bit for bit as ``ZeroOptimizer`` over the whole model does (the clip
+norm's two fp64 sums agree with one sum far inside an fp32 ulp: ``zero.sum_of_squares``).
 
 The global gradient norm is the square root of the two parts' sums (each already summed over HDP);
 the clip's factor reaches both through the inner optimizer (each piece scaled as its update reads it)
