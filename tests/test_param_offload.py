@@ -159,6 +159,27 @@ def test_the_placement_is_bitwise_one_flat_space(stage: int, resident: int, stat
     assert starts[0] == 0 and len(starts) > len(whole) if resident < 3 else len(starts) == len(whole)
 
 
+def test_zero1_host_gradients_are_copied_over_owed_zeros() -> None:
+    """ZeRO-1's host gradient buffer is not zero-filled each step: the offload owes its zeros. A layer's first
+    landing overwrites its slots (a parameter sent no gradient gets zeros), and a layer that sent nothing
+    by the reduction reads zeros there; a negative zero lands as ``0 + g`` does, positive."""
+    model = make_model()
+    opt = make_placed(model, 1, 0)
+    off = stream(model, opt, 0)
+    run(model, opt, steps=1)  # the host buffer now holds last step's gradients, in name zeros
+    host = opt.host_part
+    assert host.flat_grad.abs().sum() > 0
+    first, second = off.streamed[0], off.streamed[1]
+    grads = [torch.full_like(p, -0.0) if i == 0 else None for i, p in enumerate(first.params)]
+    off.send_grads(first, grads)
+    opt.reduce_gradients()
+    assert torch.equal(bits(first.params[0].grad), bits(torch.zeros_like(first.params[0])))  # +0, not -0
+    assert torch.count_nonzero(host.flat_grad) == 0
+    opt.zero_grad()
+    detach_param_offload(model)  # and the buffer is zeros when ZeRO owns it again
+    assert torch.count_nonzero(host.flat_grad) == 0 and second.stale is False
+
+
 @pytest.mark.parametrize("target", ["cpu", "nvme"])
 def test_activation_offload_composes_bitwise(tmp_path, target: str) -> None:
     """Activation offload after parameter offload (checkpointed layers): a streamed layer's saved inputs go to the

@@ -309,13 +309,20 @@ class ZeroOptimizer:
     _before_reduce: tuple[Callable[[], None], ...] = ()
     _after_step: tuple[Callable[[], None], ...] = ()
     _before_last_backward: tuple[Callable[[], None], ...] = ()
+    # stage 1: a transform that writes every gradient slot before it is read (its first landing a copy, not an
+    # addition into zeros) and zeroes what it did not write; ``zero_grad`` then tells it instead of filling
+    # billions of host elements with zeros each step
+    _zeroes_grads: Callable[[], None] | None = None
     # this rank's local squared norm, summed before ``squared_norm`` asks for it (``provide_squared_norm``)
     _ready_sq: Callable[[], Tensor] | None = None
 
     def register_step_hooks(self, before_reduce: Callable[[], None], after_step: Callable[[], None],
-                            before_last_backward: Callable[[], None] | None = None) -> Callable[[], None]:
-        """Call ``before_reduce`` at the start of ``reduce_gradients``, ``after_step`` at the end of ``step`` and
-        ``before_last_backward`` in ``overlap_next_backward``; returns the function that removes them again."""
+                            before_last_backward: Callable[[], None] | None = None,
+                            zeroes_grads: Callable[[], None] | None = None) -> Callable[[], None]:
+        """Call ``before_reduce`` at the start of ``reduce_gradients``, ``after_step`` at the end of ``step``,
+        ``before_last_backward`` in ``overlap_next_backward`` and, at stage 1, ``zeroes_grads`` in ``zero_grad``
+        instead of zeroing the gradient buffer (the caller then owns its zeros); returns the function that
+        removes them again."""
         if self.reduction is not None and self.reduction.overlap:
             raise ValueError("a transform that moves gradients before the reduction cannot run with buckets reduced "
                              "during backward: set parallel.overlap_grad_reduce=false")
@@ -323,8 +330,14 @@ class ZeroOptimizer:
         self._after_step = (*self._after_step, after_step)
         if before_last_backward is not None:
             self._before_last_backward = (*self._before_last_backward, before_last_backward)
+        if zeroes_grads is not None:
+            if self.stage != 1 or self._zeroes_grads is not None:
+                raise ValueError("only one transform can own a ZeRO-1 gradient buffer's zeros")
+            self._zeroes_grads = zeroes_grads
 
         def remove() -> None:
+            if zeroes_grads is not None and self._zeroes_grads is zeroes_grads:
+                del self._zeroes_grads  # the class default again: zero_grad fills the buffer
             self._before_reduce = tuple(h for h in self._before_reduce if h is not before_reduce)
             self._after_step = tuple(h for h in self._after_step if h is not after_step)
             self._before_last_backward = tuple(h for h in self._before_last_backward if h is not before_last_backward)
@@ -432,7 +445,10 @@ class ZeroOptimizer:
         if self.stage == 0:
             self.optimizer.zero_grad(set_to_none=True)
         elif self.stage == 1:
-            self.flat_grad.zero_()
+            if self._zeroes_grads is not None:
+                self._zeroes_grads()
+            else:
+                self.flat_grad.zero_()
             self._attach_grad_views()
         else:
             for p in self.params:

@@ -30,7 +30,10 @@ full duplex, though both directions at once run slower than one alone). The opti
 overlap backward (global-norm clipping and the non-finite check need every gradient first). Before it
 comes the host's sum of squares of the streamed layers' gradients, at a rate measured at start-up
 (``grad_norm_ms``, ``norm_Mparams_s``: on an H100's host this pass, unpriced and single-threaded, took
-7.7 s of a 9.0 s step of a 2.8B model). The device's own parameters (root and resident layers) are
+7.7 s of a 9.0 s step of a 2.8B model). On one rank's ZeRO-1 the host sums each layer's squares as its
+last gradients land, during the backward of the layers after it, so only what the rest of backward
+cannot cover is priced (at least the last streamed layer's own pass); under sharded ZeRO it follows the
+reduction, whole. The device's own parameters (root and resident layers) are
 updated there by the fused kernel at memory speed, milliseconds, not priced. The clip's scaling
 has no pass of its own: the update scales each piece as it reads it (``FP8AdamW.scale_grads_in_step``).
 The streamed layers' update runs where it is faster (``offload.update=auto``): on the host at the measured CPU rate, or
@@ -225,6 +228,9 @@ def plan_offload(x: OffloadInputs) -> OffloadPlan:
     if disk:  # every byte on the disk is read and written once by the step (through the page cache for weights)
         disk_rate = x.disk_GBps or x.h2d_GBps
         adam = max(adam, 2 * disk / (disk_rate * GB) * 1e3)
+    norm = _host_pass_ms(stepped, x.norm_Mparams_s)
+    if streamed and x.zero_stage == 1 and x.state_share == 1.0:  # layer by layer behind the rest of backward
+        norm = max(norm / streamed, norm - (x.num_layers - 1) * bwd_ms)
     return OffloadPlan(x.params, resident, streamed, place, device, host, disk, compute, exposed, adam,
-                       grad_norm_ms=_host_pass_ms(stepped, x.norm_Mparams_s), host_free=x.host_bytes - host,
+                       grad_norm_ms=norm, host_free=x.host_bytes - host,
                        update=update)

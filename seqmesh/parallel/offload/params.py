@@ -18,9 +18,13 @@ layers (the first ones when the model's forward begins), backward the previous o
 ``prefetch`` layers of a forward with autograd stay loaded for backward, which needs them first.
 
 Streams. On CUDA host-to-device copies run on one side stream and device-to-host gradient copies
-on another, into pinned staging buffers of a ``HostPool``; a single worker thread waits for each copy
-and adds it into the host gradient, so the compute stream never waits for the host. On a CPU
-device the same code runs with synchronous copies and the addition done inline (what tests run).
+on another; a single worker thread waits for each copy, so the compute stream never waits for the
+host. A step's first gradients of a layer under ZeRO-1 go straight into its page-locked slots of the
+host buffer, which is never zero-filled (the offload owes its zeros, ``_zero_grads``); later
+micro-batches' go to pinned staging buffers of a ``HostPool`` and the worker adds them in. In the
+step's last backward the worker also sums each layer's squares once they land (the clip norm), behind
+the backward of the layers after it. On a CPU device the same code runs with synchronous copies and the
+work done inline (what tests run).
 
 Why the gradients are bitwise those of the device-resident model (same kernels, same order):
 forward and the recomputation in backward run the layer's own forward on the same inputs with
@@ -29,7 +33,8 @@ the resident model's backward produces (which, under activation checkpointing, i
 recomputation). Each weight is used once per layer, so autograd sums nothing inside a layer. The
 host then accumulates the per-micro-batch gradients in micro-batch order, one addition each, in
 the parameter's dtype: exactly what autograd's ``AccumulateGrad`` does into ``p.grad`` (a ZeRO-1
-view of zeros: ``0 + g1 + g2 ...``; ZeRO-2: ``g1 + g2 ...``). A single worker thread applies them
+view of zeros: ``0 + g1 + g2 ...``, its first term copied as ``0 + g1`` is computed on the device;
+ZeRO-2: ``g1 + g2 ...``). A single worker thread applies them
 in submission order, so the order never depends on timing.
 """
 
@@ -65,6 +70,8 @@ class _Unit:
     loaded: bool = False  # the device buffer holds the current master values
     in_use: bool = False  # ``p.data`` points at the device buffer
     grads: list[Tensor | None] | None = None  # host gradient slots of the step, taken from ``p.grad``
+    zeroed: bool = False  # ZeRO-1: the slots hold (or are owed, ``stale``) the zeros of a new step
+    stale: bool = False  # zeroed in name only: the next landing or ``flush`` writes them
 
 
 def _release_storage(t: Tensor) -> None:
@@ -139,6 +146,8 @@ class ParamOffload:
         self._pending: list[cf.Future] = []
         self.streamed = [self._unit(i, [p for p in layer.parameters() if p.requires_grad])
                          for i, layer in enumerate(layers)]
+        for unit in self.streamed:  # ZeRO-1: the first landing copies; ``flush`` zeroes a layer that sent nothing
+            unit.zeroed = unit.stale = zero.stage == 1
         if self.cuda:  # room for two layers' gradients in flight, whatever the layer size
             largest = max((u.numel * u.device.element_size() for u in self.streamed), default=0)
             self.staging = HostPool(max(staging_bytes, staging_bytes_for(largest)), pin=True)
@@ -152,26 +161,16 @@ class ParamOffload:
         self._zero = zero
         self._early_norm = zero.stage == 1 and getattr(zero, "world", 1) == 1
         self._last_backward = False
-        self._unhook_zero = zero.register_step_hooks(before_reduce=self.flush, after_step=self.flush,
-                                                     before_last_backward=self._arm_norm)
+        self._squares: dict[int, Tensor] = {}
+        self._unhook_zero = zero.register_step_hooks(
+            before_reduce=self.flush, after_step=self.flush, before_last_backward=self._arm_norm,
+            zeroes_grads=self._zero_grads if zero.stage == 1 else None)
         self._finalizer = weakref.finalize(self, ParamOffload._close, self._worker, self._unpin,
                                            getattr(self, "staging", None))
 
     def _arm_norm(self) -> None:
         self._last_backward = self._early_norm
-
-    def _sum_squares_when_landed(self) -> None:
-        """The last streamed gradient of the step is on its way: sum the host shard's squares after it lands (on
-        the worker thread, in order; inline on a CPU device) and hand the result to ZeRO's ``squared_norm``."""
-        self._last_backward = False
-        shard = self._zero.shard_grad
-        if not self.cuda:
-            sq = sum_of_squares(shard)
-            self._zero.provide_squared_norm(lambda: sq)
-            return
-        future = self._worker.submit(sum_of_squares, shard)
-        self._pending.append(future)
-        self._zero.provide_squared_norm(future.result)
+        self._squares = {}
 
     def _begin_forward(self, *_: Any) -> None:
         """Before the model's forward: the first streamed layers on their way (their copies overlap the embedding
@@ -250,33 +249,100 @@ class ParamOffload:
 
     @torch.no_grad()
     def send_grads(self, unit: _Unit, grads: Sequence[Tensor | None]) -> None:
-        """Add a streamed layer's weight gradients of one micro-batch into its host slots, in order."""
+        """Add a streamed layer's weight gradients of one micro-batch into its host slots, in order.
+
+        Into ZeRO-1 slots that hold the zeros of a new step (``unit.zeroed``) the gradients are copied instead,
+        straight from the device into the page-locked slots: no staging, no host addition and no zero fill of
+        the host buffer each step (``_zero_grads``). The copy is of ``0 + g``, what ``AccumulateGrad`` adds into
+        zeros (a negative zero comes out positive), so the bits are the same."""
         if unit.grads is None:
             unit.grads = [p.grad for p in unit.params]
             for p in unit.params:
                 p.grad = None
-        if not self.cuda:
-            for i, g in enumerate(grads):
-                if g is not None:
-                    _accumulate(unit.grads, i, g)
-            if self._last_backward and unit is self.streamed[0]:
-                self._sum_squares_when_landed()
-            return
-        sent = [(i, g) for i, g in enumerate(grads) if g is not None and g.numel()]
         slots = unit.grads
+        final = self._last_backward  # this step's last gradients for the unit: its squares can be summed
+        if unit.zeroed and all(s is not None for s in slots):
+            unit.zeroed = unit.stale = False
+            sent = [(i, g) for i, g in enumerate(grads) if g is not None]
+            if sent:
+                torch._foreach_add_([g for _, g in sent], 0.0)
+            unsent = [slots[i] for i in sorted(set(range(len(slots))) - {i for i, _ in sent})]
 
-        def land(host: list[Tensor]) -> None:
-            for (i, _), h in zip(sent, host):
-                _accumulate(slots, i, h)
+            def zero_unsent() -> None:  # a parameter without a gradient this micro-batch keeps zeros
+                for t in unsent:
+                    t.zero_()
+            self._copy_to([slots[i] for i, _ in sent], [g for _, g in sent], zero_unsent)
+        else:
+            sent = [(i, g) for i, g in enumerate(grads) if g is not None and g.numel()]
 
-        if sent:
-            self._to_host([g for _, g in sent], land)
-        if self._last_backward and unit is self.streamed[0]:
-            self._sum_squares_when_landed()
+            def land(host: list[Tensor]) -> None:
+                for (i, _), h in zip(sent, host):
+                    _accumulate(slots, i, h)
+
+            if sent:
+                self._to_host([g for _, g in sent], land)
+        if final:
+            self._sum_squares(unit)
+
+    def _sum_squares(self, unit: _Unit) -> None:
+        """Once ``unit``'s final gradients have landed, sum their squares (on the worker thread, in order); after
+        the last streamed layer's, hand ZeRO the host shard's total. Layer by layer, each sum overlaps the
+        backward of the layers still to come instead of waiting, whole, at the end of backward."""
+        squares, slots = self._squares, self._slots(unit)
+        self._on_worker(lambda: squares.__setitem__(unit.index, _squares_of(slots)))
+        if unit is not self.streamed[0]:
+            return
+        self._last_backward, self._squares = False, {}
+        rest = {u.index: self._slots(u) for u in self.streamed}  # a layer that sent nothing in it still counts
+
+        def total() -> Tensor:
+            for index, its in rest.items():
+                if index not in squares:
+                    squares[index] = _squares_of(its)
+            return sum((squares[i] for i in sorted(squares)), torch.zeros((), dtype=torch.float64))
+        self._zero.provide_squared_norm(self._on_worker(total))
+
+    def _slots(self, unit: _Unit) -> list[Tensor]:
+        return [s for s in (unit.grads if unit.grads is not None else [p.grad for p in unit.params])
+                if s is not None]
+
+    def _on_worker(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """Run ``fn`` after every gradient handed to the worker so far (inline on a CPU device); returns what
+        waits for its result."""
+        if not self.cuda:
+            out = fn()
+            return lambda: out
+        future = self._worker.submit(fn)
+        self._pending.append(future)
+        return future.result
+
+    def _copy_to(self, slots: Sequence[Tensor], tensors: Sequence[Tensor], then: Callable[[], None]) -> None:
+        """Copy device ``tensors`` into host ``slots`` on the gradient stream; the worker waits for the copy, then
+        runs ``then`` (in submission order)."""
+        if not self.cuda:
+            for slot, t in zip(slots, tensors):
+                slot.copy_(t)
+            then()
+            return
+        self.d2h.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.d2h):
+            for slot, t in zip(slots, tensors):
+                slot.copy_(t, non_blocking=True)
+                t.record_stream(self.d2h)
+            done = torch.cuda.Event()
+            done.record(self.d2h)
+
+        def run() -> None:
+            done.synchronize()
+            then()
+        self._pending.append(self._worker.submit(run))
 
     def _to_host(self, tensors: Sequence[Tensor], land: Callable[[list[Tensor]], None]) -> None:
         """Copy device ``tensors`` into one pinned staging buffer on the gradient stream; the worker thread waits
         for the copy, calls ``land`` with the host copies and frees the buffer (in submission order)."""
+        if not self.cuda:
+            land(list(tensors))
+            return
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         buf = self.staging.acquire(nbytes)
         while buf is None and self._pending:  # staging is full: wait for the oldest copies
@@ -305,6 +371,12 @@ class ParamOffload:
 
         self._pending.append(self._worker.submit(run))
 
+    def _zero_grads(self) -> None:
+        """ZeRO-1's ``zero_grad``: every host slot holds zeros from now on, written by the next landing (a copy) or
+        by ``flush`` (layers that sent nothing)."""
+        for unit in self.streamed:
+            unit.zeroed = unit.stale = True
+
     def drain(self) -> None:
         """Wait for every gradient copy in flight (re-raising a failure of one)."""
         pending, self._pending = self._pending, []
@@ -317,8 +389,13 @@ class ParamOffload:
         ``reduce_gradients`` calls this first, so the reduction sees every gradient on the host; its ``step``
         calls it last, since the update makes every device copy stale."""
         self.drain()
+        self._last_backward, self._squares = False, {}  # a norm not handed over by now is summed by ZeRO
         for unit in self.streamed:
             self.release(unit)
+            if unit.stale:  # sent nothing since zero_grad: its zeros made real before anyone reads them
+                for slot in self._slots(unit):
+                    slot.zero_()
+                unit.stale = False
             if unit.grads is not None:
                 for p, g in zip(unit.params, unit.grads):
                     p.grad = g
@@ -344,6 +421,10 @@ class ParamOffload:
         for undo in unpin:
             undo()
         unpin.clear()
+
+
+def _squares_of(slots: Sequence[Tensor]) -> Tensor:
+    return sum((sum_of_squares(s) for s in slots), torch.zeros((), dtype=torch.float64))
 
 
 def _accumulate(slots: list[Tensor | None], i: int, g: Tensor) -> None:
