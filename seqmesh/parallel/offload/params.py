@@ -22,8 +22,9 @@ on another; a single worker thread waits for each copy, so the compute stream ne
 host. A step's first gradients of a layer under ZeRO-1 go straight into its page-locked slots of the
 host buffer, which is never zero-filled (the offload owes its zeros, ``_zero_grads``); later
 micro-batches' go to pinned staging buffers of a ``HostPool`` and the worker adds them in. In the
-step's last backward the worker also sums each layer's squares once they land (the clip norm), behind
-the backward of the layers after it. On a CPU device the same code runs with synchronous copies and the
+step's last backward each layer's sum of squares (the clip norm) is taken as it lands: by the device
+from the very values a copy lands, otherwise by the worker after the addition, behind the backward of
+the layers after it. On a CPU device the same code runs with synchronous copies and the
 work done inline (what tests run).
 
 Why the gradients are bitwise those of the device-resident model (same kernels, same order):
@@ -264,16 +265,23 @@ class ParamOffload:
         if unit.zeroed and all(s is not None for s in slots):
             unit.zeroed = unit.stale = False
             sent = [(i, g) for i, g in enumerate(grads) if g is not None]
-            if sent:
-                torch._foreach_add_([g for _, g in sent], 0.0)
+            gs = [g for _, g in sent]
+            if gs:
+                torch._foreach_add_(gs, 0.0)
+            targets = [slots[i] for i, _ in sent]
             unsent = [slots[i] for i in sorted(set(range(len(slots))) - {i for i, _ in sent})]
+            squares = None
+            if final:  # the slots will hold exactly these values: their squares summed here, on the device
+                squares = torch.empty((), dtype=torch.float64, pin_memory=self.cuda)
+                gs, targets = gs + [_squares_of(gs, self.device).reshape(())], targets + [squares]
 
-            def zero_unsent() -> None:  # a parameter without a gradient this micro-batch keeps zeros
+            def landed() -> None:  # a parameter without a gradient this micro-batch keeps zeros
                 for t in unsent:
                     t.zero_()
-            self._copy_to([slots[i] for i, _ in sent], [g for _, g in sent], zero_unsent)
+            self._copy_to(targets, gs, landed)
         else:
             sent = [(i, g) for i, g in enumerate(grads) if g is not None and g.numel()]
+            squares = None
 
             def land(host: list[Tensor]) -> None:
                 for (i, _), h in zip(sent, host):
@@ -282,14 +290,16 @@ class ParamOffload:
             if sent:
                 self._to_host([g for _, g in sent], land)
         if final:
-            self._sum_squares(unit)
+            self._sum_squares(unit, squares)
 
-    def _sum_squares(self, unit: _Unit) -> None:
-        """Once ``unit``'s final gradients have landed, sum their squares (on the worker thread, in order); after
-        the last streamed layer's, hand ZeRO the host shard's total. Layer by layer, each sum overlaps the
-        backward of the layers still to come instead of waiting, whole, at the end of backward."""
+    def _sum_squares(self, unit: _Unit, landed: Tensor | None) -> None:
+        """Once ``unit``'s final gradients have landed, their sum of squares (``landed``, copied with them from the
+        device; otherwise summed on the worker thread, in order); after the last streamed layer's, hand ZeRO the
+        host shard's total. Layer by layer, each sum overlaps the backward of the layers still to come instead of
+        waiting, whole, at the end of backward."""
         squares, slots = self._squares, self._slots(unit)
-        self._on_worker(lambda: squares.__setitem__(unit.index, _squares_of(slots)))
+        self._on_worker(lambda: squares.__setitem__(
+            unit.index, landed.clone() if landed is not None else _squares_of(slots)))
         if unit is not self.streamed[0]:
             return
         self._last_backward, self._squares = False, {}
@@ -423,8 +433,8 @@ class ParamOffload:
         unpin.clear()
 
 
-def _squares_of(slots: Sequence[Tensor]) -> Tensor:
-    return sum((sum_of_squares(s) for s in slots), torch.zeros((), dtype=torch.float64))
+def _squares_of(tensors: Sequence[Tensor], device: torch.device | str = "cpu") -> Tensor:
+    return sum((sum_of_squares(t) for t in tensors), torch.zeros((), dtype=torch.float64, device=device))
 
 
 def _accumulate(slots: list[Tensor | None], i: int, g: Tensor) -> None:
