@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import threading
 
 import pytest
 import torch
@@ -421,3 +422,37 @@ def test_update_device_refuses_states_in_files(tmp_path):
             opt.step()
     finally:
         opt.state_files.close()
+
+
+def test_updates_overlapped_behind_step_are_bitwise_and_waited_for(monkeypatch):
+    """``overlap_updates``: the chosen tensors are stepped on a thread after ``step`` returns (the lr schedule moves
+    on meanwhile: each step keeps the lr it was called with); ``synchronize``, the next ``step`` and
+    ``state_dict`` wait for it. Same bits as stepping everything inside ``step``; a failure comes out at the wait."""
+    ref_model, model = _model(), _model()
+    ref_opt = FP8AdamW(_groups(ref_model), lr=1e-2, backend="torch")
+    opt = FP8AdamW(_groups(model), lr=1e-2, backend="torch")
+    behind = [model[0].weight, model[1].bias]
+    opt.overlap_updates(behind)
+    for step in range(3):
+        for m, o in ((ref_model, ref_opt), (model, opt)):
+            o.zero_grad(set_to_none=True)
+            _backward(m, step)
+            o.step()
+            for g in o.param_groups:
+                g["lr"] *= 0.5  # a schedule stepping while the update still runs
+    _assert_state_bitwise(ref_opt, opt)  # state_dict waits
+    for a, b in zip(ref_model.parameters(), model.parameters()):
+        assert torch.equal(_bits(a.detach()), _bits(b.detach()))
+    run = opt._run
+
+    def fail_behind(*args):
+        if threading.current_thread().name.startswith("seqmesh-host-update"):
+            raise OSError("the link went away")
+        run(*args)
+    monkeypatch.setattr(opt, "_run", fail_behind)  # the update behind fails: step returns, the wait says so
+    _backward(model, 3)
+    opt.step()
+    with pytest.raises(OSError, match="link went away"):
+        opt.synchronize()
+    opt.overlap_updates(())
+    assert opt._updater is None

@@ -99,6 +99,7 @@ def run(model: Transformer, opt, steps: int = 3, micro: int = 3):
         opt.clip_grad_norm_(MAX_NORM)
         opt.step()
         opt.zero_grad()
+    getattr(opt, "synchronize", lambda: None)()  # a streamed layers' update may still run behind ``step``
     return losses, grads, [p.detach().clone() for p in model.parameters()]
 
 
@@ -205,6 +206,7 @@ def test_activation_offload_composes_bitwise(tmp_path, target: str) -> None:
             opt.clip_grad_norm_(MAX_NORM)
             opt.step()
             opt.zero_grad()
+        opt.synchronize()
         return out + [p.detach().clone() for p in model.parameters()]
 
     ref_model = make_model(checkpointing=True)
@@ -390,7 +392,7 @@ def _gpu_run(model: Transformer, opt, steps: int = 2):
         docs, denominator = step_docs(step), num_targets(STEPS[step])
         for i in range(3):
             if i == 2:
-                opt.overlap_next_backward()  # ZeRO-1 on one rank: the host's squares summed on the worker thread
+                opt.overlap_next_backward()  # ZeRO-1 on one rank: each layer's squares summed as it lands
             packed = pack(docs[i::3])
             meta = make_sp_batch(packed.seqlens, "local", None, backend="math", device="cuda")
             loss = token_loss_sum(model.logits(model(packed.input_ids.cuda(), meta)), packed.labels.cuda())
@@ -401,6 +403,7 @@ def _gpu_run(model: Transformer, opt, steps: int = 2):
         opt.clip_grad_norm_(MAX_NORM)
         opt.step()
         opt.zero_grad()
+    getattr(opt, "synchronize", lambda: None)()  # the streamed layers' update behind ``step``
     torch.cuda.synchronize()
     return losses, grads, [p.detach().cpu().clone() for p in model.parameters()]
 

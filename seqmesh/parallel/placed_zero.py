@@ -115,8 +115,17 @@ class PlacedZero:
     def shards_params(self) -> bool:
         return False
 
+    def synchronize(self) -> None:
+        """Wait for an update left running behind ``step`` (parameter offload's streamed layers,
+        ``FP8AdamW.overlap_updates``): call it before reading their parameters directly. Checkpoints
+        (``flat_shards``, ``state_dict``) and the offload's own fetches wait by themselves."""
+        wait = getattr(self.optimizer, "synchronize", None)
+        if wait is not None:
+            wait()
+
     def flat_shards(self) -> list[FlatShard]:
         """The inner optimizer's tensors in ``state_dict`` order (the device part's groups, then the host's)."""
+        self.synchronize()
         return sorted((s for part in self.parts for s in part.flat_shards()), key=lambda s: s.group)
 
     def register_step_hooks(self, before_reduce: Callable[[], None],
@@ -164,6 +173,7 @@ class PlacedZero:
             part.zero_grad()
 
     def state_dict(self) -> dict[str, Any]:
+        self.synchronize()
         return {"zero": [part._layout() for part in self.parts], "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -36,7 +36,8 @@ cannot cover is priced (at least the last streamed layer's own pass); under shar
 reduction, whole. The device's own parameters (root and resident layers) are
 updated there by the fused kernel at memory speed, milliseconds, not priced. The clip's scaling
 has no pass of its own: the update scales each piece as it reads it (``FP8AdamW.scale_grads_in_step``).
-The streamed layers' update runs where it is faster (``offload.update=auto``): on the host at the measured CPU rate, or
+On one rank that update runs behind the next step's forward of the resident layers, which reads none of
+it, and only the rest is priced (``optimizer_hidden_ms``). The streamed layers' update runs where it is faster (``offload.update=auto``): on the host at the measured CPU rate, or
 on the device, each chunk of weights, gradients and states copied over and back (10 bytes per parameter
 with bf16 weights and fp8 states) at the measured link rate; states on NVMe are read and written during
 a host update, overlapped chunk by chunk with the CPU arithmetic, so it takes the longer of the two
@@ -108,10 +109,12 @@ class OffloadPlan:
     grad_norm_ms: float = 0.0  # the host's pass over its gradients for the global norm
     host_free: float = 0.0  # host memory the plan leaves of its budget (activation offload's buffers get it)
     update: str = "host"  # host | device: where the optimizer's update runs
+    optimizer_hidden_ms: float = 0.0  # the part of ``optimizer_ms`` behind the next forward's resident layers
 
     @property
     def step_ms(self) -> float:
-        return self.compute_ms + self.exposed_transfer_ms + self.grad_norm_ms + self.optimizer_ms
+        return self.compute_ms + self.exposed_transfer_ms + self.grad_norm_ms + self.optimizer_ms - \
+            self.optimizer_hidden_ms
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "step_ms": self.step_ms}
@@ -125,7 +128,8 @@ class OffloadPlan:
                 f"; predicted step {self.step_ms:.0f} ms = compute {self.compute_ms:.0f} + exposed transfers "
                 f"{self.exposed_transfer_ms:.0f} + gradient norm "
                 f"{self.grad_norm_ms:.0f} + optimizer "
-                f"{self.optimizer_ms:.0f} (update on the {self.update})")
+                f"{self.optimizer_ms:.0f} (update on the {self.update}) - {self.optimizer_hidden_ms:.0f} of it behind "
+                "the next forward's resident layers")
 
 
 def _gib(n: float) -> str:
@@ -231,6 +235,7 @@ def plan_offload(x: OffloadInputs) -> OffloadPlan:
     norm = _host_pass_ms(stepped, x.norm_Mparams_s)
     if streamed and x.zero_stage == 1 and x.state_share == 1.0:  # layer by layer behind the rest of backward
         norm = max(norm / streamed, norm - (x.num_layers - 1) * bwd_ms)
+    # one rank's update runs behind the next step's forward of the resident layers (``FP8AdamW.overlap_updates``)
+    hidden = min(adam, resident * fwd_ms) if streamed and x.state_share == 1.0 else 0.0
     return OffloadPlan(x.params, resident, streamed, place, device, host, disk, compute, exposed, adam,
-                       grad_norm_ms=norm, host_free=x.host_bytes - host,
-                       update=update)
+                       grad_norm_ms=norm, host_free=x.host_bytes - host, update=update, optimizer_hidden_ms=hidden)

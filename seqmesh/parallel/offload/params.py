@@ -163,6 +163,15 @@ class ParamOffload:
         self._early_norm = zero.stage == 1 and getattr(zero, "world", 1) == 1
         self._last_backward = False
         self._squares: dict[int, Tensor] = {}
+        # the update of these layers runs behind the next forward's resident layers (one rank: ZeRO gathers nothing
+        # after it); every reader of their masters or states waits for it first
+        self._overlap = getattr(zero.optimizer, "overlap_updates", None) if getattr(zero, "world", 1) == 1 else None
+        self._wait_update: Callable[[], None] = lambda: None
+        if self._overlap is not None:
+            self._overlap([shard.tensor for shard in zero.flat_shards()])
+            self._wait_update = zero.optimizer.synchronize
+        self._state_hooks = [model.register_state_dict_pre_hook(lambda *_: self._wait_update()),
+                             model.register_load_state_dict_pre_hook(lambda *_: self._wait_update())]
         self._unhook_zero = zero.register_step_hooks(
             before_reduce=self.flush, after_step=self.flush, before_last_backward=self._arm_norm,
             zeroes_grads=self._zero_grads if zero.stage == 1 else None)
@@ -197,6 +206,7 @@ class ParamOffload:
         """Start copying ``unit``'s master values to the device (a no-op when they are there or on the way)."""
         if unit.loaded:
             return
+        self._wait_update()  # the last step's update of the masters, if it runs behind this forward
         unit.device.untyped_storage().resize_(unit.numel * unit.device.element_size())
         if self.cuda:
             # The buffer was (re)allocated on the compute stream: the copy waits for its earlier users.
@@ -403,6 +413,7 @@ class ParamOffload:
         for unit in self.streamed:
             self.release(unit)
             if unit.stale:  # sent nothing since zero_grad: its zeros made real before anyone reads them
+                self._wait_update()  # (the update behind may still read last step's gradients there)
                 for slot in self._slots(unit):
                     slot.zero_()
                 unit.stale = False
@@ -414,7 +425,12 @@ class ParamOffload:
     def close(self) -> None:
         """Stop streaming: parameters back on their masters, hooks and threads gone (idempotent)."""
         self.flush()
+        if self._overlap is not None:
+            self._overlap(())  # waits, then steps them inside ``step`` again
+            self._overlap = None
         self._hook.remove()
+        for hook in self._state_hooks:
+            hook.remove()
         self._unhook_zero()
         for layer in self._wrapped:
             del layer.forward  # the class's forward again

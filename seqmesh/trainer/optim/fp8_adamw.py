@@ -80,6 +80,7 @@ resharding checkpoints exchange.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import dataclasses
 import functools
 import math
@@ -228,6 +229,10 @@ class FP8AdamW(Optimizer):
         self.update_device = torch.device(update_device) if update_device is not None else None
         self.state_files: StateFiles | None = None  # moments in files (``state_files.swap_states_to_files``)
         self._grad_scale: torch.Tensor | None = None  # ``scale_grads_in_step``
+        self._overlapped: set[int] = set()  # ``overlap_updates``: ids of the tensors stepped behind ``step``
+        self._updater: cf.ThreadPoolExecutor | None = None
+        self._side: dict[torch.device, torch.cuda.Stream] = {}
+        self._pending: list[cf.Future] = []
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, state_dtype=state_dtype,
                         block_size=block_size, stochastic_rounding=stochastic_rounding, seed=seed,
                         index_offset=index_offset)
@@ -241,8 +246,44 @@ class FP8AdamW(Optimizer):
             self.param_groups.pop()
             raise
 
+    def overlap_updates(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Step ``tensors`` (host tensors this optimizer steps) on a thread of their own from now on: ``step``
+        returns once the others are updated, and whatever reads them first calls ``synchronize``. Empty: they
+        are stepped inside ``step`` again.
+
+        Why: under parameter offload the streamed layers' update goes over the link or through the host's CPU
+        (hundreds of milliseconds for billions of parameters) while the device idles, and the next step's
+        forward of the resident layers, which comes first, reads none of it; ``parallel/offload/params.py``
+        waits for it before it fetches the first streamed layer. The arithmetic is the same, so are the bits."""
+        self.synchronize()
+        self._overlapped = {id(t) for t in tensors}
+        if self._overlapped and self._updater is None:
+            self._updater = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="seqmesh-host-update")
+        elif not self._overlapped and self._updater is not None:
+            self._updater.shutdown(wait=True)
+            self._updater = None
+
+    def synchronize(self) -> None:
+        """Wait for the updates ``step`` left running (``overlap_updates``), re-raising a failure of one."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def _run_behind(self, bucket: Bucket, hp: Hyper, device: torch.device, scale: torch.Tensor | None) -> None:
+        """``_run`` on the update thread; a staged update's copies and kernels on a side stream of the device, so
+        that they run beside the compute stream's next forward."""
+        target = self.update_device
+        with torch.no_grad():  # grad mode is per thread
+            if target is None or target.type != "cuda":
+                self._run(bucket, hp, device, scale)
+                return
+            stream = self._side.setdefault(target, torch.cuda.Stream(target))
+            with torch.cuda.device(target), torch.cuda.stream(stream):
+                self._run(bucket, hp, device, scale)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        self.synchronize()
         if self.update_device is not None and self.state_files is not None:
             raise RuntimeError("FP8AdamW: update_device stages states held in host memory, and these are in files "
                                "(state_files); set update_device=None or keep the states in memory")
@@ -291,7 +332,7 @@ class FP8AdamW(Optimizer):
                 _init_state(state, p, fmt, block, self.state_files if p.device.type == "cpu" else None,
                             pin=self._stages_to_cuda(p))
             state["step"] += 1
-            bucket = buckets.setdefault((p.device, p.dtype, grad.dtype), Bucket())
+            bucket = buckets.setdefault((p.device, p.dtype, grad.dtype, id(p) in self._overlapped), Bucket())
             bucket.params.append(p)
             bucket.grads.append(grad)
             bucket.exp_avg.append(state["exp_avg"])
@@ -301,8 +342,11 @@ class FP8AdamW(Optimizer):
                 bucket.exp_avg_sq_scale.append(state["exp_avg_sq_scale"])
             bucket.key_base.append(key_base)
             bucket.step.append(state["step"])
-        for (device, _, _), bucket in buckets.items():
-            self._run(bucket, hp, device, scale)
+        for (device, _, _, behind), bucket in buckets.items():
+            if behind:
+                self._pending.append(self._updater.submit(self._run_behind, bucket, hp, device, scale))
+            else:
+                self._run(bucket, hp, device, scale)
 
     def _stages_to_cuda(self, p: torch.Tensor) -> bool:
         """Whether ``p``'s update is staged on a GPU: its states then live in pinned memory, which the link
@@ -336,6 +380,7 @@ class FP8AdamW(Optimizer):
 
     def state_bytes_per_param(self) -> float:
         """Bytes of optimizer state per parameter, summed over the state tensors (scales included; in files too)."""
+        self.synchronize()
         nbytes = numel = 0
         for p, state in self.state.items():
             numel += p.numel()
@@ -346,6 +391,7 @@ class FP8AdamW(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch's ``state_dict``, with moments kept in files read into memory (each state its own dict)."""
+        self.synchronize()
         with materialized(self):
             sd = super().state_dict()
             sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
@@ -355,6 +401,7 @@ class FP8AdamW(Optimizer):
         """``p``'s state with codes of ``p``'s length and, for quantized formats, one fp32 scale per block
         and moment (``exp_avg_scale``, ``exp_avg_sq_scale``), whatever the storage: the form a reader
         of codes and scales (a resharding checkpoint) needs. Empty if ``p`` has no state yet."""
+        self.synchronize()
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
         with materialized(self):
             return _block_state(self.state.get(p), p, FORMATS[group["state_dtype"]], group["block_size"])
@@ -373,6 +420,7 @@ class FP8AdamW(Optimizer):
 
         For inspection, conversion, or continuing with ``torch.optim.AdamW`` (``v`` is v itself, not a code).
         """
+        self.synchronize()
         with materialized(self):
             return self._dequantized_state_dict()
 
@@ -404,6 +452,7 @@ class FP8AdamW(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """See ``_load_state_dict``; moments kept in files are written there again after loading."""
+        self.synchronize()
         with materialized(self):
             self._load_state_dict(state_dict)
 
