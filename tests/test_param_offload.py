@@ -64,7 +64,8 @@ def make_placed(model: Transformer, stage: int, resident: int, state_dtype: str 
 
 
 def stream(model: Transformer, opt: PlacedZero, resident: int, device: str = "cpu", **kw):
-    return attach_param_offload(model, list(model.model.layers)[resident:], opt.host_part, device, **kw)
+    layers = list(model.model.layers)
+    return attach_param_offload(model, layers[resident:], opt.host_part, device, leading=layers[:resident], **kw)
 
 
 def reduced(opt, model: Transformer) -> list[torch.Tensor]:
@@ -226,10 +227,14 @@ def test_activation_offload_composes_bitwise(tmp_path, target: str) -> None:
 @pytest.mark.parametrize("prefetch", [0, 1, 2, 5])
 def test_each_layer_crosses_twice_per_micro_batch_except_those_kept_for_backward(prefetch: int) -> None:
     """Forward copies every streamed layer once (ahead of use when ``prefetch`` > 0), backward again, except the
-    last ``prefetch`` layers, which forward leaves loaded for backward; nothing is loaded between steps."""
-    model = make_model(layers=4)
+    last ``prefetch`` layers, which forward leaves loaded for backward; nothing is loaded between steps. The first
+    copies wait for the resident layer in front (the update behind the last step may still run when the model's
+    forward begins), and its recomputation in backward fetches nothing."""
+    model = make_model(layers=4, checkpointing=True)
     opt = make_placed(model, 1, 1)
     off = stream(model, opt, 1, prefetch=prefetch)
+    loaded_at_start: list[bool] = []
+    model.register_forward_pre_hook(lambda *_: loaded_at_start.append(any(u.loaded for u in off.streamed)))
     copies: list[int] = []
     fetch = off.fetch
 
@@ -246,6 +251,7 @@ def test_each_layer_crosses_twice_per_micro_batch_except_those_kept_for_backward
     per_micro = streamed + [i for i in reversed(streamed) if i not in kept]
     assert copies == per_micro * 2  # the root and the resident layer live on the device: never copied
     assert all(not u.loaded for u in off.streamed)
+    assert loaded_at_start == [False, False]
 
 
 @pytest.mark.parametrize("stage", [1, 2])

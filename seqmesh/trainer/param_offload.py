@@ -163,8 +163,10 @@ def apply_param_offload(model: torch.nn.Module, cfg: RunConfig, cost_model: Cost
     if plan.update == "device":
         inner.update_device = device
     if optimizer.host_part is not None:
-        attach_param_offload(model, list(model.model.layers)[plan.resident_layers:], optimizer.host_part, device,
-                             prefetch=cfg.offload.prefetch, pin_masters=cfg.offload.params == "cpu")
+        layers = list(model.model.layers)
+        attach_param_offload(model, layers[plan.resident_layers:], optimizer.host_part, device,
+                             prefetch=cfg.offload.prefetch, pin_masters=cfg.offload.params == "cpu",
+                             leading=layers[:plan.resident_layers])
     # What the device holds of the model states joins the cost model's static bytes (built without them,
     # ``build_cost_model(params_offloaded=True)``; its tp x pp share is 1 x 1 here).
     return optimizer, plan, dataclasses.replace(cost_model,

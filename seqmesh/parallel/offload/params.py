@@ -112,10 +112,14 @@ class ParamOffload:
         staging_bytes: pinned host bytes for gradients in flight to the host (CUDA only; at least
             ``staging_bytes_for`` the largest streamed layer).
         pin_masters: page-lock ZeRO's host buffers in place (False for memory-mapped files, ``mapped.py``).
+        leading: the modules that run before ``layers`` in forward (the resident decoder layers): the first
+            streamed layers are fetched as the last ``prefetch`` of them begin, not when the model's forward
+            does, so that the update left running behind the last step has their forward to finish in.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[nn.Module], zero: Any, device: torch.device, *,
-                 prefetch: int = 2, staging_bytes: int = 1 << 30, pin_masters: bool = True) -> None:
+                 prefetch: int = 2, staging_bytes: int = 1 << 30, pin_masters: bool = True,
+                 leading: Sequence[nn.Module] = ()) -> None:
         if prefetch < 0:
             raise ValueError(f"offload.prefetch={prefetch} must be >= 0 (layers fetched ahead of use)")
         flat = getattr(zero, "flat", None)
@@ -156,7 +160,10 @@ class ParamOffload:
         for unit, layer in zip(self.streamed, layers):
             inner = getattr(layer, "_checkpoint_wrapped_module", layer)
             layer.forward = _streamed_forward(self, unit, inner.forward)
-        self._hook = model.register_forward_pre_hook(self._begin_forward)
+        self._in_forward = False
+        self._hooks = [model.register_forward_pre_hook(self._begin_forward)]
+        if leading and prefetch:
+            self._hooks.append(leading[max(0, len(leading) - prefetch)].register_forward_pre_hook(self._first_fetches))
         # one rank's ZeRO-1 accumulates into the very buffer it steps: once the last backward's streamed gradients
         # have landed, the host sums their squares (the clip norm) while the device runs the resident layers
         self._zero = zero
@@ -184,7 +191,15 @@ class ParamOffload:
 
     def _begin_forward(self, *_: Any) -> None:
         """Before the model's forward: the first streamed layers on their way (their copies overlap the embedding
-        and the resident layers)."""
+        and the resident layers), or, with resident layers in front, once the last of those begin."""
+        self._in_forward = True
+        if len(self._hooks) == 1:
+            self._first_fetches()
+
+    def _first_fetches(self, *_: Any) -> None:
+        if not self._in_forward:  # a resident layer recomputed in backward: its streamed layers are behind it
+            return
+        self._in_forward = False
         for unit in self.streamed[:self.prefetch]:
             self.fetch(unit)
 
@@ -428,7 +443,8 @@ class ParamOffload:
         if self._overlap is not None:
             self._overlap(())  # waits, then steps them inside ``step`` again
             self._overlap = None
-        self._hook.remove()
+        for hook in self._hooks:
+            hook.remove()
         for hook in self._state_hooks:
             hook.remove()
         self._unhook_zero()
@@ -513,12 +529,14 @@ class _StreamedLayer(torch.autograd.Function):
 
 
 def attach_param_offload(model: nn.Module, layers: Sequence[nn.Module], zero: Any, device: torch.device | str, *,
-                         prefetch: int = 2, pin_masters: bool = True) -> ParamOffload:
+                         prefetch: int = 2, pin_masters: bool = True, leading: Sequence[nn.Module] = ()
+                         ) -> ParamOffload:
     """Stream ``layers``' weights from the host (apply after ``zero``, the host ZeRO-1/2 part of a ``PlacedZero``
-    over exactly these layers, built its buffers on the host)."""
+    over exactly these layers, built its buffers on the host; ``leading``: the resident layers before them)."""
     if getattr(model, _ATTR, None) is not None:
         raise RuntimeError("parameter offload is already attached to this model")
-    off = ParamOffload(model, layers, zero, torch.device(device), prefetch=prefetch, pin_masters=pin_masters)
+    off = ParamOffload(model, layers, zero, torch.device(device), prefetch=prefetch, pin_masters=pin_masters,
+                       leading=leading)
     setattr(model, _ATTR, off)
     return off
 
