@@ -264,8 +264,10 @@ class FP8AdamW(Optimizer):
             self._updater = None
 
     def synchronize(self) -> None:
-        """Wait for the updates ``step`` left running (``overlap_updates``), re-raising a failure of one."""
+        """Wait for the updates ``step`` left running (``overlap_updates``), all of them, then re-raise the first
+        failure (nothing runs on after the error surfaces)."""
         pending, self._pending = self._pending, []
+        cf.wait(pending)
         for future in pending:
             future.result()
 
