@@ -445,10 +445,10 @@ def test_updates_overlapped_behind_step_are_bitwise_and_waited_for(monkeypatch):
         assert torch.equal(_bits(a.detach()), _bits(b.detach()))
     run = opt._run
 
-    def fail_behind(*args):
+    def fail_behind(*args, **kwargs):
         if threading.current_thread().name.startswith("seqmesh-host-update"):
             raise OSError("the link went away")
-        run(*args)
+        run(*args, **kwargs)
     monkeypatch.setattr(opt, "_run", fail_behind)  # the update behind fails: step returns, the wait says so
     _backward(model, 3)
     opt.step()
@@ -456,3 +456,56 @@ def test_updates_overlapped_behind_step_are_bitwise_and_waited_for(monkeypatch):
         opt.synchronize()
     opt.overlap_updates(())
     assert opt._updater is None
+
+
+def test_a_reader_of_some_tensors_waits_for_their_update_only(monkeypatch):
+    """``wait_for``: the small bucket (the vectors' group) is stepped first, and a reader of it goes on while the
+    matrices' update is still held; a reader of a matrix waits for it. A failed update is re-raised to a reader
+    of what it did not write."""
+    model = _model()
+    opt = FP8AdamW(_groups(model), lr=1e-2, backend="torch")
+    opt.overlap_updates(list(model.parameters()))
+    release = threading.Event()
+    run = opt._run
+
+    def held(bucket, *args, **kwargs):
+        if any(p is model[0].weight for p in bucket.params):
+            assert release.wait(30)
+        run(bucket, *args, **kwargs)
+    monkeypatch.setattr(opt, "_run", held)
+    _backward(model, 0)
+    before = model[0].weight.detach().clone()
+    opt.step()
+    opt.wait_for([model[1].bias, model[3].bias])  # the vectors: written while the matrices are held
+    assert not release.is_set() and torch.equal(model[0].weight.detach(), before)
+    release.set()
+    opt.wait_for([model[0].weight[3:5]])  # a view of a matrix
+    assert not torch.equal(model[0].weight.detach(), before)
+    opt.synchronize()
+
+    def fail(bucket, *args, **kwargs):
+        if any(p is model[0].weight for p in bucket.params):
+            raise OSError("the link went away")
+        run(bucket, *args, **kwargs)
+    monkeypatch.setattr(opt, "_run", fail)
+    _backward(model, 1)
+    opt.step()
+    opt.wait_for([model[1].bias])
+    with pytest.raises(OSError, match="link went away"):
+        opt.wait_for([model[0].weight])
+    opt.overlap_updates(())
+
+
+def test_written_ranges_merge_and_cover():
+    from seqmesh.trainer.optim.written import WrittenRanges
+
+    flat = torch.zeros(100)
+    w = WrittenRanges()
+    w.begin()
+    w.mark([flat[40:60], flat[0:10]])
+    w.mark([flat[10:20], flat[60:70]])  # joins both neighbours
+    assert w._starts == [flat[0:].data_ptr(), flat[40:].data_ptr()] and len(w._ends) == 2
+    w.mark([flat[20:40]])  # closes the gap: one range
+    assert len(w._starts) == 1 and w.wait([flat[5:65], flat[0:70]])
+    w.finish()
+    assert not w.wait([flat[69:71]])  # finished without it

@@ -309,7 +309,8 @@ def scale_grads(bucket: Bucket, factor: torch.Tensor | None) -> Bucket:
 
 
 def staged_step(bucket: Bucket, hp: Hyper, chunk_elems: int, device: torch.device,
-                step_on_device: Callable[[Bucket], None], grad_scale: torch.Tensor | None = None) -> None:
+                step_on_device: Callable[[Bucket], None], grad_scale: torch.Tensor | None = None,
+                on_done: Callable[[Bucket], None] | None = None) -> None:
     """A host-resident ``bucket`` stepped on ``device`` a piece at a time (``chunks_of``): each piece's
     parameters, gradients and states copied there, stepped by ``step_on_device``, parameters and states
     copied back into the host tensors. ``grad_scale`` multiplies each piece's gradients on ``device``, where it
@@ -321,15 +322,18 @@ def staged_step(bucket: Bucket, hp: Hyper, chunk_elems: int, device: torch.devic
     ways), some 5G parameters/s over a 50 GB/s link, and the GPU's kernel is bit for bit the host's, so
     states and checkpoints do not depend on where the update ran. On a GPU the copies in, the update and
     the copies out run on three streams (``_pipelined_on_cuda``). The host tensors hold the update when
-    this returns."""
+    this returns; ``on_done(piece)`` is called, in order, once a piece's host tensors hold theirs (a reader of
+    the first pieces need not wait for the last)."""
     pieces = chunks_of(bucket, hp, chunk_elems)
     if device.type == "cuda":
-        _pipelined_on_cuda(pieces, device, step_on_device, grad_scale)
+        _pipelined_on_cuda(pieces, device, step_on_device, grad_scale, on_done=on_done)
         return
     for piece in pieces:
         staged = _copied_in(piece, device)
         step_on_device(scale_grads(staged, grad_scale))
         _copy_back(piece, staged)
+        if on_done is not None:
+            on_done(piece)
 
 
 def _copied_in(piece: Bucket, device: torch.device, non_blocking: bool = False) -> Bucket:
@@ -350,7 +354,8 @@ def _copy_back(piece: Bucket, staged: Bucket, non_blocking: bool = False) -> lis
 
 
 def _pipelined_on_cuda(pieces: list[Bucket], device: torch.device, step_on_device: Callable[[Bucket], None],
-                       grad_scale: torch.Tensor | None, in_flight: int = 2) -> None:
+                       grad_scale: torch.Tensor | None, in_flight: int = 2,
+                       on_done: Callable[[Bucket], None] | None = None) -> None:
     """``staged_step``'s loop with piece i+1 copied in while piece i is updated and piece i-1 copied out.
 
     Why: the link copies each direction on its own engine, so in sequence the step costs the copies in
@@ -363,10 +368,17 @@ def _pipelined_on_cuda(pieces: list[Bucket], device: torch.device, step_on_devic
     inbound.wait_stream(compute)
     if grad_scale is not None:
         grad_scale = grad_scale.to(device)  # once, not a blocking copy per piece
-    returned: collections.deque[torch.cuda.Event] = collections.deque()
+    returned: collections.deque[tuple[torch.cuda.Event, Bucket]] = collections.deque()
+
+    def landed() -> None:
+        event, piece = returned.popleft()
+        event.synchronize()
+        if on_done is not None:
+            on_done(piece)
+
     for piece in pieces:
         if len(returned) >= in_flight:
-            returned.popleft().synchronize()
+            landed()
         with torch.cuda.stream(inbound):
             staged = _copied_in(piece, device, non_blocking=True)
         compute.wait_stream(inbound)
@@ -378,8 +390,9 @@ def _pipelined_on_cuda(pieces: list[Bucket], device: torch.device, step_on_devic
         with torch.cuda.stream(outbound):
             for moved in _copy_back(piece, staged, non_blocking=True):
                 moved.record_stream(outbound)
-            returned.append(outbound.record_event())
-    outbound.synchronize()
+            returned.append((outbound.record_event(), piece))
+    while returned:
+        landed()
 
 
 def chunked_step(bucket: Bucket, hp: Hyper, chunk_elems: int, update: Callable[..., tuple] | None = None,

@@ -36,8 +36,10 @@ cannot cover is priced (at least the last streamed layer's own pass); under shar
 reduction, whole. The device's own parameters (root and resident layers) are
 updated there by the fused kernel at memory speed, milliseconds, not priced. The clip's scaling
 has no pass of its own: the update scales each piece as it reads it (``FP8AdamW.scale_grads_in_step``).
-On one rank that update runs behind the next step's forward of the resident layers, which reads none of
-it, and only the rest is priced (``optimizer_hidden_ms``). The streamed layers' update runs where it is faster (``offload.update=auto``): on the host at the measured CPU rate, or
+On one rank that update runs behind the next step's forward, in layer order (the resident layers read none
+of it, and each streamed layer waits for its own chunks only), so all but the last layer's forward can
+cover it, and only the rest is priced (``optimizer_hidden_ms``; an estimate: the streamed layers' fetches
+share the link with the update and are not charged to it). The streamed layers' update runs where it is faster (``offload.update=auto``): on the host at the measured CPU rate, or
 on the device, each chunk of weights, gradients and states copied over and back (10 bytes per parameter
 with bf16 weights and fp8 states) at the measured link rate; states on NVMe are read and written during
 a host update, overlapped chunk by chunk with the CPU arithmetic, so it takes the longer of the two
@@ -109,7 +111,7 @@ class OffloadPlan:
     grad_norm_ms: float = 0.0  # the host's pass over its gradients for the global norm
     host_free: float = 0.0  # host memory the plan leaves of its budget (activation offload's buffers get it)
     update: str = "host"  # host | device: where the optimizer's update runs
-    optimizer_hidden_ms: float = 0.0  # the part of ``optimizer_ms`` behind the next forward's resident layers
+    optimizer_hidden_ms: float = 0.0  # the part of ``optimizer_ms`` behind the next step's forward
 
     @property
     def step_ms(self) -> float:
@@ -129,7 +131,7 @@ class OffloadPlan:
                 f"{self.exposed_transfer_ms:.0f} + gradient norm "
                 f"{self.grad_norm_ms:.0f} + optimizer "
                 f"{self.optimizer_ms:.0f} (update on the {self.update}) - {self.optimizer_hidden_ms:.0f} of it behind "
-                "the next forward's resident layers")
+                "the next forward")
 
 
 def _gib(n: float) -> str:
@@ -235,7 +237,8 @@ def plan_offload(x: OffloadInputs) -> OffloadPlan:
     norm = _host_pass_ms(stepped, x.norm_Mparams_s)
     if streamed and x.zero_stage == 1 and x.state_share == 1.0:  # layer by layer behind the rest of backward
         norm = max(norm / streamed, norm - (x.num_layers - 1) * bwd_ms)
-    # one rank's update runs behind the next step's forward of the resident layers (``FP8AdamW.overlap_updates``)
-    hidden = min(adam, resident * fwd_ms) if streamed and x.state_share == 1.0 else 0.0
+    # one rank's update runs behind the next step's forward (``FP8AdamW.overlap_updates``), in layer order: each
+    # streamed layer waits for its own chunks only, so all but the last layer's forward can cover it
+    hidden = min(adam, (x.num_layers - 1) * fwd_ms) if streamed and x.state_share == 1.0 else 0.0
     return OffloadPlan(x.params, resident, streamed, place, device, host, disk, compute, exposed, adam,
                        grad_norm_ms=norm, host_free=x.host_bytes - host, update=update, optimizer_hidden_ms=hidden)

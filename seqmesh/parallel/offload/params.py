@@ -174,9 +174,11 @@ class ParamOffload:
         # after it); every reader of their masters or states waits for it first
         self._overlap = getattr(zero.optimizer, "overlap_updates", None) if getattr(zero, "world", 1) == 1 else None
         self._wait_update: Callable[[], None] = lambda: None
+        self._wait_written: Callable[[Sequence[Tensor]], None] = lambda _: None
         if self._overlap is not None:
             self._overlap([shard.tensor for shard in zero.flat_shards()])
             self._wait_update = zero.optimizer.synchronize
+            self._wait_written = getattr(zero.optimizer, "wait_for", lambda _: self._wait_update())
         self._state_hooks = [model.register_state_dict_pre_hook(lambda *_: self._wait_update()),
                              model.register_load_state_dict_pre_hook(lambda *_: self._wait_update())]
         self._unhook_zero = zero.register_step_hooks(
@@ -221,7 +223,7 @@ class ParamOffload:
         """Start copying ``unit``'s master values to the device (a no-op when they are there or on the way)."""
         if unit.loaded:
             return
-        self._wait_update()  # the last step's update of the masters, if it runs behind this forward
+        self._wait_written(unit.host)  # the last step's update of these masters, if it runs behind this forward
         unit.device.untyped_storage().resize_(unit.numel * unit.device.element_size())
         if self.cuda:
             # The buffer was (re)allocated on the compute stream: the copy waits for its earlier users.
@@ -287,6 +289,7 @@ class ParamOffload:
                 p.grad = None
         slots = unit.grads
         final = self._last_backward  # this step's last gradients for the unit: its squares can be summed
+        self._wait_update()  # (done by now: forward waited for every layer's masters) it reads the last gradients
         if unit.zeroed and all(s is not None for s in slots):
             unit.zeroed = unit.stale = False
             sent = [(i, g) for i, g in enumerate(grads) if g is not None]

@@ -118,6 +118,7 @@ from seqmesh.kernels.adam_update import (
     torch_step,
 )
 from seqmesh.trainer.optim.state_files import StateFiles, materialized
+from seqmesh.trainer.optim.written import WrittenRanges
 
 STATE_DTYPES = tuple(FORMATS)
 BACKENDS = ("auto", "torch", "compiled", "triton")
@@ -233,6 +234,7 @@ class FP8AdamW(Optimizer):
         self._updater: cf.ThreadPoolExecutor | None = None
         self._side: dict[torch.device, torch.cuda.Stream] = {}
         self._pending: list[cf.Future] = []
+        self._written = WrittenRanges()  # what the update behind the step has finished (``wait_for``)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, state_dtype=state_dtype,
                         block_size=block_size, stochastic_rounding=stochastic_rounding, seed=seed,
                         index_offset=index_offset)
@@ -254,7 +256,8 @@ class FP8AdamW(Optimizer):
         Why: under parameter offload the streamed layers' update goes over the link or through the host's CPU
         (hundreds of milliseconds for billions of parameters) while the device idles, and the next step's
         forward of the resident layers, which comes first, reads none of it; ``parallel/offload/params.py``
-        waits for it before it fetches the first streamed layer. The arithmetic is the same, so are the bits."""
+        waits, before it fetches each streamed layer, for that layer's part of it (``wait_for``). The
+        arithmetic is the same, so are the bits."""
         self.synchronize()
         self._overlapped = {id(t) for t in tensors}
         if self._overlapped and self._updater is None:
@@ -262,6 +265,12 @@ class FP8AdamW(Optimizer):
         elif not self._overlapped and self._updater is not None:
             self._updater.shutdown(wait=True)
             self._updater = None
+
+    def wait_for(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Wait until the update behind the step has written ``tensors`` (host tensors it steps, or views of them),
+        not for the rest of it; a failure of the update is re-raised once it has stopped."""
+        if self._pending and not self._written.wait(tensors):
+            self.synchronize()  # not written (not stepped, or the update failed): the whole update, its error
 
     def synchronize(self) -> None:
         """Wait for the updates ``step`` left running (``overlap_updates``), all of them, then re-raise the first
@@ -272,16 +281,19 @@ class FP8AdamW(Optimizer):
             future.result()
 
     def _run_behind(self, bucket: Bucket, hp: Hyper, device: torch.device, scale: torch.Tensor | None) -> None:
-        """``_run`` on the update thread; a staged update's copies and kernels on a side stream of the device, so
-        that they run beside the compute stream's next forward."""
+        """``_run`` on the update thread, saying which pieces are written as it goes (``wait_for``); a staged
+        update's copies and kernels on a side stream of the device, so that they run beside the compute stream's
+        next forward."""
         target = self.update_device
+        done = lambda piece: self._written.mark(piece.params)  # noqa: E731
         with torch.no_grad():  # grad mode is per thread
             if target is None or target.type != "cuda":
-                self._run(bucket, hp, device, scale)
-                return
-            stream = self._side.setdefault(target, torch.cuda.Stream(target))
-            with torch.cuda.device(target), torch.cuda.stream(stream):
-                self._run(bucket, hp, device, scale)
+                self._run(bucket, hp, device, scale, on_done=done)
+            else:
+                stream = self._side.setdefault(target, torch.cuda.Stream(target))
+                with torch.cuda.device(target), torch.cuda.stream(stream):
+                    self._run(bucket, hp, device, scale, on_done=done)
+        self._written.mark(bucket.params)  # the paths that do not report their pieces
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -294,8 +306,14 @@ class FP8AdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         scale, self._grad_scale = self._grad_scale, None
-        for group in self.param_groups:
-            self._step_group(group, scale)
+        behind = [job for group in self.param_groups for job in self._step_group(group, scale)]
+        if behind:
+            # the small buckets first (a layer's norm weights sit in a group of their own: a reader of the first
+            # layer would otherwise wait for every layer's matrices), each in flat order, which is layer order
+            self._written.begin()
+            for job in sorted(behind, key=lambda job: sum(p.numel() for p in job[0].params)):
+                self._pending.append(self._updater.submit(self._run_behind, *job))
+            self._pending.append(self._updater.submit(self._written.finish))  # runs after a failure too
         return loss
 
     def scale_grads_in_step(self, factor: torch.Tensor | None) -> None:
@@ -309,7 +327,10 @@ class FP8AdamW(Optimizer):
         scaling first. ``ZeroOptimizer.clip_grad_norm_`` calls this for host shards; ``zero_grad`` clears it."""
         self._grad_scale = factor
 
-    def _step_group(self, group: dict[str, Any], scale: torch.Tensor | None) -> None:
+    def _step_group(self, group: dict[str, Any], scale: torch.Tensor | None
+                    ) -> list[tuple[Bucket, Hyper, torch.device, torch.Tensor | None]]:
+        """Step ``group``'s tensors; returns the buckets of those overlapped behind the step, for ``step`` to
+        hand to the update thread."""
         fmt: StateFormat = FORMATS[group["state_dtype"]]
         block = group["block_size"]
         beta1, beta2 = group["betas"]
@@ -344,21 +365,25 @@ class FP8AdamW(Optimizer):
                 bucket.exp_avg_sq_scale.append(state["exp_avg_sq_scale"])
             bucket.key_base.append(key_base)
             bucket.step.append(state["step"])
-        for (device, _, _, behind), bucket in buckets.items():
-            if behind:
-                self._pending.append(self._updater.submit(self._run_behind, bucket, hp, device, scale))
+        behind = []
+        for (device, _, _, overlapped), bucket in buckets.items():
+            if overlapped:
+                behind.append((bucket, hp, device, scale))
             else:
                 self._run(bucket, hp, device, scale)
+        return behind
 
     def _stages_to_cuda(self, p: torch.Tensor) -> bool:
         """Whether ``p``'s update is staged on a GPU: its states then live in pinned memory, which the link
         copies at full rate (pageable memory goes through a driver bounce buffer)."""
         return p.device.type == "cpu" and self.update_device is not None and self.update_device.type == "cuda"
 
-    def _run(self, bucket: Bucket, hp: Hyper, device: torch.device, scale: torch.Tensor | None) -> None:
+    def _run(self, bucket: Bucket, hp: Hyper, device: torch.device, scale: torch.Tensor | None,
+             on_done: Callable[[Bucket], None] | None = None) -> None:
         if device.type == "cpu" and self.update_device is not None:
             staged_step(bucket, hp, self.staged_chunk_elems, self.update_device,
-                        lambda piece: self._step_on(piece, hp, self.update_device), grad_scale=scale)
+                        lambda piece: self._step_on(piece, hp, self.update_device), grad_scale=scale,
+                        on_done=on_done)
             return
         self._step_on(bucket, hp, device, scale)
 
