@@ -152,6 +152,7 @@ def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, 
     import torch
 
     from seqmesh.parallel.sequence import make_sp_batch
+    from seqmesh.parallel.offload.params import get_param_offload
     from seqmesh.trainer.build import apply_weight_dtype, build_cost_model, build_model
     from seqmesh.trainer.data import pack
     from seqmesh.trainer.flops import device_name as dev_name, mfu, peak_flops, train_flops
@@ -217,10 +218,14 @@ def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, 
         losses.append(loss.item() / tokens)
         return t
 
+    streaming = get_param_offload(model)
+    waits = []  # per step: host time its fetches waited for the update left running behind the step before
     for i in range(1 + steps):
+        waited = streaming.update_wait_s if streaming else 0.0
         t = step()
         times.append(t[-1] - t[0])
         phases.append({name: b - a for name, a, b in zip(PHASES, t, t[1:])})
+        waits.append((streaming.update_wait_s if streaming else 0.0) - waited)
         progress(f"step {i}: {times[-1]:.2f} s " + json.dumps({k: round(v, 3) for k, v in phases[-1].items()}))
     if profile:
         _profiled(step, Path(profile), cuda)
@@ -234,7 +239,8 @@ def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, 
             "gpu_peak_GB": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None,
             "host_GB": plan.host_bytes / 1e9 if plan else None, "disk_GB": plan.disk_bytes / 1e9 if plan else 0.0,
             "plan": plan.as_dict() if plan else None, "losses": losses,
-            "phase_s": {name: statistics.median(p[name] for p in timed) for name in PHASES}}
+            "phase_s": {name: statistics.median(p[name] for p in timed) for name in PHASES},
+            "update_wait_s": statistics.median(waits[1:] or waits)}
 
 
 def _profiled(step: Callable[[], list[float]], path: Path, cuda: bool) -> None:

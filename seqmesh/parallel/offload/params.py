@@ -42,6 +42,7 @@ in submission order, so the order never depends on timing.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import time
 import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -173,6 +174,7 @@ class ParamOffload:
         # the update of these layers runs behind the next forward's resident layers (one rank: ZeRO gathers nothing
         # after it); every reader of their masters or states waits for it first
         self._overlap = getattr(zero.optimizer, "overlap_updates", None) if getattr(zero, "world", 1) == 1 else None
+        self.update_wait_s = 0.0  # host time fetches spent waiting for that update (benchmarks read it)
         self._wait_update: Callable[[], None] = lambda: None
         self._wait_written: Callable[[Sequence[Tensor]], None] = lambda _: None
         if self._overlap is not None:
@@ -223,7 +225,9 @@ class ParamOffload:
         """Start copying ``unit``'s master values to the device (a no-op when they are there or on the way)."""
         if unit.loaded:
             return
+        began = time.perf_counter()
         self._wait_written(unit.host)  # the last step's update of these masters, if it runs behind this forward
+        self.update_wait_s += time.perf_counter() - began
         unit.device.untyped_storage().resize_(unit.numel * unit.device.element_size())
         if self.cuda:
             # The buffer was (re)allocated on the compute stream: the copy waits for its earlier users.
