@@ -509,3 +509,26 @@ def test_written_ranges_merge_and_cover():
     assert len(w._starts) == 1 and w.wait([flat[5:65], flat[0:70]])
     w.finish()
     assert not w.wait([flat[69:71]])  # finished without it
+
+
+def test_a_staged_update_behind_the_step_marks_each_piece_as_it_lands():
+    """Staged a chunk at a time, the update behind the step says so piece by piece, in flat order, before the
+    bucket ends: a reader of the first elements is not held by the last."""
+    model = _model()
+    opt = FP8AdamW(_groups(model), lr=1e-2, backend="torch", update_device="cpu", staged_chunk_elems=4096)
+    opt.overlap_updates(list(model.parameters()))
+    marks = []
+    mark = opt._written.mark
+
+    def record(tensors):
+        tensors = list(tensors)
+        marks.append([(t.data_ptr(), t.numel()) for t in tensors])
+        mark(tensors)
+    opt._written.mark = record
+    _backward(model, 0)
+    opt.step()
+    opt.synchronize()
+    matrices = model[0].weight.numel() + model[3].weight.numel()
+    pieces = -(-matrices // 4096)  # the matrices' bucket in pieces of at most 4096 elements
+    assert len(marks) >= pieces + 1 + 2  # ... and the vectors' piece, then each of the two buckets whole
+    opt.overlap_updates(())

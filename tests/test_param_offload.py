@@ -491,3 +491,20 @@ def test_checkpoints_move_between_the_placement_and_one_flat_space(tmp_path, sav
     assert resumed[0] == uninterrupted[0]
     for a, b in zip(uninterrupted[2], resumed[2], strict=True):
         assert torch.equal(bits(a), bits(b))
+
+
+@pytest.mark.parametrize("update_device", [None, "cpu"])
+def test_the_update_behind_the_step_marks_the_masters_each_fetch_waits_for(update_device) -> None:
+    """One rank: the streamed layers' update runs behind ``step`` and each fetch waits for its own layer's masters
+    only (``FP8AdamW.wait_for``). What the update marks written must be that very memory, or a fetch would wait
+    for the whole update (never for too little: an unmarked layer waits for the end)."""
+    model = make_model(layers=4)
+    opt = make_placed(model, 1, 1)
+    opt.optimizer.update_device = torch.device(update_device) if update_device else None
+    off = stream(model, opt, 1)
+    run(model, opt, steps=1)
+    opt.synchronize()
+    assert opt.optimizer._updater is not None  # overlapped
+    assert all(opt.optimizer._written.wait(unit.host) for unit in off.streamed)
+    detach_param_offload(model)
+    assert opt.optimizer._updater is None
