@@ -506,9 +506,12 @@ class _StreamedLayer(torch.autograd.Function):
         ctx.others = [None if t else a for a, t in zip(args, ctx.is_tensor)]
         ctx.save_for_backward(*(a for a in args if isinstance(a, Tensor)))
         off.acquire(unit)
-        off.prefetch_after(unit, backward=False)
         try:
-            return forward(*args)
+            out = forward(*args)
+            # after the layer's kernels are queued: a fetch may wait for the update behind the step to write the
+            # next layers, and the device computes this one meanwhile
+            off.prefetch_after(unit, backward=False)
+            return out
         finally:
             off.release(unit, keep=keep)
 
