@@ -3,9 +3,10 @@
 (a) Largest model: Llama-shaped models of growing size (``--sizes``, billions: hidden, layers and MLP
     from ``llama_shape``), bf16 weights without master copies (FP8AdamW, fp8 moments, stochastic
     rounding), ZeRO-1 on one rank, ``offload.params=cpu`` with the plan of
-    ``seqmesh/scheduler/offload_plan.py`` (rates measured in the trial), one document of ``--tokens``
-    (8K) per step, tiled loss. Each trial runs in a fresh subprocess under a time cap (an OOM leaves the
-    allocator fragmented): 1 warm-up step and ``--steps`` timed steps; MFU from ``trainer/flops.py``
+    ``seqmesh/scheduler/offload_plan.py`` (rates measured in the trial; ``--update`` the update's place),
+    one document of ``--tokens`` (8K) per step, tiled loss. Each trial runs in a fresh subprocess under a
+    time cap (an OOM leaves the allocator fragmented), its progress lines kept in its row: 1 warm-up step
+    and ``--steps`` timed steps; MFU from ``trainer/flops.py``
     (recomputation not counted). The largest size that trains is run again *without* offload, which
     must fail to fit for the figure to mean anything (``fits_without_offload_at_max``).
 (b) Overhead: a Llama-3-8B shape (``--overhead-layers`` of its 32 layers) at 8K and 32K tokens, step
@@ -273,13 +274,17 @@ def _child(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             return {"error": tail[0][:300]}
-        return json.loads(Path(out).read_text())
+        # where the trial's time went: building, planning, each step (its ``progress`` lines)
+        return {**json.loads(Path(out).read_text()), "progress": _progress_lines(proc.stderr)[-12:]}
     except subprocess.TimeoutExpired as e:
         err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-        reached = [line for line in err.splitlines() if line.startswith("[")][-3:]  # the trial's ``progress``
-        return {"error": f"over the {timeout_s:.0f} s trial cap", "reached": reached}
+        return {"error": f"over the {timeout_s:.0f} s trial cap", "reached": _progress_lines(err)[-3:]}
     finally:
         Path(out).unlink(missing_ok=True)
+
+
+def _progress_lines(stderr: str) -> list[str]:
+    return [line[:500] for line in (stderr or "").splitlines() if line.startswith("[")]
 
 
 def stdlib_bytes(limit: int = 4 << 20) -> "torch.Tensor":
@@ -380,6 +385,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--sr-hidden", type=int, default=SR_SHAPE["hidden_size"], help="width of (c)'s model")
     ap.add_argument("--sr-layers", type=int, default=SR_SHAPE["num_layers"], help="depth of (c)'s model")
     ap.add_argument("--trial-timeout-s", type=float, default=540)
+    ap.add_argument("--update", choices=("auto", "device", "host"), default="auto",
+                    help="(a)'s offload.update: device skips measuring the host update (its compile takes about a "
+                         "minute of a trial's start-up) where the staged update is known to be faster")
     ap.add_argument("--profile", action="store_true",
                     help="(b): one more step of each streamed trial under torch.profiler, its tables written to "
                          "offload_params_profile_<tokens>_<update>.txt")
@@ -433,8 +441,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         best = None
         for shape in sizes:
             row = {"part": "max", "size": _billions(shape), **_child(
-                dict(shape=shape, tokens=tokens, steps=args.steps, offload=True, resident=None, device_name=device),
-                args.trial_timeout_s)}
+                dict(shape=shape, tokens=tokens, steps=args.steps, offload=True, resident=None, device_name=device,
+                     update=args.update), args.trial_timeout_s)}
             rows.append(_shown(row))
             if "error" in row:
                 break
@@ -473,6 +481,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sequence, sources = sequence_summary(RESULTS, "cpu" if args.smoke else device_tag())
     summary.update(sequence)
     config = {"commit": head_commit(), "parts": sorted(parts), "sizes": args.sizes if not args.smoke else "tiny",
+              "update": args.update,
               "tokens": tokens,
               "steps": args.steps, "overhead_shape": overhead_shape, "overhead_tokens": list(overhead_tokens),
               "sr_shape": sr_shape, "sr_steps": args.sr_steps, "sr_seeds": args.sr_seeds, "smoke": args.smoke,
