@@ -222,3 +222,24 @@ def test_one_ranks_update_hides_behind_the_next_forward() -> None:
     assert "behind the next forward" in plan.report()
     sharded = plan_offload(dataclasses.replace(BASE, state_share=0.5))
     assert sharded.optimizer_hidden_ms == 0.0
+
+
+def test_resident_layers_keep_their_activations_in_the_memory_left() -> None:
+    """Under checkpointing every layer is recomputed but the resident ones that fit in the device memory the
+    placement leaves (beside the activations and the step's working sets): each keeps its activations and is
+    spared a forward (MFU does not count recomputation). Streamed layers are always recomputed."""
+    ckpt = dataclasses.replace(BASE, checkpointing=True)
+    none_kept = plan_offload(dataclasses.replace(ckpt, layer_act_bytes=0.0))
+    assert none_kept.kept_layers == 0
+    recomputed = none_kept.streamed_layers + none_kept.resident_layers
+    assert none_kept.compute_ms == pytest.approx((BASE.num_layers + recomputed / 3) * BASE.layer_ms)
+    slack = BASE.device_bytes - none_kept.device_bytes - BASE.act_bytes  # what the placement leaves
+    left = slack * 3 / 4
+    plan = plan_offload(dataclasses.replace(ckpt, layer_act_bytes=left / 2.5, working_bytes=slack / 4))
+    assert plan.kept_layers == 2 and plan.resident_layers == none_kept.resident_layers
+    assert plan.compute_ms == pytest.approx(none_kept.compute_ms - 2 * BASE.layer_ms / 3)
+    assert "2 of them not recomputed" in plan.report()
+    # without checkpointing every resident layer keeps its activations already: nothing to choose
+    plain = plan_offload(dataclasses.replace(BASE, layer_act_bytes=left / 2.5))
+    assert plain.kept_layers == 0
+    assert plain.compute_ms == pytest.approx((BASE.num_layers + plain.streamed_layers / 3) * BASE.layer_ms)

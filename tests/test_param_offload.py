@@ -508,3 +508,53 @@ def test_the_update_behind_the_step_marks_the_masters_each_fetch_waits_for(updat
     assert all(opt.optimizer._written.wait(unit.host) for unit in off.streamed)
     detach_param_offload(model)
     assert opt.optimizer._updater is None
+
+
+def test_resident_layers_the_plan_keeps_drop_their_checkpointing_and_change_no_bit() -> None:
+    """Under checkpointing the plan lets resident layers that fit in the memory left keep their activations: their
+    checkpoint wrappers come off (the streamed ones keep theirs, looked through), the planner's bytes per token
+    count them, and the step's loss and gradients are bit for bit those of the run that recomputes them."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from seqmesh.parallel.sequence import make_sp_batch
+    from seqmesh.trainer.build import build_cost_model, build_model
+    from seqmesh.trainer.data import pack
+    from seqmesh.trainer.loss import token_loss_sum
+    from seqmesh.trainer.param_offload import apply_param_offload
+    from tests.conftest import tiny_run_config
+
+    cfg = tiny_run_config(model={"num_layers": 3, "activation_checkpointing": True},
+                          parallel={"zero_stage": 1, "overlap_grad_reduce": False}, optim={"state_dtype": "fp8"},
+                          offload={"params": "cpu", "optimizer": "cpu", "resident_layers": "2", "h2d_GBps": 10.0,
+                                   "adam_Mparams_s": 100.0, "host_mem_gb": 4.0})
+    device = torch.device("cpu")
+
+    def built():
+        torch.manual_seed(0)
+        model = build_model(cfg.model, VOCAB, device)
+        return model, build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=1,
+                                       state_dtype="fp8", params_offloaded=True)
+
+    def step_grads(model, opt):
+        packed = pack(step_docs(0)[0::3])
+        meta = make_sp_batch(packed.seqlens, "local", None)
+        loss = token_loss_sum(model.logits(model(packed.input_ids, meta)), packed.labels)
+        opt.overlap_next_backward()
+        loss.backward()
+        opt.reduce_gradients()
+        return loss.detach(), reduced(opt, model)
+
+    ref_model, _ = built()
+    ref = step_grads(ref_model, make_zero(ref_model, 1))
+    model, cost_model = built()
+    opt, plan, planned = apply_param_offload(model, cfg, cost_model, device, param_groups(model), _fp8_adamw("fp8"))
+    layers = model.model.layers
+    assert plan.resident_layers == 2 and plan.kept_layers == 2
+    assert not isinstance(layers[0], CheckpointWrapper) and not isinstance(layers[1], CheckpointWrapper)
+    assert isinstance(layers[2], CheckpointWrapper)
+    assert planned.mem_bytes_per_token > cost_model.mem_bytes_per_token
+    got = step_grads(model, opt)
+    assert torch.equal(ref[0], got[0])
+    for a, b in zip(ref[1], got[1]):
+        assert torch.equal(bits(a), bits(b))
+    detach_param_offload(model)

@@ -18,6 +18,10 @@ A Fuyou-style placement for ``offload.params=cpu|nvme``, decided once before the
 The placement is disjoint, so the model is bounded by device, host and disk memory together, and
 the more layers the device keeps the less the host and the link carry.
 
+Under activation checkpointing the resident layers that fit in the device memory the placement leaves
+keep their activations instead of being recomputed (``kept_layers``; the first ones, a recomputation
+fewer each): MFU does not count recomputation, so that memory is worth a layer's forward each.
+
 A placement that cannot hold the model raises ``OffloadPlanError`` naming the bytes needed, the
 bytes available and the settings that change either, before any step runs.
 
@@ -69,7 +73,8 @@ class OffloadPlanError(ValueError):
 class OffloadInputs:
     """What the plan is made of. Bytes are per rank; rates in GB/s (``adam_Mparams_s``: the CPU optimizer's
     parameters per second, in millions); ``layer_ms``: one layer's forward + backward of the longest
-    micro-batch on the device (without the recomputation, which streaming adds: 1/3 more)."""
+    micro-batch on the device (without the recomputation, which streaming and checkpointing add: 1/3 more per
+    recomputed layer)."""
 
     num_layers: int
     layer_params: int  # weights of one decoder layer (this rank's TP shard)
@@ -94,6 +99,9 @@ class OffloadInputs:
     zero_stage: int = 1
     params: str = "cpu"  # cpu: weights and gradients in host memory | nvme: in memory-mapped files on the disk
     update: str = "host"  # where the optimizer's update runs: host | device (staged over the link) | auto (faster)
+    checkpointing: bool = False  # the run checkpoints its layers (the resident ones recompute too, where they may)
+    layer_act_bytes: float = 0.0  # device bytes a layer that is not recomputed keeps beyond its checkpointed input
+    working_bytes: float = 0.0  # the step's fixed working sets beside the activations (loss and MLP tiles)
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,7 @@ class OffloadPlan:
     host_free: float = 0.0  # host memory the plan leaves of its budget (activation offload's buffers get it)
     update: str = "host"  # host | device: where the optimizer's update runs
     optimizer_hidden_ms: float = 0.0  # the part of ``optimizer_ms`` behind the next step's forward
+    kept_layers: int = 0  # resident layers that keep their activations (not recomputed), in the memory left
 
     @property
     def step_ms(self) -> float:
@@ -123,7 +132,8 @@ class OffloadPlan:
 
     def report(self) -> str:
         gib = 2**30
-        return (f"offload plan: {self.resident_layers} decoder layers resident on the device, {self.streamed_layers} "
+        kept = f" ({self.kept_layers} of them not recomputed)" if self.kept_layers else ""
+        return (f"offload plan: {self.resident_layers} decoder layers resident on the device{kept}, {self.streamed_layers} "
                 f"streamed from {'host memory' if self.params == 'cpu' else 'NVMe (mapped files)'}; optimizer states "
                 f"on {self.optimizer}; device {self.device_bytes / gib:.2f} "
                 f"GiB of weights and gradients, host {self.host_bytes / gib:.2f} GiB, disk {self.disk_bytes / gib:.2f} GiB"
@@ -213,8 +223,13 @@ def plan_offload(x: OffloadInputs) -> OffloadPlan:
             "keep them in host memory (offload.params=cpu, offload.optimizer=cpu), or spread the states over more "
             "ranks")
 
-    # Streaming adds the recomputation (activation checkpointing's 1/3 more) to every streamed layer.
-    compute = x.micro_batches * (x.num_layers * x.layer_ms + streamed * x.layer_ms / 3)
+    # Resident layers keep their activations in the memory the placement leaves (with checkpointing: each one
+    # fewer recomputation); every other checkpointed layer, and every streamed one, is recomputed (1/3 more).
+    left = x.device_bytes - device - x.act_bytes - x.working_bytes
+    kept = min(resident, math.floor(left / x.layer_act_bytes)) if x.checkpointing and x.layer_act_bytes > 0 \
+        and left > 0 else 0
+    recomputed = streamed + (resident - kept if x.checkpointing else 0)
+    compute = x.micro_batches * (x.num_layers + recomputed / 3) * x.layer_ms
     fwd_ms, bwd_ms = x.layer_ms / 3, x.layer_ms * 2 / 3 + x.layer_ms / 3
     link = x.h2d_GBps if x.params == "cpu" else min(x.h2d_GBps, x.disk_GBps or x.h2d_GBps)
     load_ms = layer_bytes / (link * GB) * 1e3
@@ -241,4 +256,5 @@ def plan_offload(x: OffloadInputs) -> OffloadPlan:
     # streamed layer waits for its own chunks only, so all but the last layer's forward can cover it
     hidden = min(adam, (x.num_layers - 1) * fwd_ms) if streamed and x.state_share == 1.0 else 0.0
     return OffloadPlan(x.params, resident, streamed, place, device, host, disk, compute, exposed, adam,
-                       grad_norm_ms=norm, host_free=x.host_bytes - host, update=update, optimizer_hidden_ms=hidden)
+                       grad_norm_ms=norm, host_free=x.host_bytes - host, update=update, optimizer_hidden_ms=hidden,
+                       kept_layers=kept)

@@ -69,6 +69,12 @@ def layer_saved_bytes(dims: ModelDims, model_cfg: ModelConfig) -> float:
     return float(norms + attn_inputs + attention + mlp)
 
 
+def kept_layer_bytes_per_token(dims: ModelDims, model_cfg: ModelConfig) -> float:
+    """Bytes per token one layer adds by keeping its saved tensors instead of only its input (checkpointed):
+    what parameter offload's plan spends on each resident layer it does not recompute."""
+    return layer_saved_bytes(dims, model_cfg) - _residual_bytes(model_cfg) * dims.hidden_size
+
+
 def layer_tile_working_bytes(dims: ModelDims, model_cfg: ModelConfig) -> float:
     """A tiled layer's tile: the untiled layer's per-token saved set besides attention's, recomputed in backward
     with its gradients (twice), for ``model.layer_tile_tokens`` tokens."""

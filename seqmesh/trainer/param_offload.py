@@ -29,6 +29,7 @@ from seqmesh.parallel.zero import MakeOptimizer, ZeroOptimizer, sum_of_squares
 from seqmesh.scheduler import CostModel
 from seqmesh.scheduler.offload_plan import OffloadInputs, OffloadPlan, plan_offload
 from seqmesh.trainer.config import RunConfig
+from seqmesh.trainer.memory_model import kept_layer_bytes_per_token
 from seqmesh.trainer.optim import FP8AdamW
 from seqmesh.trainer.optim.fp8_adamw import compiles
 
@@ -87,6 +88,8 @@ def plan_inputs(model: torch.nn.Module, cfg: RunConfig, cost_model: CostModel, d
     host = off.host_mem_gb * 2**30 if off.host_mem_gb else \
         HOST_SHARE * (available_host_bytes() + built) / ranks_on_host
     tokens = cfg.data.max_seq_len
+    checkpointing = cfg.model.activation_checkpointing
+    kept_bytes = kept_layer_bytes_per_token(model.dims, cfg.model) * tokens if _may_keep_activations(cfg) else 0.0
     update = off.update
     if update != "host" and (device.type != "cuda" or cfg.optim.state_dtype == "fp32"):  # FP8AdamW on CUDA only
         if update == "device":
@@ -101,11 +104,20 @@ def plan_inputs(model: torch.nn.Module, cfg: RunConfig, cost_model: CostModel, d
         # a host rate only where the host may run the update (measuring it compiles the host update)
         adam_Mparams_s=None if update == "device" else
         off.adam_Mparams_s or measure_host_adam_Mparams_s(cfg.optim.state_dtype, total),
-        layer_ms=float(cost_model.seq_ms(tokens, 1)) / len(layers), prefetch=off.prefetch,
+        # the cost model prices a checkpointed layer with its recomputation (``default_cost_model``); the plan adds it
+        layer_ms=float(cost_model.seq_ms(tokens, 1)) / len(layers) / (4 / 3 if checkpointing else 1.0),
+        checkpointing=checkpointing, layer_act_bytes=kept_bytes, working_bytes=cost_model.mem_static_bytes,
+        prefetch=off.prefetch,
         norm_Mparams_s=measure_host_norm_Mparams_s(next(model.parameters()).dtype),
         resident_layers=off.resident_value, optimizer=off.optimizer, zero_stage=cfg.parallel.zero_stage,
         params=off.params, staging_bytes=None if device.type == "cuda" else 0,  # pinned staging: CUDA only
         update=update)
+
+
+def _may_keep_activations(cfg: RunConfig) -> bool:
+    """Whether a resident layer may drop its checkpointing: not where activation offload scopes every layer as
+    checkpointed, nor where tiled layers count their working set as a checkpointed layer's."""
+    return cfg.offload.target == "none" and not cfg.model.layer_tile_tokens
 
 
 def ranks_on_this_host() -> int:
@@ -162,15 +174,23 @@ def apply_param_offload(model: torch.nn.Module, cfg: RunConfig, cost_model: Cost
         swap_states_to_files(inner, cfg.offload.path, engine=cfg.offload.engine)
     if plan.update == "device":
         inner.update_device = device
+    kept = 0.0
+    if plan.kept_layers:  # the first resident layers keep their activations: their checkpoint wrappers come off
+        held = model.model.layers
+        for i in range(plan.kept_layers):
+            held[i] = getattr(held[i], "_checkpoint_wrapped_module", held[i])
+        kept = plan.kept_layers * kept_layer_bytes_per_token(model.dims, cfg.model)
     if optimizer.host_part is not None:
         layers = list(model.model.layers)
         attach_param_offload(model, layers[plan.resident_layers:], optimizer.host_part, device,
                              prefetch=cfg.offload.prefetch, pin_masters=cfg.offload.params == "cpu",
                              leading=layers[:plan.resident_layers])
     # What the device holds of the model states joins the cost model's static bytes (built without them,
-    # ``build_cost_model(params_offloaded=True)``; its tp x pp share is 1 x 1 here).
+    # ``build_cost_model(params_offloaded=True)``; its tp x pp share is 1 x 1 here), and the activations of the
+    # layers that keep them its bytes per token.
     return optimizer, plan, dataclasses.replace(cost_model,
-                                                mem_static_bytes=cost_model.mem_static_bytes + plan.device_bytes)
+                                                mem_static_bytes=cost_model.mem_static_bytes + plan.device_bytes,
+                                                mem_bytes_per_token=cost_model.mem_bytes_per_token + kept)
 
 
 def close_param_offload(model: torch.nn.Module, optimizer: ZeroOptimizer | PlacedZero) -> None:
