@@ -558,3 +558,23 @@ def test_resident_layers_the_plan_keeps_drop_their_checkpointing_and_change_no_b
     for a, b in zip(ref[1], got[1]):
         assert torch.equal(bits(a), bits(b))
     detach_param_offload(model)
+
+
+def test_keep_activations_false_recomputes_every_layer() -> None:
+    """``offload.keep_activations=false``: the plan keeps no layer's activations and every wrapper stays."""
+    from seqmesh.trainer.build import build_cost_model, build_model
+    from seqmesh.trainer.param_offload import apply_param_offload
+    from tests.conftest import tiny_run_config
+
+    cfg = tiny_run_config(model={"num_layers": 3, "activation_checkpointing": True},
+                          parallel={"zero_stage": 1, "overlap_grad_reduce": False}, optim={"state_dtype": "fp8"},
+                          offload={"params": "cpu", "optimizer": "cpu", "resident_layers": "2", "h2d_GBps": 10.0,
+                                   "adam_Mparams_s": 100.0, "host_mem_gb": 4.0, "keep_activations": False})
+    model = build_model(cfg.model, VOCAB, torch.device("cpu"))
+    cost_model = build_cost_model(model, torch.device("cpu"), cfg.model, cfg.parallel, cfg.memory, hdp=1,
+                                  state_dtype="fp8", params_offloaded=True)
+    _, plan, planned = apply_param_offload(model, cfg, cost_model, torch.device("cpu"), param_groups(model),
+                                           _fp8_adamw("fp8"))
+    assert plan.kept_layers == 0 and planned.mem_bytes_per_token == cost_model.mem_bytes_per_token
+    assert all(hasattr(layer, "_checkpoint_wrapped_module") for layer in model.model.layers)
+    detach_param_offload(model)

@@ -289,6 +289,7 @@ class OffloadConfig:
     update: str = "auto"  # auto | host | device: where the optimizer's update runs (device: staged on CUDA)
     resident_layers: str = "auto"  # auto (as many as fit) | a count of decoder layers kept on the device
     prefetch: int = 2  # streamed layers fetched ahead of use
+    keep_activations: bool = True  # checkpointed resident layers that fit the memory left are not recomputed
     adam_Mparams_s: float | None = None  # the host optimizer's rate for the plan (null: measured at start)
 
     @property

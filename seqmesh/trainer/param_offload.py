@@ -115,9 +115,10 @@ def plan_inputs(model: torch.nn.Module, cfg: RunConfig, cost_model: CostModel, d
 
 
 def _may_keep_activations(cfg: RunConfig) -> bool:
-    """Whether a resident layer may drop its checkpointing: not where activation offload scopes every layer as
-    checkpointed, nor where tiled layers count their working set as a checkpointed layer's."""
-    return cfg.offload.target == "none" and not cfg.model.layer_tile_tokens
+    """Whether a resident layer may drop its checkpointing: where ``offload.keep_activations`` allows, and not
+    where activation offload scopes every layer as checkpointed, nor where tiled layers count their working
+    set as a checkpointed layer's."""
+    return cfg.offload.keep_activations and cfg.offload.target == "none" and not cfg.model.layer_tile_tokens
 
 
 def ranks_on_this_host() -> int:
