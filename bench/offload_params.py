@@ -79,12 +79,13 @@ def llama_shape(billions: float) -> dict[str, int]:
 
 
 def run_config(shape: dict[str, int], tokens: int, offload: bool, resident: int | None, dtype: str = "bf16",
-               path: str | None = None, update: str = "auto"):
+               path: str | None = None, update: str = "auto", keep_activations: bool = True):
     """The ``RunConfig`` of one trial: the run's own config path (schema, checks) for the model and the offload."""
     from seqmesh.trainer.config import config_from_dict
 
     off = {"params": "cpu", "optimizer": "auto", "update": update, "path": path or tempfile.gettempdir(),
-           "resident_layers": "auto" if resident is None else str(resident)} if offload else {}
+           "resident_layers": "auto" if resident is None else str(resident),
+           "keep_activations": keep_activations} if offload else {}
     return config_from_dict({
         "model": {"hidden_size": shape["hidden_size"], "intermediate_size": shape["intermediate_size"],
                   "num_layers": shape["num_layers"], "num_heads": shape["num_heads"],
@@ -135,7 +136,8 @@ def _zero(model):
 
 
 def trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, resident: int | None,
-          device_name: str, dtype: str = "bf16", update: str = "auto", profile: str | None = None) -> dict[str, Any]:
+          device_name: str, dtype: str = "bf16", update: str = "auto", profile: str | None = None,
+          keep_activations: bool = True) -> dict[str, Any]:
     """One model trained ``1 + steps`` steps on one device: times, MFU, memory; raises on OOM. ``profile``: a
     path for the profile of one more step (``_profiled``), after the timed ones."""
     import torch
@@ -143,13 +145,15 @@ def trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, residen
     device = torch.device(device_name)
     path = tempfile.mkdtemp(prefix="seqmesh-bench-")  # offload files (NVMe states), removed with the trial
     try:
-        return _train_trial(shape, tokens, steps, offload, resident, device, dtype, path, update, profile)
+        return _train_trial(shape, tokens, steps, offload, resident, device, dtype, path, update, profile,
+                            keep_activations)
     finally:
         shutil.rmtree(path, ignore_errors=True)
 
 
 def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, resident: int | None,
-                 device: "torch.device", dtype: str, path: str, update: str, profile: str | None) -> dict[str, Any]:
+                 device: "torch.device", dtype: str, path: str, update: str, profile: str | None,
+                 keep_activations: bool = True) -> dict[str, Any]:
     import torch
 
     from seqmesh.parallel.sequence import make_sp_batch
@@ -165,7 +169,7 @@ def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, 
     def progress(what: str) -> None:  # to stderr: what a trial cut by its time cap had reached (``_child``)
         print(f"[{time.perf_counter() - began:7.1f} s] {what}", file=sys.stderr, flush=True)
 
-    cfg = run_config(shape, tokens, offload, resident, dtype, path, update)
+    cfg = run_config(shape, tokens, offload, resident, dtype, path, update, keep_activations)
     torch.manual_seed(0)
     # the run's own build: phase 1 transforms, on the host when the weights are offloaded
     # bf16 weights without masters are made in bf16 (an fp32 model of tens of billions would not fit the host)
@@ -385,6 +389,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--sr-hidden", type=int, default=SR_SHAPE["hidden_size"], help="width of (c)'s model")
     ap.add_argument("--sr-layers", type=int, default=SR_SHAPE["num_layers"], help="depth of (c)'s model")
     ap.add_argument("--trial-timeout-s", type=float, default=540)
+    ap.add_argument("--recompute-all", action="store_true",
+                    help="(a) with offload.keep_activations=false: every layer recomputed, none kept in the memory left")
     ap.add_argument("--update", choices=("auto", "device", "host"), default="auto",
                     help="(a)'s offload.update: device skips measuring the host update (its compile takes about a "
                          "minute of a trial's start-up) where the staged update is known to be faster")
@@ -442,7 +448,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for shape in sizes:
             row = {"part": "max", "size": _billions(shape), **_child(
                 dict(shape=shape, tokens=tokens, steps=args.steps, offload=True, resident=None, device_name=device,
-                     update=args.update), args.trial_timeout_s)}
+                     update=args.update, keep_activations=not args.recompute_all), args.trial_timeout_s)}
             rows.append(_shown(row))
             if "error" in row:
                 break
@@ -481,7 +487,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sequence, sources = sequence_summary(RESULTS, "cpu" if args.smoke else device_tag())
     summary.update(sequence)
     config = {"commit": head_commit(), "parts": sorted(parts), "sizes": args.sizes if not args.smoke else "tiny",
-              "update": args.update,
+              "update": args.update, "keep_activations": not args.recompute_all,
               "tokens": tokens,
               "steps": args.steps, "overhead_shape": overhead_shape, "overhead_tokens": list(overhead_tokens),
               "sr_shape": sr_shape, "sr_steps": args.sr_steps, "sr_seeds": args.sr_seeds, "smoke": args.smoke,
