@@ -59,6 +59,11 @@ STAGES = (0, 1, 2)
 MakeOptimizer = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 
 
+def squares_of(tensors: Sequence[Tensor], device: torch.device | str = "cpu") -> Tensor:
+    """The sum of ``sum_of_squares`` over ``tensors``, an fp64 scalar on ``device``."""
+    return sum((sum_of_squares(t) for t in tensors), torch.zeros((), dtype=torch.float64, device=device))
+
+
 def sum_of_squares(x: Tensor, chunk: int | None = None) -> Tensor:
     """The sum of ``x``'s squared elements as an fp64 scalar, ``chunk`` elements at a time (default: 16M on a
     GPU, few launches; 1M on a CPU, whose 8 MB fp64 buffer stays in cache).
@@ -392,7 +397,7 @@ class ZeroOptimizer:
         """The squared L2 norm (fp64) of the reduced gradients, summed over HDP shards and TP ranks."""
         if self.stage == 0:
             grads = [p.grad for p in self._counted if p.grad is not None]
-            sq = sum((sum_of_squares(g) for g in grads), torch.zeros((), dtype=torch.float64, device=self._device()))
+            sq = squares_of(grads, self._device())
         else:
             ready, self._ready_sq = self._ready_sq, None
             sq = ready() if ready is not None else sum_of_squares(self.shard_grad)

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from seqmesh.parallel.checkpointing import remove_activation_checkpointing
 from seqmesh.parallel.offload.bandwidth import available_host_bytes, measure_disk_GBps, measure_h2d_GBps
 from seqmesh.parallel.offload.params import attach_param_offload, detach_param_offload
 from seqmesh.parallel.placed_zero import PlacedZero
@@ -175,12 +176,9 @@ def apply_param_offload(model: torch.nn.Module, cfg: RunConfig, cost_model: Cost
         swap_states_to_files(inner, cfg.offload.path, engine=cfg.offload.engine)
     if plan.update == "device":
         inner.update_device = device
-    kept = 0.0
-    if plan.kept_layers:  # the first resident layers keep their activations: their checkpoint wrappers come off
-        held = model.model.layers
-        for i in range(plan.kept_layers):
-            held[i] = getattr(held[i], "_checkpoint_wrapped_module", held[i])
-        kept = plan.kept_layers * kept_layer_bytes_per_token(model.dims, cfg.model)
+    # the first resident layers keep their activations: their checkpoint wrappers come off
+    remove_activation_checkpointing(model.model.layers, plan.kept_layers)
+    kept = plan.kept_layers * kept_layer_bytes_per_token(model.dims, cfg.model)
     if optimizer.host_part is not None:
         layers = list(model.model.layers)
         attach_param_offload(model, layers[plan.resident_layers:], optimizer.host_part, device,

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from seqmesh.parallel.offload.pool import HostPool
-from seqmesh.parallel.zero import sum_of_squares
+from seqmesh.parallel.zero import squares_of
 from seqmesh.scheduler.offload_plan import staging_bytes_for
 
 _ATTR = "_seqmesh_param_offload"
@@ -162,11 +162,12 @@ class ParamOffload:
             inner = getattr(layer, "_checkpoint_wrapped_module", layer)
             layer.forward = _streamed_forward(self, unit, inner.forward)
         self._in_forward = False
+        self._fetch_at_leading = bool(leading and prefetch)
         self._hooks = [model.register_forward_pre_hook(self._begin_forward)]
-        if leading and prefetch:
+        if self._fetch_at_leading:
             self._hooks.append(leading[max(0, len(leading) - prefetch)].register_forward_pre_hook(self._first_fetches))
-        # one rank's ZeRO-1 accumulates into the very buffer it steps: once the last backward's streamed gradients
-        # have landed, the host sums their squares (the clip norm) while the device runs the resident layers
+        # one rank's ZeRO-1 accumulates into the very buffer it steps: in the last backward each layer's squares (the
+        # clip norm) are summed as it lands, behind the backward of the layers after it
         self._zero = zero
         self._early_norm = zero.stage == 1 and getattr(zero, "world", 1) == 1
         self._last_backward = False
@@ -180,7 +181,7 @@ class ParamOffload:
         if self._overlap is not None:
             self._overlap([shard.tensor for shard in zero.flat_shards()])
             self._wait_update = zero.optimizer.synchronize
-            self._wait_written = getattr(zero.optimizer, "wait_for", lambda _: self._wait_update())
+            self._wait_written = zero.optimizer.wait_for
         self._state_hooks = [model.register_state_dict_pre_hook(lambda *_: self._wait_update()),
                              model.register_load_state_dict_pre_hook(lambda *_: self._wait_update())]
         self._unhook_zero = zero.register_step_hooks(
@@ -197,7 +198,7 @@ class ParamOffload:
         """Before the model's forward: the first streamed layers on their way (their copies overlap the embedding
         and the resident layers), or, with resident layers in front, once the last of those begin."""
         self._in_forward = True
-        if len(self._hooks) == 1:
+        if not self._fetch_at_leading:
             self._first_fetches()
 
     def _first_fetches(self, *_: Any) -> None:
@@ -305,7 +306,7 @@ class ParamOffload:
             squares = None
             if final:  # the slots will hold exactly these values: their squares summed here, on the device
                 squares = torch.empty((), dtype=torch.float64, pin_memory=self.cuda)
-                gs, targets = gs + [_squares_of(gs, self.device).reshape(())], targets + [squares]
+                gs, targets = gs + [squares_of(gs, self.device).reshape(())], targets + [squares]
 
             def landed() -> None:  # a parameter without a gradient this micro-batch keeps zeros
                 for t in unsent:
@@ -331,7 +332,7 @@ class ParamOffload:
         waiting, whole, at the end of backward."""
         squares, slots = self._squares, self._slots(unit)
         self._on_worker(lambda: squares.__setitem__(
-            unit.index, landed.clone() if landed is not None else _squares_of(slots)))
+            unit.index, landed.clone() if landed is not None else squares_of(slots)))
         if unit is not self.streamed[0]:
             return
         self._last_backward, self._squares = False, {}
@@ -340,7 +341,7 @@ class ParamOffload:
         def total() -> Tensor:
             for index, its in rest.items():
                 if index not in squares:
-                    squares[index] = _squares_of(its)
+                    squares[index] = squares_of(its)
             return sum((squares[i] for i in sorted(squares)), torch.zeros((), dtype=torch.float64))
         self._zero.provide_squared_norm(self._on_worker(total))
 
@@ -470,10 +471,6 @@ class ParamOffload:
         for undo in unpin:
             undo()
         unpin.clear()
-
-
-def _squares_of(tensors: Sequence[Tensor], device: torch.device | str = "cpu") -> Tensor:
-    return sum((sum_of_squares(t) for t in tensors), torch.zeros((), dtype=torch.float64, device=device))
 
 
 def _accumulate(slots: list[Tensor | None], i: int, g: Tensor) -> None:
