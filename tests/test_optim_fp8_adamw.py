@@ -436,6 +436,7 @@ def test_updates_overlapped_behind_step_are_bitwise_and_waited_for(monkeypatch):
     for step in range(3):
         for m, o in ((ref_model, ref_opt), (model, opt)):
             o.zero_grad(set_to_none=True)
+            o.wait_for(behind)  # the next forward reads them: as parameter offload's fetch, wait for their update
             _backward(m, step)
             o.step()
             for g in o.param_groups:
