@@ -10,7 +10,7 @@
     (recomputation not counted). The largest size that trains is run again *without* offload, which
     must fail to fit for the figure to mean anything (``fits_without_offload_at_max``).
 (b) Overhead: a Llama-3-8B shape (``--overhead-layers`` of its 32 layers) at 8K and 32K tokens, step
-    time with every layer streamed (``resident_layers=0``) vs the same model GPU-resident (ZeRO-1,
+    time with every layer streamed (``resident_layers=0``, ``host_states=false``) vs the same model GPU-resident (ZeRO-1,
     activation checkpointing: the same recomputation), median of the timed steps. The streamed run
     updates where the plan puts the update (``offload.update=auto``); on a GPU it runs once more with
     the update on the host, and ``host_over_planned_update_step_<len>`` is that run's step over the planned one
@@ -79,13 +79,13 @@ def llama_shape(billions: float) -> dict[str, int]:
 
 
 def run_config(shape: dict[str, int], tokens: int, offload: bool, resident: int | None, dtype: str = "bf16",
-               path: str | None = None, update: str = "auto", keep_activations: bool = True):
-    """The ``RunConfig`` of one trial: the run's own config path (schema, checks) for the model and the offload."""
+               path: str | None = None, update: str = "auto", options: dict[str, Any] | None = None):
+    """The ``RunConfig`` of one trial: the run's own config path (schema, checks) for the model and the offload
+    (``options``: more ``offload.*`` settings)."""
     from seqmesh.trainer.config import config_from_dict
 
     off = {"params": "cpu", "optimizer": "auto", "update": update, "path": path or tempfile.gettempdir(),
-           "resident_layers": "auto" if resident is None else str(resident),
-           "keep_activations": keep_activations} if offload else {}
+           "resident_layers": "auto" if resident is None else str(resident), **(options or {})} if offload else {}
     return config_from_dict({
         "model": {"hidden_size": shape["hidden_size"], "intermediate_size": shape["intermediate_size"],
                   "num_layers": shape["num_layers"], "num_heads": shape["num_heads"],
@@ -137,7 +137,7 @@ def _zero(model):
 
 def trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, resident: int | None,
           device_name: str, dtype: str = "bf16", update: str = "auto", profile: str | None = None,
-          keep_activations: bool = True) -> dict[str, Any]:
+          options: dict[str, Any] | None = None) -> dict[str, Any]:
     """One model trained ``1 + steps`` steps on one device: times, MFU, memory; raises on OOM. ``profile``: a
     path for the profile of one more step (``_profiled``), after the timed ones."""
     import torch
@@ -145,15 +145,14 @@ def trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, residen
     device = torch.device(device_name)
     path = tempfile.mkdtemp(prefix="seqmesh-bench-")  # offload files (NVMe states), removed with the trial
     try:
-        return _train_trial(shape, tokens, steps, offload, resident, device, dtype, path, update, profile,
-                            keep_activations)
+        return _train_trial(shape, tokens, steps, offload, resident, device, dtype, path, update, profile, options)
     finally:
         shutil.rmtree(path, ignore_errors=True)
 
 
 def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, resident: int | None,
                  device: "torch.device", dtype: str, path: str, update: str, profile: str | None,
-                 keep_activations: bool = True) -> dict[str, Any]:
+                 options: dict[str, Any] | None = None) -> dict[str, Any]:
     import torch
 
     from seqmesh.parallel.sequence import make_sp_batch
@@ -169,7 +168,7 @@ def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, 
     def progress(what: str) -> None:  # to stderr: what a trial cut by its time cap had reached (``_child``)
         print(f"[{time.perf_counter() - began:7.1f} s] {what}", file=sys.stderr, flush=True)
 
-    cfg = run_config(shape, tokens, offload, resident, dtype, path, update, keep_activations)
+    cfg = run_config(shape, tokens, offload, resident, dtype, path, update, options)
     torch.manual_seed(0)
     # the run's own build: phase 1 transforms, on the host when the weights are offloaded
     # bf16 weights without masters are made in bf16 (an fp32 model of tens of billions would not fit the host)
@@ -391,6 +390,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--trial-timeout-s", type=float, default=540)
     ap.add_argument("--recompute-all", action="store_true",
                     help="(a) with offload.keep_activations=false: every layer recomputed, none kept in the memory left")
+    ap.add_argument("--no-host-states", action="store_true",
+                    help="(a) with offload.host_states=false: every layer resident or streamed, none with its optimizer "
+                         "states alone on the host")
     ap.add_argument("--update", choices=("auto", "device", "host"), default="auto",
                     help="(a)'s offload.update: device skips measuring the host update (its compile takes about a "
                          "minute of a trial's start-up) where the staged update is known to be faster")
@@ -443,12 +445,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sr_tokens = args.sr_tokens or 512
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
+    options = {"keep_activations": not args.recompute_all, "host_states": not args.no_host_states}
     if "max" in parts:  # (a): ascending sizes until one does not train, then the largest without offload
         best = None
         for shape in sizes:
             row = {"part": "max", "size": _billions(shape), **_child(
                 dict(shape=shape, tokens=tokens, steps=args.steps, offload=True, resident=None, device_name=device,
-                     update=args.update, keep_activations=not args.recompute_all), args.trial_timeout_s)}
+                     update=args.update, options=options), args.trial_timeout_s)}
             rows.append(_shown(row))
             if "error" in row:
                 break
@@ -469,9 +472,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 profile = None
                 if args.profile and offload:
                     profile = (out_dir or RESULTS) / f"offload_params_profile_{t}_{update}.txt"
+                # every layer streamed (no layer keeps its weights on the device): what streaming itself costs
                 r = _child(dict(shape=overhead_shape, tokens=t, steps=args.steps, offload=offload,
                                 resident=0 if offload else None, device_name=device, update=update,
-                                profile=str(profile) if profile else None), args.trial_timeout_s)
+                                profile=str(profile) if profile else None, options={"host_states": False}),
+                           args.trial_timeout_s)
                 rows.append(_shown({"part": "overhead", "update": update if offload else None, **r}))
                 runs[name] = r
             ok = all("error" not in runs[n] for n in ("resident", "auto"))
@@ -487,7 +492,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sequence, sources = sequence_summary(RESULTS, "cpu" if args.smoke else device_tag())
     summary.update(sequence)
     config = {"commit": head_commit(), "parts": sorted(parts), "sizes": args.sizes if not args.smoke else "tiny",
-              "update": args.update, "keep_activations": not args.recompute_all,
+              "update": args.update, **options,
               "tokens": tokens,
               "steps": args.steps, "overhead_shape": overhead_shape, "overhead_tokens": list(overhead_tokens),
               "sr_shape": sr_shape, "sr_steps": args.sr_steps, "sr_seeds": args.sr_seeds, "smoke": args.smoke,

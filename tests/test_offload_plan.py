@@ -238,8 +238,52 @@ def test_resident_layers_keep_their_activations_in_the_memory_left() -> None:
     plan = plan_offload(dataclasses.replace(ckpt, layer_act_bytes=left / 2.5, working_bytes=slack / 4))
     assert plan.kept_layers == 2 and plan.resident_layers == none_kept.resident_layers
     assert plan.compute_ms == pytest.approx(none_kept.compute_ms - 2 * BASE.layer_ms / 3)
-    assert "2 of them not recomputed" in plan.report()
+    assert "2 of those on the device not recomputed" in plan.report()
     # without checkpointing every resident layer keeps its activations already: nothing to choose
     plain = plan_offload(dataclasses.replace(BASE, layer_act_bytes=left / 2.5))
     assert plain.kept_layers == 0
     assert plain.compute_ms == pytest.approx((BASE.num_layers + plain.streamed_layers / 3) * BASE.layer_ms)
+
+
+# A 13B-like bf16 shape without master weights on an 80 GB device (35 layers of 376M weights).
+BF16 = dataclasses.replace(BASE, num_layers=35, layer_params=375_783_424, root_params=1_001_000_000, param_bytes=2,
+                           act_bytes=6 * GiB, device_bytes=71 * GiB, update="device", adam_Mparams_s=None)
+
+
+def test_layers_with_their_states_on_the_host_take_the_link_off_the_forward() -> None:
+    """With ``host_states`` a layer may keep its weights and gradients on the device and its states on the host
+    (4 bytes of device memory per parameter instead of 6, 2 bytes each way on the link instead of 10 in): the plan
+    tries every count of them and takes the fastest. Here they replace the streamed layers, whose update the
+    next forward could not cover; the wait left is the furthest a layer's update runs past the forward reaching
+    it."""
+    streaming = plan_offload(BF16)
+    assert streaming.host_state_layers == 0 and streaming.streamed_layers > 0
+    plan = plan_offload(dataclasses.replace(BF16, host_states=True))
+    assert plan.host_state_layers > 0 and plan.step_ms < streaming.step_ms
+    assert plan.resident_layers + plan.host_state_layers + plan.streamed_layers == BF16.num_layers
+    assert plan.device_bytes + BF16.act_bytes <= BF16.device_bytes
+    if plan.streamed_layers == 0:
+        layer_states = BF16.layer_params * BF16.state_bytes
+        assert plan.host_bytes == pytest.approx(plan.host_state_layers * layer_states)
+        states_ms = layer_states / (BF16.h2d_GBps * 1e9) * 1e3
+        assert plan.optimizer_ms == pytest.approx(plan.host_state_layers * states_ms)
+        late = max((k + 1) * states_ms - (plan.resident_layers + k) * BF16.layer_ms / 3
+                   for k in range(plan.host_state_layers))
+        assert plan.step_ms == pytest.approx(plan.compute_ms + plan.exposed_transfer_ms + max(0.0, late))
+    assert f"{plan.host_state_layers} with their optimizer states on the host" in plan.report()
+    # the whole model fits: nothing moves
+    roomy = plan_offload(dataclasses.replace(BF16, host_states=True, device_bytes=400 * GiB))
+    assert (roomy.resident_layers, roomy.host_state_layers, roomy.streamed_layers) == (35, 0, 0)
+
+
+def test_host_states_hold_a_model_the_host_cannot_stream() -> None:
+    """Streaming keeps 6 bytes per parameter on the host, a host-state layer 2: a host too small for the first
+    placement takes the second; too small for both, the error is the streaming placement's."""
+    layer_states = BF16.layer_params * BF16.state_bytes
+    small = dataclasses.replace(BF16, host_bytes=25 * layer_states, optimizer="cpu")
+    with pytest.raises(OffloadPlanError, match="host memory must hold"):
+        plan_offload(small)
+    plan = plan_offload(dataclasses.replace(small, host_states=True))
+    assert plan.host_state_layers > 0 and plan.host_bytes <= small.host_bytes
+    with pytest.raises(OffloadPlanError, match="host memory must hold"):
+        plan_offload(dataclasses.replace(small, host_states=True, host_bytes=layer_states / 2))

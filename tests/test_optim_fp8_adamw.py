@@ -455,7 +455,7 @@ def test_updates_overlapped_behind_step_are_bitwise_and_waited_for(monkeypatch):
     opt.step()
     with pytest.raises(OSError, match="link went away"):
         opt.synchronize()
-    opt.overlap_updates(())
+    opt.overlap_updates(behind, False)
     assert opt._updater is None
 
 
@@ -494,7 +494,7 @@ def test_a_reader_of_some_tensors_waits_for_their_update_only(monkeypatch):
     opt.wait_for([model[1].bias])
     with pytest.raises(OSError, match="link went away"):
         opt.wait_for([model[0].weight])
-    opt.overlap_updates(())
+    opt.overlap_updates(list(model.parameters()), False)
 
 
 def test_written_ranges_merge_and_cover():
@@ -532,4 +532,4 @@ def test_a_staged_update_behind_the_step_marks_each_piece_as_it_lands():
     # the matrices (21,760 elements) go in several pieces: beyond each bucket's mark when it ends, more than one
     # piece's mark of the two buckets
     assert len(marks) - 2 > 2
-    opt.overlap_updates(())
+    opt.overlap_updates(list(model.parameters()), False)

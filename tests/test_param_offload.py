@@ -50,12 +50,13 @@ def make_zero(model: Transformer, stage: int, state_dtype: str = "fp8") -> ZeroO
 
 
 def make_placed(model: Transformer, stage: int, resident: int, state_dtype: str = "fp8", device: str = "cpu",
-                allocate=None) -> PlacedZero:
-    """The offload's optimizer: the root and the first ``resident`` layers in a flat space on ``device``, the rest
-    in one on the host."""
-    kept = {id(p) for p in device_owned(model, resident)}
+                allocate=None, host_state: int = 0) -> PlacedZero:
+    """The offload's optimizer: the root and the first ``resident + host_state`` layers in a flat space on
+    ``device`` (the last ``host_state`` of them with their states on the host), the rest in one on the host."""
+    kept = {id(p) for p in device_owned(model, resident + host_state)}
+    away = {id(p) for layer in list(model.model.layers)[resident:resident + host_state] for p in layer.parameters()}
     placed = PlacedZero(param_groups(model), lambda p: id(p) in kept, _fp8_adamw(state_dtype), stage=stage,
-                        device=torch.device(device), host_allocate=allocate)
+                        device=torch.device(device), host_allocate=allocate, states_on_host=lambda p: id(p) in away)
     for module in model.modules():  # what ZeRO does not move (rotary tables)
         for name, buf in module._buffers.items():
             if buf is not None:
@@ -578,3 +579,123 @@ def test_keep_activations_false_recomputes_every_layer() -> None:
     assert plan.kept_layers == 0 and planned.mem_bytes_per_token == cost_model.mem_bytes_per_token
     assert all(hasattr(layer, "_checkpoint_wrapped_module") for layer in model.model.layers)
     detach_param_offload(model)
+
+
+@pytest.mark.parametrize("stage,resident,host_state,dtype,streamed", [
+    (1, 0, 3, torch.bfloat16, False),  # every layer: the update behind the step, zeros owed to each layer
+    (1, 1, 1, torch.float32, True),  # resident, host-state and streamed layers: both updates behind the step
+    (2, 1, 2, torch.bfloat16, False),  # ZeRO-2: the update inside the step
+])
+def test_layers_with_states_on_the_host_are_bitwise_the_placement_without(stage, resident, host_state, dtype,
+                                                                            streamed) -> None:
+    """``PlacedZero(states_on_host=)`` and ``attach_host_states``: the host-state layers' runs are inner tensors of
+    their own; on one rank their update runs behind the step and each layer's forward waits for its own part and
+    zeroes its own gradients (ZeRO leaves them the zeros). Same bits, states included, as the same placement
+    stepped inside the step, and the same weights as every state beside its weights (on a CPU device the states
+    are in the same memory: the staged copies are the GPU test's)."""
+    from seqmesh.parallel.offload.host_states import attach_host_states, detach_host_states
+
+    on_device = resident + host_state
+    ref_model, whole_model = make_model(dtype=dtype, checkpointing=True), make_model(dtype=dtype, checkpointing=True)
+    ref_opt, whole_opt = make_placed(ref_model, stage, resident, host_state=host_state), \
+        make_placed(whole_model, stage, on_device)
+    if streamed:
+        stream(ref_model, ref_opt, on_device)
+        stream(whole_model, whole_opt, on_device)
+    ref, whole = run(ref_model, ref_opt), run(whole_model, whole_opt)
+    for a, b in zip(ref[2], whole[2]):
+        assert torch.equal(bits(a), bits(b))
+    model = make_model(dtype=dtype, checkpointing=True)
+    opt = make_placed(model, stage, resident, host_state=host_state)
+    assert len(opt.host_state_tensors) == 2  # the layers' matrices and their norm weights: one run of each group
+    layers = list(model.model.layers)
+    states = attach_host_states(model, layers[resident:on_device], opt)
+    assert states.active == (stage == 1)
+    if streamed:
+        stream(model, opt, on_device)
+    got = run(model, opt)
+    assert got[0] == ref[0]
+    for step_ref, step_got in zip(ref[1], got[1]):
+        for a, b in zip(step_ref, step_got):
+            assert torch.equal(bits(a), bits(b))
+    for a, b in zip(ref[2], got[2]):
+        assert torch.equal(bits(a), bits(b))
+    for a, b in zip(ref_opt.state_dict()["optimizer"]["state"].values(),
+                    opt.state_dict()["optimizer"]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+    detach_param_offload(model)
+    detach_host_states(model)
+    assert not opt.optimizer._overlapped and opt.optimizer._updater is None
+
+
+def test_a_host_state_layer_waits_for_its_update_and_zeroes_its_own_gradients(monkeypatch) -> None:
+    """The update of the host-state layers held behind the step: ``zero_grad`` leaves their gradients for the
+    update to read, the resident layer's forward runs, and the first host-state layer's forward waits until its
+    part is written, then zeroes its gradients, once per step (not again in the next micro-batch)."""
+    import threading
+
+    from seqmesh.parallel.offload.host_states import attach_host_states
+
+    model = make_model(layers=3, checkpointing=True)
+    opt = make_placed(model, 1, 1, host_state=2)
+    layers = list(model.model.layers)
+    attach_host_states(model, layers[1:], opt)
+    inner = opt.optimizer
+    release, run_ = threading.Event(), inner._run
+
+    def held(bucket, *args, **kwargs):
+        if threading.current_thread().name.startswith("seqmesh-host-update"):  # the update behind the step
+            assert release.wait(30)
+        run_(bucket, *args, **kwargs)
+    docs, denominator = step_docs(0), num_targets(STEPS[0])
+    backward(model, docs, denominator)
+    opt.reduce_gradients()
+    opt.clip_grad_norm_(MAX_NORM)
+    monkeypatch.setattr(inner, "_run", held)
+    grads = [p.grad for p in layers[1].parameters()]
+    opt.step()
+    opt.zero_grad()
+    assert any(g.abs().sum() > 0 for g in grads)  # owed: the update behind still reads them
+    assert all(p.grad.abs().sum() == 0 for p in layers[0].parameters())  # the resident layer's zeroed at once
+    seen = []
+    layers[1].register_forward_pre_hook(lambda *_: seen.append([float(g.abs().sum()) for g in grads]))
+    timer = threading.Timer(0.2, release.set)
+    timer.start()
+    docs, denominator = step_docs(1), num_targets(STEPS[1])
+    for micro in (docs[0::2], docs[1::2]):
+        backward(model, micro, denominator)
+    assert release.is_set() and seen[0] == [0.0] * len(grads)  # waited, then zeroed before its own hook ran
+    assert len(seen) == 2 and any(v > 0 for v in seen[1])  # the next micro-batch adds to them: zeroed once
+    inner.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stage,resident,host_state", [(1, 1, 2), (1, 0, 4), (2, 1, 2)])
+def test_gpu_host_state_layers_bitwise_resident(stage: int, resident: int, host_state: int) -> None:
+    """On CUDA: layers whose moments live in pinned host memory, staged to the GPU a chunk at a time while their
+    weights and gradients stay there (on one rank behind the step, on a side stream, beside the next forward),
+    next to resident and streamed layers: bitwise the device-resident run."""
+    from seqmesh.parallel.offload.host_states import attach_host_states, detach_host_states
+
+    ref_model = make_model(layers=4, hidden=1536).cuda()
+    ref = _gpu_run(ref_model, make_zero(ref_model, stage))
+    model = make_model(layers=4, hidden=1536)
+    on_device = resident + host_state
+    opt = make_placed(model, stage, resident, device="cuda", host_state=host_state)
+    opt.optimizer.update_device = torch.device("cuda")
+    layers = list(model.model.layers)
+    states = attach_host_states(model, layers[resident:on_device], opt)
+    assert states.active == (stage == 1)
+    if on_device < len(layers):
+        stream(model, opt, on_device, "cuda", prefetch=2)
+    got = _gpu_run(model, opt)
+    inner = opt.optimizer
+    for t in opt.host_state_tensors:
+        assert t.is_cuda and all(inner.state[t][k].device.type == "cpu" and inner.state[t][k].is_pinned()
+                                 for k in ("exp_avg", "exp_avg_sq"))
+    assert got[0] == ref[0]
+    for a, b in zip([g for step in ref[1] for g in step] + ref[2], [g for step in got[1] for g in step] + got[2],
+                    strict=True):
+        assert torch.equal(bits(a), bits(b))
+    detach_param_offload(model)
+    detach_host_states(model)

@@ -313,7 +313,8 @@ def staged_step(bucket: Bucket, hp: Hyper, chunk_elems: int, device: torch.devic
                 on_done: Callable[[Bucket], None] | None = None) -> None:
     """A host-resident ``bucket`` stepped on ``device`` a piece at a time (``chunks_of``): each piece's
     parameters, gradients and states copied there, stepped by ``step_on_device``, parameters and states
-    copied back into the host tensors. ``grad_scale`` multiplies each piece's gradients on ``device``, where it
+    copied back into the host tensors (those already on ``device``, such as the weights and gradients of
+    ``FP8AdamW.keep_states_on_host``, are neither copied nor copied back: only the states travel). ``grad_scale`` multiplies each piece's gradients on ``device``, where it
     costs nothing next to the copies.
 
     Why: under parameter offload the update of every parameter runs each step; the host's compiled
@@ -337,8 +338,10 @@ def staged_step(bucket: Bucket, hp: Hyper, chunk_elems: int, device: torch.devic
 
 
 def _copied_in(piece: Bucket, device: torch.device, non_blocking: bool = False) -> Bucket:
-    """What the update reads of ``piece`` (``_STAGED_IN``), copied to ``device``."""
-    return Bucket(**{name: [t.to(device, copy=True, non_blocking=non_blocking) for t in getattr(piece, name)]
+    """What the update reads of ``piece`` (``_STAGED_IN``), copied to ``device`` (a tensor there already is taken
+    as it is: the update then writes it in place)."""
+    return Bucket(**{name: [t if t.device == device else t.to(device, copy=True, non_blocking=non_blocking)
+                            for t in getattr(piece, name)]
                      for name in _STAGED_IN}, key_base=piece.key_base, step=piece.step)
 
 
@@ -348,8 +351,9 @@ def _copy_back(piece: Bucket, staged: Bucket, non_blocking: bool = False) -> lis
     read = []
     for name in _STAGED_OUT:
         for host, moved in zip(getattr(piece, name), getattr(staged, name)):
-            host.copy_(moved, non_blocking=non_blocking)
-            read.append(moved)
+            if moved is not host:
+                host.copy_(moved, non_blocking=non_blocking)
+                read.append(moved)
     return read
 
 

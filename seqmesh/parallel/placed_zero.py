@@ -63,20 +63,31 @@ class PlacedZero:
         device_group / host_group: the HDP groups each part reduces and gathers over.
         host_allocate: makes the host part's flat buffers (memory-mapped files under ``offload.params=nvme``).
         align: as ``ZeroOptimizer``'s (FP8AdamW's block).
+        states_on_host: device parameters whose optimizer states live on the host (``FP8AdamW.keep_states_on_host``:
+            parameter offload's middle placement); their runs become inner tensors of their own
+            (``host_state_tensors``).
     """
 
     def __init__(self, param_groups: Sequence[dict[str, Any]], on_device: Callable[[nn.Parameter], bool],
                  make_optimizer: MakeOptimizer, *, stage: int, device: torch.device,
                  device_group: dist.ProcessGroup | None = None, host_group: dist.ProcessGroup | None = None,
-                 host_allocate: Callable[[int, torch.dtype], Tensor] | None = None, align: int = 128) -> None:
+                 host_allocate: Callable[[int, torch.dtype], Tensor] | None = None, align: int = 128,
+                 states_on_host: Callable[[nn.Parameter], bool] | None = None) -> None:
         if stage not in (1, 2):
             raise ValueError(f"PlacedZero shards flat buffers: ZeRO stage 1 or 2, got {stage!r}")
         self.stage = stage
+        host_states = states_on_host or (lambda p: False)
         runs: dict[bool, tuple[list[dict[str, Any]], list[int], list[int]]] = {True: ([], [], []),
                                                                                False: ([], [], [])}
-        for group, key, origin, there in _runs(param_groups, on_device, align):
+        states_away: list[bool] = []  # per device run: its states on the host
+        for group, key, origin, (there, away) in _runs(param_groups, lambda p: (on_device(p), host_states(p)), align):
             for into, item in zip(runs[there], (group, key, origin)):
                 into.append(item)
+            if there:
+                states_away.append(away)
+            elif away:
+                raise ValueError("PlacedZero: states_on_host names a parameter the host keeps anyway; it is for "
+                                 "parameters on the device")
         collected: list[dict[str, Any]] = []
 
         def part(there: bool, group: dist.ProcessGroup | None, where: torch.device,
@@ -99,6 +110,15 @@ class PlacedZero:
         if not self.parts:
             raise ValueError("PlacedZero: no trainable parameters in either place")
         self.optimizer = make_optimizer(collected)
+        # the device part's inner tensors whose states live on the host (its groups come first in ``collected``)
+        self.host_state_tensors = [g["params"][0] for g, away in zip(collected, states_away) if away]
+        if self.host_state_tensors:
+            keep = getattr(self.optimizer, "keep_states_on_host", None)
+            if keep is None:
+                raise ValueError("optimizer states on the host beside device weights need FP8AdamW "
+                                 "(optim.state_dtype fp8, int8 or bf16), whose update stages them; this optimizer is "
+                                 f"{type(self.optimizer).__name__}")
+            keep(self.host_state_tensors)
         for zero in self.parts:
             zero.optimizer = self.optimizer
         self.params = [p for zero in self.parts for p in zero.params]
@@ -186,21 +206,21 @@ class PlacedZero:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-def _runs(param_groups: Sequence[dict[str, Any]], on_device: Callable[[nn.Parameter], bool],
-          align: int) -> list[tuple[dict[str, Any], int, int, bool]]:
-    """Each group cut into runs of consecutive trainable parameters of one place: (run, the key of its first
-    element in the single flat space of ``param_groups``, the index of its group, on the device?)."""
-    out: list[tuple[dict[str, Any], int, int, bool]] = []
+def _runs(param_groups: Sequence[dict[str, Any]], place: Callable[[nn.Parameter], Any],
+          align: int) -> list[tuple[dict[str, Any], int, int, Any]]:
+    """Each group cut into runs of consecutive trainable parameters of one ``place``: (run, the key of its first
+    element in the single flat space of ``param_groups``, the index of its group, its place)."""
+    out: list[tuple[dict[str, Any], int, int, Any]] = []
     key = 0
     for index, group in enumerate(param_groups):
         run: list[nn.Parameter] = []
         start = key
         for p in (p for p in group["params"] if p.requires_grad):
-            if run and on_device(p) != on_device(run[0]):
-                out.append(({**group, "params": run}, start, index, on_device(run[0])))
+            if run and place(p) != place(run[0]):
+                out.append(({**group, "params": run}, start, index, place(run[0])))
                 run, start = [], key
             run.append(p)
             key += -(-p.numel() // align) * align
         if run:
-            out.append(({**group, "params": run}, start, index, on_device(run[0])))
+            out.append(({**group, "params": run}, start, index, place(run[0])))
     return out

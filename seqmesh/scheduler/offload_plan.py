@@ -102,6 +102,7 @@ class OffloadInputs:
     checkpointing: bool = False  # the run checkpoints its layers (the resident ones recompute too, where they may)
     layer_act_bytes: float = 0.0  # device bytes a layer that is not recomputed keeps beyond its checkpointed input
     working_bytes: float = 0.0  # the step's fixed working sets beside the activations (loss and MLP tiles)
+    host_states: bool = False  # layers may keep weights and gradients on the device and their states on the host
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,8 @@ class OffloadPlan:
     host_free: float = 0.0  # host memory the plan leaves of its budget (activation offload's buffers get it)
     update: str = "host"  # host | device: where the optimizer's update runs
     optimizer_hidden_ms: float = 0.0  # the part of ``optimizer_ms`` behind the next step's forward
-    kept_layers: int = 0  # resident layers that keep their activations (not recomputed), in the memory left
+    kept_layers: int = 0  # device layers that keep their activations (not recomputed), in the memory left
+    host_state_layers: int = 0  # after the resident ones: weights and gradients on the device, states on the host
 
     @property
     def step_ms(self) -> float:
@@ -132,9 +134,9 @@ class OffloadPlan:
 
     def report(self) -> str:
         gib = 2**30
-        kept = f" ({self.kept_layers} of them not recomputed)" if self.kept_layers else ""
-        return (f"offload plan: {self.resident_layers} decoder layers resident on the device{kept}, {self.streamed_layers} "
-                f"streamed from {'host memory' if self.params == 'cpu' else 'NVMe (mapped files)'}; optimizer states "
+        kept = f" ({self.kept_layers} of those on the device not recomputed)" if self.kept_layers else ""
+        return (f"offload plan: {self.resident_layers} decoder layers resident on the device, {self.host_state_layers} "
+                f"with their optimizer states on the host{kept}, {self.streamed_layers} streamed from {'host memory' if self.params == 'cpu' else 'NVMe (mapped files)'}; optimizer states "
                 f"on {self.optimizer}; device {self.device_bytes / gib:.2f} "
                 f"GiB of weights and gradients, host {self.host_bytes / gib:.2f} GiB, disk {self.disk_bytes / gib:.2f} GiB"
                 f"; predicted step {self.step_ms:.0f} ms = compute {self.compute_ms:.0f} + exposed transfers "
@@ -154,7 +156,11 @@ def _host_pass_ms(elements: float, Mparams_s: float | None) -> float:
 
 
 def plan_offload(x: OffloadInputs) -> OffloadPlan:
-    """The placement and its predicted step time; ``OffloadPlanError`` when the settings cannot hold the model."""
+    """The placement and its predicted step time; ``OffloadPlanError`` when the settings cannot hold the model.
+
+    Every count of host-state layers (``x.host_states``; none otherwise) is tried with as many resident layers
+    as then fit, and the fastest placement wins (the fewer host-state layers on a tie); a model no placement
+    holds gets the error of the placement without them."""
     if x.optimizer not in ("auto", "cpu", "nvme"):
         raise ValueError(f"offload.optimizer={x.optimizer!r} is not known; choose auto, cpu or nvme")
     if x.update not in ("auto", "host", "device"):
@@ -164,39 +170,66 @@ def plan_offload(x: OffloadInputs) -> OffloadPlan:
     for key in ("h2d_GBps", "layer_ms") + (() if x.update == "device" else ("adam_Mparams_s",)):
         if not (getattr(x, key) or 0) > 0:
             raise ValueError(f"offload plan: {key}={getattr(x, key)!r} must be > 0")
+    first_error: OffloadPlanError | None = None
+    best: OffloadPlan | None = None
+    for host_state in range(x.num_layers + 1 if x.host_states else 1):
+        if x.resident_layers is not None and x.resident_layers + host_state > x.num_layers:
+            break
+        try:
+            plan = _placement(x, host_state)
+        except OffloadPlanError as e:
+            first_error = first_error or e
+            continue
+        if best is None or plan.step_ms < best.step_ms:
+            best = plan
+    if best is None:
+        assert first_error is not None
+        raise first_error
+    return best
+
+
+def _placement(x: OffloadInputs, host_state: int) -> OffloadPlan:
+    """The placement with ``host_state`` layers whose states live on the host (after the resident ones), as many
+    resident layers as fit (or ``x.resident_layers``) and the rest streamed, and its predicted step time."""
     layer_bytes = x.layer_params * x.param_bytes
     # Weights and gradients: the accumulated gradients (full), and beside them this rank's reduced shard unless
     # one buffer is both (ZeRO-1 on one rank); ZeRO-2 frees per-parameter gradients only after the reduction.
     grad_copies = 1.0 if x.zero_stage == 1 and x.state_share == 1.0 else 1.0 + x.state_share
-    per_param = x.param_bytes * (1 + grad_copies) + x.state_share * x.state_bytes  # weights, gradients, states
+    weights_grads = x.param_bytes * (1 + grad_copies)
+    layer_states = x.layer_params * x.state_share * x.state_bytes
+    per_param = weights_grads + x.state_share * x.state_bytes  # weights, gradients, states
     # Device: the root's and every resident layer's weights, gradients and states (they live there only), the
-    # activations, and 1 + prefetch streamed layers of weights and one layer of gradients (backward's, on its way
-    # to the host).
-    fixed = x.root_params * per_param + x.act_bytes
+    # host-state layers' weights and gradients, the activations, and 1 + prefetch streamed layers of weights and
+    # one layer of gradients (backward's, on its way to the host).
+    fixed = x.root_params * per_param + x.act_bytes + host_state * x.layer_params * weights_grads
     per_layer = x.layer_params * per_param
     stream = (1 + x.prefetch) * layer_bytes + layer_bytes
-    if x.device_bytes - fixed - x.num_layers * per_layer >= 0:
-        fits = x.num_layers  # every layer resident: nothing streams
+    free = x.num_layers - host_state
+    if x.device_bytes - fixed - free * per_layer >= 0:
+        fits = free  # every other layer resident: nothing streams
     else:
         room = x.device_bytes - fixed - stream
-        fits = max(0, min(x.num_layers - 1, math.floor(room / per_layer))) if room > 0 else -1
+        fits = max(0, min(free - 1, math.floor(room / per_layer))) if room > 0 else -1
     if fits < 0 or (x.resident_layers is not None and x.resident_layers > fits):
         want = x.resident_layers or 0
         need = fixed + stream + want * per_layer
+        kept_whole = f", {host_state} layers' weights and gradients" if host_state else ""
         raise OffloadPlanError(
             f"offload.params=cpu: the device needs {_gib(need)} (root weights, gradients and optimizer states "
             f"{_gib(x.root_params * per_param)}, activations {_gib(x.act_bytes)}, streaming buffers "
-            f"{_gib(stream)}{f', {want} resident layers' if want else ''}) but may use {_gib(x.device_bytes)}; lower "
-            "offload.resident_layers, offload.prefetch or data.max_seq_len, or raise memory.limit_gb")
+            f"{_gib(stream)}{kept_whole}{f', {want} resident layers' if want else ''}) but may use "
+            f"{_gib(x.device_bytes)}; lower offload.resident_layers, offload.prefetch or data.max_seq_len, or raise "
+            "memory.limit_gb")
     resident = fits if x.resident_layers is None else x.resident_layers
-    streamed = x.num_layers - resident
-    device = x.root_params * per_param + resident * per_layer + (stream if streamed else 0)
+    streamed = x.num_layers - resident - host_state
+    device = fixed - x.act_bytes + resident * per_layer + (stream if streamed else 0)
 
-    # Host: the streamed layers' weights and gradients (ZeRO's flat buffers) and their states.
+    # Host: the streamed layers' weights and gradients (ZeRO's flat buffers) and their states, and the host-state
+    # layers' states (pinned memory, always: they are staged over the link every step).
     host_params = streamed * x.layer_params
     weights = host_params * x.param_bytes * (1 + grad_copies)
     staging = 0 if not streamed else x.staging_bytes if x.staging_bytes is not None else staging_bytes_for(layer_bytes)
-    masters = (weights if x.params == "cpu" else 0.0) + staging
+    masters = (weights if x.params == "cpu" else 0.0) + staging + host_state * layer_states
     states = host_params * x.state_share * x.state_bytes
     place = x.optimizer
     if place == "auto":
@@ -223,12 +256,13 @@ def plan_offload(x: OffloadInputs) -> OffloadPlan:
             "keep them in host memory (offload.params=cpu, offload.optimizer=cpu), or spread the states over more "
             "ranks")
 
-    # Resident layers keep their activations in the memory the placement leaves (with checkpointing: each one
-    # fewer recomputation); every other checkpointed layer, and every streamed one, is recomputed (1/3 more).
+    # The layers on the device keep their activations in the memory the placement leaves (with checkpointing:
+    # each one fewer recomputation); every other checkpointed layer, and every streamed one, is recomputed.
+    on_device = resident + host_state
     left = x.device_bytes - device - x.act_bytes - x.working_bytes
-    kept = min(resident, math.floor(left / x.layer_act_bytes)) if x.checkpointing and x.layer_act_bytes > 0 \
+    kept = min(on_device, math.floor(left / x.layer_act_bytes)) if x.checkpointing and x.layer_act_bytes > 0 \
         and left > 0 else 0
-    recomputed = streamed + (resident - kept if x.checkpointing else 0)
+    recomputed = streamed + (on_device - kept if x.checkpointing else 0)
     compute = x.micro_batches * (x.num_layers + recomputed / 3) * x.layer_ms
     fwd_ms, bwd_ms = x.layer_ms / 3, x.layer_ms * 2 / 3 + x.layer_ms / 3
     link = x.h2d_GBps if x.params == "cpu" else min(x.h2d_GBps, x.disk_GBps or x.h2d_GBps)
@@ -249,12 +283,25 @@ def plan_offload(x: OffloadInputs) -> OffloadPlan:
     if disk:  # every byte on the disk is read and written once by the step (through the page cache for weights)
         disk_rate = x.disk_GBps or x.h2d_GBps
         adam = max(adam, 2 * disk / (disk_rate * GB) * 1e3)
+    # a host-state layer's update stages its states only: in and out at once, each the states' bytes
+    states_ms = layer_states / (x.h2d_GBps * GB) * 1e3
+    optimizer = adam + host_state * states_ms
     norm = _host_pass_ms(stepped, x.norm_Mparams_s)
     if streamed and x.zero_stage == 1 and x.state_share == 1.0:  # layer by layer behind the rest of backward
         norm = max(norm / streamed, norm - (x.num_layers - 1) * bwd_ms)
-    # one rank's update runs behind the next step's forward (``FP8AdamW.overlap_updates``), in layer order: each
-    # streamed layer waits for its own chunks only, so all but the last layer's forward can cover it
-    hidden = min(adam, (x.num_layers - 1) * fwd_ms) if streamed and x.state_share == 1.0 else 0.0
-    return OffloadPlan(x.params, resident, streamed, place, device, host, disk, compute, exposed, adam,
+    hidden = 0.0
+    if x.state_share == 1.0 and optimizer:
+        # One rank's update runs behind the next step's forward (``FP8AdamW.overlap_updates``) in layer order,
+        # the host-state layers' first, a streamed layer's fetch after its update on the same link; each layer's
+        # forward waits for its own part only. The wait is the furthest any layer's update runs past the forward
+        # that reaches it.
+        each = [states_ms] * host_state + \
+            [adam / max(streamed, 1) + (load_ms if update == "device" else 0.0)] * streamed
+        done, late = 0.0, 0.0
+        for k, ms in enumerate(each):
+            done += ms
+            late = max(late, done - (resident + k) * fwd_ms)
+        hidden = max(0.0, optimizer - late)
+    return OffloadPlan(x.params, resident, streamed, place, device, host, disk, compute, exposed, optimizer,
                        grad_norm_ms=norm, host_free=x.host_bytes - host, update=update, optimizer_hidden_ms=hidden,
-                       kept_layers=kept)
+                       kept_layers=kept, host_state_layers=host_state)

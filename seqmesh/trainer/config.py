@@ -290,6 +290,7 @@ class OffloadConfig:
     resident_layers: str = "auto"  # auto (as many as fit) | a count of decoder layers kept on the device
     prefetch: int = 2  # streamed layers fetched ahead of use
     keep_activations: bool = True  # checkpointed resident layers that fit the memory left are not recomputed
+    host_states: bool = True  # layers may keep weights and gradients on the device, optimizer states on the host
     adam_Mparams_s: float | None = None  # the host optimizer's rate for the plan (null: measured at start)
 
     @property

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from seqmesh.parallel.checkpointing import remove_activation_checkpointing
 from seqmesh.parallel.offload.bandwidth import available_host_bytes, measure_disk_GBps, measure_h2d_GBps
+from seqmesh.parallel.offload.host_states import attach_host_states, detach_host_states
 from seqmesh.parallel.offload.params import attach_param_offload, detach_param_offload
 from seqmesh.parallel.placed_zero import PlacedZero
 from seqmesh.parallel.zero import MakeOptimizer, ZeroOptimizer, sum_of_squares
@@ -112,7 +113,7 @@ def plan_inputs(model: torch.nn.Module, cfg: RunConfig, cost_model: CostModel, d
         norm_Mparams_s=measure_host_norm_Mparams_s(next(model.parameters()).dtype),
         resident_layers=off.resident_value, optimizer=off.optimizer, zero_stage=cfg.parallel.zero_stage,
         params=off.params, staging_bytes=None if device.type == "cuda" else 0,  # pinned staging: CUDA only
-        update=update)
+        update=update, host_states=off.host_states and device.type == "cuda" and cfg.optim.state_dtype != "fp32")
 
 
 def _may_keep_activations(cfg: RunConfig) -> bool:
@@ -136,7 +137,7 @@ def ranks_on_this_host() -> int:
 
 def device_owned(model: torch.nn.Module, resident_layers: int) -> list[torch.nn.Parameter]:
     """The parameters that live on the device for the whole run: the root's (everything outside the decoder
-    layers) and those of the first ``resident_layers`` layers."""
+    layers) and those of the first ``resident_layers`` layers (the plan's resident and host-state layers)."""
     layers = list(model.model.layers)
     streamed = {id(p) for layer in layers[resident_layers:] for p in layer.parameters()}
     return [p for p in model.parameters() if id(p) not in streamed]
@@ -153,13 +154,16 @@ def apply_param_offload(model: torch.nn.Module, cfg: RunConfig, cost_model: Cost
     gradients, states and streaming buffers instead of the whole model). ``model`` was built on the host."""
     plan = plan_offload(plan_inputs(model, cfg, cost_model, device, ranks_on_this_host()))
     log.info("%s", plan.report())
-    kept = {id(p) for p in device_owned(model, plan.resident_layers)}
+    layers = list(model.model.layers)
+    on_device = plan.resident_layers + plan.host_state_layers
+    kept = {id(p) for p in device_owned(model, on_device)}
+    states_away = {id(p) for layer in layers[plan.resident_layers:on_device] for p in layer.parameters()}
     # the device part's flat buffers are made on the device and filled from the host parameters
     optimizer = PlacedZero(param_groups, lambda p: id(p) in kept, make_optimizer, stage=cfg.parallel.zero_stage,
                            device=device, device_group=device_group, host_group=host_group,
-                           host_allocate=host_allocate)
+                           host_allocate=host_allocate, states_on_host=lambda p: id(p) in states_away)
     with torch.no_grad():  # what ZeRO did not move: frozen parameters of the device's share, buffers (rotary tables)
-        for p in device_owned(model, plan.resident_layers):
+        for p in device_owned(model, on_device):
             p.data = p.data.to(device)
         for module in model.modules():
             for name, buf in module._buffers.items():
@@ -179,11 +183,11 @@ def apply_param_offload(model: torch.nn.Module, cfg: RunConfig, cost_model: Cost
     # the first resident layers keep their activations: their checkpoint wrappers come off
     remove_activation_checkpointing(model.model.layers, plan.kept_layers)
     kept = plan.kept_layers * kept_layer_bytes_per_token(model.dims, cfg.model)
+    attach_host_states(model, layers[plan.resident_layers:on_device], optimizer)
     if optimizer.host_part is not None:
-        layers = list(model.model.layers)
-        attach_param_offload(model, layers[plan.resident_layers:], optimizer.host_part, device,
+        attach_param_offload(model, layers[on_device:], optimizer.host_part, device,
                              prefetch=cfg.offload.prefetch, pin_masters=cfg.offload.params == "cpu",
-                             leading=layers[:plan.resident_layers])
+                             leading=layers[:on_device])
     # What the device holds of the model states joins the cost model's static bytes (built without them,
     # ``build_cost_model(params_offloaded=True)``; its tp x pp share is 1 x 1 here), and the activations of the
     # layers that keep them its bytes per token.
@@ -197,6 +201,7 @@ def close_param_offload(model: torch.nn.Module, optimizer: ZeroOptimizer | Place
     the optimizer's state files deleted. A no-op without parameter offload. Explicit, because a worker process
     may end with ``os._exit``, which runs no finalizer."""
     detach_param_offload(model)
+    detach_host_states(model)
     files = getattr(getattr(optimizer, "optimizer", None), "state_files", None)
     if files is not None:
         files.close()

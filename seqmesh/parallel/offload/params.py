@@ -113,7 +113,7 @@ class ParamOffload:
         staging_bytes: pinned host bytes for gradients in flight to the host (CUDA only; at least
             ``staging_bytes_for`` the largest streamed layer).
         pin_masters: page-lock ZeRO's host buffers in place (False for memory-mapped files, ``mapped.py``).
-        leading: the modules that run before ``layers`` in forward (the resident decoder layers): the first
+        leading: the modules that run before ``layers`` in forward (the device's decoder layers): the first
             streamed layers are fetched as the last ``prefetch`` of them begin, not when the model's forward
             does, so that the update left running behind the last step has their forward to finish in.
     """
@@ -178,8 +178,9 @@ class ParamOffload:
         self.update_wait_s = 0.0  # host time fetches spent waiting for that update (benchmarks read it)
         self._wait_update: Callable[[], None] = lambda: None
         self._wait_written: Callable[[Sequence[Tensor]], None] = lambda _: None
+        self._behind = [shard.tensor for shard in zero.flat_shards()]
         if self._overlap is not None:
-            self._overlap([shard.tensor for shard in zero.flat_shards()])
+            self._overlap(self._behind)
             self._wait_update = zero.optimizer.synchronize
             self._wait_written = zero.optimizer.wait_for
         self._state_hooks = [model.register_state_dict_pre_hook(lambda *_: self._wait_update()),
@@ -449,7 +450,7 @@ class ParamOffload:
         """Stop streaming: parameters back on their masters, hooks and threads gone (idempotent)."""
         self.flush()
         if self._overlap is not None:
-            self._overlap(())  # waits, then steps them inside ``step`` again
+            self._overlap(self._behind, False)  # waits, then steps them inside ``step`` again
             self._overlap = None
         for hook in self._hooks:
             hook.remove()

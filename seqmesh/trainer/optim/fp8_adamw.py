@@ -231,6 +231,7 @@ class FP8AdamW(Optimizer):
         self.state_files: StateFiles | None = None  # moments in files (``state_files.swap_states_to_files``)
         self._grad_scale: torch.Tensor | None = None  # ``scale_grads_in_step``
         self._overlapped: set[int] = set()  # ``overlap_updates``: ids of the tensors stepped behind ``step``
+        self._host_states: set[int] = set()  # ``keep_states_on_host``: ids of device tensors whose moments live on the host
         self._updater: cf.ThreadPoolExecutor | None = None
         self._side: dict[torch.device, torch.cuda.Stream] = {}
         self._pending: list[cf.Future] = []
@@ -248,10 +249,25 @@ class FP8AdamW(Optimizer):
             self.param_groups.pop()
             raise
 
-    def overlap_updates(self, tensors: Iterable[torch.Tensor]) -> None:
-        """Step ``tensors`` (host tensors this optimizer steps) on a thread of their own from now on: ``step``
-        returns once the others are updated, and whatever reads them first calls ``synchronize``. Empty: they
-        are stepped inside ``step`` again.
+    def keep_states_on_host(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Keep the moments of ``tensors`` (CUDA tensors this optimizer steps, before their first step or load) in
+        pinned host memory, and update them on their device a chunk at a time: each chunk's moments copied there
+        and back (``staged_step``); weights and gradients stay where they are.
+
+        Why: parameter offload's middle placement (``scheduler/offload_plan.py``). A layer whose weights and
+        gradients fit on the device but whose states do not costs the link 2 bytes per parameter each way per
+        step (fp8 moments) instead of a streamed layer's 10 in and 6 out. The kernel is the same, so are the
+        bits, the states' format and checkpoints. (Host tensors' states are on the host already.)"""
+        tensors = list(tensors)
+        if any(self.state.get(t) for t in tensors):
+            raise RuntimeError("keep_states_on_host must come before the first step or load: some of these "
+                               "tensors already have states on their device")
+        self._host_states |= {id(t) for t in tensors}
+
+    def overlap_updates(self, tensors: Iterable[torch.Tensor], overlap: bool = True) -> None:
+        """Step ``tensors`` (tensors this optimizer steps: host ones, or ones with ``keep_states_on_host``) on a
+        thread of their own from now on: ``step`` returns once the others are updated, and whatever reads them
+        first calls ``wait_for`` or ``synchronize``. ``overlap=False``: they are stepped inside ``step`` again.
 
         Why: under parameter offload the streamed layers' update goes over the link or through the host's CPU
         (hundreds of milliseconds for billions of parameters) while the device idles, and the next step's
@@ -259,7 +275,8 @@ class FP8AdamW(Optimizer):
         waits, before it fetches each streamed layer, for that layer's part of it (``wait_for``). The
         arithmetic is the same, so are the bits."""
         self.synchronize()
-        self._overlapped = {id(t) for t in tensors}
+        ids = {id(t) for t in tensors}
+        self._overlapped = self._overlapped | ids if overlap else self._overlapped - ids
         if self._overlapped and self._updater is None:
             self._updater = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="seqmesh-host-update")
         elif not self._overlapped and self._updater is not None:
@@ -280,11 +297,12 @@ class FP8AdamW(Optimizer):
         for future in pending:
             future.result()
 
-    def _run_behind(self, bucket: Bucket, hp: Hyper, device: torch.device, scale: torch.Tensor | None) -> None:
+    def _run_behind(self, bucket: Bucket, hp: Hyper, device: torch.device, scale: torch.Tensor | None,
+                    stepped: Any = None) -> None:
         """``_run`` on the update thread, saying which pieces are written as it goes (``wait_for``); a staged
         update's copies and kernels on a side stream of the device, so that they run beside the compute stream's
-        next forward."""
-        target = self.update_device
+        next forward (after ``stepped``, the compute stream's event at ``step``, for gradients made there)."""
+        target = device if device.type == "cuda" else self.update_device
         done = lambda piece: self._written.mark(piece.params)  # noqa: E731
         with torch.no_grad():  # grad mode is per thread
             if target is None or target.type != "cuda":
@@ -292,6 +310,8 @@ class FP8AdamW(Optimizer):
             else:
                 stream = self._side.setdefault(target, torch.cuda.Stream(target))
                 with torch.cuda.device(target), torch.cuda.stream(stream):
+                    if stepped is not None:
+                        stream.wait_event(stepped)
                     self._run(bucket, hp, device, scale, on_done=done)
         self._written.mark(bucket.params)  # the paths that do not report their pieces
 
@@ -309,12 +329,20 @@ class FP8AdamW(Optimizer):
         behind = [job for group in self.param_groups for job in self._step_group(group, scale)]
         if behind:
             # the small buckets first (a layer's norm weights sit in a group of their own: a reader of the first
-            # layer would otherwise wait for every layer's matrices), each in flat order, which is layer order
+            # layer would otherwise wait for every layer's matrices), then the others in group order, each in flat
+            # order: layer order (a device's parameters come before the host's, ``PlacedZero``)
             self._written.begin()
-            for job in sorted(behind, key=lambda job: sum(p.numel() for p in job[0].params)):
-                self._pending.append(self._updater.submit(self._run_behind, *job))
+            devices = {job[2] for job in behind if job[2].type == "cuda"}
+            stepped = {d: torch.cuda.current_stream(d).record_event() for d in devices}
+            for job in sorted(behind, key=self._behind_order):
+                self._pending.append(self._updater.submit(self._run_behind, *job, stepped.get(job[2])))
             self._pending.append(self._updater.submit(self._written.finish))  # runs after a failure too
         return loss
+
+    def _behind_order(self, job: tuple) -> tuple[bool, int]:
+        """Buckets under one staged chunk by size, then the larger ones as given (``step``'s order)."""
+        n = sum(p.numel() for p in job[0].params)
+        return (n >= self.staged_chunk_elems, n if n < self.staged_chunk_elems else 0)
 
     def scale_grads_in_step(self, factor: torch.Tensor | None) -> None:
         """Multiply every gradient by ``factor`` (0-dim, the gradients' dtype; None: no scaling) inside the next
@@ -353,9 +381,10 @@ class FP8AdamW(Optimizer):
             if not state:
                 # states in files are the host's (a device parameter's stay beside it, ``PlacedZero``)
                 _init_state(state, p, fmt, block, self.state_files if p.device.type == "cpu" else None,
-                            pin=self._stages_to_cuda(p))
+                            pin=self._stages_to_cuda(p), host=id(p) in self._host_states)
             state["step"] += 1
-            bucket = buckets.setdefault((p.device, p.dtype, grad.dtype, id(p) in self._overlapped), Bucket())
+            bucket = buckets.setdefault((p.device, p.dtype, grad.dtype, id(p) in self._overlapped,
+                                         id(p) in self._host_states), Bucket())
             bucket.params.append(p)
             bucket.grads.append(grad)
             bucket.exp_avg.append(state["exp_avg"])
@@ -366,7 +395,7 @@ class FP8AdamW(Optimizer):
             bucket.key_base.append(key_base)
             bucket.step.append(state["step"])
         behind = []
-        for (device, _, _, overlapped), bucket in buckets.items():
+        for (device, _, _, overlapped, _), bucket in buckets.items():
             if overlapped:
                 behind.append((bucket, hp, device, scale))
             else:
@@ -376,10 +405,17 @@ class FP8AdamW(Optimizer):
     def _stages_to_cuda(self, p: torch.Tensor) -> bool:
         """Whether ``p``'s update is staged on a GPU: its states then live in pinned memory, which the link
         copies at full rate (pageable memory goes through a driver bounce buffer)."""
-        return p.device.type == "cpu" and self.update_device is not None and self.update_device.type == "cuda"
+        if p.device.type == "cuda":
+            return id(p) in self._host_states
+        return self.update_device is not None and self.update_device.type == "cuda"
 
     def _run(self, bucket: Bucket, hp: Hyper, device: torch.device, scale: torch.Tensor | None,
              on_done: Callable[[Bucket], None] | None = None) -> None:
+        if device.type == "cuda" and bucket.exp_avg and bucket.exp_avg[0].device.type == "cpu":
+            # moments kept on the host (``keep_states_on_host``): only they cross the link
+            staged_step(bucket, hp, self.staged_chunk_elems, device, lambda piece: self._step_on(piece, hp, device),
+                        grad_scale=scale, on_done=on_done)
+            return
         if device.type == "cpu" and self.update_device is not None:
             staged_step(bucket, hp, self.staged_chunk_elems, self.update_device,
                         lambda piece: self._step_on(piece, hp, self.update_device), grad_scale=scale,
@@ -521,7 +557,8 @@ class FP8AdamW(Optimizer):
                 raise ValueError(f"the checkpoint has state for parameter index {saved_id}, which no group holds")
             p = id_map[saved_id]
             fmt, block = format_of[id(p)]
-            state[p] = _restore_state(saved_state, p, fmt, block, saved_id)
+            state[p] = _restore_state(saved_state, p, fmt, block, saved_id,
+                                      torch.device("cpu") if id(p) in self._host_states else p.device)
             if self._stages_to_cuda(p):
                 state[p] = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in state[p].items()}
         for group, saved in zip(groups, saved_groups):
@@ -556,17 +593,18 @@ def _expected_state(p: torch.Tensor, fmt: StateFormat, block: int) -> dict[str, 
 
 
 def _init_state(state: dict[str, Any], p: torch.Tensor, fmt: StateFormat, block: int,
-                files: StateFiles | None = None, pin: bool = False) -> None:
+                files: StateFiles | None = None, pin: bool = False, host: bool = False) -> None:
+    """Zero moments of ``p`` beside it (``host``: in host memory), page-locked with ``pin``, or in ``files``."""
     state["step"] = 0
     for key, (dtype, n) in _expected_state(p, fmt, block).items():
-        state[key] = torch.zeros(n, dtype=dtype, device=p.device, pin_memory=pin) if files is None else \
-            files.fresh((n,), dtype)
+        state[key] = torch.zeros(n, dtype=dtype, device="cpu" if host else p.device, pin_memory=pin) \
+            if files is None else files.fresh((n,), dtype)
 
 
 def _restore_state(saved: dict[str, Any], p: torch.Tensor, fmt: StateFormat, block: int,
-                   saved_id: int) -> dict[str, Any]:
+                   saved_id: int, device: torch.device) -> dict[str, Any]:
     if fmt.packed and "exp_avg_sq_scale" in saved:  # the unpacked form of ``block_state``
-        unpacked = _restore_state(saved, p, dataclasses.replace(fmt, packed=False), block, saved_id)
+        unpacked = _restore_state(saved, p, dataclasses.replace(fmt, packed=False), block, saved_id, device)
         return {"step": unpacked["step"], "exp_avg": unpacked["exp_avg"],
                 "exp_avg_sq": pack_flat(unpacked["exp_avg_sq"], unpacked["exp_avg_scale"],
                                         unpacked["exp_avg_sq_scale"], block)}
@@ -581,7 +619,7 @@ def _restore_state(saved: dict[str, Any], p: torch.Tensor, fmt: StateFormat, blo
         if value.dtype != dtype or value.shape != (n,):
             raise ValueError(f"the checkpoint's {key} of parameter {saved_id} is {value.dtype} {tuple(value.shape)}, "
                              f"state_dtype {fmt.name!r} needs {dtype} ({n},)")
-        restored[key] = value.to(device=p.device, copy=True)
+        restored[key] = value.to(device=device, copy=True)
     return restored
 
 
