@@ -183,6 +183,7 @@ def apply_param_offload(model: torch.nn.Module, cfg: RunConfig, cost_model: Cost
     # the first resident layers keep their activations: their checkpoint wrappers come off
     remove_activation_checkpointing(model.model.layers, plan.kept_layers)
     kept = plan.kept_layers * kept_layer_bytes_per_token(model.dims, cfg.model)
+    layers = list(model.model.layers)  # the modules that run now (hooks on a removed wrapper would never fire)
     attach_host_states(model, layers[plan.resident_layers:on_device], optimizer)
     if optimizer.host_part is not None:
         attach_param_offload(model, layers[on_device:], optimizer.host_part, device,
