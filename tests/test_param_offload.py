@@ -699,3 +699,69 @@ def test_gpu_host_state_layers_bitwise_resident(stage: int, resident: int, host_
         assert torch.equal(bits(a), bits(b))
     detach_param_offload(model)
     detach_host_states(model)
+
+
+def test_the_run_wires_host_state_layers_after_kept_layers_lose_their_wrappers(monkeypatch) -> None:
+    """``apply_param_offload`` with a plan of one resident, one host-state and one streamed layer, the first two
+    keeping their activations: the host-state layer's hooks sit on the module that runs (its wrapper came off),
+    and two whole steps (the update behind the first read by the second) give the resident run's bits."""
+    import dataclasses
+
+    import seqmesh.trainer.param_offload as param_offload
+    from seqmesh.parallel.offload.host_states import detach_host_states
+    from seqmesh.parallel.sequence import make_sp_batch
+    from seqmesh.trainer.build import build_cost_model, build_model
+    from seqmesh.trainer.data import pack
+    from seqmesh.trainer.loss import token_loss_sum
+    from tests.conftest import tiny_run_config
+
+    cfg = tiny_run_config(model={"num_layers": 3, "activation_checkpointing": True},
+                          parallel={"zero_stage": 1, "overlap_grad_reduce": False}, optim={"state_dtype": "fp8"},
+                          offload={"params": "cpu", "optimizer": "cpu", "resident_layers": "1", "h2d_GBps": 10.0,
+                                   "adam_Mparams_s": 100.0, "host_mem_gb": 4.0})
+    planned = param_offload.plan_offload
+    monkeypatch.setattr(param_offload, "plan_offload", lambda x: dataclasses.replace(
+        planned(x), resident_layers=1, host_state_layers=1, streamed_layers=1, kept_layers=2))
+    device = torch.device("cpu")
+
+    def built():
+        torch.manual_seed(0)
+        model = build_model(cfg.model, VOCAB, device)
+        return model, build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=1,
+                                       state_dtype="fp8", params_offloaded=True)
+
+    def steps(model, opt):
+        out = []
+        for step in range(2):
+            packed = pack(step_docs(step)[0::3])
+            loss = token_loss_sum(model.logits(model(packed.input_ids, make_sp_batch(packed.seqlens, "local", None))),
+                                  packed.labels)
+            opt.overlap_next_backward()
+            loss.backward()
+            opt.reduce_gradients()
+            out.append((loss.detach(), reduced(opt, model)))
+            opt.clip_grad_norm_(MAX_NORM)
+            opt.step()
+            opt.zero_grad()
+        opt_sync = getattr(opt, "synchronize", None)
+        if opt_sync:
+            opt_sync()
+        return out, [p.detach().clone() for p in model.parameters()]
+
+    ref_model, _ = built()
+    ref = steps(ref_model, make_zero(ref_model, 1))
+    model, cost_model = built()
+    opt, plan, _ = param_offload.apply_param_offload(model, cfg, cost_model, device, param_groups(model),
+                                                     _fp8_adamw("fp8"))
+    layers = model.model.layers
+    assert len(opt.host_state_tensors) == 2 and not hasattr(layers[1], "_checkpoint_wrapped_module")
+    assert layers[1]._forward_pre_hooks  # the host-state layer waits for its update in the module that runs
+    got = steps(model, opt)
+    for (loss_ref, grads_ref), (loss_got, grads_got) in zip(ref[0], got[0]):
+        assert torch.equal(loss_ref, loss_got)
+        for a, b in zip(grads_ref, grads_got):
+            assert torch.equal(bits(a), bits(b))
+    for a, b in zip(ref[1], got[1]):
+        assert torch.equal(bits(a), bits(b))
+    detach_param_offload(model)
+    detach_host_states(model)
