@@ -290,7 +290,9 @@ class OffloadConfig:
     resident_layers: str = "auto"  # auto (as many as fit) | a count of decoder layers kept on the device
     prefetch: int = 2  # streamed layers fetched ahead of use
     keep_activations: bool = True  # checkpointed resident layers that fit the memory left are not recomputed
-    host_states: bool = True  # layers may keep weights and gradients on the device, optimizer states on the host
+    # layers may keep weights and gradients on the device, optimizer states on the host (off until its GPU tests have
+    # run on a GPU: CPU-tested only, README "Host-state layers")
+    host_states: bool = False
     adam_Mparams_s: float | None = None  # the host optimizer's rate for the plan (null: measured at start)
 
     @property
