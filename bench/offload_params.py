@@ -8,7 +8,9 @@
     time cap (an OOM leaves the allocator fragmented), its progress lines kept in its row: 1 warm-up step
     and ``--steps`` timed steps; MFU from ``trainer/flops.py``
     (recomputation not counted). The largest size that trains is run again *without* offload, which
-    must fail to fit for the figure to mean anything (``fits_without_offload_at_max``).
+    must fail to fit for the figure to mean anything (``fits_without_offload_at_max``). Host-state layers
+    (``offload.host_states``) are on unless ``--no-host-states``; ``--compare-host-states`` runs each size
+    again without them in the same command (``host_states_speedup_at_max``: that step over this one).
 (b) Overhead: a Llama-3-8B shape (``--overhead-layers`` of its 32 layers) at 8K and 32K tokens, step
     time with every layer streamed (``resident_layers=0``, ``host_states=false``) vs the same model GPU-resident (ZeRO-1,
     activation checkpointing: the same recomputation), median of the timed steps. The streamed run
@@ -393,6 +395,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--no-host-states", action="store_true",
                     help="(a) with offload.host_states=false: every layer resident or streamed, none with its optimizer "
                          "states alone on the host")
+    ap.add_argument("--compare-host-states", action="store_true",
+                    help="(a): each size again with offload.host_states=false (a baseline row), and "
+                         "host_states_speedup_at_max: its step over the step with them")
     ap.add_argument("--update", choices=("auto", "device", "host"), default="auto",
                     help="(a)'s offload.update: device skips measuring the host update (its compile takes about a "
                          "minute of a trial's start-up) where the staged update is known to be faster")
@@ -456,6 +461,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if "error" in row:
                 break
             best = (shape, row)
+            if args.compare_host_states:  # the same size without host-state layers, in the same command
+                rows.append(_shown({"part": "max", "baseline": "no_host_states", "size": row["size"], **_child(
+                    dict(shape=shape, tokens=tokens, steps=args.steps, offload=True, resident=None,
+                         device_name=device, update=args.update, options={**options, "host_states": False}),
+                    args.trial_timeout_s)}))
         if best is not None:
             rows.append(_shown({"part": "max", "without_offload": True, "size": best[1]["params_billion"], **_child(
                 dict(shape=best[0], tokens=tokens, steps=args.steps, offload=False, resident=None,
@@ -520,14 +530,21 @@ def _billions(shape: dict[str, int]) -> float:
 
 def max_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Part (a)'s summary keys from all its rows (several commands' worth): the largest size that trained with
-    offload, its MFU, and whether the same size trained without offload (None: not tried)."""
-    trained = [r for r in rows if r.get("part") == "max" and not r.get("without_offload") and "error" not in r]
+    offload, its MFU, and whether the same size trained without offload (None: not tried); where that size also
+    ran without host-state layers (``--compare-host-states``), the ratio of the two steps."""
+    trained = [r for r in rows if r.get("part") == "max" and not r.get("without_offload") and not r.get("baseline")
+               and "error" not in r]
     if not trained:
         return {"max_params_billion": None, "mfu_at_max": None, "fits_without_offload_at_max": None}
     best = max(trained, key=lambda r: r["params_billion"])
     without = [r for r in rows if r.get("without_offload") and r.get("size") == best["params_billion"]]
-    return {"max_params_billion": best["params_billion"], "mfu_at_max": best["mfu"],
-            "fits_without_offload_at_max": ("error" not in without[-1]) if without else None}
+    out = {"max_params_billion": best["params_billion"], "mfu_at_max": best["mfu"],
+           "fits_without_offload_at_max": ("error" not in without[-1]) if without else None}
+    plain = [r for r in rows if r.get("baseline") == "no_host_states" and r.get("size") == best["size"]
+             and "error" not in r]
+    if plain:
+        out["host_states_speedup_at_max"] = plain[-1]["step_s"] / best["step_s"]
+    return out
 
 
 def sequence_summary(results: Path, device: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:

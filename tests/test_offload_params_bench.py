@@ -101,3 +101,16 @@ def test_sequence_keys_come_from_the_devices_single_sequence_runs(tmp_path) -> N
     assert summary == {"single_sequence_tokens": 1048576, "working_set_kb_per_token_512k": 80.1}
     assert [(s["key"], s["file"]) for s in sources] == [("single_sequence_tokens", "offload_h100_b.json"),
                                                        ("working_set_kb_per_token_512k", "offload_h100_c.json")]
+
+
+def test_max_summary_pairs_the_run_without_host_state_layers() -> None:
+    """``--compare-host-states``: the baseline row never counts as the largest model, and the summary gives the
+    ratio of its step to the step of the same size with host-state layers."""
+    from bench.offload_params import max_summary
+
+    rows = [{"part": "max", "size": 13.1, "params_billion": 13.1, "mfu": 0.4, "step_s": 1.6},
+            {"part": "max", "baseline": "no_host_states", "size": 13.1, "params_billion": 13.1, "mfu": 0.32,
+             "step_s": 2.0}]
+    summary = max_summary(rows)
+    assert summary["mfu_at_max"] == 0.4 and summary["host_states_speedup_at_max"] == pytest.approx(1.25)
+    assert "host_states_speedup_at_max" not in max_summary(rows[:1])
