@@ -175,3 +175,12 @@ def test_unknown_policy_and_bad_static_degree_are_errors():
 def test_empty_batch_plans_nothing():
     plan = plan_step([], 4, model())
     assert plan.microbatches == () and plan.predicted_ms == 0.0
+
+
+def test_a_solver_answer_with_unplanned_sequences_is_not_used():
+    """Found by the property test above in CI: HiGHS reported an optimal answer for these lengths whose integer
+    columns held NaN, and one of the two equal-length sequences went unplanned. Every sequence is planned once."""
+    cm = model(20.0, 4000)
+    lengths = [234, 366, 366, 1173]
+    plan = plan_step(lengths, 2, cm, group_sizes=[1, 2])
+    check_plan(plan, lengths, cm, group_sizes=[1, 2])

@@ -307,4 +307,13 @@ def solve_milp(inst: Instance, warm: Schedule | None, time_limit_s: float, *, ex
     status = h.modelStatusToString(h.getModelStatus())
     if h.getModelStatus() == highspy.HighsModelStatus.kTimeLimit or h.getInfo().primal_solution_status != 2:
         return None
-    return _to_schedule(inst, model, np.asarray(h.getSolution().col_value)), status
+    values = np.asarray(h.getSolution().col_value)
+    # HiGHS 1.16 has reported a feasible optimum whose integer columns held NaN (sequences then went unplanned):
+    # such an answer is not used, and the heuristic's plan stands
+    if not np.isfinite(values).all():
+        return None
+    sched = _to_schedule(inst, model, values)
+    planned = sorted(int(i) for bins in sched.values() for ids in bins for i in ids)
+    if planned != list(range(inst.lengths.size)):
+        return None
+    return sched, status
