@@ -321,18 +321,21 @@ class ZeroOptimizer:
     # this rank's local squared norm, summed before ``squared_norm`` asks for it (``provide_squared_norm``)
     _ready_sq: Callable[[], Tensor] | None = None
 
-    def register_step_hooks(self, before_reduce: Callable[[], None], after_step: Callable[[], None],
+    def register_step_hooks(self, before_reduce: Callable[[], None] | None = None,
+                            after_step: Callable[[], None] | None = None,
                             before_last_backward: Callable[[], None] | None = None,
                             zeroes_grads: Callable[[], None] | None = None) -> Callable[[], None]:
-        """Call ``before_reduce`` at the start of ``reduce_gradients``, ``after_step`` at the end of ``step``,
-        ``before_last_backward`` in ``overlap_next_backward`` and, at stage 1, ``zeroes_grads`` in ``zero_grad``
-        instead of zeroing the gradient buffer (the caller then owns its zeros); returns the function that
-        removes them again."""
+        """Call (each one given) ``before_reduce`` at the start of ``reduce_gradients``, ``after_step`` at the end
+        of ``step``, ``before_last_backward`` in ``overlap_next_backward`` and, at stage 1, ``zeroes_grads`` in
+        ``zero_grad`` instead of zeroing the gradient buffer (the caller then owns its zeros); returns the function
+        that removes them again."""
         if self.reduction is not None and self.reduction.overlap:
             raise ValueError("a transform that moves gradients before the reduction cannot run with buckets reduced "
                              "during backward: set parallel.overlap_grad_reduce=false")
-        self._before_reduce = (*self._before_reduce, before_reduce)
-        self._after_step = (*self._after_step, after_step)
+        if before_reduce is not None:
+            self._before_reduce = (*self._before_reduce, before_reduce)
+        if after_step is not None:
+            self._after_step = (*self._after_step, after_step)
         if before_last_backward is not None:
             self._before_last_backward = (*self._before_last_backward, before_last_backward)
         if zeroes_grads is not None:

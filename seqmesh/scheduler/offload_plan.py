@@ -201,7 +201,8 @@ def _placement(x: OffloadInputs, host_state: int) -> OffloadPlan:
     # Device: the root's and every resident layer's weights, gradients and states (they live there only), the
     # host-state layers' weights and gradients, the activations, and 1 + prefetch streamed layers of weights and
     # one layer of gradients (backward's, on its way to the host).
-    fixed = x.root_params * per_param + x.act_bytes + host_state * x.layer_params * weights_grads
+    held = x.root_params * per_param + host_state * x.layer_params * weights_grads  # root, host-state layers
+    fixed = held + x.act_bytes
     per_layer = x.layer_params * per_param
     stream = (1 + x.prefetch) * layer_bytes + layer_bytes
     free = x.num_layers - host_state
@@ -222,7 +223,7 @@ def _placement(x: OffloadInputs, host_state: int) -> OffloadPlan:
             "memory.limit_gb")
     resident = fits if x.resident_layers is None else x.resident_layers
     streamed = x.num_layers - resident - host_state
-    device = fixed - x.act_bytes + resident * per_layer + (stream if streamed else 0)
+    device = held + resident * per_layer + (stream if streamed else 0)
 
     # Host: the streamed layers' weights and gradients (ZeRO's flat buffers) and their states, and the host-state
     # layers' states (pinned memory, always: they are staged over the link every step).

@@ -45,8 +45,7 @@ class HostStateLayers:
         self._owed: set[int] = set()  # layers whose gradients are owed the zeros of a new step
         self._now = _complement(zero.shard_grad, [t.grad for t in self._tensors])  # zeroed at ``zero_grad`` itself
         self._optimizer.overlap_updates(self._tensors)
-        self._unhook_zero = zero.register_step_hooks(before_reduce=_nothing, after_step=_nothing,
-                                                     zeroes_grads=self._zero_grads)
+        self._unhook_zero = zero.register_step_hooks(zeroes_grads=self._zero_grads)
         self._hooks = [layer.register_forward_pre_hook(lambda *_, i=i: self._before_forward(i))
                        for i, layer in enumerate(layers)]
 
@@ -75,10 +74,6 @@ class HostStateLayers:
             hook.remove()
         self._unhook_zero()
         self.active = False
-
-
-def _nothing() -> None:
-    pass
 
 
 def _complement(flat: torch.Tensor, taken: Sequence[torch.Tensor]) -> list[torch.Tensor]:
