@@ -511,6 +511,17 @@ def test_the_update_behind_the_step_marks_the_masters_each_fetch_waits_for(updat
     assert opt.optimizer._updater is None
 
 
+def built_for_offload(cfg):
+    """The run's own model (seeded) and its cost model without the model's states, on the CPU."""
+    from seqmesh.trainer.build import build_cost_model, build_model
+
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    model = build_model(cfg.model, VOCAB, device)
+    return model, build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=1, state_dtype="fp8",
+                                   params_offloaded=True)
+
+
 def test_resident_layers_the_plan_keeps_drop_their_checkpointing_and_change_no_bit() -> None:
     """Under checkpointing the plan lets resident layers that fit in the memory left keep their activations: their
     checkpoint wrappers come off (the streamed ones keep theirs, looked through), the planner's bytes per token
@@ -518,7 +529,6 @@ def test_resident_layers_the_plan_keeps_drop_their_checkpointing_and_change_no_b
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
     from seqmesh.parallel.sequence import make_sp_batch
-    from seqmesh.trainer.build import build_cost_model, build_model
     from seqmesh.trainer.data import pack
     from seqmesh.trainer.loss import token_loss_sum
     from seqmesh.trainer.param_offload import apply_param_offload
@@ -530,12 +540,6 @@ def test_resident_layers_the_plan_keeps_drop_their_checkpointing_and_change_no_b
                                    "adam_Mparams_s": 100.0, "host_mem_gb": 4.0})
     device = torch.device("cpu")
 
-    def built():
-        torch.manual_seed(0)
-        model = build_model(cfg.model, VOCAB, device)
-        return model, build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=1,
-                                       state_dtype="fp8", params_offloaded=True)
-
     def step_grads(model, opt):
         packed = pack(step_docs(0)[0::3])
         meta = make_sp_batch(packed.seqlens, "local", None)
@@ -545,9 +549,9 @@ def test_resident_layers_the_plan_keeps_drop_their_checkpointing_and_change_no_b
         opt.reduce_gradients()
         return loss.detach(), reduced(opt, model)
 
-    ref_model, _ = built()
+    ref_model, _ = built_for_offload(cfg)
     ref = step_grads(ref_model, make_zero(ref_model, 1))
-    model, cost_model = built()
+    model, cost_model = built_for_offload(cfg)
     opt, plan, planned = apply_param_offload(model, cfg, cost_model, device, param_groups(model), _fp8_adamw("fp8"))
     layers = model.model.layers
     assert plan.resident_layers == 2 and plan.kept_layers == 2
@@ -710,7 +714,6 @@ def test_the_run_wires_host_state_layers_after_kept_layers_lose_their_wrappers(m
     import seqmesh.trainer.param_offload as param_offload
     from seqmesh.parallel.offload.host_states import detach_host_states
     from seqmesh.parallel.sequence import make_sp_batch
-    from seqmesh.trainer.build import build_cost_model, build_model
     from seqmesh.trainer.data import pack
     from seqmesh.trainer.loss import token_loss_sum
     from tests.conftest import tiny_run_config
@@ -723,12 +726,6 @@ def test_the_run_wires_host_state_layers_after_kept_layers_lose_their_wrappers(m
     monkeypatch.setattr(param_offload, "plan_offload", lambda x: dataclasses.replace(
         planned(x), resident_layers=1, host_state_layers=1, streamed_layers=1, kept_layers=2))
     device = torch.device("cpu")
-
-    def built():
-        torch.manual_seed(0)
-        model = build_model(cfg.model, VOCAB, device)
-        return model, build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=1,
-                                       state_dtype="fp8", params_offloaded=True)
 
     def steps(model, opt):
         out = []
@@ -748,9 +745,9 @@ def test_the_run_wires_host_state_layers_after_kept_layers_lose_their_wrappers(m
             opt_sync()
         return out, [p.detach().clone() for p in model.parameters()]
 
-    ref_model, _ = built()
+    ref_model, _ = built_for_offload(cfg)
     ref = steps(ref_model, make_zero(ref_model, 1))
-    model, cost_model = built()
+    model, cost_model = built_for_offload(cfg)
     opt, plan, _ = param_offload.apply_param_offload(model, cfg, cost_model, device, param_groups(model),
                                                      _fp8_adamw("fp8"))
     layers = model.model.layers
