@@ -91,6 +91,10 @@ def test_the_update_runs_where_the_measured_rates_make_it_faster() -> None:
     host = plan_offload(dataclasses.replace(bf16, update="host"))
     assert host.update == "host" and host.optimizer_ms == pytest.approx(streamed / 499e6 * 1e3)
     assert plan_offload(dataclasses.replace(bf16, h2d_GBps=2.0, update="device")).update == "device"
+    # a measured staged rate (``measure_staged_update_GBps``) prices the device's update instead of the copy rate
+    staged = plan_offload(dataclasses.replace(bf16, staged_GBps=25.0))
+    assert staged.optimizer_ms == pytest.approx(streamed * (2 * 2 + 2.0) / 25e9 * 1e3)
+    assert staged.rates_GBps == {"copy": 50.0, "staged update": 25.0} and "staged update 25.0" in staged.report()
     staging = staging_bytes_for(BASE.layer_params * 2)
     tight = dataclasses.replace(bf16, host_bytes=streamed * 4 + staging + GiB)  # states go to NVMe: host update
     assert plan_offload(tight).optimizer == "nvme" and plan_offload(tight).update == "host"
@@ -262,15 +266,20 @@ def test_layers_with_their_states_on_the_host_take_the_link_off_the_forward() ->
     assert plan.host_state_layers > 0 and plan.step_ms < streaming.step_ms
     assert plan.resident_layers + plan.host_state_layers + plan.streamed_layers == BF16.num_layers
     assert plan.device_bytes + BF16.act_bytes <= BF16.device_bytes
+    layer_states = BF16.layer_params * BF16.state_bytes
+    states_ms = layer_states / (BF16.h2d_GBps * 1e9) * 1e3
     if plan.streamed_layers == 0:
-        layer_states = BF16.layer_params * BF16.state_bytes
         assert plan.host_bytes == pytest.approx(plan.host_state_layers * layer_states)
-        states_ms = layer_states / (BF16.h2d_GBps * 1e9) * 1e3
         assert plan.optimizer_ms == pytest.approx(plan.host_state_layers * states_ms)
         late = max((k + 1) * states_ms - (plan.resident_layers + k) * BF16.layer_ms / 3
                    for k in range(plan.host_state_layers))
         assert plan.step_ms == pytest.approx(plan.compute_ms + plan.exposed_transfer_ms + max(0.0, late))
     assert f"{plan.host_state_layers} with their optimizer states on the host" in plan.report()
+    # a measured rate of the states' staging prices their update; slow enough, streaming wins again
+    measured = plan_offload(dataclasses.replace(BF16, host_states=True, states_GBps=BF16.h2d_GBps / 2))
+    assert measured.host_state_layers and not measured.streamed_layers
+    assert measured.optimizer_ms == pytest.approx(2 * measured.host_state_layers * states_ms)
+    assert plan_offload(dataclasses.replace(BF16, host_states=True, states_GBps=0.01)).host_state_layers == 0
     # the whole model fits: nothing moves
     roomy = plan_offload(dataclasses.replace(BF16, host_states=True, device_bytes=400 * GiB))
     assert (roomy.resident_layers, roomy.host_state_layers, roomy.streamed_layers) == (35, 0, 0)

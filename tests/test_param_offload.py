@@ -705,6 +705,22 @@ def test_gpu_host_state_layers_bitwise_resident(stage: int, resident: int, host_
     detach_host_states(model)
 
 
+@pytest.mark.gpu
+def test_gpu_staged_update_rates_are_measured_below_the_copy_rate_bound() -> None:
+    """The plan's measured rates of the staged update (a streamed layer's, a host-state layer's) are positive and
+    finite, and the streamed one moves no more bytes in per second than the link's two directions together."""
+    from seqmesh.parallel.offload.bandwidth import measure_h2d_GBps
+    from seqmesh.trainer.param_offload import measure_staged_update_GBps
+
+    device = torch.device("cuda")
+    link = measure_h2d_GBps(device, 64 << 20)
+    for states_only in (False, True):
+        rate = measure_staged_update_GBps(device, "fp8", torch.bfloat16, states_only, numel=1 << 25)
+        assert 0 < rate < float("inf")
+        if not states_only:
+            assert rate < 2 * link
+
+
 def test_the_run_wires_host_state_layers_after_kept_layers_lose_their_wrappers(monkeypatch) -> None:
     """``apply_param_offload`` with a plan of one resident, one host-state and one streamed layer, the first two
     keeping their activations: the host-state layer's hooks sit on the module that runs (its wrapper came off),

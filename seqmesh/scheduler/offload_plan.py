@@ -53,7 +53,7 @@ a host update, overlapped chunk by chunk with the CPU arithmetic, so it takes th
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 GB = 1e9
@@ -103,6 +103,9 @@ class OffloadInputs:
     layer_act_bytes: float = 0.0  # device bytes a layer that is not recomputed keeps beyond its checkpointed input
     working_bytes: float = 0.0  # the step's fixed working sets beside the activations (loss and MLP tiles)
     host_states: bool = False  # layers may keep weights and gradients on the device and their states on the host
+    # the staged update's own rates into the device, in the bytes the plan counts (None: the copy rate h2d_GBps):
+    staged_GBps: float | None = None  # a streamed layer's: weights, gradients and states
+    states_GBps: float | None = None  # a host-state layer's: states only
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,7 @@ class OffloadPlan:
     optimizer_hidden_ms: float = 0.0  # the part of ``optimizer_ms`` behind the next step's forward
     kept_layers: int = 0  # device layers that keep their activations (not recomputed), in the memory left
     host_state_layers: int = 0  # after the resident ones: weights and gradients on the device, states on the host
+    rates_GBps: dict[str, float] = field(default_factory=dict)  # the rates it priced the link's traffic at
 
     @property
     def step_ms(self) -> float:
@@ -143,7 +147,8 @@ class OffloadPlan:
                 f"{self.exposed_transfer_ms:.0f} + gradient norm "
                 f"{self.grad_norm_ms:.0f} + optimizer "
                 f"{self.optimizer_ms:.0f} (update on the {self.update}) - {self.optimizer_hidden_ms:.0f} of it behind "
-                "the next forward")
+                "the next forward" + (f"; link GB/s: {', '.join(f'{k} {v:.1f}' for k, v in self.rates_GBps.items())}"
+                                      if self.rates_GBps else ""))
 
 
 def _gib(n: float) -> str:
@@ -273,7 +278,7 @@ def _placement(x: OffloadInputs, host_state: int) -> OffloadPlan:
     host_update = stepped / (x.adam_Mparams_s * 1e6) * 1e3 if x.adam_Mparams_s else math.inf
     # staged on the device a chunk at a time: weight, gradient and states in, weight and states out; the two
     # directions overlap (``adam_update.staged_step``), so the larger one (in) sets the time
-    device_update = stepped * (2 * x.param_bytes + x.state_bytes) / (x.h2d_GBps * GB) * 1e3
+    device_update = stepped * (2 * x.param_bytes + x.state_bytes) / ((x.staged_GBps or x.h2d_GBps) * GB) * 1e3
     if x.update == "device" and place == "nvme" and streamed:
         raise OffloadPlanError("offload.update=device stages optimizer states held in host memory, and the plan puts "
                                "them on NVMe; set offload.update=auto or host, or offload.optimizer=cpu with more "
@@ -285,7 +290,7 @@ def _placement(x: OffloadInputs, host_state: int) -> OffloadPlan:
         disk_rate = x.disk_GBps or x.h2d_GBps
         adam = max(adam, 2 * disk / (disk_rate * GB) * 1e3)
     # a host-state layer's update stages its states only: in and out at once, each the states' bytes
-    states_ms = layer_states / (x.h2d_GBps * GB) * 1e3
+    states_ms = layer_states / ((x.states_GBps or x.h2d_GBps) * GB) * 1e3
     optimizer = adam + host_state * states_ms
     norm = _host_pass_ms(stepped, x.norm_Mparams_s)
     if streamed and x.zero_stage == 1 and x.state_share == 1.0:  # layer by layer behind the rest of backward
@@ -305,4 +310,10 @@ def _placement(x: OffloadInputs, host_state: int) -> OffloadPlan:
         hidden = max(0.0, optimizer - late)
     return OffloadPlan(x.params, resident, streamed, place, device, host, disk, compute, exposed, optimizer,
                        grad_norm_ms=norm, host_free=x.host_bytes - host, update=update, optimizer_hidden_ms=hidden,
-                       kept_layers=kept, host_state_layers=host_state)
+                       kept_layers=kept, host_state_layers=host_state, rates_GBps=_rates(x))
+
+
+def _rates(x: OffloadInputs) -> dict[str, float]:
+    """The link's rates the plan used: the copy's and, where measured, the staged updates'."""
+    measured = {"staged update": x.staged_GBps, "states update": x.states_GBps}
+    return {"copy": x.h2d_GBps, **{k: v for k, v in measured.items() if v is not None}}

@@ -70,6 +70,31 @@ def measure_host_norm_Mparams_s(dtype: torch.dtype, numel: int = 1 << 25, repeat
     return numel / _best_seconds(lambda: sum_of_squares(g), repeats) / 1e6
 
 
+def measure_staged_update_GBps(device: torch.device, state_dtype: str, param_dtype: torch.dtype,
+                               states_only: bool, numel: int = 1 << 27, repeats: int = 2) -> float:
+    """GB/s into ``device`` of ``FP8AdamW``'s staged update as the plan counts its bytes: a streamed layer's
+    (weights, gradients and states staged from pinned host memory; ``2 * param + state`` bytes per parameter)
+    or, with ``states_only``, a host-state layer's (weights and gradients on the device; ``state`` bytes).
+
+    Why: the plan priced the staged update at the plain copy rate (``measure_h2d_GBps``), and an H100 ran it
+    about 1.5x slower (copies both ways at once, a piece's launches and syncs, the update kernel); the update
+    behind the step is what the next forward waits for, so its rate is measured as it runs."""
+    where = device if states_only else torch.device("cpu")
+    p = torch.zeros(numel, dtype=param_dtype, device=where, pin_memory=not states_only)
+    p.grad = torch.full((numel,), 1e-3, dtype=param_dtype, device=where, pin_memory=not states_only)
+    opt = FP8AdamW([p], state_dtype=state_dtype, update_device=None if states_only else device)
+    if states_only:
+        opt.keep_states_on_host([p])
+
+    def step() -> None:
+        opt.step()
+        torch.cuda.synchronize(device)
+
+    seconds = _best_seconds(step, repeats)
+    per_param = STATE_BYTES[state_dtype] + (0 if states_only else 2 * torch.finfo(param_dtype).bits / 8)
+    return numel * per_param / seconds / 1e9
+
+
 def plan_inputs(model: torch.nn.Module, cfg: RunConfig, cost_model: CostModel, device: torch.device,
                 ranks_on_host: int) -> OffloadInputs:
     """The plan's inputs for this rank: sizes from ``model``, rates measured (unless configured)."""
@@ -98,11 +123,18 @@ def plan_inputs(model: torch.nn.Module, cfg: RunConfig, cost_model: CostModel, d
             raise ValueError(f"offload.update=device stages the update on a CUDA device; this run's device is "
                              f"{device.type}: set offload.update=auto or host")
         update = "host"
+    host_states = off.host_states and device.type == "cuda" and cfg.optim.state_dtype != "fp32"
+    dtype = next(model.parameters()).dtype
+    staged = measure_staged_update_GBps(device, cfg.optim.state_dtype, dtype, states_only=False) \
+        if update != "host" else None
+    states = measure_staged_update_GBps(device, cfg.optim.state_dtype, dtype, states_only=True) \
+        if host_states else None
     return OffloadInputs(
         num_layers=len(layers), layer_params=layer_params, root_params=root, param_bytes=param_bytes,
         state_bytes=STATE_BYTES[cfg.optim.state_dtype], state_share=1.0 / cfg.hdp,
         act_bytes=cost_model.act_bytes_per_token * tokens, device_bytes=cost_model.mem_limit_bytes,
-        host_bytes=host, disk_bytes=disk_free, h2d_GBps=h2d, disk_GBps=disk_rate,
+        host_bytes=host, disk_bytes=disk_free, h2d_GBps=h2d, disk_GBps=disk_rate, staged_GBps=staged,
+        states_GBps=states,
         # a host rate only where the host may run the update (measuring it compiles the host update)
         adam_Mparams_s=None if update == "device" else
         off.adam_Mparams_s or measure_host_adam_Mparams_s(cfg.optim.state_dtype, total),
@@ -110,10 +142,10 @@ def plan_inputs(model: torch.nn.Module, cfg: RunConfig, cost_model: CostModel, d
         layer_ms=float(cost_model.seq_ms(tokens, 1)) / len(layers) / (4 / 3 if checkpointing else 1.0),
         checkpointing=checkpointing, layer_act_bytes=kept_bytes, working_bytes=cost_model.mem_static_bytes,
         prefetch=off.prefetch,
-        norm_Mparams_s=measure_host_norm_Mparams_s(next(model.parameters()).dtype),
+        norm_Mparams_s=measure_host_norm_Mparams_s(dtype),
         resident_layers=off.resident_value, optimizer=off.optimizer, zero_stage=cfg.parallel.zero_stage,
         params=off.params, staging_bytes=None if device.type == "cuda" else 0,  # pinned staging: CUDA only
-        update=update, host_states=off.host_states and device.type == "cuda" and cfg.optim.state_dtype != "fp32")
+        update=update, host_states=host_states)
 
 
 def _may_keep_activations(cfg: RunConfig) -> bool:
