@@ -158,6 +158,7 @@ def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, 
     import torch
 
     from seqmesh.parallel.sequence import make_sp_batch
+    from seqmesh.parallel.offload.host_states import get_host_states
     from seqmesh.parallel.offload.params import get_param_offload
     from seqmesh.trainer.build import apply_weight_dtype, build_cost_model, build_model
     from seqmesh.trainer.data import pack
@@ -224,15 +225,23 @@ def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, 
         losses.append(loss.item() / tokens)
         return t
 
-    streaming = get_param_offload(model)
-    waits = []  # per step: host time its fetches waited for the update left running behind the step before
+    # host time the step's forward waited for the update left running behind the step before: streamed layers'
+    # fetches and host-state layers' forwards; and that update's own wall time
+    waiters = [w for w in (get_param_offload(model), get_host_states(model)) if w is not None and
+               getattr(w, "active", True)]
+    waits, behind = [], []
     for i in range(1 + steps):
-        waited = streaming.update_wait_s if streaming else 0.0
+        waited = sum(w.update_wait_s for w in waiters)
         t = step()
         times.append(t[-1] - t[0])
         phases.append({name: b - a for name, a, b in zip(PHASES, t, t[1:])})
-        waits.append((streaming.update_wait_s if streaming else 0.0) - waited)
+        waits.append(sum(w.update_wait_s for w in waiters) - waited)
+        if i and plan:  # the update behind step i - 1, over by now (the next ``step`` waits for it)
+            behind.append(getattr(opt.optimizer, "behind_s", 0.0))
         progress(f"step {i}: {times[-1]:.2f} s " + json.dumps({k: round(v, 3) for k, v in phases[-1].items()}))
+    if plan:  # and the last step's
+        opt.synchronize()
+        behind.append(getattr(opt.optimizer, "behind_s", 0.0))
     if profile:
         _profiled(step, Path(profile), cuda)
     step_s = statistics.median(times[1:]) if steps else times[0]  # --steps 0: the first step only (cold)
@@ -246,7 +255,8 @@ def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, 
             "host_GB": plan.host_bytes / 1e9 if plan else None, "disk_GB": plan.disk_bytes / 1e9 if plan else 0.0,
             "plan": plan.as_dict() if plan else None, "losses": losses,
             "phase_s": {name: statistics.median(p[name] for p in timed) for name in PHASES},
-            "update_wait_s": statistics.median(waits[1:] or waits)}
+            "update_wait_s": statistics.median(waits[1:] or waits),
+            "update_behind_s": statistics.median(behind[1:] or behind) if behind else 0.0}
 
 
 def _profiled(step: Callable[[], list[float]], path: Path, cuda: bool) -> None:

@@ -19,6 +19,7 @@ The arithmetic is the update inside the step, on the same values: the bits are t
 
 from __future__ import annotations
 
+import time
 from typing import Any, Sequence
 
 import torch
@@ -36,6 +37,7 @@ class HostStateLayers:
         self._tensors = list(placed.host_state_tensors)
         zero = placed.device_part
         self._hooks: list[Any] = []
+        self.update_wait_s = 0.0  # host time forwards spent waiting for their layer's update (benchmarks read it)
         self._unhook_zero = lambda: None
         self.active = bool(self._tensors) and zero is not None and zero.world == 1 and zero.stage == 1 and \
             hasattr(self._optimizer, "overlap_updates")
@@ -57,7 +59,9 @@ class HostStateLayers:
 
     def _before_forward(self, index: int) -> None:
         params = self._layers[index]
+        began = time.perf_counter()
         self._optimizer.wait_for(params)  # the last step's update of this layer
+        self.update_wait_s += time.perf_counter() - began
         if index in self._owed:
             self._owed.discard(index)
             with torch.no_grad():
@@ -97,6 +101,10 @@ def attach_host_states(model: nn.Module, layers: Sequence[nn.Module], placed: An
     states = HostStateLayers(layers, placed)
     setattr(model, _ATTR, states)
     return states
+
+
+def get_host_states(model: nn.Module) -> HostStateLayers | None:
+    return getattr(model, _ATTR, None)
 
 
 def detach_host_states(model: nn.Module) -> None:

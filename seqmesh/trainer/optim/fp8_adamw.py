@@ -84,6 +84,7 @@ import concurrent.futures as cf
 import dataclasses
 import functools
 import math
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from copy import deepcopy
@@ -235,6 +236,7 @@ class FP8AdamW(Optimizer):
         self._updater: cf.ThreadPoolExecutor | None = None
         self._side: dict[torch.device, torch.cuda.Stream] = {}
         self._pending: list[cf.Future] = []
+        self.behind_s = 0.0  # wall time of the last update behind the step, from ``step`` to its last piece written
         self._written = WrittenRanges()  # what the update behind the step has finished (``wait_for``)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, state_dtype=state_dtype,
                         block_size=block_size, stochastic_rounding=stochastic_rounding, seed=seed,
@@ -332,12 +334,17 @@ class FP8AdamW(Optimizer):
             # layer would otherwise wait for every layer's matrices), then the others in group order, each in flat
             # order: layer order (a device's parameters come before the host's, ``PlacedZero``)
             self._written.begin()
+            began = time.perf_counter()
             devices = {job[2] for job in behind if job[2].type == "cuda"}
             stepped = {d: torch.cuda.current_stream(d).record_event() for d in devices}
             for job in sorted(behind, key=self._behind_order):
                 self._pending.append(self._updater.submit(self._run_behind, *job, stepped.get(job[2])))
-            self._pending.append(self._updater.submit(self._written.finish))  # runs after a failure too
+            self._pending.append(self._updater.submit(self._finish_behind, began))  # runs after a failure too
         return loss
+
+    def _finish_behind(self, began: float) -> None:
+        self._written.finish()
+        self.behind_s = time.perf_counter() - began
 
     def _behind_order(self, job: tuple) -> tuple[bool, int]:
         """Buckets under one staged chunk by size, then the larger ones as given (``step``'s order)."""
