@@ -290,9 +290,8 @@ class OffloadConfig:
     resident_layers: str = "auto"  # auto (as many as fit) | a count of decoder layers kept on the device
     prefetch: int = 2  # streamed layers fetched ahead of use
     keep_activations: bool = True  # checkpointed resident layers that fit the memory left are not recomputed
-    # layers may keep weights and gradients on the device, optimizer states on the host (off until its GPU tests have
-    # run on a GPU: CPU-tested only, README "Host-state layers")
-    host_states: bool = False
+    # layers may keep weights and gradients on the device, optimizer states on the host (README "Host-state layers")
+    host_states: bool = True
     adam_Mparams_s: float | None = None  # the host optimizer's rate for the plan (null: measured at start)
 
     @property
