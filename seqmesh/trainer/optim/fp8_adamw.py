@@ -126,6 +126,11 @@ BACKENDS = ("auto", "torch", "compiled", "triton")
 # ``auto`` compiles the host update for buckets from this size on: there one eager step costs more
 # (about 1 s per 16M elements on 2 cores) than the one-off compile, which small models never repay.
 HOST_COMPILE_MIN_ELEMS = 1 << 24
+STAGED_CHUNK_ELEMS = 1 << 24  # the default ``staged_chunk_elems``
+# a piece of a states-only staging (``keep_states_on_host``) holds this many times ``staged_chunk_elems``: only the
+# moments cross the link, 2 of a full staging's 6 bytes per element of fp8 states and bf16 weights, so it takes
+# the same device memory and a third of the pieces' fixed host cost
+STATES_ONLY_PIECE = 3
 PARAM_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -217,7 +222,7 @@ class FP8AdamW(Optimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, *,
                  state_dtype: str = "fp8", block_size: int = 128, stochastic_rounding: bool = True, seed: int = 0,
                  index_offset: int = 0, backend: str = "auto", host_chunk_elems: int = 1 << 22,
-                 update_device: torch.device | str | None = None, staged_chunk_elems: int = 1 << 24) -> None:
+                 update_device: torch.device | str | None = None, staged_chunk_elems: int = STAGED_CHUNK_ELEMS) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if not isinstance(host_chunk_elems, int) or host_chunk_elems < 4096:
@@ -419,10 +424,8 @@ class FP8AdamW(Optimizer):
     def _run(self, bucket: Bucket, hp: Hyper, device: torch.device, scale: torch.Tensor | None,
              on_done: Callable[[Bucket], None] | None = None) -> None:
         if device.type == "cuda" and bucket.exp_avg and bucket.exp_avg[0].device.type == "cpu":
-            # moments kept on the host (``keep_states_on_host``): only they cross the link, 2 of a full staging's 6
-            # bytes per element of fp8 states and bf16 weights, so a piece of 3x the elements takes the same device
-            # memory and a third of the pieces' fixed host cost
-            staged_step(bucket, hp, 3 * self.staged_chunk_elems, device,
+            # moments kept on the host (``keep_states_on_host``): only they cross the link
+            staged_step(bucket, hp, STATES_ONLY_PIECE * self.staged_chunk_elems, device,
                         lambda piece: self._step_on(piece, hp, device), grad_scale=scale, on_done=on_done)
             return
         if device.type == "cpu" and self.update_device is not None:
