@@ -237,11 +237,11 @@ def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, 
         phases.append({name: b - a for name, a, b in zip(PHASES, t, t[1:])})
         waits.append(sum(w.update_wait_s for w in waiters) - waited)
         if i and plan:  # the update behind step i - 1, over by now (the next ``step`` waits for it)
-            behind.append(getattr(opt.optimizer, "behind_s", 0.0))
+            behind.append(opt.optimizer.behind_s)
         progress(f"step {i}: {times[-1]:.2f} s " + json.dumps({k: round(v, 3) for k, v in phases[-1].items()}))
     if plan:  # and the last step's
         opt.synchronize()
-        behind.append(getattr(opt.optimizer, "behind_s", 0.0))
+        behind.append(opt.optimizer.behind_s)
     if profile:
         _profiled(step, Path(profile), cuda)
     step_s = statistics.median(times[1:]) if steps else times[0]  # --steps 0: the first step only (cold)
