@@ -49,6 +49,9 @@ CATEGORIES = ("matmul", "attention", "lm_head_loss", "norms_elementwise", "optim
 _OPTIMIZER = ("optimizer.step", "optimizer.zero_grad", "adam", "clip_grad", "_foreach_", "zero_grad")
 _LOSS = ("cross_entropy", "log_softmax", "nll_loss", "liger", "tiledlinearcrossentropy", "logsumexp")
 _ATTENTION = ("cudnn", "flash", "fmha", "attention", "sdpa", "attn")
+# Inductor's pointwise, reduction and persistent-reduction kernels, named after every operator fused into them
+# (a float8 cast fused next to ``_scaled_mm`` carries its name): never a product.
+_TRITON_ELEMENTWISE = ("triton_poi", "triton_red", "triton_per")
 _GEMM = ("gemm", "xmma", "cutlass", "nvjet", "cublas", "wgmma", "sm90_", "_scaled_mm", "splitk")
 
 
@@ -67,7 +70,7 @@ def classify(kernel: str, ancestry: Iterable[tuple[str, list]], vocab: int) -> s
         return "lm_head_loss"
     if any(key in name for key in _ATTENTION):
         return "attention"
-    if any(key in name for key in _GEMM):
+    if any(key in name for key in _GEMM) and not name.startswith(_TRITON_ELEMENTWISE):
         return "matmul"
     return "norms_elementwise"
 
@@ -89,7 +92,9 @@ def breakdown(events: Any, wall_us: float, vocab: int) -> dict[str, Any]:
     Each CPU event lists the kernels it launched (``FunctionEvent.kernels``, the link every torch
     release keeps; ``linked_correlation_id`` is not on torch 2.11's events); the launching event's
     ancestors say where in the model a kernel ran. A device event that no CPU event claims (none
-    launched it under the profiler) is classified by its name alone.
+    launched it under the profiler) is classified by its name alone. User annotations on the device's
+    timeline (a compiled graph's "## Call CompiledFxGraph ... ##" span, recorded around its kernels) are
+    not kernels: counted, they would add each compiled layer's time a second time and hide its idle gaps.
     """
     from torch.autograd import DeviceType
 
@@ -103,6 +108,7 @@ def breakdown(events: Any, wall_us: float, vocab: int) -> dict[str, Any]:
         per_kernel[(cat, name[:120])][0] += dur
         per_kernel[(cat, name[:120])][1] += 1
 
+    annotations = {e.name for e in events if e.device_type == DeviceType.CUDA and getattr(e, "is_user_annotation", False)}
     for e in events:
         if e.device_type != DeviceType.CPU or not e.kernels:
             continue
@@ -111,11 +117,13 @@ def breakdown(events: Any, wall_us: float, vocab: int) -> dict[str, Any]:
             ancestry.append((op.name, op.input_shapes))
             op = op.cpu_parent
         for k in e.kernels:
+            if k.name in annotations:
+                continue
             add(k.name, k.duration, ancestry)
             claimed[(k.name, round(k.duration, 3))] += 1
     intervals = []
     for e in events:
-        if e.device_type != DeviceType.CUDA:
+        if e.device_type != DeviceType.CUDA or e.name in annotations:
             continue
         dur = e.time_range.end - e.time_range.start
         intervals.append((e.time_range.start, e.time_range.end))

@@ -49,6 +49,8 @@ def test_loss_gap_is_relative_over_the_paired_steps_after_warmup() -> None:
     ("multi_tensor_apply_kernel", [("aten::_fused_adamw_", []), ("Optimizer.step#AdamW.step", [])], "optimizer"),
     ("reduce_kernel", [("aten::_foreach_norm", [])], "optimizer"),
     ("triton_poi_fused_mul_silu_0", [("CompiledFunction", [])], "norms_elementwise"),
+    ("triton_poi_fused__fused_rms_norm__scaled_mm__to_copy_clamp_mul_1", [("CompiledFunction", [])], "norms_elementwise"),
+    ("nvjet_sm90_qqtst_192x192_128x4_1x1_h_bz_coopB_TNN", [("aten::_scaled_mm", [])], "matmul"),
     ("Memcpy DtoD (Device -> Device)", [("aten::copy_", [])], "memcpy"),
 ])
 def test_kernels_fall_in_their_category(kernel: str, ancestry: list, want: str) -> None:
@@ -61,8 +63,9 @@ def test_covered_time_counts_overlapping_kernels_once() -> None:
 
 
 def _event(name: str, device: DeviceType, start: float = 0.0, end: float = 0.0, parent=None, shapes=None,
-           kernels=()):
+           kernels=(), annotation: bool = False):
     return SimpleNamespace(name=name, device_type=device, cpu_parent=parent, input_shapes=shapes or [],
+                           is_user_annotation=annotation,
                            kernels=[SimpleNamespace(name=n, duration=d) for n, d in kernels],
                            time_range=SimpleNamespace(start=start, end=end))
 
@@ -120,3 +123,17 @@ def test_merge_keeps_the_other_lengths_of_the_same_commit_and_configuration(tmp_
     with pytest.raises(SystemExit, match="without --merge"):
         train.earlier_rows(tmp_path, [32768], {"seqmesh_overrides": [], "variants": {}})
     assert train.earlier_rows(tmp_path / "none", [8192], config) == ([], [])
+
+
+def test_compiled_graph_annotations_are_not_counted_as_kernels() -> None:
+    # Inductor records "## Call CompiledFxGraph ... ##" on the device's timeline around its graph's kernels,
+    # a span that also covers the gaps between them; the CPU side lists it among the kernels it launched.
+    span = "## Call CompiledFxGraph f4zw6pdp ##"
+    call = _event("CompiledFunction", DeviceType.CPU, kernels=[(span, 90.0), ("triton_poi_fused_add_0", 30.0)])
+    events = [call, _event(span, DeviceType.CUDA, 0, 90, annotation=True),
+              _event("triton_poi_fused_add_0", DeviceType.CUDA, 0, 30),
+              _event("nvjet_gemm", DeviceType.CUDA, 60, 90)]
+    out = breakdown(events, wall_us=100.0, vocab=VOCAB)
+    assert out["ms"]["norms_elementwise"] == pytest.approx(0.030) and out["ms"]["matmul"] == pytest.approx(0.030)
+    assert out["kernel_busy_ms"] == pytest.approx(0.060) and out["ms"]["idle"] == pytest.approx(0.040)
+    assert sum(out["share"].values()) == pytest.approx(1.0)
