@@ -114,3 +114,21 @@ def test_max_summary_pairs_the_run_without_host_state_layers() -> None:
     summary = max_summary(rows)
     assert summary["mfu_at_max"] == 0.4 and summary["host_states_speedup_at_max"] == pytest.approx(1.25)
     assert "host_states_speedup_at_max" not in max_summary(rows[:1])
+
+
+def test_staged_update_summary_compares_each_kind_with_its_default_and_the_link() -> None:
+    from bench.staged_update import summarize
+    from seqmesh.trainer.optim.fp8_adamw import STAGED_CHUNK_ELEMS, STAGED_IN_FLIGHT
+
+    big = 2 * STAGED_CHUNK_ELEMS
+    rows = [{"case": "copy_one_way", "GBps": 54.0}, {"case": "copy_both_ways", "GBps": 40.0},
+            {"case": "states", "in_flight": STAGED_IN_FLIGHT, "chunk_elems": STAGED_CHUNK_ELEMS, "GBps": 30.0},
+            {"case": "states", "in_flight": STAGED_IN_FLIGHT + 1, "chunk_elems": big, "GBps": 36.0},
+            {"case": "streamed", "in_flight": STAGED_IN_FLIGHT, "chunk_elems": STAGED_CHUNK_ELEMS, "GBps": 44.0}]
+    out = summarize(rows)
+    assert out["copy_one_way_GBps"] == 54.0 and out["copy_both_ways_GBps"] == 40.0
+    assert out["states_best_GBps"] == 36.0 and out["states_best_in_flight"] == STAGED_IN_FLIGHT + 1
+    assert out["states_best_chunk_elems"] == big
+    assert out["states_best_over_default"] == pytest.approx(1.2)
+    assert out["states_default_over_both_ways"] == pytest.approx(0.75)
+    assert out["streamed_best_over_default"] == pytest.approx(1.0)

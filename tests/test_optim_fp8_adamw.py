@@ -223,6 +223,7 @@ def test_optim_config_maps_to_fp8adamw():
     (dict(seed=-1), "seed"),
     (dict(stochastic_rounding="yes"), "stochastic_rounding"),
     (dict(backend="cuda"), "backend"),
+    (dict(staged_in_flight=0), "staged_in_flight must be an int >= 1"),
 ])
 def test_bad_arguments_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):

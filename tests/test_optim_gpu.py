@@ -104,10 +104,11 @@ def test_host_parameters_updated_on_the_gpu_equal_the_host_update_bitwise(state_
                                                                       update_device="cuda"))
 
 
-def test_staged_update_holds_a_few_pieces_on_the_gpu_and_matches_the_host_update():
+@pytest.mark.parametrize("in_flight", [1, 2, 4])
+def test_staged_update_holds_a_few_pieces_on_the_gpu_and_matches_the_host_update(in_flight):
     """The staged update overlaps a piece's copies in, its update and its copies out on three streams; the
-    host throttles itself so that only a few pieces occupy the device (a 2.8B-parameter model's states
-    would not fit), and the overlap changes no bit of the host update."""
+    host throttles itself so that only ``staged_in_flight`` + 1 pieces occupy the device (a 2.8B-parameter
+    model's states would not fit), and neither the overlap nor its depth changes a bit of the host update."""
     numel, chunk = 16 << 20, 1 << 20
     gen = torch.Generator().manual_seed(3)
     weights = (torch.randn(numel, generator=gen) * 0.05).to(torch.bfloat16)
@@ -116,7 +117,7 @@ def test_staged_update_holds_a_few_pieces_on_the_gpu_and_matches_the_host_update
     def run(update_device: str | None) -> tuple[FP8AdamW, int]:
         p = weights.clone().pin_memory()
         opt = FP8AdamW([p], lr=1e-2, state_dtype="fp8", seed=5, host_chunk_elems=chunk, update_device=update_device,
-                      staged_chunk_elems=chunk)
+                      staged_chunk_elems=chunk, staged_in_flight=in_flight)
         peak = 0
         for g in grads:
             p.grad = g.clone().pin_memory()
@@ -131,4 +132,5 @@ def test_staged_update_holds_a_few_pieces_on_the_gpu_and_matches_the_host_update
     staged, peak = run("cuda")
     _assert_same(host, staged)
     piece_bytes = chunk * (2 + 2 + 1 + 1) + chunk // 128 * 2 * 4  # weights, gradients, fp8 moments, block scales
-    assert peak <= 4 * piece_bytes, f"the staged update held {peak / piece_bytes:.1f} pieces on the GPU"
+    # in_flight + 1 pieces staged, and one more whose memory the caching allocator has not reused yet
+    assert peak <= (in_flight + 2) * piece_bytes, f"the staged update held {peak / piece_bytes:.1f} pieces on the GPU"

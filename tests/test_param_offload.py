@@ -709,16 +709,20 @@ def test_gpu_host_state_layers_bitwise_resident(stage: int, resident: int, host_
 def test_gpu_staged_update_rates_are_measured_below_the_copy_rate_bound() -> None:
     """The plan's measured rates of the staged update (a streamed layer's, a host-state layer's) are positive and
     finite, and the streamed one moves no more bytes in per second than the link's two directions together."""
-    from seqmesh.parallel.offload.bandwidth import measure_h2d_GBps
+    from seqmesh.parallel.offload.bandwidth import measure_both_ways_GBps, measure_h2d_GBps
     from seqmesh.trainer.param_offload import measure_staged_update_GBps
 
     device = torch.device("cuda")
     link = measure_h2d_GBps(device, 64 << 20)
+    both = measure_both_ways_GBps(device, 64 << 20)
+    assert 0 < both < 2 * link  # each way, with the other direction busy: at most both directions' sum
     for states_only in (False, True):
-        rate = measure_staged_update_GBps(device, "fp8", torch.bfloat16, states_only, pieces=2)
-        assert 0 < rate < float("inf")
-        if not states_only:
-            assert rate < 2 * link
+        for in_flight in (1, 3):
+            rate = measure_staged_update_GBps(device, "fp8", torch.bfloat16, states_only, pieces=2,
+                                              in_flight=in_flight)
+            assert 0 < rate < float("inf")
+            if not states_only:
+                assert rate < 2 * link
 
 
 def test_the_run_wires_host_state_layers_after_kept_layers_lose_their_wrappers(monkeypatch) -> None:

@@ -310,7 +310,7 @@ def scale_grads(bucket: Bucket, factor: torch.Tensor | None) -> Bucket:
 
 def staged_step(bucket: Bucket, hp: Hyper, chunk_elems: int, device: torch.device,
                 step_on_device: Callable[[Bucket], None], grad_scale: torch.Tensor | None = None,
-                on_done: Callable[[Bucket], None] | None = None) -> None:
+                on_done: Callable[[Bucket], None] | None = None, in_flight: int = 2) -> None:
     """A host-resident ``bucket`` stepped on ``device`` a piece at a time (``chunks_of``): each piece's
     parameters, gradients and states copied there, stepped by ``step_on_device``, parameters and states
     copied back into the host tensors (those already on ``device``, such as the weights and gradients of
@@ -324,10 +324,11 @@ def staged_step(bucket: Bucket, hp: Hyper, chunk_elems: int, device: torch.devic
     states and checkpoints do not depend on where the update ran. On a GPU the copies in, the update and
     the copies out run on three streams (``_pipelined_on_cuda``). The host tensors hold the update when
     this returns; ``on_done(piece)`` is called, in order, once a piece's host tensors hold theirs (a reader of
-    the first pieces need not wait for the last)."""
+    the first pieces need not wait for the last). ``in_flight``: on a GPU, the pieces staged ahead of the one whose
+    copy back the host waits for (``_pipelined_on_cuda``)."""
     pieces = chunks_of(bucket, hp, chunk_elems)
     if device.type == "cuda":
-        _pipelined_on_cuda(pieces, device, step_on_device, grad_scale, on_done=on_done)
+        _pipelined_on_cuda(pieces, device, step_on_device, grad_scale, in_flight=in_flight, on_done=on_done)
         return
     for piece in pieces:
         staged = _copied_in(piece, device)

@@ -33,7 +33,7 @@ from seqmesh.scheduler.offload_plan import OffloadInputs, OffloadPlan, plan_offl
 from seqmesh.trainer.config import RunConfig
 from seqmesh.trainer.memory_model import kept_layer_bytes_per_token
 from seqmesh.trainer.optim import FP8AdamW
-from seqmesh.trainer.optim.fp8_adamw import STAGED_CHUNK_ELEMS, STATES_ONLY_PIECE, compiles
+from seqmesh.trainer.optim.fp8_adamw import STAGED_CHUNK_ELEMS, STAGED_IN_FLIGHT, STATES_ONLY_PIECE, compiles
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,8 @@ def measure_host_norm_Mparams_s(dtype: torch.dtype, numel: int = 1 << 25, repeat
 
 
 def measure_staged_update_GBps(device: torch.device, state_dtype: str, param_dtype: torch.dtype,
-                               states_only: bool, pieces: int = 8, repeats: int = 2) -> float:
+                               states_only: bool, pieces: int = 8, repeats: int = 2,
+                               chunk_elems: int = STAGED_CHUNK_ELEMS, in_flight: int = STAGED_IN_FLIGHT) -> float:
     """GB/s into ``device`` of ``FP8AdamW``'s staged update as the plan counts its bytes: a streamed layer's
     (weights, gradients and states staged from pinned host memory; ``2 * param + state`` bytes per parameter)
     or, with ``states_only``, a host-state layer's (weights and gradients on the device; ``state`` bytes).
@@ -81,12 +82,14 @@ def measure_staged_update_GBps(device: torch.device, state_dtype: str, param_dty
     8013153, 45 GB/s against 55. Timed over ``pieces`` of the update's own pieces (a states-only piece holds
     ``STATES_ONLY_PIECE`` times the elements), as the fill and drain of the three-stream pipeline weigh on a
     short run: there the states-only rate, timed over 3 pieces, came out at 33 GB/s, and a 13B step's update
-    behind the step ran faster than the plan it gave (0.60 s against 0.70)."""
+    behind the step ran faster than the plan it gave (0.60 s against 0.70). ``chunk_elems`` and ``in_flight``:
+    ``FP8AdamW``'s ``staged_chunk_elems`` and ``staged_in_flight`` (``bench/staged_update.py`` tries others)."""
     where = device if states_only else torch.device("cpu")
-    numel = pieces * STAGED_CHUNK_ELEMS * (STATES_ONLY_PIECE if states_only else 1)  # ``FP8AdamW._run``'s pieces
+    numel = pieces * chunk_elems * (STATES_ONLY_PIECE if states_only else 1)  # ``FP8AdamW._run``'s pieces
     p = torch.zeros(numel, dtype=param_dtype, device=where, pin_memory=not states_only)
     p.grad = torch.full((numel,), 1e-3, dtype=param_dtype, device=where, pin_memory=not states_only)
-    opt = FP8AdamW([p], state_dtype=state_dtype, update_device=None if states_only else device)
+    opt = FP8AdamW([p], state_dtype=state_dtype, update_device=None if states_only else device,
+                   staged_chunk_elems=chunk_elems, staged_in_flight=in_flight)
     if states_only:
         opt.keep_states_on_host([p])
 

@@ -55,6 +55,36 @@ def measure_h2d_GBps(device: torch.device | str, nbytes: int = 256 << 20, repeat
         pool.close()
 
 
+def measure_both_ways_GBps(device: torch.device | str, nbytes: int = 256 << 20, repeats: int = 3) -> float:
+    """GB/s each way of a host-to-device and a device-to-host copy of ``nbytes`` each, from and to pinned
+    buffers, run at the same time on two streams (a staged update copies both ways at once): the link's
+    ceiling for the update, which one direction's rate (``measure_h2d_GBps``) does not show."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"measure_both_ways_GBps times copies over a GPU's link; got device {device}")
+    pool = HostPool(nbytes * 2, pin=True)
+    try:
+        src, dst = pool.acquire(nbytes), pool.acquire(nbytes)
+        assert src is not None and dst is not None
+        src, dst = src[:nbytes], dst[:nbytes]
+        dev_in, dev_out = torch.empty(nbytes, dtype=torch.uint8, device=device), \
+            torch.empty(nbytes, dtype=torch.uint8, device=device)
+        inbound, outbound = torch.cuda.Stream(device), torch.cuda.Stream(device)
+        best = float("inf")
+        for _ in range(repeats + 1):
+            torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            with torch.cuda.stream(inbound):
+                dev_in.copy_(src, non_blocking=True)
+            with torch.cuda.stream(outbound):
+                dst.copy_(dev_out, non_blocking=True)
+            torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - t0)
+        return nbytes / best / 1e9
+    finally:
+        pool.close()
+
+
 def measure_disk_GBps(path: str | os.PathLike | None = None, nbytes: int = 256 << 20, engine: str = "threads",
                       threads: int = 4) -> tuple[float, float]:
     """(write, read) rates of offload files under ``path``, GB/s, through the offload I/O engine."""

@@ -131,6 +131,7 @@ STAGED_CHUNK_ELEMS = 1 << 24  # the default ``staged_chunk_elems``
 # moments cross the link, 2 of a full staging's 6 bytes per element of fp8 states and bf16 weights, so it takes
 # the same device memory and a third of the pieces' fixed host cost
 STATES_ONLY_PIECE = 3
+STAGED_IN_FLIGHT = 2  # the default ``staged_in_flight``
 PARAM_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -216,22 +217,29 @@ class FP8AdamW(Optimizer):
         staged_chunk_elems: elements per chunk staged on ``update_device``. Larger than the host's: each
             chunk costs the host a fixed few launches and syncs (0.22 s for 668 chunks of 4M elements against
             0.31 s of link time on an H100), and three chunks in flight of 16M take ~0.3 GB of the device.
+        staged_in_flight: pieces of a staged update copied in ahead of the one whose copy back the host waits
+            for; the device holds ``staged_in_flight + 1`` pieces (``bench/staged_update.py`` measures the rate
+            each gives).
     """
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, *,
                  state_dtype: str = "fp8", block_size: int = 128, stochastic_rounding: bool = True, seed: int = 0,
                  index_offset: int = 0, backend: str = "auto", host_chunk_elems: int = 1 << 22,
-                 update_device: torch.device | str | None = None, staged_chunk_elems: int = STAGED_CHUNK_ELEMS) -> None:
+                 update_device: torch.device | str | None = None, staged_chunk_elems: int = STAGED_CHUNK_ELEMS,
+                 staged_in_flight: int = STAGED_IN_FLIGHT) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if not isinstance(host_chunk_elems, int) or host_chunk_elems < 4096:
             raise ValueError(f"host_chunk_elems must be an int >= 4096, got {host_chunk_elems!r}")
         if not isinstance(staged_chunk_elems, int) or staged_chunk_elems < 4096:
             raise ValueError(f"staged_chunk_elems must be an int >= 4096, got {staged_chunk_elems!r}")
+        if not isinstance(staged_in_flight, int) or staged_in_flight < 1:
+            raise ValueError(f"staged_in_flight must be an int >= 1 (pieces copied in ahead), got {staged_in_flight!r}")
         self.backend = backend
         self.host_chunk_elems = host_chunk_elems
         self.staged_chunk_elems = staged_chunk_elems
+        self.staged_in_flight = staged_in_flight
         # parameter offload's plan sets it when the link beats the host's update (trainer/param_offload.py)
         self.update_device = torch.device(update_device) if update_device is not None else None
         self.state_files: StateFiles | None = None  # moments in files (``state_files.swap_states_to_files``)
@@ -426,12 +434,13 @@ class FP8AdamW(Optimizer):
         if device.type == "cuda" and bucket.exp_avg and bucket.exp_avg[0].device.type == "cpu":
             # moments kept on the host (``keep_states_on_host``): only they cross the link
             staged_step(bucket, hp, STATES_ONLY_PIECE * self.staged_chunk_elems, device,
-                        lambda piece: self._step_on(piece, hp, device), grad_scale=scale, on_done=on_done)
+                        lambda piece: self._step_on(piece, hp, device), grad_scale=scale, on_done=on_done,
+                        in_flight=self.staged_in_flight)
             return
         if device.type == "cpu" and self.update_device is not None:
             staged_step(bucket, hp, self.staged_chunk_elems, self.update_device,
                         lambda piece: self._step_on(piece, hp, self.update_device), grad_scale=scale,
-                        on_done=on_done)
+                        on_done=on_done, in_flight=self.staged_in_flight)
             return
         self._step_on(bucket, hp, device, scale)
 
