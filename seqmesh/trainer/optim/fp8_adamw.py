@@ -131,7 +131,10 @@ STAGED_CHUNK_ELEMS = 1 << 24  # the default ``staged_chunk_elems``
 # moments cross the link, 2 of a full staging's 6 bytes per element of fp8 states and bf16 weights, so it takes
 # the same device memory and a third of the pieces' fixed host cost
 STATES_ONLY_PIECE = 3
-STAGED_IN_FLIGHT = 2  # the default ``staged_in_flight``
+# the default ``staged_in_flight``: on an H100 at 1dcd789 (``bench/results/staged_update_h100.json``) the states-only
+# update ran at 40.1 GB/s with 2 pieces ahead and 43.2 with 3 (4: 43.3), the link carrying 50.6 each way with both
+# directions busy; a streamed layer's update, 47 GB/s, did not move. One more piece is ~0.1 GB of the device.
+STAGED_IN_FLIGHT = 3
 PARAM_DTYPES = (torch.float32, torch.bfloat16)
 
 
