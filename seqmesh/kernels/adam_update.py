@@ -310,7 +310,7 @@ def scale_grads(bucket: Bucket, factor: torch.Tensor | None) -> Bucket:
 
 def staged_step(bucket: Bucket, hp: Hyper, chunk_elems: int, device: torch.device,
                 step_on_device: Callable[[Bucket], None], grad_scale: torch.Tensor | None = None,
-                on_done: Callable[[Bucket], None] | None = None, in_flight: int = 2) -> None:
+                on_done: Callable[[Bucket], None] | None = None, *, in_flight: int) -> None:
     """A host-resident ``bucket`` stepped on ``device`` a piece at a time (``chunks_of``): each piece's
     parameters, gradients and states copied there, stepped by ``step_on_device``, parameters and states
     copied back into the host tensors (those already on ``device``, such as the weights and gradients of
@@ -359,7 +359,7 @@ def _copy_back(piece: Bucket, staged: Bucket, non_blocking: bool = False) -> lis
 
 
 def _pipelined_on_cuda(pieces: list[Bucket], device: torch.device, step_on_device: Callable[[Bucket], None],
-                       grad_scale: torch.Tensor | None, in_flight: int = 2,
+                       grad_scale: torch.Tensor | None, in_flight: int,
                        on_done: Callable[[Bucket], None] | None = None) -> None:
     """``staged_step``'s loop with piece i+1 copied in while piece i is updated and piece i-1 copied out.
 

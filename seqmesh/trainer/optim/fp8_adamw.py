@@ -219,7 +219,8 @@ class FP8AdamW(Optimizer):
             back (``staged_step``: the same bits; their states then live in pinned memory); None: on the host.
         staged_chunk_elems: elements per chunk staged on ``update_device``. Larger than the host's: each
             chunk costs the host a fixed few launches and syncs (0.22 s for 668 chunks of 4M elements against
-            0.31 s of link time on an H100), and three chunks in flight of 16M take ~0.3 GB of the device.
+            0.31 s of link time on an H100), and the four chunks of 16M on the device at once
+            (``staged_in_flight`` + 1) take ~0.4 GB of it.
         staged_in_flight: pieces of a staged update copied in ahead of the one whose copy back the host waits
             for; the device holds ``staged_in_flight + 1`` pieces (``bench/staged_update.py`` measures the rate
             each gives).
