@@ -174,7 +174,7 @@ def test_zero1_host_gradients_are_copied_over_owed_zeros() -> None:
     assert host.flat_grad.abs().sum() > 0
     first, second = off.streamed[0], off.streamed[1]
     grads = [torch.full_like(p, -0.0) if i == 0 else None for i, p in enumerate(first.params)]
-    off.send_grads(first, grads)
+    off.take_grads(first, grads)
     opt.reduce_gradients()
     assert torch.equal(bits(first.params[0].grad), bits(torch.zeros_like(first.params[0])))  # +0, not -0
     assert torch.count_nonzero(host.flat_grad) == 0

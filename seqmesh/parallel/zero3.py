@@ -10,10 +10,11 @@ buffer whose storage is released (``resize_(0)``) whenever the unit is not in us
 
 Per step. ``begin_step`` gathers the root unit for the whole step (its gradients accumulate like
 ZeRO-2's and are reduce-scattered once by ``reduce_gradients``, after the step's last micro-batch).
-A decoder layer runs through ``_GatheredLayer``: forward gathers the layer (``all_gather_into_tensor``),
-runs it without autograd and frees it; backward gathers it again, recomputes the layer with
-autograd, takes the gradients of its inputs and parameters, reduce-scatters the parameter gradients
-into this rank's ``shard_grad`` slice (which accumulates over the step's micro-batches; or keeps
+A decoder layer runs as an ``OnDemandLayer`` (``on_demand_layer.py``, the path parameter offload's
+streamed layers take too) with this optimizer as its ``WeightSource``: forward gathers the layer
+(``all_gather_into_tensor``), runs it without autograd and frees it; backward gathers it again,
+recomputes the layer with autograd, takes the gradients of its inputs and parameters,
+reduce-scatters the parameter gradients into this rank's ``shard_grad`` slice (which accumulates over the step's micro-batches; or keeps
 them for one reduce-scatter per step, below) and frees the layer. ``step`` updates the shards
 only: nothing is gathered after it, so between steps a rank holds ``1/HDP`` of the parameters.
 
@@ -76,7 +77,7 @@ or all at once after the step's last one).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,6 +86,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from seqmesh.parallel.on_demand_layer import run_on_demand
 from seqmesh.parallel.shard_spec import FlatShard
 from seqmesh.parallel.tensor import TensorParallel, sum_tensor_parallel_copies
 from seqmesh.parallel.zero import MakeOptimizer, ZeroOptimizer, _round_up, _world
@@ -241,8 +243,7 @@ class Zero3Optimizer(ZeroOptimizer):
             units = [self._unit_of[id(layer)] for layer in run]
             for a, b in zip(units, units[1:]):
                 a.next_forward, b.next_backward = b, a
-        for layer, unit in zip(layers, self.units):
-            layer.forward = _sharded_forward(self, unit, layer.forward)
+        run_on_demand(layers, self.units, self)
 
     @property
     def shards_params(self) -> bool:
@@ -281,7 +282,25 @@ class Zero3Optimizer(ZeroOptimizer):
         return dist.all_gather_into_tensor(unit.full, self._slice(unit, self.shard), group=self.group,
                                            async_op=async_op)
 
-    def free(self, unit: _Unit) -> None:
+    # ------------------------------------------------------------------ as the layers' WeightSource
+
+    @property
+    def device(self) -> torch.device:
+        return self.shard.device
+
+    def bring(self, unit: _Unit, backward: bool) -> None:
+        """Gather ``unit`` and start gathering the unit its pass uses next, before its kernels are queued (the
+        collective's stream waits for the work queued before it)."""
+        self.gather(unit, unit.next_backward if backward else unit.next_forward)
+
+    def queued(self, unit: _Unit, backward: bool) -> None:
+        """Nothing: the next gather started in ``bring``."""
+
+    def keep_after_forward(self, unit: _Unit) -> bool:
+        return False
+
+    def release(self, unit: _Unit, keep: bool = False) -> None:
+        """Free ``unit``'s gathered weights (ZeRO-3 never keeps a layer whole between passes)."""
         _release(unit.full)
 
     @torch.no_grad()
@@ -308,7 +327,7 @@ class Zero3Optimizer(ZeroOptimizer):
         out.add_(part)
 
     @torch.no_grad()
-    def layer_gradients(self, unit: _Unit, grads: list[Tensor | None]) -> None:
+    def take_grads(self, unit: _Unit, grads: Sequence[Tensor | None]) -> None:
         """One backward's gradients of a layer: reduce-scattered now, or added to the step's full gradient
         (``reduce_per_step``), which ``reduce_gradients`` reduce-scatters after the last micro-batch."""
         if not self.reduce_per_step:
@@ -333,7 +352,7 @@ class Zero3Optimizer(ZeroOptimizer):
         try:
             yield
         finally:
-            self.free(self.root)
+            self.release(self.root)
 
     def idle_layers(self, layers: Sequence[nn.Module], backward: bool) -> None:
         """Take part in one forward (``backward`` False) or backward of ``layers`` without work: the gathers,
@@ -341,10 +360,10 @@ class Zero3Optimizer(ZeroOptimizer):
         issues them (forward: the layers' order; backward: reversed)."""
         for layer in reversed(layers) if backward else layers:
             unit = self._unit_of[id(layer)]
-            self.gather(unit, unit.next_backward if backward else unit.next_forward)
+            self.bring(unit, backward)
             if backward and not self.reduce_per_step:
                 self.reduce_scatter(unit, [None] * len(unit.params))
-            self.free(unit)
+            self.release(unit)
 
     def idle_item(self) -> None:
         """Take part in one micro-batch's layer collectives without work: gathers in forward order, then
@@ -366,7 +385,7 @@ class Zero3Optimizer(ZeroOptimizer):
         self.reduce_scatter(root, [p.grad for p in root.params])
         for p in root.params:
             p.grad = None
-        self.free(root)
+        self.release(root)
         if self.tensor_parallel is not None:
             sum_tensor_parallel_copies(self.tensor_parallel, [self.shard_grad[a:b] for a, b in self._tp_replicated],
                                        [self.shard_grad[a:b] for a, b in self._tp_kv_shared])
@@ -384,46 +403,4 @@ class Zero3Optimizer(ZeroOptimizer):
         return {"world": self.world, "rank": self.rank, "numel": self.shard.numel(), "align": self.align, "stage": 3}
 
     def _device(self) -> torch.device:
-        return self.shard.device
-
-
-def _sharded_forward(zero: Zero3Optimizer, unit: _Unit, forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    def run(*args: Any) -> Tensor:
-        return _GatheredLayer.apply(zero, unit, forward, *args)
-    return run
-
-
-class _GatheredLayer(torch.autograd.Function):
-    """A layer whose weights exist only inside its forward and its (recomputing) backward."""
-
-    @staticmethod
-    def forward(ctx: Any, zero: Zero3Optimizer, unit: _Unit, forward: Callable[..., Tensor], *args: Any) -> Tensor:
-        device = zero.shard.device.type
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        ctx.zero, ctx.unit, ctx.run = zero, unit, forward
-        ctx.is_tensor = [isinstance(a, Tensor) for a in args]
-        ctx.others = [None if t else a for a, t in zip(args, ctx.is_tensor)]
-        ctx.save_for_backward(*(a for a in args if isinstance(a, Tensor)))
-        zero.gather(unit, unit.next_forward)
-        try:
-            return forward(*args)
-        finally:
-            zero.free(unit)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        saved = iter(ctx.saved_tensors)
-        needs = ctx.needs_input_grad[3:]
-        args = [next(saved).detach().requires_grad_(need) if is_tensor else other
-                for is_tensor, other, need in zip(ctx.is_tensor, ctx.others, needs)]
-        wants = [i for i, need in enumerate(needs) if need]
-        zero, unit = ctx.zero, ctx.unit
-        zero.gather(unit, unit.next_backward)
-        device, enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device, enabled=enabled, dtype=dtype):
-            out = ctx.run(*args)
-        grads = torch.autograd.grad(out, [args[i] for i in wants] + unit.params, grad_out, allow_unused=True)
-        zero.layer_gradients(unit, list(grads[len(wants):]))
-        zero.free(unit)
-        of_input = dict(zip(wants, grads[:len(wants)]))
-        return (None, None, None, *(of_input.get(i) for i in range(len(args))))
+        return self.device

@@ -9,12 +9,12 @@ device (``FP8AdamW``: the same math and state format as on the device). Everythi
 -- is the device part's: ordinary device parameters with their gradients and states on the device,
 which this transform never touches.
 
-Each streamed layer runs inside ``_StreamedLayer``, an autograd function that fetches the layer's
-weights, runs it without autograd and frees them; backward fetches them again, recomputes the layer
-with autograd (activation checkpointing is implied; a checkpoint wrapper is looked through so the
-layer is not recomputed twice), takes the gradients of its input and weights, sends the weight
-gradients to the host and frees the weights. Forward prefetches the next ``prefetch`` streamed
-layers (the first ones when the model's forward begins), backward the previous ones; the last
+Each streamed layer runs as an ``OnDemandLayer`` (``parallel/on_demand_layer.py``, the path ZeRO-3's
+gathered layers take too) with this class as its ``WeightSource``: forward fetches the layer's weights from
+the host, runs it without autograd and frees them; backward fetches them again, recomputes the layer with
+autograd (activation checkpointing is implied; a checkpoint wrapper is looked through so the layer is not
+recomputed twice), and its weight gradients go to the host. Forward prefetches the next ``prefetch``
+streamed layers (the first ones when the model's forward begins), backward the previous ones; the last
 ``prefetch`` layers of a forward with autograd stay loaded for backward, which needs them first.
 
 Streams. On CUDA host-to-device copies run on one side stream and device-to-host gradient copies
@@ -44,7 +44,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import time
 import weakref
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -52,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from seqmesh.parallel.offload.pool import HostPool
+from seqmesh.parallel.on_demand_layer import run_on_demand
 from seqmesh.parallel.zero import squares_of
 from seqmesh.scheduler.offload_plan import staging_bytes_for
 
@@ -158,9 +158,7 @@ class ParamOffload:
             largest = max((u.numel * u.device.element_size() for u in self.streamed), default=0)
             self.staging = HostPool(max(staging_bytes, staging_bytes_for(largest)), pin=True)
         self._wrapped = list(layers)
-        for unit, layer in zip(self.streamed, layers):
-            inner = getattr(layer, "_checkpoint_wrapped_module", layer)
-            layer.forward = _streamed_forward(self, unit, inner.forward)
+        run_on_demand(layers, self.streamed, self)
         self._in_forward = False
         self._fetch_at_leading = bool(leading and prefetch)
         self._hooks = [model.register_forward_pre_hook(self._begin_forward)]
@@ -244,20 +242,22 @@ class ParamOffload:
                 view.copy_(host)
         unit.loaded = True
 
-    def acquire(self, unit: _Unit) -> None:
-        """Make ``unit``'s parameters the device copies (fetching them if needed) for compute on this stream."""
+    def bring(self, unit: _Unit, backward: bool) -> None:
+        """Make ``unit``'s parameters the device copies (fetching them if needed) for compute on this stream; in
+        backward, fetch the layers before it now (their copies run beside its recomputation)."""
         self.fetch(unit)
         if unit.ready is not None:
             torch.cuda.current_stream(self.device).wait_event(unit.ready)
             unit.ready = None
-        if unit.in_use:
-            return
-        if unit.grads is None:  # first use in this step: the host gradient slots (ZeRO-1 views, or None)
-            unit.grads = [p.grad for p in unit.params]
-        for p, view in zip(unit.params, unit.views):
-            p.grad = None  # the layer's gradients go to ``grads``, on the host
-            p.data = view
-        unit.in_use = True
+        if not unit.in_use:
+            if unit.grads is None:  # first use in this step: the host gradient slots (ZeRO-1 views, or None)
+                unit.grads = [p.grad for p in unit.params]
+            for p, view in zip(unit.params, unit.views):
+                p.grad = None  # the layer's gradients go to ``grads``, on the host
+                p.data = view
+            unit.in_use = True
+        if backward:
+            self._prefetch(unit, backward=True)
 
     def release(self, unit: _Unit, keep: bool = False) -> None:
         """Point ``unit``'s parameters back at the masters and free its device buffer (``keep``: leave the device
@@ -271,7 +271,18 @@ class ParamOffload:
             unit.loaded = False
             unit.ready = None
 
-    def prefetch_after(self, unit: _Unit, backward: bool) -> None:
+    def queued(self, unit: _Unit, backward: bool) -> None:
+        """Forward fetches the next layers once this one's kernels are queued: a fetch may wait for the update
+        behind the step to write them, and the device computes this layer meanwhile."""
+        if not backward:
+            self._prefetch(unit, backward=False)
+
+    def keep_after_forward(self, unit: _Unit) -> bool:
+        """Backward starts with the last layers: with autograd on, forward leaves the last ``prefetch`` loaded."""
+        return torch.is_grad_enabled() and self.prefetch > 0 and \
+            unit in self.streamed[max(0, len(self.streamed) - self.prefetch):]
+
+    def _prefetch(self, unit: _Unit, backward: bool) -> None:
         """Fetch the next ``prefetch`` streamed layers in the direction the pass runs."""
         at = self.streamed.index(unit)
         ahead = self.streamed[max(0, at - self.prefetch):at] if backward else \
@@ -282,7 +293,7 @@ class ParamOffload:
     # ------------------------------------------------------------------ gradients to the host
 
     @torch.no_grad()
-    def send_grads(self, unit: _Unit, grads: Sequence[Tensor | None]) -> None:
+    def take_grads(self, unit: _Unit, grads: Sequence[Tensor | None]) -> None:
         """Add a streamed layer's weight gradients of one micro-batch into its host slots, in order.
 
         Into ZeRO-1 slots that hold the zeros of a new step (``unit.zeroed``) the gradients are copied instead,
@@ -480,60 +491,6 @@ def _accumulate(slots: list[Tensor | None], i: int, g: Tensor) -> None:
         slots[i] = g.to("cpu", copy=True)
     else:
         slots[i].add_(g)
-
-
-def _streamed_forward(off: ParamOffload, unit: _Unit, forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    def run(*args: Any) -> Tensor:
-        # Backward starts with the last layers: with autograd on, forward leaves the last ``prefetch`` loaded.
-        keep = torch.is_grad_enabled() and off.prefetch > 0 and \
-            unit in off.streamed[max(0, len(off.streamed) - off.prefetch):]
-        return _StreamedLayer.apply(off, unit, forward, keep, *args)
-    return run
-
-
-class _StreamedLayer(torch.autograd.Function):
-    """A decoder layer whose weights are on the device only inside its forward and its recomputing backward."""
-
-    @staticmethod
-    def forward(ctx: Any, off: ParamOffload, unit: _Unit, forward: Callable[..., Tensor], keep: bool,
-                *args: Any) -> Tensor:
-        device = off.device.type
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        ctx.off, ctx.unit, ctx.run = off, unit, forward
-        ctx.is_tensor = [isinstance(a, Tensor) for a in args]
-        ctx.others = [None if t else a for a, t in zip(args, ctx.is_tensor)]
-        ctx.save_for_backward(*(a for a in args if isinstance(a, Tensor)))
-        off.acquire(unit)
-        try:
-            out = forward(*args)
-            # after the layer's kernels are queued: a fetch may wait for the update behind the step to write the
-            # next layers, and the device computes this one meanwhile
-            off.prefetch_after(unit, backward=False)
-            return out
-        finally:
-            off.release(unit, keep=keep)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        saved = iter(ctx.saved_tensors)
-        needs = ctx.needs_input_grad[4:]
-        args = [next(saved).detach().requires_grad_(need) if is_tensor else other
-                for is_tensor, other, need in zip(ctx.is_tensor, ctx.others, needs)]
-        wants = [i for i, need in enumerate(needs) if need]
-        off, unit = ctx.off, ctx.unit
-        off.acquire(unit)
-        off.prefetch_after(unit, backward=True)
-        try:
-            device, enabled, dtype = ctx.autocast
-            autocast = torch.autocast(device, enabled=enabled, dtype=dtype) if enabled else nullcontext()
-            with torch.enable_grad(), autocast:
-                out = ctx.run(*args)
-            grads = torch.autograd.grad(out, [args[i] for i in wants] + unit.params, grad_out, allow_unused=True)
-            off.send_grads(unit, grads[len(wants):])
-        finally:
-            off.release(unit)
-        of_input = dict(zip(wants, grads[:len(wants)]))
-        return (None, None, None, None, *(of_input.get(i) for i in range(len(args))))
 
 
 def attach_param_offload(model: nn.Module, layers: Sequence[nn.Module], zero: Any, device: torch.device | str, *,
