@@ -16,6 +16,7 @@ from seqmesh.trainer.data import num_targets, pack
 from seqmesh.trainer.loss import token_loss_sum
 from tests.distributed import run_distributed
 from tests.test_tensor_parallel import full_tensors, make_docs, make_model, where
+from tests.tolerances import grad_atol
 
 CASE = "gqa_tied"
 MAX_NORM = 0.5
@@ -65,14 +66,6 @@ def _reference_grads(params: dict[str, torch.Tensor], step: int) -> dict[str, to
             p.copy_(params[name])
     _backward(model, step)
     return {n: p.grad for n, p in model.named_parameters()}
-
-
-def _grad_atol(ref: torch.Tensor, tokens: int) -> float:
-    """What fp32 arithmetic can change in a gradient when its per-token sums run in another order (TP
-    shards, SP splits, ZeRO reductions): rounding of ``tokens`` contributions accumulates like a random
-    walk, about eps * sqrt(tokens) of the largest value, and the two layers' forward and backward chain
-    a few such sums (4x). An element whose exact value cancels to ~0 gets this absolute margin too."""
-    return 4 * torch.finfo(torch.float32).eps * tokens**0.5 * ref.abs().max().item()
 
 
 def _replayed(grads: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -145,7 +138,8 @@ def test_tp2_hdp2_adaptive_sp_zero_equals_single_process() -> None:
                 ref_grads = _reference_grads(params_before[step], step)
                 tokens = sum(STEP_LENGTHS[step])
                 for name, g in step_grads.items():
-                    torch.testing.assert_close(g, ref_grads[name], rtol=0, atol=_grad_atol(ref_grads[name], tokens),
+                    atol = grad_atol(ref_grads[name], tokens, chained=4)  # 2 layers: a forward and a backward sum each
+                    torch.testing.assert_close(g, ref_grads[name], rtol=0, atol=atol,
                                                msg=where(f"{scenario} step {step}: {name}"))
             # The optimizer: replayed on one process with the composed run's own gradients, the final
             # parameters match up to the rounding of Adam's elementwise math and of the clipping factor

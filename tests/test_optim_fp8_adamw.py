@@ -374,6 +374,11 @@ def test_compiled_host_update_equals_eager_bitwise(state_dtype, param_dtype, chu
     eager torch ops give the same bits: every operation rounds once to fp32 in both (no contraction),
     the random bits are integer arithmetic. Covers the packed fp8 format with padding lanes and chunks
     cut inside tensors, a parameter whose step count lags (per-tensor values) and a changing lr."""
+    from torch._inductor import config
+
+    # what "rounds once" rests on: Inductor's C++ flags, which environment variables can change
+    assert config.cpp.enable_floating_point_contract_flag == "off" and not config.cpp.enable_unsafe_math_opt_flag, \
+        "Inductor compiles host code with FP contraction or unsafe math (TORCHINDUCTOR_CPP_ENABLE_*_FLAG): unset them"
     _assert_trained_alike(state_dtype, param_dtype, dict(backend="torch", host_chunk_elems=chunk),
                           dict(backend="compiled", host_chunk_elems=chunk))
 

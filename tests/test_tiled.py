@@ -23,6 +23,7 @@ from seqmesh.trainer.tiled_layer import TiledDecoderLayer, apply_tiled_layers, t
 from seqmesh.trainer.working_set import track_working_set
 from tests.conftest import cost_model_of, merged, tiny_overrides, tiny_run_config
 from tests.distributed import run_distributed
+from tests.tolerances import loss_rel
 
 T, H, V = 50, 32, 97
 
@@ -61,7 +62,7 @@ def test_tiled_loss_equals_untiled_with_gradients(tile: int) -> None:
         (loss / 13.0).backward()  # the loop divides by the global token count: gradients must scale with it
         results.append((loss.detach(), h.grad, w.grad))
     (loss0, dh0, dw0), (loss1, dh1, dw1) = results
-    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(loss1, loss0, rtol=loss_rel(T, V), atol=0)  # tiles sum in other orders
     torch.testing.assert_close(dh1, dh0, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(dw1, dw0, rtol=1e-5, atol=1e-7)
 
@@ -141,7 +142,7 @@ def test_model_with_tiling_checkpointing_and_offload_through_the_loop(tmp_path: 
         results.append((loss, {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in
                                model.named_parameters()}, off))
     (loss0, g0, _), (loss1, g1, off) = results
-    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(loss1, loss0, rtol=loss_rel(sum(len(d) for d in docs), V), atol=0)
     assert g1.keys() == g0.keys()
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-7, msg=name)

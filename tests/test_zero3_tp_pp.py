@@ -41,12 +41,12 @@ from seqmesh.trainer.config import config_from_dict
 from seqmesh.trainer.data import num_targets, pack
 from seqmesh.trainer.loss import token_loss_sum
 from tests.distributed import run_distributed
+from tests.tolerances import EPS32, grad_atol
 
 VOCAB = 97  # odd: TP=2 pads the last vocabulary shard
 MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 4, "num_heads": 4, "num_kv_heads": 1,
          "vocab_size": VOCAB}
 LR, ADAM_EPS, MAX_NORM = 1e-2, 1e-6, 0.5
-EPS32 = torch.finfo(torch.float32).eps
 STEP_LENGTHS = [[37, 5, 64, 12, 29, 41], [9, 70, 23, 16, 4, 33], [48, 11, 6, 30, 20, 52], [25, 60, 8, 14, 40, 3]]
 # Per HDP size, one plan per step: (first HDP rank, group size, sequences) per group of each micro-batch.
 PLANS: dict[int, list[Plan]] = {
@@ -219,14 +219,6 @@ def _reference_step(model: torch.nn.Module, step: int, plan: Plan) -> float:
     return loss
 
 
-def _grad_atol(ref: torch.Tensor, tokens: int) -> float:
-    """What fp32 arithmetic can change in a gradient when its per-token sums run in another order (TP shards,
-    SP splits, stages, ZeRO's per-micro-batch reduce-scatters): rounding of ``tokens`` contributions adds up
-    like a random walk, about eps * sqrt(tokens) of the largest value, and each of the model's layers chains
-    a forward and a backward such sum (2 per layer). An element that cancels to ~0 gets this margin too."""
-    return 2 * MODEL["num_layers"] * EPS32 * tokens**0.5 * ref.abs().max().item()
-
-
 def _update_tolerance(p: torch.Tensor, lr: float, delta: torch.Tensor, state: dict) -> torch.Tensor:
     """How far AdamW's update of each element may move when every gradient it averaged was off by at most
     ``delta``: with bias-corrected moments m and s = sqrt(v) (|m| <= s), |d(m / (s + eps))| <= 2 delta / (s + eps),
@@ -254,7 +246,7 @@ def _check_trajectory(name: str, runs: list[list[dict]], plans: list[Plan | None
         ref_loss = _reference_step(model, step, plans[step])
         tokens = sum(STEP_LENGTHS[step])
         grads = _assemble([r["grads"] for r in per_rank])
-        bounds = {n: _grad_atol(p.grad, tokens) for n, p in params.items()}
+        bounds = {n: grad_atol(p.grad, tokens, chained=2 * MODEL["num_layers"]) for n, p in params.items()}
         for n, p in params.items():
             torch.testing.assert_close(grads[n], p.grad, rtol=0, atol=bounds[n],
                                        msg=lambda m, n=n: f"{name} step {step}: gradient of {n}: {m}")
