@@ -2,8 +2,8 @@
 
 Why: with parameter offload the update behind the step (host-state layers' moments, streamed layers' weights,
 gradients and moments) is what the next forward waits for; at 30B it is the part of the step no forward can hide
-(README, part (a)). At bad0d77 on an H100 the states-only update ran at 37.5 GB/s into the device while one
-direction of a pinned copy ran at 54: this measures where the rest goes, in one run:
+(docs/offload_params.md, part (a)). At bad0d77 on an H100 the states-only update ran at 37.5 GB/s into the device
+while one direction of a pinned copy ran at 54: this measures where the rest goes, in one run:
 
 * ``copy_one_way``: a pinned host-to-device copy alone (``measure_h2d_GBps``), the plan's ``copy`` rate;
 * ``copy_both_ways``: a host-to-device and a device-to-host copy at once, each way's rate

@@ -14,9 +14,10 @@ A decoder layer runs as an ``OnDemandLayer`` (``on_demand_layer.py``, the path p
 streamed layers take too) with this optimizer as its ``WeightSource``: forward gathers the layer
 (``all_gather_into_tensor``), runs it without autograd and frees it; backward gathers it again,
 recomputes the layer with autograd, takes the gradients of its inputs and parameters,
-reduce-scatters the parameter gradients into this rank's ``shard_grad`` slice (which accumulates over the step's micro-batches; or keeps
-them for one reduce-scatter per step, below) and frees the layer. ``step`` updates the shards
-only: nothing is gathered after it, so between steps a rank holds ``1/HDP`` of the parameters.
+reduce-scatters the parameter gradients into this rank's ``shard_grad`` slice (which accumulates
+over the step's micro-batches; or keeps them for one reduce-scatter per step, below) and frees
+the layer. ``step`` updates the shards only: nothing is gathered after it, so between steps a rank
+holds ``1/HDP`` of the parameters.
 
 Prefetch. While a layer computes, the gather of the layer its pass uses next (the next one in
 forward, the previous one in backward, within one pipeline chunk) is already in flight
