@@ -406,6 +406,8 @@ class ZeroOptimizer:
             sq = ready() if ready is not None else sum_of_squares(self.shard_grad)
             for a, b in self._excluded_local:
                 sq = sq - sum_of_squares(self.shard_grad[a:b])
+            if self.world > 1 or self.tp_group is not None:  # a host shard's sum goes where the collectives run
+                sq = sq.to(self._device())
             if self.world > 1:
                 dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.group)
         if self.tp_group is not None:
@@ -422,7 +424,7 @@ class ZeroOptimizer:
         else:  # a host buffer (parameter offload: billions of elements): no pass of its own
             # a factor of exactly 1 (a norm under the limit) changes no bit, and otherwise the optimizer scales
             # each piece as its update reads it, where it can (``FP8AdamW.scale_grads_in_step``)
-            factor = None if coef.item() == 1.0 else coef.to(self.shard_grad.dtype)
+            factor = None if coef.item() == 1.0 else coef.to(self.shard_grad.device, self.shard_grad.dtype)
             if hasattr(self.optimizer, "scale_grads_in_step"):
                 self.optimizer.scale_grads_in_step(factor)
             elif factor is not None:

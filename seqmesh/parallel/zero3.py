@@ -24,6 +24,16 @@ forward, the previous one in backward, within one pipeline chunk) is already in 
 (``async_op``), so on GPUs the transfer hides behind the layer's compute; at most two layers are
 whole at a time.
 
+Host shards (``host_shards``; ``offload.params=cpu`` with ``parallel.zero_stage=3``: ZeRO-Infinity's placement).
+The rank's shards and their gradients live in host memory (page-locked on CUDA), and with them the inner
+optimizer's states, so a rank's device holds only the root and the layers in use, and its host ``1/HDP`` of
+the model's states instead of all of its weights (as ZeRO-1/2's parameter offload needs). A gather first copies
+the rank's own slice to its place in the layer's device buffer and gathers in place; a reduce-scatter's result
+is added into the host gradient shard, in the same order and dtype as on the device, so the bits are those of
+device shards. The update steps the host shards (FP8AdamW on the host, or staged through the device with its
+``update_device``). What is not built yet: overlapping the reduce-scatter's way to the host with the backward
+(each layer's copy back waits for its reduce-scatter) and a plan that keeps some layers whole on the device.
+
 When layer gradients are reduced (``parallel.zero3_grad_reduce``). ``microbatch``: inside every
 backward of the layer, as above -- a layer's gradient is never whole beyond its own backward, at
 the price of one more transfer of its weights per micro-batch (three instead of two). ``step``
@@ -145,13 +155,21 @@ class Zero3Optimizer(ZeroOptimizer):
         reduce_per_step: accumulate each layer's full gradient over the step's micro-batches and
             reduce-scatter it once in ``reduce_gradients`` (``parallel.zero3_grad_reduce=step``), instead of
             inside every backward of the layer (see the module docstring).
+        host_shards: keep this rank's shards, their gradients and so the optimizer's states in host memory
+            (page-locked on CUDA), ZeRO-Infinity's placement (``offload.params=cpu`` with ``parallel.zero_stage=3``):
+            the device holds only the units in use (see "Host shards" in the module docstring).
     """
 
     def __init__(self, model: nn.Module, param_groups: list[dict[str, Any]], make_optimizer: MakeOptimizer, *,
                  device: torch.device, group: dist.ProcessGroup | None = None, align: int = 128,
                  tp_group: dist.ProcessGroup | None = None, tensor_parallel: TensorParallel | None = None,
-                 reduce_per_step: bool = False) -> None:
+                 reduce_per_step: bool = False, host_shards: bool = False) -> None:
+        if host_shards and reduce_per_step:
+            raise ValueError("ZeRO-3 with host shards reduce-scatters each layer's gradient in its own backward: a "
+                             "gradient kept whole per layer (parallel.zero3_grad_reduce=step) would hold the whole "
+                             "model's on the device; set parallel.zero3_grad_reduce=microbatch (or auto)")
         self.stage, self.group, self.tp_group, self.align = 3, group, tp_group, align
+        self.compute_device, self.host_shards = torch.device(device), host_shards
         self.tensor_parallel, self.reduce_per_step = tensor_parallel, reduce_per_step
         self.world, self.rank = _world(group)
         # Layers reduce-scatter their gradients inside their own backward already; the root unit's are
@@ -202,8 +220,9 @@ class Zero3Optimizer(ZeroOptimizer):
             space += self.world * shard_size
             local += shard_size
             self.units.append(unit)
-        self.shard = torch.zeros(local, dtype=dtype, device=device)
-        self.shard_grad = torch.zeros_like(self.shard)
+        where, pin = ("cpu", self.compute_device.type == "cuda") if host_shards else (device, False)
+        self.shard = torch.zeros(local, dtype=dtype, device=where, pin_memory=pin)
+        self.shard_grad = torch.zeros(local, dtype=dtype, device=where, pin_memory=pin)
         with torch.no_grad():
             for unit in self.units:
                 unit.full = torch.zeros(self.world * unit.shard_size, dtype=dtype, device=device)
@@ -257,6 +276,15 @@ class Zero3Optimizer(ZeroOptimizer):
         return [FlatShard(piece, g, next(members))
                 for g, group in enumerate(self.optimizer.param_groups) for piece in group["params"]]
 
+    def gathered_bytes(self) -> int:
+        """The most bytes of the model the device holds at once beside the shards: the root whole with its
+        gradient for the step, two layers whole (the one computing and the next one's gather) and a layer's
+        gradient twice while it is reduce-scattered (autograd's tensors and their flat copy); what the cost
+        model counts under host shards."""
+        size = self.shard.element_size()
+        layer = max((u.full.numel() for u in self.units if u is not self.root), default=0)
+        return size * (2 * self.root.full.numel() + 4 * layer)
+
     def _slice(self, unit: _Unit, t: Tensor) -> Tensor:
         return t[unit.local:unit.local + unit.shard_size]
 
@@ -277,17 +305,19 @@ class Zero3Optimizer(ZeroOptimizer):
         if not unit.shard_size:
             return None
         unit.full.untyped_storage().resize_(unit.full.numel() * unit.full.element_size())
+        own = self._slice(unit, self.shard)
         if self.world == 1:
-            unit.full.copy_(self._slice(unit, self.shard))
+            unit.full.copy_(own, non_blocking=self.host_shards)
             return None
-        return dist.all_gather_into_tensor(unit.full, self._slice(unit, self.shard), group=self.group,
-                                           async_op=async_op)
+        if self.host_shards:  # this rank's slice crosses to its place in the whole first: the gather is in place
+            own = unit.full[self.rank * unit.shard_size:(self.rank + 1) * unit.shard_size].copy_(own, non_blocking=True)
+        return dist.all_gather_into_tensor(unit.full, own, group=self.group, async_op=async_op)
 
     # ------------------------------------------------------------------ as the layers' WeightSource
 
     @property
     def device(self) -> torch.device:
-        return self.shard.device
+        return self.compute_device
 
     def bring(self, unit: _Unit, backward: bool) -> None:
         """Gather ``unit`` and start gathering the unit its pass uses next, before its kernels are queued (the
@@ -321,11 +351,11 @@ class Zero3Optimizer(ZeroOptimizer):
     def _reduce_scatter_flat(self, unit: _Unit, full: Tensor) -> None:
         out = self._slice(unit, self.shard_grad)
         if self.world == 1:
-            out.add_(full)
+            out.add_(full.to(out.device))
             return
-        part = torch.empty_like(out)
+        part = torch.empty(out.shape, dtype=out.dtype, device=full.device)
         dist.reduce_scatter_tensor(part, full, op=dist.ReduceOp.SUM, group=self.group)
-        out.add_(part)
+        out.add_(part.to(out.device))  # host shards: added where the gradient lives, as AccumulateGrad would
 
     @torch.no_grad()
     def take_grads(self, unit: _Unit, grads: Sequence[Tensor | None]) -> None:
@@ -393,6 +423,9 @@ class Zero3Optimizer(ZeroOptimizer):
 
     @torch.no_grad()
     def step(self) -> None:
+        if self.host_shards and self.compute_device.type == "cuda":
+            # the copies out of the host shards (a gather's first leg) may still be queued; the update rewrites them
+            torch.cuda.current_stream(self.compute_device).synchronize()
         self.optimizer.step()
 
     def zero_grad(self) -> None:

@@ -149,14 +149,16 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
 
 def build_sharded_optimizer(model: torch.nn.Module, optim: OptimConfig, zero_stage: int, mesh: Mesh,
                             device: torch.device | None = None, *, overlap: bool = False,
-                            bucket_mb: float = 25.0, zero3_reduce_per_step: bool = False) -> ZeroOptimizer:
+                            bucket_mb: float = 25.0, zero3_reduce_per_step: bool = False,
+                            host_shards: bool = False) -> ZeroOptimizer:
     """The step loop's optimizer: ZeRO ``parallel.zero_stage`` over the HDP group, its gradient norm global
     over TP and PP (a pipeline rank's ``parameters()`` are the ones it owns, so stages count each once).
 
     Stage 3 shards ``model`` itself (built on the host, so the whole model never sits on ``device``):
     its shards and gathers go to ``device`` (default: where the parameters are). Its layers reduce-scatter
     their gradients inside their own backward, or once per step with ``zero3_reduce_per_step``
-    (``parallel.zero3_grad_reduce``), so ``overlap`` does not apply to it.
+    (``parallel.zero3_grad_reduce``), so ``overlap`` does not apply to it. ``host_shards``: its shards, their
+    gradients and the optimizer's states in host memory (``offload.params=cpu`` under ZeRO-3).
 
     Stages 0-2 reduce gradients in buckets of ``bucket_mb`` MiB (``parallel.grad_bucket_mb``), ordered by
     the model's parameter registration reversed (the order backward finishes them); ``overlap``
@@ -170,7 +172,8 @@ def build_sharded_optimizer(model: torch.nn.Module, optim: OptimConfig, zero_sta
     if zero_stage == 3:
         return Zero3Optimizer(model, _param_groups(model, optim), lambda groups: _make_optimizer(groups, optim),
                               device=device or next(model.parameters()).device, group=mesh.hdp_group,
-                              tp_group=norm_group, tensor_parallel=tp, reduce_per_step=zero3_reduce_per_step)
+                              tp_group=norm_group, tensor_parallel=tp, reduce_per_step=zero3_reduce_per_step,
+                              host_shards=host_shards)
     overlap = overlap and mesh.pp == 1 and mesh.inner_size > 1
     # under local updates (mesh.local_groups > 1) gradients and shards stay inside the node group
     return ZeroOptimizer(_param_groups(model, optim), lambda groups: _make_optimizer(groups, optim),
@@ -344,7 +347,8 @@ def build_parallel_model(cfg: RunConfig, vocab_size: int, mesh: Mesh,
     the cost model, priced from what this rank now holds;
     (8) parameter offload (``offload.params``, ``trainer/param_offload.py``), in place of (5): the plan from the
     cost model and measured rates, the optimizer over the device's share and the host's (``PlacedZero``), the host
-    layers streamed, the cost model reduced to what the device holds;
+    layers streamed, the cost model reduced to what the device holds; under ZeRO-3 instead (5) with its shards,
+    gradients and states on the host (``_zero3_host_shards``);
     phase 2 (``apply_tiling_and_offload``, in ``apply_offload``): (6) tiled MLP and layers, (7) activation offload, whose
     ``ratio=auto`` policy needs that cost model, (9) compiled layers (``model.compile_layers``).
     """
@@ -360,7 +364,9 @@ def build_parallel_model(cfg: RunConfig, vocab_size: int, mesh: Mesh,
     if cfg.model.linear_dtype == "fp8":
         log.info("float8 linears: %d modules", len(apply_float8_linears(model, device)))
     host_left = None
-    if host_params:  # step 8: parameter offload, planned from the cost model and measured rates, builds the optimizer
+    if host_params and cfg.parallel.zero_stage == 3:  # ZeRO-Infinity: each rank's shards and states on the host
+        optimizer, cost_model = _zero3_host_shards(model, cfg, mesh, device)
+    elif host_params:  # step 8: parameter offload, planned from the cost model and measured rates, builds the optimizer
         cost_model = build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=cfg.hdp,
                                       profile=cfg.scheduler.cost_model, state_dtype=cfg.optim.state_dtype,
                                       cluster=cfg.scheduler.cluster, params_offloaded=True)
@@ -379,11 +385,30 @@ def build_parallel_model(cfg: RunConfig, vocab_size: int, mesh: Mesh,
                                             overlap=cfg.parallel.overlap_grad_reduce,
                                             bucket_mb=cfg.parallel.grad_bucket_mb,
                                             zero3_reduce_per_step=cfg.parallel.zero3_reduce_per_step)
-        copy = model.tied_copy if isinstance(model, PipelineModel) else None
-        if copy is not None and copy.device != device:  # the last stage's tied copy is whole and not sharded
-            copy.data = copy.data.to(device)
         cost_model = build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=cfg.hdp,
                                       profile=cfg.scheduler.cost_model, state_dtype=cfg.optim.state_dtype,
                                       cluster=cfg.scheduler.cluster)
+    copy = model.tied_copy if isinstance(model, PipelineModel) else None
+    if copy is not None and copy.device != device:  # the last stage's tied copy is whole and not sharded
+        copy.data = copy.data.to(device)
     apply_offload(model, cfg.model, cfg.offload, cost_model, device, host_left_bytes=host_left)
     return model, optimizer, cost_model
+
+
+def _zero3_host_shards(model: torch.nn.Module, cfg: RunConfig, mesh: Mesh,
+                       device: torch.device) -> tuple[ZeroOptimizer, CostModel]:
+    """ZeRO-3 with host shards (``offload.params=cpu``): checked against host memory before it is built, updated
+    where ``offload.update`` says, and priced with only the gathered units on the device."""
+    from seqmesh.trainer.param_offload import check_host_shards_fit, host_shard_update, ranks_on_this_host
+
+    update_device = host_shard_update(cfg, device)
+    numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    check_host_shards_fit(-(-numel // cfg.hdp), next(model.parameters()).element_size(), cfg, ranks_on_this_host())
+    optimizer = build_sharded_optimizer(model, cfg.optim, 3, mesh, device, host_shards=True)
+    if update_device is not None:
+        optimizer.optimizer.update_device = update_device
+    cost_model = build_cost_model(model, device, cfg.model, cfg.parallel, cfg.memory, hdp=cfg.hdp,
+                                  profile=cfg.scheduler.cost_model, state_dtype=cfg.optim.state_dtype,
+                                  cluster=cfg.scheduler.cluster, params_offloaded=True)
+    static = cost_model.mem_static_bytes + optimizer.gathered_bytes()
+    return optimizer, dataclasses.replace(cost_model, mem_static_bytes=static)

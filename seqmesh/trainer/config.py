@@ -521,10 +521,13 @@ class RunConfig:
                               "cannot scope; set model.activation_checkpointing=false and offload.target=none")
         if self.offload.params != "none":
             par = self.parallel
-            if par.zero_stage not in (1, 2) or par.tp > 1 or par.pp > 1:
+            if par.zero_stage == 3:
+                self._validate_zero3_host_shards()
+            elif par.zero_stage not in (1, 2) or par.tp > 1 or par.pp > 1:
                 raise ConfigError(f"offload.params={self.offload.params} with parallel.zero_stage={par.zero_stage}, "
                                   f"tp={par.tp}, pp={par.pp}: the master weights live in ZeRO-1/2's flat host buffer "
-                                  "and are streamed for tp=pp=1; set parallel.zero_stage=1 (or 2), tp=1 and pp=1")
+                                  "and are streamed for tp=pp=1; set parallel.zero_stage=1 (or 2), tp=1 and pp=1, or "
+                                  "parallel.zero_stage=3 (host shards, at any tp and pp)")
             if par.local_sgd_every:
                 raise ConfigError(f"offload.params={self.offload.params} with parallel.local_sgd_every="
                                   f"{par.local_sgd_every}: host-resident gradients are reduced over every HDP rank, "
@@ -555,6 +558,24 @@ class RunConfig:
                               f"(num_workers / (tp x pp)); pick a divisor of {hdp}")
         if self.resume and self.overwrite:
             raise ConfigError("resume=true and overwrite=true contradict each other; pick one")
+
+    def _validate_zero3_host_shards(self) -> None:
+        """``offload.params=cpu`` under ZeRO-3: each rank's shards, gradients and states in host memory."""
+        off, par = self.offload, self.parallel
+        if off.params != "cpu":
+            raise ConfigError(f"offload.params={off.params} with parallel.zero_stage=3: ZeRO-3's host shards live in "
+                              "host memory, not in files; set offload.params=cpu (or parallel.zero_stage=1 for nvme)")
+        if off.optimizer == "nvme":
+            raise ConfigError("offload.optimizer=nvme with parallel.zero_stage=3: the optimizer's states stay beside "
+                              "the host shards in memory; set offload.optimizer=auto (or cpu)")
+        if par.zero3_grad_reduce == "step":
+            raise ConfigError("parallel.zero3_grad_reduce=step with offload.params=cpu: a whole gradient per layer "
+                              "would keep the whole model's gradients on the device; set parallel.zero3_grad_reduce="
+                              "microbatch (or auto)")
+        if off.resident_value is not None:
+            raise ConfigError(f"offload.resident_layers={off.resident_layers} with parallel.zero_stage=3: ZeRO-3 "
+                              "gathers every layer when it runs and keeps none resident; set offload.resident_layers="
+                              "auto")
 
     @property
     def hdp(self) -> int:

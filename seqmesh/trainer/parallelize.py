@@ -19,7 +19,8 @@ between the phases (``build.py``)
   8. parameter offload (``parallel/offload/params.py``, planned in ``trainer/param_offload.py``), in place of 5:
      with ``offload.params``, the plan splits the model (built on the host) between a ZeRO-1/2 flat space on
      the device (root, resident layers) and one on the host (``parallel/placed_zero.py``), the host's layers
-     are streamed to the device around each use, and the cost model keeps only what stays there;
+     are streamed to the device around each use, and the cost model keeps only what stays there; under ZeRO-3
+     it is 5 with each rank's shards, gradients and optimizer states on the host (``Zero3Optimizer.host_shards``);
 phase 2, ``apply_tiling_and_offload`` (on this rank's layers, once the cost model exists: ``build.apply_offload``)
   6. tiled MLP and tiled layers (``trainer/tiled.py``, ``trainer/tiled_layer.py``): the MLP, and each layer
      (its attention a tile of queries at a time where it is local), run a tile of tokens at a time;
