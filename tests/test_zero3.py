@@ -63,7 +63,10 @@ def _zero3_runs(rank: int, world: int, src: str, tmp: str, adaptive: dict) -> di
     # host shards leave the device more room, so the adaptive plans would differ: compared under the derived cost model
     plain = _overrides(src, tmp, world, zero=3)
     out["device_shards"] = _run(rank, world, "device_shards", plain, tmp)
-    out["host"] = _run(rank, world, "host", {**plain, "offload": {"params": "cpu"}}, tmp)
+    host = {**plain, "offload": {"params": "cpu"}}
+    out["host"] = _run(rank, world, "host", host, tmp)
+    _run(rank, world, "host_resume", {**host, "stop_at": 2}, tmp)
+    out["host_resumed"] = _run(rank, world, "host_resume", {**host, "resume": True}, tmp)
     out["_held_bytes"] = _held_bytes(rank, world)
     return out
 
@@ -102,9 +105,10 @@ def test_zero3_hdp2_adaptive_equals_one_process_resumes_and_shards_memory(worksp
     records = {key: per_rank[0][key]["records"] for key in ("host", "device_shards")}
     assert [(r["loss"], r["grad_norm"]) for r in records["host"]] == \
         [(r["loss"], r["grad_norm"]) for r in records["device_shards"]]
-    device_shards = _final_model(tmp, "device_shards")
+    device_shards, resumed = _final_model(tmp, "device_shards"), _final_model(tmp, "host_resume")
     for key, value in _final_model(tmp, "host").items():
-        assert torch.equal(value, device_shards[key]), key
+        assert torch.equal(value, device_shards[key]) and torch.equal(value, resumed[key]), key
+    assert [r["loss"] for r in per_rank[0]["host_resumed"]["records"]] == [r["loss"] for r in records["host"]]
 
     # FP8AdamW steps the shards too (its moments quantized per block of each shard): the same training.
     fp8 = [r["loss"] for r in per_rank[0]["fp8"]["records"]]

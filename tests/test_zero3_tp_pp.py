@@ -63,9 +63,13 @@ PLANS: dict[int, list[Plan]] = {
 
 
 def _config(world: int, tp: int, pp: int, virtual: int = 1, reduce: str = "auto"):
+    """``reduce``: ``parallel.zero3_grad_reduce``, or "host": host shards (``offload.params=cpu``), reduced per
+    micro-batch."""
+    host = reduce == "host"
     return config_from_dict({"model": MODEL, "data": {"max_seq_len": 96},
                              "parallel": {"tp": tp, "pp": pp, "pp_virtual": virtual, "zero_stage": 3,
-                                          "zero3_grad_reduce": reduce, "sp_mode": "ulysses"},
+                                          "zero3_grad_reduce": "auto" if host else reduce, "sp_mode": "ulysses"},
+                             "offload": {"params": "cpu" if host else "none"},
                              "launch": {"num_workers": world}, "optim": {"lr": LR, "eps": ADAM_EPS}})
 
 
@@ -278,11 +282,12 @@ def _check_trajectory(name: str, runs: list[list[dict]], plans: list[Plan | None
 
 # (tp, pp, virtual stages, parallel.zero3_grad_reduce) per world size: every (TP, PP, HDP) in {1, 2}^3 but
 # (2, 2, 2) (the cross-layout test), with the gradients reduced per micro-batch and per step at HDP 2 with and
-# without PP (auto: per step under PP).
+# without PP (auto: per step under PP), and host shards (``offload.params=cpu``) under TP and under PP.
 @pytest.mark.parametrize("world, layouts", [
     (1, [(1, 1, 1, "auto")]),
     (2, [(2, 1, 1, "auto"), (1, 2, 1, "auto"), (1, 1, 1, "auto"), (1, 1, 1, "step")]),
-    (4, [(2, 2, 1, "auto"), (2, 1, 1, "auto"), (1, 2, 1, "auto"), (1, 2, 1, "microbatch")]),
+    (4, [(2, 2, 1, "auto"), (2, 1, 1, "auto"), (1, 2, 1, "auto"), (1, 2, 1, "microbatch"), (2, 1, 1, "host"),
+         (1, 2, 1, "host")]),
 ], ids=["world1", "world2", "world4"])
 def test_zero3_with_tp_and_pp_equals_one_process(world: int, layouts: list[tuple[int, int, int, str]]) -> None:
     per_rank = run_distributed(_layouts, world, layouts)
