@@ -65,6 +65,12 @@ PHASES = ("forward_backward", "reduce", "clip", "optimizer")
 SR_SHAPE = dict(hidden_size=256, intermediate_size=688, num_heads=8, num_kv_heads=4, vocab_size=256, num_layers=4)
 
 
+# The loss a tile of tokens at a time: the logits of 8K tokens and a 128K vocabulary would take 10.5 GB (bf16, their
+# fp32 copy and its gradient). Until 2026-12-08 the step tiled its loss while the run config said untiled, so the
+# plan reserved those 10.5 GB and placed fewer layers on the device than fit (bench/offload_predict.py).
+LOSS_TILE_TOKENS = 2048
+
+
 def llama_shape(billions: float) -> dict[str, int]:
     """A Llama-family shape of about ``billions`` parameters: Llama-3 proportions (MLP 3.5x hidden, head 128,
     8 KV heads, 128K vocabulary); depth grows with width as in Llama-2/3 (64 layers at 8192 wide)."""
@@ -81,9 +87,10 @@ def llama_shape(billions: float) -> dict[str, int]:
 
 
 def run_config(shape: dict[str, int], tokens: int, offload: bool, resident: int | None, dtype: str = "bf16",
-               path: str | None = None, update: str = "auto", options: dict[str, Any] | None = None):
+               path: str | None = None, update: str = "auto", options: dict[str, Any] | None = None,
+               headroom: float | None = None):
     """The ``RunConfig`` of one trial: the run's own config path (schema, checks) for the model and the offload
-    (``options``: more ``offload.*`` settings)."""
+    (``options``: more ``offload.*`` settings; ``headroom``: ``memory.headroom``, None: the default)."""
     from seqmesh.trainer.config import config_from_dict
 
     off = {"params": "cpu", "optimizer": "auto", "update": update, "path": path or tempfile.gettempdir(),
@@ -92,10 +99,13 @@ def run_config(shape: dict[str, int], tokens: int, offload: bool, resident: int 
         "model": {"hidden_size": shape["hidden_size"], "intermediate_size": shape["intermediate_size"],
                   "num_layers": shape["num_layers"], "num_heads": shape["num_heads"],
                   "num_kv_heads": shape["num_kv_heads"], "vocab_size": shape["vocab_size"], "tie_embeddings": False,
-                  "dtype": dtype, "activation_checkpointing": True, "rope_theta": 500000.0},
+                  "dtype": dtype, "activation_checkpointing": True, "rope_theta": 500000.0,
+                  # the step's loss (``_train_trial``), so that the plan reserves its tile, not the whole logits
+                  "loss_tile_tokens": LOSS_TILE_TOKENS},
         "parallel": {"zero_stage": 1, "overlap_grad_reduce": False},
         "optim": {"state_dtype": "fp8", "master_weights": dtype != "bf16"},
-        "data": {"max_seq_len": tokens}, "launch": {"num_workers": 1}, "offload": off})
+        "data": {"max_seq_len": tokens}, "launch": {"num_workers": 1}, "offload": off,
+        "memory": {} if headroom is None else {"headroom": headroom}})
 
 
 def _model(shape: dict[str, int], dtype: str, device: str, checkpointing: bool, seed: int = 0):
@@ -139,7 +149,7 @@ def _zero(model):
 
 def trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, resident: int | None,
           device_name: str, dtype: str = "bf16", update: str = "auto", profile: str | None = None,
-          options: dict[str, Any] | None = None) -> dict[str, Any]:
+          options: dict[str, Any] | None = None, headroom: float | None = None) -> dict[str, Any]:
     """One model trained ``1 + steps`` steps on one device: times, MFU, memory; raises on OOM. ``profile``: a
     path for the profile of one more step (``_profiled``), after the timed ones."""
     import torch
@@ -147,14 +157,15 @@ def trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, residen
     device = torch.device(device_name)
     path = tempfile.mkdtemp(prefix="seqmesh-bench-")  # offload files (NVMe states), removed with the trial
     try:
-        return _train_trial(shape, tokens, steps, offload, resident, device, dtype, path, update, profile, options)
+        return _train_trial(shape, tokens, steps, offload, resident, device, dtype, path, update, profile, options,
+                            headroom)
     finally:
         shutil.rmtree(path, ignore_errors=True)
 
 
 def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, resident: int | None,
                  device: "torch.device", dtype: str, path: str, update: str, profile: str | None,
-                 options: dict[str, Any] | None = None) -> dict[str, Any]:
+                 options: dict[str, Any] | None = None, headroom: float | None = None) -> dict[str, Any]:
     import torch
 
     from seqmesh.parallel.sequence import make_sp_batch
@@ -171,7 +182,7 @@ def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, 
     def progress(what: str) -> None:  # to stderr: what a trial cut by its time cap had reached (``_child``)
         print(f"[{time.perf_counter() - began:7.1f} s] {what}", file=sys.stderr, flush=True)
 
-    cfg = run_config(shape, tokens, offload, resident, dtype, path, update, options)
+    cfg = run_config(shape, tokens, offload, resident, dtype, path, update, options, headroom)
     torch.manual_seed(0)
     # the run's own build: phase 1 transforms, on the host when the weights are offloaded
     # bf16 weights without masters are made in bf16 (an fp32 model of tens of billions would not fit the host)
@@ -212,7 +223,7 @@ def _train_trial(shape: dict[str, int], tokens: int, steps: int, offload: bool, 
         opt.overlap_next_backward()  # the step's only micro-batch is its last, as the step runner announces
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             hidden_states = model(ids, meta)
-        loss = loss_sum_of(model, hidden_states, labels, loss_tile_tokens=2048)
+        loss = loss_sum_of(model, hidden_states, labels, loss_tile_tokens=cfg.model.loss_tile_tokens)
         (loss / tokens).backward()
         t.append(mark())
         opt.reduce_gradients()
@@ -414,6 +425,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--profile", action="store_true",
                     help="(b): one more step of each streamed trial under torch.profiler, its tables written to "
                          "offload_params_profile_<tokens>_<update>.txt")
+    ap.add_argument("--headroom", type=float, default=None,
+                    help="memory.headroom of part (a)'s trials (default: the run's, 0.1): the device memory left free")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -466,7 +479,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for shape in sizes:
             row = {"part": "max", "size": _billions(shape), **_child(
                 dict(shape=shape, tokens=tokens, steps=args.steps, offload=True, resident=None, device_name=device,
-                     update=args.update, options=options), args.trial_timeout_s)}
+                     update=args.update, options=options, headroom=args.headroom), args.trial_timeout_s)}
             rows.append(_shown(row))
             if "error" in row:
                 break
@@ -474,7 +487,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if args.compare_host_states:  # the same size without host-state layers, in the same command
                 rows.append(_shown({"part": "max", "baseline": "no_host_states", "size": row["size"], **_child(
                     dict(shape=shape, tokens=tokens, steps=args.steps, offload=True, resident=None,
-                         device_name=device, update=args.update, options={**options, "host_states": False}),
+                         device_name=device, update=args.update, options={**options, "host_states": False},
+                         headroom=args.headroom),
                     args.trial_timeout_s)}))
         if best is not None:
             rows.append(_shown({"part": "max", "without_offload": True, "size": best[1]["params_billion"], **_child(
@@ -512,7 +526,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sequence, sources = sequence_summary(RESULTS, "cpu" if args.smoke else device_tag())
     summary.update(sequence)
     config = {"commit": head_commit(), "parts": sorted(parts), "sizes": args.sizes if not args.smoke else "tiny",
-              "update": args.update, **options,
+              "update": args.update, **options, "headroom": args.headroom, "loss_tile_tokens": LOSS_TILE_TOKENS,
               "tokens": tokens,
               "steps": args.steps, "overhead_shape": overhead_shape, "overhead_tokens": list(overhead_tokens),
               "sr_shape": sr_shape, "sr_steps": args.sr_steps, "sr_seeds": args.sr_seeds, "smoke": args.smoke,

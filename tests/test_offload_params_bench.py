@@ -132,3 +132,20 @@ def test_staged_update_summary_compares_each_kind_with_its_default_and_the_link(
     assert out["states_best_over_default"] == pytest.approx(1.2)
     assert out["states_default_over_both_ways"] == pytest.approx(0.75)
     assert out["streamed_best_over_default"] == pytest.approx(1.0)
+
+
+def test_offload_predict_runs_the_plan_on_measured_rates(tmp_path) -> None:
+    """``bench/offload_predict.py`` (a prediction, labelled so) on a committed measured row: one row per layer-time
+    estimate and headroom, each the plan's own line, and an MFU from the named GPU's peak."""
+    import json
+
+    from bench.offload_predict import main
+
+    summary = main(["--smoke", "--headroom", "0.1", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "offload_predict_h200.json").read_text())
+    assert record["config"]["kind"].startswith("PREDICTION") and summary["prediction"] is True
+    assert [r["layer_ms_from"] for r in record["rows"]] == ["measured", "plan"]
+    for row in record["rows"]:
+        assert row["line"].startswith("offload plan: ") and 0 < row["mfu"] < 1
+        assert row["step_s"] == row["plan"]["step_ms"] / 1e3
+    assert summary["mfu_range"][0] <= summary["mfu_range"][1]

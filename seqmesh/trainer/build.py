@@ -243,6 +243,16 @@ def sp_attention(cm: CostModel, model: Transformer, model_cfg: ModelConfig, para
                          p2p_GBps=dict(cm.a2a_GBps), choose=("ulysses", "ring", "tokenring") if auto else ())
 
 
+def counted_model_config(model_cfg: ModelConfig, zero3: bool, weight_dtype: torch.dtype) -> ModelConfig:
+    """The model config the memory count (``trainer/memory_model.py``) reads for this run: ZeRO-3 recomputes every
+    layer, as checkpointing does; with bf16 weights (``optim.master_weights=false``) the residual stream is bf16
+    whatever ``model.residual_dtype`` says (the embedding gives bf16 and every add is bf16 + bf16), so each
+    checkpointed layer input takes 2 bytes a value, not 4."""
+    residual = "bf16" if weight_dtype == torch.bfloat16 else model_cfg.residual_dtype
+    return dataclasses.replace(model_cfg, activation_checkpointing=model_cfg.activation_checkpointing or zero3,
+                               residual_dtype=residual)
+
+
 def _base_cost_model(model: Transformer, device: torch.device, model_cfg: ModelConfig, parallel: ParallelConfig,
                      memory: MemoryConfig, *, hdp: int, profile: str | None = None,
                      state_dtype: str = "fp32", params_offloaded: bool = False) -> CostModel:
@@ -278,9 +288,8 @@ def _base_cost_model(model: Transformer, device: torch.device, model_cfg: ModelC
     link = {} if device.type == "cuda" else {"link_GBps": CPU_LINK_GBPS}
     mem = limit or mem
     zero3 = parallel.zero_stage == 3  # everything sharded, and every layer recomputed in backward
-    # Activations counted from the model's own modules (trainer/memory_model.py), not a generic block;
-    # ZeRO-3 recomputes every layer, as checkpointing does.
-    counted_cfg = dataclasses.replace(model_cfg, activation_checkpointing=model_cfg.activation_checkpointing or zero3)
+    # Activations counted from the model's own modules (trainer/memory_model.py), not a generic block.
+    counted_cfg = counted_model_config(model_cfg, zero3, next(model.parameters()).dtype)
     # The cost model takes the whole model and divides by the layout itself: a TP shard multiplies
     # through 1/tp of the weights (each rank its heads and MLP slice) and a stage through ~1/pp of
     # the layers (stages are balanced by FLOPs), so tp x pp times this rank's count stands for the
