@@ -169,7 +169,7 @@ class Zero3Optimizer(ZeroOptimizer):
                              "gradient kept whole per layer (parallel.zero3_grad_reduce=step) would hold the whole "
                              "model's on the device; set parallel.zero3_grad_reduce=microbatch (or auto)")
         self.stage, self.group, self.tp_group, self.align = 3, group, tp_group, align
-        self.compute_device, self.host_shards = torch.device(device), host_shards
+        self.device, self.host_shards = torch.device(device), host_shards  # where layers compute
         self.tensor_parallel, self.reduce_per_step = tensor_parallel, reduce_per_step
         self.world, self.rank = _world(group)
         # Layers reduce-scatter their gradients inside their own backward already; the root unit's are
@@ -220,7 +220,7 @@ class Zero3Optimizer(ZeroOptimizer):
             space += self.world * shard_size
             local += shard_size
             self.units.append(unit)
-        where, pin = ("cpu", self.compute_device.type == "cuda") if host_shards else (device, False)
+        where, pin = ("cpu", self.device.type == "cuda") if host_shards else (device, False)
         self.shard = torch.zeros(local, dtype=dtype, device=where, pin_memory=pin)
         self.shard_grad = torch.zeros(local, dtype=dtype, device=where, pin_memory=pin)
         with torch.no_grad():
@@ -314,10 +314,6 @@ class Zero3Optimizer(ZeroOptimizer):
         return dist.all_gather_into_tensor(unit.full, own, group=self.group, async_op=async_op)
 
     # ------------------------------------------------------------------ as the layers' WeightSource
-
-    @property
-    def device(self) -> torch.device:
-        return self.compute_device
 
     def bring(self, unit: _Unit, backward: bool) -> None:
         """Gather ``unit`` and start gathering the unit its pass uses next, before its kernels are queued (the
@@ -423,9 +419,9 @@ class Zero3Optimizer(ZeroOptimizer):
 
     @torch.no_grad()
     def step(self) -> None:
-        if self.host_shards and self.compute_device.type == "cuda":
+        if self.host_shards and self.device.type == "cuda":
             # the copies out of the host shards (a gather's first leg) may still be queued; the update rewrites them
-            torch.cuda.current_stream(self.compute_device).synchronize()
+            torch.cuda.current_stream(self.device).synchronize()
         self.optimizer.step()
 
     def zero_grad(self) -> None:
