@@ -35,18 +35,23 @@ from bench.common import RESULTS, write_result  # noqa: E402
 from bench.offload_params import LOSS_TILE_TOKENS, llama_shape, run_config  # noqa: E402
 
 
-def _dims_and_flops(shape: dict[str, int], tokens: int) -> tuple[Any, float, float]:
-    """The shape's ``ModelDims``, its training FLOPs at one ``tokens``-long document, and those of one layer."""
+def _meta_model(shape: dict[str, int], tokens: int) -> Any:
+    """The trainer's model of ``shape`` on the meta device: its own modules' sizes and shapes, no memory."""
+    import torch
+
     from seqmesh.trainer.build import hf_config
+    from seqmesh.trainer.model import Transformer
+
+    with torch.device("meta"):
+        return Transformer(hf_config(run_config(shape, tokens, offload=True, resident=None).model, shape["vocab_size"]))
+
+
+def _layer_flops(shape: dict[str, int], tokens: int) -> float:
+    """Training FLOPs of one decoder layer of ``shape`` at one ``tokens``-long document."""
     from seqmesh.trainer.flops import train_flops
-    from seqmesh.trainer.model import model_dims
 
-    def flops(layers: int) -> float:
-        cfg = run_config({**shape, "num_layers": layers}, tokens, offload=True, resident=None).model
-        return train_flops(hf_config(cfg, shape["vocab_size"]), [tokens])
-
-    cfg = run_config(shape, tokens, offload=True, resident=None)
-    return model_dims(hf_config(cfg.model, shape["vocab_size"])), flops(shape["num_layers"]), flops(2) - flops(1)
+    two, one = (train_flops(_meta_model({**shape, "num_layers": n}, tokens).config, [tokens]) for n in (2, 1))
+    return two - one
 
 
 def measured_row(path: Path, tokens: int) -> dict[str, Any]:
@@ -63,29 +68,29 @@ def predict(size: float, row: dict[str, Any], tokens: int, device_gb: float, hea
             disk_gb: float, disk_GBps: float, peak_flops: float,
             loss_tile_tokens: int = LOSS_TILE_TOKENS) -> list[dict[str, Any]]:
     """One prediction per estimate of the layer time (from the row's measured step, and from its plan)."""
+    import torch
+
     from seqmesh.scheduler.offload_plan import OffloadInputs, OffloadPlanError, plan_offload
+    from seqmesh.trainer.build import counted_model_config
+    from seqmesh.trainer.flops import train_flops
     from seqmesh.trainer.memory_model import (activation_bytes_per_token, kept_layer_bytes_per_token,
                                               layer_tile_working_bytes, loss_working_bytes, mlp_tile_working_bytes)
     from seqmesh.trainer.param_offload import STATE_BYTES
-
-    import torch
-
-    from seqmesh.trainer.build import counted_model_config
 
     shape = llama_shape(size)
     cfg = run_config(shape, tokens, offload=True, resident=None, update="device")
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, loss_tile_tokens=loss_tile_tokens))
     counted = counted_model_config(cfg.model, False, torch.bfloat16 if not cfg.optim.master_weights else torch.float32)
-    dims, total_flops, layer_flops = _dims_and_flops(shape, tokens)
+    model = _meta_model(shape, tokens)
+    dims, total_flops = model.dims, train_flops(model.config, [tokens])
+    layer_flops = _layer_flops(shape, tokens)
     measured_shape = llama_shape(row["size"])
-    _, _, measured_layer_flops = _dims_and_flops(measured_shape, tokens)
+    measured_layer_flops = _layer_flops(measured_shape, tokens)
     per_layer = {  # the row's forward + backward of one layer without its recomputation (4/3 with it)
         "measured": row["phase_s"]["forward_backward"] * 1e3 / measured_shape["num_layers"] / (4 / 3),
         "plan": row["plan"]["compute_ms"] / measured_shape["num_layers"] / (4 / 3)}
-    layer_params = 2 * dims.hidden_size * dims.num_heads * dims.head_dim \
-        + 2 * dims.hidden_size * dims.num_kv_heads * dims.head_dim + 3 * dims.hidden_size * dims.intermediate_size \
-        + 2 * dims.hidden_size
-    root_params = 2 * dims.vocab_size * dims.hidden_size + dims.hidden_size
+    layer_params = sum(p.numel() for p in model.model.layers[0].parameters())
+    root_params = sum(p.numel() for p in model.parameters()) - dims.num_layers * layer_params
     rates = row["plan"]["rates_GBps"]
     out = []
     for source, ms in per_layer.items():
@@ -104,7 +109,7 @@ def predict(size: float, row: dict[str, Any], tokens: int, device_gb: float, hea
         row_out = {"size": size, "params_billion": dims.num_layers * layer_params / 1e9 + root_params / 1e9,
                    "layer_ms_from": source, "layer_ms": x.layer_ms, "headroom": headroom,
                    "loss_tile_tokens": loss_tile_tokens,
-                   "inputs": {k: v for k, v in dataclasses.asdict(x).items()}}
+                   "inputs": dataclasses.asdict(x)}
         try:
             plan = plan_offload(x)
         except OffloadPlanError as e:

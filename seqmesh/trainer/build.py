@@ -412,7 +412,9 @@ def _zero3_host_shards(model: torch.nn.Module, cfg: RunConfig, mesh: Mesh,
 
     update_device = host_shard_update(cfg, device)
     numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    check_host_shards_fit(-(-numel // cfg.hdp), next(model.parameters()).element_size(), cfg, ranks_on_this_host())
+    built = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cpu")
+    check_host_shards_fit(-(-numel // cfg.hdp), next(model.parameters()).element_size(), cfg, ranks_on_this_host(),
+                          built)
     optimizer = build_sharded_optimizer(model, cfg.optim, 3, mesh, device, host_shards=True)
     if update_device is not None:
         optimizer.optimizer.update_device = update_device

@@ -119,8 +119,7 @@ def plan_inputs(model: torch.nn.Module, cfg: RunConfig, cost_model: CostModel, d
         disk_rate = min(measure_disk_GBps(off.path, 64 << 20))
     # the model was built in host memory, which the placement hands on (to the device, or to ZeRO's host buffers)
     built = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cpu")
-    host = off.host_mem_gb * 2**30 if off.host_mem_gb else \
-        HOST_SHARE * (available_host_bytes() + built) / ranks_on_host
+    host = host_budget_bytes(cfg, ranks_on_host, built)
     tokens = cfg.data.max_seq_len
     checkpointing = cfg.model.activation_checkpointing
     kept_bytes = kept_layer_bytes_per_token(model.dims, cfg.model) * tokens if _may_keep_activations(cfg) else 0.0
@@ -167,12 +166,21 @@ def host_shard_update(cfg: RunConfig, device: torch.device) -> torch.device | No
     return device if stageable and cfg.offload.update != "host" else None
 
 
-def check_host_shards_fit(shard_numel: int, param_bytes: int, cfg: RunConfig, ranks_on_host: int) -> None:
+def host_budget_bytes(cfg: RunConfig, ranks_on_host: int, built: float = 0.0) -> float:
+    """Host memory one rank may fill: ``offload.host_mem_gb``, else its share of 80% of free RAM plus ``built``,
+    the bytes of the model just built on the host, which the placement hands on."""
+    if cfg.offload.host_mem_gb:
+        return cfg.offload.host_mem_gb * 2**30
+    return HOST_SHARE * (available_host_bytes() + built) / ranks_on_host
+
+
+def check_host_shards_fit(shard_numel: int, param_bytes: int, cfg: RunConfig, ranks_on_host: int,
+                          built: float = 0.0) -> None:
     """Refuse, before the first step, host shards that this host's memory cannot hold: the rank's weights and
-    gradients (``param_bytes`` each per element) and the optimizer's states, over every rank of the host."""
+    gradients (``param_bytes`` each per element) and the optimizer's states, over every rank of the host
+    (``built``: as for ``host_budget_bytes``)."""
     need = shard_numel * (2 * param_bytes + STATE_BYTES[cfg.optim.state_dtype])
-    have = cfg.offload.host_mem_gb * 2**30 if cfg.offload.host_mem_gb else \
-        HOST_SHARE * available_host_bytes() / ranks_on_host
+    have = host_budget_bytes(cfg, ranks_on_host, built)
     if need > have:
         raise ValueError(f"ZeRO-3's host shards need {need / 2**30:.2f} GiB of host memory per rank (weights, "
                          f"gradients and {cfg.optim.state_dtype} states of {shard_numel / 1e9:.2f}B parameters), "
